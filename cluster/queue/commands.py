@@ -1,0 +1,330 @@
+"""Queue commands: the values the leader replicates through the Raft log, and their codec.
+
+Theory of operation
+-------------------
+Every state change of the queue is one command, built at the API edge from a validated request,
+stamped with the leader's clock (`now_ms`) and, where the outcome needs randomness (backoff
+jitter), with a 64-bit `entropy` drawn by the leader. Replicas never read a clock or a random
+generator of their own: the command carries everything `QueueStateMachine.apply` needs, so every
+replica computes the same state from the same log.
+
+Wire form: a msgpack array `[tag, field, field, ...]` in the declared field order; nested items
+(`NewJob`, `AckItem`, ...) are arrays of their fields in the same way. Positional arrays keep a
+1000-job submit compact and fast to pack. `decode_command` checks the tag, the arity and the type
+of every field (and the priority range, which indexes an array in the state machine) before it
+builds anything, so an entry that does not decode is refused whole with `CommandDecodeError`
+rather than half-applied.
+
+A tag, once used, keeps its meaning forever: entries written by older nodes stay in the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from operator import attrgetter
+from typing import Any, Callable, ClassVar, Union
+
+import msgpack
+
+#: Job priorities run 0 (lowest, the default) to 9 (runs first); the state machine keeps one
+#: FIFO per level, so a priority outside the range would index past its array.
+PRIORITY_MIN = 0
+PRIORITY_MAX = 9
+
+
+class CommandDecodeError(ValueError):
+    """Raised when bytes are not the encoding of a queue command."""
+
+
+# ---------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """One job of a Submit, with every default already resolved at the API edge."""
+
+    id: str
+    payload: bytes  # msgpack encoding of the user's value; opaque here
+    priority: int  # PRIORITY_MIN..PRIORITY_MAX, 9 runs first
+    delay_ms: int  # 0 = ready at once
+    max_attempts: int  # leases allowed before the job is dead-lettered
+    lease_ms: int  # lease (visibility) timeout of each attempt
+    idempotency_key: str | None
+    backoff_base_ms: int
+    backoff_cap_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckItem:
+    id: str
+    lease: int  # the fencing token the lease answer gave
+    result: bytes | None  # msgpack encoding of the job's result, if any
+
+
+@dataclass(frozen=True, slots=True)
+class FailItem:
+    id: str
+    lease: int
+    error: str
+    retry: bool  # False: dead-letter at once
+    delay_ms: int | None  # None: exponential backoff with full jitter
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendItem:
+    id: str
+    lease: int
+    lease_ms: int  # the lease now ends at now + lease_ms
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    TAG: ClassVar[int] = 1
+    now_ms: int
+    queue: str
+    jobs: tuple[NewJob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    TAG: ClassVar[int] = 2
+    now_ms: int
+    worker: str
+    queues: tuple[str, ...]
+    max_jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    TAG: ClassVar[int] = 3
+    now_ms: int
+    worker: str
+    items: tuple[AckItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    TAG: ClassVar[int] = 4
+    now_ms: int
+    worker: str
+    entropy: int  # 64-bit draw by the leader; item i's jitter is splitmix64(entropy + i)
+    items: tuple[FailItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    TAG: ClassVar[int] = 5
+    now_ms: int
+    worker: str
+    items: tuple[ExtendItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Expire leases, promote due jobs, drop records and idempotency keys past their time."""
+
+    TAG: ClassVar[int] = 6
+    now_ms: int
+    entropy: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """Requeue every job leased by `worker` (each counts as an attempt)."""
+
+    TAG: ClassVar[int] = 7
+    now_ms: int
+    worker: str
+    entropy: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenewLeases:
+    """A new leader's first act: no live lease ends before now + its lease_ms."""
+
+    TAG: ClassVar[int] = 8
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    TAG: ClassVar[int] = 9
+    now_ms: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Redrive:
+    """DEAD -> READY with attempts reset; ids=None redrives every dead job of the queue."""
+
+    TAG: ClassVar[int] = 10
+    now_ms: int
+    queue: str
+    ids: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Delete every job of the queue in `state` ("dead" or "ready")."""
+
+    TAG: ClassVar[int] = 11
+    now_ms: int
+    queue: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetQueueConfig:
+    TAG: ClassVar[int] = 12
+    now_ms: int
+    queue: str
+    max_depth: int | None  # jobs not finished (scheduled, ready, leased, retry_wait); None = unbounded
+
+
+Command = Union[
+    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig
+]
+COMMAND_TYPES: tuple[type, ...] = (
+    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig
+)
+
+
+# ---------------------------------------------------------------------- codec
+
+# A field's schema is a tuple of accepted types (checked with isinstance), or a decoder function
+# for composite fields (a tuple of items or of strings).
+_Schema = tuple[Union[tuple[type, ...], Callable[[Any, str], Any]], ...]
+
+_INT = (int,)
+_OPT_INT = (int, type(None))
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_BYTES = (bytes,)
+_OPT_BYTES = (bytes, type(None))
+_BOOL = (bool,)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if type(value) is not tuple or not all(type(v) is str for v in value):
+        raise CommandDecodeError(f"{where}: expected an array of strings")
+    return value
+
+
+def _opt_strings(value: Any, where: str) -> tuple[str, ...] | None:
+    return None if value is None else _strings(value, where)
+
+
+def _new_job(values: tuple, where: str) -> NewJob:
+    job = _build(NewJob, _NEW_JOB_SCHEMA, values, where)
+    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+        raise CommandDecodeError(f"{where}: priority {job.priority} out of range")
+    return job
+
+
+def _items_of(builder: Callable[[tuple, str], Any]) -> Callable[[Any, str], tuple]:
+    def decode_items(value: Any, where: str) -> tuple:
+        if type(value) is not tuple:
+            raise CommandDecodeError(f"{where}: expected an array of items")
+        return tuple(builder(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+    return decode_items
+
+
+def _item(cls: type, schema: _Schema) -> Callable[[tuple, str], Any]:
+    return lambda values, where: _build(cls, schema, values, where)
+
+
+_NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT, _INT)
+_ACK_ITEM = _item(AckItem, (_STR, _INT, _OPT_BYTES))
+_FAIL_ITEM = _item(FailItem, (_STR, _INT, _STR, _BOOL, _OPT_INT))
+_EXTEND_ITEM = _item(ExtendItem, (_STR, _INT, _INT))
+
+#: tag -> (command class, schema of its fields in declared order)
+_COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
+    Submit.TAG: (Submit, (_INT, _STR, _items_of(_new_job))),
+    Lease.TAG: (Lease, (_INT, _STR, _strings, _INT)),
+    Ack.TAG: (Ack, (_INT, _STR, _items_of(_ACK_ITEM))),
+    Fail.TAG: (Fail, (_INT, _STR, _INT, _items_of(_FAIL_ITEM))),
+    Extend.TAG: (Extend, (_INT, _STR, _items_of(_EXTEND_ITEM))),
+    Tick.TAG: (Tick, (_INT, _INT)),
+    WorkerLost.TAG: (WorkerLost, (_INT, _STR, _INT)),
+    RenewLeases.TAG: (RenewLeases, (_INT,)),
+    Cancel.TAG: (Cancel, (_INT, _STR)),
+    Redrive.TAG: (Redrive, (_INT, _STR, _opt_strings)),
+    Purge.TAG: (Purge, (_INT, _STR, _STR)),
+    SetQueueConfig.TAG: (SetQueueConfig, (_INT, _STR, _OPT_INT)),
+}
+
+
+def _build(cls: type, schema: _Schema, values: Any, where: str) -> Any:
+    if type(values) is not tuple or len(values) != len(schema):
+        raise CommandDecodeError(f"{where}: expected an array of {len(schema)} fields for {cls.__name__}")
+    converted = []
+    for position, (value, expected) in enumerate(zip(values, schema)):
+        if type(expected) is tuple:
+            if not isinstance(value, expected):
+                raise CommandDecodeError(
+                    f"{where}: {cls.__name__} field {position} has type {type(value).__name__}"
+                )
+            converted.append(value)
+        else:
+            converted.append(expected(value, f"{where}.{position}"))
+    return cls(*converted)
+
+
+def _getter(cls: type) -> attrgetter:
+    return attrgetter(*(f.name for f in fields(cls)))
+
+
+_NEW_JOB_FIELDS = _getter(NewJob)
+_ITEM_FIELDS = {AckItem: _getter(AckItem), FailItem: _getter(FailItem), ExtendItem: _getter(ExtendItem)}
+_SCALAR_FIELDS = {cls: _getter(cls) for cls in COMMAND_TYPES}
+
+
+def encode_command(command: Command) -> bytes:
+    """Encodes a command for the log.
+
+    Args:
+        command: any of the command dataclasses of this module.
+    Returns:
+        The msgpack bytes `[tag, field, ...]`.
+    """
+    cls = type(command)
+    assert cls in _SCALAR_FIELDS, f"not a queue command: {cls.__name__}"
+    if cls is Submit:
+        values: tuple = (command.now_ms, command.queue, tuple(map(_NEW_JOB_FIELDS, command.jobs)))
+    else:
+        values = _SCALAR_FIELDS[cls](command)
+        if len(_COMMAND_SCHEMAS[cls.TAG][1]) == 1:
+            values = (values,)  # attrgetter of one name returns the value, not a 1-tuple
+        if cls in (Ack, Fail, Extend):
+            items = command.items
+            getter = _ITEM_FIELDS[type(items[0])] if items else None
+            values = values[:-1] + (tuple(map(getter, items)) if getter else (),)
+    return msgpack.packb((cls.TAG,) + tuple(values), use_bin_type=True)
+
+
+def decode_command(data: bytes) -> Command:
+    """Decodes one log entry's data.
+
+    Args:
+        data: bytes produced by `encode_command`.
+    Returns:
+        The command.
+    Raises:
+        CommandDecodeError: the bytes are not msgpack, or not a known command of the right shape.
+    """
+    try:
+        raw = msgpack.unpackb(data, use_list=False, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise CommandDecodeError(f"not msgpack: {exc}") from None
+    if type(raw) is not tuple or not raw or type(raw[0]) is not int:
+        raise CommandDecodeError("expected an array starting with an integer command tag")
+    entry = _COMMAND_SCHEMAS.get(raw[0])
+    if entry is None:
+        raise CommandDecodeError(f"unknown command tag {raw[0]}")
+    cls, schema = entry
+    return _build(cls, schema, raw[1:], cls.__name__)

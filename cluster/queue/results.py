@@ -1,0 +1,131 @@
+"""What `QueueStateMachine.apply` returns: business outcomes as values, never exceptions.
+
+An apply that raised on one replica only would diverge the cluster (STYLE §4), so every outcome a
+user can cause (an unknown id, a stale lease, a full queue) is one of these frozen values, and the
+API edge maps it to HTTP.
+
+    Submit        -> Submitted | QueueFull
+    Lease         -> Leased(jobs: LeasedJob...)
+    Ack/Fail      -> ItemOutcomes(OK | ItemError ...)
+    Extend        -> ItemOutcomes(Extended | ItemError ...)
+    Tick          -> Ticked
+    WorkerLost    -> Released
+    RenewLeases   -> Renewed
+    Cancel        -> OK | ItemError(not_found | conflict)
+    Redrive       -> Redriven;   Purge -> Purged;   SetQueueConfig -> OK
+    undecodable   -> Rejected (the entry changes nothing but last_applied)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+#: Item error codes (the API's wire codes; all but not_found answer 409).
+NOT_FOUND = "not_found"
+LEASE_MISMATCH = "lease_mismatch"
+LEASE_EXPIRED = "lease_expired"
+CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The item or command took effect (or had already, for a repeated ack)."""
+
+
+#: The one Ok value; compare with `is OK` or isinstance(outcome, Ok).
+OK = Ok()
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    code: str  # NOT_FOUND, LEASE_MISMATCH, LEASE_EXPIRED or CONFLICT
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Extended:
+    """An Extend item's success: the lease now ends at expires_at_ms."""
+
+    expires_at_ms: int
+
+
+Outcome = Union[Ok, Extended, ItemError]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcomes:
+    outcomes: tuple[Outcome, ...]  # one per item, in order
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    ids: tuple[str, ...]  # in the order submitted
+    created: tuple[bool, ...]  # False: idempotent duplicate (id is the first job's) or known id
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFull:
+    """The whole batch was refused; nothing changed."""
+
+    queue: str
+    max_depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    id: str
+    queue: str
+    payload: bytes
+    attempt: int  # 1 for the first lease
+    lease: int  # fencing token to present on ack, fail and extend
+    lease_expires_at_ms: int
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    jobs: tuple[LeasedJob, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ticked:
+    expired: int  # leases that ran out (job requeued or dead-lettered)
+    promoted: int  # scheduled / retry_wait jobs that became ready
+    dropped: int  # finished job records dropped after retention
+    keys_dropped: int  # idempotency keys past their window
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """WorkerLost: the worker's jobs, requeued or (attempts exhausted) dead-lettered."""
+
+    requeued: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    count: int  # leases whose expiry moved later
+
+
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The entry's data is not a command this version understands; it changed nothing."""
+
+    reason: str
+
+
+ApplyResult = Union[
+    Submitted, QueueFull, Leased, ItemOutcomes, Ticked, Released, Renewed, Ok, ItemError, Redriven, Purged, Rejected
+]

@@ -1,0 +1,866 @@
+"""The deterministic queue state machine that every replica applies committed entries to.
+
+Theory of operation
+-------------------
+`QueueStateMachine.apply(entry)` decodes one committed command and changes the queue state. Every
+replica applies the same entries in the same order, so every replica must compute the same state
+(SPEC guarantee 6). Hence the rules this module keeps (STYLE §4):
+
+* No clock, no randomness, no I/O. Time comes only from commands: `clock_ms` is the maximum
+  `now_ms` seen so far (a new leader's clock may lag the old one's, and time must not run
+  backwards), and every decision uses `clock_ms`. Backoff jitter comes from the command's
+  `entropy` through `splitmix64`.
+* No iteration over a set of str (string hashing differs per process); dicts keep insertion
+  order, and anything whose order matters is sorted or carries a sequence number.
+* Business outcomes (unknown id, stale lease, full queue) are result values (`results.py`),
+  never exceptions: an apply that raises on one replica only would diverge the cluster. Broken
+  invariants are asserts, because a replica in an impossible state must stop, not guess.
+
+Job lifecycle (SPEC.md):
+
+    submit ─► SCHEDULED ─(due)─► READY ─lease─► LEASED ─ack─► DONE ─(retention)─► dropped
+                                   ▲               │ fail / lease expired / worker lost
+                                   │               ▼
+                                   └─(due)── RETRY_WAIT       (attempts left, retry=True)
+                          redrive  │               │ attempts exhausted or retry=False
+                                   └────────────── DEAD ─purge─► deleted
+    cancel: any state but DONE ─► CANCELLED ─(retention)─► dropped
+
+Structures (all rebuilt by `restore` from the job records alone, so the snapshot holds no
+derived data):
+
+* `_jobs`: id -> Job, the single source of truth; every other structure indexes it.
+* Per queue (`_Queue`): ten FIFO deques of READY jobs, one per priority; per-state counts kept
+  incrementally (so `queue_stats` is O(queues)); the DEAD jobs by id; metric counters.
+* `_delayed`: a heap of (ready_at_ms, seq, job) for SCHEDULED and RETRY_WAIT jobs.
+* `_leases`: a heap of (expires_at_ms, token, job) for LEASED jobs.
+* `_worker_jobs`: worker -> {id: job} of the jobs it holds (WorkerLost, heartbeats).
+* `_idempotency`: (queue, key) -> (job id, expires_at_ms), expired via a FIFO by time.
+* `_finished`: a FIFO of (finished_at_ms, job) of DONE and CANCELLED jobs, dropped after
+  `retention_ms`.
+
+The deques and heaps use lazy deletion: cancelling a ready job only flips its state, and the
+stale entry is skipped when it reaches the front (a state or sequence check tells it apart).
+Stale entries never change an outcome, only memory, and `_compact_*` bounds that. Because a job
+receives a fresh, unique `seq` each time it enters a ready FIFO or the delay heap, and a lease a
+fresh, unique token, both structures have a total order that `restore` reproduces exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import msgpack
+
+from cluster.queue import commands as cmds
+from cluster.queue.commands import CommandDecodeError, decode_command
+from cluster.queue.jobs import (
+    CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
+    STATES, TRANSITIONS_MAX, Job, backoff_delay_ms,
+)
+from cluster.queue.results import (  # re-exported: the API maps these to HTTP
+    CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
+    Leased, LeasedJob, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, Submitted, Ticked,
+)
+from cluster.raft.messages import Entry, EntryKind
+
+__all__ = [
+    "QueueStateMachine", "EVENTS", "SNAPSHOT_VERSION", "ApplyResult", "Outcome", "Ok", "OK", "ItemError",
+    "Extended", "ItemOutcomes", "Submitted", "QueueFull", "Leased", "LeasedJob", "Ticked", "Released",
+    "Renewed", "Redriven", "Purged", "Rejected", "NOT_FOUND", "LEASE_MISMATCH", "LEASE_EXPIRED", "CONFLICT",
+]
+
+#: Metric counter events, kept per queue (`counters` is keyed (event, queue)).
+EVENTS: tuple[str, ...] = (
+    "submitted", "leased", "acked", "failed", "retried", "dead_lettered", "cancelled",
+    "requeued_expired", "requeued_worker_lost", "redriven",
+)
+#: Format of `snapshot()`; restore refuses any other.
+SNAPSHOT_VERSION = 1
+PRIORITY_LEVELS = cmds.PRIORITY_MAX + 1
+#: Stale entries tolerated in a heap or a queue's FIFOs beyond the number of live ones before
+#: they are swept out: the sweep is O(size), so letting this many pile up keeps it amortised O(1).
+COMPACT_SLACK = 4096
+#: States interned so that records restored from a snapshot compare by identity too.
+_STATE_NAMES = {state: state for state in STATES}
+
+
+class _Queue:
+    """One named queue: its ready FIFOs, per-state counts, dead jobs, config and counters."""
+
+    __slots__ = ("name", "ready", "counts", "dead", "max_depth", "events")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # ready[p] holds READY jobs of priority p in FIFO order (plus stale entries); created on
+        # first use so that an idle queue costs little.
+        self.ready: list[deque[Job] | None] = [None] * PRIORITY_LEVELS
+        self.counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        self.dead: dict[str, Job] = {}
+        self.max_depth: int | None = None
+        self.events: dict[str, int] = dict.fromkeys(EVENTS, 0)
+
+    def active_count(self) -> int:
+        counts = self.counts
+        return counts[SCHEDULED] + counts[READY] + counts[LEASED] + counts[RETRY_WAIT]
+
+    def ready_entries_count(self) -> int:
+        return sum(len(fifo) for fifo in self.ready if fifo is not None)
+
+
+class QueueStateMachine:
+    """Applies committed queue commands; answers read-only queries about the applied state.
+
+    Args:
+        retention_ms: how long DONE and CANCELLED records stay readable after they finish.
+        idempotency_window_ms: how long a submit's idempotency key maps to its job.
+    Both must be equal on every replica: they decide when a Tick drops state.
+    """
+
+    def __init__(self, retention_ms: int = 3_600_000, idempotency_window_ms: int = 3_600_000) -> None:
+        assert retention_ms >= 0 and idempotency_window_ms >= 0
+        self.retention_ms = retention_ms
+        self.idempotency_window_ms = idempotency_window_ms
+        self._handlers: dict[type, Callable[[Any], ApplyResult]] = {
+            cmds.Submit: self._apply_submit,
+            cmds.Lease: self._apply_lease,
+            cmds.Ack: self._apply_ack,
+            cmds.Fail: self._apply_fail,
+            cmds.Extend: self._apply_extend,
+            cmds.Tick: self._apply_tick,
+            cmds.WorkerLost: self._apply_worker_lost,
+            cmds.RenewLeases: self._apply_renew_leases,
+            cmds.Cancel: self._apply_cancel,
+            cmds.Redrive: self._apply_redrive,
+            cmds.Purge: self._apply_purge,
+            cmds.SetQueueConfig: self._apply_set_queue_config,
+        }
+        self._reset()
+
+    def _reset(self) -> None:
+        self.last_applied = 0  # index of the last entry applied (Raft's lastApplied)
+        self.clock_ms = 0  # max now_ms of every command applied: the replicated clock
+        self._lease_counter = 0  # last fencing token granted; tokens are never reused
+        self._seq = 0  # last sequence number given to a ready / delayed entry
+        self._rotation = 0  # Lease commands applied; rotates the first queue served
+        self._jobs: dict[str, Job] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._delayed: list[tuple[int, int, Job]] = []
+        self._leases: list[tuple[int, int, Job]] = []
+        self._worker_jobs: dict[str, dict[str, Job]] = {}
+        self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
+        self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
+        self._finished: deque[tuple[int, Job]] = deque()
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, entry: Entry) -> ApplyResult | None:
+        """Applies one committed entry.
+
+        Args:
+            entry: the next committed entry; its index must be last_applied + 1.
+        Returns:
+            None for a NOOP entry, `Rejected` for data that is not a command, else the command's
+            result (see `results.py`).
+        """
+        assert entry.index == self.last_applied + 1, (
+            f"entry {entry.index} applied after {self.last_applied}: committed entries apply in order, once"
+        )
+        self.last_applied = entry.index
+        if entry.kind == EntryKind.NOOP:
+            return None
+        try:
+            command = decode_command(entry.data)
+        except CommandDecodeError as exc:
+            # Every replica decodes the same bytes the same way, so refusing the entry keeps them
+            # equal; raising would stop every node on the same entry at every restart.
+            return Rejected(f"entry {entry.index}: {exc}")
+        if command.now_ms > self.clock_ms:
+            self.clock_ms = command.now_ms
+        return self._handlers[type(command)](command)
+
+    # ------------------------------------------------------------------ submit
+
+    def _apply_submit(self, command: cmds.Submit) -> Submitted | QueueFull:
+        now = self.clock_ms
+        name = command.queue
+        ids: list[str] = []
+        created: list[bool] = []
+        fresh: list[cmds.NewJob] = []
+        batch_keys: dict[str, str] = {}  # key -> id of the first job in this batch that used it
+        batch_ids: dict[str, None] = {}
+        for new in command.jobs:
+            known = self._known_job_id(name, new, now, batch_keys, batch_ids)
+            if known is not None:
+                ids.append(known)
+                created.append(False)
+                continue
+            ids.append(new.id)
+            created.append(True)
+            fresh.append(new)
+            batch_ids[new.id] = None
+            if new.idempotency_key is not None:
+                batch_keys[new.idempotency_key] = new.id
+        queue = self._queues.get(name)
+        if fresh and queue is not None and queue.max_depth is not None:
+            if queue.active_count() + len(fresh) > queue.max_depth:
+                return QueueFull(name, queue.max_depth)
+        if fresh:
+            if queue is None:
+                queue = self._queue(name)
+            for new in fresh:
+                self._create_job(queue, new, now)
+            queue.events["submitted"] += len(fresh)
+        return Submitted(tuple(ids), tuple(created))
+
+    def _known_job_id(
+        self, queue: str, new: cmds.NewJob, now: int, batch_keys: dict[str, str], batch_ids: dict[str, None]
+    ) -> str | None:
+        """The id of the job `new` duplicates (same key inside the window, or same id), or None."""
+        key = new.idempotency_key
+        if key is not None:
+            if key in batch_keys:
+                return batch_keys[key]
+            found = self._idempotency.get((queue, key))
+            if found is not None and found[1] > now:  # an expired key not yet dropped is gone
+                return found[0]
+        # Ids are unique by construction at the edge; a repeated id is the same job submitted
+        # again, so it is idempotent by id too and never overwrites the first record.
+        if new.id in self._jobs or new.id in batch_ids:
+            return new.id
+        return None
+
+    def _create_job(self, queue: _Queue, new: cmds.NewJob, now: int) -> None:
+        delayed = new.delay_ms > 0
+        job = Job(
+            new.id, queue.name, SCHEDULED if delayed else READY, new.payload, new.priority, new.max_attempts,
+            new.lease_ms, new.backoff_base_ms, new.backoff_cap_ms, new.idempotency_key, now,
+            now + new.delay_ms if delayed else now,
+        )
+        self._jobs[job.id] = job
+        queue.counts[job.state] += 1
+        if delayed:
+            self._push_delayed(job)
+        else:
+            self._push_ready(queue, job)
+        if new.idempotency_key is not None:
+            expires_at = now + self.idempotency_window_ms
+            key = (queue.name, new.idempotency_key)
+            self._idempotency[key] = (job.id, expires_at)
+            self._idempotency_fifo.append((expires_at, key))
+
+    # ------------------------------------------------------------------ lease
+
+    def _apply_lease(self, command: cmds.Lease) -> Leased:
+        now = self.clock_ms
+        self._promote_due(now)
+        names = command.queues
+        self._rotation += 1
+        if not names or command.max_jobs <= 0:
+            return Leased(())
+        # Round robin: one job per queue per round, the first queue rotating per Lease so that a
+        # busy queue named first cannot starve the others.
+        start = self._rotation % len(names)
+        rotated = names[start:] + names[:start]
+        active = [q for q in map(self._queues.get, rotated) if q is not None and q.counts[READY]]
+        taken: list[LeasedJob] = []
+        max_jobs = command.max_jobs
+        while active and len(taken) < max_jobs:
+            still_ready = []
+            for queue in active:
+                job = self._pop_ready(queue)
+                if job is None:
+                    continue
+                taken.append(self._grant(queue, job, command.worker, now))
+                if len(taken) >= max_jobs:
+                    break
+                if queue.counts[READY]:
+                    still_ready.append(queue)
+            active = still_ready
+        return Leased(tuple(taken))
+
+    def _pop_ready(self, queue: _Queue) -> Job | None:
+        """The oldest READY job of the highest priority, skipping stale entries."""
+        if not queue.counts[READY]:
+            return None
+        for fifo in reversed(queue.ready):
+            while fifo:
+                job = fifo.popleft()
+                if job.state == READY:
+                    return job
+        raise AssertionError(f"queue {queue.name} counts {queue.counts[READY]} ready jobs but holds none")
+
+    def _grant(self, queue: _Queue, job: Job, worker: str, now: int) -> LeasedJob:
+        self._lease_counter += 1
+        token = self._lease_counter
+        expires_at = now + job.lease_ms
+        job.attempts += 1
+        job.lease = token
+        job.leased_at_ms = now
+        job.lease_expires_at_ms = expires_at
+        job.worker = worker
+        self._move(queue, job, LEASED, now)
+        heapq.heappush(self._leases, (expires_at, token, job))
+        held = self._worker_jobs.get(worker)
+        if held is None:
+            held = self._worker_jobs[worker] = {}
+        held[job.id] = job
+        queue.events["leased"] += 1
+        return LeasedJob(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority)
+
+    # ------------------------------------------------------------------ ack, fail, extend
+
+    def _apply_ack(self, command: cmds.Ack) -> ItemOutcomes:
+        now = self.clock_ms
+        outcomes: list[Outcome] = []
+        for item in command.items:
+            job = self._jobs.get(item.id)
+            if job is not None and job.state == DONE and job.lease == item.lease:
+                # The client retries an ack whose answer it lost: same answer, no change.
+                outcomes.append(OK)
+                continue
+            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            if error is not None:
+                outcomes.append(error)
+                continue
+            queue = self._queues[job.queue]
+            self._end_lease(job)
+            job.result = item.result
+            self._finish(queue, job, DONE, now)
+            queue.events["acked"] += 1
+            outcomes.append(OK)
+        return ItemOutcomes(tuple(outcomes))
+
+    def _apply_fail(self, command: cmds.Fail) -> ItemOutcomes:
+        now = self.clock_ms
+        outcomes: list[Outcome] = []
+        for position, item in enumerate(command.items):
+            job = self._jobs.get(item.id)
+            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            if error is not None:
+                outcomes.append(error)
+                continue
+            queue = self._queues[job.queue]
+            queue.events["failed"] += 1
+            requeued = self._end_attempt(
+                queue, job, now, item.error, retry=item.retry, delay_ms=item.delay_ms,
+                entropy=command.entropy, position=position,
+            )
+            if requeued:
+                queue.events["retried"] += 1
+            outcomes.append(OK)
+        return ItemOutcomes(tuple(outcomes))
+
+    def _apply_extend(self, command: cmds.Extend) -> ItemOutcomes:
+        now = self.clock_ms
+        outcomes: list[Outcome] = []
+        for item in command.items:
+            job = self._jobs.get(item.id)
+            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            if error is not None:
+                outcomes.append(error)
+                continue
+            expires_at = now + item.lease_ms
+            job.lease_expires_at_ms = expires_at
+            # The old heap entry goes stale (its expiry no longer matches the job's).
+            heapq.heappush(self._leases, (expires_at, job.lease, job))
+            outcomes.append(Extended(expires_at))
+        return ItemOutcomes(tuple(outcomes))
+
+    @staticmethod
+    def _lease_error(job: Job | None, job_id: str, lease: int, worker: str, now: int) -> ItemError | None:
+        """Why `worker` may not complete `job` under token `lease` at `now`, or None if it may.
+
+        A lease covers [leased_at, expires_at): at expires_at a Tick would requeue the job, so an
+        ack at or after that instant is refused even before the Tick is applied.
+        """
+        if job is None:
+            return ItemError(NOT_FOUND, f"no job {job_id}")
+        if job.state != LEASED:
+            return ItemError(LEASE_MISMATCH, f"job {job_id} is {job.state}; lease {lease} is not held")
+        if job.lease != lease or job.worker != worker:
+            return ItemError(
+                LEASE_MISMATCH, f"lease {lease} of worker {worker} is not the current lease of job {job_id}"
+            )
+        if now >= job.lease_expires_at_ms:
+            return ItemError(LEASE_EXPIRED, f"lease {lease} of job {job_id} expired at {job.lease_expires_at_ms} ms")
+        return None
+
+    # ------------------------------------------------------------------ housekeeping commands
+
+    def _apply_tick(self, command: cmds.Tick) -> Ticked:
+        now = self.clock_ms
+        expired = self._expire_leases(now, command.entropy)
+        promoted = self._promote_due(now)
+        dropped = self._drop_finished(now)
+        keys_dropped = self._drop_idempotency_keys(now)
+        self._compact_heaps()
+        return Ticked(expired, promoted, dropped, keys_dropped)
+
+    def _apply_worker_lost(self, command: cmds.WorkerLost) -> Released:
+        now = self.clock_ms
+        held = self._worker_jobs.get(command.worker)
+        if not held:
+            return Released(0, 0)
+        requeued = dead_lettered = 0
+        error = f"worker {command.worker} lost"
+        # Token order is lease order: the same on every replica and after a restore.
+        for position, job in enumerate(sorted(held.values(), key=_lease_token)):
+            queue = self._queues[job.queue]
+            if self._end_attempt(queue, job, now, error, retry=True, delay_ms=None,
+                                 entropy=command.entropy, position=position):
+                requeued += 1
+                queue.events["requeued_worker_lost"] += 1
+            else:
+                dead_lettered += 1
+        return Released(requeued, dead_lettered)
+
+    def _apply_renew_leases(self, command: cmds.RenewLeases) -> Renewed:
+        """A new leader cannot know how long its predecessor was unreachable, so it gives every
+        live lease at least one full lease period from its own clock instead of expiring work
+        that healthy workers are still doing."""
+        now = self.clock_ms
+        renewed = 0
+        for held in self._worker_jobs.values():
+            for job in held.values():
+                target = now + job.lease_ms
+                if target > job.lease_expires_at_ms:
+                    job.lease_expires_at_ms = target
+                    heapq.heappush(self._leases, (target, job.lease, job))
+                    renewed += 1
+        return Renewed(renewed)
+
+    def _expire_leases(self, now: int, entropy: int) -> int:
+        heap = self._leases
+        expired = 0
+        while heap and heap[0][0] <= now:
+            expires_at, token, job = heapq.heappop(heap)
+            if job.state != LEASED or job.lease != token or job.lease_expires_at_ms != expires_at:
+                continue  # stale: acked, failed, extended or renewed since
+            queue = self._queues[job.queue]
+            if self._end_attempt(queue, job, now, "lease expired", retry=True, delay_ms=None,
+                                 entropy=entropy, position=expired):
+                queue.events["requeued_expired"] += 1
+            expired += 1
+        return expired
+
+    def _promote_due(self, now: int) -> int:
+        """Moves SCHEDULED and RETRY_WAIT jobs whose ready_at has come to READY, in (ready_at, seq) order."""
+        heap = self._delayed
+        promoted = 0
+        while heap and heap[0][0] <= now:
+            _, seq, job = heapq.heappop(heap)
+            if job.seq != seq or (job.state != SCHEDULED and job.state != RETRY_WAIT):
+                continue  # stale: cancelled since
+            queue = self._queues[job.queue]
+            self._move(queue, job, READY, now)
+            self._push_ready(queue, job)
+            promoted += 1
+        return promoted
+
+    def _drop_finished(self, now: int) -> int:
+        fifo = self._finished
+        cutoff = now - self.retention_ms
+        dropped = 0
+        while fifo and fifo[0][0] <= cutoff:
+            finished_at, job = fifo.popleft()
+            if job.finished_at_ms != finished_at or self._jobs.get(job.id) is not job:
+                continue
+            assert job.state in FINISHED_STATES, f"job {job.id} in the finished FIFO is {job.state}"
+            del self._jobs[job.id]
+            self._queues[job.queue].counts[job.state] -= 1
+            dropped += 1
+        return dropped
+
+    def _drop_idempotency_keys(self, now: int) -> int:
+        fifo = self._idempotency_fifo
+        index = self._idempotency
+        dropped = 0
+        while fifo and fifo[0][0] <= now:
+            expires_at, key = fifo.popleft()
+            found = index.get(key)
+            if found is not None and found[1] == expires_at:  # else the key was reused since
+                del index[key]
+                dropped += 1
+        return dropped
+
+    # ------------------------------------------------------------------ operator commands
+
+    def _apply_cancel(self, command: cmds.Cancel) -> Ok | ItemError:
+        now = self.clock_ms
+        job = self._jobs.get(command.id)
+        if job is None:
+            return ItemError(NOT_FOUND, f"no job {command.id}")
+        if job.state == DONE:
+            return ItemError(CONFLICT, f"job {command.id} is done and cannot be cancelled")
+        if job.state == CANCELLED:
+            return OK
+        queue = self._queues[job.queue]
+        was_ready = job.state == READY
+        if job.state == LEASED:
+            self._end_lease(job)  # the holder's ack now answers lease_mismatch
+        elif job.state == DEAD:
+            del queue.dead[job.id]
+        self._finish(queue, job, CANCELLED, now)
+        queue.events["cancelled"] += 1
+        if was_ready:
+            self._compact_ready(queue)
+        return OK
+
+    def _apply_redrive(self, command: cmds.Redrive) -> Redriven:
+        now = self.clock_ms
+        queue = self._queues.get(command.queue)
+        if queue is None:
+            return Redriven(0)
+        # All: in id order (ids are time-ordered at the edge), independent of dict history.
+        targets: Iterable[str] = sorted(queue.dead) if command.ids is None else dict.fromkeys(command.ids)
+        count = 0
+        for job_id in targets:
+            job = queue.dead.pop(job_id, None)
+            if job is None:
+                continue  # not dead, or not in this queue: nothing to redrive
+            job.attempts = 0
+            job.ready_at_ms = now
+            self._move(queue, job, READY, now)
+            self._push_ready(queue, job)
+            count += 1
+        queue.events["redriven"] += count
+        return Redriven(count)
+
+    def _apply_purge(self, command: cmds.Purge) -> Purged:
+        queue = self._queues.get(command.queue)
+        if queue is None:
+            return Purged(0)
+        if command.state == DEAD:
+            doomed = list(queue.dead.values())
+            queue.dead.clear()
+        elif command.state == READY:
+            doomed = [job for fifo in queue.ready if fifo is not None for job in fifo if job.state == READY]
+            queue.ready = [None] * PRIORITY_LEVELS  # every entry left is stale now
+        else:
+            return Purged(0)  # the edge only sends "dead" or "ready"
+        for job in doomed:
+            del self._jobs[job.id]
+            queue.counts[job.state] -= 1
+            job.state = PURGED
+        return Purged(len(doomed))
+
+    def _apply_set_queue_config(self, command: cmds.SetQueueConfig) -> Ok:
+        self._queue(command.queue).max_depth = command.max_depth
+        return OK
+
+    # ------------------------------------------------------------------ transitions
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = _Queue(name)
+        return queue
+
+    @staticmethod
+    def _move(queue: _Queue, job: Job, state: str, now: int) -> None:
+        counts = queue.counts
+        counts[job.state] -= 1
+        counts[state] += 1
+        job.state = state
+        transitions = job.transitions
+        transitions.append((state, now))
+        if len(transitions) > TRANSITIONS_MAX:
+            del transitions[1]  # keep the submission, drop the oldest after it
+
+    def _push_ready(self, queue: _Queue, job: Job) -> None:
+        self._seq += 1
+        job.seq = self._seq
+        fifo = queue.ready[job.priority]
+        if fifo is None:
+            fifo = queue.ready[job.priority] = deque()
+        fifo.append(job)
+
+    def _push_delayed(self, job: Job) -> None:
+        self._seq += 1
+        job.seq = self._seq
+        heapq.heappush(self._delayed, (job.ready_at_ms, job.seq, job))
+
+    def _end_lease(self, job: Job) -> None:
+        """Forgets the worker's hold on a LEASED job (its lease heap entry goes stale)."""
+        held = self._worker_jobs[job.worker]
+        del held[job.id]
+        if not held:
+            del self._worker_jobs[job.worker]
+
+    def _end_attempt(
+        self, queue: _Queue, job: Job, now: int, error: str, *, retry: bool, delay_ms: int | None,
+        entropy: int, position: int,
+    ) -> bool:
+        """Ends a LEASED job's attempt without success: requeue it, or dead-letter it when retry is
+        False or its attempts are used up. Returns True when requeued."""
+        self._end_lease(job)
+        job.last_error = error
+        if not retry or job.attempts >= job.max_attempts:
+            self._move(queue, job, DEAD, now)
+            queue.dead[job.id] = job
+            queue.events["dead_lettered"] += 1
+            return False
+        if delay_ms is None:
+            delay_ms = backoff_delay_ms(job.backoff_base_ms, job.backoff_cap_ms, job.attempts, entropy, position)
+        if delay_ms <= 0:
+            job.ready_at_ms = now
+            self._move(queue, job, READY, now)
+            self._push_ready(queue, job)
+        else:
+            job.ready_at_ms = now + delay_ms
+            self._move(queue, job, RETRY_WAIT, now)
+            self._push_delayed(job)
+        return True
+
+    def _finish(self, queue: _Queue, job: Job, state: str, now: int) -> None:
+        job.finished_at_ms = now
+        self._move(queue, job, state, now)
+        self._finished.append((now, job))
+
+    # ------------------------------------------------------------------ compaction
+
+    def _compact_heaps(self) -> None:
+        leased = delayed = 0
+        for queue in self._queues.values():
+            leased += queue.counts[LEASED]
+            delayed += queue.counts[SCHEDULED] + queue.counts[RETRY_WAIT]
+        if len(self._leases) > 2 * leased + COMPACT_SLACK:
+            self._leases = [e for e in self._leases if _lease_entry_live(e)]
+            heapq.heapify(self._leases)
+        if len(self._delayed) > 2 * delayed + COMPACT_SLACK:
+            self._delayed = [e for e in self._delayed if _delayed_entry_live(e)]
+            heapq.heapify(self._delayed)
+
+    @staticmethod
+    def _compact_ready(queue: _Queue) -> None:
+        if queue.ready_entries_count() <= 2 * queue.counts[READY] + COMPACT_SLACK:
+            return
+        queue.ready = [
+            None if fifo is None else deque(job for job in fifo if job.state == READY) for fifo in queue.ready
+        ]
+
+    # ------------------------------------------------------------------ read-only queries
+
+    def get_job(self, job_id: str) -> dict | None:
+        """The job record (see `Job.record`), or None when unknown or dropped after retention."""
+        job = self._jobs.get(job_id)
+        return None if job is None else job.record()
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """{queue: {state: count}} for every known queue, every state present; O(queues)."""
+        return {name: dict(self._queues[name].counts) for name in sorted(self._queues)}
+
+    def dead_jobs(self, queue: str, limit: int, after_id: str | None = None) -> list[dict]:
+        """Up to `limit` DEAD records of `queue` in id order, starting after `after_id`."""
+        found = self._queues.get(queue)
+        if found is None or limit <= 0:
+            return []
+        ids = found.dead.keys() if after_id is None else (i for i in found.dead if i > after_id)
+        return [found.dead[job_id].record() for job_id in heapq.nsmallest(limit, ids)]
+
+    def has_ready(self, queues: Iterable[str]) -> bool:
+        """True when any of `queues` holds a READY job (due delayed jobs wait for a Tick or Lease)."""
+        for name in queues:
+            queue = self._queues.get(name)
+            if queue is not None and queue.counts[READY]:
+                return True
+        return False
+
+    def next_due_ms(self) -> int | None:
+        """When the leader should next propose a Tick: the earliest delayed job, lease expiry,
+        retention drop or idempotency key expiry; None when nothing is pending.
+
+        Pops stale heap tops on the way: that changes no logical state (and not the snapshot).
+        """
+        candidates = []
+        while self._delayed and not _delayed_entry_live(self._delayed[0]):
+            heapq.heappop(self._delayed)
+        if self._delayed:
+            candidates.append(self._delayed[0][0])
+        while self._leases and not _lease_entry_live(self._leases[0]):
+            heapq.heappop(self._leases)
+        if self._leases:
+            candidates.append(self._leases[0][0])
+        if self._finished:
+            candidates.append(self._finished[0][0] + self.retention_ms)
+        if self._idempotency_fifo:
+            candidates.append(self._idempotency_fifo[0][0])
+        return min(candidates) if candidates else None
+
+    def leased_by_worker(self) -> dict[str, list[str]]:
+        """{worker: [ids of the jobs it holds]} for every worker holding a lease."""
+        return {worker: list(held) for worker, held in self._worker_jobs.items()}
+
+    def lease_holder(self, job_id: str) -> tuple[str, int, int] | None:
+        """(worker, lease token, expires_at_ms) of a LEASED job, else None."""
+        job = self._jobs.get(job_id)
+        if job is None or job.state != LEASED:
+            return None
+        return job.worker, job.lease, job.lease_expires_at_ms
+
+    @property
+    def counters(self) -> dict[tuple[str, str], int]:
+        """Metric counters {(event, queue): count}, every event of `EVENTS` for every queue."""
+        return {
+            (event, name): count
+            for name, queue in self._queues.items()
+            for event, count in queue.events.items()
+        }
+
+    def job_count(self) -> int:
+        """Jobs with a record (every state, finished ones until dropped)."""
+        return len(self._jobs)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self) -> bytes:
+        """The whole state, canonical: equal states give equal bytes on any replica.
+
+        Derived structures (FIFOs, heaps, indexes, counts) are left out and rebuilt by restore
+        from the job records; keys and rows are sorted; no stale entry appears.
+        """
+        state = {  # keys in sorted order: msgpack keeps insertion order
+            "clock_ms": self.clock_ms,
+            "idempotency": [
+                [queue, key, job_id, expires_at]
+                for (queue, key), (job_id, expires_at) in sorted(self._idempotency.items())
+            ],
+            "jobs": [self._jobs[job_id].to_row() for job_id in sorted(self._jobs)],
+            "last_applied": self.last_applied,
+            "lease_counter": self._lease_counter,
+            "queues": [
+                [name, queue.max_depth, [queue.events[event] for event in EVENTS]]
+                for name, queue in sorted(self._queues.items())
+            ],
+            "rotation": self._rotation,
+            "seq": self._seq,
+            "version": SNAPSHOT_VERSION,
+        }
+        return msgpack.packb(state, use_bin_type=True)
+
+    def digest(self) -> str:
+        """sha256 hex of `snapshot()`: equal exactly when the states are equal."""
+        return hashlib.sha256(self.snapshot()).hexdigest()
+
+    def restore(self, data: bytes) -> None:
+        """Replaces the whole state by a snapshot's, discarding everything held before.
+
+        Raises:
+            ValueError: the data is not a snapshot of this version.
+        """
+        state = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+        if not isinstance(state, dict) or state.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"not a queue snapshot of version {SNAPSHOT_VERSION}")
+        self._reset()
+        self.last_applied = state["last_applied"]
+        self.clock_ms = state["clock_ms"]
+        self._lease_counter = state["lease_counter"]
+        self._seq = state["seq"]
+        self._rotation = state["rotation"]
+        for name, max_depth, events in state["queues"]:
+            queue = self._queue(name)
+            queue.max_depth = max_depth
+            queue.events = dict(zip(EVENTS, events))
+        for queue_name, key, job_id, expires_at in state["idempotency"]:
+            self._idempotency[(queue_name, key)] = (job_id, expires_at)
+        self._idempotency_fifo = deque(sorted((e, k) for k, (_, e) in self._idempotency.items()))
+        self._restore_jobs([Job.from_row(row) for row in state["jobs"]])
+
+    def _restore_jobs(self, jobs: list[Job]) -> None:
+        ready: list[Job] = []
+        leased: list[Job] = []
+        finished: list[Job] = []
+        for job in jobs:
+            job.state = _STATE_NAMES[job.state]
+            job.transitions = [(_STATE_NAMES.get(s, s), at) for s, at in job.transitions]
+            self._jobs[job.id] = job
+            queue = self._queues[job.queue]
+            queue.counts[job.state] += 1
+            if job.state == READY:
+                ready.append(job)
+            elif job.state == SCHEDULED or job.state == RETRY_WAIT:
+                self._delayed.append((job.ready_at_ms, job.seq, job))
+            elif job.state == LEASED:
+                leased.append(job)
+            elif job.state == DEAD:
+                queue.dead[job.id] = job
+            else:
+                finished.append(job)
+        for job in sorted(ready, key=_job_seq):  # seq order is the FIFO order the live machine had
+            queue = self._queues[job.queue]
+            fifo = queue.ready[job.priority]
+            if fifo is None:
+                fifo = queue.ready[job.priority] = deque()
+            fifo.append(job)
+        heapq.heapify(self._delayed)
+        for job in sorted(leased, key=_lease_token):
+            self._leases.append((job.lease_expires_at_ms, job.lease, job))
+            self._worker_jobs.setdefault(job.worker, {})[job.id] = job
+        heapq.heapify(self._leases)
+        finished.sort(key=lambda job: (job.finished_at_ms, job.id))
+        self._finished = deque((job.finished_at_ms, job) for job in finished)
+
+    # ------------------------------------------------------------------ invariants
+
+    def check_invariants(self) -> None:
+        """Asserts every structural invariant (for tests and the simulator; O(jobs)).
+
+        Raises:
+            AssertionError: naming the first invariant found broken.
+        """
+        counts = {name: dict.fromkeys(STATES, 0) for name in self._queues}
+        tokens: dict[int, str] = {}
+        for job_id, job in self._jobs.items():
+            assert job.id == job_id and job.state in STATES, f"job {job_id} bad key or state {job.state}"
+            assert job.queue in self._queues, f"job {job_id} in unknown queue {job.queue}"
+            counts[job.queue][job.state] += 1
+            assert job.lease_ms >= 0 and job.attempts >= 0, f"job {job_id} negative lease_ms / attempts"
+            if job.state == LEASED:
+                assert job.lease not in tokens, f"lease {job.lease} held by {job_id} and {tokens.get(job.lease)}"
+                tokens[job.lease] = job_id
+                assert self._worker_jobs.get(job.worker, {}).get(job_id) is job, f"job {job_id} not indexed"
+                assert job.lease <= self._lease_counter, f"job {job_id} lease token from the future"
+            assert (job.state == DEAD) == (self._queues[job.queue].dead.get(job_id) is job), f"job {job_id} dead index"
+            assert len(job.transitions) <= TRANSITIONS_MAX and job.transitions[-1][0] == job.state, (
+                f"job {job_id} transitions {job.transitions[-3:]} end elsewhere than {job.state}"
+            )
+        held_count = sum(len(held) for held in self._worker_jobs.values())
+        assert held_count == len(tokens), f"worker index holds {held_count} jobs, {len(tokens)} leased"
+        for name, queue in self._queues.items():
+            assert queue.counts == counts[name], f"queue {name} counts {queue.counts} != {counts[name]}"
+            live_ready = [job for fifo in queue.ready if fifo is not None for job in fifo if job.state == READY]
+            assert len(live_ready) == queue.counts[READY] == len({id(j) for j in live_ready}), (
+                f"queue {name}: ready FIFOs hold {len(live_ready)} live entries for {queue.counts[READY]} ready jobs"
+            )
+            assert all(self._jobs.get(j.id) is j for j in live_ready), f"queue {name}: ready job without record"
+        live_delayed = [e for e in self._delayed if _delayed_entry_live(e)]
+        delayed_count = sum(q.counts[SCHEDULED] + q.counts[RETRY_WAIT] for q in self._queues.values())
+        assert len(live_delayed) == delayed_count, f"{len(live_delayed)} live delayed entries for {delayed_count}"
+        # An extend back to an earlier expiry can leave two equal live entries; they count once.
+        live_leases = {(e[0], e[1]) for e in self._leases if _lease_entry_live(e)}
+        assert len(live_leases) == len(tokens), f"{len(live_leases)} live lease entries for {len(tokens)} leases"
+        pending_expiries = set(self._idempotency_fifo)
+        for key, (_, expires_at) in self._idempotency.items():
+            assert (expires_at, key) in pending_expiries, f"idempotency key {key} never expires"
+
+
+def _lease_token(job: Job) -> int:
+    return job.lease
+
+
+def _job_seq(job: Job) -> int:
+    return job.seq
+
+
+def _lease_entry_live(entry: tuple[int, int, Job]) -> bool:
+    expires_at, token, job = entry
+    return job.state == LEASED and job.lease == token and job.lease_expires_at_ms == expires_at
+
+
+def _delayed_entry_live(entry: tuple[int, int, Job]) -> bool:
+    _, seq, job = entry
+    return job.seq == seq and (job.state == SCHEDULED or job.state == RETRY_WAIT)
