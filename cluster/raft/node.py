@@ -1,0 +1,754 @@
+"""RaftNode: the sans-IO Raft core (etcd-io/raft's shape: tick / step / ready / advance).
+
+Theory of operation
+===================
+
+Rule 1: the core does no I/O. It never reads a clock, a socket, a file or a global random
+generator. Time arrives as tick() calls, peer messages as step() calls, client requests as
+propose() / read_index() calls, and randomness from the injected `rng`. Everything the core
+wants done comes back out of ready() as one frozen Ready value. Same inputs, same outputs: the
+deterministic simulator and the data-driven tests rely on it.
+
+Rule 2: the shell drives it in this loop, and the order matters (etcd README "Usage"):
+
+    while node.has_ready():
+        ready = node.ready()
+        persist ready.hard_state and ready.entries, fsync if ready.must_sync   # 1. durable first
+        send ready.messages                                                     # 2. then talk
+        apply ready.committed_entries; serve ready.read_states once applied      # 3. then apply
+        node.advance(ready)                                                     # 4. then report
+
+A vote or an append answer in ready.messages is only true once the hard state and entries of the
+same Ready are on disk, which is why (1) precedes (2). The core never counts an entry as locally
+durable until advance() reports it: the leader's own vote in the commit quorum is its persisted
+index, and committed_entries only ever reach the persisted index. A single-node cluster therefore
+commits an entry in the Ready after the one that carried it.
+
+Roles. A node is FOLLOWER, PRE_CANDIDATE, CANDIDATE or LEADER; the _become_* methods swap the
+`_step` and `_tick` functions (etcd raft.go). Messages of a higher term are handled first in
+step(): the node adopts the term (Raft §5.1) unless the message is a pre-vote, or a vote
+request that arrives while the node heard from a leader within the election timeout (the
+check-quorum "lease"; this is what stops a rejoining partitioned node from deposing a healthy
+leader, etcd testdata/prevote_checkquorum.txt). Messages of a lower term are dropped, except that
+a stale leader's appends and heartbeats are answered with the current term so it steps down, and
+a stale pre-vote is rejected.
+
+Elections. A follower that hears nothing for a randomized timeout drawn from
+[election_ticks, 2 * election_ticks) first runs a pre-vote (thesis §9.6) at term + 1 without
+changing its own term or vote; only if a majority would vote does it become a candidate, bump the
+term, vote for itself and ask for votes. Votes are granted only to a candidate whose log is at
+least as up to date (Raft §5.4.1). A new leader appends a NOOP entry of its term; it commits by
+counting replicas only for an entry of its own term (Raft §5.4.2, Figure 8), which also commits
+everything before it.
+
+Replication. The leader keeps a Progress per follower (progress.py: PROBE / REPLICATE). A
+rejected append carries the follower's hint (its last index, or the conflicting term and the
+first index of that term), so a divergent tail is skipped a term at a time. Appends are batched
+(max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends per follower).
+Proposals only mark followers as needing an append; the appends are built when the shell next
+calls has_ready()/ready(), so every proposal made between two Readys travels in one append.
+Heartbeats carry the commit index clamped to the follower's match index, so a follower never
+commits an entry it has not been shown to share with the leader.
+
+Check-quorum. A leader that has not heard from a majority within an election timeout steps down
+(Raft thesis §6.2), so an isolated leader stops accepting proposals it cannot commit.
+
+Reads. read_index() (Raft §6.4) records the commit index, then confirms leadership with a
+heartbeat round whose answers echo the request's context; when a majority answered, the read is
+released in Ready.read_states as (context, read_index), to be served once applied >= read_index.
+A leader that has not yet committed an entry of its own term holds reads back until it has (it
+may not know the latest commit index before that).
+
+Robustness. The transport may drop, duplicate and reorder. Answers are matched to what they
+answer: a stale append answer never lowers match_index; a rejection of an older probe is ignored;
+a duplicated append never truncates matching entries; duplicated votes are counted once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from cluster.raft.errors import ConfigError, NotLeader, ProposalDropped, StepRejected
+from cluster.raft.log import RaftLog, entry_payload_bytes
+from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
+from cluster.raft.progress import Progress, ProgressState, ProgressView
+
+__all__ = ["RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
+
+
+class RandomSource(Protocol):
+    """What the core needs from its injected random.Random (kept structural so that the core
+    does not import `random`; pass `random.Random(seed)`)."""
+
+    def randrange(self, start: int, stop: int) -> int: ...
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    """Configuration of one RaftNode. Times are in ticks (the shell decides how long a tick is)."""
+
+    #: This node's id, e.g. "n1".
+    node_id: str
+    #: The other voters. An empty tuple is a single-node cluster. Intended sizes: 1, 3 or 5 voters.
+    peer_ids: tuple[str, ...]
+    #: Election timeout base: a follower campaigns after a random [election_ticks, 2*election_ticks)
+    #: ticks without a leader; a leader checks its quorum every election_ticks.
+    election_ticks: int = 10
+    #: The leader sends heartbeats every heartbeat_ticks (must be < election_ticks).
+    heartbeat_ticks: int = 1
+    #: Run a pre-vote before every election (thesis §9.6).
+    pre_vote: bool = True
+    #: Leader steps down without a majority heard within election_ticks; voters ignore vote
+    #: requests while they heard from a leader within election_ticks.
+    check_quorum: bool = True
+    #: Entries per append message (at least one entry is always sent).
+    max_entries_per_append: int = 512
+    #: Approximate bytes of entries per append message (at least one entry is always sent).
+    max_append_bytes: int = 1 << 20
+    #: Unanswered appends per follower in REPLICATE state.
+    max_inflight_appends: int = 64
+    #: Data bytes the leader accepts uncommitted before propose raises ProposalDropped; 0 = no bound.
+    max_uncommitted_bytes: int = 64 << 20
+
+    def validate(self) -> None:
+        """Check the configuration.
+
+        Raises:
+            ConfigError: naming the first field that is wrong.
+        """
+        if not isinstance(self.node_id, str) or not self.node_id:
+            raise ConfigError("node_id must be a non-empty string")
+        if len(set(self.peer_ids)) != len(self.peer_ids):
+            raise ConfigError("peer_ids must not repeat")
+        if self.node_id in self.peer_ids or not all(isinstance(p, str) and p for p in self.peer_ids):
+            raise ConfigError("peer_ids must be non-empty strings other than node_id")
+        if self.heartbeat_ticks < 1:
+            raise ConfigError("heartbeat_ticks must be at least 1")
+        if self.election_ticks <= self.heartbeat_ticks:
+            raise ConfigError("election_ticks must be greater than heartbeat_ticks")
+        for name in ("max_entries_per_append", "max_append_bytes", "max_inflight_appends"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.max_uncommitted_bytes < 0:
+            raise ConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Everything the core wants done since the last Ready, in the order it must happen:
+
+    1. persist `hard_state` (if not None) and append `entries` (they may overwrite a suffix of
+       the stored log), fsync when `must_sync`;
+    2. only then send `messages`;
+    3. apply `committed_entries` in order; serve each read in `read_states` once applied >= its
+       read index;
+    4. call advance(ready).
+    """
+
+    hard_state: HardState | None
+    entries: tuple[Entry, ...]
+    committed_entries: tuple[Entry, ...]
+    messages: tuple[Message, ...]
+    read_states: tuple[tuple[int, int], ...]  # (context, read_index)
+    must_sync: bool
+
+
+@dataclass(slots=True)
+class _ReadRequest:
+    context: int
+    index: int  # commit index when the request arrived
+    acks: set[str] = field(default_factory=set)
+
+
+_VOTE_REQUESTS = (MessageType.VOTE, MessageType.PRE_VOTE)
+_FROM_LEADER = (MessageType.APP, MessageType.HEARTBEAT)
+
+
+class RaftNode:
+    """One Raft voter. See the module docstring."""
+
+    def __init__(self, config: RaftConfig, *, hard_state: HardState, entries: list[Entry],
+                 rng: RandomSource) -> None:
+        """Restart as a follower from persisted state.
+
+        Args:
+            config: the node's configuration (validated here).
+            hard_state: the persisted term and vote.
+            entries: the persisted log, indexes 1..n. commit_index and applied_index start at 0.
+            rng: the random source for election timeouts, e.g. random.Random(seed).
+
+        Raises:
+            ConfigError: the configuration is invalid.
+        """
+        config.validate()
+        self._config = config
+        self._rng = rng
+        self._peers = frozenset(config.peer_ids)
+        self._quorum = (len(config.peer_ids) + 1) // 2 + 1
+        self._log = RaftLog(entries)
+        self._term = hard_state.term
+        self._voted_for = hard_state.voted_for
+        self._handed_hard_state = hard_state
+        self._role = Role.FOLLOWER
+        self._leader_id: str | None = None
+        self._votes: dict[str, bool] = {}
+        self._progress: dict[str, Progress] = {}
+        self._replicate_pending: dict[str, bool] = {}  # peer -> send even an empty append
+        self._outbox: list[Message] = []
+        self._read_states: list[tuple[int, int]] = []
+        self._read_requests: list[_ReadRequest] = []
+        self._reads_before_commit: list[int] = []
+        self._uncommitted_bytes = 0
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._election_timeout_ticks = config.election_ticks
+        self._step: Callable[[Message], None] = self._step_follower
+        self._tick: Callable[[], None] = self._tick_election
+        self._become_follower(self._term, None)
+
+    # ------------------------------------------------------------------ read-only state
+
+    @property
+    def node_id(self) -> str:
+        return self._config.node_id
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def voted_for(self) -> str | None:
+        return self._voted_for
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def leader_id(self) -> str | None:
+        return self._leader_id
+
+    @property
+    def commit_index(self) -> int:
+        return self._log.commit_index
+
+    @property
+    def applied_index(self) -> int:
+        return self._log.applied_index
+
+    @property
+    def last_index(self) -> int:
+        return self._log.last_index
+
+    @property
+    def progress(self) -> dict[str, int]:
+        """Leader: {peer: match_index}; empty on other roles."""
+        return {peer: pr.match_index for peer, pr in self._progress.items()}
+
+    @property
+    def progress_details(self) -> dict[str, ProgressView]:
+        """Leader: a read-only view of each follower's replication state; empty on other roles."""
+        return {peer: pr.view() for peer, pr in self._progress.items()}
+
+    @property
+    def election_ticks_remaining(self) -> int:
+        """Ticks until the election timer fires: a campaign, or on a leader a check-quorum."""
+        timeout = self._config.election_ticks if self._role is Role.LEADER else self._election_timeout_ticks
+        return max(1, timeout - self._election_elapsed)
+
+    # ------------------------------------------------------------------ inputs
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        self._tick()
+        self._log.check_invariants()
+
+    def step(self, message: Message) -> None:
+        """Handle one message from a peer.
+
+        Args:
+            message: a message addressed to this node.
+
+        Raises:
+            StepRejected: the message is misaddressed, from an unknown peer or malformed.
+        """
+        self._step_check(message)
+        if message.term > self._term:
+            if not self._step_higher_term(message):
+                return
+        elif message.term < self._term:
+            self._step_lower_term(message)
+            return
+        if message.type in _VOTE_REQUESTS:
+            self._handle_vote_request(message)
+        else:
+            self._step(message)
+        self._log.check_invariants()
+
+    def propose(self, data: bytes) -> tuple[int, int]:
+        """Append a command to the leader's log.
+
+        Args:
+            data: the encoded command.
+
+        Returns:
+            (index, term) of the new entry: it is this command only if the entry committed at
+            that index has that term.
+
+        Raises:
+            NotLeader: this node is not the leader (carries the known leader, if any).
+            ProposalDropped: more than max_uncommitted_bytes are waiting to commit.
+        """
+        if self._role is not Role.LEADER:
+            raise NotLeader(self._leader_id)
+        size_max = self._config.max_uncommitted_bytes
+        if size_max and self._uncommitted_bytes > 0 and self._uncommitted_bytes + len(data) > size_max:
+            raise ProposalDropped(f"{self._uncommitted_bytes} bytes uncommitted (bound {size_max})")
+        entry = Entry(index=self._log.last_index + 1, term=self._term, kind=EntryKind.NORMAL, data=bytes(data))
+        self._log.append([entry])
+        self._uncommitted_bytes += len(data)
+        self._want_replicate_all(send_if_empty=False)
+        return entry.index, entry.term
+
+    def read_index(self, context: int) -> None:
+        """Ask for a linearizable read point (Raft §6.4), answered in a later Ready.read_states.
+
+        Args:
+            context: the caller's id for this read, echoed back as (context, read_index).
+
+        Raises:
+            NotLeader: this node is not the leader (carries the known leader, if any).
+        """
+        if self._role is not Role.LEADER:
+            raise NotLeader(self._leader_id)
+        if self._log.term(self._log.commit_index) != self._term:
+            self._reads_before_commit.append(context)
+            return
+        self._register_read(context)
+
+    # ------------------------------------------------------------------ outputs
+
+    def has_ready(self) -> bool:
+        """Whether ready() would return something to do.
+
+        Returns:
+            True when there is state to persist, messages to send, entries to apply or reads
+            to serve.
+        """
+        self._flush_replication()
+        return bool(
+            self._outbox or self._read_states or self._hard_state() != self._handed_hard_state
+            or self._log.has_unstable_entries() or self._log.has_committed_entries()
+        )
+
+    def ready(self) -> Ready:
+        """Collect what the shell must do now (see Ready for the order).
+
+        Returns:
+            The Ready; its entries and messages count as handed out. Pass it to advance() once done.
+        """
+        self._flush_replication()
+        hard_state = self._hard_state()
+        changed = hard_state if hard_state != self._handed_hard_state else None
+        self._handed_hard_state = hard_state
+        entries = self._log.take_unstable_entries()
+        ready = Ready(
+            hard_state=changed,
+            entries=entries,
+            committed_entries=self._log.take_committed_entries(),
+            messages=tuple(self._outbox),
+            read_states=tuple(self._read_states),
+            must_sync=changed is not None or bool(entries),
+        )
+        self._outbox.clear()
+        self._read_states.clear()
+        return ready
+
+    def advance(self, ready: Ready) -> None:
+        """Report that a Ready was fully handled: its entries persisted, its committed entries applied.
+
+        Args:
+            ready: the value ready() returned (advance each Ready once, in order).
+        """
+        if ready.entries:
+            last = ready.entries[-1]
+            self._log.stable_to(last.index, last.term)
+        if ready.committed_entries:
+            self._log.applied_to(ready.committed_entries[-1].index)
+        if self._role is Role.LEADER and self._maybe_commit():
+            self._want_replicate_all(send_if_empty=True)
+        self._log.check_invariants()
+
+    # ------------------------------------------------------------------ role changes
+
+    def _reset(self, term: int) -> None:
+        if term != self._term:
+            self._term = term
+            self._voted_for = None
+        self._leader_id = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        # A single voter cannot split a vote, so it needs no randomization (and the contract
+        # promises it elects itself within one election timeout).
+        et = self._config.election_ticks
+        self._election_timeout_ticks = self._rng.randrange(et, 2 * et) if self._peers else et
+        self._votes = {}
+        self._progress = {}
+        self._replicate_pending = {}
+        self._read_requests = []
+        self._reads_before_commit = []
+        self._uncommitted_bytes = 0
+
+    def _become_follower(self, term: int, leader_id: str | None) -> None:
+        self._reset(term)
+        self._role = Role.FOLLOWER
+        self._leader_id = leader_id
+        self._step = self._step_follower
+        self._tick = self._tick_election
+
+    def _become_pre_candidate(self) -> None:
+        assert self._role is not Role.LEADER, "a leader does not pre-campaign"
+        self._reset(self._term)  # thesis §9.6: neither the term nor the vote changes
+        self._role = Role.PRE_CANDIDATE
+        self._step = self._step_candidate
+        self._tick = self._tick_election
+
+    def _become_candidate(self) -> None:
+        assert self._role is not Role.LEADER, "a leader does not campaign"
+        self._reset(self._term + 1)
+        self._voted_for = self.node_id
+        self._role = Role.CANDIDATE
+        self._step = self._step_candidate
+        self._tick = self._tick_election
+
+    def _become_leader(self) -> None:
+        assert self._role is Role.CANDIDATE, f"{self._role} cannot become leader"
+        voters_heard = set(self._votes)
+        self._reset(self._term)
+        self._role = Role.LEADER
+        self._leader_id = self.node_id
+        self._step = self._step_leader
+        self._tick = self._tick_leader
+        next_index = self._log.last_index + 1
+        for peer in self._config.peer_ids:
+            self._progress[peer] = Progress(next_index, self._config.max_inflight_appends)
+            # An answer to our vote request was heard in this term: it counts for check-quorum.
+            self._progress[peer].recent_active = peer in voters_heard
+        # Raft §5.4.2 / §8: an entry of the new term lets the leader commit (and learn the
+        # commit index) without counting replicas of older terms.
+        self._log.append([Entry(index=next_index, term=self._term, kind=EntryKind.NOOP, data=b"")])
+        self._want_replicate_all(send_if_empty=False)
+
+    def _campaign(self) -> None:
+        if self._config.pre_vote:
+            self._campaign_pre_vote()
+        else:
+            self._campaign_election()
+
+    def _campaign_pre_vote(self) -> None:
+        self._become_pre_candidate()
+        self._votes[self.node_id] = True
+        if self._tally_votes():
+            return
+        for peer in self._config.peer_ids:
+            self._send(MessageType.PRE_VOTE, peer, term=self._term + 1, log_term=self._log.last_term,
+                       index=self._log.last_index)
+
+    def _tally_votes(self) -> bool:
+        """Act on the votes so far; returns True when the campaign is decided."""
+        granted = sum(1 for vote in self._votes.values() if vote)
+        if granted >= self._quorum:
+            if self._role is Role.PRE_CANDIDATE:
+                self._campaign_election()
+            else:
+                self._become_leader()
+            return True
+        if len(self._votes) - granted >= self._quorum:
+            self._become_follower(self._term, None)
+            return True
+        return False
+
+    def _campaign_election(self) -> None:
+        self._become_candidate()
+        self._votes[self.node_id] = True
+        if self._tally_votes():
+            return
+        for peer in self._config.peer_ids:
+            self._send(MessageType.VOTE, peer, log_term=self._log.last_term, index=self._log.last_index)
+
+    # ------------------------------------------------------------------ ticks
+
+    def _tick_election(self) -> None:
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._election_timeout_ticks:
+            self._election_elapsed = 0
+            self._campaign()
+
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= self._config.election_ticks:
+            self._election_elapsed = 0
+            if self._config.check_quorum and not self._quorum_active():
+                self._become_follower(self._term, None)  # Raft thesis §6.2: step down
+                return
+            for pr in self._progress.values():
+                pr.recent_active = False
+        if self._heartbeat_elapsed >= self._config.heartbeat_ticks:
+            self._heartbeat_elapsed = 0
+            self._bcast_heartbeat()
+
+    def _quorum_active(self) -> bool:
+        return 1 + sum(1 for pr in self._progress.values() if pr.recent_active) >= self._quorum
+
+    # ------------------------------------------------------------------ step: any role
+
+    def _step_check(self, m: Message) -> None:
+        if m.to_id != self.node_id:
+            raise StepRejected(f"message for {m.to_id!r} reached {self.node_id!r}")
+        if m.from_id not in self._peers:
+            raise StepRejected(f"message from unknown peer {m.from_id!r}")
+        if not isinstance(m.type, MessageType):
+            raise StepRejected(f"unknown message type {m.type!r}")
+        if m.entries and m.type is not MessageType.APP:
+            raise StepRejected(f"{m.type.name} must not carry entries")
+        previous_term = m.log_term
+        for offset, entry in enumerate(m.entries):
+            if entry.index != m.index + 1 + offset or not previous_term <= entry.term <= m.term:
+                raise StepRejected(f"append from {m.from_id} has inconsistent entry {entry.index}/{entry.term}")
+            previous_term = entry.term
+
+    def _step_higher_term(self, m: Message) -> bool:
+        """A message from a newer term; returns whether to go on handling it."""
+        if m.type in _VOTE_REQUESTS:
+            in_lease = (self._config.check_quorum and self._leader_id is not None
+                        and self._election_elapsed < self._config.election_ticks)
+            if in_lease:
+                return False  # a leader was heard recently: do not let the requester disrupt it
+            if m.type is MessageType.PRE_VOTE:
+                return True  # a pre-vote never changes our term
+        if m.type is MessageType.PRE_VOTE_RESP and not m.reject:
+            return True  # a grant carries the term we would campaign at, not a newer leader's
+        self._become_follower(m.term, m.from_id if m.type in _FROM_LEADER else None)
+        return True
+
+    def _step_lower_term(self, m: Message) -> None:
+        if m.type in _FROM_LEADER and (self._config.check_quorum or self._config.pre_vote):
+            # A stale leader: our term in the answer makes it step down. Without this, a node
+            # whose term grew while partitioned could never rejoin a leader that ignores it.
+            self._send(MessageType.APP_RESP, m.from_id)
+        elif m.type is MessageType.PRE_VOTE:
+            self._send(MessageType.PRE_VOTE_RESP, m.from_id, reject=True)
+        # Anything else from an older term is stale: drop it (Raft §5.1).
+
+    def _handle_vote_request(self, m: Message) -> None:
+        response_type = MessageType.VOTE_RESP if m.type is MessageType.VOTE else MessageType.PRE_VOTE_RESP
+        can_vote = (
+            self._voted_for == m.from_id
+            or (self._voted_for is None and self._leader_id is None)
+            or (m.type is MessageType.PRE_VOTE and m.term > self._term)
+        )
+        if can_vote and self._log.is_up_to_date(m.index, m.log_term):  # Raft §5.4.1
+            self._send(response_type, m.from_id, term=m.term)
+            if m.type is MessageType.VOTE:
+                self._election_elapsed = 0
+                self._voted_for = m.from_id
+        else:
+            self._send(response_type, m.from_id, reject=True)
+
+    # ------------------------------------------------------------------ step: per role
+
+    def _step_follower(self, m: Message) -> None:
+        if m.type is MessageType.APP:
+            self._election_elapsed = 0
+            self._leader_id = m.from_id
+            self._handle_append(m)
+        elif m.type is MessageType.HEARTBEAT:
+            self._election_elapsed = 0
+            self._leader_id = m.from_id
+            self._handle_heartbeat(m)
+        # Answers to requests this node made in an earlier role of this term are stale.
+
+    def _step_candidate(self, m: Message) -> None:
+        """Both PRE_CANDIDATE and CANDIDATE."""
+        if m.type in _FROM_LEADER:
+            self._become_follower(self._term, m.from_id)  # a leader of our term exists
+            self._step_follower(m)
+            return
+        pre = self._role is Role.PRE_CANDIDATE
+        if m.type is not (MessageType.PRE_VOTE_RESP if pre else MessageType.VOTE_RESP):
+            return
+        if pre and not m.reject and m.term != self._term + 1:
+            return  # a grant for an earlier pre-campaign
+        self._votes.setdefault(m.from_id, not m.reject)  # a duplicate answer counts once
+        self._tally_votes()
+
+    def _step_leader(self, m: Message) -> None:
+        pr = self._progress[m.from_id]
+        if m.type is MessageType.APP_RESP:
+            if m.index > self._log.last_index:
+                raise StepRejected(f"{m.from_id} answered for index {m.index} past our last index")
+            pr.recent_active = True
+            self._handle_append_response(m, pr)
+        elif m.type is MessageType.HEARTBEAT_RESP:
+            pr.heartbeat_answered()
+            if pr.match_index < self._log.last_index or pr.state is ProgressState.PROBE:
+                self._want_replicate(m.from_id, send_if_empty=True)
+            if m.context is not None:
+                self._handle_read_ack(m.from_id, m.context)
+
+    # ------------------------------------------------------------------ replication: follower
+
+    def _handle_append(self, m: Message) -> None:
+        if m.index < self._log.commit_index:
+            # Everything up to our commit index is the leader's already (Leader Completeness).
+            self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
+            return
+        last_new_index = self._log.maybe_append(m.index, m.log_term, m.entries)
+        if last_new_index is None:
+            if m.index > self._log.last_index:
+                hint_index, hint_term = self._log.last_index, 0
+            else:
+                hint_index, hint_term = self._log.first_index_of_term_at(m.index), self._log.term(m.index)
+            self._send(MessageType.APP_RESP, m.from_id, index=m.index, reject=True,
+                       reject_hint=hint_index, hint_term=hint_term)
+            return
+        self._log.commit_to(min(m.commit, last_new_index))
+        self._send(MessageType.APP_RESP, m.from_id, index=last_new_index, commit=self._log.commit_index)
+
+    def _handle_heartbeat(self, m: Message) -> None:
+        # The leader clamps commit to our match index; the clamp to last_index is belt and braces.
+        self._log.commit_to(min(m.commit, self._log.last_index))
+        self._send(MessageType.HEARTBEAT_RESP, m.from_id, context=m.context)
+
+    # ------------------------------------------------------------------ replication: leader
+
+    def _handle_append_response(self, m: Message, pr: Progress) -> None:
+        if m.reject:
+            if pr.maybe_decrease(m.index, self._next_index_from_hint(m)):
+                self._want_replicate(m.from_id, send_if_empty=True)
+            return
+        if pr.maybe_update(m.index):
+            if pr.state is ProgressState.PROBE:
+                pr.become_replicate()
+            if self._maybe_commit():
+                self._want_replicate_all(send_if_empty=True)
+        # The answer carries the follower's commit index: if it lags behind what the follower
+        # could know, an (empty) append tells it now rather than at the next heartbeat.
+        lagging = m.commit < min(pr.match_index, self._log.commit_index)
+        self._want_replicate(m.from_id, send_if_empty=lagging)
+
+    def _next_index_from_hint(self, m: Message) -> int:
+        """Where to probe next after a rejection (the fast backoff of Raft §5.3's last note)."""
+        if m.hint_term == 0:
+            return m.reject_hint + 1  # the follower's log ends at reject_hint
+        # Entries of hint_term that we also hold match up to our last one; if we hold none, the
+        # follower's whole run of that term (from reject_hint) is divergent.
+        last_of_term = self._log.last_index_of_term(m.hint_term, m.index)
+        return last_of_term + 1 if last_of_term else m.reject_hint
+
+    def _maybe_commit(self) -> bool:
+        """Commit the highest index held by a majority, if it is of this term (Raft §5.4.2)."""
+        matches = sorted([self._log.persisted_index, *(pr.match_index for pr in self._progress.values())],
+                         reverse=True)
+        index = matches[self._quorum - 1]
+        if index <= self._log.commit_index or self._log.term(index) != self._term:
+            return False
+        old_commit = self._log.commit_index
+        self._log.commit_to(index)
+        committed_now = [self._log.entry(i) for i in range(old_commit + 1, index + 1)]
+        self._uncommitted_bytes = max(
+            0, self._uncommitted_bytes - entry_payload_bytes([e for e in committed_now if e.term == self._term]))
+        if self._reads_before_commit:
+            contexts, self._reads_before_commit = self._reads_before_commit, []
+            for context in contexts:
+                self._register_read(context)
+        return True
+
+    def _want_replicate(self, peer: str, *, send_if_empty: bool) -> None:
+        self._replicate_pending[peer] = self._replicate_pending.get(peer, False) or send_if_empty
+
+    def _want_replicate_all(self, *, send_if_empty: bool) -> None:
+        for peer in self._config.peer_ids:
+            self._want_replicate(peer, send_if_empty=send_if_empty)
+
+    def _flush_replication(self) -> None:
+        """Turn 'peer needs an append' marks into append messages (see the module docstring)."""
+        if not self._replicate_pending:
+            return
+        pending, self._replicate_pending = self._replicate_pending, {}
+        if self._role is not Role.LEADER:
+            return
+        for peer in self._config.peer_ids:
+            if peer in pending:
+                self._send_appends(peer, send_if_empty=pending[peer])
+
+    def _send_appends(self, peer: str, *, send_if_empty: bool) -> None:
+        """Send as many appends as the follower's state allows (one while probing)."""
+        pr = self._progress[peer]
+        config = self._config
+        while not pr.is_paused():
+            entries = self._log.slice(pr.next_index, config.max_entries_per_append, config.max_append_bytes)
+            if not entries and not send_if_empty:
+                return
+            previous_index = pr.next_index - 1
+            self._send(MessageType.APP, peer, index=previous_index, log_term=self._log.term(previous_index),
+                       entries=entries, commit=self._log.commit_index)
+            pr.sent_append(previous_index + len(entries), len(entries))
+            if not entries:
+                return
+            send_if_empty = False
+
+    def _bcast_heartbeat(self) -> None:
+        context = self._read_requests[-1].context if self._read_requests else None
+        # An unsent heartbeat is superseded by this one (newer commit, newer read context).
+        self._outbox = [m for m in self._outbox if m.type is not MessageType.HEARTBEAT]
+        for peer, pr in self._progress.items():
+            commit = min(pr.match_index, self._log.commit_index)
+            self._send(MessageType.HEARTBEAT, peer, commit=commit, context=context)
+
+    # ------------------------------------------------------------------ reads (Raft §6.4)
+
+    def _register_read(self, context: int) -> None:
+        if not self._peers:
+            self._read_states.append((context, self._log.commit_index))
+            return
+        self._read_requests.append(_ReadRequest(context, self._log.commit_index, {self.node_id}))
+        self._bcast_heartbeat()
+
+    def _handle_read_ack(self, peer: str, context: int) -> None:
+        for position, request in enumerate(self._read_requests):
+            if request.context != context:
+                continue
+            # The first request with this context: an ack can only confirm requests that were
+            # registered before the heartbeat it answers was sent.
+            request.acks.add(peer)
+            if len(request.acks) >= self._quorum:
+                # Leadership confirmed after every earlier request arrived too: release them all.
+                for done in self._read_requests[: position + 1]:
+                    self._read_states.append((done.context, done.index))
+                del self._read_requests[: position + 1]
+            return
+
+    # ------------------------------------------------------------------ helpers
+
+    def _hard_state(self) -> HardState:
+        return HardState(term=self._term, voted_for=self._voted_for)
+
+    def _send(self, message_type: MessageType, to_id: str, *, term: int | None = None, log_term: int = 0,
+              index: int = 0, entries: tuple[Entry, ...] = (), commit: int = 0, reject: bool = False,
+              reject_hint: int = 0, hint_term: int = 0, context: int | None = None) -> None:
+        self._outbox.append(Message(
+            type=message_type, from_id=self.node_id, to_id=to_id, term=self._term if term is None else term,
+            log_term=log_term, index=index, entries=entries, commit=commit, reject=reject,
+            reject_hint=reject_hint, hint_term=hint_term, context=context,
+        ))

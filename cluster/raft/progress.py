@@ -1,0 +1,127 @@
+"""What the leader knows about each follower's log (etcd `tracker/progress.go`, ideas only).
+
+A follower is in one of two states:
+
+- PROBE: the leader does not know where the follower's log ends. It sends one append at a
+  time (from `next_index`) and waits for the answer, or for the next heartbeat answer, before
+  sending another. A rejection moves `next_index` back using the follower's hint.
+- REPLICATE: the last append matched, so the leader streams appends optimistically, moving
+  `next_index` past what it sent, with at most `inflight_count_max` appends unanswered.
+  A rejection (a lost or reordered append) drops back to PROBE from `match_index + 1`.
+
+`match_index` only grows within a term: an answer for an index at or below it is stale (the
+transport may reorder and duplicate), and a rejection of an index at or below it is ignored.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass
+
+
+class ProgressState(enum.Enum):
+    PROBE = "probe"
+    REPLICATE = "replicate"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressView:
+    """Read-only copy of a follower's progress (for metrics, status pages and tests)."""
+
+    match_index: int
+    next_index: int
+    state: ProgressState
+    inflight_count: int
+    recent_active: bool
+
+
+class Progress:
+    """Replication progress of one follower, kept by the leader. See the module docstring."""
+
+    __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "inflight_count_max",
+                 "recent_active")
+
+    def __init__(self, next_index: int, inflight_count_max: int) -> None:
+        self.match_index = 0
+        self.next_index = next_index
+        self.state = ProgressState.PROBE
+        #: PROBE only: an append is out; send no other until an answer or heartbeat answer.
+        self.probe_sent = False
+        #: REPLICATE only: last index of each unanswered append, oldest first.
+        self.inflight: collections.deque[int] = collections.deque()
+        self.inflight_count_max = inflight_count_max
+        #: Heard from within the current check-quorum window.
+        self.recent_active = False
+
+    def is_paused(self) -> bool:
+        if self.state is ProgressState.PROBE:
+            return self.probe_sent
+        return len(self.inflight) >= self.inflight_count_max
+
+    def become_probe(self) -> None:
+        self.state = ProgressState.PROBE
+        self.next_index = self.match_index + 1
+        self.probe_sent = False
+        self.inflight.clear()
+
+    def become_replicate(self) -> None:
+        self.state = ProgressState.REPLICATE
+        self.next_index = self.match_index + 1
+        self.probe_sent = False
+        self.inflight.clear()
+
+    def sent_append(self, last_index: int, entries_count: int) -> None:
+        """Record an append just sent whose entries end at last_index."""
+        if self.state is ProgressState.REPLICATE:
+            if entries_count:
+                self.next_index = last_index + 1
+                self.inflight.append(last_index)
+        else:
+            self.probe_sent = True
+
+    def maybe_update(self, index: int) -> bool:
+        """The follower matches the leader up to index. Returns False for a stale answer."""
+        if index <= self.match_index:
+            return False
+        self.match_index = index
+        self.next_index = max(self.next_index, index + 1)
+        self.probe_sent = False
+        while self.inflight and self.inflight[0] <= index:
+            self.inflight.popleft()
+        return True
+
+    def maybe_decrease(self, rejected_index: int, next_index_hint: int) -> bool:
+        """The follower rejected an append whose previous index was rejected_index.
+
+        Args:
+            rejected_index: the previous index of the rejected append.
+            next_index_hint: where the leader's reading of the follower's hint says to resume.
+
+        Returns:
+            False when the rejection is stale (answers an append older than what is known).
+        """
+        if self.state is ProgressState.REPLICATE:
+            if rejected_index <= self.match_index:
+                return False
+            self.become_probe()  # resumes right after match: everything up to it is known good
+            return True
+        if rejected_index != self.next_index - 1:
+            return False  # not the probe we are waiting for
+        self.next_index = max(min(rejected_index, next_index_hint), self.match_index + 1)
+        self.probe_sent = False
+        return True
+
+    def heartbeat_answered(self) -> None:
+        """A heartbeat answer proves the follower is reachable: let one more append through.
+
+        In PROBE the probe may have been lost; in REPLICATE with a full window every append may
+        have been lost, so the oldest is forgotten (a lost append shows up as a rejection later).
+        """
+        self.recent_active = True
+        self.probe_sent = False
+        if self.state is ProgressState.REPLICATE and self.is_paused():
+            self.inflight.popleft()
+
+    def view(self) -> ProgressView:
+        return ProgressView(self.match_index, self.next_index, self.state, len(self.inflight), self.recent_active)
