@@ -695,6 +695,23 @@ class QueueStateMachine:
         """{worker: [ids of the jobs it holds]} for every worker holding a lease."""
         return {worker: list(held) for worker, held in self._worker_jobs.items()}
 
+    def precheck(self, command: cmds.Ack | cmds.Fail | cmds.Extend, now_ms: int) -> list[Outcome | None]:
+        """Each item's outcome if the current state already decides it, else None; changes nothing.
+
+        The leader answers a batch whose every item is refused (or is a repeated ack) without
+        writing an entry, so a refused request changes nothing, not even the clock. Items that
+        may succeed (None) go through the log, where `apply` decides them again.
+        """
+        now = max(self.clock_ms, now_ms)
+        outcomes: list[Outcome | None] = []
+        for item in command.items:
+            job = self._jobs.get(item.id)
+            if isinstance(command, cmds.Ack) and job is not None and job.state == DONE and job.lease == item.lease:
+                outcomes.append(OK)
+                continue
+            outcomes.append(self._lease_error(job, item.id, item.lease, command.worker, now))
+        return outcomes
+
     def lease_holder(self, job_id: str) -> tuple[str, int, int] | None:
         """(worker, lease token, expires_at_ms) of a LEASED job, else None."""
         job = self._jobs.get(job_id)

@@ -1,0 +1,132 @@
+"""The aiohttp application: routes, auth, and the one place errors become HTTP answers."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from cluster import constants as c
+from cluster.api import views
+from cluster.api.keys import NODE, PEER_SESSION
+from cluster.api.wire import ApiError, error_response
+from cluster.config import NodeConfig
+from cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from cluster.server import Node
+
+log = logging.getLogger("raftq.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Paths served without the client token: Prometheus scrapes and peers (which use the cluster secret).
+_OPEN_PREFIXES = ("/metrics", "/raft/")
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/queues/{queue}/jobs", views.submit)
+    r.add_post("/v1/lease", views.lease)
+    r.add_post("/v1/ack", views.ack)
+    r.add_post("/v1/fail", views.fail)
+    r.add_post("/v1/extend", views.extend)
+    r.add_post("/v1/workers/{worker}/heartbeat", views.heartbeat)
+    r.add_get("/v1/workers", views.workers)
+    r.add_get("/v1/jobs/{job_id}", views.get_job)
+    r.add_post("/v1/jobs/{job_id}/cancel", views.cancel)
+    r.add_get("/v1/queues", views.list_queues)
+    r.add_put("/v1/queues/{queue}", views.configure_queue)
+    r.add_get("/v1/queues/{queue}/dead", views.list_dead)
+    r.add_post("/v1/queues/{queue}/dead/redrive", views.redrive)
+    r.add_post("/v1/queues/{queue}/dead/purge", views.purge_dead)
+    r.add_get("/v1/cluster", views.cluster_status)
+    r.add_get("/v1/overview", views.overview)
+    r.add_get("/metrics", views.metrics)
+    r.add_post("/raft/messages", views.raft_messages)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    # The route template, never the raw path: labels stay bounded whatever clients send.
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[NODE].metrics.http_request_seconds.labels(route, request.method, str(response.status)).observe(
+        time.perf_counter() - started)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(request, exc)
+    except NotLeaderError as exc:
+        return _not_leader(request, exc)
+    except (Unavailable, ProposalLost) as exc:
+        return error_response(request, ApiError(503, "unavailable", str(exc), headers=_retry_after()))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return error_response(request, ApiError(exc.status, _http_code(exc.status), exc.reason))
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(request, ApiError(500, "internal", "internal error; see the node's log"))
+
+
+def _not_leader(request: web.Request, exc: NotLeaderError) -> web.StreamResponse:
+    if exc.leader_url is None:
+        return error_response(request, ApiError(503, "no_leader", "no leader is known yet; retry shortly",
+                                                headers=_retry_after()))
+    location = exc.leader_url.rstrip("/") + request.path_qs
+    body = ApiError(307, "not_leader", f"node {exc.leader_id} leads; retry at {location}",
+                    headers={"Location": location, "X-Raftq-Leader": exc.leader_id or ""})
+    return error_response(request, body)
+
+
+def _retry_after() -> dict[str, str]:
+    return {"Retry-After": str(c.RETRY_AFTER_S)}
+
+
+def _http_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "invalid")
+
+
+def auth_middleware(token: str | None):
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and not request.path.startswith(_OPEN_PREFIXES):
+            presented = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(presented, expected):
+                raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    return check_token
+
+
+def init_app(config: NodeConfig) -> web.Application:
+    """Builds the application; the node starts and stops with it (cleanup_ctx)."""
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware(config.client_token)],
+        client_max_size=config.body_bytes_max,
+    )
+    app[NODE] = Node(config)
+    setup_routes(app)
+    app.cleanup_ctx.append(_node_lifecycle)
+    return app
+
+
+async def _node_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    node = app[NODE]
+    await node.start()
+    app[PEER_SESSION] = aiohttp.ClientSession()
+    yield
+    await app[PEER_SESSION].close()
+    await node.stop()

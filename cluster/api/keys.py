@@ -1,0 +1,10 @@
+"""Typed application keys shared by the app factory and the views."""
+
+import aiohttp
+from aiohttp import web
+
+from cluster.server import Node
+
+NODE = web.AppKey("node", Node)
+#: An HTTP client session for the few views that ask peers (the dashboard overview).
+PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)

@@ -1,0 +1,254 @@
+"""Checks every field of a request and builds the queue command, or raises a 4xx ApiError.
+
+Nothing here touches state: a request that fails validation changes nothing, and a command that
+leaves this module is well-formed, so `QueueStateMachine.apply` never sees garbage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from cluster import constants as c
+from cluster.api.wire import ApiError, invalid, pack_payload
+from cluster.queue import commands as cmds
+
+_MISSING = object()
+
+
+def queue_name(value: Any, what: str = "queue name") -> str:
+    if not isinstance(value, str) or not c.QUEUE_NAME_PATTERN.fullmatch(value):
+        raise invalid(f"{what} {_show(value)} must match [A-Za-z0-9_.:-]{{1,128}}")
+    return value
+
+
+def worker_id(value: Any) -> str:
+    if not isinstance(value, str) or not c.WORKER_ID_PATTERN.fullmatch(value):
+        raise invalid(f"worker {_show(value)} must be a string matching [A-Za-z0-9_.:@-]{{1,200}}")
+    return value
+
+
+def job_id(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 64:
+        raise invalid(f"job id {_show(value)} must be a string of 1 to 64 characters")
+    return value
+
+
+def new_job_id(now_ms: int) -> str:
+    """Time-ordered, unique without coordination: 44 bits of milliseconds, 48 random bits."""
+    return f"{now_ms:011x}{os.urandom(6).hex()}"
+
+
+def mapping(body: Any, what: str = "body") -> dict:
+    if not isinstance(body, dict):
+        raise invalid(f"{what} must be a map, got {type(body).__name__}")
+    return body
+
+
+def items(body: dict, key: str, *, count_max: int) -> list:
+    value = body.get(key, _MISSING)
+    if value is _MISSING:
+        raise invalid(f"field {key!r} is required")
+    if not isinstance(value, list):
+        raise invalid(f"field {key!r} must be a list")
+    if not value:
+        raise invalid(f"field {key!r} must not be empty")
+    if len(value) > count_max:
+        raise ApiError(413, "too_large", f"{len(value)} items in {key!r}; at most {count_max} per request")
+    return value
+
+
+def integer(body: dict, key: str, *, low: int, high: int, default: Any = _MISSING) -> int:
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if default is _MISSING:
+            raise invalid(f"field {key!r} is required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"field {key!r} must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise invalid(f"field {key!r} = {value} is out of range [{low}, {high}]")
+    return value
+
+
+def seconds_as_ms(body: dict, key: str, *, low_ms: int, high_ms: int, default_ms: Any = _MISSING) -> int:
+    """Reads a duration in seconds (float allowed) and returns whole milliseconds."""
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if default_ms is _MISSING:
+            raise invalid(f"field {key!r} is required")
+        return default_ms
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"field {key!r} must be a number of seconds, got {_show(value)}")
+    ms = int(round(value * 1000))
+    if not low_ms <= ms <= high_ms:
+        raise invalid(f"field {key!r} = {value} s is out of range [{low_ms / 1000:g}, {high_ms / 1000:g}] s")
+    return ms
+
+
+def text(body: dict, key: str, *, bytes_max: int, required: bool = True) -> str | None:
+    value = body.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise invalid(f"field {key!r} is required")
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"field {key!r} must be a string, got {_show(value)}")
+    if len(value.encode()) > bytes_max:
+        raise invalid(f"field {key!r} is longer than {bytes_max} bytes")
+    return value
+
+
+def boolean(body: dict, key: str, *, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise invalid(f"field {key!r} must be true or false, got {_show(value)}")
+    return value
+
+
+def lease_token(body: dict) -> int:
+    value = body.get("lease", _MISSING)
+    if value is _MISSING:
+        raise invalid("field 'lease' is required (the token the lease answer gave)")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(f"field 'lease' must be a non-negative integer token, got {_show(value)}")
+    return value
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def submit(body: Any, queue: str, *, now_ms: int, payload_bytes_max: int) -> cmds.Submit:
+    body = mapping(body)
+    specs = items(body, "jobs", count_max=c.BATCH_COUNT_MAX)
+    jobs = [
+        _new_job(spec, position, now_ms=now_ms, payload_bytes_max=payload_bytes_max)
+        for position, spec in enumerate(specs)
+    ]
+    return cmds.Submit(now_ms=now_ms, queue=queue, jobs=tuple(jobs))
+
+
+def _new_job(spec: Any, position: int, *, now_ms: int, payload_bytes_max: int) -> cmds.NewJob:
+    spec = mapping(spec, f"jobs[{position}]")
+    if "payload" not in spec:
+        raise invalid(f"jobs[{position}]: field 'payload' is required")
+    try:
+        payload = pack_payload(spec["payload"])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise invalid(f"jobs[{position}]: payload cannot be encoded: {exc}") from None
+    if len(payload) > payload_bytes_max:
+        raise ApiError(413, "too_large", f"jobs[{position}]: payload of {len(payload)} bytes exceeds {payload_bytes_max}")
+    try:
+        return cmds.NewJob(
+            id=new_job_id(now_ms),
+            payload=payload,
+            priority=integer(spec, "priority", low=c.PRIORITY_MIN, high=c.PRIORITY_MAX, default=0),
+            delay_ms=seconds_as_ms(spec, "delay_s", low_ms=0, high_ms=c.DELAY_MS_MAX, default_ms=0),
+            max_attempts=integer(spec, "max_attempts", low=1, high=c.MAX_ATTEMPTS_MAX, default=c.MAX_ATTEMPTS_DEFAULT),
+            lease_ms=seconds_as_ms(spec, "lease_s", low_ms=c.LEASE_MS_MIN, high_ms=c.LEASE_MS_MAX,
+                                   default_ms=c.LEASE_MS_DEFAULT),
+            idempotency_key=text(spec, "idempotency_key", bytes_max=c.IDEMPOTENCY_KEY_BYTES_MAX, required=False),
+            backoff_base_ms=seconds_as_ms(spec, "backoff_base_s", low_ms=0, high_ms=c.LEASE_MS_MAX,
+                                          default_ms=c.BACKOFF_BASE_MS),
+            backoff_cap_ms=seconds_as_ms(spec, "backoff_cap_s", low_ms=0, high_ms=c.DELAY_MS_MAX,
+                                         default_ms=c.BACKOFF_CAP_MS),
+        )
+    except ApiError as exc:
+        exc.message = f"jobs[{position}]: {exc.message}"
+        raise
+
+
+def lease(body: Any) -> tuple[str, tuple[str, ...], int, float]:
+    """Returns (worker, queues, max_jobs, wait_s)."""
+    body = mapping(body)
+    worker = worker_id(body.get("worker"))
+    queues = items(body, "queues", count_max=c.QUEUES_PER_LEASE_MAX)
+    names = tuple(dict.fromkeys(queue_name(q) for q in queues))
+    max_jobs = integer(body, "max_jobs", low=1, high=c.LEASE_COUNT_MAX, default=1)
+    wait_ms = seconds_as_ms(body, "wait_s", low_ms=0, high_ms=int(c.LEASE_WAIT_S_MAX * 1000), default_ms=0)
+    return worker, names, max_jobs, wait_ms / 1000
+
+
+def ack(body: Any, *, now_ms: int) -> cmds.Ack:
+    body = mapping(body)
+    worker = worker_id(body.get("worker"))
+    result = []
+    for position, item in enumerate(items(body, "acks", count_max=c.BATCH_COUNT_MAX)):
+        item = mapping(item, f"acks[{position}]")
+        outcome = item.get("result")
+        packed = None
+        if outcome is not None:
+            packed = pack_payload(outcome)
+            if len(packed) > c.RESULT_BYTES_MAX:
+                raise ApiError(413, "too_large", f"acks[{position}]: result exceeds {c.RESULT_BYTES_MAX} bytes")
+        result.append(cmds.AckItem(id=job_id(item.get("id")), lease=lease_token(item), result=packed))
+    return cmds.Ack(now_ms=now_ms, worker=worker, items=tuple(result))
+
+
+def fail(body: Any, *, now_ms: int, entropy: int) -> cmds.Fail:
+    body = mapping(body)
+    worker = worker_id(body.get("worker"))
+    result = []
+    for position, item in enumerate(items(body, "fails", count_max=c.BATCH_COUNT_MAX)):
+        item = mapping(item, f"fails[{position}]")
+        error = item.get("error", "")
+        if not isinstance(error, str):
+            raise invalid(f"fails[{position}]: field 'error' must be a string")
+        delay = body_delay(item, position)
+        result.append(cmds.FailItem(
+            id=job_id(item.get("id")), lease=lease_token(item),
+            error=error.encode()[: c.ERROR_TEXT_BYTES_MAX].decode(errors="ignore"),
+            retry=boolean(item, "retry", default=True), delay_ms=delay,
+        ))
+    return cmds.Fail(now_ms=now_ms, worker=worker, entropy=entropy, items=tuple(result))
+
+
+def body_delay(item: dict, position: int) -> int | None:
+    if item.get("delay_s") is None:
+        return None
+    try:
+        return seconds_as_ms(item, "delay_s", low_ms=0, high_ms=c.DELAY_MS_MAX)
+    except ApiError as exc:
+        exc.message = f"fails[{position}]: {exc.message}"
+        raise
+
+
+def extend(body: Any, *, now_ms: int) -> cmds.Extend:
+    body = mapping(body)
+    worker = worker_id(body.get("worker"))
+    result = []
+    for position, item in enumerate(items(body, "leases", count_max=c.BATCH_COUNT_MAX)):
+        item = mapping(item, f"leases[{position}]")
+        lease_ms = seconds_as_ms(item, "lease_s", low_ms=c.LEASE_MS_MIN, high_ms=c.LEASE_MS_MAX)
+        result.append(cmds.ExtendItem(id=job_id(item.get("id")), lease=lease_token(item), lease_ms=lease_ms))
+    return cmds.Extend(now_ms=now_ms, worker=worker, items=tuple(result))
+
+
+def heartbeat(body: Any) -> list[str]:
+    body = mapping(body)
+    jobs = body.get("jobs", [])
+    if not isinstance(jobs, list):
+        raise invalid("field 'jobs' must be a list of job ids")
+    if len(jobs) > c.LEASE_COUNT_MAX:
+        raise ApiError(413, "too_large", f"at most {c.LEASE_COUNT_MAX} job ids per heartbeat")
+    return [job_id(j) for j in jobs]
+
+
+def redrive(body: Any, queue: str, *, now_ms: int) -> cmds.Redrive:
+    body = mapping(body)
+    ids = body.get("ids")
+    if ids is not None:
+        ids = tuple(job_id(i) for i in items(body, "ids", count_max=c.BATCH_COUNT_MAX))
+    return cmds.Redrive(now_ms=now_ms, queue=queue, ids=ids)
+
+
+def queue_config(body: Any, queue: str, *, now_ms: int) -> cmds.SetQueueConfig:
+    body = mapping(body)
+    max_depth = integer(body, "max_depth", low=1, high=1 << 40, default=None)
+    return cmds.SetQueueConfig(now_ms=now_ms, queue=queue, max_depth=max_depth)
+
+
+def _show(value: Any) -> str:
+    text_value = repr(value)
+    return text_value if len(text_value) <= 60 else text_value[:57] + "..."

@@ -1,0 +1,323 @@
+"""HTTP views: decode, validate, build a command, `await node.propose(...)`, map the result.
+
+Errors become HTTP only at this edge (`cluster.api.app` maps NotLeaderError to 307, service errors
+to 503). Reads of queue state take a ReadIndex barrier first, so a deposed leader cannot answer
+from a stale state machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import Any, Sequence
+
+from aiohttp import web
+
+from cluster import constants as c
+from cluster.api import validation as v
+from cluster.api.keys import NODE, PEER_SESSION
+from cluster.api.wire import ApiError, read_body, respond, unpack_payload
+from cluster.queue import commands as cmds
+from cluster.queue import results
+from cluster.raft.codec import decode_messages
+from cluster.transport.http import SECRET_HEADER
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _body(request: web.Request) -> Any:
+    return await read_body(request, request.app[NODE].config.body_bytes_max)
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+async def submit(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    started = time.perf_counter()
+    queue = v.queue_name(request.match_info["queue"])
+    body = await _body(request)
+    node.require_leader()
+    command = v.submit(body, queue, now_ms=_now_ms(), payload_bytes_max=node.config.payload_bytes_max)
+    result = await node.propose(command)
+    if isinstance(result, results.QueueFull):
+        raise ApiError(429, "queue_full", f"queue {queue} is full ({result.max_depth} jobs)",
+                       headers={"Retry-After": str(c.RETRY_AFTER_S)})
+    node.metrics.submit_seconds.observe(time.perf_counter() - started)
+    return respond(request, {"ids": list(result.ids)}, status=201)
+
+
+async def lease(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    worker, queues, max_jobs, wait_s = v.lease(await _body(request))
+    node.require_leader()
+    node.touch_worker(worker)
+    deadline = time.monotonic() + wait_s
+    while True:
+        changed = node.jobs_changed()
+        if node.queue.has_ready(queues):
+            result = await node.propose(cmds.Lease(now_ms=_now_ms(), worker=worker, queues=queues, max_jobs=max_jobs))
+            if result.jobs:
+                return respond(request, {"jobs": [_leased_job(job) for job in result.jobs]})
+            # Another worker took them first: wait for the next change rather than spin on proposals.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return respond(request, {"jobs": []})
+        try:
+            await asyncio.wait_for(asyncio.shield(changed), remaining)
+        except asyncio.TimeoutError:
+            return respond(request, {"jobs": []})
+        node.require_leader()
+
+
+def _leased_job(job: Any) -> dict:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "payload": unpack_payload(job.payload),
+        "attempt": job.attempt,
+        "lease": job.lease,
+        "lease_expires_at": job.lease_expires_at_ms / 1000,
+        "priority": job.priority,
+    }
+
+
+async def ack(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    command = v.ack(await _body(request), now_ms=_now_ms())
+    node.require_leader()
+    node.touch_worker(command.worker)
+    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+
+
+async def fail(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    command = v.fail(await _body(request), now_ms=_now_ms(), entropy=node.entropy())
+    node.require_leader()
+    node.touch_worker(command.worker)
+    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+
+
+async def extend(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    command = v.extend(await _body(request), now_ms=_now_ms())
+    node.require_leader()
+    node.touch_worker(command.worker)
+    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+
+
+async def _settle_items(node: Any, command: cmds.Ack | cmds.Fail | cmds.Extend) -> Sequence[Any]:
+    """Outcomes of an ack/fail/extend batch; a batch the state already refuses whole skips the log."""
+    known = node.queue.precheck(command, command.now_ms)
+    if all(outcome is not None for outcome in known):
+        return known
+    result = await node.propose(command)
+    return result.outcomes
+
+
+def _outcome(outcome: Any) -> Any:
+    if isinstance(outcome, results.ItemError):
+        return {"error": {"code": outcome.code, "message": outcome.message}}
+    if isinstance(outcome, results.Extended):
+        return {"ok": True, "lease_expires_at": outcome.expires_at_ms / 1000}
+    return "ok"
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    worker = v.worker_id(request.match_info["worker"])
+    job_ids = v.heartbeat(await _body(request))
+    node.require_leader()
+    node.touch_worker(worker)
+    lost = []
+    for job_id in job_ids:
+        holder = node.queue.lease_holder(job_id)
+        if holder is None or holder[0] != worker:
+            lost.append(job_id)
+    return respond(request, {"ok": True, "lost": lost})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job_id = v.job_id(request.match_info["job_id"])
+    await node.read_barrier()
+    record = node.queue.get_job(job_id)
+    if record is None:
+        retention_s = node.config.retention_ms / 1000
+        raise ApiError(404, "not_found",
+                       f"no job {job_id}: it never existed here, or it finished more than {retention_s:g} s ago "
+                       "and its record was dropped")
+    return respond(request, job_record(record))
+
+
+def job_record(record: dict) -> dict:
+    """The wire form of a job: times in seconds, payload and result decoded."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in ("payload", "result") and isinstance(value, (bytes, bytearray)):
+            out[key] = unpack_payload(value)
+        elif key.endswith("_ms"):
+            out[key[:-3] + ("_s" if not key.endswith("_at_ms") else "")] = None if value is None else value / 1000
+        elif key == "transitions":
+            out[key] = [[state, at_ms / 1000] for state, at_ms in value]
+        else:
+            out[key] = value
+    return out
+
+
+async def cancel(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    job_id = v.job_id(request.match_info["job_id"])
+    await node.read_barrier()
+    if node.queue.get_job(job_id) is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")  # answered without touching the log
+    outcome = await node.propose(cmds.Cancel(now_ms=_now_ms(), id=job_id))
+    if isinstance(outcome, results.ItemError):
+        status = 404 if outcome.code == "not_found" else 409
+        raise ApiError(status, outcome.code, outcome.message)
+    return respond(request, {"ok": True})
+
+
+# ---------------------------------------------------------------------- queues
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    await node.read_barrier()
+    return respond(request, {"queues": node.queue.queue_stats()})
+
+
+async def configure_queue(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    queue = v.queue_name(request.match_info["queue"])
+    command = v.queue_config(await _body(request), queue, now_ms=_now_ms())
+    node.require_leader()
+    await node.propose(command)
+    return respond(request, {"ok": True, "queue": queue, "max_depth": command.max_depth})
+
+
+async def list_dead(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    queue = v.queue_name(request.match_info["queue"])
+    limit = _query_int(request, "limit", default=100, low=1, high=1000)
+    after = request.query.get("after")
+    await node.read_barrier()
+    jobs = node.queue.dead_jobs(queue, limit, after)
+    return respond(request, {"jobs": [job_record(job) for job in jobs]})
+
+
+async def redrive(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    queue = v.queue_name(request.match_info["queue"])
+    command = v.redrive(await _body(request), queue, now_ms=_now_ms())
+    node.require_leader()
+    result = await node.propose(command)
+    return respond(request, {"redriven": result.count})
+
+
+async def purge_dead(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    queue = v.queue_name(request.match_info["queue"])
+    node.require_leader()
+    result = await node.propose(cmds.Purge(now_ms=_now_ms(), queue=queue, state="dead"))
+    return respond(request, {"purged": result.count})
+
+
+def _query_int(request: web.Request, key: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise v.invalid(f"query parameter {key!r} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise v.invalid(f"query parameter {key!r} = {value} is out of range [{low}, {high}]")
+    return value
+
+
+# ---------------------------------------------------------------------- cluster, workers, metrics, peers
+
+
+async def cluster_status(request: web.Request) -> web.Response:
+    with_digest = request.query.get("digest") in ("1", "true")
+    return respond(request, request.app[NODE].status(with_digest=with_digest))
+
+
+async def workers(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    node.require_leader()
+    return respond(request, {"workers": node.workers_table()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    node = request.app[NODE]
+    body = generate_latest(node.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def raft_messages(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    secret = node.config.cluster_secret
+    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
+        raise ApiError(403, "forbidden", "missing or wrong cluster secret")
+    raw = await request.read()
+    try:
+        messages = decode_messages(raw)
+    except Exception as exc:  # the codec's own error types vary; a bad body is the peer's fault
+        raise ApiError(400, "invalid", f"undecodable raft messages: {exc}") from None
+    if not node.deliver(messages):
+        raise ApiError(503, "overloaded", "inbox full", headers={"Retry-After": "1"})
+    return web.Response(status=204)
+
+
+async def overview(request: web.Request) -> web.Response:
+    """Everything the dashboard shows, from any node, in one same-origin request.
+
+    Queue depths and job counters come from this node's applied state (every replica has them);
+    peers' status and the worker table (which only the leader knows) are fetched over HTTP with a
+    short timeout, and are null when unreachable.
+    """
+    node = request.app[NODE]
+    session = request.app[PEER_SESSION]
+    auth = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
+    own = node.status()
+    peer_urls = dict(sorted(node.config.peers.items()))
+    fetched = await asyncio.gather(*(_peer_json(session, url + "/v1/cluster", auth) for url in peer_urls.values()))
+    nodes = [own] + list(fetched)
+    workers_list = None
+    if node.is_leader:
+        workers_list = node.workers_table()
+    elif node.leader_url():
+        answer = await _peer_json(session, node.leader_url() + "/v1/workers", auth)
+        workers_list = answer.get("workers") if answer else None
+    counters: dict[str, dict[str, int]] = {}
+    for (event, queue), value in node.queue.counters.items():
+        counters.setdefault(queue, {})[event] = value
+    return respond(request, {
+        "cluster": own,
+        "nodes": nodes,
+        "node_urls": {node.config.node_id: node.config.url, **peer_urls},
+        "queues": node.queue.queue_stats(),
+        "counters": counters,
+        "workers": workers_list,
+        "time": time.time(),
+    })
+
+
+async def _peer_json(session: Any, url: str, headers: dict[str, str]) -> dict | None:
+    import aiohttp
+
+    try:
+        async with session.get(url, headers={"Accept": "application/json", **headers},
+                               timeout=aiohttp.ClientTimeout(total=1.0), allow_redirects=False) as response:
+            if response.status != 200:
+                return None
+            return await response.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None

@@ -1,0 +1,82 @@
+"""The node's configuration: one frozen dataclass, loaded in `main()`, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from cluster import constants
+from cluster.errors import ConfigError
+
+_NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one broker process needs to know. Times are seconds unless the name says `_ms`."""
+
+    #: This node's id; one of the cluster's voters ("n1").
+    node_id: str
+    #: Directory for the WAL, hard state and (later) snapshots. Created if missing.
+    data_dir: str
+    #: Address to listen on. SPEC.md Security: loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    port: int = 7001
+    #: The base URL clients and peers use to reach this node; derived from host and port when empty.
+    advertise_url: str = ""
+    #: The other voters: node id -> base URL. Empty = a cluster of one.
+    peers: dict[str, str] = field(default_factory=dict)
+    #: Bearer token clients must present on /v1 (None = no auth).
+    client_token: str | None = None
+    #: Secret peers must present on /raft (None = none).
+    cluster_secret: str | None = None
+
+    payload_bytes_max: int = constants.PAYLOAD_BYTES_MAX
+    body_bytes_max: int = constants.BODY_BYTES_MAX
+    retention_ms: int = constants.RETENTION_MS
+    idempotency_window_ms: int = constants.IDEMPOTENCY_WINDOW_MS
+    worker_timeout_ms: int = constants.WORKER_TIMEOUT_MS
+
+    tick_interval_s: float = constants.TICK_INTERVAL_S
+    election_ticks: int = constants.ELECTION_TICKS
+    heartbeat_ticks: int = constants.HEARTBEAT_TICKS
+    proposal_timeout_s: float = constants.PROPOSAL_TIMEOUT_S
+    pending_proposals_max: int = constants.PENDING_PROPOSALS_MAX
+
+    #: "text" (default) or "json" (one JSON object per line).
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    def replace(self, **changes) -> "NodeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad field."""
+        if not _NODE_ID_PATTERN.fullmatch(self.node_id):
+            raise ConfigError(f"node id {self.node_id!r} must match {_NODE_ID_PATTERN.pattern}")
+        if self.node_id in self.peers:
+            raise ConfigError(f"node {self.node_id} lists itself among its peers")
+        for peer_id, url in self.peers.items():
+            if not _NODE_ID_PATTERN.fullmatch(peer_id):
+                raise ConfigError(f"peer id {peer_id!r} must match {_NODE_ID_PATTERN.pattern}")
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"peer {peer_id} url {url!r} must start with http:// or https://")
+        if len(self.peers) + 1 not in (1, 3, 5):
+            raise ConfigError(f"a cluster has 1, 3 or 5 voters, got {len(self.peers) + 1}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} out of range")
+        if self.election_ticks <= self.heartbeat_ticks:
+            raise ConfigError("election_ticks must be greater than heartbeat_ticks")
+        if self.tick_interval_s <= 0:
+            raise ConfigError("tick_interval_s must be positive")
+        if not 1 <= self.payload_bytes_max <= self.body_bytes_max:
+            raise ConfigError("payload_bytes_max must be between 1 and body_bytes_max")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log format must be text or json, got {self.log_format!r}")
+        if self.worker_timeout_ms < 1000:
+            raise ConfigError("worker_timeout_ms must be at least 1000")

@@ -1,0 +1,230 @@
+"""Real node processes on loopback, for tests, the chaos suite and the benchmark.
+
+`LocalCluster` starts `python -m cluster` once per node with its own data directory and log file,
+and offers the faults a test needs: SIGKILL, SIGSTOP/SIGCONT, restart. Every wait polls with a
+deadline; a timeout says what it waited for and what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out; good enough on loopback for tests (a tiny reuse race)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def http_json(url: str, *, method: str = "GET", body: object = None, timeout: float = 2.0,
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """One JSON request with the standard library; returns (status, body); raises OSError when down."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else {}
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw) if raw else {}
+        except ValueError:
+            return exc.code, {"raw": raw.decode(errors="replace")}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # let the caller see the 307
+        return None
+
+
+def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str,
+               seen: Callable[[], object] | None = None, interval_s: float = 0.05) -> object:
+    """Polls predicate until it returns something truthy; raises TimeoutError naming what and seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f"; last seen: {seen()!r}" if seen is not None else ""
+            raise TimeoutError(f"waited {timeout_s:g} s for {what}{detail}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class NodeProcess:
+    node_id: str
+    port: int
+    data_dir: str
+    log_path: str
+    args: list[str]
+    process: subprocess.Popen | None = None
+    paused: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class LocalCluster:
+    """Nodes n1..nN as real processes. Use as a context manager; stop() kills what is left."""
+
+    base_dir: str
+    size: int = 3
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, NodeProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ports = free_ports(self.size)
+        ids = [f"n{i + 1}" for i in range(self.size)]
+        for node_id, port in zip(ids, ports):
+            peers = ",".join(f"{other}=http://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
+            data_dir = os.path.join(self.base_dir, node_id)
+            args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port),
+                    "--data-dir", data_dir, "--peers", peers, *self.extra_args]
+            self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args)
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes.values()]
+
+    def start(self, *, wait: bool = True) -> None:
+        os.makedirs(self.base_dir, exist_ok=True)
+        for node_id in self.nodes:
+            self.start_node(node_id)
+        if wait:
+            self.wait_for_leader()
+
+    def start_node(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        assert not node.alive, f"{node_id} is already running"
+        log = open(node.log_path, "ab")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env}
+        node.process = subprocess.Popen(node.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        node.paused = False
+        log.close()
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL: no shutdown code runs; unsynced page cache survives (this is not a power cut)."""
+        node = self.nodes[node_id]
+        if node.process is not None and node.alive:
+            node.process.send_signal(signal.SIGKILL)
+            node.process.wait(timeout=10)
+        node.paused = False
+
+    def terminate(self, node_id: str, timeout_s: float = 15.0) -> None:
+        node = self.nodes[node_id]
+        if node.process is not None and node.alive:
+            if node.paused:
+                node.process.send_signal(signal.SIGCONT)
+            node.process.terminate()
+            try:
+                node.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait(timeout=10)
+
+    def pause(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        assert node.process is not None
+        node.process.send_signal(signal.SIGSTOP)
+        node.paused = True
+
+    def resume(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        assert node.process is not None
+        node.process.send_signal(signal.SIGCONT)
+        node.paused = False
+
+    def restart(self, node_id: str) -> None:
+        self.kill(node_id)
+        self.start_node(node_id)
+
+    def stop(self) -> None:
+        for node_id in self.nodes:
+            self.terminate(node_id)
+
+    def status(self, node_id: str, *, with_digest: bool = False) -> dict | None:
+        node = self.nodes[node_id]
+        if not node.alive or node.paused:
+            return None
+        try:
+            status, body = http_json(node.url + "/v1/cluster" + ("?digest=1" if with_digest else ""), timeout=2.0)
+        except OSError:
+            return None
+        return body if status == 200 else None
+
+    def statuses(self, *, with_digest: bool = False) -> dict[str, dict | None]:
+        return {node_id: self.status(node_id, with_digest=with_digest) for node_id in self.nodes}
+
+    def leader(self) -> str | None:
+        """The node that says it leads, when exactly one live node does."""
+        leaders = [s["node"] for s in self.statuses().values() if s and s.get("role") == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def wait_for_leader(self, timeout_s: float = 30.0, *, exclude: str | None = None) -> str:
+        def found() -> str | None:
+            leader = self.leader()
+            return leader if leader and leader != exclude else None
+
+        return wait_until(found, timeout_s=timeout_s, what="one leader", seen=self._roles)  # type: ignore[return-value]
+
+    def _roles(self) -> dict:
+        return {k: (s["role"], s["term"]) if s else None for k, s in self.statuses().items()}
+
+    def wait_converged(self, timeout_s: float = 60.0) -> dict[str, str]:
+        """Waits until every live node applied the same index with the same state digest."""
+        def converged() -> dict[str, str] | None:
+            views = {k: s for k, s in self.statuses(with_digest=True).items() if s is not None}
+            if len(views) != sum(1 for n in self.nodes.values() if n.alive and not n.paused):
+                return None
+            applied = {s["applied_index"] for s in views.values()}
+            digests = {s["digest"] for s in views.values()}
+            if len(applied) == 1 and len(digests) == 1:
+                return {k: s["digest"] for k, s in views.items()}
+            return None
+
+        def seen() -> dict:
+            return {k: (s["applied_index"], s["digest"][:12]) if s else None
+                    for k, s in self.statuses(with_digest=True).items()}
+
+        return wait_until(converged, timeout_s=timeout_s, what="equal applied index and digest", seen=seen)  # type: ignore[return-value]
+
+    def log_text(self, node_id: str) -> str:
+        with open(self.nodes[node_id].log_path, "rb") as f:
+            return f.read().decode(errors="replace")

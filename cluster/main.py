@@ -1,0 +1,187 @@
+"""`raftq node`: run one broker process.
+
+Every flag has an environment variable (RAFTQ_<FLAG>), so a service manager can configure the
+node without a command line. Peers are `id=url` pairs: `--peers n2=http://127.0.0.1:7002,n3=...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Sequence
+
+from aiohttp import web
+
+from cluster import constants as c
+from cluster.config import NodeConfig
+from cluster.errors import ConfigError
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"RAFTQ_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raftq node", description="Run one raftq broker node.")
+    p.add_argument("--id", default=_env("NODE_ID", "n1"), help="this node's id (env RAFTQ_NODE_ID; default n1)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "7001")), help="listen port (default 7001)")
+    p.add_argument("--advertise-url", default=_env("ADVERTISE_URL", ""),
+                   help="URL peers and clients use for this node (default http://HOST:PORT)")
+    p.add_argument("--data-dir", default=_env("DATA_DIR"), help="where the log lives (default ./var/<id>)")
+    p.add_argument("--peers", default=_env("PEERS", ""),
+                   help="other voters as id=url,id=url (empty: a cluster of one)")
+    p.add_argument("--token", default=_env("TOKEN"), help="bearer token clients must present")
+    p.add_argument("--cluster-secret", default=_env("CLUSTER_SECRET"), help="secret peers must present")
+    p.add_argument("--payload-bytes-max", type=int, default=int(_env("PAYLOAD_BYTES_MAX", str(c.PAYLOAD_BYTES_MAX))))
+    p.add_argument("--worker-timeout", type=float, default=float(_env("WORKER_TIMEOUT", str(c.WORKER_TIMEOUT_MS / 1000))),
+                   help="seconds without a heartbeat before a worker's jobs are requeued (default 10)")
+    p.add_argument("--retention", type=float, default=float(_env("RETENTION", str(c.RETENTION_MS / 1000))),
+                   help="seconds finished job records are kept (default 3600)")
+    p.add_argument("--tick", type=float, default=float(_env("TICK", str(c.TICK_INTERVAL_S))),
+                   help="Raft tick in seconds (default 0.1; election timeout is 10-20 ticks)")
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return p
+
+
+def parse_peers(text: str) -> dict[str, str]:
+    peers: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node_id, sep, url = item.partition("=")
+        if not sep or not node_id or not url:
+            raise ConfigError(f"peer {item!r} must look like id=http://host:port")
+        peers[node_id] = url.rstrip("/")
+    return peers
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    config = NodeConfig(
+        node_id=args.id,
+        data_dir=args.data_dir or os.path.join("var", args.id),
+        host=args.host,
+        port=args.port,
+        advertise_url=args.advertise_url,
+        peers=parse_peers(args.peers),
+        client_token=args.token or None,
+        cluster_secret=args.cluster_secret or None,
+        payload_bytes_max=args.payload_bytes_max,
+        worker_timeout_ms=int(args.worker_timeout * 1000),
+        retention_ms=int(args.retention * 1000),
+        tick_interval_s=args.tick,
+        log_format=args.log_format,
+        log_level=args.log_level.upper(),
+    )
+    config.validate()
+    return config
+
+
+class _NodeFields(logging.Filter):
+    """Adds node id, term and role to every record (SPEC: one line per event with them)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.node = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node_id = self.node_id
+        raft = getattr(self.node, "raft", None)
+        record.term = raft.term if raft is not None else 0
+        record.role = raft.role.name.lower() if raft is not None else "starting"
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "node": getattr(record, "node_id", None),
+            "term": getattr(record, "term", None),
+            "role": getattr(record, "role", None),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(config: NodeConfig) -> _NodeFields:
+    fields = _NodeFields(config.node_id)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(fields)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s node=%(node_id)s term=%(term)s role=%(role)s %(name)s: %(message)s"
+        ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return fields
+
+
+async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
+    from cluster.api.app import init_app
+    from cluster.api.keys import NODE
+
+    app = init_app(config)
+    if fields is not None:
+        fields.node = app[NODE]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    await site.start()
+    # Recovered state is long-lived: freeze it out of the collector's generations, and collect
+    # young objects less often, since the job records make full passes costly (about 2x per job).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    logging.getLogger("raftq.node").info("listening on %s", config.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("raftq.node").info("shutting down")
+    await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"raftq node: {exc}", file=sys.stderr)
+        return 2
+    fields = setup_logging(config)
+    run = asyncio.run
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        pass
+    try:
+        run(serve(config, fields))
+    except OSError as exc:
+        logging.getLogger("raftq.node").error("cannot serve: %s", exc)
+        return 1
+    except Exception as exc:  # recovery errors (a damaged WAL) stop the node with their own message
+        logging.getLogger("raftq.node").error("node stopped: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Prometheus metrics of one node, on its own registry.
+
+Job counters and queue depths are read from the applied state machine at scrape time, so every
+node exports the same figures for the same applied index and any node can be scraped. What only
+the leader knows (workers alive) is exported by the leader alone: absent, not zero, elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from cluster.server import Node
+
+#: State machine counter events -> exported counter names (all by queue).
+_JOB_COUNTERS = {
+    "submitted": "raftq_jobs_submitted",
+    "leased": "raftq_jobs_leased",
+    "acked": "raftq_jobs_acked",
+    "failed": "raftq_jobs_failed",
+    "retried": "raftq_jobs_retried",
+    "dead_lettered": "raftq_jobs_dead_lettered",
+    "cancelled": "raftq_jobs_cancelled",
+    "redriven": "raftq_jobs_redriven",
+}
+_REQUEUE_REASONS = {"requeued_expired": "lease_expired", "requeued_worker_lost": "worker_lost"}
+_ROLES = ("follower", "pre_candidate", "candidate", "leader")
+
+_FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class NodeMetrics:
+    """The node's registry and the metrics the shell and the API update directly."""
+
+    def __init__(self, node: "Node") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StateCollector(node))
+        self.wal_fsync_seconds = Histogram(
+            "raftq_wal_fsync_seconds", "Time to write and fsync one batch of log entries.",
+            buckets=_FSYNC_BUCKETS, registry=self.registry,
+        )
+        self.wal_entries_per_fsync = Histogram(
+            "raftq_wal_entries_per_fsync", "Log entries made durable by one fsync (group commit size).",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.submit_seconds = Histogram(
+            "raftq_submit_seconds", "Submit request latency, receipt to committed answer.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.http_request_seconds = Histogram(
+            "raftq_http_request_seconds", "HTTP request latency by route and status.",
+            labelnames=["route", "method", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.proposals_refused = Counter(
+            "raftq_proposals_refused", "Proposals refused for backpressure (answered 503).",
+            registry=self.registry,
+        )
+
+    def observe_persist(self, seconds: float, entry_count: int) -> None:
+        self.wal_fsync_seconds.observe(seconds)
+        if entry_count:
+            self.wal_entries_per_fsync.observe(entry_count)
+
+
+class _StateCollector(Collector):
+    """Reads job counters, depths and Raft state at scrape time."""
+
+    def __init__(self, node: "Node") -> None:
+        self._node = node
+
+    def collect(self) -> Iterator:
+        node = self._node
+        yield from _job_counter_families(node)
+        yield _depth_family(node)
+        yield from _raft_families(node)
+        if node.is_leader:
+            alive = GaugeMetricFamily("raftq_workers_alive", "Workers heard from within the heartbeat timeout (leader only).")
+            alive.add_metric([], node.workers_alive_count())
+            yield alive
+
+
+def _job_counter_families(node: "Node") -> Iterator:
+    families = {
+        event: CounterMetricFamily(name, f"Jobs {event.replace('_', ' ')}, by queue.", labels=["queue"])
+        for event, name in _JOB_COUNTERS.items()
+    }
+    requeued = CounterMetricFamily("raftq_jobs_requeued", "Jobs requeued by the broker, by queue and reason.",
+                                   labels=["queue", "reason"])
+    for (event, queue), value in sorted(node.queue.counters.items()):
+        if event in families:
+            families[event].add_metric([queue], value)
+        elif event in _REQUEUE_REASONS:
+            requeued.add_metric([queue, _REQUEUE_REASONS[event]], value)
+    yield from families.values()
+    yield requeued
+
+
+def _depth_family(node: "Node") -> GaugeMetricFamily:
+    depth = GaugeMetricFamily("raftq_queue_depth", "Jobs in each queue by state.", labels=["queue", "state"])
+    for queue, states in sorted(node.queue.queue_stats().items()):
+        for state, count in sorted(states.items()):
+            depth.add_metric([queue, state], count)
+    return depth
+
+
+def _raft_families(node: "Node") -> Iterator:
+    raft = node.raft
+    if raft is None:
+        return
+    for name, doc, value in (
+        ("raftq_raft_term", "Current Raft term.", raft.term),
+        ("raftq_raft_commit_index", "Highest log index known committed.", raft.commit_index),
+        ("raftq_raft_applied_index", "Highest log index applied to the queue state machine.", node.queue.last_applied),
+        ("raftq_raft_last_index", "Last index in this node's log.", raft.last_index),
+    ):
+        gauge = GaugeMetricFamily(name, doc)
+        gauge.add_metric([], value)
+        yield gauge
+    role = GaugeMetricFamily("raftq_raft_role", "1 for this node's current role.", labels=["role"])
+    current = raft.role.name.lower()
+    for name in _ROLES:
+        role.add_metric([name], 1 if name == current else 0)
+    yield role
+    changes = CounterMetricFamily("raftq_raft_leader_changes", "Times this node saw a new leader.")
+    changes.add_metric([], node.leader_changes_count)
+    yield changes
+    if node.wal is not None:
+        wal_bytes = GaugeMetricFamily("raftq_wal_bytes", "Bytes of log segments on disk.")
+        wal_bytes.add_metric([], node.wal.size_bytes)
+        yield wal_bytes

@@ -1,0 +1,491 @@
+"""The asyncio shell around the Raft core and the queue state machine.
+
+Theory of operation
+-------------------
+One task, `_drive`, owns the `RaftNode`, the WAL and the `QueueStateMachine`. Everything else
+(HTTP handlers, the peer transport, the leader's housekeeping) talks to it through bounded inboxes
+and futures, so no Raft rule and no state change happens outside `_drive`:
+
+    handler ── propose(cmd) ──► _proposals ─┐
+    peer    ── deliver(msgs) ─► _inbox ─────┼─► _drive: step / propose / tick
+    handler ── read_barrier() ► _reads ─────┘        │
+                                                     ▼ Ready
+                              persist entries + hard state, fsync (worker thread)   ← group commit
+                              send messages
+                              apply committed entries → settle the proposers' futures
+                              advance
+
+Group commit falls out of this shape: while one fsync runs in its thread, new proposals pile up in
+`_proposals`, and the next Ready carries all of them to the next fsync.
+
+A request's answer waits until its entry is applied, so a 2xx means the entry is committed: on a
+majority's disk (guarantee 1). Reads take a ReadIndex barrier so a deposed leader never answers
+from stale state.
+
+The leader-only loop (`_housekeeping`) proposes `Tick`s when leases expire or delayed jobs come due,
+`WorkerLost` when a worker's heartbeats stop, and `RenewLeases` on taking office (so a failover does
+not requeue healthy work). Followers run none of it: their state changes only through the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from cluster import metrics as node_metrics
+from cluster.config import NodeConfig
+from cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from cluster.queue import commands as cmds
+from cluster.queue.state_machine import QueueStateMachine
+from cluster.raft.errors import NotLeader, ProposalDropped
+from cluster.raft.messages import Entry, Message
+from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from cluster.storage.wal import WriteAheadLog
+
+log = logging.getLogger("raftq.node")
+
+#: Messages and proposals handled per drive-loop turn before the loop persists and sends; bounds
+#: the latency one turn can add while still batching many proposals into one fsync.
+DRIVE_BATCH_MAX = 4096
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class _Pending:
+    term: int
+    future: asyncio.Future
+
+
+class Node:
+    """One broker: Raft core + WAL + queue state machine + the leader's housekeeping."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self.queue = QueueStateMachine(
+            retention_ms=config.retention_ms, idempotency_window_ms=config.idempotency_window_ms
+        )
+        self.raft: RaftNode | None = None
+        self.wal: WriteAheadLog | None = None
+        self.transport: Any = None
+        self._inbox: list[Message] = []
+        self._proposals: list[tuple[bytes, asyncio.Future]] = []
+        self._reads: list[asyncio.Future] = []
+        self._pending: dict[int, _Pending] = {}
+        self._read_waiters: dict[int, asyncio.Future] = {}
+        self._read_ids = itertools.count(1)
+        self._applied_waiters: list[tuple[int, asyncio.Future]] = []
+        self._wakeup = asyncio.Event()
+        self._jobs_changed: asyncio.Future | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self._role: Role | None = None
+        self._leader_id: str | None = None
+        self.leader_since_ms = 0
+        self._serving_from_index = 0
+        self.leader_changes_count = 0
+        self.worker_last_seen: dict[str, float] = {}
+        self._tick_inflight = False
+        self._lost_inflight: set[str] = set()
+        self._entropy = random.Random()
+        self.metrics = node_metrics.NodeMetrics(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        data_dir = self.config.data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        self.wal = await asyncio.to_thread(WriteAheadLog.open, os.path.join(data_dir, "wal"), logger=log)
+        raft_config = RaftConfig(
+            node_id=self.config.node_id,
+            peer_ids=tuple(sorted(self.config.peers)),
+            election_ticks=self.config.election_ticks,
+            heartbeat_ticks=self.config.heartbeat_ticks,
+        )
+        self.raft = RaftNode(
+            raft_config, hard_state=self.wal.hard_state, entries=self.wal.entries(), rng=random.Random()
+        )
+        log.info(
+            "node started: %d log entries recovered, term %d, data dir %s",
+            self.wal.last_index, self.wal.hard_state.term, data_dir,
+        )
+        if self.config.peers:
+            from cluster.transport.http import HttpTransport
+
+            self.transport = HttpTransport(
+                self.config.node_id, self.config.peers, secret=self.config.cluster_secret
+            )
+            await self.transport.start()
+        self._jobs_changed = asyncio.get_running_loop().create_future()
+        self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="leader-housekeeping"))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._fail_waiters(Unavailable("node is shutting down"))
+        if self.transport is not None:
+            await self.transport.close()
+        if self.wal is not None:
+            await asyncio.to_thread(self.wal.close)
+
+    # ------------------------------------------------------------------ what the API calls
+
+    @property
+    def role(self) -> Role | None:
+        return self._role
+
+    @property
+    def leader_id(self) -> str | None:
+        return self._leader_id
+
+    @property
+    def is_leader(self) -> bool:
+        return self._role == Role.LEADER
+
+    def leader_url(self) -> str | None:
+        if self._leader_id is None:
+            return None
+        if self._leader_id == self.config.node_id:
+            return self.config.url
+        return self.config.peers.get(self._leader_id)
+
+    def require_leader(self) -> None:
+        """Raises unless this node leads and has applied everything committed before its term.
+
+        A new leader's state machine may lag its log; until it has applied its own no-op entry,
+        answers from its state (a lease token check, a job's state) could be stale.
+
+        Raises:
+            NotLeaderError: this node does not lead.
+            Unavailable: it leads but is still applying earlier entries.
+        """
+        if not self.is_leader:
+            raise NotLeaderError(self._leader_id, self.leader_url())
+        if self.queue.last_applied < self._serving_from_index:
+            raise Unavailable("new leader is applying earlier entries; retry shortly")
+
+    async def propose(self, command: cmds.Command) -> Any:
+        """Replicates one command and returns its apply result once it is applied here.
+
+        Raises:
+            NotLeaderError: this node does not lead.
+            Unavailable: too many proposals pending, or the entry did not commit in time.
+            ProposalLost: a new leader overwrote the entry; the outcome is known not to have happened.
+        """
+        if not self.is_leader:
+            raise NotLeaderError(self._leader_id, self.leader_url())
+        if len(self._pending) + len(self._proposals) >= self.config.pending_proposals_max:
+            self.metrics.proposals_refused.inc()
+            raise Unavailable("too many requests waiting for replication")
+        future = asyncio.get_running_loop().create_future()
+        self._proposals.append((cmds.encode_command(command), future))
+        self._wakeup.set()
+        return await self._await(future, "the entry did not commit in time")
+
+    async def read_barrier(self) -> None:
+        """Waits until this node's state reflects every entry committed before the call (ReadIndex).
+
+        Raises:
+            NotLeaderError: this node does not lead (or lost leadership meanwhile).
+            Unavailable: the barrier did not complete in time.
+        """
+        self.require_leader()
+        future = asyncio.get_running_loop().create_future()
+        self._reads.append(future)
+        self._wakeup.set()
+        await self._await(future, "could not confirm leadership in time")
+
+    def deliver(self, messages: Sequence[Message]) -> bool:
+        """Hands peer messages to the drive loop; False when the inbox is full (the peer resends)."""
+        if len(self._inbox) + len(messages) > DRIVE_BATCH_MAX * 4:
+            return False
+        self._inbox.extend(messages)
+        self._wakeup.set()
+        return True
+
+    def jobs_changed(self) -> asyncio.Future:
+        """A future resolved the next time jobs may have become leasable (long-poll wakeup)."""
+        assert self._jobs_changed is not None
+        return self._jobs_changed
+
+    def touch_worker(self, worker: str) -> None:
+        """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge."""
+        self.worker_last_seen[worker] = time.monotonic()
+
+    def status(self, *, with_digest: bool = False) -> dict:
+        """The `/v1/cluster` answer: this node's view of the cluster."""
+        raft = self.raft
+        nodes = [{"id": self.config.node_id, "url": self.config.url}]
+        nodes += [{"id": peer_id, "url": url} for peer_id, url in sorted(self.config.peers.items())]
+        progress = raft.progress if raft is not None and self.is_leader else {}
+        for entry in nodes:
+            entry["leader"] = entry["id"] == self._leader_id
+            if entry["id"] in progress:
+                entry["match_index"] = progress[entry["id"]]
+        return {
+            "node": self.config.node_id,
+            "role": raft.role.name.lower() if raft is not None else "starting",
+            "term": raft.term if raft is not None else 0,
+            "leader": self._leader_id,
+            "leader_url": self.leader_url(),
+            "commit_index": raft.commit_index if raft is not None else 0,
+            "applied_index": self.queue.last_applied,
+            "last_index": raft.last_index if raft is not None else 0,
+            "nodes": nodes,
+        } | ({"digest": self.queue.digest()} if with_digest else {})
+
+    def workers_table(self) -> list[dict]:
+        """Workers the leader knows: last heartbeat age and the jobs each holds."""
+        monotonic_now = time.monotonic()
+        holders = self.queue.leased_by_worker()
+        names = sorted(set(self.worker_last_seen) | set(holders))
+        return [
+            {
+                "worker": name,
+                "last_seen_s_ago": round(monotonic_now - self.worker_last_seen[name], 3)
+                if name in self.worker_last_seen else None,
+                "jobs": sorted(holders.get(name, [])),
+            }
+            for name in names
+        ]
+
+    def workers_alive_count(self) -> int:
+        cutoff = time.monotonic() - self.config.worker_timeout_ms / 1000
+        return sum(1 for seen in self.worker_last_seen.values() if seen >= cutoff)
+
+    def entropy(self) -> int:
+        """A fresh 64-bit random draw for a command (backoff jitter is drawn by the leader)."""
+        return self._entropy.getrandbits(64)
+
+    async def _await(self, future: asyncio.Future, timeout_message: str) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.proposal_timeout_s)
+        except asyncio.TimeoutError:
+            raise Unavailable(timeout_message) from None
+
+    # ------------------------------------------------------------------ the drive loop
+
+    async def _drive(self) -> None:
+        raft = self.raft
+        assert raft is not None
+        tick_interval = self.config.tick_interval_s
+        next_tick = time.monotonic() + tick_interval
+        while not self._stopping:
+            timeout = max(0.0, next_tick - time.monotonic())
+            if not self._wakeup.is_set():
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            self._wakeup.clear()
+            self._drive_inputs(raft)
+            if time.monotonic() >= next_tick:
+                raft.tick()
+                next_tick = time.monotonic() + tick_interval
+            while raft.has_ready():
+                await self._handle_ready(raft, raft.ready())
+            self._observe_role(raft)
+
+    def _drive_inputs(self, raft: RaftNode) -> None:
+        inbox, self._inbox = self._inbox, []
+        for message in inbox:
+            try:
+                raft.step(message)
+            except Exception as exc:  # a bad peer message must not stop the node
+                log.warning("dropped message from %s: %s", getattr(message, "from_id", "?"), exc)
+        proposals, self._proposals = self._proposals, []
+        for data, future in proposals:
+            if future.done():
+                continue
+            try:
+                index, term = raft.propose(data)
+            except NotLeader as exc:
+                future.set_exception(NotLeaderError(exc.leader_id, self.leader_url()))
+                continue
+            except ProposalDropped:
+                self.metrics.proposals_refused.inc()
+                future.set_exception(Unavailable("replication is behind; too much uncommitted data"))
+                continue
+            self._pending[index] = _Pending(term, future)
+        reads, self._reads = self._reads, []
+        for future in reads:
+            if future.done():
+                continue
+            read_id = next(self._read_ids)
+            try:
+                raft.read_index(read_id)
+            except NotLeader as exc:
+                future.set_exception(NotLeaderError(exc.leader_id, self.leader_url()))
+                continue
+            self._read_waiters[read_id] = future
+
+    async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
+        if ready.hard_state is not None or ready.entries:
+            started = time.perf_counter()
+            await asyncio.to_thread(self._persist, ready)
+            self.metrics.observe_persist(time.perf_counter() - started, len(ready.entries))
+        if ready.messages and self.transport is not None:
+            self.transport.send(ready.messages)
+        if ready.committed_entries:
+            self._apply(ready.committed_entries)
+        for read_id, read_index in ready.read_states:
+            future = self._read_waiters.pop(read_id, None)
+            if future is not None and not future.done():
+                self._applied_waiters.append((read_index, future))
+        raft.advance(ready)
+        self._settle_applied_waiters()
+
+    def _persist(self, ready: Ready) -> None:
+        """Runs in a worker thread: the only code touching the WAL after start."""
+        wal = self.wal
+        assert wal is not None
+        if ready.hard_state is not None:
+            wal.save_hard_state(ready.hard_state)
+        if ready.entries:
+            wal.append(ready.entries)
+            wal.sync()
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        changed = False
+        for entry in entries:
+            result = self.queue.apply(entry)
+            pending = self._pending.pop(entry.index, None)
+            if pending is not None and not pending.future.done():
+                if pending.term == entry.term:
+                    pending.future.set_result(result)
+                else:
+                    pending.future.set_exception(ProposalLost("a new leader replaced the entry; retry"))
+            changed = True
+        if changed and self._jobs_changed is not None and not self._jobs_changed.done():
+            self._jobs_changed.set_result(None)
+            self._jobs_changed = asyncio.get_running_loop().create_future()
+
+    def _settle_applied_waiters(self) -> None:
+        if not self._applied_waiters:
+            return
+        applied = self.queue.last_applied
+        still_waiting = []
+        for index, future in self._applied_waiters:
+            if future.done():
+                continue
+            if index <= applied:
+                future.set_result(None)
+            else:
+                still_waiting.append((index, future))
+        self._applied_waiters = still_waiting
+
+    def _observe_role(self, raft: RaftNode) -> None:
+        role, leader_id = raft.role, raft.leader_id
+        if role == self._role and leader_id == self._leader_id:
+            return
+        was_leader = self._role == Role.LEADER
+        if leader_id != self._leader_id and leader_id is not None:
+            self.leader_changes_count += 1
+        self._role, self._leader_id = role, leader_id
+        log.info("role %s, term %d, leader %s", role.name.lower(), raft.term, leader_id or "unknown")
+        if was_leader and role != Role.LEADER:
+            self._fail_waiters(NotLeaderError(leader_id, self.leader_url()))
+        if role == Role.LEADER and not was_leader:
+            self._take_office()
+
+    def _take_office(self) -> None:
+        assert self.raft is not None
+        # The core appended its no-op for this term: serve once it (and all before it) is applied.
+        self._serving_from_index = self.raft.last_index
+        self.leader_since_ms = now_ms()
+        monotonic_now = time.monotonic()
+        self.worker_last_seen = {worker: monotonic_now for worker in self.queue.leased_by_worker()}
+        self._tick_inflight = False
+        self._lost_inflight.clear()
+        asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=now_ms())))
+
+    def _fail_waiters(self, error: Exception) -> None:
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending.clear()
+        for future in self._read_waiters.values():
+            if not future.done():
+                future.set_exception(error)
+        self._read_waiters.clear()
+        for _, future in self._applied_waiters:
+            if not future.done():
+                future.set_exception(error)
+        self._applied_waiters.clear()
+        for _, future in self._proposals:
+            if not future.done():
+                future.set_exception(error)
+        self._proposals.clear()
+
+    # ------------------------------------------------------------------ leader housekeeping
+
+    async def _housekeeping(self) -> None:
+        from cluster.constants import HOUSEKEEPING_INTERVAL_S
+
+        while not self._stopping:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            if not self.is_leader:
+                continue
+            self._maybe_tick()
+            self._check_workers()
+
+    def _maybe_tick(self) -> None:
+        if self._tick_inflight:
+            return
+        due_ms = self.queue.next_due_ms()
+        current_ms = now_ms()
+        if due_ms is None or due_ms > current_ms:
+            return
+        self._tick_inflight = True
+        command = cmds.Tick(now_ms=current_ms, entropy=self.entropy())
+        asyncio.get_running_loop().create_task(self._propose_tick(command))
+
+    async def _propose_tick(self, command: cmds.Tick) -> None:
+        try:
+            await self._propose_quietly(command)
+        finally:
+            self._tick_inflight = False
+
+    def _check_workers(self) -> None:
+        timeout_s = self.config.worker_timeout_ms / 1000
+        monotonic_now = time.monotonic()
+        holders = self.queue.leased_by_worker()
+        # Forget idle workers long gone, so the table stays bounded by live workers.
+        for worker, seen in list(self.worker_last_seen.items()):
+            if worker not in holders and monotonic_now - seen > 10 * timeout_s:
+                del self.worker_last_seen[worker]
+        for worker in holders:
+            last_seen = self.worker_last_seen.setdefault(worker, monotonic_now)
+            if monotonic_now - last_seen < timeout_s or worker in self._lost_inflight:
+                continue
+            self._lost_inflight.add(worker)
+            log.warning("worker %s lost: no heartbeat for %.1f s; requeueing its jobs", worker, timeout_s)
+            command = cmds.WorkerLost(now_ms=now_ms(), worker=worker, entropy=self.entropy())
+            asyncio.get_running_loop().create_task(self._propose_worker_lost(worker, command))
+
+    async def _propose_worker_lost(self, worker: str, command: cmds.WorkerLost) -> None:
+        try:
+            await self._propose_quietly(command)
+        finally:
+            self._lost_inflight.discard(worker)
+            self.worker_last_seen.pop(worker, None)
+
+    async def _propose_quietly(self, command: cmds.Command) -> None:
+        try:
+            await self.propose(command)
+        except (NotLeaderError, Unavailable, ProposalLost) as exc:
+            log.info("housekeeping %s not applied: %s", type(command).__name__, exc)

@@ -1,0 +1,97 @@
+"""Raft messages between peers over HTTP: POST /raft/messages with a msgpack list of messages.
+
+One sender task per peer drains that peer's queue and posts everything queued as one request, so a
+burst of appends and heartbeats costs one round trip, and requests to one peer never overlap (they
+arrive in order on a healthy link). Requests are never retried: Raft's own heartbeats and append
+retries are the retry policy, and a transport retry could deliver a stale append after a newer one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+import aiohttp
+
+from cluster.raft.codec import encode_messages
+from cluster.raft.messages import Message
+
+log = logging.getLogger("raftq.transport")
+
+#: Messages queued for one peer; a peer that is down or slow loses the oldest traffic rather than
+#: growing memory (Raft resends what matters).
+PEER_QUEUE_COUNT_MAX = 4096
+#: Messages in one HTTP request; keeps a request body near a few MiB at most with 512-entry appends.
+REQUEST_MESSAGES_MAX = 256
+#: A peer that does not answer within this is treated as gone for this request.
+REQUEST_TIMEOUT_S = 5.0
+#: Header carrying the cluster secret.
+SECRET_HEADER = "X-Raftq-Cluster-Secret"
+
+
+class HttpTransport:
+    """Sends Raft messages to peers; see the module docstring."""
+
+    def __init__(self, node_id: str, peers: dict[str, str], *, secret: str | None) -> None:
+        self._node_id = node_id
+        self._peers = dict(peers)
+        self._secret = secret
+        self._queues: dict[str, asyncio.Queue[Message]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
+        self.dropped_count = 0
+        self.failed_requests_count = 0
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit_per_host=2, force_close=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        )
+        for peer_id in sorted(self._peers):
+            self._queues[peer_id] = asyncio.Queue(maxsize=PEER_QUEUE_COUNT_MAX)
+            self._tasks.append(asyncio.create_task(self._sender(peer_id), name=f"raft-send-{peer_id}"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def send(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            queue = self._queues.get(message.to_id)
+            if queue is None:
+                continue
+            if queue.full():
+                # Drop the oldest: newer messages carry newer terms and commit indexes.
+                queue.get_nowait()
+                self.dropped_count += 1
+            queue.put_nowait(message)
+
+    async def _sender(self, peer_id: str) -> None:
+        queue = self._queues[peer_id]
+        url = self._peers[peer_id].rstrip("/") + "/raft/messages"
+        headers = {"Content-Type": "application/msgpack", "X-Raftq-From": self._node_id}
+        if self._secret:
+            headers[SECRET_HEADER] = self._secret
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) < REQUEST_MESSAGES_MAX:
+                batch.append(queue.get_nowait())
+            await self._post(peer_id, url, headers, encode_messages(batch))
+
+    async def _post(self, peer_id: str, url: str, headers: dict, body: bytes) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status != 204:
+                    self.failed_requests_count += 1
+                    log.debug("peer %s answered %s", peer_id, response.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self.failed_requests_count += 1
+            log.debug("peer %s unreachable: %s", peer_id, exc)

@@ -1,0 +1,23 @@
+"""How Raft messages leave a node: one `Message` type, fire and forget.
+
+The transport never retries and never blocks the drive loop. Raft tolerates loss, duplication and
+reordering (every message carries its term and log position), so a full peer queue drops and a
+failed request is simply gone; the next heartbeat or append repairs the follower.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from cluster.raft.messages import Message
+
+
+class Transport(Protocol):
+    def send(self, messages: Sequence[Message]) -> None:
+        """Queue messages for their peers; returns at once. Unknown peers and full queues drop."""
+
+    async def start(self) -> None:
+        """Start background senders."""
+
+    async def close(self) -> None:
+        """Stop senders and release connections."""

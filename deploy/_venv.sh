@@ -1,0 +1,23 @@
+# Sourced by the deploy scripts: makes sure .venv exists and matches pyproject.toml.
+# Needs only python3 (3.11+) on PATH; everything else comes from the package index.
+RAFTQ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RAFTQ_VENV="${RAFTQ_VENV:-$RAFTQ_ROOT/.venv}"
+RAFTQ_PY="$RAFTQ_VENV/bin/python"
+
+raftq_ensure_venv() {
+    local stamp="$RAFTQ_VENV/.raftq-installed" want
+    want="$(cat "$RAFTQ_ROOT/pyproject.toml" | cksum)"
+    if [ -x "$RAFTQ_PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    local python="${PYTHON:-python3}"
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "raftq needs Python 3.11 or newer as '$python' (set PYTHON=... to choose another)" >&2
+        return 1
+    fi
+    echo "raftq: preparing the virtual environment in $RAFTQ_VENV ..." >&2
+    [ -x "$RAFTQ_PY" ] || "$python" -m venv "$RAFTQ_VENV" || return 1
+    "$RAFTQ_PY" -m pip install --quiet --upgrade pip >&2 || return 1
+    "$RAFTQ_PY" -m pip install --quiet -e "$RAFTQ_ROOT[test]" >&2 || return 1
+    echo "$want" > "$stamp"
+}
