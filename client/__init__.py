@@ -1,0 +1,45 @@
+"""raftq client library: `Client` (sync) and `AsyncClient` (asyncio), twins with the same calls.
+
+    from client import Client, AsyncClient, LeasedJob, errors
+
+    with Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"]) as client:
+        job_id = client.submit("emails", {"to": "a@example.com"})
+        for job in client.fetch("worker-1", ["emails"], max_jobs=10, wait_s=5):
+            client.ack("worker-1", job.id, job.lease)
+
+`MockTransport(handler)` answers requests in tests, for either twin; `Request`/`Response` are
+the tiny pair it passes. `RetryPolicy` tunes backoff. Errors live in `client.errors`. The worker
+runtime (`Worker`, `Retry`, ...) and the task API (`App`) are re-exported from their modules.
+"""
+
+from client import errors
+from client._async_client import AiohttpTransport, AsyncClient
+from client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
+from client._client import Client
+from client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
+from client.app import App
+from client.worker import Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, Worker
+
+__all__ = [
+    "AiohttpTransport",
+    "App",
+    "AsyncBaseTransport",
+    "AsyncClient",
+    "BATCH_COUNT_MAX",
+    "BaseTransport",
+    "Client",
+    "ClientState",
+    "HTTPTransport",
+    "LeasedJob",
+    "Middleware",
+    "MockTransport",
+    "NonRetryable",
+    "PrometheusMiddleware",
+    "Reject",
+    "Request",
+    "Response",
+    "Retry",
+    "RetryPolicy",
+    "Worker",
+    "errors",
+]

@@ -1,0 +1,277 @@
+"""A Celery-like task API over the client and the worker runtime.
+
+    app = App("http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003")
+
+    @app.task(queue="emails", max_attempts=3)
+    def send_welcome(user_id: int, *, lang: str = "en") -> None: ...
+
+    job_id = send_welcome.submit(42, lang="de")   # producer side
+    app.worker(concurrency=8).run()              # worker side (or: raftq worker mymodule:app)
+
+A submitted call is the payload `{"task": name, "args": [...], "kwargs": {...}}` on the task's
+queue; the worker looks the name up among the app's tasks. A name defaults to the function's
+"module.qualname", so producer and worker agree as long as both import the same module. Payloads
+are msgpack data, never pickles: arguments must be msgpack-serialisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import pickle
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import msgpack
+
+from client.worker import Reject, Worker
+
+#: SPEC bounds of the per-job options a task may fix.
+PRIORITY_MIN, PRIORITY_MAX = 0, 9
+MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
+LEASE_S_MIN, LEASE_S_MAX = 1.0, 12 * 3600.0
+
+
+class App:
+    """A registry of tasks plus the client that submits them.
+
+    Args:
+        nodes: node URLs, as a list or one comma-separated string.
+        token: bearer token, when the cluster wants one.
+        default_queue: the queue of tasks that name none.
+
+    The client is made on first use (importing a module that builds an App does no I/O); set
+    `app.client` to share one you already have.
+    """
+
+    def __init__(self, nodes: str | Sequence[str], *, token: str | None = None, default_queue: str = "default") -> None:
+        self.nodes = [n.strip() for n in nodes.split(",") if n.strip()] if isinstance(nodes, str) else list(nodes)
+        self.token = token
+        self.default_queue = default_queue
+        self.tasks: dict[str, Task] = {}
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The `client.Client` submits go through (made on first use)."""
+        with self._client_lock:
+            if self._client is None:
+                from client import Client
+
+                self._client = Client(self.nodes, token=self.token)
+            return self._client
+
+    @client.setter
+    def client(self, value: Any) -> None:
+        with self._client_lock:
+            self._client = value
+
+    def close(self) -> None:
+        """Closes the client, if one was made."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def task(self, fn: Callable | None = None, *, queue: str | None = None, max_attempts: int | None = None,
+             priority: int | None = None, lease_s: float | None = None, name: str | None = None) -> Any:
+        """Registers a function as a task; use as `@app.task` or `@app.task(queue=..., ...)`.
+
+        Args:
+            queue: the queue its jobs go to (default: the app's default_queue).
+            max_attempts, priority, lease_s: per-job options (None: the server's defaults).
+            name: the name in payloads (default: "module.qualname").
+
+        Returns:
+            A `Task` (or, with arguments, a decorator that makes one).
+
+        Raises:
+            ValueError: an option out of bounds, or a name already registered.
+        """
+        def register(function: Callable) -> Task:
+            task = Task(self, function, name=name or default_task_name(function), queue=queue or self.default_queue,
+                        max_attempts=max_attempts, priority=priority, lease_s=lease_s)
+            if task.name in self.tasks:
+                raise ValueError(f"a task named {task.name!r} is already registered; pass name= to tell them apart")
+            self.tasks[task.name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def worker(self, *, concurrency: int = 4, pool: str = "threads", queues: Sequence[str] | None = None,
+               client: Any = None, **options: Any) -> Worker:
+        """A `Worker` that runs this app's tasks.
+
+        Args:
+            concurrency, pool: as for `Worker`.
+            queues: the queues to work on (default: every queue a task uses).
+            client: the client to use (default: the app's client; a new `AsyncClient` for pool="asyncio").
+            **options: any other `Worker` option (burst, lease_s, grace_s, middleware, ...).
+        """
+        queues = list(queues) if queues is not None else sorted({task.queue for task in self.tasks.values()})
+        if client is None:
+            if pool == "asyncio":
+                from client import AsyncClient
+
+                client = AsyncClient(self.nodes, token=self.token)
+            else:
+                client = self.client
+        dispatch = AsyncDispatch(self.tasks) if pool == "asyncio" else Dispatch(self.tasks)
+        return Worker(client, {queue: dispatch for queue in queues}, queues=queues, concurrency=concurrency,
+                      pool=pool, **options)
+
+
+class Task:
+    """A registered function: call it to run it here, `.submit(...)` to run it on a worker.
+
+    Attributes: name, queue, max_attempts, priority, lease_s, fn (the plain function).
+    """
+
+    def __init__(self, app: App, fn: Callable, *, name: str, queue: str, max_attempts: int | None,
+                 priority: int | None, lease_s: float | None) -> None:
+        _check_range("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+        _check_range("max_attempts", max_attempts, MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
+        _check_range("lease_s", lease_s, LEASE_S_MIN, LEASE_S_MAX)
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.max_attempts = max_attempts
+        self.priority = priority
+        self.lease_s = lease_s
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the function here and now."""
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __reduce__(self):
+        # Pickled by reference (module + qualname), never by value: only process pools pickle a
+        # Task, and the child imports the module to find the very same object.
+        module, qualname = self.fn.__module__, self.fn.__qualname__
+        try:
+            found = _load_task(module, qualname)
+        except Exception as exc:
+            found = exc
+        if found is not self:
+            raise pickle.PicklingError(f"task {self.name} is not reachable as {module}.{qualname}; "
+                                       "pool='processes' needs tasks defined at module top level")
+        return _load_task, (module, qualname)
+
+    def submit(self, *args: Any, **kwargs: Any) -> str:
+        """Submits a call of this task with these arguments.
+
+        Returns:
+            The job id.
+
+        Raises:
+            TypeError: an argument is not msgpack-serialisable.
+            client.errors.RaftqError: as `Client.submit`.
+        """
+        return self.submit_with(args, kwargs)
+
+    def submit_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                    delay_s: float | None = None, priority: int | None = None,
+                    idempotency_key: str | None = None) -> str:
+        """Submits a call with per-job options.
+
+        Args:
+            args, kwargs: the call's arguments.
+            delay_s: seconds before the job may run.
+            priority: 0-9, overriding the task's own.
+            idempotency_key: a repeated submit with the same key inside the server's window
+                returns the first job's id instead of creating another job.
+
+        Returns and raises like `submit`.
+        """
+        payload = self.payload(args, kwargs)
+        return self.app.client.submit(self.queue, payload, priority=priority if priority is not None else self.priority,
+                                      delay_s=delay_s, max_attempts=self.max_attempts, lease_s=self.lease_s,
+                                      idempotency_key=idempotency_key)
+
+    def payload(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> dict:
+        """The job payload of a call: {"task": name, "args": [...], "kwargs": {...}}.
+
+        Raises:
+            TypeError: an argument is not msgpack-serialisable.
+        """
+        payload = {"task": self.name, "args": list(args), "kwargs": dict(kwargs or {})}
+        try:
+            msgpack.packb(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"task {self.name}: arguments must be msgpack-serialisable (None, bool, int, float, "
+                            f"str, bytes, list, dict): {exc}") from None
+        return payload
+
+
+class Dispatch:
+    """The handler an App's worker runs for every job: calls the task the payload names.
+
+    Raises (in the worker, so the job goes to the dead-letter queue):
+        Reject: the payload is not a task call, or names a task this app does not know.
+    """
+
+    def __init__(self, tasks: Mapping[str, Task]) -> None:
+        self.tasks = dict(tasks)
+
+    def __call__(self, job: Any) -> Any:
+        task, args, kwargs = self.resolve(job.payload)
+        return task.fn(*args, **kwargs)
+
+    def resolve(self, payload: Any) -> tuple[Task, list, dict]:
+        """(task, args, kwargs) of a payload."""
+        if not (isinstance(payload, dict) and isinstance(payload.get("task"), str)
+                and isinstance(payload.get("args", []), list) and isinstance(payload.get("kwargs", {}), dict)):
+            raise Reject(f"payload is not a task call {{'task': str, 'args': list, 'kwargs': dict}}: {payload!r:.200}")
+        task = self.tasks.get(payload["task"])
+        if task is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise Reject(f"unknown task {payload['task']!r}: this worker's app registers no task of that name "
+                         f"(known: {known})")
+        return task, payload.get("args", []), payload.get("kwargs", {})
+
+
+class AsyncDispatch(Dispatch):
+    """`Dispatch` for pool="asyncio": awaits async tasks; a plain function runs in a thread."""
+
+    async def __call__(self, job: Any) -> Any:
+        task, args, kwargs = self.resolve(job.payload)
+        if inspect.iscoroutinefunction(task.fn):
+            return await task.fn(*args, **kwargs)
+        return await asyncio.to_thread(task.fn, *args, **kwargs)
+
+
+def default_task_name(fn: Callable) -> str:
+    """ "module.qualname"; for a function in a script run directly, the script's module name, so
+    that a worker importing the script by name agrees with the producer that ran it."""
+    module = fn.__module__
+    if module == "__main__":
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name
+        elif getattr(main, "__file__", None):
+            module = Path(main.__file__).stem
+    return f"{module}.{fn.__qualname__}"
+
+
+def _load_task(module: str, qualname: str) -> Task:
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    if not isinstance(target, Task):
+        raise pickle.UnpicklingError(f"{module}.{qualname} is not a raftq Task")
+    return target
+
+
+def _check_range(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be within [{low:g}, {high:g}], got {value!r}")

@@ -1,0 +1,493 @@
+"""`raftq`: the command line.
+
+    raftq [--nodes URL,URL,...] [--token T] [--timeout S] [--json] COMMAND ...
+
+    node ...                      run a broker node (the flags of `raftq node --help`)
+    submit QUEUE [PAYLOAD_JSON]   submit jobs (--file F: one JSON payload a line; --count N)
+    worker MODULE:ATTR            run a worker for an App, or for a {queue: handler} dict
+    status                        each node's view of the cluster
+    queues                        depth of every queue, by state
+    job ID / cancel ID            show / cancel one job
+    dlq list|redrive|purge QUEUE  the dead-letter queue
+    bench ...                     the benchmark (client.bench)
+
+Global options may also follow the command. Exit codes: 0 done, 1 the cluster refused (unknown
+job, conflict, ...), 2 bad usage or no node answered, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from client._progress import Progress
+from client.errors import RaftqError, TransportError
+
+DEFAULT_NODES = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
+#: Seconds a command keeps trying (across nodes and retries) before it reports that no node answered.
+DEFAULT_TIMEOUT_S = 10.0
+#: Jobs per submit request with --batch and no size; the server's batch bound.
+BATCH_DEFAULT = 1000
+#: Characters of a dead job's error shown in `dlq list`.
+ERROR_COLUMN_MAX = 60
+_DELEGATED = ("node", "bench")
+_GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
+
+
+class UsageError(Exception):
+    """Raised when the command line cannot be carried out as written (exit code 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one `raftq` command.
+
+    Args:
+        argv: the arguments after the program name (default: sys.argv[1:]).
+
+    Returns:
+        The exit code.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = _delegated(argv)
+    if delegated is not None:
+        return _run_delegated(*delegated)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args) or 0
+    except UsageError as exc:
+        print(f"raftq {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:
+        print(f"raftq: no node answered (tried {', '.join(_nodes(args))}): {exc}", file=sys.stderr)
+        return 2
+    except RaftqError as exc:
+        print(f"raftq {args.command}: {_describe(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raftq: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command but `node` and `bench` (those forward their argv)."""
+    parser = argparse.ArgumentParser(prog="raftq", description="raftq: a replicated job queue.")
+    _add_globals(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_globals(common, suppress=True)  # so that `raftq status --json` works as well as `raftq --json status`
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int | None], help_text: str):
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    for name in _DELEGATED:  # listed for --help; main() forwards their arguments before parsing
+        commands.add_parser(name, help=f"run `raftq {name} --help` for its options", add_help=False)
+    _add_submit(command("submit", cmd_submit, "Submit jobs to a queue."))
+    _add_worker(command("worker", cmd_worker, "Run a worker for an App or a {queue: handler} dict."))
+    command("status", cmd_status, "Show each node's view of the cluster.")
+    command("queues", cmd_queues, "Show the depth of every queue, by state.")
+    command("job", cmd_job, "Show one job.").add_argument("id")
+    command("cancel", cmd_cancel, "Cancel a job that has not finished.").add_argument("id")
+    dlq = command("dlq", cmd_dlq, "List, redrive or purge a dead-letter queue.")
+    dlq.add_argument("action", choices=("list", "redrive", "purge"))
+    dlq.add_argument("queue")
+    dlq.add_argument("ids", nargs="*", help="redrive: only these jobs (default: all)")
+    dlq.add_argument("--limit", type=int, default=100, help="list: at most this many (default 100)")
+    dlq.add_argument("--after", help="list: start after this job id (paging)")
+    return parser
+
+
+def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--nodes", default=default(None),
+                        help=f"node URLs, comma-separated (env RAFTQ_NODES; default {DEFAULT_NODES})")
+    parser.add_argument("--token", default=default(None), help="bearer token (env RAFTQ_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=default(None),
+                        help=f"seconds to keep trying before giving up (env RAFTQ_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
+
+
+def _add_submit(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("queue")
+    sub.add_argument("payload", nargs="?", metavar="PAYLOAD_JSON", help="one payload as JSON")
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("--file", help="one JSON payload a line ('-' for stdin)")
+    source.add_argument("--count", type=int, help='submit N generated payloads {"n": i}')
+    sub.add_argument("--batch", type=int, nargs="?", const=BATCH_DEFAULT, default=None, metavar="SIZE",
+                     help=f"submit SIZE jobs per request (default {BATCH_DEFAULT}) instead of one by one")
+    sub.add_argument("--priority", type=int, help="0-9, 9 runs first")
+    sub.add_argument("--delay", type=float, help="seconds before the jobs may run")
+    sub.add_argument("--max-attempts", type=int)
+    sub.add_argument("--lease", type=float, help="lease (visibility timeout) in seconds")
+    sub.add_argument("--idempotency-key", help="single payload only: a repeat returns the first job's id")
+
+
+def _add_worker(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("target", metavar="MODULE:ATTR", help="an App, or a dict {queue: handler}")
+    sub.add_argument("--queues", help="comma-separated queues (default: all the target handles)")
+    sub.add_argument("--concurrency", type=int, default=4, help="jobs at once (default 4)")
+    sub.add_argument("--pool", choices=("threads", "processes", "asyncio"), default="threads")
+    sub.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    sub.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown (default 30)")
+    sub.add_argument("--lease", type=float, default=30.0, help="seconds each lease extension lasts (default 30)")
+    sub.add_argument("--wait", type=float, default=5.0, help="long-poll seconds per fetch (default 5)")
+    sub.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats (default 2)")
+    sub.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    sub.add_argument("--log-level", default=os.environ.get("RAFTQ_LOG_LEVEL", "INFO"))
+
+
+# ---------------------------------------------------------------------------- delegated commands
+
+
+def _delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """("node" | "bench", the arguments after it) when that is the command, else None."""
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in _GLOBAL_VALUED:
+            index += 2
+        elif token == "--json" or token.startswith(tuple(f"{flag}=" for flag in _GLOBAL_VALUED)):
+            index += 1
+        else:
+            return (token, list(argv[index + 1:])) if token in _DELEGATED else None
+    return None
+
+
+def _run_delegated(name: str, rest: list[str]) -> int:
+    if name == "node":
+        from cluster.main import main as node_main
+
+        return node_main(rest)
+    try:
+        bench = importlib.import_module("client.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name != "client.bench":
+            raise
+        print("raftq bench: the benchmark (client/bench.py) is not part of this install", file=sys.stderr)
+        return 2
+    return bench.main(rest)
+
+
+# ---------------------------------------------------------------------------- submit
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.batch is not None and args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    payloads = _payloads(args)
+    if args.idempotency_key is not None and len(payloads) != 1:
+        raise UsageError("--idempotency-key goes with a single payload")
+    options = {"priority": args.priority, "delay_s": args.delay, "max_attempts": args.max_attempts,
+               "lease_s": args.lease}
+    ids: list[str] = []
+    progress = Progress(len(payloads), label=f"submit {args.queue}",
+                        enabled=None if len(payloads) > 1 else False)
+    with _client(args) as client:
+        try:
+            if args.batch:
+                for chunk in _chunks(payloads, args.batch):
+                    ids += client.submit_many(args.queue, chunk, **options)
+                    progress.update(len(chunk))
+            else:
+                for payload in payloads:
+                    ids.append(client.submit(args.queue, payload, idempotency_key=args.idempotency_key, **options))
+                    progress.update(1)
+        finally:
+            progress.close()
+            _print_ids(args, ids)
+    if len(ids) > 1:
+        elapsed_s = max(progress.elapsed_s, 1e-9)
+        print(f"submitted {len(ids)} jobs to {args.queue} in {elapsed_s:.2f} s ({len(ids) / elapsed_s:,.0f} jobs/s)",
+              file=sys.stderr)
+    return 0
+
+
+def _payloads(args: argparse.Namespace) -> list[Any]:
+    given = [args.payload is not None, args.file is not None, args.count is not None]
+    if sum(given) != 1:
+        raise UsageError("give exactly one of PAYLOAD_JSON, --file or --count")
+    if args.count is not None:
+        if args.count < 0:
+            raise UsageError("--count must not be negative")
+        return [{"n": n} for n in range(args.count)]
+    if args.payload is not None:
+        return [_json_value(args.payload, "PAYLOAD_JSON")]
+    stream = sys.stdin if args.file == "-" else _open(args.file)
+    with stream:
+        return [_json_value(line, f"{args.file} line {number}")
+                for number, line in enumerate(stream, start=1) if line.strip()]
+
+
+def _open(path: str):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _json_value(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{where} is not JSON: {exc}") from None
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _print_ids(args: argparse.Namespace, ids: list[str]) -> None:
+    if args.json:
+        _print_json({"ids": ids})
+    elif ids:
+        print("\n".join(ids))
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from client.app import App
+    from client.worker import PrometheusMiddleware, Worker
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    target = _import_target(args.target)
+    queues = _split(args.queues) or None
+    middleware = []
+    if args.metrics_port is not None:
+        middleware.append(PrometheusMiddleware())
+        middleware[0].serve(args.metrics_port)
+    options = dict(concurrency=args.concurrency, pool=args.pool, queues=queues, burst=args.burst,
+                   grace_s=args.grace, lease_s=args.lease, wait_s=args.wait, heartbeat_s=args.heartbeat,
+                   middleware=middleware)
+    explicit_nodes = args.nodes or os.environ.get("RAFTQ_NODES")
+    nodes = explicit_nodes or (target.nodes if isinstance(target, App) else DEFAULT_NODES)
+    token = _token(args) or (target.token if isinstance(target, App) else None)
+    client = _make_client(nodes, token, _timeout(args), asynchronous=args.pool == "asyncio")
+    try:
+        if isinstance(target, App):
+            worker = target.worker(client=client, **options)
+        elif isinstance(target, dict):
+            worker = Worker(client, target, **options)
+        else:
+            raise UsageError(f"{args.target} is a {type(target).__name__}; expected a raftq App or a dict "
+                             "{queue: handler}")
+    except ValueError as exc:
+        _close(client)
+        raise UsageError(str(exc)) from None
+    if args.pool == "asyncio":
+        asyncio.run(_run_async(worker, client))
+    else:
+        with client:
+            worker.run()
+    return 0
+
+
+async def _run_async(worker: Any, client: Any) -> None:
+    async with client:
+        await worker.arun()
+
+
+def _import_target(spec: str) -> Any:
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"{spec!r} must look like module:attribute (e.g. tasks:app)")
+    if os.getcwd() not in sys.path:  # like celery and arq: `raftq worker tasks:app` finds ./tasks.py
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise UsageError(f"no module named {module_name!r} (looked in the current directory and sys.path)") from None
+        raise
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    return target
+
+
+# ---------------------------------------------------------------------------- inspection commands
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows, answers = [], []
+    for url in _nodes(args):
+        try:
+            with _make_client([url], _token(args), _timeout(args)) as client:
+                view = client.cluster()
+        except RaftqError as exc:
+            answers.append({"url": url, "error": _describe(exc)})
+            rows.append(["-", url, "down", "-", "-", "-", "-"])
+            continue
+        answers.append({"url": url, **view})
+        rows.append([view.get("node", "?"), url, view.get("role", "?"), view.get("term", "?"),
+                     view.get("leader") or "-", view.get("commit_index", "?"), view.get("applied_index", "?")])
+    if all("error" in answer for answer in answers):
+        raise TransportError(answers[0]["error"] if answers else "no nodes given")
+    if args.json:
+        _print_json({"nodes": answers})
+    else:
+        print(format_table(["NODE", "URL", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"], rows))
+    return 0
+
+
+QUEUE_STATES = ("ready", "scheduled", "leased", "retry_wait", "dead", "done", "cancelled")
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        depths = client.queues()
+    if args.json:
+        _print_json({"queues": depths})
+        return 0
+    rows = [[name] + [counts.get(state, 0) for state in QUEUE_STATES] for name, counts in sorted(depths.items())]
+    if not rows:
+        print("no queues yet", file=sys.stderr)
+        return 0
+    print(format_table(["QUEUE"] + [state.upper() for state in QUEUE_STATES], rows))
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.get(args.id)
+    if args.json:
+        _print_json(record)
+        return 0
+    for key, value in record.items():
+        print(f"{key}: {_show(key, value)}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.cancel(args.id)
+    if args.json:
+        _print_json({"cancelled": args.id})
+    else:
+        print(f"cancelled {args.id}")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    if args.ids and args.action != "redrive":
+        raise UsageError("job ids go with `dlq redrive` only")
+    with _client(args) as client:
+        if args.action == "list":
+            jobs = client.dead(args.queue, limit=args.limit, after=args.after)
+            if args.json:
+                _print_json({"jobs": jobs})
+            else:
+                rows = [[job.get("id"), job.get("attempts", "?"), _first_line(job.get("last_error"))] for job in jobs]
+                print(format_table(["ID", "ATTEMPTS", "LAST ERROR"], rows) if rows else f"{args.queue}: no dead jobs")
+        elif args.action == "redrive":
+            count = client.redrive(args.queue, list(args.ids) or None)
+            _print_json({"redriven": count}) if args.json else print(f"redriven {count} job(s) in {args.queue}")
+        else:
+            count = client.purge_dead(args.queue)
+            _print_json({"purged": count}) if args.json else print(f"purged {count} dead job(s) from {args.queue}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, a header line first."""
+    text_rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(header)] + [len(row[i]) for row in text_rows]) for i, header in enumerate(headers)]
+    lines = [headers] + text_rows
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _nodes(args: argparse.Namespace) -> list[str]:
+    text = args.nodes or os.environ.get("RAFTQ_NODES") or DEFAULT_NODES
+    return _split(text)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("RAFTQ_TOKEN") or None
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    if args.timeout is not None:
+        return args.timeout
+    raw = os.environ.get("RAFTQ_TIMEOUT")
+    try:
+        return float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"RAFTQ_TIMEOUT={raw!r} is not a number of seconds") from None
+
+
+def _client(args: argparse.Namespace) -> Any:
+    return _make_client(_nodes(args), _token(args), _timeout(args))
+
+
+def _make_client(nodes: str | Sequence[str], token: str | None, timeout_s: float, *, asynchronous: bool = False) -> Any:
+    from client import AsyncClient, Client
+
+    nodes = _split(nodes) if isinstance(nodes, str) else list(nodes)
+    kind = AsyncClient if asynchronous else Client
+    return kind(nodes, token=token, timeout=timeout_s, deadline=timeout_s)
+
+
+def _close(client: Any) -> None:
+    close = getattr(client, "close", None)
+    if close is not None and not asyncio.iscoroutinefunction(close):
+        close()
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _describe(exc: RaftqError) -> str:
+    code = getattr(exc, "code", None)
+    text = str(exc) or type(exc).__name__
+    return f"{code}: {text}" if code and not text.startswith(f"{code}:") else text
+
+
+def _show(key: str, value: Any) -> str:
+    if isinstance(value, float) and key.endswith("_at"):
+        return datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="milliseconds")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=_json_default, sort_keys=True)
+    return str(value)
+
+
+def _first_line(text: Any) -> str:
+    line = str(text or "").strip().splitlines()[0] if text else "-"
+    return line if len(line) <= ERROR_COLUMN_MAX else line[:ERROR_COLUMN_MAX - 3] + "..."
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, default=_json_default, indent=2, sort_keys=True))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):  # msgpack payloads may hold raw bytes
+        return {"base64": base64.b64encode(bytes(value)).decode()}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

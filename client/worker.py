@@ -1,0 +1,1094 @@
+"""The worker runtime: pull jobs, run handlers, ack or fail them.
+
+Theory of operation
+-------------------
+A `Worker` holds at most `concurrency` leases at a time. A slot is taken when a job is fetched
+and given back only once the job's outcome has been reported to the cluster (or the job was
+handed back at shutdown), so the leases it holds never exceed `concurrency` and it never asks for
+more jobs than it has free slots (no hidden prefetch: FEATURES.md pain point 4).
+
+With the sync pools ("threads", "processes") four roles run on their own threads:
+
+    fetcher    asks for exactly `free slots` jobs with a long poll of `wait_s`; in burst mode it
+               stops the worker once a fetch comes back empty with nothing in flight.
+    runners    `concurrency` daemon threads, one handler each at a time: called directly
+               ("threads") or in a process pool ("processes").
+    reporter   drains finished outcomes in batches: one `ack_many` and one `fail_many` for all the
+               jobs that finished together.
+    beater     a heartbeat every `heartbeat_s` naming the jobs in flight, from a thread of its own
+               so a busy handler cannot starve it (FEATURES.md pain point 7); it also extends the
+               lease of every job that has run past about half its lease.
+
+With pool="asyncio" the same roles are tasks on one event loop and the client is an
+`AsyncClient`; there the heartbeat shares the loop, so a handler that blocks the loop delays it.
+
+Shutdown (SIGTERM/SIGINT under `run()`, `stop()`, or the end of a burst): stop fetching, let the
+running handlers finish for up to `grace_s`, hand the rest back as retryable ("worker shutting
+down"), flush the outcomes, stop the heartbeats. A second signal exits the process at once.
+
+Every call goes through the client, which follows the leader. A transient error (no answer, 503)
+in fetch or in reporting is retried with backoff; a refused ack (409: the lease expired or moved
+to another worker) is logged and dropped, because the job is someone else's now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import msgpack
+
+from client.errors import JobError, RaftqError, ServerError, TransportError
+
+log = logging.getLogger("raftq.worker")
+
+#: The server keeps at most this much error text per failed job (cluster ERROR_TEXT_BYTES_MAX);
+#: the worker cuts the middle of a long traceback itself so the head and the innermost frames survive.
+ERROR_TEXT_BYTES_MAX = 8 << 10
+#: The server refuses a larger result with 413 for the whole ack batch (cluster RESULT_BYTES_MAX),
+#: so an oversized result is dropped here, with a warning, rather than sink its neighbours.
+RESULT_BYTES_MAX = 64 << 10
+#: Outcomes per ack_many / fail_many request; the server accepts 1000 per batch.
+REPORT_BATCH_MAX = 500
+#: One heartbeat names every job in flight and the server accepts 1000 ids per heartbeat.
+CONCURRENCY_MAX = 1000
+#: SPEC: leases run 1 s – 12 h; the delay of a retry at most 7 days.
+LEASE_S_MIN = 1.0
+LEASE_S_MAX = 12 * 3600.0
+RETRY_DELAY_S_MAX = 7 * 86400.0
+#: SPEC: the long poll waits at most 20 s.
+WAIT_S_MAX = 20.0
+#: Pause after a transient error: doubles from the minimum to the cap, with jitter so that many
+#: workers do not hit a newly elected leader in step.
+BACKOFF_S_MIN = 0.1
+BACKOFF_S_MAX = 5.0
+#: Pause after an empty fetch that came back sooner than asked (a server that does not long-poll),
+#: so that an idle worker never spins.
+IDLE_POLL_S = 0.1
+#: After a failed extend call, try again this much later rather than at the next heartbeat.
+EXTEND_RETRY_S = 0.5
+#: At shutdown, how long reporting may keep retrying a transient error after the grace period.
+FLUSH_S_MAX = 10.0
+#: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
+FETCH_JOIN_S = 15.0
+
+POOLS = ("threads", "processes", "asyncio")
+_TRANSIENT = (TransportError, ServerError)
+
+
+# ---------------------------------------------------------------------------- what handlers raise
+
+
+class Retry(Exception):
+    """Raised by a handler to ask for another attempt.
+
+    The attempt counts towards the job's `max_attempts`: once they are spent the job goes to the
+    dead-letter queue like any failure.
+
+    Args:
+        delay_s: seconds before the job is ready again; None lets the server pick its backoff.
+        reason: a short text kept as the job's last error.
+    """
+
+    def __init__(self, delay_s: float | None = None, reason: str = "") -> None:
+        if delay_s is not None and not 0 <= delay_s <= RETRY_DELAY_S_MAX:
+            raise ValueError(f"Retry delay_s must be within [0, {RETRY_DELAY_S_MAX:g}] s, got {delay_s!r}")
+        super().__init__(delay_s, reason)  # args pickle, so Retry crosses a process pool intact
+        self.delay_s = delay_s
+        self.reason = reason
+
+    def __str__(self) -> str:
+        when = "" if self.delay_s is None else f" in {self.delay_s:g} s"
+        return f"retry requested{when}" + (f": {self.reason}" if self.reason else "")
+
+
+class NonRetryable(Exception):
+    """Base class for handler errors no retry can fix: the job goes to the dead-letter queue at once."""
+
+
+class Reject(NonRetryable):
+    """Raised by a handler to refuse a job for good (fail with retry=False: straight to the DLQ).
+
+    Args:
+        reason: why, kept as the job's last error.
+    """
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """The outcome label of a handler run: "ok", "retried", "rejected" or "failed"."""
+    if exc is None:
+        return "ok"
+    if isinstance(exc, Retry):
+        return "retried"
+    if isinstance(exc, NonRetryable):
+        return "rejected"
+    return "failed"
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+class Middleware:
+    """Hooks around the worker loop; every method is a no-op to override (dramatiq's shape).
+
+    Hooks run on the worker's threads (on the event loop with pool="asyncio"), so keep them quick.
+    An exception in a hook is logged and ignored: a broken metric must not stop the work.
+    """
+
+    def before_fetch(self, worker: "Worker") -> None:
+        """Called before each fetch request."""
+
+    def after_fetch(self, worker: "Worker", jobs: Sequence[Any]) -> None:
+        """Called with the jobs a fetch returned (possibly none)."""
+
+    def before_process(self, worker: "Worker", job: Any) -> None:
+        """Called just before the handler runs."""
+
+    def after_process(self, worker: "Worker", job: Any, result: Any, exc: BaseException | None) -> None:
+        """Called when the handler returned `result` (exc is None) or raised `exc`."""
+
+    def on_shutdown(self, worker: "Worker") -> None:
+        """Called once, when the worker has stopped."""
+
+
+class PrometheusMiddleware(Middleware):
+    """Prometheus metrics for a worker.
+
+    raftq_worker_jobs_processed_total{queue,outcome} counts handler runs by outcome (see
+    `outcome_of`); raftq_worker_job_duration_seconds{queue} is the handler's run time.
+
+    Args:
+        registry: a prometheus_client CollectorRegistry (default: the global one).
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        import prometheus_client as prom
+
+        self.registry = registry if registry is not None else prom.REGISTRY
+        self.processed = prom.Counter("raftq_worker_jobs_processed_total", "Jobs run by this worker, by outcome.",
+                                      ["queue", "outcome"], registry=self.registry)
+        self.duration = prom.Histogram("raftq_worker_job_duration_seconds", "Handler run time.", ["queue"],
+                                       registry=self.registry)
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve /metrics over HTTP on `addr:port` from a daemon thread."""
+        import prometheus_client as prom
+
+        prom.start_http_server(port, addr=addr, registry=self.registry)
+
+    def before_process(self, worker: "Worker", job: Any) -> None:
+        with self._lock:
+            self._started[job.id] = time.perf_counter()
+
+    def after_process(self, worker: "Worker", job: Any, result: Any, exc: BaseException | None) -> None:
+        with self._lock:
+            started = self._started.pop(job.id, None)
+        self.processed.labels(job.queue, outcome_of(exc)).inc()
+        if started is not None:
+            self.duration.labels(job.queue).observe(time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker's life; read them after `run()` or from another thread."""
+
+    fetched: int = 0
+    succeeded: int = 0  #: handler returned; the job was acked (or its ack refused, see `lost`)
+    failed: int = 0  #: handler raised; failed back as retryable
+    retried: int = 0  #: handler raised Retry
+    rejected: int = 0  #: handler raised Reject / NonRetryable, or no handler: straight to the DLQ
+    lost: int = 0  #: jobs the server said this worker no longer held, or whose ack/fail it refused
+    released: int = 0  #: handed back unfinished at shutdown
+    inflight_max: int = 0  #: most leases held at once
+
+    @property
+    def processed(self) -> int:
+        """Handler runs that finished, whatever their outcome."""
+        return self.succeeded + self.failed + self.retried + self.rejected
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    kind: str  # ok | failed | retried | rejected | released
+    result: Any = None
+    error: str = ""
+    delay_s: float | None = None
+
+
+_RELEASED = _Outcome("released", error="worker shutting down", delay_s=0.0)
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One job this worker holds a lease on, from fetch until its outcome is reported."""
+
+    job: Any
+    extend_at: float  # monotonic time at which to extend the lease next
+    running: bool = True
+    lost: bool = False  # the server says another worker (or nobody) holds it now
+    abandoned: bool = False  # handed back at shutdown; a late outcome is dropped
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """Runs handlers for jobs pulled from a raftq cluster.
+
+    Args:
+        client: a `client.Client` (pools "threads" and "processes") or `client.AsyncClient`
+            (pool "asyncio"). The worker does not close it.
+        handlers: {queue name: callable(job)}. `job` has .id, .queue, .payload, .attempt, .lease
+            and .lease_expires_at (unix s). The return value (msgpack data, at most 64 KiB) is
+            kept as the job's result. With pool="asyncio" handlers are `async def` (a plain
+            function runs in a thread); with pool="processes" they must be importable top-level
+            functions, and job and result must pickle.
+        queues: the queues to fetch from (default: every queue in `handlers`).
+        concurrency: jobs run at once, and so the most leases held at once.
+        pool: "threads", "processes" or "asyncio".
+        lease_s: how long each lease extension lasts; a job is extended when it has run past
+            about half its lease.
+        heartbeat_s: seconds between heartbeats (the server requeues a silent worker's jobs).
+        wait_s: long-poll wait of each fetch, up to 20 s.
+        burst: stop once a fetch comes back empty with nothing in flight.
+        grace_s: at shutdown, how long running handlers may take to finish.
+        worker_id: this worker's name on the server (default: host-pid-random).
+        middleware: `Middleware` instances, called in order (after_* hooks in reverse).
+
+    Raises:
+        ValueError: for a bad option, a queue without a handler, or (pool="processes") a
+            handler that does not pickle.
+    """
+
+    def __init__(self, client: Any, handlers: Mapping[str, Callable[[Any], Any]], *,
+                 queues: Sequence[str] | None = None, concurrency: int = 4, pool: str = "threads",
+                 lease_s: float = 30.0, heartbeat_s: float = 2.0, wait_s: float = 5.0, burst: bool = False,
+                 grace_s: float = 30.0, worker_id: str | None = None, middleware: Iterable[Middleware] = ()) -> None:
+        self.client = client
+        self.handlers = dict(handlers)
+        self.queues = tuple(queues) if queues is not None else tuple(self.handlers)
+        self.concurrency = concurrency
+        self.pool = pool
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
+        self.wait_s = wait_s
+        self.burst = burst
+        self.grace_s = grace_s
+        self.worker_id = worker_id or default_worker_id()
+        self.middleware = tuple(middleware)
+        self._validate()
+        self.stats = WorkerStats()
+        self._flights: dict[str, _Flight] = {}
+        self._cond = threading.Condition()  # guards the fields below and `stats`; an RLock inside
+        self._generation = 0  # bumped whenever a slot frees or a handler finishes
+        self._stopping = threading.Event()
+        self._stop_reason = ""
+        self._stopped_at = 0.0
+        self._signals_seen = 0
+        self._started = False
+        self._fatal: BaseException | None = None
+        self._wake: Callable[[], None] = lambda: None  # the asyncio runtime's wake-up, from any thread
+
+    def _validate(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if not 1 <= self.concurrency <= CONCURRENCY_MAX:
+            raise ValueError(f"concurrency must be within [1, {CONCURRENCY_MAX}], got {self.concurrency!r}")
+        if not self.queues:
+            raise ValueError("no queues to work on: pass handlers (and optionally queues)")
+        missing = [name for name in self.queues if name not in self.handlers]
+        if missing:
+            raise ValueError(f"no handler for queue(s) {', '.join(missing)}")
+        if not LEASE_S_MIN <= self.lease_s <= LEASE_S_MAX:
+            raise ValueError(f"lease_s must be within [{LEASE_S_MIN:g}, {LEASE_S_MAX:g}], got {self.lease_s!r}")
+        if not 0 < self.heartbeat_s:
+            raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s!r}")
+        if not 0 <= self.wait_s <= WAIT_S_MAX:
+            raise ValueError(f"wait_s must be within [0, {WAIT_S_MAX:g}], got {self.wait_s!r}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must not be negative, got {self.grace_s!r}")
+        if self.pool == "processes":
+            for name, handler in self.handlers.items():
+                try:
+                    pickle.dumps(handler)
+                except Exception as exc:
+                    raise ValueError(f"pool='processes' needs handlers that pickle (importable top-level "
+                                     f"functions); the handler of queue {name!r} does not: {exc}") from None
+
+    # ------------------------------------------------------------------------ public
+
+    def run(self) -> WorkerStats:
+        """Work until stopped: by SIGTERM/SIGINT (when called on the main thread), `stop()`, or the
+        end of a burst. Blocks; with pool="asyncio" runs `arun()` in a new event loop.
+
+        Returns:
+            The final `WorkerStats`.
+
+        Raises:
+            RequestError: the cluster refused the worker's requests as malformed or unauthorized
+                (the worker shuts down cleanly first).
+        """
+        if self.pool == "asyncio":
+            return asyncio.run(self.arun())
+        self._begin()
+        runtime = _ThreadRuntime(self)
+        with self._signal_handlers():
+            try:
+                runtime.start()
+                while not self._stopping.wait(1.0):
+                    pass
+            finally:
+                runtime.shutdown()
+        return self._end()
+
+    async def arun(self) -> WorkerStats:
+        """The pool="asyncio" worker as a coroutine, for use inside a running event loop.
+
+        Installs SIGTERM/SIGINT handlers on the loop when it runs on the main thread.
+        Returns and raises like `run()`.
+        """
+        if self.pool != "asyncio":
+            raise RuntimeError(f"arun() is for pool='asyncio'; this worker's pool is {self.pool!r}: call run()")
+        self._begin()
+        loop = asyncio.get_running_loop()
+        runtime = _AsyncRuntime(self, loop)
+        installed = self._install_loop_signals(loop)
+        try:
+            await runtime.run()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+        return self._end()
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask the worker to shut down gracefully; safe from any thread and from signal handlers."""
+        with self._cond:
+            if not self._stopping.is_set():
+                self._stop_reason = reason
+                self._stopped_at = time.monotonic()
+                self._stopping.set()
+            self._changed()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for."""
+        return self._stopping.is_set()
+
+    def inflight_ids(self) -> list[str]:
+        """Ids of the jobs this worker holds leases on now."""
+        with self._cond:
+            return list(self._flights)
+
+    # ------------------------------------------------------------------------ life cycle
+
+    def _begin(self) -> None:
+        if self._started:
+            raise RuntimeError("a Worker runs once; make a new one")
+        self._started = True
+        log.info("worker %s: started on %s (pool=%s, concurrency=%d%s)", self.worker_id, ",".join(self.queues),
+                 self.pool, self.concurrency, ", burst" if self.burst else "")
+
+    def _end(self) -> WorkerStats:
+        self._hooks("on_shutdown")
+        s = self.stats
+        log.info("worker %s: stopped (%s): %d processed (%d ok, %d failed, %d retried, %d rejected), "
+                 "%d lost, %d released", self.worker_id, self._stop_reason, s.processed, s.succeeded, s.failed,
+                 s.retried, s.rejected, s.lost, s.released)
+        if self._fatal is not None:
+            raise self._fatal
+        return self.stats
+
+    def _guarded(self, role: str, target: Callable[[], Any]) -> Any:
+        """Runs a role's loop; a bug in it stops the worker loudly instead of leaving it hung."""
+        try:
+            return target()
+        except Exception as exc:
+            log.exception("worker %s: the %s loop failed", self.worker_id, role)
+            self._fatal_error(exc)
+
+    async def _aguarded(self, role: str, target: Callable[[], Any]) -> Any:
+        try:
+            return await target()
+        except Exception as exc:
+            log.exception("worker %s: the %s loop failed", self.worker_id, role)
+            self._fatal_error(exc)
+
+    def _fatal_error(self, exc: BaseException) -> None:
+        """Stops the worker; run() raises `exc` once shut down."""
+        self._fatal = exc
+        self.stop(f"fatal: {exc}")
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _install_loop_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum, None)
+            except (NotImplementedError, RuntimeError):  # Windows loops, or a loop off the main thread
+                continue
+            installed.append(signum)
+        return installed
+
+    def _on_signal(self, signum: int, frame: Any = None) -> None:
+        name = signal.Signals(signum).name
+        self._signals_seen += 1
+        if self._signals_seen > 1:
+            log.warning("worker %s: second %s: exiting now; %d leased job(s) return to their queue when the "
+                        "server notices (heartbeat timeout or lease expiry)", self.worker_id, name, len(self._flights))
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(128 + signum)
+        log.info("worker %s: %s: stopping; running jobs get %g s to finish (send it again to exit at once)",
+                 self.worker_id, name, self.grace_s)
+        self.stop(f"{name} received")
+
+    # ------------------------------------------------------------------------ slots (shared by runtimes)
+
+    def _changed(self) -> None:
+        """Wakes every waiter; call with `_cond` held."""
+        self._generation += 1
+        self._cond.notify_all()
+        self._wake()
+
+    def _free_slots(self) -> int:
+        return self.concurrency - len(self._flights)
+
+    def _take(self, jobs: Sequence[Any], *, running: bool) -> list[_Flight]:
+        """Records fetched jobs as in flight (running, or handed straight back when not)."""
+        now_wall, now = time.time(), time.monotonic()
+        flights = []
+        with self._cond:
+            for job in jobs:
+                span_s = job.lease_expires_at - now_wall
+                if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the server's: trust our own setting
+                    span_s = self.lease_s
+                flight = _Flight(job, extend_at=now + span_s / 2, running=running)
+                self._flights[job.id] = flight
+                flights.append(flight)
+            self.stats.fetched += len(jobs)
+            self.stats.inflight_max = max(self.stats.inflight_max, len(self._flights))
+        return flights
+
+    def _finish(self, flight: _Flight, outcome: _Outcome, report: Callable[[tuple[_Flight, _Outcome]], None]) -> None:
+        """A handler is done: count it and queue its outcome, unless shutdown handed the job back already."""
+        with self._cond:
+            if flight.abandoned:
+                log.info("job %s finished after it was handed back (%s); outcome dropped", flight.job.id, outcome.kind)
+                return
+            flight.running = False
+            setattr(self.stats, _STAT_OF_KIND[outcome.kind], getattr(self.stats, _STAT_OF_KIND[outcome.kind]) + 1)
+            report((flight, outcome))
+            self._changed()
+
+    def _abandon_running(self, report: Callable[[tuple[_Flight, _Outcome]], None]) -> list[_Flight]:
+        """Shutdown past grace: hands every still-running job back as retryable."""
+        with self._cond:
+            leftovers = [f for f in self._flights.values() if f.running and not f.abandoned]
+            for flight in leftovers:
+                flight.abandoned = True
+                flight.running = False
+                self.stats.released += 1
+                report((flight, _RELEASED))
+            self._changed()
+        if leftovers:
+            log.warning("worker %s: %d job(s) still running after the %g s grace: handed back for a retry (%s)",
+                        self.worker_id, len(leftovers), self.grace_s, ", ".join(f.job.id for f in leftovers[:10]))
+        return leftovers
+
+    def _release(self, jobs: Sequence[Any], report: Callable[[tuple[_Flight, _Outcome]], None]) -> None:
+        """Jobs fetched after the stop: hand them straight back."""
+        for flight in self._take(jobs, running=False):
+            with self._cond:
+                self.stats.released += 1
+                report((flight, _RELEASED))
+
+    def _running_count(self) -> int:
+        with self._cond:
+            return sum(1 for f in self._flights.values() if f.running)
+
+    def _idle(self) -> bool:
+        with self._cond:
+            return not self._flights
+
+    # ------------------------------------------------------------------------ processing (shared)
+
+    def _hooks(self, name: str, *args: Any) -> None:
+        middleware = reversed(self.middleware) if name.startswith("after_") else self.middleware
+        for item in middleware:
+            try:
+                getattr(item, name)(self, *args)
+            except Exception:
+                log.exception("middleware %s.%s failed; ignored", type(item).__name__, name)
+
+    def _handler_for(self, job: Any) -> Callable[[Any], Any]:
+        handler = self.handlers.get(job.queue)
+        if handler is None:
+            raise Reject(f"worker {self.worker_id} has no handler for queue {job.queue!r}")
+        return handler
+
+    def _process(self, job: Any, invoke: Callable[[Callable, Any], Any]) -> _Outcome:
+        """Runs one job's handler through `invoke` (a direct call, or a process pool), with hooks."""
+        self._hooks("before_process", job)
+        result = exc = None
+        try:
+            result = invoke(self._handler_for(job), job)
+        except BaseException as error:  # a handler's failure, even SystemExit, is the job's outcome
+            exc = error
+        self._hooks("after_process", job, result, exc)
+        return _outcome(job, result, exc)
+
+    async def _process_async(self, job: Any) -> _Outcome:
+        self._hooks("before_process", job)
+        result = exc = None
+        try:
+            handler = self._handler_for(job)
+            if _is_async(handler):
+                result = await handler(job)
+            else:
+                result = await asyncio.to_thread(handler, job)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            exc = error
+        self._hooks("after_process", job, result, exc)
+        return _outcome(job, result, exc)
+
+    # ------------------------------------------------------------------------ reporting (shared)
+
+    def _report_requests(self, batch: Sequence[tuple[_Flight, _Outcome]]):
+        """Splits finished jobs into (method name, pairs, items) for ack_many and fail_many."""
+        acks = [(f, o) for f, o in batch if o.kind == "ok"]
+        fails = [(f, o) for f, o in batch if o.kind != "ok"]
+        requests = []
+        if acks:
+            requests.append(("ack_many", acks, [(f.job.id, f.job.lease, o.result) for f, o in acks]))
+        if fails:
+            requests.append(("fail_many", fails, [(f.job.id, f.job.lease, o.error, o.kind != "rejected", o.delay_s)
+                                                  for f, o in fails]))
+        return requests
+
+    def _settle(self, method: str, pairs: Sequence[tuple[_Flight, _Outcome]], results: Sequence[Any]) -> None:
+        """Frees the slots of reported jobs; a refused item is logged and dropped."""
+        verb = "ack" if method == "ack_many" else "fail"
+        with self._cond:
+            for (flight, _), result in zip(pairs, results):
+                self._flights.pop(flight.job.id, None)
+                if result is None:
+                    continue
+                if isinstance(result, JobError):
+                    if not flight.lost:
+                        self.stats.lost += 1
+                    log.warning("%s of job %s refused (%s): the lease expired or moved; the job runs again "
+                                "elsewhere", verb, flight.job.id, getattr(result, "code", result))
+                else:
+                    log.error("%s of job %s not recorded: %s", verb, flight.job.id, result)
+            self._changed()
+
+    def _give_up_reporting(self) -> bool:
+        """Reporting retries transient errors for ever, except during shutdown, where it is bounded."""
+        return self._stopping.is_set() and time.monotonic() > self._stopped_at + self.grace_s + FLUSH_S_MAX
+
+    # ------------------------------------------------------------------------ heartbeats (shared)
+
+    def _heartbeat_ids(self) -> list[str]:
+        with self._cond:
+            return [job_id for job_id, f in self._flights.items() if not f.lost]
+
+    def _mark_lost(self, job_ids: Iterable[str], why: str) -> None:
+        with self._cond:
+            for job_id in job_ids:
+                flight = self._flights.get(job_id)
+                if flight is None or flight.lost:
+                    continue
+                flight.lost = True
+                self.stats.lost += 1
+                log.warning("job %s: %s; its outcome will be refused, it may run again elsewhere", job_id, why)
+
+    def _due_extensions(self, now: float) -> list[_Flight]:
+        with self._cond:
+            return [f for f in self._flights.values() if f.extend_at <= now and not f.lost and not f.abandoned]
+
+    def _extended(self, flights: Sequence[_Flight], results: Sequence[Any]) -> None:
+        now = time.monotonic()
+        lost = []
+        for flight, result in zip(flights, results):
+            if isinstance(result, JobError):
+                lost.append(flight.job.id)
+            elif isinstance(result, BaseException):
+                flight.extend_at = now + EXTEND_RETRY_S
+            else:
+                flight.extend_at = now + self.lease_s / 2
+        if lost:
+            self._mark_lost(lost, "lease extension refused")
+
+    def _extend_failed(self, flights: Sequence[_Flight], exc: BaseException) -> None:
+        log.warning("worker %s: extending %d lease(s) failed (%s); retrying", self.worker_id, len(flights), exc)
+        retry_at = time.monotonic() + EXTEND_RETRY_S
+        for flight in flights:
+            flight.extend_at = retry_at
+
+    def _next_extension(self) -> float:
+        with self._cond:
+            return min((f.extend_at for f in self._flights.values() if not f.lost and not f.abandoned),
+                       default=float("inf"))
+
+
+_STAT_OF_KIND = {"ok": "succeeded", "failed": "failed", "retried": "retried", "rejected": "rejected"}
+
+
+# ---------------------------------------------------------------------------- the sync runtime
+
+
+class _ThreadRuntime:
+    """Pools "threads" and "processes": the fetcher, runners, reporter and beater threads."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.work: queue.SimpleQueue[_Flight | None] = queue.SimpleQueue()
+        self.reports: queue.SimpleQueue[tuple[_Flight, _Outcome] | None] = queue.SimpleQueue()
+        self.beats_stop = threading.Event()
+        self.executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self.executor_lock = threading.Lock()
+        self.threads: dict[str, threading.Thread] = {}
+
+    def start(self) -> None:
+        if self.w.pool == "processes":
+            self.executor = _new_process_pool(self.w.concurrency)
+        roles = [("fetch", self._fetch_loop), ("report", self._report_loop), ("beat", self._beat_loop)]
+        roles += [(f"run-{i}", self._run_loop) for i in range(self.w.concurrency)]
+        for role, target in roles:
+            # Daemon threads: a handler still stuck after the grace period must not keep the process alive.
+            thread = threading.Thread(target=self.w._guarded, args=(role, target), name=f"raftq-{role}", daemon=True)
+            self.threads[role] = thread
+            thread.start()
+
+    def shutdown(self) -> None:
+        w = self.w
+        w.stop(w._stop_reason or "stop requested")
+        with w._cond:
+            w._cond.wait_for(lambda: not any(f.running for f in w._flights.values()), timeout=w.grace_s)
+        leftovers = w._abandon_running(self.reports.put)
+        self._join("fetch", w.wait_s + FETCH_JOIN_S)
+        for _ in range(w.concurrency):
+            self.work.put(None)
+        self.reports.put(None)
+        self._join("report", w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
+        self.beats_stop.set()
+        self._join("beat", FETCH_JOIN_S)
+        if self.executor is not None:
+            _stop_process_pool(self.executor, force=bool(leftovers))
+
+    def _join(self, role: str, timeout: float) -> None:
+        thread = self.threads.get(role)
+        if thread is None:  # start() failed before it got there
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("worker %s: the %s thread did not stop within %g s; leaving it", self.w.worker_id, role, timeout)
+
+    # ------------------------------------------------------------------------ fetcher
+
+    def _fetch_loop(self) -> None:
+        w, failures = self.w, 0
+        while True:
+            with w._cond:
+                w._cond.wait_for(lambda: w._stopping.is_set() or w._free_slots() > 0)
+                if w._stopping.is_set():
+                    return
+                free, generation = w._free_slots(), w._generation
+            wait_s = 0.0 if w.burst else w.wait_s
+            w._hooks("before_fetch")
+            started = time.monotonic()
+            try:
+                jobs = w.client.fetch(w.worker_id, w.queues, max_jobs=free, wait_s=wait_s)
+            except _TRANSIENT as exc:
+                failures += 1
+                delay_s = _backoff_s(failures)
+                log.warning("worker %s: fetch failed (%s); retrying in %.1f s", w.worker_id, exc, delay_s)
+                w._stopping.wait(delay_s)
+                continue
+            except RaftqError as exc:
+                log.error("worker %s: the cluster refused to lease jobs (%s); stopping", w.worker_id, exc)
+                w._fatal_error(exc)
+                return
+            failures = 0
+            w._hooks("after_fetch", jobs)
+            with w._cond:  # atomic with shutdown's hand-back: a job is either released here or seen there
+                if w._stopping.is_set():
+                    w._release(jobs, self.reports.put)
+                    return
+                for flight in w._take(jobs, running=True):
+                    self.work.put(flight)
+            if jobs:
+                continue
+            if w.burst:
+                if w._idle():
+                    w.stop("burst: the queues are empty")
+                    return
+                with w._cond:  # something in flight may finish and free a retry; then look again
+                    w._cond.wait_for(lambda: w._generation != generation or w._stopping.is_set(),
+                                     timeout=max(w.wait_s, IDLE_POLL_S))
+            elif time.monotonic() - started < min(wait_s, IDLE_POLL_S):
+                w._stopping.wait(IDLE_POLL_S)
+
+    # ------------------------------------------------------------------------ runners
+
+    def _run_loop(self) -> None:
+        w = self.w
+        while (flight := self.work.get()) is not None:
+            if flight.abandoned:  # handed back at shutdown before it started
+                continue
+            outcome = w._process(flight.job, self._invoke)
+            w._finish(flight, outcome, self.reports.put)
+
+    def _invoke(self, handler: Callable[[Any], Any], job: Any) -> Any:
+        executor = self.executor
+        if executor is None:
+            return handler(job)
+        try:
+            return executor.submit(handler, job).result()
+        except BrokenProcessPool:
+            # A child died (os._exit, OOM kill, segfault): the job fails as retryable, the pool is renewed.
+            with self.executor_lock:
+                if self.executor is executor and not self.w.stopping:
+                    log.error("worker %s: a pool process died; starting a new pool", self.w.worker_id)
+                    self.executor = _new_process_pool(self.w.concurrency)
+                    _stop_process_pool(executor, force=True)
+            raise
+
+    # ------------------------------------------------------------------------ reporter
+
+    def _report_loop(self) -> None:
+        while True:
+            batch = [self.reports.get()]
+            while len(batch) < REPORT_BATCH_MAX:
+                try:
+                    batch.append(self.reports.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in batch
+            items = [item for item in batch if item is not None]
+            for method, pairs, request in self.w._report_requests(items):
+                self.w._settle(method, pairs, self._send(method, request))
+            if done:
+                return
+
+    def _send(self, method: str, request: list[tuple]) -> list[Any]:
+        w, failures = self.w, 0
+        while True:
+            try:
+                return getattr(w.client, method)(w.worker_id, request)
+            except _TRANSIENT as exc:
+                failures += 1
+                if w._give_up_reporting():
+                    log.error("worker %s: %s of %d job(s) failed at shutdown (%s); their leases will expire",
+                              w.worker_id, method, len(request), exc)
+                    return [exc] * len(request)
+                delay_s = _backoff_s(failures)
+                log.warning("worker %s: %s failed (%s); retrying in %.1f s", w.worker_id, method, exc, delay_s)
+                time.sleep(delay_s)
+            except RaftqError as exc:
+                log.error("worker %s: %s of %d job(s) refused: %s", w.worker_id, method, len(request), exc)
+                return [exc] * len(request)
+
+    # ------------------------------------------------------------------------ beater
+
+    def _beat_loop(self) -> None:
+        w = self.w
+        next_beat = time.monotonic()
+        while not self.beats_stop.is_set():
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + w.heartbeat_s
+                try:
+                    lost = w.client.heartbeat(w.worker_id, w._heartbeat_ids())
+                except RaftqError as exc:
+                    log.warning("worker %s: heartbeat failed: %s", w.worker_id, exc)
+                else:
+                    w._mark_lost(lost, "the server says this worker no longer holds it")
+            due = w._due_extensions(time.monotonic())
+            if due:
+                try:
+                    results = w.client.extend_many(w.worker_id, [(f.job.id, f.job.lease, w.lease_s) for f in due])
+                except RaftqError as exc:
+                    w._extend_failed(due, exc)
+                else:
+                    w._extended(due, results)
+            self.beats_stop.wait(max(0.005, min(next_beat, w._next_extension()) - time.monotonic()))
+
+
+def _new_process_pool(size: int) -> concurrent.futures.ProcessPoolExecutor:
+    # "spawn": forking a process that already runs threads can copy a held lock into the child.
+    return concurrent.futures.ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _stop_process_pool(executor: concurrent.futures.ProcessPoolExecutor, *, force: bool) -> None:
+    if force:
+        # No public way to stop a busy pool before Python 3.14's terminate_workers(); the children
+        # run handlers we already handed back, so ending them is right.
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+    executor.shutdown(wait=not force, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- the asyncio runtime
+
+
+class _AsyncRuntime:
+    """Pool "asyncio": the same roles as `_ThreadRuntime`, as tasks on one event loop."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.w = worker
+        self.loop = loop
+        self.reports: asyncio.Queue[tuple[_Flight, _Outcome] | None] = asyncio.Queue()
+        self.handler_tasks: dict[_Flight, asyncio.Task] = {}
+        self.waiters: set[asyncio.Future] = set()
+
+    async def run(self) -> None:
+        w = self.w
+        w._wake = lambda: self.loop.call_soon_threadsafe(self._wake_all)
+        fetcher, reporter, beater = (asyncio.create_task(w._aguarded(role, loop), name=f"raftq-{role}")
+                                     for role, loop in (("fetch", self._fetch_loop), ("report", self._report_loop),
+                                                        ("beat", self._beat_loop)))
+        try:
+            await self._until(w._stopping.is_set)
+        finally:
+            w.stop(w._stop_reason or "stop requested")
+            await self._shutdown(fetcher, reporter, beater)
+
+    async def _shutdown(self, fetcher: asyncio.Task, reporter: asyncio.Task, beater: asyncio.Task) -> None:
+        w = self.w
+        await self._until(lambda: w._running_count() == 0, timeout=w.grace_s)
+        for flight in w._abandon_running(self.reports.put_nowait):
+            task = self.handler_tasks.pop(flight, None)
+            if task is not None:
+                task.cancel()
+        await _bounded(fetcher, w.wait_s + FETCH_JOIN_S)
+        self.reports.put_nowait(None)
+        await _bounded(reporter, w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
+        beater.cancel()
+        await asyncio.gather(beater, *self.handler_tasks.values(), return_exceptions=True)
+
+    def _wake_all(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Waits until `predicate()` holds (re-checked at every change) or `timeout` passes."""
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while not predicate():
+            remaining = None if deadline is None else deadline - self.loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            waiter = self.loop.create_future()
+            self.waiters.add(waiter)
+            try:
+                await asyncio.wait([waiter], timeout=remaining)
+            finally:
+                self.waiters.discard(waiter)
+        return True
+
+    async def _fetch_loop(self) -> None:
+        w, failures = self.w, 0
+        while True:
+            await self._until(lambda: w._stopping.is_set() or w._free_slots() > 0)
+            if w._stopping.is_set():
+                return
+            free, generation = w._free_slots(), w._generation
+            wait_s = 0.0 if w.burst else w.wait_s
+            w._hooks("before_fetch")
+            started = time.monotonic()
+            try:
+                jobs = await w.client.fetch(w.worker_id, w.queues, max_jobs=free, wait_s=wait_s)
+            except _TRANSIENT as exc:
+                failures += 1
+                delay_s = _backoff_s(failures)
+                log.warning("worker %s: fetch failed (%s); retrying in %.1f s", w.worker_id, exc, delay_s)
+                await self._until(w._stopping.is_set, timeout=delay_s)
+                continue
+            except RaftqError as exc:
+                log.error("worker %s: the cluster refused to lease jobs (%s); stopping", w.worker_id, exc)
+                w._fatal_error(exc)
+                return
+            failures = 0
+            w._hooks("after_fetch", jobs)
+            if w._stopping.is_set():
+                w._release(jobs, self.reports.put_nowait)
+                return
+            if jobs:
+                for flight in w._take(jobs, running=True):
+                    self.handler_tasks[flight] = asyncio.create_task(self._run_one(flight))
+            elif w.burst:
+                if w._idle():
+                    w.stop("burst: the queues are empty")
+                    return
+                await self._until(lambda: w._generation != generation or w._stopping.is_set(),
+                                  timeout=max(w.wait_s, IDLE_POLL_S))
+            elif time.monotonic() - started < min(wait_s, IDLE_POLL_S):
+                await self._until(w._stopping.is_set, timeout=IDLE_POLL_S)
+
+    async def _run_one(self, flight: _Flight) -> None:
+        outcome = await self.w._process_async(flight.job)
+        self.handler_tasks.pop(flight, None)
+        self.w._finish(flight, outcome, self.reports.put_nowait)
+
+    async def _report_loop(self) -> None:
+        while True:
+            batch = [await self.reports.get()]
+            while len(batch) < REPORT_BATCH_MAX and not self.reports.empty():
+                batch.append(self.reports.get_nowait())
+            done = None in batch
+            items = [item for item in batch if item is not None]
+            for method, pairs, request in self.w._report_requests(items):
+                self.w._settle(method, pairs, await self._send(method, request))
+            if done:
+                return
+
+    async def _send(self, method: str, request: list[tuple]) -> list[Any]:
+        w, failures = self.w, 0
+        while True:
+            try:
+                return await getattr(w.client, method)(w.worker_id, request)
+            except _TRANSIENT as exc:
+                failures += 1
+                if w._give_up_reporting():
+                    log.error("worker %s: %s of %d job(s) failed at shutdown (%s); their leases will expire",
+                              w.worker_id, method, len(request), exc)
+                    return [exc] * len(request)
+                delay_s = _backoff_s(failures)
+                log.warning("worker %s: %s failed (%s); retrying in %.1f s", w.worker_id, method, exc, delay_s)
+                await asyncio.sleep(delay_s)
+            except RaftqError as exc:
+                log.error("worker %s: %s of %d job(s) refused: %s", w.worker_id, method, len(request), exc)
+                return [exc] * len(request)
+
+    async def _beat_loop(self) -> None:
+        w = self.w
+        next_beat = time.monotonic()
+        while True:
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + w.heartbeat_s
+                try:
+                    lost = await w.client.heartbeat(w.worker_id, w._heartbeat_ids())
+                except RaftqError as exc:
+                    log.warning("worker %s: heartbeat failed: %s", w.worker_id, exc)
+                else:
+                    w._mark_lost(lost, "the server says this worker no longer holds it")
+            due = w._due_extensions(time.monotonic())
+            if due:
+                try:
+                    results = await w.client.extend_many(w.worker_id, [(f.job.id, f.job.lease, w.lease_s) for f in due])
+                except RaftqError as exc:
+                    w._extend_failed(due, exc)
+                else:
+                    w._extended(due, results)
+            await asyncio.sleep(max(0.005, min(next_beat, w._next_extension()) - time.monotonic()))
+
+
+async def _bounded(task: asyncio.Task, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except asyncio.TimeoutError:
+        log.warning("%s did not stop within %g s; cancelled", task.get_name(), timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def _outcome(job: Any, result: Any, exc: BaseException | None) -> _Outcome:
+    kind = outcome_of(exc)
+    if kind == "ok":
+        return _Outcome("ok", result=_checked_result(job, result))
+    if kind == "retried":
+        return _Outcome("retried", error=str(exc), delay_s=exc.delay_s)
+    return _Outcome(kind, error=error_text(exc))
+
+
+def _checked_result(job: Any, result: Any) -> Any:
+    """The result to store, or None (with a warning) when the server could not keep it."""
+    if result is None:
+        return None
+    try:
+        size = len(msgpack.packb(result))
+    except (TypeError, ValueError, OverflowError) as exc:
+        log.warning("job %s: result dropped: not msgpack data (%s)", job.id, exc)
+        return None
+    if size > RESULT_BYTES_MAX:
+        log.warning("job %s: result dropped: %d bytes is over the %d byte bound", job.id, size, RESULT_BYTES_MAX)
+        return None
+    return result
+
+
+def error_text(exc: BaseException, bytes_max: int = ERROR_TEXT_BYTES_MAX) -> str:
+    """`Type: message`, a blank line, then the traceback; the middle is cut to fit `bytes_max`.
+
+    For an exception from a process pool the child's traceback is part of the chain.
+    """
+    text = f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc))
+    data = text.encode()
+    if len(data) <= bytes_max:
+        return text
+    marker = f"\n... [{len(data) - bytes_max} bytes cut] ...\n".encode()
+    room = bytes_max - len(marker) - 16  # the count in the marker may grow by a digit or two
+    head = room // 4  # the exception line and the outer frames; the tail keeps the innermost frames
+    return (data[:head] + marker + data[len(data) - (room - head):]).decode(errors="ignore")
+
+
+def _backoff_s(failures: int) -> float:
+    """Capped exponential backoff with jitter in [50 %, 100 %]."""
+    ceiling = min(BACKOFF_S_MAX, BACKOFF_S_MIN * 2 ** min(failures - 1, 16))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def _is_async(handler: Callable) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None))
+
+
+def default_worker_id() -> str:
+    """host-pid-random, in the alphabet the server accepts for worker ids."""
+    host = re.sub(r"[^A-Za-z0-9_.:@-]", "-", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{random.getrandbits(24):06x}"

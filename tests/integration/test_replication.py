@@ -1,0 +1,140 @@
+"""Raft-lite with real node processes: majority before 2xx, failover, full-cluster crash."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from client import Client, errors
+from cluster.localcluster import http_json, wait_until
+
+
+def test_a_follower_redirects_to_the_leader(three_nodes):
+    leader = three_nodes.wait_for_leader()
+    follower = next(n for n in three_nodes.nodes if n != leader)
+    status, body = http_json(three_nodes.nodes[follower].url + "/v1/queues/q/jobs", method="POST",
+                             body={"jobs": [{"payload": 1}]})
+    assert status == 307, body
+    assert body["error"]["code"] == "not_leader"
+    with Client([three_nodes.nodes[follower].url]) as client:  # only the follower's URL
+        job_id = client.submit("q", {"n": 1})
+        assert client.get(job_id)["state"] == "ready"
+
+
+def test_no_majority_no_2xx_then_serves_again(three_nodes):
+    leader = three_nodes.wait_for_leader()
+    followers = [n for n in three_nodes.nodes if n != leader]
+    with Client(three_nodes.urls) as client:
+        client.submit("q", {"before": True})
+    for node_id in followers:
+        three_nodes.kill(node_id)
+    with Client([three_nodes.nodes[leader].url], deadline=4, timeout=2) as client:
+        for attempt in range(3):
+            with pytest.raises(errors.RaftqError):
+                client.submit("q", {"attempt": attempt})
+    for node_id in followers:
+        three_nodes.start_node(node_id)
+    three_nodes.wait_for_leader(timeout_s=30)
+    with Client(three_nodes.urls, deadline=30) as client:
+        job_id = client.submit("q", {"after": True})
+        assert client.get(job_id)["state"] == "ready"
+
+
+def test_all_nodes_kill_9_at_once(three_nodes):
+    with Client(three_nodes.urls) as client:
+        ids = client.submit_many("q", [{"n": n} for n in range(200)])
+        terms_before = {k: s["term"] for k, s in three_nodes.statuses().items()}
+    for node_id in three_nodes.nodes:
+        three_nodes.kill(node_id)
+    for node_id in three_nodes.nodes:
+        three_nodes.start_node(node_id)
+    three_nodes.wait_for_leader(timeout_s=30)
+    with Client(three_nodes.urls, deadline=30) as client:
+        client.submit("q", {"marker": True})  # commits an entry of the new term everywhere
+        states = {client.get(job_id)["state"] for job_id in ids}
+        assert states == {"ready"}
+    terms_after = {k: s["term"] for k, s in three_nodes.statuses().items()}
+    assert all(terms_after[k] >= terms_before[k] for k in terms_before), (terms_before, terms_after)
+    digests = three_nodes.wait_converged(timeout_s=60)
+    assert len(set(digests.values())) == 1
+
+
+def test_kill_the_leader_ten_times_under_load(three_nodes):
+    """Continuous submits and work while the leader is SIGKILLed and restarted 10 times."""
+    submitted: set[str] = set()
+    acked: set[str] = set()
+    deliveries: dict[str, int] = {}
+    failover_s: list[float] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        with Client(three_nodes.urls, deadline=30, timeout=3) as client:
+            n = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    submitted.update(client.submit_many("load", [{"n": n + i} for i in range(10)]))
+                except errors.RaftqError:
+                    continue
+                took = time.monotonic() - started
+                if took > 0.5:
+                    failover_s.append(took)
+                n += 10
+
+    def consume() -> None:
+        with Client(three_nodes.urls, deadline=30, timeout=3) as client:
+            while not stop.is_set():
+                try:
+                    for job in client.fetch("w1", ["load"], max_jobs=20, wait_s=0.5):
+                        deliveries[job.id] = deliveries.get(job.id, 0) + 1
+                        try:
+                            client.ack("w1", job.id, job.lease)
+                            acked.add(job.id)
+                        except errors.JobError:
+                            pass
+                except errors.RaftqError:
+                    continue
+
+    threads = [threading.Thread(target=produce, daemon=True), threading.Thread(target=consume, daemon=True)]
+    for thread in threads:
+        thread.start()
+    election_s = []
+    for _ in range(10):
+        wait_until(lambda: len(submitted) >= 50, timeout_s=60, what="submits flowing")
+        old = three_nodes.wait_for_leader(timeout_s=60)
+        three_nodes.kill(old)
+        killed_at = time.monotonic()
+        three_nodes.wait_for_leader(timeout_s=60, exclude=old)
+        election_s.append(time.monotonic() - killed_at)
+        three_nodes.start_node(old)
+        count = len(submitted)
+        wait_until(lambda: len(submitted) >= count + 50, timeout_s=60, what="submits flowing after failover",
+                   seen=lambda: len(submitted))
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    with Client(three_nodes.urls, deadline=60) as client:
+        def drained() -> bool:
+            for job in client.fetch("w2", ["load"], max_jobs=200, wait_s=1):
+                deliveries[job.id] = deliveries.get(job.id, 0) + 1
+                client.ack("w2", job.id, job.lease)
+                acked.add(job.id)
+            depth = client.queues().get("load", {})
+            return not any(depth.get(s) for s in ("ready", "leased", "retry_wait", "scheduled"))
+
+        wait_until(drained, timeout_s=180, what="the queue to drain")
+    lost = submitted - set(deliveries)
+    duplicates = sum(count - 1 for count in deliveries.values())
+    print(f"\nsubmitted={len(submitted)} delivered={len(deliveries)} lost={len(lost)} duplicates={duplicates}")
+    print(f"time to new leader p50={_p(election_s, 50):.2f}s p99={_p(election_s, 99):.2f}s")
+    if failover_s:
+        print(f"client-visible failover p50={_p(failover_s, 50):.2f}s p99={_p(failover_s, 99):.2f}s")
+    assert not lost, f"{len(lost)} acknowledged submits never delivered, e.g. {sorted(lost)[:5]}"
+
+
+def _p(values: list[float], pct: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))] if ordered else 0.0

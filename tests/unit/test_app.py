@@ -1,0 +1,130 @@
+"""The Celery-like task API: payload shape, submit options, dispatch by task name."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from client.app import App, Dispatch, Task
+from client.worker import Reject
+from test_worker import AsyncFake, FakeCluster, LeasedJob
+
+app = App("http://127.0.0.1:7001, http://127.0.0.1:7002", default_queue="jobs")
+
+
+@app.task(queue="emails", max_attempts=3, priority=5, lease_s=60)
+def send(to, *, lang="en"):
+    return f"{to}:{lang}"
+
+
+@app.task
+def add(a, b):
+    return a + b
+
+
+@app.task(name="custom.name")
+async def double(x):
+    return 2 * x
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def submit(self, queue, payload, **options):
+        self.calls.append((queue, payload, options))
+        return f"id-{len(self.calls)}"
+
+
+@pytest.fixture
+def recorder():
+    previous = app._client
+    app.client = Recorder()
+    yield app.client
+    app.client = previous
+
+
+def test_submit_sends_the_task_call_payload_with_the_task_options(recorder):
+    assert send.submit("a@example.com", lang="de") == "id-1"
+    assert recorder.calls == [("emails", {"task": "test_app.send", "args": ["a@example.com"], "kwargs": {"lang": "de"}},
+                               {"priority": 5, "delay_s": None, "max_attempts": 3, "lease_s": 60,
+                                "idempotency_key": None})]
+
+
+def test_submit_with_overrides_per_job_options(recorder):
+    add.submit_with((1, 2), delay_s=30, priority=9, idempotency_key="k-1")
+    [(queue, payload, options)] = recorder.calls
+    assert queue == "jobs" and payload == {"task": "test_app.add", "args": [1, 2], "kwargs": {}}
+    assert options == {"priority": 9, "delay_s": 30, "max_attempts": None, "lease_s": None, "idempotency_key": "k-1"}
+
+
+def test_arguments_must_be_msgpack_data(recorder):
+    with pytest.raises(TypeError, match="test_app.add: arguments must be msgpack-serialisable"):
+        add.submit(object(), 1)
+    assert recorder.calls == []
+
+
+def test_calling_a_task_runs_it_here():
+    assert add(2, 3) == 5 and send("x") == "x:en"
+    assert isinstance(add, Task) and add.__name__ == "add" and add.queue == "jobs"
+
+
+def test_names_and_options_are_checked():
+    local = App(["http://127.0.0.1:7001"])
+    local.task(lambda: None, name="same")
+    with pytest.raises(ValueError, match="already registered"):
+        local.task(lambda: None, name="same")
+    with pytest.raises(ValueError, match="priority"):
+        local.task(lambda: None, name="p", priority=10)
+    assert app.tasks["custom.name"] is double and app.nodes == ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+
+
+def test_dispatch_runs_the_named_task_and_rejects_unknown_or_malformed_calls():
+    dispatch = Dispatch(app.tasks)
+    job = LeasedJob("j1", "jobs", add.payload((4, 5)), 1, 1, 0.0)
+    assert dispatch(job) == 9
+    with pytest.raises(Reject, match="unknown task 'nope'.*known: custom.name, test_app.add, test_app.send"):
+        dispatch(LeasedJob("j2", "jobs", {"task": "nope", "args": [], "kwargs": {}}, 1, 1, 0.0))
+    with pytest.raises(Reject, match="not a task call"):
+        dispatch(LeasedJob("j3", "jobs", [1, 2], 1, 1, 0.0))
+
+
+def test_app_worker_dispatches_by_name_and_dead_letters_unknown_tasks():
+    cluster = FakeCluster()
+    good = cluster.add("jobs", add.payload((1, 2)))
+    mail = cluster.add("emails", send.payload(("b@example.com",)))
+    unknown = cluster.add("jobs", {"task": "gone.task", "args": [], "kwargs": {}}, max_attempts=5)
+    stats = app.worker(client=cluster, burst=True, heartbeat_s=0.05).run()
+    assert sorted(cluster.acks) == sorted([(good, 3), (mail, "b@example.com:en")])
+    [(failed_id, error, retry, _)] = cluster.fails
+    assert (failed_id, retry) == (unknown, False) and "unknown task 'gone.task'" in error
+    assert cluster.state(unknown) == "dead" and stats.rejected == 1
+
+
+def test_app_worker_with_the_asyncio_pool_awaits_async_tasks():
+    cluster = FakeCluster()
+    one, two = cluster.add("jobs", double.payload((21,))), cluster.add("jobs", add.payload((2, 2)))
+    app.worker(client=AsyncFake(cluster), pool="asyncio", queues=["jobs"], burst=True, heartbeat_s=0.05).run()
+    assert sorted(cluster.acks) == sorted([(one, 42), (two, 4)])
+
+
+def test_tasks_pickle_by_reference_for_process_pools():
+    assert pickle.loads(pickle.dumps(add)) is add
+    local = App(["http://127.0.0.1:7001"])
+
+    @local.task
+    def nested():
+        return None
+
+    with pytest.raises(pickle.PicklingError, match="module top level"):
+        pickle.dumps(nested)
+
+
+def test_app_worker_with_the_processes_pool():
+    cluster = FakeCluster()
+    ids = [cluster.add("jobs", add.payload((n, n))) for n in range(3)]
+    stats = app.worker(client=cluster, pool="processes", concurrency=2, queues=["jobs"], burst=True,
+                       heartbeat_s=0.05).run()
+    assert sorted(cluster.acks) == sorted((job_id, 2 * n) for n, job_id in enumerate(ids))
+    assert stats.succeeded == 3

@@ -1,0 +1,598 @@
+"""The sync Client against MockTransport nodes (retry rules, leader memory, errors), then against
+a tiny real aiohttp server, to show the http.client path works.
+
+Time is a FakeClock: backoff "sleeps" only move it, so no test waits for real.
+The AsyncClient twin runs the same scenarios in test_async_client.py, reusing the fakes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import socket
+import threading
+from typing import Any, Callable
+
+import msgpack
+import pytest
+from aiohttp import web
+
+from client import Client, LeasedJob, MockTransport, Request, Response, RetryPolicy, errors
+from client._base import BATCH_COUNT_MAX
+
+A, B, C, D = "http://a:7001", "http://b:7002", "http://c:7003", "http://d:7004"
+
+
+# ---------------------------------------------------------------------------- fakes shared with the async tests
+
+
+class FakeClock:
+    """A monotonic clock that only moves when the client sleeps (or a fake node takes time)."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.now_s
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.slept.append(seconds)
+        self.now_s += seconds
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+
+
+class FakeNodes:
+    """MockTransport handler playing nodes by base URL.
+
+    Roles: "leader" (answers through `serve`), "follower" (307 to the leader), "down" (connection
+    refused), "slow" (times out after the request's timeout), "no_leader" (503 + Retry-After).
+    """
+
+    def __init__(self, clock: FakeClock, roles: dict[str, str], *, leader: str = B, leader_id: str = "n2") -> None:
+        self.clock = clock
+        self.roles = roles
+        self.leader = leader
+        self.leader_id = leader_id
+        self.requests: list[Request] = []
+        self.serve: Callable[[Request], Response] = default_answer
+
+    def __call__(self, request: Request) -> Response:
+        self.requests.append(request)
+        role = self.roles[request.url.split("/v1/")[0]]
+        if role == "down":
+            raise errors.ConnectError("connection refused")
+        if role == "slow":
+            self.clock.now_s += request.timeout_s
+            raise TimeoutError("timed out")  # MockTransport turns it into errors.Timeout
+        if role == "follower":
+            return Response.error(307, "not_leader", f"{self.leader_id} leads",
+                                  headers={"Location": self.leader + request.path, "X-Raftq-Leader": self.leader_id})
+        if role == "no_leader":
+            return Response.error(503, "no_leader", "no leader is known yet", headers={"Retry-After": "1"})
+        return self.serve(request)
+
+    def urls(self) -> list[str]:
+        return [request.url for request in self.requests]
+
+    def bodies(self) -> list[Any]:
+        return [request.decoded() for request in self.requests]
+
+
+def default_answer(request: Request) -> Response:
+    """What a healthy leader answers to each core path."""
+    body = request.decoded()
+    path = request.path
+    if path.endswith("/jobs") and request.method == "POST":
+        return Response.msgpack({"ids": [f"id-{job['idempotency_key'][:6]}" for job in body["jobs"]]}, 201)
+    if path == "/v1/lease":
+        return Response.msgpack({"jobs": [leased("j1", body["queues"][0])]})
+    if path in ("/v1/ack", "/v1/fail"):
+        return Response.msgpack({"results": ["ok"] * len(body["acks" if path == "/v1/ack" else "fails"])})
+    if path == "/v1/extend":
+        return Response.msgpack({"results": [{"ok": True, "lease_expires_at": 2e9} for _ in body["leases"]]})
+    if path == "/v1/queues":
+        return Response.msgpack({"queues": {"q": {"ready": 1}}})
+    if path.endswith("/heartbeat"):
+        return Response.msgpack({"ok": True, "lost": []})
+    return Response.msgpack({"ok": True})
+
+
+def leased(job_id: str, queue: str, payload: Any = None) -> dict:
+    return {"id": job_id, "queue": queue, "payload": payload if payload is not None else {"n": 1}, "attempt": 1,
+            "lease": 7, "lease_expires_at": 1_700_000_030.5, "priority": 3}
+
+
+def make_client(nodes: FakeNodes, urls: list[str] | None = None, **options: Any) -> Client:
+    options.setdefault("deadline", 30.0)
+    return Client(urls or list(nodes.roles), transport=MockTransport(nodes), clock=nodes.clock.now,
+                  sleep=nodes.clock.sleep, rng=random.Random(7), **options)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# ---------------------------------------------------------------------------- leader tracking
+
+
+def test_redirect_is_followed_and_the_leader_remembered(clock):
+    nodes = FakeNodes(clock, {A: "follower", B: "leader", C: "follower"})
+    with make_client(nodes) as client:
+        job_id = client.submit("emails", {"to": "a"})
+        assert nodes.urls() == [f"{A}/v1/queues/emails/jobs", f"{B}/v1/queues/emails/jobs"]
+        assert (client.leader, client.leader_url) == ("n2", B)
+        client.ack("w1", job_id, 7)
+        assert nodes.urls()[2:] == [f"{B}/v1/ack"], "the second call goes straight to the leader"
+    assert clock.slept == [], "a redirect is followed without a pause"
+
+
+def test_a_leader_not_in_the_node_list_is_learned(clock):
+    nodes = FakeNodes(clock, {A: "follower", D: "leader"}, leader=D, leader_id="n4")
+    with make_client(nodes, urls=[A]) as client:
+        client.submit("q", 1)
+        assert client.nodes == (A, D) and client.leader_url == D
+
+
+def test_cluster_status_does_not_move_the_leader_memory(clock):
+    nodes = FakeNodes(clock, {A: "follower", B: "leader"})
+    nodes.roles[A] = "leader"  # /v1/cluster is answered by any node; pretend A answers first
+    with make_client(nodes) as client:
+        client.cluster()
+        assert client.leader_url is None
+
+
+# ---------------------------------------------------------------------------- failover and backoff
+
+
+@pytest.mark.parametrize("role", ["down", "slow"])
+def test_failover_to_the_next_node_on_connection_error_or_timeout(clock, role):
+    nodes = FakeNodes(clock, {A: role, B: "leader", C: "follower"})
+    with make_client(nodes, timeout=2.0) as client:
+        client.submit("q", {"n": 1})
+        assert nodes.urls() == [f"{A}/v1/queues/q/jobs", f"{B}/v1/queues/q/jobs"]
+        assert clock.slept == [], "failing over to an untried node is immediate"
+        client.queues()
+        assert nodes.urls()[-1] == f"{B}/v1/queues"
+
+
+def test_a_dead_leader_is_forgotten_and_the_next_node_tried(clock):
+    nodes = FakeNodes(clock, {A: "leader", B: "follower", C: "follower"}, leader=A, leader_id="n1")
+    with make_client(nodes) as client:
+        client.submit("q", 1)
+        assert client.leader_url == A
+        nodes.roles.update({A: "down", C: "leader"})
+        nodes.leader, nodes.leader_id = C, "n3"
+        client.submit("q", 2)
+        assert nodes.urls()[1:] == [f"{A}/v1/queues/q/jobs", f"{B}/v1/queues/q/jobs", f"{C}/v1/queues/q/jobs"]
+        assert (client.leader, client.leader_url) == ("n3", C)
+
+
+def test_503_rotates_and_the_round_pause_honours_retry_after(clock):
+    nodes = FakeNodes(clock, {A: "no_leader", B: "no_leader"})
+
+    def election_ends_after_two_rounds(request: Request) -> Response:
+        if len(nodes.requests) == 4:  # A, B, A, B answered 503; then A wins the election
+            nodes.roles[A] = "leader"
+        return nodes(request)
+
+    with Client([A, B], transport=MockTransport(election_ends_after_two_rounds), clock=clock.now,
+                sleep=clock.sleep) as client:
+        client.submit("q", 1)
+    assert [url.split("/v1/")[0] for url in nodes.urls()] == [A, B, A, B, A]
+    assert len(clock.slept) == 2 and all(s >= 1.0 for s in clock.slept), "Retry-After: 1 is the floor"
+
+
+def test_backoff_is_full_jitter_below_a_growing_cap(clock):
+    nodes = FakeNodes(clock, {A: "down"})
+    policy = RetryPolicy(backoff_base_s=0.1, backoff_cap_s=0.8)
+    with make_client(nodes, deadline=20.0, retry=policy) as client, pytest.raises(errors.ConnectError):
+        client.queues()
+    caps = [min(0.8, 0.1 * 2 ** n) for n in range(len(clock.slept))]
+    assert len(clock.slept) > 10 and all(0 <= s <= cap for s, cap in zip(clock.slept, caps)), clock.slept
+    assert len(set(clock.slept)) == len(clock.slept), "jittered, not fixed"
+
+
+def test_queue_full_on_submit_is_waited_out_honouring_retry_after(clock):
+    nodes = FakeNodes(clock, {A: "leader", B: "follower"}, leader=A)
+    full = iter([True, True, False])
+    nodes.serve = lambda r: (Response.error(429, "queue_full", "queue q is full (10 jobs)", {"Retry-After": "1"})
+                             if next(full) else default_answer(r))
+    with make_client(nodes) as client:
+        client.submit("q", 1)
+    assert nodes.urls() == [f"{A}/v1/queues/q/jobs"] * 3, "429 stays on the leader"
+    assert len(clock.slept) == 2 and min(clock.slept) >= 1.0
+
+
+def test_queue_full_is_raised_at_once_when_not_opted_in(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    nodes.serve = lambda r: Response.error(429, "queue_full", "queue q is full", {"Retry-After": "2"})
+    with make_client(nodes, retry=RetryPolicy(retry_queue_full=False)) as client:
+        with pytest.raises(errors.QueueFull) as caught:
+            client.submit("q", 1)
+        assert (caught.value.status, caught.value.retry_after, len(nodes.requests)) == (429, 2.0, 1)
+    with make_client(nodes) as client:  # only submit opts in: a 429 elsewhere is not retried
+        with pytest.raises(errors.QueueFull):
+            client.fetch("w1", ["q"])
+        assert len(nodes.requests) == 2
+
+
+# ---------------------------------------------------------------------------- the deadline
+
+
+def test_deadline_exceeded_is_one_clear_error(clock):
+    nodes = FakeNodes(clock, {A: "down", B: "down"})
+    with make_client(nodes, deadline=3.0) as client, pytest.raises(errors.ConnectError) as caught:
+        client.submit("q", 1)
+    message = str(caught.value)
+    assert message.startswith(f"no raftq node answered at {A}, {B}: connection refused (deadline 3.0 s, ")
+    assert "\n" not in message and caught.value.status is None and caught.value.code == "connect"
+    assert isinstance(caught.value.__cause__, errors.ConnectError)
+    assert sum(clock.slept) < 3.0 and clock.now_s - 1000.0 < 3.0
+
+
+def test_deadline_names_each_node_when_reasons_differ(clock):
+    nodes = FakeNodes(clock, {A: "down", B: "slow"})
+    with make_client(nodes, timeout=1.0, deadline=2.5) as client, pytest.raises(errors.Timeout) as caught:
+        client.queues()
+    assert re.match(rf"no raftq node answered: {A}: connection refused; {B}: no answer within [0-9.]+ s "
+                    r"\(deadline 2.5 s, \d+ attempts\)$", str(caught.value)), str(caught.value)
+
+
+def test_deadline_with_503_everywhere_raises_no_leader_with_retry_after(clock):
+    nodes = FakeNodes(clock, {A: "no_leader", B: "no_leader"})
+    with make_client(nodes, deadline=5.0) as client, pytest.raises(errors.NoLeader) as caught:
+        client.submit("q", 1)
+    error = caught.value
+    assert (error.status, error.code, error.retry_after) == (503, "no_leader", 1.0)
+    assert "could not serve it before the deadline" in str(error) and "(deadline 5.0 s" in str(error)
+    assert isinstance(error, errors.Unavailable) and isinstance(error, errors.ServerError)
+
+
+def test_a_retry_after_past_the_deadline_gives_up_at_once(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    nodes.serve = lambda r: Response.error(503, "unavailable", "overloaded", {"Retry-After": "60"})
+    with make_client(nodes, deadline=5.0) as client, pytest.raises(errors.Unavailable):
+        client.queues()
+    assert (len(nodes.requests), clock.slept) == (1, [])
+
+
+def test_a_redirect_loop_ends_in_backoff_and_no_leader(clock):
+    nodes = FakeNodes(clock, {A: "follower", B: "follower"})
+
+    def ping_pong(request: Request) -> Response:
+        nodes.leader = A if request.url.startswith(B) else B  # each names the other
+        return nodes(request)
+
+    with Client([A, B], transport=MockTransport(ping_pong), clock=clock.now, sleep=clock.sleep,
+                deadline=4.0) as client, pytest.raises(errors.NoLeader) as caught:
+        client.submit("q", 1)
+    assert "redirected 4 times in a row" in str(caught.value) or "just failed: redirected" in str(caught.value)
+    rounds = len(clock.slept)
+    assert rounds >= 1 and len(nodes.requests) <= (rounds + 1) * (RetryPolicy().redirects_max + 2)
+
+
+# ---------------------------------------------------------------------------- idempotency
+
+
+def test_idempotency_key_is_kept_across_retries_and_fresh_per_submit(clock):
+    nodes = FakeNodes(clock, {A: "leader", B: "follower"}, leader=A)
+    lost = iter([True, False, False, False])
+
+    def first_answer_lost(request: Request) -> Response:
+        if next(lost):
+            clock.now_s += request.timeout_s
+            raise errors.Timeout("no answer")
+        return default_answer(request)
+
+    nodes.serve = first_answer_lost
+    with make_client(nodes) as client:
+        client.submit("q", {"n": 1})
+        client.submit("q", {"n": 1})
+        client.submit("q", {"n": 1}, idempotency_key="welcome-42")
+    keys = [body["jobs"][0]["idempotency_key"] for body in nodes.bodies() if "jobs" in body]
+    sent_to_leader = [body["jobs"][0]["idempotency_key"] for request, body in zip(nodes.requests, nodes.bodies())
+                      if request.url.startswith(A)]
+    assert len(keys) == 5 and keys[0] == keys[1] == keys[2], "one submit's retries share its key"
+    assert keys[3] != keys[0] and len(keys[0]) == 32 and int(keys[0], 16) >= 0
+    assert keys[4] == "welcome-42" and sent_to_leader[-1] == "welcome-42"
+
+
+def test_submit_many_chunks_with_a_key_per_job(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    with make_client(nodes) as client:
+        ids = client.submit_many("bulk", list(range(2500)), priority=9, lease_s=5)
+    jobs = [body["jobs"] for body in nodes.bodies()]
+    assert [len(chunk) for chunk in jobs] == [BATCH_COUNT_MAX, BATCH_COUNT_MAX, 500]
+    flat = [job for chunk in jobs for job in chunk]
+    assert [job["payload"] for job in flat] == list(range(2500)) and len(ids) == 2500
+    assert len({job["idempotency_key"] for job in flat}) == 2500
+    assert all(job["priority"] == 9 and job["lease_s"] == 5 and "delay_s" not in job for job in flat)
+    with make_client(nodes) as client:
+        assert client.submit_many("bulk", []) == []
+        with pytest.raises(ValueError):
+            client.submit_many("bulk", [1, 2], idempotency_keys=["k1"])
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+def batch_answer(request: Request) -> Response:
+    items = len(next(value for key, value in request.decoded().items() if key != "worker"))
+    outcomes: list[Any] = ["ok" if request.path != "/v1/extend" else {"ok": True, "lease_expires_at": 1.7e9},
+                           {"error": {"code": "lease_expired", "message": "lease 7 of j2 expired"}},
+                           {"error": {"code": "not_found", "message": "no job j3"}},
+                           {"error": {"code": "lease_mismatch", "message": "j4 is leased to w2"}}]
+    return Response.msgpack({"results": outcomes[:items]})
+
+
+def test_batch_outcomes_map_per_item(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    nodes.serve = batch_answer
+    items = [("j1", 7, None), ("j2", 7, {"r": 1}), ("j3", 7, None), ("j4", 7, None)]
+    with make_client(nodes) as client:
+        acked = client.ack_many("w1", items)
+        failed = client.fail_many("w1", [(job_id, lease, "boom", True, None) for job_id, lease, _ in items])
+        extended = client.extend_many("w1", [(job_id, lease, 30.0) for job_id, lease, _ in items])
+    for outcomes in (acked, failed):
+        assert outcomes[0] is None
+    assert extended[0] == 1.7e9
+    for outcomes in (acked, failed, extended):
+        assert [type(o) for o in outcomes[1:]] == [errors.LeaseError, errors.JobNotFound, errors.LeaseError]
+        assert [(o.code, o.status) for o in outcomes[1:]] == [("lease_expired", 409), ("not_found", 404),
+                                                            ("lease_mismatch", 409)]
+        assert str(outcomes[1]) == "lease 7 of j2 expired"
+    assert nodes.bodies()[0]["acks"][1] == {"id": "j2", "lease": 7, "result": {"r": 1}}
+    assert "result" not in nodes.bodies()[0]["acks"][0]
+    assert nodes.bodies()[1]["fails"][0] == {"id": "j1", "lease": 7, "error": "boom", "retry": True}
+
+
+def test_single_item_calls_raise_their_item_error(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    with make_client(nodes) as client:
+        nodes.serve = lambda r: Response.msgpack({"results": [{"error": {"code": "lease_expired", "message": "late"}}]})
+        for call in (lambda: client.ack("w1", "j1", 7), lambda: client.fail("w1", "j1", 7, "boom", retry=False),
+                     lambda: client.extend("w1", "j1", 7, 30.0)):
+            with pytest.raises(errors.LeaseError) as caught:
+                call()
+            assert (caught.value.code, caught.value.status, caught.value.node) == ("lease_expired", 409, A)
+        nodes.serve = default_answer
+        assert client.ack("w1", "j1", 7) is None
+        assert client.extend("w1", "j1", 7, 30.0) == 2e9
+        client.fail("w1", "j1", 7, "boom", retry=False, delay_s=2.5)
+    assert nodes.bodies()[-1]["fails"] == [{"id": "j1", "lease": 7, "error": "boom", "retry": False, "delay_s": 2.5}]
+
+
+ERROR_CASES = [
+    (400, "invalid", errors.InvalidRequest, errors.RequestError),
+    (401, "unauthorized", errors.Unauthorized, errors.RequestError),
+    (403, "forbidden", errors.Unauthorized, errors.RequestError),
+    (404, "not_found", errors.JobNotFound, errors.JobError),
+    (409, "lease_mismatch", errors.LeaseError, errors.JobError),
+    (409, "lease_expired", errors.LeaseError, errors.JobError),
+    (409, "conflict", errors.Conflict, errors.JobError),
+    (413, "too_large", errors.PayloadTooLarge, errors.RequestError),
+    (429, "queue_full", errors.QueueFull, errors.ServerError),
+    (405, "method_not_allowed", errors.RequestError, errors.RequestError),
+    (500, "internal", errors.ServerError, errors.ServerError),
+]
+
+
+@pytest.mark.parametrize("status, code, cls, family", ERROR_CASES)
+def test_every_error_status_maps_to_its_class_without_retry(clock, status, code, cls, family):
+    nodes = FakeNodes(clock, {A: "leader", B: "follower"}, leader=A)
+    nodes.serve = lambda r: Response.error(status, code, f"{code} happened")
+    with make_client(nodes) as client, pytest.raises(cls) as caught:
+        client.get("j1")
+    error = caught.value
+    assert type(error) is cls and isinstance(error, family) and isinstance(error, errors.RaftqError)
+    assert (error.status, error.code, str(error), error.node) == (status, code, f"{code} happened", A)
+    assert len(nodes.requests) == 1, "4xx (and 500) are not retried"
+
+
+@pytest.mark.parametrize("status, code, cls", [(503, "unavailable", errors.Unavailable),
+                                               (503, "timeout", errors.Unavailable),
+                                               (503, "no_leader", errors.NoLeader),
+                                               (502, None, errors.Unavailable)])
+def test_503_family_is_retried_then_mapped(clock, status, code, cls):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    nodes.serve = lambda r: (Response.error(status, code, "busy", {"Retry-After": "1"}) if code
+                             else Response(status, {"Content-Type": "text/html"}, b"<h1>Bad Gateway</h1>"))
+    with make_client(nodes, deadline=3.0) as client, pytest.raises(cls) as caught:
+        client.queues()
+    assert type(caught.value) is cls and caught.value.status == status and len(nodes.requests) > 1
+    if code is None:
+        assert "Bad Gateway" in str(caught.value)
+
+
+def test_an_unreadable_answer_is_a_decode_error(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    nodes.serve = lambda r: Response(200, {"Content-Type": "text/plain"}, b"hello")
+    with make_client(nodes) as client:
+        with pytest.raises(errors.DecodeError):
+            client.queues()
+        nodes.serve = lambda r: Response.msgpack({"no_ids": []}, 201)
+        with pytest.raises(errors.DecodeError, match="unexpected body"):
+            client.submit("q", 1)
+        nodes.serve = lambda r: Response(200, {"Content-Type": "application/json"}, b'{"queues": {"q": {}}}')
+        assert client.queues() == {"q": {}}, "a JSON answer is read too"
+
+
+def test_error_pickles_with_its_fields():
+    import pickle
+
+    error = errors.QueueFull("full", status=429, retry_after=2.0, node=A)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.code, copy.status, copy.retry_after, copy.node, str(copy)) == \
+        (errors.QueueFull, "queue_full", 429, 2.0, A, "full")
+
+
+# ---------------------------------------------------------------------------- requests and life cycle
+
+
+def test_requests_carry_msgpack_auth_and_the_core_paths(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    answers = {"/v1/workers/w%2F1/heartbeat": {"ok": True, "lost": ["j9"]}, "/v1/queues": {"queues": {"q": {}}},
+               "/v1/queues/q/dead?limit=5&after=j0": {"jobs": [{"id": "d1"}]}, "/v1/jobs/a%2Fb": {"id": "a/b"},
+               "/v1/queues/q/dead/redrive": {"redriven": 2}, "/v1/queues/q/dead/purge": {"purged": 3},
+               "/v1/cluster": {"node": "n1"}, "/v1/workers": {"workers": []}}
+    nodes.serve = lambda r: Response.msgpack(answers[r.path]) if r.path in answers else default_answer(r)
+    with make_client(nodes, token="s3cret", timeout=4.0) as client:
+        (job,) = client.fetch("w1", "emails", max_jobs=3, wait_s=2.5)
+        assert job == LeasedJob("j1", "emails", {"n": 1}, 1, 7, 1_700_000_030.5, 3)
+        assert client.heartbeat("w/1", ["j8", "j9"]) == ["j9"]
+        assert client.get("a/b") == {"id": "a/b"}
+        assert client.cancel("j1") is None
+        assert client.queues() == {"q": {}}
+        assert client.dead("q", limit=5, after="j0") == [{"id": "d1"}]
+        assert client.redrive("q", ["d1", "d2"]) == 2 and client.redrive("q") == 2
+        assert client.purge_dead("q") == 3 and client.cluster() == {"node": "n1"} and client.workers() == []
+        assert client.configure_queue("q", max_depth=10) == {"ok": True}
+    lease, *rest = nodes.requests
+    assert lease.decoded() == {"worker": "w1", "queues": ["emails"], "max_jobs": 3, "wait_s": 2.5}
+    assert lease.timeout_s == 4.0 + 2.5, "a long poll adds wait_s to the request timeout"
+    assert lease.headers["Content-Type"] == lease.headers["Accept"] == "application/msgpack"
+    assert all(r.headers["Authorization"] == "Bearer s3cret" for r in nodes.requests)
+    assert [(r.method, r.path) for r in rest] == [
+        ("POST", "/v1/workers/w%2F1/heartbeat"), ("GET", "/v1/jobs/a%2Fb"), ("POST", "/v1/jobs/j1/cancel"),
+        ("GET", "/v1/queues"), ("GET", "/v1/queues/q/dead?limit=5&after=j0"), ("POST", "/v1/queues/q/dead/redrive"),
+        ("POST", "/v1/queues/q/dead/redrive"), ("POST", "/v1/queues/q/dead/purge"), ("GET", "/v1/cluster"),
+        ("GET", "/v1/workers"), ("PUT", "/v1/queues/q")]
+    assert rest[0].decoded() == {"jobs": ["j8", "j9"]} and rest[5].decoded() == {"ids": ["d1", "d2"]}
+    assert rest[6].decoded() == {} and rest[1].content == b"" and "Content-Type" not in rest[1].headers
+
+
+def test_use_after_close_raises_and_close_is_idempotent(clock):
+    closed = []
+
+    class Recording(MockTransport):
+        def close(self) -> None:
+            closed.append(True)
+
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    client = Client([A], transport=Recording(nodes))
+    with client:
+        client.queues()
+    client.close()
+    assert closed == [True]
+    with pytest.raises(errors.ClientClosed):
+        client.queues()
+    with pytest.raises(errors.ClientClosed):
+        with client:
+            pass
+    assert not isinstance(errors.ClientClosed("x"), errors.RaftqError), "local misuse is not a cluster error"
+
+
+def test_bad_arguments_fail_before_any_request(clock):
+    nodes = FakeNodes(clock, {A: "leader"}, leader=A)
+    for bad in ([], "", ["127.0.0.1:7001"], ["http://a:1/v1"]):
+        with pytest.raises(ValueError):
+            Client(bad)
+    with pytest.raises(ValueError):
+        Client([A], timeout=0)
+    assert Client(f"{A}/, {B}").nodes == (A, B)
+    with make_client(nodes) as client, pytest.raises(TypeError, match="msgpack"):
+        client.submit("q", object())
+    assert nodes.requests == []
+
+
+# ---------------------------------------------------------------------------- a real HTTP server
+
+
+class RealNodes:
+    """Two aiohttp apps on 127.0.0.1 port 0: a follower that redirects, and a leader that answers msgpack."""
+
+    def __init__(self) -> None:
+        self.runners: list[web.AppRunner] = []
+        self.seen: list[tuple[str, str, str]] = []  # (node, method, path)
+        self.leader_url = self.follower_url = ""
+
+    async def start(self) -> None:
+        leader = web.Application()
+        leader.router.add_post("/v1/queues/{queue}/jobs", self.submit)
+        leader.router.add_post("/v1/lease", self.lease)
+        leader.router.add_get("/v1/jobs/{id}", self.job)
+        follower = web.Application()
+        follower.router.add_route("*", "/{tail:.*}", self.redirect)
+        self.leader_url = await self._serve(leader)
+        self.follower_url = await self._serve(follower)
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+    async def _serve(self, app: web.Application) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self.seen.append(("follower", request.method, request.path))
+        return web.Response(status=307, headers={"Location": self.leader_url + request.path_qs,
+                                                 "X-Raftq-Leader": "n1"},
+                            body=msgpack.packb({"error": {"code": "not_leader", "message": "n1 leads"}}),
+                            content_type="application/msgpack")
+
+    async def submit(self, request: web.Request) -> web.Response:
+        self.seen.append(("leader", request.method, request.path))
+        assert request.content_type == "application/msgpack"
+        assert request.headers["Authorization"] == "Bearer t0ken"
+        body = msgpack.unpackb(await request.read(), raw=False)
+        return self.msgpack({"ids": [f"id{n}" for n, _ in enumerate(body["jobs"])]}, 201)
+
+    async def lease(self, request: web.Request) -> web.Response:
+        self.seen.append(("leader", request.method, request.path))
+        body = msgpack.unpackb(await request.read(), raw=False)
+        return self.msgpack({"jobs": [leased("j1", body["queues"][0], {"blob": b"\x00\xff", "text": "é"})]})
+
+    async def job(self, request: web.Request) -> web.Response:
+        self.seen.append(("leader", request.method, request.path))
+        return self.msgpack({"error": {"code": "not_found", "message": f"no job {request.match_info['id']}"}}, 404)
+
+    @staticmethod
+    def msgpack(value: Any, status: int = 200) -> web.Response:
+        return web.Response(body=msgpack.packb(value, use_bin_type=True), status=status,
+                            content_type="application/msgpack")
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def real_nodes():
+    """RealNodes served from a loop on a background thread, for the blocking client."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    nodes = RealNodes()
+    asyncio.run_coroutine_threadsafe(nodes.start(), loop).result(10)
+    yield nodes
+    asyncio.run_coroutine_threadsafe(nodes.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_real_http_redirect_failover_and_msgpack(real_nodes):
+    down = closed_port_url()
+    with Client([down, real_nodes.follower_url], token="t0ken", timeout=5.0, deadline=10.0) as client:
+        assert client.submit_many("emails", [{"to": "a"}, {"to": "b"}]) == ["id0", "id1"]
+        assert client.leader_url == real_nodes.leader_url and client.leader == "n1"
+        (job,) = client.fetch("w1", ["emails"], wait_s=0.1)
+        assert job.payload == {"blob": b"\x00\xff", "text": "é"} and job.lease == 7
+        with pytest.raises(errors.JobNotFound, match="no job nope"):
+            client.get("nope")
+    assert real_nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"),
+                               ("leader", "POST", "/v1/queues/emails/jobs"), ("leader", "POST", "/v1/lease"),
+                               ("leader", "GET", "/v1/jobs/nope")]

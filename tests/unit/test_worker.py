@@ -1,0 +1,799 @@
+"""Worker runtime: the loop logic against an in-memory fake of the client's worker calls.
+
+The fake holds jobs the way the server does (ready / leased / done / dead, lease tokens,
+retry delays, attempts) so burst runs end on their own. Real-node runs are integration tests.
+Every wait here polls or blocks on an event with a deadline; nothing sleeps for a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pytest
+from aiohttp import web
+
+from client import AsyncClient, Client, LeasedJob, errors
+from client.worker import (ERROR_TEXT_BYTES_MAX, Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry,
+                           Worker, error_text, outcome_of)
+
+DEADLINE_S = 10.0
+
+
+def wait_until(predicate, what: str, timeout_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def lease_error(job_id: str) -> errors.RaftqError:
+    return errors.LeaseError(f"job {job_id}: lease_mismatch", code="lease_mismatch", status=409)
+
+
+@dataclass
+class FakeJob:
+    id: str
+    queue: str
+    payload: Any
+    max_attempts: int = 1
+    lease_s: float = 30.0
+    attempts: int = 0
+    state: str = "ready"
+    ready_at: float = 0.0
+    lease: int = 0
+    holder: str | None = None
+
+
+@dataclass
+class FakeCluster:
+    """The server side of fetch / ack / fail / extend / heartbeat, thread-safe, recording every call."""
+
+    jobs: dict[str, FakeJob] = field(default_factory=dict)
+    fetches: list[tuple[int, int]] = field(default_factory=list)  # (max_jobs, leases held before)
+    acks: list[tuple[str, Any]] = field(default_factory=list)
+    ack_calls: list[int] = field(default_factory=list)
+    fails: list[tuple[str, str, bool, float | None]] = field(default_factory=list)
+    extends: list[tuple[str, int, float]] = field(default_factory=list)
+    heartbeats: list[list[str]] = field(default_factory=list)
+    held_max: int = 0
+    fetch_errors: list[Exception] = field(default_factory=list)
+    ack_errors: list[Exception] = field(default_factory=list)
+    on_heartbeat: Any = None
+    on_extend: Any = None
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens = itertools.count(1)
+        self.ids = itertools.count(1)
+
+    def add(self, queue: str, payload: Any, **options: Any) -> str:
+        job_id = f"j{next(self.ids)}"
+        with self.lock:
+            self.jobs[job_id] = FakeJob(job_id, queue, payload, **options)
+        return job_id
+
+    def held(self, worker: str) -> int:
+        return sum(1 for job in self.jobs.values() if job.state == "leased" and job.holder == worker)
+
+    def state(self, job_id: str) -> str:
+        return self.jobs[job_id].state
+
+    # -- the client calls the worker makes
+
+    def fetch(self, worker, queues, *, max_jobs=1, wait_s=0.0):
+        with self.lock:
+            if self.fetch_errors:
+                raise self.fetch_errors.pop(0)
+            self.fetches.append((max_jobs, self.held(worker)))
+            now = time.time()
+            ready = [j for j in self.jobs.values() if j.queue in queues and j.state == "ready" and j.ready_at <= now]
+            out = []
+            for job in ready[:max_jobs]:
+                job.state, job.holder, job.lease = "leased", worker, next(self.tokens)
+                job.attempts += 1
+                out.append(LeasedJob(id=job.id, queue=job.queue, payload=job.payload, attempt=job.attempts,
+                                     lease=job.lease, lease_expires_at=now + job.lease_s, priority=0))
+            self.held_max = max(self.held_max, self.held(worker))
+            return out
+
+    def _holds(self, worker, job_id, lease) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.state == "leased" and job.holder == worker and job.lease == lease
+
+    def ack_many(self, worker, items):
+        with self.lock:
+            if self.ack_errors:
+                raise self.ack_errors.pop(0)
+            self.ack_calls.append(len(items))
+            results = []
+            for job_id, lease, result in items:
+                if not self._holds(worker, job_id, lease):
+                    results.append(lease_error(job_id))
+                    continue
+                self.jobs[job_id].state = "done"
+                self.acks.append((job_id, result))
+                results.append(None)
+            return results
+
+    def fail_many(self, worker, items):
+        with self.lock:
+            results = []
+            for job_id, lease, error, retry, delay_s in items:
+                self.fails.append((job_id, error, retry, delay_s))
+                if not self._holds(worker, job_id, lease):
+                    results.append(lease_error(job_id))
+                    continue
+                job = self.jobs[job_id]
+                if retry and job.attempts < job.max_attempts:
+                    job.state, job.ready_at = "ready", time.time() + (delay_s or 0.0)
+                else:
+                    job.state = "dead"
+                job.holder = None
+                results.append(None)
+            return results
+
+    def extend_many(self, worker, items):
+        with self.lock:
+            results = []
+            for job_id, lease, lease_s in items:
+                self.extends.append((job_id, lease, lease_s))
+                results.append(time.time() + lease_s if self._holds(worker, job_id, lease) else lease_error(job_id))
+        if self.on_extend:
+            self.on_extend(items)
+        return results
+
+    def heartbeat(self, worker, job_ids):
+        with self.lock:
+            self.heartbeats.append(list(job_ids))
+            lost = [j for j in job_ids if not (self.jobs[j].state == "leased" and self.jobs[j].holder == worker)]
+        if self.on_heartbeat:
+            self.on_heartbeat(job_ids)
+        return lost
+
+    def steal(self, job_id: str) -> None:
+        """Another worker now holds the job (as after a lease expiry)."""
+        with self.lock:
+            self.jobs[job_id].holder = "someone-else"
+            self.jobs[job_id].lease = next(self.tokens)
+
+
+class AsyncFake:
+    """The same fake behind `async def` methods, as an AsyncClient would offer them."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+
+    def __getattr__(self, name):
+        method = getattr(self.cluster, name)
+
+        async def call(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        return call
+
+
+class ApiServer:
+    """A tiny real HTTP server (aiohttp, on its own thread and loop) speaking the worker paths of the
+    API over a FakeCluster, so that tests can put the real Client / AsyncClient in between."""
+
+    def __init__(self, cluster: FakeCluster | None = None) -> None:
+        self.cluster = cluster if cluster is not None else FakeCluster()
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+
+    def start(self) -> None:
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        assert ready.wait(DEADLINE_S), "the test server did not start"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/lease", self.lease)
+        router.add_post("/v1/ack", self.ack)
+        router.add_post("/v1/fail", self.fail)
+        router.add_post("/v1/extend", self.extend)
+        router.add_post("/v1/workers/{worker}/heartbeat", self.heartbeat)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        self.add_routes(app.router)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        ready.set()
+        self.loop.run_forever()
+
+    @staticmethod
+    async def body(request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw:
+            return {}
+        return msgpack.unpackb(raw) if "msgpack" in request.headers.get("Content-Type", "") else json.loads(raw)
+
+    @staticmethod
+    def respond(request: web.Request, value: Any, status: int = 200) -> web.Response:
+        if "msgpack" in request.headers.get("Accept", "") + request.headers.get("Content-Type", ""):
+            return web.Response(body=msgpack.packb(value), status=status, content_type="application/msgpack")
+        return web.json_response(value, status=status)
+
+    def error(self, request: web.Request, status: int, code: str, message: str) -> web.Response:
+        return self.respond(request, {"error": {"code": code, "message": message}}, status)
+
+    @staticmethod
+    def outcome(result: Any) -> Any:
+        if isinstance(result, errors.RaftqError):
+            return {"error": {"code": result.code, "message": str(result)}}
+        return "ok" if result is None else {"ok": True, "lease_expires_at": result}
+
+    async def lease(self, request):
+        body = await self.body(request)
+        jobs = self.cluster.fetch(body["worker"], body["queues"], max_jobs=body["max_jobs"], wait_s=body["wait_s"])
+        return self.respond(request, {"jobs": [dataclasses.asdict(job) for job in jobs]})
+
+    async def ack(self, request):
+        body = await self.body(request)
+        items = [(a["id"], a["lease"], a.get("result")) for a in body["acks"]]
+        return self.respond(request, {"results": [self.outcome(r) for r in self.cluster.ack_many(body["worker"], items)]})
+
+    async def fail(self, request):
+        body = await self.body(request)
+        items = [(f["id"], f["lease"], f["error"], f.get("retry", True), f.get("delay_s")) for f in body["fails"]]
+        return self.respond(request, {"results": [self.outcome(r) for r in self.cluster.fail_many(body["worker"], items)]})
+
+    async def extend(self, request):
+        body = await self.body(request)
+        items = [(x["id"], x["lease"], x["lease_s"]) for x in body["leases"]]
+        results = await asyncio.to_thread(self.cluster.extend_many, body["worker"], items)  # its hook may block
+        return self.respond(request, {"results": [self.outcome(r) for r in results]})
+
+    async def heartbeat(self, request):
+        body = await self.body(request)
+        lost = await asyncio.to_thread(self.cluster.heartbeat, request.match_info["worker"], body["jobs"])
+        return self.respond(request, {"ok": True, "lost": lost})
+
+
+@pytest.fixture
+def api():
+    server = ApiServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_worker(cluster, handlers, **options) -> Worker:
+    options.setdefault("burst", True)
+    options.setdefault("worker_id", "w1")
+    options.setdefault("heartbeat_s", 0.05)
+    options.setdefault("wait_s", 0.5)
+    return Worker(cluster, handlers, **options)
+
+
+# ---------------------------------------------------------------------------- top-level handlers (process pool)
+
+
+def square(job):
+    return job.payload["n"] ** 2
+
+
+def explode(job):
+    raise ValueError(f"bad n {job.payload['n']}")
+
+
+def die(job):
+    os._exit(3)  # a child killed mid-job (OOM killer, segfault)
+
+
+def hang(job):
+    threading.Event().wait(60)  # stuck until shutdown terminates the child
+
+
+# ---------------------------------------------------------------------------- the basic loop
+
+
+def test_burst_processes_and_acks_every_job_with_its_result():
+    cluster = FakeCluster()
+    ids = [cluster.add("math", {"n": n}) for n in range(10)]
+    stats = make_worker(cluster, {"math": square}).run()
+    assert sorted(cluster.acks) == sorted((job_id, n * n) for n, job_id in enumerate(ids))
+    assert all(cluster.state(job_id) == "done" for job_id in ids)
+    assert (stats.processed, stats.succeeded, stats.failed, stats.fetched) == (10, 10, 0, 10)
+
+
+def test_concurrency_bound_and_fetch_never_asks_past_free_slots():
+    cluster = FakeCluster()
+    concurrency = 3
+    for n in range(9):
+        cluster.add("q", {"n": n})
+    barrier = threading.Barrier(concurrency, timeout=DEADLINE_S)  # proves `concurrency` jobs do run together
+    running, running_max, lock = 0, 0, threading.Lock()
+
+    def handler(job):
+        nonlocal running, running_max
+        with lock:
+            running += 1
+            running_max = max(running_max, running)
+        barrier.wait()
+        with lock:
+            running -= 1
+
+    stats = make_worker(cluster, {"q": handler}, concurrency=concurrency).run()
+    assert stats.succeeded == 9
+    assert running_max == concurrency
+    assert cluster.held_max <= concurrency and stats.inflight_max <= concurrency
+    assert all(max_jobs + held <= concurrency for max_jobs, held in cluster.fetches), cluster.fetches
+
+
+def test_jobs_finishing_together_are_acked_in_one_request():
+    cluster = FakeCluster()
+    worker = make_worker(cluster, {"q": square})
+    flights = worker._take([LeasedJob(f"j{n}", "q", {"n": n}, 1, n, time.time() + 30) for n in range(3)], running=True)
+    from client.worker import _Outcome
+
+    batch = [(flights[0], _Outcome("ok", result=1)), (flights[1], _Outcome("failed", error="boom")),
+             (flights[2], _Outcome("ok", result=None))]
+    requests = worker._report_requests(batch)
+    assert [(method, items) for method, _, items in requests] == [
+        ("ack_many", [("j0", 0, 1), ("j2", 2, None)]),
+        ("fail_many", [("j1", 1, "boom", True, None)]),
+    ]
+
+
+def test_empty_queue_in_burst_mode_returns_at_once():
+    cluster = FakeCluster()
+    stats = make_worker(cluster, {"q": square}, wait_s=20.0).run()
+    assert stats.processed == 0 and cluster.fetches == [(4, 0)]
+
+
+# ---------------------------------------------------------------------------- outcomes
+
+
+def test_retry_fails_the_job_with_its_delay():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=5)
+
+    def handler(job):
+        raise Retry(delay_s=60, reason="rate limited")
+
+    stats = make_worker(cluster, {"q": handler}).run()
+    assert cluster.fails == [(job_id, "retry requested in 60 s: rate limited", True, 60)]
+    assert stats.retried == 1 and cluster.state(job_id) == "ready"
+
+
+def test_retry_without_delay_runs_again_in_the_same_burst():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=3)
+    attempts = []
+
+    def handler(job):
+        attempts.append(job.attempt)
+        if job.attempt < 3:
+            raise Retry(delay_s=0)
+        return "third time"
+
+    stats = make_worker(cluster, {"q": handler}).run()
+    assert attempts == [1, 2, 3] and cluster.acks == [(job_id, "third time")]
+    assert (stats.retried, stats.succeeded) == (2, 1)
+
+
+def test_exception_fails_the_job_with_message_and_traceback():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {"n": 7}, max_attempts=1)
+    stats = make_worker(cluster, {"q": explode}).run()
+    [(failed_id, error, retry, delay_s)] = cluster.fails
+    assert (failed_id, retry, delay_s) == (job_id, True, None)
+    assert error.startswith("ValueError: bad n 7\n")
+    assert "Traceback (most recent call last)" in error and "in explode" in error
+    assert stats.failed == 1 and cluster.state(job_id) == "dead"
+
+
+@pytest.mark.parametrize("exc", [Reject("no such user"), type("Invalid", (NonRetryable,), {})("bad input")])
+def test_reject_and_non_retryable_go_straight_to_the_dead_letter_queue(exc):
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=5)
+
+    def handler(job):
+        raise exc
+
+    stats = make_worker(cluster, {"q": handler}).run()
+    [(failed_id, error, retry, _)] = cluster.fails
+    assert (failed_id, retry) == (job_id, False) and str(exc) in error
+    assert stats.rejected == 1 and cluster.state(job_id) == "dead"
+
+
+def test_unserialisable_or_huge_result_is_dropped_and_the_job_still_acked(caplog):
+    cluster = FakeCluster()
+    first, second = cluster.add("q", {"kind": "object"}), cluster.add("q", {"kind": "huge"})
+
+    def handler(job):
+        return object() if job.payload["kind"] == "object" else "x" * (100 << 10)
+
+    with caplog.at_level(logging.WARNING, logger="raftq.worker"):
+        make_worker(cluster, {"q": handler}).run()
+    assert sorted(cluster.acks) == [(first, None), (second, None)]
+    assert caplog.text.count("result dropped") == 2
+
+
+def test_error_text_is_bounded_and_keeps_head_and_tail():
+    try:
+        raise RuntimeError("head-marker " + "x" * 20_000 + " tail-marker")
+    except RuntimeError as exc:
+        text = error_text(exc)
+    assert len(text.encode()) <= ERROR_TEXT_BYTES_MAX
+    assert text.startswith("RuntimeError: head-marker") and text.rstrip().endswith("tail-marker")
+    assert "bytes cut" in text
+
+
+def test_outcome_labels():
+    assert [outcome_of(e) for e in (None, Retry(), Reject("x"), KeyError("k"))] == ["ok", "retried", "rejected",
+                                                                                   "failed"]
+    with pytest.raises(ValueError):
+        Retry(delay_s=-1)
+
+
+# ---------------------------------------------------------------------------- heartbeats, leases
+
+
+def test_heartbeat_names_the_jobs_in_flight():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {})
+    seen = threading.Event()
+    cluster.on_heartbeat = lambda ids: seen.set() if job_id in ids else None
+
+    def handler(job):
+        assert seen.wait(DEADLINE_S), "no heartbeat named the running job"
+
+    stats = make_worker(cluster, {"q": handler}, heartbeat_s=0.02).run()
+    assert stats.succeeded == 1 and [job_id] in cluster.heartbeats
+
+
+def test_long_job_gets_its_lease_extended():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, lease_s=1.0)
+    extended = threading.Event()
+    cluster.on_extend = lambda items: extended.set()
+
+    def handler(job):
+        assert extended.wait(DEADLINE_S), "the lease was never extended"
+        return "done"
+
+    # Heartbeats are rare here: the extension must come from the lease clock, at about half the lease.
+    stats = make_worker(cluster, {"q": handler}, lease_s=1.0, heartbeat_s=30.0).run()
+    assert stats.succeeded == 1 and cluster.acks == [(job_id, "done")]
+    assert cluster.extends[0] == (job_id, 1, 1.0)
+
+
+def test_job_reported_lost_is_noted_and_its_refused_ack_handled_calmly(caplog):
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {})
+    worker = make_worker(cluster, {"q": lambda job: None}, heartbeat_s=0.02)
+
+    def handler(job):
+        cluster.steal(job.id)  # as if the lease had expired and another worker took the job
+        wait_until(lambda: worker.stats.lost == 1, "a heartbeat to report the job lost")
+
+    worker.handlers["q"] = handler
+    with caplog.at_level(logging.WARNING, logger="raftq.worker"):
+        stats = worker.run()
+    assert cluster.acks == [] and (stats.succeeded, stats.lost) == (1, 1)  # counted once, not again at the ack
+    assert "no longer holds it" in caplog.text and f"ack of job {job_id} refused" in caplog.text
+
+
+# ---------------------------------------------------------------------------- shutdown
+
+
+def run_in_thread(worker: Worker) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target():
+        try:
+            box["stats"] = worker.run()
+        except BaseException as exc:  # surfaced by the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_graceful_shutdown_hands_back_jobs_still_running_after_grace():
+    cluster = FakeCluster()
+    slow, fast = cluster.add("q", {"slow": True}, max_attempts=5), cluster.add("q", {"slow": False})
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def handler(job):
+        started.release()
+        if job.payload["slow"]:
+            release.wait(DEADLINE_S)
+        return "finished"
+
+    worker = make_worker(cluster, {"q": handler}, burst=False, concurrency=2, grace_s=0.2)
+    thread, box = run_in_thread(worker)
+    try:
+        for _ in range(2):
+            assert started.acquire(timeout=DEADLINE_S)
+        wait_until(lambda: cluster.acks, "the fast job's ack")
+        worker.stop()
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive() and "error" not in box
+    finally:
+        release.set()
+    assert cluster.acks == [(fast, "finished")]
+    assert cluster.fails == [(slow, "worker shutting down", True, 0.0)]
+    assert cluster.state(slow) == "ready" and box["stats"].released == 1
+
+
+def test_jobs_that_finish_within_grace_are_acked_not_handed_back():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {})
+    started, release = threading.Event(), threading.Event()
+
+    def handler(job):
+        started.set()
+        assert release.wait(DEADLINE_S)
+        return 1
+
+    worker = make_worker(cluster, {"q": handler}, burst=False, grace_s=DEADLINE_S)
+    thread, box = run_in_thread(worker)
+    assert started.wait(DEADLINE_S)
+    worker.stop()
+    release.set()
+    thread.join(DEADLINE_S)
+    assert cluster.acks == [(job_id, 1)] and cluster.fails == [] and box["stats"].released == 0
+
+
+def test_first_signal_stops_gracefully_second_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    worker = make_worker(FakeCluster(), {"q": square})
+    worker._on_signal(signal.SIGTERM)
+    assert worker.stopping and exits == []
+    worker._on_signal(signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]
+
+
+def test_sigterm_under_run_stops_the_worker():
+    cluster = FakeCluster()
+    cluster.add("q", {})
+    started = threading.Event()
+
+    def handler(job):
+        started.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread, where run() installed its handler
+        return "ok"
+
+    before = signal.getsignal(signal.SIGTERM)
+    stats = make_worker(cluster, {"q": handler}, burst=False, wait_s=0.05).run()
+    assert started.is_set() and stats.succeeded == 1
+    assert signal.getsignal(signal.SIGTERM) is before  # run() puts the previous handler back
+
+
+# ---------------------------------------------------------------------------- through the real client, over HTTP
+
+
+def test_worker_through_the_real_client_over_http(api):
+    cluster = api.cluster
+    ok, later, broken = cluster.add("q", {"do": "ok"}), cluster.add("q", {"do": "retry"}, max_attempts=5), \
+        cluster.add("q", {"do": "raise"})
+    long_one = cluster.add("q", {"do": "long"}, lease_s=1.0)
+    extended = threading.Event()
+    cluster.on_extend = lambda items: extended.set()
+
+    def handler(job):
+        if job.payload["do"] == "retry":
+            raise Retry(delay_s=60)
+        if job.payload["do"] == "raise":
+            raise KeyError("missing")
+        if job.payload["do"] == "long":
+            assert extended.wait(DEADLINE_S), "the lease was never extended"
+        return {"id": job.id, "attempt": job.attempt}
+
+    with Client(api.url, timeout=5.0, deadline=5.0) as client:
+        stats = make_worker(client, {"q": handler}, lease_s=1.0).run()
+    assert sorted(cluster.acks) == sorted([(ok, {"id": ok, "attempt": 1}), (long_one, {"id": long_one, "attempt": 1})])
+    assert {job_id: (retry, delay_s) for job_id, _, retry, delay_s in cluster.fails} == \
+        {later: (True, 60), broken: (True, None)}
+    assert "KeyError: 'missing'" in next(error for job_id, error, _, _ in cluster.fails if job_id == broken)
+    assert (stats.succeeded, stats.retried, stats.failed) == (2, 1, 1) and cluster.extends[0][0] == long_one
+    assert any(long_one in ids for ids in cluster.heartbeats)
+
+
+def test_refused_ack_over_http_is_dropped_calmly(api):
+    cluster = api.cluster
+    job_id = cluster.add("q", {})
+
+    def handler(job):
+        cluster.steal(job.id)
+
+    with Client(api.url, timeout=5.0, deadline=5.0) as client:
+        stats = make_worker(client, {"q": handler}, heartbeat_s=30.0).run()
+    assert cluster.acks == [] and cluster.state(job_id) == "leased" and (stats.succeeded, stats.lost) == (1, 1)
+
+
+async def test_asyncio_pool_through_the_real_async_client_over_http(api):
+    cluster = api.cluster
+    ids = [cluster.add("q", {"n": n}) for n in range(5)]
+
+    async def handler(job):
+        await asyncio.sleep(0)
+        return job.payload["n"] * 10
+
+    async with AsyncClient(api.url, timeout=5.0, deadline=5.0) as client:
+        stats = await make_worker(client, {"q": handler}, pool="asyncio", concurrency=2).arun()
+    assert sorted(cluster.acks) == sorted((job_id, n * 10) for n, job_id in enumerate(ids))
+    assert stats.succeeded == 5 and cluster.held_max <= 2
+
+
+# ---------------------------------------------------------------------------- riding through errors
+
+
+def test_transient_fetch_and_ack_errors_are_retried():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {"n": 3})
+    cluster.fetch_errors = [errors.ConnectError("connection refused"), errors.Unavailable("no leader", status=503)]
+    cluster.ack_errors = [errors.Timeout("timed out")]
+    stats = make_worker(cluster, {"q": square}).run()
+    assert cluster.acks == [(job_id, 9)] and stats.succeeded == 1
+
+
+def test_refused_request_stops_the_worker_with_that_error():
+    cluster = FakeCluster()
+    cluster.fetch_errors = [errors.Unauthorized("bad token", status=401)]
+    with pytest.raises(errors.Unauthorized):
+        make_worker(cluster, {"q": square}).run()
+
+
+def test_a_bug_in_a_worker_loop_stops_the_worker_instead_of_hanging_it():
+    cluster = FakeCluster()
+
+    def broken_heartbeat(worker, job_ids):
+        raise RuntimeError("bug in the heartbeat path")
+
+    cluster.heartbeat = broken_heartbeat
+    with pytest.raises(RuntimeError, match="bug in the heartbeat path"):
+        make_worker(cluster, {"q": square}, burst=False).run()
+
+
+# ---------------------------------------------------------------------------- pools
+
+
+def test_asyncio_pool_runs_async_handlers():
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {"n": n}) for n in range(6)]
+    running, running_max = 0, 0
+
+    async def handler(job):
+        nonlocal running, running_max
+        running += 1
+        running_max = max(running_max, running)
+        await asyncio.sleep(0)  # a yield, so that jobs interleave
+        running -= 1
+        return job.payload["n"] + 1
+
+    stats = make_worker(AsyncFake(cluster), {"q": handler}, pool="asyncio", concurrency=3).run()
+    assert sorted(cluster.acks) == sorted((job_id, n + 1) for n, job_id in enumerate(ids))
+    assert stats.succeeded == 6 and running_max <= 3 and cluster.held_max <= 3
+
+
+async def test_asyncio_pool_arun_inside_a_loop_and_grace():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=3)
+    started = asyncio.Event()
+
+    async def handler(job):
+        started.set()
+        await asyncio.Event().wait()  # never finishes on its own
+
+    worker = make_worker(AsyncFake(cluster), {"q": handler}, pool="asyncio", burst=False, grace_s=0.1)
+    task = asyncio.create_task(worker.arun())
+    await asyncio.wait_for(started.wait(), DEADLINE_S)
+    worker.stop()
+    stats = await asyncio.wait_for(task, DEADLINE_S)
+    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)] and stats.released == 1
+
+
+def test_processes_pool_runs_top_level_functions():
+    cluster = FakeCluster()
+    ok = [cluster.add("math", {"n": n}) for n in range(4)]
+    bad = cluster.add("bad", {"n": 1})
+    stats = make_worker(cluster, {"math": square, "bad": explode}, pool="processes", concurrency=2).run()
+    assert sorted(cluster.acks) == sorted((job_id, n * n) for n, job_id in enumerate(ok))
+    [(failed_id, error, retry, _)] = cluster.fails
+    assert failed_id == bad and "ValueError: bad n 1" in error and "in explode" in error  # the child's traceback
+    assert stats.succeeded == 4 and stats.failed == 1
+
+
+def test_processes_pool_survives_a_dying_child():
+    cluster = FakeCluster()
+    dead = cluster.add("die", {})
+    ok = [cluster.add("math", {"n": n}, max_attempts=3) for n in range(3)]
+    stats = make_worker(cluster, {"math": square, "die": die}, pool="processes", concurrency=1).run()
+    assert sorted(cluster.acks) == sorted((job_id, n * n) for n, job_id in enumerate(ok))
+    assert [(job_id, "BrokenProcessPool" in error) for job_id, error, _, _ in cluster.fails if job_id == dead] == \
+        [(dead, True)]
+    assert stats.succeeded == 3
+
+
+def test_processes_pool_shutdown_terminates_a_stuck_child():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=3)
+    worker = make_worker(cluster, {"q": hang}, pool="processes", concurrency=1, burst=False, grace_s=0.1)
+    thread, box = run_in_thread(worker)
+    wait_until(lambda: worker.inflight_ids() == [job_id], "the job to start")
+    worker.stop()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive() and box["stats"].released == 1
+    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)]
+
+
+def test_options_are_checked():
+    cluster = FakeCluster()
+    with pytest.raises(ValueError, match="pool"):
+        Worker(cluster, {"q": square}, pool="gevent")
+    with pytest.raises(ValueError, match="no handler"):
+        Worker(cluster, {"q": square}, queues=["q", "other"])
+    with pytest.raises(ValueError, match="pickle"):
+        Worker(cluster, {"q": lambda job: None}, pool="processes")
+    with pytest.raises(ValueError, match="concurrency"):
+        Worker(cluster, {"q": square}, concurrency=0)
+
+
+# ---------------------------------------------------------------------------- middleware
+
+
+class Recorder(Middleware):
+    def __init__(self):
+        self.events = []
+
+    def before_process(self, worker, job):
+        self.events.append(("before", job.id))
+
+    def after_process(self, worker, job, result, exc):
+        self.events.append(("after", job.id, result, outcome_of(exc)))
+
+    def on_shutdown(self, worker):
+        self.events.append(("shutdown",))
+
+
+class Broken(Middleware):
+    def before_fetch(self, worker):
+        raise RuntimeError("metrics backend down")
+
+
+def test_middleware_hooks_run_and_a_broken_one_is_ignored():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {"n": 2})
+    recorder = Recorder()
+    make_worker(cluster, {"q": square}, middleware=[Broken(), recorder]).run()
+    assert recorder.events == [("before", job_id), ("after", job_id, 4, "ok"), ("shutdown",)]
+
+
+def test_prometheus_middleware_counts_outcomes():
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    cluster = FakeCluster()
+    cluster.add("math", {"n": 1})
+    cluster.add("bad", {"n": 1})
+    make_worker(cluster, {"math": square, "bad": explode}, middleware=[PrometheusMiddleware(registry)]).run()
+    value = registry.get_sample_value
+    assert value("raftq_worker_jobs_processed_total", {"queue": "math", "outcome": "ok"}) == 1
+    assert value("raftq_worker_jobs_processed_total", {"queue": "bad", "outcome": "failed"}) == 1
+    assert value("raftq_worker_job_duration_seconds_count", {"queue": "math"}) == 1
