@@ -36,6 +36,8 @@ DEFAULT_NODES = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:70
 DEFAULT_TIMEOUT_S = 10.0
 #: Jobs per submit request with --batch and no size; the server's batch bound.
 BATCH_DEFAULT = 1000
+#: `status` asks every node on its own; a down node should cost the table this long, not the full timeout.
+STATUS_NODE_TIMEOUT_S = 2.0
 #: Characters of a dead job's error shown in `dlq list`.
 ERROR_COLUMN_MAX = 60
 _DELEGATED = ("node", "bench")
@@ -332,7 +334,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows, answers = [], []
     for url in _nodes(args):
         try:
-            with _make_client([url], _token(args), _timeout(args)) as client:
+            with _make_client([url], _token(args), min(_timeout(args), STATUS_NODE_TIMEOUT_S)) as client:
                 view = client.cluster()
         except RaftqError as exc:
             answers.append({"url": url, "error": _describe(exc)})

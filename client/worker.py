@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgpack
 
+from client._base import LeasedJob
 from client.errors import JobError, RaftqError, ServerError, TransportError
 
 log = logging.getLogger("raftq.worker")
@@ -91,6 +92,10 @@ FLUSH_S_MAX = 10.0
 FETCH_JOIN_S = 15.0
 
 POOLS = ("threads", "processes", "asyncio")
+
+#: What a handler receives: the job as fetched (.id, .queue, .payload, .attempt, .lease,
+#: .lease_expires_at, .priority). Frozen and picklable, so it crosses a process pool as is.
+Job = LeasedJob
 _TRANSIENT = (TransportError, ServerError)
 
 
@@ -265,8 +270,8 @@ class Worker:
     Args:
         client: a `client.Client` (pools "threads" and "processes") or `client.AsyncClient`
             (pool "asyncio"). The worker does not close it.
-        handlers: {queue name: callable(job)}. `job` has .id, .queue, .payload, .attempt, .lease
-            and .lease_expires_at (unix s). The return value (msgpack data, at most 64 KiB) is
+        handlers: {queue name: callable(job)}; `job` is a `Job` with .id, .queue, .payload,
+            .attempt, .lease and .lease_expires_at (unix s, as fetched). The return value (msgpack data, at most 64 KiB) is
             kept as the job's result. With pool="asyncio" handlers are `async def` (a plain
             function runs in a thread); with pool="processes" they must be importable top-level
             functions, and job and result must pickle.

@@ -17,7 +17,12 @@ raftq_ensure_venv() {
     fi
     echo "raftq: preparing the virtual environment in $RAFTQ_VENV ..." >&2
     [ -x "$RAFTQ_PY" ] || "$python" -m venv "$RAFTQ_VENV" || return 1
-    "$RAFTQ_PY" -m pip install --quiet --upgrade pip >&2 || return 1
-    "$RAFTQ_PY" -m pip install --quiet -e "$RAFTQ_ROOT[test]" >&2 || return 1
+    local pip_log="$RAFTQ_VENV/pip-install.log"
+    if ! { "$RAFTQ_PY" -m pip install --upgrade pip &&
+           "$RAFTQ_PY" -m pip install -e "$RAFTQ_ROOT[test]"; } > "$pip_log" 2>&1; then
+        tail -n 30 "$pip_log" >&2
+        echo "raftq: installing dependencies failed (full log: $pip_log)" >&2
+        return 1
+    fi
     echo "$want" > "$stamp"
 }

@@ -510,6 +510,7 @@ class RealNodes:
     def __init__(self) -> None:
         self.runners: list[web.AppRunner] = []
         self.seen: list[tuple[str, str, str]] = []  # (node, method, path)
+        self.leader_peers: set[Any] = set()  # client (host, port) of each connection to the leader
         self.leader_url = self.follower_url = ""
 
     async def start(self) -> None:
@@ -543,6 +544,7 @@ class RealNodes:
 
     async def submit(self, request: web.Request) -> web.Response:
         self.seen.append(("leader", request.method, request.path))
+        self.leader_peers.add(request.transport.get_extra_info("peername"))
         assert request.content_type == "application/msgpack"
         assert request.headers["Authorization"] == "Bearer t0ken"
         body = msgpack.unpackb(await request.read(), raw=False)
@@ -596,3 +598,61 @@ def test_real_http_redirect_failover_and_msgpack(real_nodes):
     assert real_nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"),
                                ("leader", "POST", "/v1/queues/emails/jobs"), ("leader", "POST", "/v1/lease"),
                                ("leader", "GET", "/v1/jobs/nope")]
+
+
+def test_real_http_keeps_connections_alive_and_is_thread_safe(real_nodes):
+    with Client([real_nodes.leader_url], token="t0ken") as client:
+        for n in range(5):
+            client.submit("q", n)
+        assert len(real_nodes.leader_peers) == 1, "one keep-alive connection for sequential calls"
+        results: list[Any] = []
+
+        def submit_some() -> None:
+            results.extend(client.submit("q", n) for n in range(10))
+
+        threads = [threading.Thread(target=submit_some) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert results == ["id0"] * 80
+    assert len(real_nodes.leader_peers) <= 8
+
+
+class ClosingServer:
+    """Answers one request per connection, then closes it without saying so (no Connection: close),
+    like a node that dropped an idle keep-alive connection: the client's pooled connection goes stale."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        body = msgpack.packb({"queues": {}})
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed by the test
+                return
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += connection.recv(65536)
+                self.requests += 1
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/msgpack\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_a_stale_pooled_connection_is_replaced_without_failing_over():
+    server = ClosingServer()
+    slept: list[float] = []
+    try:
+        with Client([server.url], timeout=5.0, deadline=10.0, sleep=slept.append) as client:
+            for _ in range(3):
+                assert client.queues() == {}
+    finally:
+        server.listener.close()
+    assert server.requests == 3, "each call reached the node once"
+    assert slept == [], "the transport reconnected at once; the retry plan never saw a failure"
