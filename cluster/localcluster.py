@@ -112,7 +112,11 @@ class LocalCluster:
             self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args)
 
     def __enter__(self) -> "LocalCluster":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,6 +34,7 @@ _ROLES = ("follower", "pre_candidate", "candidate", "leader")
 
 _FSYNC_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
@@ -57,10 +60,28 @@ class NodeMetrics:
             "raftq_http_request_seconds", "HTTP request latency by route and status.",
             labelnames=["route", "method", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.job_latency_seconds = Histogram(
+            "raftq_job_latency_seconds", "Job end-to-end latency, submit to ack, by queue.",
+            labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,
+        )
+        self.job_queue_wait_seconds = Histogram(
+            "raftq_job_queue_wait_seconds", "Time from submit to first lease, by queue.",
+            labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,
+        )
+        self.event_loop_lag_seconds = Gauge(
+            "raftq_event_loop_lag_seconds", "How late the node's event loop woke a 0.5 s timer, last sample.",
+            registry=self.registry,
+        )
         self.proposals_refused = Counter(
             "raftq_proposals_refused", "Proposals refused for backpressure (answered 503).",
             registry=self.registry,
         )
+
+    def observe_samples(self, samples: list[tuple[str, str, int]]) -> None:
+        """Latency samples the state machine collected while applying (milliseconds)."""
+        for kind, queue, ms in samples:
+            histogram = self.job_latency_seconds if kind == "job_latency" else self.job_queue_wait_seconds
+            histogram.labels(queue).observe(max(ms, 0) / 1000)
 
     def observe_persist(self, seconds: float, entry_count: int) -> None:
         self.wal_fsync_seconds.observe(seconds)
@@ -78,11 +99,10 @@ class _StateCollector(Collector):
         node = self._node
         yield from _job_counter_families(node)
         yield _depth_family(node)
+        yield _oldest_ready_family(node)
         yield from _raft_families(node)
         if node.is_leader:
-            alive = GaugeMetricFamily("raftq_workers_alive", "Workers heard from within the heartbeat timeout (leader only).")
-            alive.add_metric([], node.workers_alive_count())
-            yield alive
+            yield from _leader_families(node)
 
 
 def _job_counter_families(node: "Node") -> Iterator:
@@ -107,6 +127,32 @@ def _depth_family(node: "Node") -> GaugeMetricFamily:
         for state, count in sorted(states.items()):
             depth.add_metric([queue, state], count)
     return depth
+
+
+def _oldest_ready_family(node: "Node") -> GaugeMetricFamily:
+    age = GaugeMetricFamily("raftq_queue_oldest_ready_age_seconds",
+                            "Age of the oldest ready job (since it became ready), by queue.", labels=["queue"])
+    now_ms = time.time() * 1000
+    for queue, ready_at_ms in sorted(node.queue.oldest_ready_ms().items()):
+        age.add_metric([queue], max(0.0, (now_ms - ready_at_ms) / 1000))
+    return age
+
+
+def _leader_families(node: "Node") -> Iterator:
+    """What only the leader knows; followers export none of it (absent, not zero)."""
+    alive = GaugeMetricFamily("raftq_workers_alive", "Workers heard from within the heartbeat timeout (leader only).")
+    alive.add_metric([], node.workers_alive_count())
+    yield alive
+    raft = node.raft
+    if raft is None:
+        return
+    lag = GaugeMetricFamily("raftq_raft_follower_lag_entries",
+                            "Entries the leader has that a follower has not acknowledged (leader only).",
+                            labels=["peer"])
+    for peer, match_index in sorted(raft.progress.items()):
+        if peer != node.config.node_id:
+            lag.add_metric([peer], max(0, raft.last_index - match_index))
+    yield lag
 
 
 def _raft_families(node: "Node") -> Iterator:

@@ -128,6 +128,7 @@ class Node:
         self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="leader-housekeeping"))
+        self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -370,6 +371,9 @@ class Node:
                 else:
                     pending.future.set_exception(ProposalLost("a new leader replaced the entry; retry"))
             changed = True
+        if self.queue.metric_samples:
+            samples, self.queue.metric_samples = self.queue.metric_samples, []
+            self.metrics.observe_samples(samples)
         if changed and self._jobs_changed is not None and not self._jobs_changed.done():
             self._jobs_changed.set_result(None)
             self._jobs_changed = asyncio.get_running_loop().create_future()
@@ -430,6 +434,13 @@ class Node:
             if not future.done():
                 future.set_exception(error)
         self._proposals.clear()
+
+    async def _watch_loop_lag(self) -> None:
+        interval_s = 0.5
+        while not self._stopping:
+            started = time.monotonic()
+            await asyncio.sleep(interval_s)
+            self.metrics.event_loop_lag_seconds.set(max(0.0, time.monotonic() - started - interval_s))
 
     # ------------------------------------------------------------------ leader housekeeping
 

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from cluster import constants as c
-from cluster.api import views
+from cluster.api import dashboard, views
 from cluster.api.keys import NODE, PEER_SESSION
 from cluster.api.wire import ApiError, error_response
 from cluster.config import NodeConfig
@@ -45,6 +45,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/cluster", views.cluster_status)
     r.add_get("/v1/overview", views.overview)
     r.add_get("/metrics", views.metrics)
+    r.add_get("/", dashboard.dashboard)
     r.add_post("/raft/messages", views.raft_messages)
 
 
@@ -97,12 +98,44 @@ def _http_code(status: int) -> str:
     return {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "invalid")
 
 
+def cors_middleware(config: NodeConfig):
+    """Lets a dashboard loaded from one node call the others (redrive on the leader, failover).
+
+    Only the cluster's own node URLs are allowed origins; anything else gets no CORS headers and
+    the browser keeps its same-origin rule.
+    """
+    allowed = {config.url.rstrip("/")} | {url.rstrip("/") for url in config.peers.values()}
+    allowed |= {origin.replace("://127.0.0.1:", "://localhost:") for origin in allowed}
+
+    @web.middleware
+    async def add_cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or origin not in allowed or not request.path.startswith("/v1/"):
+            return await handler(request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept",
+                "Access-Control-Max-Age": "600",
+            })
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Raftq-Leader, Retry-After"
+        response.headers["Vary"] = "Origin"
+        return response
+
+    return add_cors
+
+
 def auth_middleware(token: str | None):
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and not request.path.startswith(_OPEN_PREFIXES):
+        # The dashboard page itself holds no data (its requests carry the token), and a browser
+        # cannot send a bearer header when it loads a page: "/" is open, as an exact match.
+        if expected is not None and request.path != "/" and not request.path.startswith(_OPEN_PREFIXES):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 raise ApiError(401, "unauthorized", "missing or wrong bearer token")
@@ -114,7 +147,8 @@ def auth_middleware(token: str | None):
 def init_app(config: NodeConfig) -> web.Application:
     """Builds the application; the node starts and stops with it (cleanup_ctx)."""
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware(config.client_token)],
+        middlewares=[cors_middleware(config), metrics_middleware, error_middleware,
+                     auth_middleware(config.client_token)],
         client_max_size=config.body_bytes_max,
     )
     app[NODE] = Node(config)

@@ -289,7 +289,8 @@ async def overview(request: web.Request) -> web.Response:
     own = node.status()
     peer_urls = dict(sorted(node.config.peers.items()))
     fetched = await asyncio.gather(*(_peer_json(session, url + "/v1/cluster", auth) for url in peer_urls.values()))
-    nodes = [own] + list(fetched)
+    by_id = {node.config.node_id: own, **dict(zip(peer_urls, fetched))}
+    nodes = [by_id.get(entry["id"]) for entry in own["nodes"]]  # the order of cluster.nodes
     workers_list = None
     if node.is_leader:
         workers_list = node.workers_table()
@@ -299,7 +300,14 @@ async def overview(request: web.Request) -> web.Response:
     counters: dict[str, dict[str, int]] = {}
     for (event, queue), value in node.queue.counters.items():
         counters.setdefault(queue, {})[event] = value
-    return respond(request, {
+    extra = {}
+    if "dead" in request.query:
+        # From this node's applied state, like the queue depths: a follower's page lists the DLQ too.
+        dead_queue = v.queue_name(request.query["dead"])
+        limit = _query_int(request, "dead_limit", default=50, low=1, high=1000)
+        extra["dead"] = {"queue": dead_queue,
+                         "jobs": [job_record(r) for r in node.queue.dead_jobs(dead_queue, limit, None)]}
+    return respond(request, extra | {
         "cluster": own,
         "nodes": nodes,
         "node_urls": {node.config.node_id: node.config.url, **peer_urls},

@@ -154,6 +154,10 @@ class QueueStateMachine:
         self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
         self._finished: deque[tuple[int, Job]] = deque()
+        #: Latency observations for metrics, (kind, queue, ms): "job_latency" (submit -> ack) and
+        #: "queue_wait" (submit -> first lease). Not state: excluded from snapshots and digests;
+        #: the node drains it after every applied batch.
+        self.metric_samples: list[tuple[str, str, int]] = []
 
     # ------------------------------------------------------------------ apply
 
@@ -298,6 +302,8 @@ class QueueStateMachine:
         token = self._lease_counter
         expires_at = now + job.lease_ms
         job.attempts += 1
+        if job.attempts == 1:
+            self.metric_samples.append(("queue_wait", job.queue, now - job.created_at_ms))
         job.lease = token
         job.leased_at_ms = now
         job.lease_expires_at_ms = expires_at
@@ -331,6 +337,7 @@ class QueueStateMachine:
             job.result = item.result
             self._finish(queue, job, DONE, now)
             queue.events["acked"] += 1
+            self.metric_samples.append(("job_latency", job.queue, now - job.created_at_ms))
             outcomes.append(OK)
         return ItemOutcomes(tuple(outcomes))
 
@@ -712,6 +719,18 @@ class QueueStateMachine:
             outcomes.append(self._lease_error(job, item.id, item.lease, command.worker, now))
         return outcomes
 
+    def oldest_ready_ms(self) -> dict[str, int]:
+        """{queue: ready_at_ms of its oldest READY job} for queues with ready jobs (O(queues))."""
+        oldest: dict[str, int] = {}
+        for name, queue in self._queues.items():
+            if not queue.counts[READY]:
+                continue
+            heads = [_first_ready(fifo) for fifo in queue.ready if fifo]
+            times = [job.ready_at_ms for job in heads if job is not None]
+            if times:
+                oldest[name] = min(times)
+        return oldest
+
     def lease_holder(self, job_id: str) -> tuple[str, int, int] | None:
         """(worker, lease token, expires_at_ms) of a LEASED job, else None."""
         job = self._jobs.get(job_id)
@@ -881,3 +900,11 @@ def _lease_entry_live(entry: tuple[int, int, Job]) -> bool:
 def _delayed_entry_live(entry: tuple[int, int, Job]) -> bool:
     _, seq, job = entry
     return job.seq == seq and (job.state == SCHEDULED or job.state == RETRY_WAIT)
+
+
+def _first_ready(fifo: deque[Job]) -> Job | None:
+    """The first live entry of a ready FIFO; stale heads are few (lazy deletion pops them on lease)."""
+    for job in fifo:
+        if job.state == READY:
+            return job
+    return None

@@ -1,0 +1,56 @@
+"""Errors raised by the storage package (the write-ahead log and the hard state file).
+
+```
+StorageError
+├── WalCorruptionError            durable data on disk is damaged: names the file (and byte offset)
+│   └── HardStateCorruptionError  the hard state file in particular
+├── WalFailedError                a write or fsync failed earlier: the log refuses further use
+└── CompactedError                an index dropped by compact() was asked for
+```
+Corruption is what the disk did to data that was once durable (remote misbehaviour, in h11's
+words); a torn tail is not an error, it is cut off and logged. Programmer errors (a gap in
+appended indexes, two threads at once) are `assert`s.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of every error the storage package raises on purpose."""
+
+
+class WalCorruptionError(StorageError):
+    """Raised at open when data that was durable is damaged (a bad record before the tail).
+
+    Attributes:
+        path: the damaged file.
+        offset: byte offset of the first bad record in that file, or None for a whole-file check.
+        reason: what is wrong there ("crc mismatch", "entry index 7, expected 6", ...).
+    """
+
+    def __init__(self, path: str, offset: int | None, reason: str) -> None:
+        where = f"{path} at byte {offset}" if offset is not None else path
+        super().__init__(f"{where}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class HardStateCorruptionError(WalCorruptionError):
+    """Raised at open when the hard state file (term, vote) does not decode or fails its checksum."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, None, reason)
+
+
+class WalFailedError(StorageError):
+    """Raised by every call after a write, truncate or fsync failed.
+
+    After a failed fsync the kernel may have dropped the dirty pages and cleared the error
+    (PostgreSQL's "fsyncgate"), so a retry could report success for data that is gone. The only
+    safe way on is a restart, which recovers from what is really on disk.
+    """
+
+
+class CompactedError(StorageError):
+    """Raised when asking for the term or entries of an index that compact() dropped."""
