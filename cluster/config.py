@@ -27,6 +27,9 @@ class NodeConfig:
     advertise_url: str = ""
     #: The other voters: node id -> base URL. Empty = a cluster of one.
     peers: dict[str, str] = field(default_factory=dict)
+    #: URLs clients should be sent to for each peer (redirects, status), when they differ from the
+    #: peer links above (e.g. peer traffic through a proxy). Missing ids fall back to `peers`.
+    public_urls: dict[str, str] = field(default_factory=dict)
     #: Bearer token clients must present on /v1 (None = no auth).
     client_token: str | None = None
     #: Secret peers must present on /raft (None = none).

@@ -101,14 +101,21 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
 
+    #: (source id, target id, target port) -> the URL the source uses to reach the target; the
+    #: chaos suite routes each directed peer link through its own proxy with it.
+    peer_url: Callable[[str, str, int], str] | None = None
+
     def __post_init__(self) -> None:
         ports = free_ports(self.size)
         ids = [f"n{i + 1}" for i in range(self.size)]
+        self.ports = dict(zip(ids, ports))
+        route = self.peer_url or (lambda source, target, port: f"http://127.0.0.1:{port}")
         for node_id, port in zip(ids, ports):
-            peers = ",".join(f"{other}=http://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
+            peers = ",".join(f"{other}={route(node_id, other, p)}" for other, p in zip(ids, ports) if other != node_id)
             data_dir = os.path.join(self.base_dir, node_id)
+            public = ",".join(f"{other}=http://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
             args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port),
-                    "--data-dir", data_dir, "--peers", peers, *self.extra_args]
+                    "--data-dir", data_dir, "--peers", peers, "--public-urls", public, *self.extra_args]
             self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args)
 
     def __enter__(self) -> "LocalCluster":
@@ -197,8 +204,8 @@ class LocalCluster:
         return {node_id: self.status(node_id, with_digest=with_digest) for node_id in self.nodes}
 
     def leader(self) -> str | None:
-        """The node that says it leads, when exactly one live node does."""
-        leaders = [s["node"] for s in self.statuses().values() if s and s.get("role") == "leader"]
+        """The node that says it leads (and serves), when exactly one live node does."""
+        leaders = [s["node"] for s in self.statuses().values() if s and s.get("role") == "leader" and s.get("serving")]
         return leaders[0] if len(leaders) == 1 else None
 
     def wait_for_leader(self, timeout_s: float = 30.0, *, exclude: str | None = None) -> str:

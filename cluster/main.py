@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=_env("DATA_DIR"), help="where the log lives (default ./var/<id>)")
     p.add_argument("--peers", default=_env("PEERS", ""),
                    help="other voters as id=url,id=url (empty: a cluster of one)")
+    p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
+                   help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
     p.add_argument("--token", default=_env("TOKEN"), help="bearer token clients must present")
     p.add_argument("--cluster-secret", default=_env("CLUSTER_SECRET"), help="secret peers must present")
     p.add_argument("--payload-bytes-max", type=int, default=int(_env("PAYLOAD_BYTES_MAX", str(c.PAYLOAD_BYTES_MAX))))
@@ -70,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         port=args.port,
         advertise_url=args.advertise_url,
         peers=parse_peers(args.peers),
+        public_urls=parse_peers(args.public_urls),
         client_token=args.token or None,
         cluster_secret=args.cluster_secret or None,
         payload_bytes_max=args.payload_bytes_max,

@@ -162,7 +162,12 @@ class Node:
             return None
         if self._leader_id == self.config.node_id:
             return self.config.url
-        return self.config.peers.get(self._leader_id)
+        return self.config.public_urls.get(self._leader_id) or self.config.peers.get(self._leader_id)
+
+    @property
+    def is_serving(self) -> bool:
+        """Leads and has applied every entry before its own term's no-op (see require_leader)."""
+        return self.is_leader and self.queue.last_applied >= self._serving_from_index
 
     def require_leader(self) -> None:
         """Raises unless this node leads and has applied everything committed before its term.
@@ -231,7 +236,8 @@ class Node:
         """The `/v1/cluster` answer: this node's view of the cluster."""
         raft = self.raft
         nodes = [{"id": self.config.node_id, "url": self.config.url}]
-        nodes += [{"id": peer_id, "url": url} for peer_id, url in sorted(self.config.peers.items())]
+        nodes += [{"id": peer_id, "url": self.config.public_urls.get(peer_id, url)}
+                  for peer_id, url in sorted(self.config.peers.items())]
         progress = raft.progress if raft is not None and self.is_leader else {}
         for entry in nodes:
             entry["leader"] = entry["id"] == self._leader_id
@@ -240,6 +246,7 @@ class Node:
         return {
             "node": self.config.node_id,
             "role": raft.role.name.lower() if raft is not None else "starting",
+            "serving": self.is_serving,
             "term": raft.term if raft is not None else 0,
             "leader": self._leader_id,
             "leader_url": self.leader_url(),

@@ -20,7 +20,7 @@ def fetch(url: str) -> dict | None:
 
 
 def leader_of(views: dict) -> str | None:
-    leaders = {view["node"] for view in views.values() if view and view.get("role") == "leader"}
+    leaders = {view["node"] for view in views.values() if view and view.get("role") == "leader" and view.get("serving", True)}
     return next(iter(leaders)) if len(leaders) == 1 else None
 
 

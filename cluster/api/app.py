@@ -104,7 +104,8 @@ def cors_middleware(config: NodeConfig):
     Only the cluster's own node URLs are allowed origins; anything else gets no CORS headers and
     the browser keeps its same-origin rule.
     """
-    allowed = {config.url.rstrip("/")} | {url.rstrip("/") for url in config.peers.values()}
+    urls = [config.url, *config.peers.values(), *config.public_urls.values()]
+    allowed = {url.rstrip("/") for url in urls}
     allowed |= {origin.replace("://127.0.0.1:", "://localhost:") for origin in allowed}
 
     @web.middleware

@@ -287,7 +287,8 @@ async def overview(request: web.Request) -> web.Response:
     session = request.app[PEER_SESSION]
     auth = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
     own = node.status()
-    peer_urls = dict(sorted(node.config.peers.items()))
+    peer_urls = {peer_id: node.config.public_urls.get(peer_id, url)
+                 for peer_id, url in sorted(node.config.peers.items())}
     fetched = await asyncio.gather(*(_peer_json(session, url + "/v1/cluster", auth) for url in peer_urls.values()))
     by_id = {node.config.node_id: own, **dict(zip(peer_urls, fetched))}
     nodes = [by_id.get(entry["id"]) for entry in own["nodes"]]  # the order of cluster.nodes
