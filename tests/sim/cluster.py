@@ -1,0 +1,586 @@
+"""The simulation: N RaftNode + QueueStateMachine pairs on SimStorage, a SimNetwork, a nemesis,
+a client workload and the invariant checker, all driven by one `random.Random(seed)`.
+
+Theory of operation
+-------------------
+Time is one global tick counter. One step of the simulation is:
+
+1. the nemesis acts (partition, heal, crash, restart, new network profile), until the faults stop;
+2. the network delivers every message due by this tick, to nodes that are up, in a total order;
+3. every node that is up ticks, in an order shuffled by the rng;
+4. the workload proposes on the node(s) that believe they lead;
+5. every node that is up handles its Readys exactly as the asyncio shell does (server.py
+   `_handle_ready`): write hard_state + entries, sync if `must_sync`, send messages, apply
+   committed entries to its QueueStateMachine, serve read states, advance. A crash scheduled for
+   this node stops it at a chosen point of that sequence; unsynced writes may be lost;
+6. the invariants are checked (`invariants.py`).
+
+After `steps` ticks the faults stop: every node is restarted, the network heals (or keeps one
+minority fault, the liveness mode), and the workload only retries unacknowledged submits and
+proposes one probe. Within `liveness_ticks_max` a leader must commit a new entry; within
+`final_ticks_max` the probe must be acknowledged and every node connected to the leader must have
+applied everything, with equal digests; then every acknowledged job id must be in the leader's
+state machine. Both bounds grow by the time a follower needs to catch up the longest log at the
+configured append size and pipelining (`_catch_up_ticks`).
+
+The same seed gives the same run: only the seeded rng decides anything, nothing reads a clock,
+and no set of str is iterated. `run_seed(seed, trace=True)` returns the trace of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.queue.state_machine import QueueStateMachine
+from cluster.raft.codec import decode_message, encode_message
+from cluster.raft.errors import StepRejected
+from cluster.raft.messages import Entry, Message, MessageType
+from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+
+from .faults import FINAL_FAULTS, Nemesis
+from .invariants import Checker, Violation, describe_entry
+from .network import CALM, NetworkConfig, SimNetwork, random_config
+from .storage import SimStorage
+from .workload import Workload
+
+__all__ = ["SimConfig", "SimResult", "Simulation", "SimNode", "run_seed", "replay_command"]
+
+
+#: Readys one node may produce in one step before the core counts as spinning: each Ready hands
+#: out everything pending, so a healthy core needs two or three.
+READY_COUNT_MAX = 64
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Options of one simulated run. None means "drawn from the seed"."""
+
+    nodes: int = 3
+    steps: int = 200  #: ticks with faults
+    final_ticks_max: int = 300  #: ticks after the faults stop for liveness + convergence
+    liveness_ticks_max: int | None = None  #: None = 10 election timeouts' base
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    pre_vote: bool | None = None
+    check_quorum: bool | None = None
+    max_entries_per_append: int | None = None
+    max_inflight_appends: int | None = None
+    network: NetworkConfig | None = None
+    event_ticks_mean: int | None = None  #: mean ticks between nemesis actions
+    election_fault_probability: float | None = None  #: strike new leaders / voters (faults.py)
+    max_uncommitted_bytes: int | None = None  #: the leader's ProposalDropped bound (0 = none)
+    restore_probability: float | None = None  #: per applied batch: rebuild the replica from its snapshot
+    crashes: bool = True
+    final_fault: str | None = "random"  #: "random" = drawn; None = heal all; else a FINAL_FAULTS name
+    wire_codec: bool | None = None  #: round-trip every message through cluster.raft.codec
+    digest_every_entry: bool = False  #: compare digests after every entry (slower)
+
+    def defaults_changed(self) -> dict[str, Any]:
+        base = SimConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(base, f.name)}
+
+
+@dataclass
+class SimResult:
+    seed: int
+    ok: bool
+    failure: str | None = None  # one line: the invariant and how it broke
+    invariant: str | None = None
+    tick: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    trace: list[str] | None = None
+    details: str = ""  # traceback of an unexpected exception
+
+    @property
+    def trace_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.trace or ()).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The settings of one run: SimConfig's, with every None drawn from the seed."""
+
+    pre_vote: bool
+    check_quorum: bool
+    max_entries_per_append: int
+    max_inflight_appends: int
+    network: NetworkConfig
+    event_ticks_mean: int
+    election_fault_probability: float
+    max_uncommitted_bytes: int
+    restore_probability: float
+    final_fault: str | None
+    wire_codec: bool
+
+    @classmethod
+    def draw(cls, config: SimConfig, rng: random.Random) -> "Knobs":
+        # Every knob is drawn, fixed or not and always in this order, so that fixing one knob
+        # leaves the rest of a seed's run as it was.
+        pre_vote = _pick(config.pre_vote, rng.random() < 0.85)
+        check_quorum = _pick(config.check_quorum, rng.random() < 0.85)
+        knobs = dict(
+            max_entries_per_append=_pick(config.max_entries_per_append, rng.choice((1, 2, 8, 512))),
+            max_inflight_appends=_pick(config.max_inflight_appends, rng.choice((1, 4, 64))),
+            network=_pick(config.network, random_config(rng)),
+            event_ticks_mean=_pick(config.event_ticks_mean, rng.choice((8, 15, 30))),
+            election_fault_probability=_pick(config.election_fault_probability, rng.choice((0.0, 0.0, 0.3, 0.6))),
+            max_uncommitted_bytes=_pick(config.max_uncommitted_bytes, rng.choice((64 << 20, 64 << 20, 0, 600))),
+            restore_probability=_pick(config.restore_probability, rng.choice((0.0, 0.0, 0.05))),
+        )
+        final_fault_drawn = rng.choice(FINAL_FAULTS)
+        final_fault = final_fault_drawn if config.final_fault == "random" else config.final_fault
+        if not (pre_vote and check_quorum):
+            final_fault = None  # without both, a minority fault may legitimately disrupt forever
+        wire_codec = _pick(config.wire_codec, rng.random() < 0.25)
+        return cls(pre_vote=pre_vote, check_quorum=check_quorum, final_fault=final_fault, wire_codec=wire_codec,
+                   **knobs)
+
+
+class SimNode:
+    """One node's shell: its storage (survives crashes), and while up, its core and state machine."""
+
+    def __init__(self, node_id: str, raft_config: RaftConfig) -> None:
+        self.node_id = node_id
+        self.raft_config = raft_config
+        self.storage = SimStorage()
+        self.raft: RaftNode | None = None
+        self.sm: QueueStateMachine | None = None
+        self.incarnation = 0
+        self.crash_point: str | None = None  # crash during the next Ready handling
+        self.last_commit = 0
+
+    @property
+    def is_up(self) -> bool:
+        return self.raft is not None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raft is not None and self.raft.role is Role.LEADER
+
+
+def _describe_message(m: Message) -> str:
+    text = f"{m.type.name} {m.from_id}->{m.to_id} t={m.term}"
+    if m.index or m.log_term:
+        text += f" i={m.index} lt={m.log_term}"
+    if m.entries:
+        text += f" e=[{m.entries[0].index}..{m.entries[-1].index}]"
+    if m.commit:
+        text += f" c={m.commit}"
+    if m.reject:
+        text += f" REJECT hint={m.reject_hint}/{m.hint_term}"
+    if m.context is not None:
+        text += f" ctx={m.context}"
+    return text
+
+
+class Simulation:
+    """See the module docstring."""
+
+    def __init__(self, seed: int, config: SimConfig = SimConfig(), *, trace: bool = False) -> None:
+        self.seed = seed
+        self.rng = rng = random.Random(seed)
+        self.trace_lines: list[str] | None = [] if trace else None
+        log = self._log if trace else None
+        self.tick = 0
+        self.node_ids = tuple(f"n{i}" for i in range(1, config.nodes + 1))
+        self.knobs = knobs = Knobs.draw(config, rng)
+        self.config = config
+        self.liveness_ticks_max = config.liveness_ticks_max or 10 * config.election_ticks
+        self.nodes: dict[str, SimNode] = {}
+        for node_id in self.node_ids:
+            raft_config = RaftConfig(
+                node_id=node_id, peer_ids=tuple(p for p in self.node_ids if p != node_id),
+                election_ticks=config.election_ticks, heartbeat_ticks=config.heartbeat_ticks,
+                pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum,
+                max_entries_per_append=knobs.max_entries_per_append,
+                max_inflight_appends=knobs.max_inflight_appends, max_uncommitted_bytes=knobs.max_uncommitted_bytes,
+            )
+            self.nodes[node_id] = SimNode(node_id, raft_config)
+        self.network = SimNetwork(rng, self.node_ids, knobs.network, trace=log)
+        self.checker = Checker(self.node_ids)
+        self.workload = Workload(rng, self.nodes, trace=log)
+        self.nemesis = Nemesis(rng, self, event_ticks_mean=knobs.event_ticks_mean, crashes=config.crashes,
+                               election_fault_probability=knobs.election_fault_probability, trace=log)
+        self.roles: dict[str, tuple[Role, int] | None] = {n: None for n in self.node_ids}
+        self.stats: dict[str, Any] = {"step_rejected": 0, "codec_messages": 0}
+        self._log(f"seed={seed} nodes={config.nodes} {knobs}")
+        for node_id in self.node_ids:
+            self.restart(node_id)
+
+    # ------------------------------------------------------------------ trace
+
+    def _log(self, line: str) -> None:
+        if self.trace_lines is not None:
+            self.trace_lines.append(f"t={self.tick:04d} {line}")
+
+    # ------------------------------------------------------------------ node life
+
+    def restart(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        assert not node.is_up
+        hard_state, entries = node.storage.recovered_state()
+        node.incarnation += 1
+        node.raft = RaftNode(node.raft_config, hard_state=hard_state, entries=entries,
+                             rng=random.Random(self.rng.getrandbits(64)))
+        node.sm = QueueStateMachine()
+        node.last_commit = 0
+        node.crash_point = None
+        self.network.set_down(node_id, False)
+        self._log(f"{node_id} start #{node.incarnation}: term={hard_state.term} vote={hard_state.voted_for} "
+                  f"log={len(entries)} (last term {entries[-1].term if entries else 0})")
+
+    def schedule_crash(self, node_id: str, point: str) -> None:
+        node = self.nodes[node_id]
+        if not node.is_up:
+            return
+        if point == "idle":
+            self._crash(node, point)
+        else:
+            node.crash_point = point
+
+    def cancel_crashes(self) -> None:
+        for node in self.nodes.values():
+            node.crash_point = None
+
+    def _crash(self, node: SimNode, point: str) -> None:
+        report = node.storage.crash(self.rng, keep_unsynced_prefix=self.rng.random() < 0.5)
+        self._log(f"{node.node_id} CRASH at {point}: {report.unsynced_writes} unsynced writes, "
+                  f"{report.kept_writes} kept; log {report.entries_before} -> {report.entries_after}")
+        self.workload.on_crash(node.node_id, node.incarnation)
+        node.raft = None
+        node.sm = None
+        node.crash_point = None
+        self.roles[node.node_id] = None
+        self.network.set_down(node.node_id, True)
+
+    def current_leader_id(self) -> str | None:
+        """The up node that believes it leads with the highest term (None if none)."""
+        best: tuple[int, str] | None = None
+        for node_id in self.node_ids:
+            node = self.nodes[node_id]
+            if node.is_leader and (best is None or node.raft.term > best[0]):
+                best = (node.raft.term, node_id)
+        return best[1] if best else None
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, faults: bool) -> None:
+        self.tick += 1
+        self.workload.tick = self.tick
+        if faults:
+            self.nemesis.act(self.tick)
+        for src, dst, message, duplicate in self.network.deliver(self.tick):
+            node = self.nodes[dst]
+            if node.raft is None:
+                continue
+            if self.trace_lines is not None:
+                self._log(f"deliver{' (dup)' if duplicate else ''} {_describe_message(message)}")
+            try:
+                node.raft.step(message)
+            except StepRejected as exc:
+                self.stats["step_rejected"] += 1
+                self._log(f"{dst} StepRejected: {exc}")
+        order = [n for n in self.node_ids if self.nodes[n].is_up]
+        self.rng.shuffle(order)
+        for node_id in order:
+            self.nodes[node_id].raft.tick()
+        self._observe_roles()
+        self.workload.act(self.tick)
+        self.workload.drop_expired_holds()
+        for node_id in order:
+            node = self.nodes[node_id]
+            if node.is_up:
+                self._handle_readies(node)
+            if node.is_up and node.crash_point is not None:
+                self._crash(node, f"{node.crash_point} (no Ready this step)")
+        self._observe_roles()
+        self._check()
+
+    def _observe_roles(self) -> None:
+        for node_id in self.node_ids:
+            node = self.nodes[node_id]
+            if node.raft is None:
+                continue
+            now = (node.raft.role, node.raft.term)
+            if now != self.roles[node_id]:
+                self.roles[node_id] = now
+                self._log(f"{node_id} is {now[0].name} term={now[1]} leader={node.raft.leader_id} "
+                          f"commit={node.raft.commit_index} last={node.raft.last_index}")
+            if now[0] is Role.LEADER:
+                self.checker.observe_leader(node_id, now[1])
+
+    def _handle_readies(self, node: SimNode) -> None:
+        raft = node.raft
+        for _ in range(READY_COUNT_MAX):
+            if not raft.has_ready():
+                return
+            if not self._handle_ready(node, raft.ready()):
+                return  # crashed inside
+        raise Violation("the core quiesces", f"{node.node_id} still has a Ready after {READY_COUNT_MAX} in one step")
+
+    def _handle_ready(self, node: SimNode, ready: Ready) -> bool:
+        """The shell's order: write, sync, send, apply, advance. Returns False if it crashed."""
+        point = node.crash_point
+        if point == "before_write":
+            self._crash(node, point)
+            return False
+        node.storage.write(ready.hard_state, ready.entries)
+        if self.trace_lines is not None and (ready.hard_state is not None or ready.entries):
+            hs = ready.hard_state
+            self._log(f"{node.node_id} write hs={None if hs is None else (hs.term, hs.voted_for)} "
+                      f"entries={[f'{e.index}/{e.term}' for e in ready.entries]} sync={ready.must_sync}")
+        if point == "after_write":
+            self._crash(node, point)
+            return False
+        if ready.must_sync:
+            node.storage.sync()
+        if point == "after_sync":
+            self._crash(node, point)
+            return False
+        for message in ready.messages:
+            self._send(node, message)
+        if point == "after_send":
+            self._crash(node, point)
+            return False
+        self._apply(node, ready.committed_entries)
+        for context, read_index in ready.read_states:
+            self.workload.on_read_state(node, context, read_index)
+        if point == "after_apply":
+            self._crash(node, point)
+            return False
+        node.raft.advance(ready)
+        return True
+
+    def _send(self, node: SimNode, message: Message) -> None:
+        if message.from_id != node.node_id or message.to_id not in self.nodes or message.to_id == node.node_id:
+            raise Violation("messages are well addressed", f"{node.node_id} sent {message}")
+        if message.type is MessageType.VOTE_RESP and not message.reject:
+            self.checker.observe_vote(message.from_id, message.term, message.to_id)
+        if self.knobs.wire_codec:
+            decoded = decode_message(encode_message(message))
+            self.stats["codec_messages"] += 1
+            if decoded != message:
+                raise Violation("codec round trip", f"{message} decoded as {decoded}")
+            message = decoded
+        self.network.send(message, message.from_id, message.to_id, self.tick,
+                          _describe_message if self.trace_lines is not None else None)
+
+    def _apply(self, node: SimNode, entries: tuple[Entry, ...]) -> None:
+        if not entries:
+            return
+        sm = node.sm
+        checker = self.checker
+        term_bound = max(n.raft.term for n in self.nodes.values() if n.raft is not None)
+        for entry in entries:
+            result = sm.apply(entry)
+            if self.trace_lines is not None:
+                self._log(f"{node.node_id} apply {describe_entry(entry)}")
+            checker.on_apply(node.node_id, entry, result, sm.clock_ms, term_bound)
+            self.workload.on_apply(node, entry, result)
+            if self.config.digest_every_entry:
+                checker.on_applied_batch(node.node_id, sm.last_applied, sm.digest())
+        digest = sm.digest()
+        checker.on_applied_batch(node.node_id, sm.last_applied, digest)
+        checker.check_replica_leases(node.node_id, sm.leased_by_worker())
+        if self.knobs.restore_probability and self.rng.random() < self.knobs.restore_probability:
+            self._restore_replica(node, digest)
+
+    def _restore_replica(self, node: SimNode, digest: str) -> None:
+        """Replaces the replica by one restored from its snapshot (as an installed snapshot would):
+        restore() must rebuild every queue, heap and counter exactly, or later results diverge."""
+        restored = QueueStateMachine()
+        restored.restore(node.sm.snapshot())
+        if restored.digest() != digest:
+            raise Violation("snapshot restore is exact", f"{node.node_id} at {node.sm.last_applied}: digest "
+                            f"{restored.digest()[:12]} after restore, {digest[:12]} before")
+        restored.check_invariants()
+        node.sm = restored
+        self.stats["restores"] = self.stats.get("restores", 0) + 1
+        self._log(f"{node.node_id} state machine restored from its snapshot at {restored.last_applied}")
+
+    # ------------------------------------------------------------------ invariants
+
+    def _check(self) -> None:
+        views = {}
+        commits = {}
+        for node_id in self.node_ids:
+            node = self.nodes[node_id]
+            if node.raft is None:
+                continue
+            commit = node.raft.commit_index
+            if commit < node.last_commit:
+                raise Violation("commit index never decreases",
+                                f"{node_id} commit went {node.last_commit} -> {commit} without a restart")
+            node.last_commit = commit
+            views[node_id] = node.storage.view
+            commits[node_id] = commit
+            if node.raft.role is Role.LEADER:
+                self.checker.check_leader(node_id, node.incarnation, node.raft.term, commit, node.storage.view)
+            else:
+                self.checker.forget_leader(node_id)
+        durables = {node_id: self.nodes[node_id].storage.durable for node_id in self.node_ids}
+        self.checker.check_logs(views, commits, durables)
+
+    # ------------------------------------------------------------------ a whole run
+
+    def run(self) -> None:
+        config = self.config
+        for _ in range(config.steps):
+            self.step(faults=True)
+        self._log(f"faults stop; final fault: {self.knobs.final_fault}")
+        self.network.configure(CALM)
+        self.nemesis.stop(self.knobs.final_fault)
+        self.workload.final = True
+        self.workload.probe_from_tick = self.tick
+        stop_tick = self.tick
+        committed_at_stop = len(self.checker.ledger)
+        catch_up_ticks = self._catch_up_ticks()
+        final_ticks_max = config.final_ticks_max + catch_up_ticks
+        liveness_ticks_max = self.liveness_ticks_max + catch_up_ticks
+        progress_tick = None
+        while self.tick < stop_tick + final_ticks_max:
+            self.step(faults=False)
+            if progress_tick is None:
+                if len(self.checker.ledger) > committed_at_stop and self.current_leader_id() is not None:
+                    progress_tick = self.tick
+                elif self.tick - stop_tick > liveness_ticks_max:
+                    raise Violation("liveness", f"no leader committed a new entry within {liveness_ticks_max} "
+                                    f"ticks after the faults stopped (tick {stop_tick}); roles {self._roles_text()}")
+            if progress_tick is not None and self.workload.liveness_tick is not None and self._converged():
+                break
+        else:
+            raise Violation("convergence", f"nodes did not converge within {final_ticks_max} ticks after "
+                            f"the faults stopped; {self._progress_text()}")
+        self.stats["liveness_ticks"] = progress_tick - stop_tick
+        self.stats["probe_ticks"] = self.workload.liveness_tick - stop_tick
+        self.stats["converge_ticks"] = self.tick - stop_tick
+        self._check_final()
+
+    def _catch_up_ticks(self) -> int:
+        """Extra ticks to let a follower catch up a long log at the configured append sizes: one
+        round trip (2 ticks, plus slack) per batch of max_entries_per_append * max_inflight_appends."""
+        longest = max((n.raft.last_index for n in self.nodes.values() if n.raft is not None), default=0)
+        batch = self.knobs.max_entries_per_append * self.knobs.max_inflight_appends
+        return 3 * (longest // batch + 1)
+
+    def _core(self) -> tuple[SimNode | None, list[SimNode]]:
+        """The leader and the nodes it can talk to both ways."""
+        leader_id = self.current_leader_id()
+        if leader_id is None:
+            return None, []
+        net = self.network
+        core = [self.nodes[n] for n in self.node_ids
+                if n == leader_id or (self.nodes[n].is_up and not net.is_cut(leader_id, n) and not net.is_cut(n, leader_id))]
+        return self.nodes[leader_id], core
+
+    def _converged(self) -> bool:
+        leader, core = self._core()
+        if leader is None or len(core) < len(self.node_ids) // 2 + 1 or self.workload.unsettled_count():
+            return False
+        commit = leader.raft.commit_index
+        if commit != leader.raft.last_index:
+            return False
+        digest = None
+        for node in core:
+            if node.sm.last_applied != commit:
+                return False
+            node_digest = node.sm.digest()
+            if digest is not None and node_digest != digest:
+                raise Violation("replicas apply the same sequence",
+                                f"converged nodes differ in digest at {commit}: {self._progress_text()}")
+            digest = node_digest
+        return True
+
+    def _check_final(self) -> None:
+        leader, core = self._core()
+        sm = leader.sm
+        check = getattr(sm, "check_invariants", None)
+        for node in core:
+            if check is not None:
+                node.sm.check_invariants()
+        lost = [job_id for job_id in sorted(self.workload.acknowledged) if sm.get_job(job_id) is None]
+        if lost:
+            raise Violation("no acknowledged submit is lost",
+                            f"{len(lost)} acknowledged job(s) missing from leader {leader.node_id}'s state "
+                            f"machine: {lost[:10]}")
+        for key in sorted(self.workload.keys):
+            present = [job_id for job_id in self.workload.keys[key].ids if sm.get_job(job_id) is not None]
+            if len(present) > 1:
+                raise Violation("idempotent submit", f"key {key} created jobs {present}")
+        self.stats["acknowledged_jobs"] = len(self.workload.acknowledged)
+
+    def _roles_text(self) -> str:
+        parts = []
+        for node_id in self.node_ids:
+            node = self.nodes[node_id]
+            if node.raft is None:
+                parts.append(f"{node_id}=down")
+            else:
+                parts.append(f"{node_id}={node.raft.role.name}/t{node.raft.term}/c{node.raft.commit_index}"
+                             f"/l{node.raft.last_index}")
+        return " ".join(parts) + f"; network: {self.network.partition_name}"
+
+    def _progress_text(self) -> str:
+        applied = {n: (self.nodes[n].sm.last_applied if self.nodes[n].sm else None) for n in self.node_ids}
+        return (f"roles {self._roles_text()}; applied {applied}; "
+                f"unsettled client requests {self.workload.unsettled_count()}")
+
+    def collect_stats(self) -> dict[str, Any]:
+        stats = dict(self.stats)
+        stats["ticks"] = self.tick
+        stats["terms_with_leader"] = len(self.checker.leaders_by_term)
+        stats["committed"] = len(self.checker.ledger)
+        stats["lease_grants"] = self.checker.leases.grants_count
+        stats.update({f"net_{k}": v for k, v in self.network.stats.items()})
+        stats.update({f"nemesis_{k}": v for k, v in self.nemesis.stats.items()})
+        stats.update({f"client_{k}": v for k, v in self.workload.stats.items()})
+        return stats
+
+
+def _pick(fixed: Any, drawn: Any) -> Any:
+    """The configured value, else the one drawn from the seed (drawn either way: stable streams)."""
+    return drawn if fixed is None else fixed
+
+
+def replay_command(seed: int, config: SimConfig = SimConfig()) -> str:
+    """The one-line command that replays a seed with its trace."""
+    parts = [f"python -m tests.sim --seed {seed} -v"]
+    changed = config.defaults_changed()
+    if "nodes" in changed:
+        parts.append(f"--nodes {config.nodes}")
+    if "steps" in changed:
+        parts.append(f"--steps {config.steps}")
+    for name in sorted(changed):
+        if name not in ("nodes", "steps"):
+            value = changed[name]
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            parts.append(f'--set "{name}={value!r}"')
+    return " ".join(parts)
+
+
+def run_seed(seed: int, config: SimConfig = SimConfig(), *, trace: bool = False) -> SimResult:
+    """Runs one seed to the end (or the first violation) and reports."""
+    sim: Simulation | None = None
+    try:
+        sim = Simulation(seed, config, trace=trace)
+        sim.run()
+        return SimResult(seed, True, tick=sim.tick, stats=sim.collect_stats(), trace=sim.trace_lines)
+    except Violation as exc:
+        assert sim is not None
+        sim._log(f"VIOLATION {exc}")
+        return SimResult(seed, False, str(exc), exc.invariant, sim.tick, sim.collect_stats(), sim.trace_lines)
+    except Exception as exc:  # an assert inside the core or the state machine, or a harness bug
+        tick = sim.tick if sim is not None else 0
+        if sim is not None:
+            sim._log(f"EXCEPTION {type(exc).__name__}: {exc}")
+        kind = "core assertion" if isinstance(exc, AssertionError) else "exception"
+        return SimResult(seed, False, f"{kind}: {type(exc).__name__}: {exc}", kind, tick,
+                         sim.collect_stats() if sim is not None else {},
+                         sim.trace_lines if sim is not None else None, traceback.format_exc())

@@ -1,0 +1,360 @@
+"""Safety invariants the simulator checks after every step (STYLE §11.3, REPLICATION.md §3.1).
+
+- Election safety (Raft §5.2): at most one leader per term, ever (crashed nodes' past included),
+  and each node grants at most one vote per term, across restarts (watched on the vote answers
+  the shells send, so a vote forgotten by a crash shows even when no second leader results).
+- Log matching (Raft §5.3): two logs holding an entry with the same index and term hold the same
+  entries up to it. Checked on the shells' written logs (the core's log once its Ready is handled).
+- Committed entries are immutable (Raft §5.4, Leader Completeness + State Machine Safety): every
+  entry applied by any node goes into one ledger (index -> entry); any later apply of that index,
+  by any node or incarnation, must carry the same entry. A node whose commit index is c holds the
+  ledger's entries up to c. Every ledger entry is in the *durable* (synced) log of a majority, so
+  no combination of crashes can lose it.
+- Leader Completeness (Raft §5.4): a node that becomes leader in a term higher than every term
+  that existed when an entry was first applied holds that entry.
+- A leader advances its commit index only to an entry of its own term (Raft §5.4.2, Figure 8);
+  earlier entries are committed implicitly. Observed from outside: while a node leads one term,
+  every commit index it reaches names an entry of that term.
+- Replicas apply the same sequence: the same result at every index on every replica, and equal
+  `QueueStateMachine.digest()` at equal `last_applied`.
+- Leases: at most one live lease per job. A model of lease ownership replays the committed ledger
+  (grant, ack, fail, extend, tick expiry, worker lost, cancel, renew) independently of the state
+  machine's code: a grant while the model still holds a lease on that job, a fencing token that does
+  not increase, or an ack/fail/extend accepted on a foreign or expired lease is a violation.
+- Per replica: a job leased to two workers; the state machine's own `check_invariants()`.
+
+A violation raises `Violation`; the simulator turns it into a failing seed with its replay command.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from cluster.queue import commands as cmds
+from cluster.queue.commands import CommandDecodeError, decode_command
+from cluster.queue import results as res
+from cluster.raft.messages import Entry, EntryKind
+
+from .storage import ChainedLog, common_prefix_length
+
+__all__ = ["Violation", "Checker", "LeaseModel"]
+
+
+class Violation(AssertionError):
+    """Raised when a safety invariant breaks. `invariant` names it; the message says how."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        super().__init__(f"{invariant}: {detail}")
+        self.invariant = invariant
+        self.detail = detail
+
+
+def describe_entry(entry: Entry) -> str:
+    if entry.kind == EntryKind.NOOP:
+        return f"{entry.index}/{entry.term} NOOP"
+    try:
+        command = decode_command(entry.data)
+    except CommandDecodeError:
+        return f"{entry.index}/{entry.term} <{len(entry.data)} bytes, not a command>"
+    return f"{entry.index}/{entry.term} {describe_command(command)}"
+
+
+def describe_command(command: Any) -> str:
+    name = type(command).__name__
+    if isinstance(command, cmds.Submit):
+        return f"Submit({command.queue}: {','.join(j.id for j in command.jobs)} now={command.now_ms})"
+    if isinstance(command, cmds.Lease):
+        return f"Lease({command.worker} {','.join(command.queues)} max={command.max_jobs} now={command.now_ms})"
+    if isinstance(command, (cmds.Ack, cmds.Fail, cmds.Extend)):
+        items = ",".join(f"{i.id}#{i.lease}" for i in command.items)
+        return f"{name}({command.worker} {items} now={command.now_ms})"
+    if isinstance(command, cmds.WorkerLost):
+        return f"WorkerLost({command.worker} now={command.now_ms})"
+    if isinstance(command, cmds.Cancel):
+        return f"Cancel({command.id} now={command.now_ms})"
+    return f"{name}(now={command.now_ms})"
+
+
+# ---------------------------------------------------------------------- lease model
+
+
+@dataclass(slots=True)
+class _Hold:
+    token: int
+    worker: str
+    expires_at_ms: int
+    index: int  # ledger index of the grant
+
+
+class LeaseModel:
+    """Lease ownership replayed from the committed ledger, independent of the state machine."""
+
+    def __init__(self) -> None:
+        self.lease_ms: dict[str, int] = {}  # job id -> lease_ms of each attempt (from its Submit)
+        self.holds: dict[str, _Hold] = {}  # job id -> the lease the model says is live
+        self.done_token: dict[str, int] = {}  # job id -> token of the lease whose ack finished it
+        self.last_token = 0
+        self.grants_count = 0
+
+    def apply(self, index: int, command: Any, result: Any, clock_ms: int) -> None:
+        """Replays one committed command; raises Violation when the result breaks lease rules."""
+        if isinstance(command, cmds.Submit):
+            if isinstance(result, res.Submitted):
+                for job, created in zip(command.jobs, result.created):
+                    if created:
+                        self.lease_ms[job.id] = job.lease_ms
+        elif isinstance(command, cmds.Lease):
+            for job in getattr(result, "jobs", ()):
+                self._grant(index, command, job, clock_ms)
+        elif isinstance(command, (cmds.Ack, cmds.Fail, cmds.Extend)):
+            outcomes = getattr(result, "outcomes", ())
+            for item, outcome in zip(command.items, outcomes):
+                if not isinstance(outcome, res.ItemError):
+                    self._accepted(index, command, item, outcome, clock_ms)
+        elif isinstance(command, cmds.Tick):
+            for job_id in [j for j, hold in self.holds.items() if hold.expires_at_ms <= clock_ms]:
+                del self.holds[job_id]
+        elif isinstance(command, cmds.WorkerLost):
+            for job_id in [j for j, hold in self.holds.items() if hold.worker == command.worker]:
+                del self.holds[job_id]
+        elif isinstance(command, cmds.RenewLeases):
+            for job_id, hold in self.holds.items():
+                hold.expires_at_ms = max(hold.expires_at_ms, clock_ms + self.lease_ms.get(job_id, 0))
+        elif isinstance(command, cmds.Cancel):
+            if not isinstance(result, res.ItemError):
+                self.holds.pop(command.id, None)
+
+    def _grant(self, index: int, command: cmds.Lease, job: res.LeasedJob, clock_ms: int) -> None:
+        self.grants_count += 1
+        if job.lease <= self.last_token:
+            raise Violation("fencing tokens increase", f"index {index} granted token {job.lease} "
+                            f"for {job.id} after token {self.last_token}")
+        self.last_token = job.lease
+        held = self.holds.get(job.id)
+        if held is not None:
+            raise Violation(
+                "at most one live lease per job",
+                f"index {index} leased {job.id} to {command.worker} (token {job.lease}, clock {clock_ms}) "
+                f"while token {held.token} of {held.worker} (granted at index {held.index}) lives until "
+                f"{held.expires_at_ms} and was never acked, failed, expired by a Tick or released",
+            )
+        expected = clock_ms + self.lease_ms.get(job.id, job.lease_expires_at_ms - clock_ms)
+        if job.lease_expires_at_ms != expected:
+            raise Violation("lease expiry", f"index {index} leased {job.id} until {job.lease_expires_at_ms}, "
+                            f"expected clock {clock_ms} + lease_ms = {expected}")
+        self.holds[job.id] = _Hold(job.lease, command.worker, job.lease_expires_at_ms, index)
+
+    def _accepted(self, index: int, command: Any, item: Any, outcome: Any, clock_ms: int) -> None:
+        name = type(command).__name__
+        if isinstance(command, cmds.Ack) and self.done_token.get(item.id) == item.lease:
+            return  # a repeated ack of the lease that finished the job: answered OK, no change
+        held = self.holds.get(item.id)
+        if held is None or held.token != item.lease or held.worker != command.worker:
+            raise Violation(
+                "no ack on a foreign lease",
+                f"index {index} accepted {name} of {item.id} with token {item.lease} from {command.worker}; "
+                f"the live lease is {held}",
+            )
+        if clock_ms >= held.expires_at_ms:
+            raise Violation("no ack on an expired lease", f"index {index} accepted {name} of {item.id} "
+                            f"token {item.lease} at clock {clock_ms} >= expiry {held.expires_at_ms}")
+        if isinstance(command, cmds.Extend):
+            if not isinstance(outcome, res.Extended) or outcome.expires_at_ms != clock_ms + item.lease_ms:
+                raise Violation("lease expiry", f"index {index} extend of {item.id} answered {outcome}, "
+                                f"expected expiry {clock_ms + item.lease_ms}")
+            held.expires_at_ms = outcome.expires_at_ms
+            return
+        del self.holds[item.id]
+        if isinstance(command, cmds.Ack):
+            self.done_token[item.id] = item.lease
+
+
+# ---------------------------------------------------------------------- the checker
+
+
+class Checker:
+    """Holds what every node was ever seen to do and checks it against the invariants.
+
+    Args:
+        node_ids: every node.
+    """
+
+    def __init__(self, node_ids: Sequence[str]) -> None:
+        self.node_ids = tuple(node_ids)
+        self.quorum = len(node_ids) // 2 + 1
+        self.leaders_by_term: dict[int, str] = {}
+        self.votes: dict[tuple[str, int], str] = {}  # (voter, term) -> candidate granted
+        self.ledger = ChainedLog()  # every entry applied by some node, in index order
+        self.results: list[Any] = []  # the apply result at each ledger index
+        self.clocks: list[int] = []  # the state machine clock after each ledger index
+        self.digests: dict[int, tuple[str, str]] = {}  # last_applied -> (digest, first node)
+        self.leases = LeaseModel()
+        self.commands_count: dict[str, int] = {}
+        # term_bounds[i]: a term >= the term of the leader that committed ledger entry i + 1 (the
+        # highest term any node had when it was first applied; never decreasing).
+        self.term_bounds: list[int] = []
+        self._completeness_checked: dict[tuple[str, int], None] = {}  # (node, term) already checked
+        self._leader_commits: dict[str, tuple[int, int, int]] = {}  # node -> (incarnation, term, commit)
+
+    # ------------------------------------------------------------------ election safety
+
+    def observe_leader(self, node_id: str, term: int) -> bool:
+        """Records that node_id is leader of term. Returns True the first time for that term."""
+        known = self.leaders_by_term.get(term)
+        if known is None:
+            self.leaders_by_term[term] = node_id
+            return True
+        if known != node_id:
+            raise Violation("at most one leader per term", f"term {term} has leaders {known} and {node_id}")
+        return False
+
+    def observe_vote(self, voter: str, term: int, candidate: str) -> None:
+        """Records a granted (real, not pre-) vote that a shell sent."""
+        known = self.votes.setdefault((voter, term), candidate)
+        if known != candidate:
+            raise Violation("one vote per term", f"{voter} granted its term-{term} vote to {known} and to {candidate}")
+
+    # ------------------------------------------------------------------ apply
+
+    def on_apply(self, node_id: str, entry: Entry, result: Any, clock_ms: int, term_bound: int) -> None:
+        """One committed entry applied by node_id (any incarnation); term_bound is the highest
+        term of any node that is up."""
+        index = entry.index
+        known_count = len(self.ledger)
+        if index <= known_count:
+            known = self.ledger.entries[index - 1]
+            if known != entry:
+                raise Violation(
+                    "committed entries never change",
+                    f"{node_id} applied {describe_entry(entry)} but index {index} was applied before as "
+                    f"{describe_entry(known)}",
+                )
+            if self.results[index - 1] != result:
+                raise Violation(
+                    "replicas apply the same sequence",
+                    f"{node_id} got {result!r} at index {index}; the first replica got {self.results[index - 1]!r}",
+                )
+            if self.clocks[index - 1] != clock_ms:
+                raise Violation("replicas apply the same sequence",
+                                f"{node_id} clock {clock_ms} after index {index}, first replica {self.clocks[index - 1]}")
+            return
+        if index != known_count + 1:
+            raise Violation("entries apply in order", f"{node_id} applied {index} but the ledger ends at {known_count}")
+        self.ledger.append((entry,))
+        self.results.append(result)
+        self.clocks.append(clock_ms)
+        self.term_bounds.append(max(term_bound, self.term_bounds[-1] if self.term_bounds else 0))
+        if entry.kind != EntryKind.NOOP:
+            try:
+                command = decode_command(entry.data)
+            except CommandDecodeError:
+                command = None
+            if command is not None:
+                name = type(command).__name__
+                self.commands_count[name] = self.commands_count.get(name, 0) + 1
+                self.leases.apply(index, command, result, clock_ms)
+
+    def on_applied_batch(self, node_id: str, last_applied: int, digest: str) -> None:
+        """A node finished applying a Ready's committed entries; its state digest at last_applied."""
+        known = self.digests.get(last_applied)
+        if known is None:
+            self.digests[last_applied] = (digest, node_id)
+        elif known[0] != digest:
+            raise Violation(
+                "replicas apply the same sequence",
+                f"state digest of {node_id} at last_applied {last_applied} is {digest[:12]}, "
+                f"{known[1]} had {known[0][:12]}",
+            )
+
+    def check_leader(self, node_id: str, incarnation: int, term: int, commit: int, view: ChainedLog) -> None:
+        """Leader Completeness and own-term commits, for a node that leads `term` (at a step end,
+        when its written log is its whole log)."""
+        if (node_id, term) not in self._completeness_checked:
+            self._completeness_checked[(node_id, term)] = None
+            required = bisect.bisect_left(self.term_bounds, term)  # entries committed in lower terms
+            if required and (len(view) < required or view.hash_at(required) != self.ledger.hash_at(required)):
+                at = common_prefix_length(view, self.ledger) + 1
+                mine = describe_entry(view.entries[at - 1]) if at <= len(view) else "nothing"
+                raise Violation(
+                    "leader completeness",
+                    f"{node_id} leads term {term} but holds {mine} at index {at}, where "
+                    f"{describe_entry(self.ledger.entries[at - 1])} was committed in a term <= "
+                    f"{self.term_bounds[at - 1]}",
+                )
+        before = self._leader_commits.get(node_id)
+        self._leader_commits[node_id] = (incarnation, term, commit)
+        if before is None or before[:2] != (incarnation, term) or commit <= before[2]:
+            return
+        commit_term = view.term(commit)
+        if commit_term != term:
+            raise Violation(
+                "a leader commits only entries of its own term",
+                f"{node_id}, leader of term {term}, moved its commit index {before[2]} -> {commit}, "
+                f"an entry of term {commit_term} (Raft §5.4.2, Figure 8)",
+            )
+
+    def forget_leader(self, node_id: str) -> None:
+        self._leader_commits.pop(node_id, None)
+
+    @staticmethod
+    def check_replica_leases(node_id: str, leased_by_worker: dict[str, list[str]]) -> None:
+        owner: dict[str, str] = {}
+        for worker, job_ids in leased_by_worker.items():
+            for job_id in job_ids:
+                if job_id in owner:
+                    raise Violation("at most one live lease per job",
+                                    f"{node_id}: job {job_id} leased to {owner[job_id]} and {worker}")
+                owner[job_id] = worker
+
+    # ------------------------------------------------------------------ logs
+
+    def check_logs(self, views: dict[str, ChainedLog], commits: dict[str, int], durables: dict[str, ChainedLog]) -> None:
+        """Log matching between live logs, committed prefixes, and durability of the ledger.
+
+        Args:
+            views: node -> its written log, for nodes that are up (the core's log after its Readys).
+            commits: node -> its core's commit index, for nodes that are up.
+            durables: node -> its synced log, for every node (up or down).
+        """
+        names = sorted(views)
+        for position, a in enumerate(names):
+            for b in names[position + 1 :]:
+                self._check_matching(a, views[a], b, views[b])
+        ledger = self.ledger
+        for node_id in names:
+            view = views[node_id]
+            k = min(commits[node_id], len(view), len(ledger))
+            if k and view.hash_at(k) != ledger.hash_at(k):
+                at = common_prefix_length(view, ledger) + 1
+                raise Violation(
+                    "committed entries never change",
+                    f"{node_id} has commit index {commits[node_id]} but its entry {at} is "
+                    f"{describe_entry(view.entries[at - 1])}, committed was {describe_entry(ledger.entries[at - 1])}",
+                )
+        if not len(ledger):
+            return
+        prefixes = sorted((common_prefix_length(durables[n], ledger) for n in self.node_ids), reverse=True)
+        durable_majority = prefixes[self.quorum - 1]
+        if durable_majority < len(ledger):
+            holders = [n for n in self.node_ids if common_prefix_length(durables[n], ledger) > durable_majority]
+            raise Violation(
+                "committed entries are durable on a majority",
+                f"entry {describe_entry(ledger.entries[durable_majority])} was applied, but only "
+                f"{holders} hold it in synced storage (quorum {self.quorum})",
+            )
+
+    @staticmethod
+    def _check_matching(a: str, log_a: ChainedLog, b: str, log_b: ChainedLog) -> None:
+        agree = common_prefix_length(log_a, log_b)
+        # Above the common prefix the logs must differ in term at every index both hold.
+        top = min(len(log_a), len(log_b))
+        entries_a, entries_b = log_a.entries, log_b.entries
+        for index in range(agree + 1, top + 1):
+            if entries_a[index - 1].term == entries_b[index - 1].term:
+                raise Violation(
+                    "log matching",
+                    f"{a} and {b} both hold term {entries_a[index - 1].term} at index {index} but differ at "
+                    f"index {agree + 1}: {describe_entry(entries_a[agree])} vs {describe_entry(entries_b[agree])}",
+                )

@@ -1,0 +1,107 @@
+"""Deliberately broken variants of the Raft core, planted without editing its files.
+
+Each planted bug is a context manager that monkeypatches one rule of `cluster.raft` (or of the
+queue state machine) for the duration of a `with` block, so that the simulator can prove it
+notices: `test_planted_bugs.py` asserts each is caught within a bounded number of seeds, and
+`python -m tests.sim --plant NAME --seed N -v` replays a catch.
+
+The patches reach into private methods of the core (`_maybe_commit`, `_handle_vote_request`...) on
+purpose: they model one specific mistake each. If the core is refactored, update the patch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+from unittest import mock
+
+from cluster.queue.jobs import LEASED
+from cluster.queue.results import LEASE_MISMATCH, NOT_FOUND, ItemError
+from cluster.queue.state_machine import QueueStateMachine
+from cluster.raft.log import RaftLog
+from cluster.raft.messages import HardState
+from cluster.raft.node import RaftNode
+
+__all__ = ["PLANTED_BUGS", "planted"]
+
+
+@contextlib.contextmanager
+def vote_without_log_check() -> Iterator[None]:
+    """Grant votes (and pre-votes) without the Raft §5.4.1 up-to-date check."""
+    with mock.patch.object(RaftLog, "is_up_to_date", lambda self, last_index, last_term: True):
+        yield
+
+
+@contextlib.contextmanager
+def commit_previous_term() -> Iterator[None]:
+    """Commit whatever index a majority holds, even of an earlier term (the Figure 8 mistake)."""
+    original = RaftNode._maybe_commit
+
+    def maybe_commit(self: RaftNode) -> bool:
+        if original(self):
+            return True
+        log = self._log
+        matches = sorted([log.persisted_index, *(pr.match_index for pr in self._progress.values())], reverse=True)
+        index = matches[self._quorum - 1]
+        return log.commit_to(index) if index > log.commit_index else False
+
+    with mock.patch.object(RaftNode, "_maybe_commit", maybe_commit):
+        yield
+
+
+@contextlib.contextmanager
+def no_sync() -> Iterator[None]:
+    """Every Ready says must_sync=False: answers go out before the disk has the data."""
+    original = RaftNode.ready
+
+    def ready(self: RaftNode):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(original(self), must_sync=False)
+
+    with mock.patch.object(RaftNode, "ready", ready):
+        yield
+
+
+@contextlib.contextmanager
+def forget_vote_on_restart() -> Iterator[None]:
+    """A restarted node forgets whom it voted for (PySyncObj issue #84)."""
+    original = RaftNode.__init__
+
+    def init(self: RaftNode, config, *, hard_state: HardState, entries, rng) -> None:  # type: ignore[no-untyped-def]
+        original(self, config, hard_state=HardState(hard_state.term, None), entries=entries, rng=rng)
+
+    with mock.patch.object(RaftNode, "__init__", init):
+        yield
+
+
+@contextlib.contextmanager
+def accept_any_lease() -> Iterator[None]:
+    """The state machine accepts acks, fails and extends on any lease token of a leased job, from
+    any worker, even after expiry (no fencing)."""
+
+    def lease_error(job, job_id: str, lease: int, worker: str, now: int) -> ItemError | None:  # type: ignore[no-untyped-def]
+        if job is None:
+            return ItemError(NOT_FOUND, f"no job {job_id}")
+        if job.state != LEASED:
+            return ItemError(LEASE_MISMATCH, f"job {job_id} is not leased")
+        return None
+
+    with mock.patch.object(QueueStateMachine, "_lease_error", staticmethod(lease_error)):
+        yield
+
+
+#: name -> context manager that plants it.
+PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "vote_without_log_check": vote_without_log_check,
+    "commit_previous_term": commit_previous_term,
+    "no_sync": no_sync,
+    "forget_vote_on_restart": forget_vote_on_restart,
+    "accept_any_lease": accept_any_lease,
+}
+
+
+def planted(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """The context manager planting bug `name` (a no-op for None)."""
+    if name is None:
+        return contextlib.nullcontext()
+    return PLANTED_BUGS[name]()
