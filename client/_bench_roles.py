@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import threading
 import time
@@ -197,13 +198,47 @@ def _children_peak_rss_kib() -> int:
     return sum(peak_rss_kib(child) or 0 for child in child_pids())
 
 
+# ---------------------------------------------------------------------------- log records
+
+
+class _WarningTally(logging.Handler):
+    """Counts a role's warnings and errors (the Worker's, the client's) and keeps the first few.
+
+    They go to the parent with the role's report instead of through the progress bar.
+    """
+
+    SAMPLES_MAX = 3
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.count = 0
+        self.samples: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if len(self.samples) < self.SAMPLES_MAX:
+            self.samples.append(f"{record.levelname} {record.name}: {record.getMessage()}"[:500])
+
+    def report(self) -> dict:
+        return {"warnings": self.count, "warning_samples": list(self.samples)}
+
+
+def _tally_warnings() -> _WarningTally:
+    tally = _WarningTally()
+    root = logging.getLogger()
+    root.handlers[:] = [tally]
+    root.setLevel(logging.WARNING)
+    return tally
+
+
 # ---------------------------------------------------------------------------- producers
 
 
 def producer_main(index: int, config: RoleConfig, channels: Channels) -> None:
     """Submits `config.jobs` jobs in requests of `config.batch`, paced at `config.rate_per_s` if set."""
     try:
-        channels.results.put(("done", "producer", index, _produce(index, config, channels)))
+        warnings = _tally_warnings()
+        channels.results.put(("done", "producer", index, {**_produce(index, config, channels), **warnings.report()}))
     except BaseException:
         channels.results.put(("error", "producer", index, traceback.format_exc()))
 
@@ -222,7 +257,7 @@ def _produce(index: int, config: RoleConfig, channels: Channels) -> dict:
                 break
             count = min(config.batch, config.jobs - sent)
             if config.rate_per_s:
-                ahead_s = started_at + sent / config.rate_per_s - time.time()
+                ahead_s = started_at + (sent + count) / config.rate_per_s - time.time()
                 if ahead_s > 0:
                     time.sleep(ahead_s)  # pacing a fixed rate is what this loop is for
             submitted_at = time.time()
@@ -285,13 +320,14 @@ class _Tally:
 def worker_main(index: int, config: RoleConfig, channels: Channels) -> None:
     """Works on `config.queue` until the parent sets `stop`; reports acks and latencies."""
     try:
+        warnings = _tally_warnings()
         if config.pool == "single":
             result = _lean_worker(index, config, channels)
         elif config.pool == "asyncio":
             result = asyncio.run(_async_runtime_worker(index, config, channels))
         else:
             result = _runtime_worker(index, config, channels)
-        channels.results.put(("done", "worker", index, result))
+        channels.results.put(("done", "worker", index, {**result, **warnings.report()}))
     except BaseException:
         channels.results.put(("error", "worker", index, traceback.format_exc()))
 
@@ -351,6 +387,7 @@ class _TimedClient:
         self._submitted_at: dict[str, float | None] = {}
         self._warmup_ids: set[str] = set()
         self.warm = threading.Event()
+        self.warmup_error: str | None = None
         self._started = False
 
     def __getattr__(self, name: str) -> Any:
@@ -385,7 +422,10 @@ class _TimedClient:
 
     def _note_failed(self, items: Any) -> None:
         for item in items:
-            if self._submitted_at.pop(item[0], None) is not None:
+            if item[0] in self._warmup_ids:
+                self.warmup_error = item[2]
+                self.warm.set()
+            elif self._submitted_at.pop(item[0], None) is not None:
                 self._tally.failed += 1
 
     def fetch(self, worker: str, queues: Any, *, max_jobs: int = 1, wait_s: float = 0.0) -> list[Any]:
@@ -420,6 +460,13 @@ class _AsyncTimedClient(_TimedClient):
         return await self._client.fail_many(worker, items)
 
 
+def _await_warmup(timed: _TimedClient) -> None:
+    if not timed.warm.wait(WARMUP_S_MAX):
+        raise TimeoutError(f"the warm-up job was not acked within {WARMUP_S_MAX:g} s")
+    if timed.warmup_error is not None:
+        raise RuntimeError(f"the warm-up job failed: {timed.warmup_error}")
+
+
 def _warmup_queue(config: RoleConfig, index: int) -> str:
     return f"{config.queue}.warmup{index}"
 
@@ -440,8 +487,7 @@ def _runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
         def conductor() -> None:
             try:
                 client.submit(warmup_queue, {"t": time.time(), "pad": ""})
-                if not timed.warm.wait(WARMUP_S_MAX):
-                    raise TimeoutError(f"the warm-up job was not acked within {WARMUP_S_MAX:g} s")
+                _await_warmup(timed)
                 channels.results.put(("ready", "worker", index))
                 channels.stop.wait()
                 children_rss.append(_children_peak_rss_kib())  # a process pool's children end with the Worker
@@ -475,8 +521,7 @@ async def _async_runtime_worker(index: int, config: RoleConfig, channels: Channe
             try:
                 asyncio.run_coroutine_threadsafe(client.submit(warmup_queue, {"t": time.time(), "pad": ""}),
                                                  loop).result(CALL_DEADLINE_S)
-                if not timed.warm.wait(WARMUP_S_MAX):
-                    raise TimeoutError(f"the warm-up job was not acked within {WARMUP_S_MAX:g} s")
+                _await_warmup(timed)
                 channels.results.put(("ready", "worker", index))
                 channels.stop.wait()
             except BaseException:
