@@ -342,11 +342,18 @@ class Node:
             self._read_waiters[read_id] = future
 
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
+        # A leader may send its appends while it writes the same entries to its own disk (Raft
+        # thesis §10.2.1): the core counts the leader's own copy toward commit only after
+        # advance(), i.e. after this fsync. Anything that carries a new term or vote, and every
+        # follower reply, still waits for the disk (persist before send).
+        send_early = ready.hard_state is None and raft.role == Role.LEADER
+        if send_early and ready.messages and self.transport is not None:
+            self.transport.send(ready.messages)
         if ready.hard_state is not None or ready.entries:
             started = time.perf_counter()
             await asyncio.to_thread(self._persist, ready)
             self.metrics.observe_persist(time.perf_counter() - started, len(ready.entries))
-        if ready.messages and self.transport is not None:
+        if not send_early and ready.messages and self.transport is not None:
             self.transport.send(ready.messages)
         if ready.committed_entries:
             self._apply(ready.committed_entries)
