@@ -42,6 +42,7 @@ STATUS_NODE_TIMEOUT_S = 2.0
 ERROR_COLUMN_MAX = 60
 _DELEGATED = ("node", "bench")
 _GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
+_BENCH_GLOBALS = ("--nodes", "--token")
 
 
 class UsageError(Exception):
@@ -120,7 +121,8 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
                         help=f"node URLs, comma-separated (env RAFTQ_NODES; default {DEFAULT_NODES})")
     parser.add_argument("--token", default=default(None), help="bearer token (env RAFTQ_TOKEN)")
     parser.add_argument("--timeout", type=float, default=default(None),
-                        help=f"seconds to keep trying before giving up (env RAFTQ_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})")
+                        help="seconds to keep trying before giving up "
+                             f"(env RAFTQ_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 
 
@@ -157,16 +159,24 @@ def _add_worker(sub: argparse.ArgumentParser) -> None:
 
 
 def _delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
-    """("node" | "bench", the arguments after it) when that is the command, else None."""
-    index = 0
+    """("node" | "bench", its arguments) when that is the command, else None.
+
+    `bench` takes --nodes and --token itself, so those given before it are passed on.
+    """
+    index, passed_on = 0, []
     while index < len(argv):
         token = argv[index]
         if token in _GLOBAL_VALUED:
-            index += 2
+            step = 2
         elif token == "--json" or token.startswith(tuple(f"{flag}=" for flag in _GLOBAL_VALUED)):
-            index += 1
+            step = 1
+        elif token in _DELEGATED:
+            return token, (passed_on if token == "bench" else []) + list(argv[index + 1:])
         else:
-            return (token, list(argv[index + 1:])) if token in _DELEGATED else None
+            return None
+        if token.split("=")[0] in _BENCH_GLOBALS:
+            passed_on += argv[index:index + step]
+        index += step
     return None
 
 
@@ -268,32 +278,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from client.app import App
     from client.worker import PrometheusMiddleware, Worker
 
+    target = _import_target(args.target)
+    if not isinstance(target, (App, dict)):
+        raise UsageError(f"{args.target} is a {type(target).__name__}; "
+                         "expected a raftq App or a dict {queue: handler}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    target = _import_target(args.target)
-    queues = _split(args.queues) or None
-    middleware = []
-    if args.metrics_port is not None:
-        middleware.append(PrometheusMiddleware())
-        middleware[0].serve(args.metrics_port)
-    options = dict(concurrency=args.concurrency, pool=args.pool, queues=queues, burst=args.burst,
-                   grace_s=args.grace, lease_s=args.lease, wait_s=args.wait, heartbeat_s=args.heartbeat,
-                   middleware=middleware)
-    explicit_nodes = args.nodes or os.environ.get("RAFTQ_NODES")
-    nodes = explicit_nodes or (target.nodes if isinstance(target, App) else DEFAULT_NODES)
-    token = _token(args) or (target.token if isinstance(target, App) else None)
-    client = _make_client(nodes, token, _timeout(args), asynchronous=args.pool == "asyncio")
+    is_app = isinstance(target, App)
+    # An App knows its cluster; --nodes / RAFTQ_NODES, when given, win.
+    nodes = args.nodes or os.environ.get("RAFTQ_NODES") or (target.nodes if is_app else DEFAULT_NODES)
+    token = _token(args) or (target.token if is_app else None)
+    client = _make_client(nodes, token, _timeout(args), asynchronous=args.pool == "asyncio")  # connects lazily
+    metrics = PrometheusMiddleware() if args.metrics_port is not None else None
+    options = dict(concurrency=args.concurrency, pool=args.pool, queues=_split(args.queues) or None,
+                   burst=args.burst, grace_s=args.grace, lease_s=args.lease, wait_s=args.wait,
+                   heartbeat_s=args.heartbeat, middleware=[metrics] if metrics else [])
     try:
-        if isinstance(target, App):
-            worker = target.worker(client=client, **options)
-        elif isinstance(target, dict):
-            worker = Worker(client, target, **options)
-        else:
-            raise UsageError(f"{args.target} is a {type(target).__name__}; expected a raftq App or a dict "
-                             "{queue: handler}")
+        worker = target.worker(client=client, **options) if is_app else Worker(client, target, **options)
     except ValueError as exc:
-        _close(client)
         raise UsageError(str(exc)) from None
+    if metrics is not None:
+        metrics.serve(args.metrics_port)
     if args.pool == "asyncio":
         asyncio.run(_run_async(worker, client))
     else:
@@ -317,7 +322,8 @@ def _import_target(spec: str) -> Any:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise UsageError(f"no module named {module_name!r} (looked in the current directory and sys.path)") from None
+            raise UsageError(f"no module named {module_name!r} "
+                             "(looked in the current directory and sys.path)") from None
         raise
     for part in attribute.split("."):
         try:
@@ -450,12 +456,6 @@ def _make_client(nodes: str | Sequence[str], token: str | None, timeout_s: float
     nodes = _split(nodes) if isinstance(nodes, str) else list(nodes)
     kind = AsyncClient if asynchronous else Client
     return kind(nodes, token=token, timeout=timeout_s, deadline=timeout_s)
-
-
-def _close(client: Any) -> None:
-    close = getattr(client, "close", None)
-    if close is not None and not asyncio.iscoroutinefunction(close):
-        close()
 
 
 def _split(text: str | None) -> list[str]:

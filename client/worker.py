@@ -23,8 +23,9 @@ With pool="asyncio" the same roles are tasks on one event loop and the client is
 `AsyncClient`; there the heartbeat shares the loop, so a handler that blocks the loop delays it.
 
 Shutdown (SIGTERM/SIGINT under `run()`, `stop()`, or the end of a burst): stop fetching, let the
-running handlers finish for up to `grace_s`, hand the rest back as retryable ("worker shutting
-down"), flush the outcomes, stop the heartbeats. A second signal exits the process at once.
+running handlers finish for up to `grace_s` (longer only while a last long poll, at most `wait_s`,
+is still out: jobs it brings are handed straight back), hand the rest back as retryable ("worker
+shutting down"), flush the outcomes, stop the heartbeats. A second signal exits the process at once.
 
 Every call goes through the client, which follows the leader. A transient error (no answer, 503)
 in fetch or in reporting is retried with backoff; a refused ack (409: the lease expired or moved
@@ -51,7 +52,7 @@ import threading
 import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgpack
@@ -271,10 +272,10 @@ class Worker:
         client: a `client.Client` (pools "threads" and "processes") or `client.AsyncClient`
             (pool "asyncio"). The worker does not close it.
         handlers: {queue name: callable(job)}; `job` is a `Job` with .id, .queue, .payload,
-            .attempt, .lease and .lease_expires_at (unix s, as fetched). The return value (msgpack data, at most 64 KiB) is
-            kept as the job's result. With pool="asyncio" handlers are `async def` (a plain
-            function runs in a thread); with pool="processes" they must be importable top-level
-            functions, and job and result must pickle.
+            .attempt, .lease and .lease_expires_at (unix s, as fetched). The return value
+            (msgpack data, at most 64 KiB) is kept as the job's result. With pool="asyncio"
+            handlers are `async def` (a plain function runs in a thread); with pool="processes"
+            they must be importable top-level functions, and job and result must pickle.
         queues: the queues to fetch from (default: every queue in `handlers`).
         concurrency: jobs run at once, and so the most leases held at once.
         pool: "threads", "processes" or "asyncio".
@@ -522,7 +523,8 @@ class Worker:
                 log.info("job %s finished after it was handed back (%s); outcome dropped", flight.job.id, outcome.kind)
                 return
             flight.running = False
-            setattr(self.stats, _STAT_OF_KIND[outcome.kind], getattr(self.stats, _STAT_OF_KIND[outcome.kind]) + 1)
+            counter = _STAT_OF_KIND[outcome.kind]
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             report((flight, outcome))
             self._changed()
 
@@ -537,8 +539,9 @@ class Worker:
                 report((flight, _RELEASED))
             self._changed()
         if leftovers:
-            log.warning("worker %s: %d job(s) still running after the %g s grace: handed back for a retry (%s)",
-                        self.worker_id, len(leftovers), self.grace_s, ", ".join(f.job.id for f in leftovers[:10]))
+            log.warning("worker %s: %d job(s) still running %.1f s after the stop (grace %g s): handed back for a "
+                        "retry (%s)", self.worker_id, len(leftovers), time.monotonic() - self._stopped_at, self.grace_s,
+                        ", ".join(f.job.id for f in leftovers[:10]))
         return leftovers
 
     def _release(self, jobs: Sequence[Any], report: Callable[[tuple[_Flight, _Outcome]], None]) -> None:
@@ -713,8 +716,10 @@ class _ThreadRuntime:
         w.stop(w._stop_reason or "stop requested")
         with w._cond:
             w._cond.wait_for(lambda: not any(f.running for f in w._flights.values()), timeout=w.grace_s)
-        leftovers = w._abandon_running(self.reports.put)
+        # The fetcher's last long poll ends first: otherwise it could lease again the very jobs
+        # handed back below (ready at once) and hand them back a second time, an attempt each.
         self._join("fetch", w.wait_s + FETCH_JOIN_S)
+        leftovers = w._abandon_running(self.reports.put)
         for _ in range(w.concurrency):
             self.work.put(None)
         self.reports.put(None)
@@ -730,7 +735,8 @@ class _ThreadRuntime:
             return
         thread.join(timeout)
         if thread.is_alive():
-            log.warning("worker %s: the %s thread did not stop within %g s; leaving it", self.w.worker_id, role, timeout)
+            log.warning("worker %s: the %s thread did not stop within %g s; leaving it",
+                        self.w.worker_id, role, timeout)
 
     # ------------------------------------------------------------------------ fetcher
 
@@ -905,11 +911,11 @@ class _AsyncRuntime:
     async def _shutdown(self, fetcher: asyncio.Task, reporter: asyncio.Task, beater: asyncio.Task) -> None:
         w = self.w
         await self._until(lambda: w._running_count() == 0, timeout=w.grace_s)
+        await _bounded(fetcher, w.wait_s + FETCH_JOIN_S)  # first, as in _ThreadRuntime.shutdown
         for flight in w._abandon_running(self.reports.put_nowait):
             task = self.handler_tasks.pop(flight, None)
             if task is not None:
                 task.cancel()
-        await _bounded(fetcher, w.wait_s + FETCH_JOIN_S)
         self.reports.put_nowait(None)
         await _bounded(reporter, w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
         beater.cancel()
@@ -938,6 +944,7 @@ class _AsyncRuntime:
     async def _fetch_loop(self) -> None:
         w, failures = self.w, 0
         while True:
+            await asyncio.sleep(0)  # a client answering without suspending must not starve the loop
             await self._until(lambda: w._stopping.is_set() or w._free_slots() > 0)
             if w._stopping.is_set():
                 return

@@ -32,7 +32,7 @@ class TinyServer(ApiServer):
                             "created_at": 1_700_000_000.5}}
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/v1/cluster", self.cluster)
+        router.add_get("/v1/cluster", self.cluster_status)
         router.add_get("/v1/queues", self.queues)
         router.add_post("/v1/queues/{queue}/jobs", self.submit)
         router.add_get("/v1/jobs/{id}", self.job)
@@ -41,7 +41,7 @@ class TinyServer(ApiServer):
         router.add_post("/v1/queues/{queue}/dead/redrive", self.redrive)
         router.add_post("/v1/queues/{queue}/dead/purge", self.purge)
 
-    async def cluster(self, request):
+    async def cluster_status(self, request):
         return self.respond(request, {"node": "n1", "role": "leader", "term": 3, "leader": "n1",
                                       "leader_url": self.url, "commit_index": 42, "applied_index": 41,
                                       "nodes": [{"id": "n1", "url": self.url, "leader": True}]})
@@ -72,7 +72,8 @@ class TinyServer(ApiServer):
 
     async def redrive(self, request):
         ids = (await self.body(request)).get("ids")
-        return self.respond(request, {"redriven": len(ids) if ids else len(self.dead.get(request.match_info["queue"], []))})
+        dead = self.dead.get(request.match_info["queue"], [])
+        return self.respond(request, {"redriven": len(ids) if ids else len(dead)})
 
     async def purge(self, request):
         return self.respond(request, {"purged": len(self.dead.pop(request.match_info["queue"], []))})
@@ -131,6 +132,13 @@ def test_node_forwards_the_rest_of_the_command_line(monkeypatch):
     monkeypatch.setattr(cluster.main, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["--json", "node", "--id", "n2", "--port", "7002", "--json"]) == 7
     assert seen == [["--id", "n2", "--port", "7002", "--json"]]
+
+
+def test_bench_gets_the_global_nodes_and_token():
+    assert cli._delegated(["--nodes", "http://a:1", "--json", "--token=t", "--timeout", "3", "bench", "--jobs", "5"]) \
+        == ("bench", ["--nodes", "http://a:1", "--token=t", "--jobs", "5"])
+    assert cli._delegated(["--nodes", "http://a:1", "node", "--id", "n1"]) == ("node", ["--id", "n1"])
+    assert cli._delegated(["--nodes", "http://a:1", "status"]) is None
 
 
 def test_bench_without_its_module_is_a_clear_error(monkeypatch, capsys):

@@ -75,6 +75,8 @@ class FakeCluster:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.job_ready = threading.Condition(self.lock)  # wakes long polls
+        self.polling = 0
         self.tokens = itertools.count(1)
         self.ids = itertools.count(1)
 
@@ -82,6 +84,7 @@ class FakeCluster:
         job_id = f"j{next(self.ids)}"
         with self.lock:
             self.jobs[job_id] = FakeJob(job_id, queue, payload, **options)
+            self.job_ready.notify_all()
         return job_id
 
     def held(self, worker: str) -> int:
@@ -97,8 +100,13 @@ class FakeCluster:
             if self.fetch_errors:
                 raise self.fetch_errors.pop(0)
             self.fetches.append((max_jobs, self.held(worker)))
+            ready = self._ready(queues)
+            if not ready and wait_s > 0:  # a long poll, as the server's
+                self.polling += 1
+                self.job_ready.wait_for(lambda: self._ready(queues), timeout=wait_s)
+                self.polling -= 1
+                ready = self._ready(queues)
             now = time.time()
-            ready = [j for j in self.jobs.values() if j.queue in queues and j.state == "ready" and j.ready_at <= now]
             out = []
             for job in ready[:max_jobs]:
                 job.state, job.holder, job.lease = "leased", worker, next(self.tokens)
@@ -107,6 +115,10 @@ class FakeCluster:
                                      lease=job.lease, lease_expires_at=now + job.lease_s, priority=0))
             self.held_max = max(self.held_max, self.held(worker))
             return out
+
+    def _ready(self, queues) -> list[FakeJob]:
+        now = time.time()
+        return [j for j in self.jobs.values() if j.queue in queues and j.state == "ready" and j.ready_at <= now]
 
     def _holds(self, worker, job_id, lease) -> bool:
         job = self.jobs.get(job_id)
@@ -138,6 +150,7 @@ class FakeCluster:
                 job = self.jobs[job_id]
                 if retry and job.attempts < job.max_attempts:
                     job.state, job.ready_at = "ready", time.time() + (delay_s or 0.0)
+                    self.job_ready.notify_all()
                 else:
                     job.state = "dead"
                 job.holder = None
@@ -170,7 +183,8 @@ class FakeCluster:
 
 
 class AsyncFake:
-    """The same fake behind `async def` methods, as an AsyncClient would offer them."""
+    """The same fake behind `async def` methods, as an AsyncClient would offer them; each call
+    runs in a thread, so that a long poll suspends the caller instead of blocking its loop."""
 
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
@@ -179,7 +193,7 @@ class AsyncFake:
         method = getattr(self.cluster, name)
 
         async def call(*args, **kwargs):
-            return method(*args, **kwargs)
+            return await asyncio.to_thread(method, *args, **kwargs)
 
         return call
 
@@ -196,7 +210,7 @@ class ApiServer:
     def start(self) -> None:
         ready = threading.Event()
         threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        assert ready.wait(DEADLINE_S), "the test server did not start"
+        assert ready.wait(DEADLINE_S) and self.url, "the test server did not start (see the thread's exception)"
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(DEADLINE_S)
@@ -211,14 +225,16 @@ class ApiServer:
 
     def _serve(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        self.add_routes(app.router)
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        ready.set()
+        try:
+            app = web.Application()
+            self.add_routes(app.router)
+            self.runner = web.AppRunner(app)
+            self.loop.run_until_complete(self.runner.setup())
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            self.loop.run_until_complete(site.start())
+            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        finally:
+            ready.set()
         self.loop.run_forever()
 
     @staticmethod
@@ -251,12 +267,14 @@ class ApiServer:
     async def ack(self, request):
         body = await self.body(request)
         items = [(a["id"], a["lease"], a.get("result")) for a in body["acks"]]
-        return self.respond(request, {"results": [self.outcome(r) for r in self.cluster.ack_many(body["worker"], items)]})
+        results = self.cluster.ack_many(body["worker"], items)
+        return self.respond(request, {"results": [self.outcome(r) for r in results]})
 
     async def fail(self, request):
         body = await self.body(request)
         items = [(f["id"], f["lease"], f["error"], f.get("retry", True), f.get("delay_s")) for f in body["fails"]]
-        return self.respond(request, {"results": [self.outcome(r) for r in self.cluster.fail_many(body["worker"], items)]})
+        results = self.cluster.fail_many(body["worker"], items)
+        return self.respond(request, {"results": [self.outcome(r) for r in results]})
 
     async def extend(self, request):
         body = await self.body(request)
@@ -538,6 +556,30 @@ def test_graceful_shutdown_hands_back_jobs_still_running_after_grace():
     assert cluster.acks == [(fast, "finished")]
     assert cluster.fails == [(slow, "worker shutting down", True, 0.0)]
     assert cluster.state(slow) == "ready" and box["stats"].released == 1
+
+
+def test_shutdown_does_not_lease_again_the_jobs_it_hands_back():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {}, max_attempts=5)
+    started, release = threading.Event(), threading.Event()
+
+    def handler(job):
+        started.set()
+        release.wait(DEADLINE_S)
+
+    # A free slot keeps a long poll out while the job runs; the job, handed back ready at once,
+    # must not come back to this worker through that poll.
+    worker = make_worker(cluster, {"q": handler}, burst=False, concurrency=2, grace_s=0.05, wait_s=0.3)
+    thread, box = run_in_thread(worker)
+    try:
+        assert started.wait(DEADLINE_S)
+        wait_until(lambda: cluster.polling == 1, "the fetcher's long poll")
+        worker.stop()
+        thread.join(DEADLINE_S)
+    finally:
+        release.set()
+    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)]
+    assert box["stats"].released == 1 and cluster.state(job_id) == "ready"
 
 
 def test_jobs_that_finish_within_grace_are_acked_not_handed_back():
