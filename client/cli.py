@@ -34,8 +34,8 @@ from client.errors import RaftqError, TransportError
 DEFAULT_NODES = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
 #: Seconds a command keeps trying (across nodes and retries) before it reports that no node answered.
 DEFAULT_TIMEOUT_S = 10.0
-#: Jobs per submit request with --batch and no size; the server's batch bound.
-BATCH_DEFAULT = 1000
+#: Jobs per submit request for --count and --file: one log entry and one fsync per 100 jobs.
+BATCH_DEFAULT = 100
 #: `status` asks every node on its own; a down node should cost the table this long, not the full timeout.
 STATUS_NODE_TIMEOUT_S = 2.0
 #: Characters of a dead job's error shown in `dlq list`.
@@ -132,8 +132,8 @@ def _add_submit(sub: argparse.ArgumentParser) -> None:
     source = sub.add_mutually_exclusive_group()
     source.add_argument("--file", help="one JSON payload a line ('-' for stdin)")
     source.add_argument("--count", type=int, help='submit N generated payloads {"n": i}')
-    sub.add_argument("--batch", type=int, nargs="?", const=BATCH_DEFAULT, default=None, metavar="SIZE",
-                     help=f"submit SIZE jobs per request (default {BATCH_DEFAULT}) instead of one by one")
+    sub.add_argument("--batch", type=int, default=BATCH_DEFAULT, metavar="SIZE",
+                     help=f"jobs per request for --count/--file (default {BATCH_DEFAULT}; 1 = one by one)")
     sub.add_argument("--priority", type=int, help="0-9, 9 runs first")
     sub.add_argument("--delay", type=float, help="seconds before the jobs may run")
     sub.add_argument("--max-attempts", type=int)
@@ -199,7 +199,7 @@ def _run_delegated(name: str, rest: list[str]) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    if args.batch is not None and args.batch < 1:
+    if args.batch < 1:
         raise UsageError("--batch must be at least 1")
     payloads = _payloads(args)
     if args.idempotency_key is not None and len(payloads) != 1:
@@ -211,7 +211,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                         enabled=None if len(payloads) > 1 else False)
     with _client(args) as client:
         try:
-            if args.batch:
+            if args.batch > 1 and len(payloads) > 1:
                 for chunk in _chunks(payloads, args.batch):
                     ids += client.submit_many(args.queue, chunk, **options)
                     progress.update(len(chunk))

@@ -115,10 +115,10 @@ def test_global_options_go_before_or_after_the_command(monkeypatch):
 
 
 def test_submit_and_worker_options_parse():
-    args = cli.build_parser().parse_args(["submit", "emails", "--count", "5", "--batch", "--priority", "9",
+    args = cli.build_parser().parse_args(["submit", "emails", "--count", "5", "--batch", "1000", "--priority", "9",
                                           "--delay", "1.5", "--max-attempts", "3"])
     assert (args.queue, args.count, args.batch, args.priority, args.delay, args.max_attempts) == \
-        ("emails", 5, cli.BATCH_DEFAULT, 9, 1.5, 3)
+        ("emails", 5, 1000, 9, 1.5, 3)
     args = cli.build_parser().parse_args(["worker", "tasks:app", "--concurrency", "8", "--pool", "asyncio",
                                           "--burst", "--queues", "a,b"])
     assert (args.target, args.concurrency, args.pool, args.burst, cli._split(args.queues)) == \
@@ -208,7 +208,7 @@ def test_submit_count_in_batches(server, capsys):
 def test_submit_file_one_payload_a_line(server, capsys, tmp_path):
     source = tmp_path / "jobs.jsonl"
     source.write_text('{"a": 1}\n\n[1, 2]\n"text"\n')
-    code, out, _ = run_cli(capsys, "--nodes", server.url, "submit", "q", "--file", str(source))
+    code, out, _ = run_cli(capsys, "--nodes", server.url, "submit", "q", "--file", str(source), "--batch", "1")
     assert code == 0 and out.split() == ["id0", "id1", "id2"]
     assert [batch[0]["payload"] for _, batch in server.submitted] == [{"a": 1}, [1, 2], "text"]
 
