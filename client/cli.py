@@ -10,6 +10,7 @@
     job ID / cancel ID            show / cancel one job
     dlq list|redrive|purge QUEUE  the dead-letter queue
     bench ...                     the benchmark (client.bench)
+    chaos ...                     the fault-injection suite (python -m chaos)
 
 Global options may also follow the command. Exit codes: 0 done, 1 the cluster refused (unknown
 job, conflict, ...), 2 bad usage or no node answered, 130 interrupted.
@@ -40,7 +41,7 @@ BATCH_DEFAULT = 100
 STATUS_NODE_TIMEOUT_S = 2.0
 #: Characters of a dead job's error shown in `dlq list`.
 ERROR_COLUMN_MAX = 60
-_DELEGATED = ("node", "bench")
+_DELEGATED = ("node", "bench", "chaos")
 _GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
 _BENCH_GLOBALS = ("--nodes", "--token")
 
@@ -185,6 +186,10 @@ def _run_delegated(name: str, rest: list[str]) -> int:
         from cluster.main import main as node_main
 
         return node_main(rest)
+    if name == "chaos":
+        from chaos.__main__ import main as chaos_main
+
+        return chaos_main(rest)
     try:
         bench = importlib.import_module("client.bench")
     except ModuleNotFoundError as exc:
