@@ -42,6 +42,7 @@ from cluster import metrics as node_metrics
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.queue import commands as cmds
+from cluster.queue.results import Rejected, Released, Ticked
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.errors import NotLeader, ProposalDropped
 from cluster.raft.messages import Entry, Message
@@ -378,6 +379,8 @@ class Node:
         changed = False
         for entry in entries:
             result = self.queue.apply(entry)
+            if isinstance(result, (Ticked, Released, Rejected)):
+                self._log_housekeeping(entry, result)
             pending = self._pending.pop(entry.index, None)
             if pending is not None and not pending.future.done():
                 if pending.term == entry.term:
@@ -391,6 +394,17 @@ class Node:
         if changed and self._jobs_changed is not None and not self._jobs_changed.done():
             self._jobs_changed.set_result(None)
             self._jobs_changed = asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    def _log_housekeeping(entry: Entry, result: Any) -> None:
+        """Requeues and dead-letters the broker decided, one line per entry (never one per job)."""
+        if isinstance(result, Ticked) and result.expired:
+            log.info("entry %d: %d leases expired (requeued or dead-lettered)", entry.index, result.expired)
+        elif isinstance(result, Released):
+            log.warning("entry %d: lost worker's jobs released: %d requeued, %d dead-lettered",
+                        entry.index, result.requeued, result.dead_lettered)
+        elif isinstance(result, Rejected):
+            log.error("entry %d is not a command this version understands: %s", entry.index, result.reason)
 
     def _settle_applied_waiters(self) -> None:
         if not self._applied_waiters:

@@ -66,6 +66,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        if exc.status >= 400:
+            log.info("refused %s %s: %s %s", request.method, request.path, exc.status, exc.message)
         return error_response(request, exc)
     except NotLeaderError as exc:
         return _not_leader(request, exc)
