@@ -80,6 +80,8 @@ class NodeMetrics:
     def observe_samples(self, samples: list[tuple[str, str, int]]) -> None:
         """Latency samples the state machine collected while applying (milliseconds)."""
         for kind, queue, ms in samples:
+            if kind not in ("job_latency", "queue_wait"):
+                continue
             histogram = self.job_latency_seconds if kind == "job_latency" else self.job_queue_wait_seconds
             histogram.labels(queue).observe(max(ms, 0) / 1000)
 

@@ -30,6 +30,7 @@ not requeue healthy work). Followers run none of it: their state changes only th
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import itertools
 import logging
 import os
@@ -391,6 +392,9 @@ class Node:
         if self.queue.metric_samples:
             samples, self.queue.metric_samples = self.queue.metric_samples, []
             self.metrics.observe_samples(samples)
+            dead = Counter(queue for kind, queue, _ in samples if kind == "dead_lettered")
+            for queue, count in sorted(dead.items()):
+                log.info("%d jobs of queue %s dead-lettered", count, queue)
         if changed and self._jobs_changed is not None and not self._jobs_changed.done():
             self._jobs_changed.set_result(None)
             self._jobs_changed = asyncio.get_running_loop().create_future()

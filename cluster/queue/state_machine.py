@@ -154,8 +154,8 @@ class QueueStateMachine:
         self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
         self._finished: deque[tuple[int, Job]] = deque()
-        #: Latency observations for metrics, (kind, queue, ms): "job_latency" (submit -> ack) and
-        #: "queue_wait" (submit -> first lease). Not state: excluded from snapshots and digests;
+        #: Observations for metrics and logs, (kind, queue, value): "job_latency" (submit -> ack, ms),
+        #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
         self.metric_samples: list[tuple[str, str, int]] = []
 
@@ -610,6 +610,7 @@ class QueueStateMachine:
             self._move(queue, job, DEAD, now)
             queue.dead[job.id] = job
             queue.events["dead_lettered"] += 1
+            self.metric_samples.append(("dead_lettered", job.queue, job.attempts))
             return False
         if delay_ms is None:
             delay_ms = backoff_delay_ms(job.backoff_base_ms, job.backoff_cap_ms, job.attempts, entropy, position)

@@ -1,0 +1,548 @@
+"""The checker: Jepsen's total-queue count plus raftq's lease and ack guarantees, over a history.
+
+Pure: it reads records (see `chaos.history`) and returns a `CheckResult`; no I/O, no clock.
+
+Counted (REPLICATION.md §2.2 and §5.1):
+    attempted   submits invoked (their values)
+    acked       submits answered 2xx (SPEC guarantee 1: durable)
+    failed      submits answered 4xx (definitely not applied)
+    unknown     submits with no usable answer (transport failure, 5xx, or never completed)
+    delivered   values that came out of a lease at least once
+    recovered   unknown submits whose value came out anyway
+    retries     redeliveries after the previous holder FAILed the job on purpose (the workload's)
+    duplicates  every other redelivery: the at-least-once cost (a lease that ran out, a worker
+                lost, an ack refused or unanswered); reported as a count and % of acked, not a violation
+
+Violations (each names the job and the history lines that show it):
+    lost                      acked, never delivered (must be 0)
+    unexpected                delivered, never submitted (must be 0)
+    double_submit             one submitted value came out under two job ids (guarantee 5)
+    failed_submit_delivered   a submit answered 4xx came out anyway
+    delivered_after_ack       a lease handed out a job after a 2xx ack of it completed (guarantee 3)
+    stale_lease_ack           a 2xx ack on a lease that another lease of the job had replaced
+                              before the ack was sent, or sent after the lease had expired
+                              (guarantee 3). A new leader renews every live lease to now +
+                              lease_s (RenewLeases), so the expiry used is the latest of: the
+                              expiry the lease answer gave, and for each leader the monitor saw
+                              take office between the lease and the ack (+ a tolerance for the
+                              monitor's lag), the time it was seen + lease_s: a bound that can
+                              only forgive, never accuse, a legitimate ack.
+    not_completed             acked, yet never completed (2xx ack) nor dead-lettered by the end of
+                              the final drain (checked only when the history has a `drained` event)
+    digest_mismatch           the nodes' state digests differed after the final heal
+    liveness                  the harness saw the cluster fail to recover (no leader after a heal,
+                              drain never finished): recorded by the runner as `liveness` events
+
+Timings from the nemesis and monitor events: elections, time to a new leader after each fault
+that deposes the leader, the old leader's step-down time, client failover (fault start -> a
+producer's first 2xx submit sent after it), and availability (% of submits sent during a fault
+answered 2xx) per fault kind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from chaos.history import FAIL, INFO, OK, numbered
+
+#: Seconds added to the window in which a leader change may have renewed a lease (monitor lag).
+RENEW_TOLERANCE_S = 2.0
+#: Seconds of slack on expiry comparisons (lease_expires_at is rounded to the millisecond).
+EXPIRY_SLACK_S = 0.005
+#: Violations listed per kind in the human summary (the JSON report has them all).
+SUMMARY_VIOLATIONS_MAX = 10
+
+
+@dataclass
+class Op:
+    op_id: str
+    op: str
+    proc: str
+    invoke: dict
+    done: dict | None = None
+
+    @property
+    def type(self) -> str:
+        return self.done["type"] if self.done is not None else INFO
+
+    @property
+    def start_t(self) -> float:
+        return self.invoke["t"]
+
+    @property
+    def end_t(self) -> float:
+        return self.done["t"] if self.done is not None else math.inf
+
+    @property
+    def start_wall(self) -> float:
+        return self.invoke.get("wall", math.nan)
+
+    @property
+    def end_wall(self) -> float:
+        return self.done.get("wall", math.inf) if self.done is not None else math.inf
+
+    @property
+    def lines(self) -> list[int]:
+        return [r["line"] for r in (self.invoke, self.done) if r is not None]
+
+    def field(self, name: str, default: Any = None) -> Any:
+        if self.done is not None and name in self.done:
+            return self.done[name]
+        return self.invoke.get(name, default)
+
+
+@dataclass
+class Delivery:
+    value: str | None
+    job: str
+    lease: int
+    expires: float | None
+    attempt: int | None
+    op: Op
+
+
+@dataclass
+class Violation:
+    kind: str
+    message: str
+    job: str | None = None
+    value: str | None = None
+    lines: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CheckResult:
+    valid: bool
+    counts: dict[str, Any]
+    violations: list[Violation]
+    stats: dict[str, Any]
+
+    def violations_of(self, kind: str) -> list[Violation]:
+        return [v for v in self.violations if v.kind == kind]
+
+    def to_json(self) -> dict:
+        return {"valid": self.valid, "counts": self.counts, "stats": self.stats,
+                "violations": [asdict(v) for v in self.violations]}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def pair_ops(records: list[dict]) -> tuple[list[Op], list[dict]]:
+    """Ops (invoke + completion) in invoke order, and the event records."""
+    ops: dict[str, Op] = {}
+    events: list[dict] = []
+    for record in records:
+        kind = record["type"]
+        if kind == "event":
+            events.append(record)
+        elif kind == "invoke":
+            ops[record["op_id"]] = Op(record["op_id"], record["op"], record["proc"], record)
+        elif kind in (OK, FAIL, INFO):
+            op = ops.get(record["op_id"])
+            if op is not None and op.done is None:
+                op.done = record
+        else:
+            raise ValueError(f"history line {record.get('line')}: unknown record type {kind!r}")
+    return list(ops.values()), events
+
+
+def check(records: Iterable[dict], *, lease_s: float | None = None,
+          renew_tolerance_s: float = RENEW_TOLERANCE_S) -> CheckResult:
+    """Checks a history; see the module docstring for what is counted and what is a violation.
+
+    Args:
+        records: history records in time order (`line` numbers are added where missing).
+        lease_s: the jobs' lease length, for lease renewal on a leader change; default: the
+            `meta` event's `lease_s`. Unknown: an ack whose window saw a leader change is not
+            judged on expiry.
+        renew_tolerance_s: how late after an ack the monitor may first see a leader that took
+            office before it.
+    """
+    records = numbered(records)
+    ops, events = pair_ops(records)
+    meta = next((e for e in events if e["op"] == "meta"), {})
+    if lease_s is None:
+        lease_s = meta.get("lease_s")
+    violations: list[Violation] = []
+
+    # ---------------------------------------------------------------- submits
+    submits: dict[str, Op] = {}
+    for op in ops:
+        if op.op == "submit":
+            submits.setdefault(op.invoke["value"], op)
+    acked = {v: op for v, op in submits.items() if op.type == OK}
+    failed = {v: op for v, op in submits.items() if op.type == FAIL}
+    unknown = {v: op for v, op in submits.items() if op.type == INFO}
+
+    # ---------------------------------------------------------------- deliveries, acks
+    deliveries: list[Delivery] = []
+    for op in ops:
+        if op.op == "lease" and op.type == OK:
+            for job in op.done.get("jobs", []):
+                deliveries.append(Delivery(job.get("value"), str(job["id"]), int(job["lease"]), job.get("expires"),
+                                           job.get("attempt"), op))
+    deliveries.sort(key=lambda d: d.op.end_t)
+    by_value: dict[str | None, list[Delivery]] = defaultdict(list)
+    by_job: dict[str, list[Delivery]] = defaultdict(list)
+    for d in deliveries:
+        by_value[d.value].append(d)
+        by_job[d.job].append(d)
+    reports: dict[tuple[str, str, int], list[Op]] = defaultdict(list)  # (op, job, lease) -> ops
+    acks_ok: list[Op] = []
+    for op in ops:
+        if op.op in ("ack", "nack"):
+            reports[(op.op, str(op.invoke["job"]), int(op.invoke["lease"]))].append(op)
+            if op.op == "ack" and op.type == OK:
+                acks_ok.append(op)
+    completed_jobs = {str(op.invoke["job"]) for op in acks_ok}
+
+    # ---------------------------------------------------------------- total-queue
+    for value, op in acked.items():
+        if value not in by_value:
+            violations.append(Violation(
+                "lost", f"job {op.done.get('job')} (value {value}) was acknowledged (submit 2xx, history line "
+                        f"{op.done['line']}) and never delivered", job=op.done.get("job"), value=value, lines=op.lines))
+    for d in deliveries:
+        if d.value is None or d.value not in submits:
+            violations.append(Violation(
+                "unexpected", f"job {d.job} (value {d.value}) was delivered (history line {d.op.done['line']}) but "
+                              f"never submitted", job=d.job, value=d.value, lines=d.op.lines))
+    for value, op in failed.items():
+        if value in by_value:
+            d = by_value[value][0]
+            violations.append(Violation(
+                "failed_submit_delivered", f"value {value}: the submit was refused ({op.done.get('error')}, line "
+                                           f"{op.done['line']}) yet job {d.job} came out at line {d.op.done['line']}",
+                job=d.job, value=value, lines=op.lines + d.op.lines))
+    for value, ds in by_value.items():
+        if value is None:
+            continue
+        jobs = {d.job for d in ds}
+        if value in acked and acked[value].done.get("job") is not None:
+            jobs.add(str(acked[value].done["job"]))
+        if len(jobs) > 1:
+            lines = (submits[value].lines if value in submits else []) + [d.op.done["line"] for d in ds]
+            violations.append(Violation(
+                "double_submit", f"value {value} exists as {len(jobs)} jobs ({', '.join(sorted(jobs))}): one submit "
+                                 f"made two jobs", job=sorted(jobs)[0], value=value, lines=sorted(set(lines))))
+
+    # ---------------------------------------------------------------- ack finality and leases
+    elections = _elections(events)
+    for ack in acks_ok:
+        job, token = str(ack.invoke["job"]), int(ack.invoke["lease"])
+        for d in by_job.get(job, []):
+            if d.op.start_t > ack.end_t:
+                violations.append(Violation(
+                    "delivered_after_ack", f"job {job} was delivered again (lease {d.lease}, history line "
+                                           f"{d.op.done['line']}) after its ack with lease {token} was answered 2xx "
+                                           f"(line {ack.done['line']})",
+                    job=job, value=d.value, lines=ack.lines + d.op.lines))
+                break
+        newer = [d for d in by_job.get(job, []) if d.lease > token and d.op.end_t < ack.start_t]
+        if newer:
+            d = newer[0]
+            violations.append(Violation(
+                "stale_lease_ack", f"job {job}: an ack with lease {token} was accepted (history line "
+                                   f"{ack.done['line']}) "
+                                   f"although lease {d.lease} of the same job had been handed out before it was sent "
+                                   f"(line {d.op.done['line']})",
+                job=job, value=d.value, lines=sorted(ack.lines + d.op.lines)))
+            continue
+        own = next((d for d in by_job.get(job, []) if d.lease == token), None)
+        if own is None or own.expires is None:
+            continue
+        expires = float(own.expires)
+        renewed = [e for e in elections if own.op.start_wall <= e["wall"] <= ack.end_wall + renew_tolerance_s]
+        if renewed:
+            if lease_s is None:
+                continue
+            expires = max(expires, max(e["wall"] for e in renewed) + float(lease_s))
+        if ack.start_wall > expires + EXPIRY_SLACK_S:
+            violations.append(Violation(
+                "stale_lease_ack", f"job {job}: an ack with lease {token} was accepted (history line "
+                                   f"{ack.done['line']}) "
+                                   f"although it was sent {ack.start_wall - expires:.3f} s after that lease expired "
+                                   f"(expiry {expires:.3f} from line {own.op.done['line']}"
+                                   f"{', renewals by leader changes included' if renewed else ''})",
+                job=job, value=own.value, lines=sorted(ack.lines + own.op.lines)))
+
+    # ---------------------------------------------------------------- completion after the drain
+    drained = next((e for e in events if e["op"] == "drained"), None)
+    dead_jobs: set[str] = set()
+    for e in events:
+        if e["op"] == "dead":
+            dead_jobs.update(str(j) for j in e.get("jobs", []))
+    if drained is not None:
+        for value, op in acked.items():
+            if value not in by_value:
+                continue  # already lost
+            jobs = {d.job for d in by_value[value]}
+            if jobs & completed_jobs or jobs & dead_jobs:
+                continue
+            last = by_value[value][-1]
+            violations.append(Violation(
+                "not_completed", f"job {last.job} (value {value}) was acknowledged and delivered (last at line "
+                                 f"{last.op.done['line']}) but neither completed nor dead-lettered by the end of the "
+                                 f"drain (line {drained['line']})",
+                job=last.job, value=value, lines=op.lines + [last.op.done["line"], drained["line"]]))
+
+    # ---------------------------------------------------------------- convergence and liveness
+    for e in events:
+        if e["op"] == "converged" and not e.get("equal", False):
+            violations.append(Violation("digest_mismatch", f"state digests differ after the final heal: "
+                                                           f"{e.get('digests')} (line {e['line']})", lines=[e["line"]]))
+        if e["op"] == "liveness":
+            violations.append(Violation("liveness", f"{e.get('message')} (line {e['line']})", lines=[e["line"]]))
+
+    # ---------------------------------------------------------------- redeliveries
+    planned = _planned_losses(events, lease_s)
+    causes: dict[str, int] = defaultdict(int)
+    redeliveries = 0
+    unplanned = 0
+    for value, ds in by_value.items():
+        for previous in ds[:-1]:
+            redeliveries += 1
+            cause = _fate(previous, reports, planned)
+            causes[cause] += 1
+            if cause not in ("retry",) and not cause.startswith("workload_"):
+                unplanned += 1
+    retries = causes.get("retry", 0)
+    duplicates = redeliveries - retries
+    delivered_values = {v for v in by_value if v is not None}
+
+    counts = {
+        "attempted": len(submits),
+        "acked": len(acked),
+        "failed": len(failed),
+        "unknown": len(unknown),
+        "deliveries": len(deliveries),
+        "delivered": len(delivered_values),
+        "completed": len({d.value for d in deliveries if d.job in completed_jobs}),
+        "dead_lettered": len(dead_jobs),
+        "recovered": len(delivered_values & set(unknown)),
+        "lost": sum(1 for v in violations if v.kind == "lost"),
+        "unexpected": sum(1 for v in violations if v.kind == "unexpected"),
+        "redeliveries": redeliveries,
+        "retries": retries,
+        "duplicates": duplicates,
+        "duplicates_pct": round(100.0 * duplicates / len(acked), 3) if acked else 0.0,
+        "duplicates_unplanned": unplanned,
+        "duplicates_unplanned_pct": round(100.0 * unplanned / len(acked), 3) if acked else 0.0,
+        "violations": len(violations),
+    }
+    for kind in ("double_submit", "failed_submit_delivered", "delivered_after_ack", "stale_lease_ack",
+                 "not_completed", "digest_mismatch", "liveness"):
+        counts[kind] = sum(1 for v in violations if v.kind == kind)
+    stats = {"duplicate_causes": {k: v for k, v in sorted(causes.items()) if k != "retry"}}
+    stats.update(_timings(ops, events, elections, meta.get("rate")))
+    return CheckResult(valid=not violations, counts=counts, violations=violations, stats=stats)
+
+
+def _planned_losses(events: list[dict], lease_s: float | None) -> dict:
+    """What the workload itself did to lose leases: stalls and drops by (job, lease), and the
+    worker faults by worker id -> [(start t, stop t)]."""
+    stalled = {(str(e["job"]), int(e["lease"])) for e in events if e["op"] == "stall"}
+    dropped = {(str(e["job"]), int(e["lease"])) for e in events if e["op"] == "drop"}
+    worker_faults: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for window in _fault_windows(events):
+        for worker in (window.get("detail") or {}).get("workers", []):
+            worker_faults[worker].append((window["start_t"], window["stop_t"]))
+    return {"stalled": stalled, "dropped": dropped, "worker_faults": worker_faults, "lease_s": lease_s or 0.0}
+
+
+def _fate(d: Delivery, reports: dict[tuple[str, str, int], list[Op]], planned: dict) -> str:
+    """Why a delivery was followed by another one of the same value."""
+    key = (d.job, d.lease)
+    nacks = reports.get(("nack", *key), [])
+    acks = reports.get(("ack", *key), [])
+    if any(op.type == OK for op in nacks):
+        return "retry"
+    if any(op.type == OK for op in acks):
+        return "after_ack"  # concurrent with the next lease (a later one is a violation, counted above)
+    if key in planned["stalled"]:
+        return "workload_stall"
+    if key in planned["dropped"]:
+        return "workload_drop"
+    for start, stop in planned["worker_faults"].get(d.op.proc, []):
+        if d.op.start_t <= stop and start <= d.op.end_t + planned["lease_s"]:
+            return "workload_worker_fault"
+    if any(op.type == FAIL for op in acks):
+        return "ack_refused"
+    if acks or nacks:
+        return "report_unknown"
+    return "lease_ran_out"  # never reported: a lost lease answer, or a worker that stopped
+
+
+def _elections(events: list[dict]) -> list[dict]:
+    """The first observation of each term's leader, in time order: {term, node, t, wall, line}."""
+    seen: dict[int, dict] = {}
+    for e in events:
+        if e["op"] == "status" and e.get("role") == "leader" and e.get("term") is not None:
+            term = int(e["term"])
+            if term not in seen:
+                seen[term] = {"term": term, "node": e.get("node"), "t": e["t"], "wall": e.get("wall", math.nan),
+                              "line": e["line"]}
+    return sorted(seen.values(), key=lambda e: e["t"])
+
+
+def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: float | None) -> dict:
+    faults = _fault_windows(events)
+    submits = [op for op in ops if op.op == "submit"]
+    producers = sorted({op.proc for op in submits})
+    per_kind: dict[str, dict] = {}
+    to_leader: list[float] = []
+    failovers: list[float] = []
+    step_downs: list[float] = []
+    for i, window in enumerate(faults):
+        start, stop = window["start_t"], window["stop_t"]
+        until = faults[i + 1]["start_t"] if i + 1 < len(faults) else math.inf
+        kind = per_kind.setdefault(window["fault"], {"runs": 0, "submits": 0, "submits_ok": 0, "elections": 0,
+                                                     "to_leader_s": [], "failover_s": [], "step_down_s": [],
+                                                     "seconds": 0.0, "completed_ok": 0})
+        kind["runs"] += 1
+        if stop < math.inf:
+            kind["seconds"] += stop - start
+            kind["completed_ok"] += sum(1 for op in submits if op.type == OK and start <= op.end_t < stop)
+        during = [op for op in submits if start <= op.start_t < stop]
+        kind["submits"] += len(during)
+        kind["submits_ok"] += sum(1 for op in during if op.type == OK)
+        kind["elections"] += sum(1 for e in elections if start <= e["t"] < until)
+        detail = window.get("detail") or {}
+        if window.get("deposes_leader") or detail.get("deposes_leader"):
+            term = window.get("term")
+            if term is None:
+                earlier = [e["term"] for e in elections if e["t"] < start]
+                term = max(earlier) if earlier else 0
+            new = next((e for e in elections if e["t"] >= start and e["term"] > term and e["t"] < until), None)
+            if new is not None:
+                kind["to_leader_s"].append(new["t"] - start)
+                to_leader.append(new["t"] - start)
+            for proc in producers:
+                first = next((op for op in submits if op.proc == proc and op.start_t >= start and op.type == OK
+                              and op.end_t < until), None)
+                if first is not None:
+                    kind["failover_s"].append(first.end_t - start)
+                    failovers.append(first.end_t - start)
+        old = window.get("leader") or detail.get("leader")
+        if (window.get("expects_step_down") or detail.get("expects_step_down")) and old:
+            down = next((e for e in events if e["op"] == "status" and e.get("node") == old and start <= e["t"] < until
+                         and e.get("role") != "leader"), None)
+            if down is not None:
+                kind["step_down_s"].append(down["t"] - start)
+                step_downs.append(down["t"] - start)
+    healthy = [op for op in submits if not any(w["start_t"] <= op.start_t < w["stop_t"] for w in faults)]
+    table = {}
+    for name, kind in sorted(per_kind.items()):
+        table[name] = {
+            "runs": kind["runs"],
+            "submits": kind["submits"],
+            "availability_pct": round(100.0 * kind["submits_ok"] / kind["submits"], 1) if kind["submits"] else None,
+            "goodput_pct": round(100.0 * kind["completed_ok"] / (rate * kind["seconds"]), 1)
+            if rate and kind["seconds"] else None,
+            "elections": kind["elections"],
+            "to_leader_p50_s": _round(percentile(kind["to_leader_s"], 50)),
+            "failover_p50_s": _round(percentile(kind["failover_s"], 50)),
+            "step_down_p50_s": _round(percentile(kind["step_down_s"], 50)),
+        }
+    healthy_ok = sum(1 for op in healthy if op.type == OK)
+    return {
+        "elections": max(0, len(elections) - 1),
+        "to_leader_s": {"n": len(to_leader), "p50": _round(percentile(to_leader, 50)),
+                        "p99": _round(percentile(to_leader, 99))},
+        "failover_s": {"n": len(failovers), "p50": _round(percentile(failovers, 50)),
+                       "p99": _round(percentile(failovers, 99))},
+        "step_down_s": {"n": len(step_downs), "p50": _round(percentile(step_downs, 50)),
+                        "p99": _round(percentile(step_downs, 99))},
+        "healthy": {"submits": len(healthy),
+                    "availability_pct": round(100.0 * healthy_ok / len(healthy), 1) if healthy else None},
+        "faults": table,
+    }
+
+
+def _fault_windows(events: list[dict]) -> list[dict]:
+    """Nemesis windows from start to stop, with the detail of what the fault touched."""
+    starts: dict[Any, dict] = {}
+    windows = []
+    for e in events:
+        if e["op"] != "nemesis":
+            continue
+        instance = e.get("instance")
+        if e.get("phase") == "start":
+            starts[instance] = {**e, "detail": e.get("detail")}
+        elif e.get("phase") == "detail" and instance in starts:
+            starts[instance]["detail"] = e.get("detail")
+        elif e.get("phase") == "stop" and instance in starts:
+            s = starts.pop(instance)
+            windows.append({**s, "start_t": s["t"], "stop_t": e["t"]})
+    for s in starts.values():  # never healed (the run stopped): open until the end
+        windows.append({**s, "start_t": s["t"], "stop_t": math.inf})
+    return sorted(windows, key=lambda w: w["start_t"])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+# ---------------------------------------------------------------------------- the human summary
+
+
+def summarize(result: CheckResult, *, header: list[str] | None = None) -> str:
+    """A short human summary; the last line is `lost=N unexpected=N duplicates=N`."""
+    c, s = result.counts, result.stats
+    lines = list(header or [])
+    lines.append(f"submits: attempted={c['attempted']} acknowledged={c['acked']} failed={c['failed']} "
+                 f"unknown={c['unknown']} recovered={c['recovered']}")
+    lines.append(f"deliveries: {c['deliveries']} of {c['delivered']} values; completed={c['completed']} "
+                 f"dead_lettered={c['dead_lettered']} retries={c['retries']} duplicates={c['duplicates']} "
+                 f"({c['duplicates_pct']}% of acknowledged; not caused by the workload's own stalls, drops and "
+                 f"worker faults: {c['duplicates_unplanned']} = {c['duplicates_unplanned_pct']}%)")
+    lines.append(f"duplicate causes: {s.get('duplicate_causes')}")
+    t = s
+    lines.append(f"elections={t['elections']} time_to_new_leader p50={_fmt(t['to_leader_s']['p50'])} "
+                 f"p99={_fmt(t['to_leader_s']['p99'])} (n={t['to_leader_s']['n']}); client_failover "
+                 f"p50={_fmt(t['failover_s']['p50'])} p99={_fmt(t['failover_s']['p99'])} (n={t['failover_s']['n']}); "
+                 f"step_down p50={_fmt(t['step_down_s']['p50'])} p99={_fmt(t['step_down_s']['p99'])}")
+    healthy = t["healthy"]
+    lines.append(f"availability outside faults: {_pct(healthy['availability_pct'])} of {healthy['submits']} submits")
+    if t["faults"]:
+        lines.append("per fault kind: avail = % of submits sent during the fault answered 2xx; goodput = 2xx "
+                     "submits completed during it / offered rate; times are p50 seconds from the fault's start")
+        lines.append(f"{'fault':<18} {'runs':>4} {'submits':>7} {'avail':>7} {'goodput':>7} {'elect':>5} "
+                     f"{'leader_s':>8} {'failover_s':>10} {'stepdown_s':>10}")
+        for name, row in t["faults"].items():
+            lines.append(f"{name:<18} {row['runs']:>4} {row['submits']:>7} {_pct(row['availability_pct']):>7} "
+                         f"{_pct(row['goodput_pct']):>7} {row['elections']:>5} {_fmt(row['to_leader_p50_s']):>8} "
+                         f"{_fmt(row['failover_p50_s']):>10} {_fmt(row['step_down_p50_s']):>10}")
+    if result.violations:
+        lines.append(f"VIOLATIONS ({len(result.violations)}):")
+        by_kind: dict[str, list[Violation]] = defaultdict(list)
+        for v in result.violations:
+            by_kind[v.kind].append(v)
+        for kind, items in by_kind.items():
+            for v in items[:SUMMARY_VIOLATIONS_MAX]:
+                lines.append(f"  {kind}: {v.message} [history lines {', '.join(map(str, v.lines))}]")
+            if len(items) > SUMMARY_VIOLATIONS_MAX:
+                lines.append(f"  {kind}: ... {len(items) - SUMMARY_VIOLATIONS_MAX} more in the JSON report")
+    other = {k: c[k] for k in ("double_submit", "failed_submit_delivered", "delivered_after_ack", "stale_lease_ack",
+                               "not_completed", "digest_mismatch", "liveness")}
+    lines.append(f"valid={'yes' if result.valid else 'NO'} " + " ".join(f"{k}={v}" for k, v in other.items()))
+    lines.append(f"lost={c['lost']} unexpected={c['unexpected']} duplicates={c['duplicates']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"

@@ -1,0 +1,464 @@
+"""The chaos workload: producers, worker processes, the final drain and the status monitor.
+
+Every call goes through the real client (`client.Client`: failover, redirects, idempotency keys
+reused on its own retries) and is recorded in the history (`chaos.history`) with its outcome:
+    ok    2xx
+    fail  a definite refusal (4xx: the request was judged and changed nothing)
+    info  no usable answer: a transport failure or a 5xx after the client's retries (a submit
+          may still have committed: "did not commit in time" is a 503), or the process died
+
+Producers are threads of the runner, each offering a steady rate of unique values
+("p<i>-<seq>", also the idempotency key). Workers are separate processes (`python -m
+chaos.workload --worker ...`) so that the nemesis can SIGKILL and SIGSTOP them; each leases a
+few jobs at a time, heartbeats the ones it holds, and for each job (seeded choice) acks it,
+fails it (retry soon), stalls past its lease and then acks (the ack must be refused), or drops
+it (the lease runs out). The monitor polls every node's /v1/cluster directly (one thread per
+node) and records each change of role, term, leader or serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from chaos.history import FAIL, INFO, OK, HistoryWriter
+from chaos.topology import python_env
+from client import Client, errors
+
+log = logging.getLogger("chaos.workload")
+
+QUEUE = "chaos"
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    queue: str = QUEUE
+    #: submits per second offered by all producers together
+    rate: float = 20.0
+    producers: int = 4
+    workers: int = 3
+    #: every job's lease; a stalled worker sleeps past it
+    lease_s: float = 5.0
+    #: high, so the workload's own FAILs never dead-letter a job
+    max_attempts: int = 100
+    #: the client's per-request timeout and per-call retry budget
+    timeout_s: float = 3.0
+    deadline_s: float = 10.0
+    #: worker behaviour per job: probabilities of FAIL, stall past the lease, drop (rest: ack)
+    p_fail: float = 0.08
+    p_stall: float = 0.03
+    p_drop: float = 0.02
+    #: jobs one fetch may take
+    batch: int = 3
+
+
+def outcome_of(exc: BaseException) -> str:
+    """fail for a definite refusal (4xx), info for anything that leaves the outcome unknown."""
+    if isinstance(exc, (errors.RequestError, errors.JobError)):
+        return FAIL
+    return INFO
+
+
+def _error_fields(exc: BaseException) -> dict:
+    return {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "code": getattr(exc, "code", None),
+            "status": getattr(exc, "status", None)}
+
+
+# ---------------------------------------------------------------------------- producers
+
+
+class Producer(threading.Thread):
+    """Submits unique values at a steady rate until stopped."""
+
+    def __init__(self, index: int, urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter,
+                 stop: threading.Event, rate: float, run_tag: str) -> None:
+        super().__init__(name=f"producer-{index}", daemon=True)
+        self.proc = f"p{index}"
+        self.urls = list(urls)
+        self.config = config
+        self.history = history
+        self.stop_event = stop
+        self.interval_s = 1.0 / rate
+        self.run_tag = run_tag
+
+    def run(self) -> None:
+        c = self.config
+        client = Client(self.urls, timeout=c.timeout_s, deadline=c.deadline_s)
+        next_at = time.monotonic()
+        seq = 0
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now < next_at:
+                    self.stop_event.wait(next_at - now)  # pacing, not waiting for a condition
+                    continue
+                next_at = max(next_at + self.interval_s, now)  # after a slow call, no burst to catch up
+                value = f"{self.proc}-{seq}"
+                seq += 1
+                op_id = self.history.invoke("submit", proc=self.proc, value=value)
+                try:
+                    job = client.submit(c.queue, {"v": value}, idempotency_key=f"{self.run_tag}-{value}",
+                                        lease_s=c.lease_s, max_attempts=c.max_attempts)
+                except errors.RaftqError as exc:
+                    self.history.complete(op_id, "submit", outcome_of(exc), **_error_fields(exc))
+                except Exception as exc:  # a client bug must not stop the run; the outcome is unknown
+                    self.history.complete(op_id, "submit", INFO, **_error_fields(exc))
+                else:
+                    self.history.complete(op_id, "submit", OK, job=job)
+        finally:
+            client.close()
+
+
+class Producers:
+    def __init__(self, urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter, run_tag: str) -> None:
+        self.stop_event = threading.Event()
+        rate = config.rate / config.producers
+        self.threads = [Producer(i, urls, config, history, self.stop_event, rate, run_tag)
+                        for i in range(config.producers)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------- lease / report ops
+
+
+def jobs_record(jobs) -> list[dict]:
+    return [{"id": j.id, "value": j.payload.get("v") if isinstance(j.payload, dict) else None, "lease": j.lease,
+             "expires": j.lease_expires_at, "attempt": j.attempt} for j in jobs]
+
+
+def recorded_fetch(client: Client, history: HistoryWriter, proc: str, worker: str, queue: str, max_jobs: int,
+                   wait_s: float) -> list:
+    op_id = history.invoke("lease", proc=proc, worker=worker)
+    try:
+        jobs = client.fetch(worker, [queue], max_jobs=max_jobs, wait_s=wait_s)
+    except errors.RaftqError as exc:
+        history.complete(op_id, "lease", outcome_of(exc), **_error_fields(exc))
+        return []
+    except Exception as exc:
+        history.complete(op_id, "lease", INFO, **_error_fields(exc))
+        return []
+    history.complete(op_id, "lease", OK, jobs=jobs_record(jobs))
+    return jobs
+
+
+def recorded_report(client: Client, history: HistoryWriter, proc: str, worker: str, job, kind: str) -> str:
+    """Acks (kind "ack") or FAILs with a quick retry (kind "nack") one job; returns the outcome type."""
+    value = job.payload.get("v") if isinstance(job.payload, dict) else None
+    op_id = history.invoke(kind, proc=proc, worker=worker, job=job.id, lease=job.lease, value=value)
+    try:
+        if kind == "ack":
+            client.ack(worker, job.id, job.lease)
+        else:
+            client.fail(worker, job.id, job.lease, "chaos: planned failure", retry=True, delay_s=0.1)
+    except errors.RaftqError as exc:
+        outcome = outcome_of(exc)
+        history.complete(op_id, kind, outcome, **_error_fields(exc))
+        return outcome
+    except Exception as exc:
+        history.complete(op_id, kind, INFO, **_error_fields(exc))
+        return INFO
+    history.complete(op_id, kind, OK)
+    return OK
+
+
+def recorded_ack_many(client: Client, history: HistoryWriter, proc: str, worker: str, jobs) -> None:
+    """One ack request for many jobs, recorded as one op per job (same request, same times)."""
+    op_ids = [history.invoke("ack", proc=proc, worker=worker, job=j.id, lease=j.lease,
+                             value=j.payload.get("v") if isinstance(j.payload, dict) else None) for j in jobs]
+    try:
+        outcomes = client.ack_many(worker, [(j.id, j.lease, None) for j in jobs])
+    except errors.RaftqError as exc:
+        for op_id in op_ids:
+            history.complete(op_id, "ack", outcome_of(exc), **_error_fields(exc))
+        return
+    except Exception as exc:
+        for op_id in op_ids:
+            history.complete(op_id, "ack", INFO, **_error_fields(exc))
+        return
+    for op_id, outcome in zip(op_ids, outcomes):
+        if outcome is None:
+            history.complete(op_id, "ack", OK)
+        else:
+            history.complete(op_id, "ack", outcome_of(outcome), **_error_fields(outcome))
+
+
+# ---------------------------------------------------------------------------- the worker process
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m chaos.workload --worker ID ...`: one lean worker process recording its history."""
+    p = argparse.ArgumentParser(prog="python -m chaos.workload")
+    p.add_argument("--worker", required=True)
+    p.add_argument("--nodes", required=True, help="comma-separated client URLs")
+    p.add_argument("--history", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--queue", default=QUEUE)
+    p.add_argument("--lease-s", type=float, default=WorkloadConfig.lease_s)
+    p.add_argument("--timeout-s", type=float, default=WorkloadConfig.timeout_s)
+    p.add_argument("--deadline-s", type=float, default=WorkloadConfig.deadline_s)
+    p.add_argument("--p-fail", type=float, default=WorkloadConfig.p_fail)
+    p.add_argument("--p-stall", type=float, default=WorkloadConfig.p_stall)
+    p.add_argument("--p-drop", type=float, default=WorkloadConfig.p_drop)
+    p.add_argument("--batch", type=int, default=WorkloadConfig.batch)
+    args = p.parse_args(argv)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    history = HistoryWriter(args.history, args.worker)
+    client = Client(args.nodes, timeout=args.timeout_s, deadline=args.deadline_s)
+    rng = random.Random(f"{args.seed}-{args.worker}")
+    held: dict[str, int] = {}
+    held_lock = threading.Lock()
+
+    def heartbeats() -> None:
+        while not stop.wait(1.0):
+            with held_lock:
+                ids = list(held)
+            try:
+                client.heartbeat(args.worker, ids)
+            except errors.RaftqError:
+                pass
+
+    threading.Thread(target=heartbeats, name="heartbeat", daemon=True).start()
+    proc = args.worker
+    while not stop.is_set():
+        jobs = recorded_fetch(client, history, proc, args.worker, args.queue, args.batch, 1.0)
+        with held_lock:
+            held.update({j.id: j.lease for j in jobs})
+        # Draw each job's fate first; stalls go last, so that a stall never makes the rest of its
+        # batch expire too (their refusals would be the workload's doing, not the cluster's).
+        plan = []
+        for job in jobs:
+            draw = rng.random()
+            if draw < args.p_fail:
+                plan.append((job, "nack"))
+            elif draw < args.p_fail + args.p_stall:
+                plan.append((job, "stall"))
+            elif draw < args.p_fail + args.p_stall + args.p_drop:
+                plan.append((job, "drop"))
+            else:
+                plan.append((job, "ack"))
+        plan.sort(key=lambda item: item[1] == "stall")
+        for job, action in plan:
+            if stop.is_set():
+                break
+            stop.wait(rng.uniform(0.02, 0.15))  # the "work"
+            if action == "stall":
+                history.event("stall", proc=proc, job=job.id, lease=job.lease)
+                if stop.wait(max(0.0, job.lease_expires_at - time.time()) + 1.5):
+                    break
+                action = "ack"  # too late: the ack must be refused
+            if action == "drop":
+                history.event("drop", proc=proc, job=job.id, lease=job.lease)
+            else:
+                recorded_report(client, history, proc, args.worker, job, action)
+            with held_lock:
+                held.pop(job.id, None)
+    client.close()
+    history.close()
+    return 0
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    process: subprocess.Popen
+    paused: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class WorkerPool:
+    """Worker processes: start, SIGKILL, SIGSTOP/SIGCONT, replace, stop."""
+
+    def __init__(self, urls: Sequence[str], history_dir: str, log_dir: str, config: WorkloadConfig, seed: int) -> None:
+        self.urls = list(urls)
+        self.history_dir = history_dir
+        self.log_dir = log_dir
+        self.config = config
+        self.seed = seed
+        self.workers: dict[str, WorkerProcess] = {}
+        self._next = 1
+
+    def spawn(self) -> str:
+        worker_id = f"w{self._next}"
+        self._next += 1
+        c = self.config
+        args = [sys.executable, "-m", "chaos.workload", "--worker", worker_id, "--nodes", ",".join(self.urls),
+                "--history", os.path.join(self.history_dir, f"{worker_id}.jsonl"), "--seed", str(self.seed),
+                "--queue", c.queue, "--lease-s", str(c.lease_s), "--timeout-s", str(c.timeout_s),
+                "--deadline-s", str(c.deadline_s), "--p-fail", str(c.p_fail), "--p-stall", str(c.p_stall),
+                "--p-drop", str(c.p_drop), "--batch", str(c.batch)]
+        out = open(os.path.join(self.log_dir, f"{worker_id}.log"), "ab")
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=python_env())
+        out.close()
+        self.workers[worker_id] = WorkerProcess(worker_id, process)
+        return worker_id
+
+    def start(self) -> None:
+        for _ in range(self.config.workers):
+            self.spawn()
+
+    def live(self) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if w.alive and not w.paused]
+
+    def kill(self, worker_id: str) -> None:
+        w = self.workers[worker_id]
+        if w.alive:
+            w.process.send_signal(signal.SIGKILL)
+            w.process.wait(10)
+        w.paused = False
+
+    def pause(self, worker_id: str) -> None:
+        w = self.workers[worker_id]
+        w.process.send_signal(signal.SIGSTOP)
+        w.paused = True
+
+    def resume(self, worker_id: str) -> None:
+        w = self.workers[worker_id]
+        if w.alive:
+            w.process.send_signal(signal.SIGCONT)
+        w.paused = False
+
+    def resume_all(self) -> None:
+        for w in self.workers.values():
+            if w.paused:
+                self.resume(w.worker_id)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (they finish the op in hand and exit), then SIGKILL what is left at the deadline."""
+        self.resume_all()
+        for w in self.workers.values():
+            if w.alive:
+                w.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers.values():
+            try:
+                w.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait(10)
+
+
+# ---------------------------------------------------------------------------- the drain
+
+
+def drain(urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter, timeout_s: float) -> dict:
+    """Leases and acks until the queue holds nothing ready, scheduled, leased or waiting to retry.
+
+    Leases still held by killed or stopped workers run out (lease_s) and come back here. Records
+    a `drained` event (complete or not) and a `dead` event with the dead-lettered job ids.
+    """
+    client = Client(urls, timeout=config.timeout_s, deadline=config.deadline_s)
+    deadline = time.monotonic() + timeout_s
+    leased = acked = 0
+    depth: dict = {}
+    complete = False
+    try:
+        while time.monotonic() < deadline:
+            jobs = recorded_fetch(client, history, "drain", "chaos-drain", config.queue, 200, 0.5)
+            if jobs:
+                leased += len(jobs)
+                recorded_ack_many(client, history, "drain", "chaos-drain", jobs)
+                acked += len(jobs)
+                continue
+            try:
+                depth = client.queues().get(config.queue, {})
+            except errors.RaftqError:
+                continue
+            if sum(depth.get(state, 0) for state in ("ready", "scheduled", "leased", "retry_wait")) == 0:
+                complete = True
+                break
+        dead: list[str] = []
+        try:
+            after = None
+            while True:
+                page = client.dead(config.queue, limit=100, after=after)
+                dead.extend(str(job["id"]) for job in page)
+                if len(page) < 100:
+                    break
+                after = page[-1]["id"]
+        except errors.RaftqError as exc:
+            history.event("liveness", proc="drain", message=f"could not list dead jobs: {exc}")
+        history.event("dead", proc="drain", jobs=dead)
+        history.event("drained", proc="drain", complete=complete, depth=depth, leased=leased)
+        if not complete:
+            history.event("liveness", proc="drain",
+                          message=f"the drain did not empty queue {config.queue} in {timeout_s:g} s: {depth}")
+        return {"complete": complete, "leased": leased, "depth": depth, "dead": len(dead)}
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- the monitor
+
+
+class Monitor:
+    """Polls every node's /v1/cluster directly and records changes of role, term, leader, serving."""
+
+    def __init__(self, cluster, history: HistoryWriter, interval_s: float = 0.1) -> None:
+        self.cluster = cluster
+        self.history = history
+        self.interval_s = interval_s
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._poll, args=(node_id,), name=f"monitor-{node_id}", daemon=True)
+                        for node_id in cluster.nodes]
+        self.last: dict[str, tuple] = {}
+        self.max_term = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(10)
+
+    def _poll(self, node_id: str) -> None:
+        while not self.stop_event.is_set():
+            status = self.cluster.status(node_id)
+            if status is None:
+                view = ("down", None, None, False)
+            else:
+                view = (status.get("role"), status.get("term"), status.get("leader"), bool(status.get("serving")))
+            with self._lock:
+                changed = self.last.get(node_id) != view
+                self.last[node_id] = view
+                if view[1] is not None:
+                    self.max_term = max(self.max_term, int(view[1]))
+            if changed:
+                self.history.event("status", proc="monitor", node=node_id, role=view[0], term=view[1],
+                                   leader=view[2], serving=view[3])
+            self.stop_event.wait(self.interval_s)
+
+    def term(self) -> int:
+        with self._lock:
+            return self.max_term
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
