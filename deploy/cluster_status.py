@@ -48,7 +48,7 @@ def main() -> int:
         return 1
     print(f"\nleader: {leader}")
     for url in args.urls:
-        print(f"  API {url}/v1   metrics {url}/metrics   status {url}/v1/cluster")
+        print(f"  dashboard {url}/   API {url}/v1   metrics {url}/metrics   status {url}/v1/cluster")
     return 0
 
 
