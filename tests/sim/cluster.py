@@ -385,6 +385,9 @@ class Simulation:
             self.workload.on_apply(node, entry, result)
             if self.config.digest_every_entry:
                 checker.on_applied_batch(node.node_id, sm.last_applied, sm.digest())
+        samples = getattr(sm, "metric_samples", None)
+        if samples:
+            samples.clear()  # the server drains these latency samples after every applied batch
         digest = sm.digest()
         checker.on_applied_batch(node.node_id, sm.last_applied, digest)
         checker.check_replica_leases(node.node_id, sm.leased_by_worker())
