@@ -640,8 +640,10 @@ class Worker:
     # ------------------------------------------------------------------------ heartbeats (shared)
 
     def _heartbeat_ids(self) -> list[str]:
+        # Only jobs still running: a finished job's ack may be in flight, and the server would
+        # answer that this worker no longer holds it (a false "lost").
         with self._cond:
-            return [job_id for job_id, f in self._flights.items() if not f.lost]
+            return [job_id for job_id, f in self._flights.items() if f.running and not f.lost]
 
     def _mark_lost(self, job_ids: Iterable[str], why: str) -> None:
         with self._cond:

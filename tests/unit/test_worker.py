@@ -839,3 +839,17 @@ def test_prometheus_middleware_counts_outcomes():
     assert value("raftq_worker_jobs_processed_total", {"queue": "math", "outcome": "ok"}) == 1
     assert value("raftq_worker_jobs_processed_total", {"queue": "bad", "outcome": "failed"}) == 1
     assert value("raftq_worker_job_duration_seconds_count", {"queue": "math"}) == 1
+
+
+def test_heartbeat_names_only_running_jobs():
+    """A finished job whose ack is in flight is left out, so the server cannot call it lost."""
+    from types import SimpleNamespace
+
+    from client.worker import _Flight
+
+    worker = Worker(object(), {"q": lambda job: None})
+    running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0)
+    acking = _Flight(job=SimpleNamespace(id="acking"), extend_at=0.0, running=False)
+    gone = _Flight(job=SimpleNamespace(id="gone"), extend_at=0.0, lost=True)
+    worker._flights.update({"running": running, "acking": acking, "gone": gone})
+    assert worker._heartbeat_ids() == ["running"]
