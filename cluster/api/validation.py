@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from typing import Any
 
 from cluster import constants as c
@@ -35,9 +36,14 @@ def job_id(value: Any) -> str:
     return value
 
 
+#: Job id randomness: seeded once from the OS, then drawn without a system call per job (a
+#: profile of the leader showed os.urandom at 4 % of its time). Ids need to be unique, not secret.
+_id_random = random.Random(os.urandom(16))
+
+
 def new_job_id(now_ms: int) -> str:
     """Time-ordered, unique without coordination: 44 bits of milliseconds, 48 random bits."""
-    return f"{now_ms:011x}{os.urandom(6).hex()}"
+    return f"{now_ms:011x}{_id_random.getrandbits(48):012x}"
 
 
 def mapping(body: Any, what: str = "body") -> dict:
