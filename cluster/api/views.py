@@ -86,24 +86,23 @@ def _leased_job(job: Any) -> dict:
 
 
 async def ack(request: web.Request) -> web.Response:
-    node = request.app[NODE]
     command = v.ack(await _body(request), now_ms=_now_ms())
-    node.require_leader()
-    node.touch_worker(command.worker)
-    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+    return await _lease_items(request, command)
 
 
 async def fail(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    command = v.fail(await _body(request), now_ms=_now_ms(), entropy=node.entropy())
-    node.require_leader()
-    node.touch_worker(command.worker)
-    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+    command = v.fail(await _body(request), now_ms=_now_ms(), entropy=request.app[NODE].entropy())
+    return await _lease_items(request, command)
 
 
 async def extend(request: web.Request) -> web.Response:
-    node = request.app[NODE]
     command = v.extend(await _body(request), now_ms=_now_ms())
+    return await _lease_items(request, command)
+
+
+async def _lease_items(request: web.Request, command: cmds.Ack | cmds.Fail | cmds.Extend) -> web.Response:
+    """The shared tail of ack, fail and extend: one outcome per item, in order."""
+    node = request.app[NODE]
     node.require_leader()
     node.touch_worker(command.worker)
     return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
