@@ -73,3 +73,16 @@ def test_extend_keeps_the_lease(single_node):
         time.sleep(1.5)  # past the original 1 s lease, to show the extension holds it
         client.ack("w1", job.id, job.lease)
         assert client.get(job.id)["state"] == "done"
+
+
+def test_a_repeated_ack_with_the_same_lease_is_ok_and_changes_nothing(single_node):
+    """A client retries an ack whose answer it lost: the same answer, and no second effect."""
+    url = single_node.urls[0]
+    with Client(single_node.urls) as client:
+        client.submit("retry-ack", {"n": 1})
+        (job,) = client.fetch("w1", ["retry-ack"])
+        client.ack("w1", job.id, job.lease)
+        after_first = digest(url)
+        client.ack("w1", job.id, job.lease)
+        assert digest(url) == after_first
+        assert client.get(job.id)["state"] == "done"
