@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster import metrics as node_metrics
+from cluster.constants import HOUSEKEEPING_INTERVAL_S
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.queue import commands as cmds
@@ -444,7 +445,7 @@ class Node:
         self._serving_from_index = self.raft.last_index
         self.leader_since_ms = now_ms()
         monotonic_now = time.monotonic()
-        self.worker_last_seen = {worker: monotonic_now for worker in self.queue.leased_by_worker()}
+        self.worker_last_seen = {worker: monotonic_now for worker in self.queue.lease_holders()}
         self._tick_inflight = False
         self._lost_inflight.clear()
         asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=now_ms())))
@@ -477,8 +478,6 @@ class Node:
     # ------------------------------------------------------------------ leader housekeeping
 
     async def _housekeeping(self) -> None:
-        from cluster.constants import HOUSEKEEPING_INTERVAL_S
-
         while not self._stopping:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             if not self.is_leader:
@@ -506,10 +505,12 @@ class Node:
     def _check_workers(self) -> None:
         timeout_s = self.config.worker_timeout_ms / 1000
         monotonic_now = time.monotonic()
-        holders = self.queue.leased_by_worker()
+        # Names only: this runs every housekeeping beat, and the job lists can be long.
+        holders = self.queue.lease_holders()
+        holding = set(holders)
         # Forget idle workers long gone, so the table stays bounded by live workers.
         for worker, seen in list(self.worker_last_seen.items()):
-            if worker not in holders and monotonic_now - seen > 10 * timeout_s:
+            if worker not in holding and monotonic_now - seen > 10 * timeout_s:
                 del self.worker_last_seen[worker]
         for worker in holders:
             last_seen = self.worker_last_seen.setdefault(worker, monotonic_now)

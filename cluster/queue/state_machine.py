@@ -699,6 +699,10 @@ class QueueStateMachine:
             candidates.append(self._idempotency_fifo[0][0])
         return min(candidates) if candidates else None
 
+    def lease_holders(self) -> list[str]:
+        """Workers holding at least one lease, sorted; O(workers), for the leader's liveness check."""
+        return sorted(self._worker_jobs)
+
     def leased_by_worker(self) -> dict[str, list[str]]:
         """{worker: [ids of the jobs it holds]} for every worker holding a lease."""
         return {worker: list(held) for worker, held in self._worker_jobs.items()}
