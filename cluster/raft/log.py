@@ -1,21 +1,27 @@
-"""RaftLog: the in-memory view of one node's log and its four cursors.
+"""RaftLog: the in-memory view of one node's log, its snapshot point and its four cursors.
 
-The whole log is kept in memory (the WAL keeps it all too; snapshots are out of scope), with
-`entries[k].index == k + 1`. Four cursors describe how far each entry has travelled:
+The log holds the entries after `offset` (`entries[k].index == offset + 1 + k`); entries at or
+before `offset` were compacted away after a snapshot. The snapshot point `snapshot` (index and
+term of the last entry a durable snapshot covers) is at or after the offset: a leader keeps some
+entries behind its snapshot so that a follower a little behind still gets appends, not a whole
+snapshot. The term of `offset` itself is known only when it is the snapshot point (or 0).
 
 ```
-   1 ........ applied ... applying ... commit ........ last
-   1 ................. persisted ........... last     unstable = (handed_index, last]
+  snapshot.index
+        |
+  offset ... applied ... applying ... commit ........ last
+  offset ................. persisted ........... last     unstable = (handed_index, last]
 ```
-- `commit_index`: highest index known committed (volatile: 0 after a restart, Raft Figure 2).
+- `commit_index`: highest index known committed; after a restart the snapshot's index (the
+  snapshot holds only committed entries), not 0.
 - `persisted_index`: highest index the shell reported durable through advance().
 - `applying_index`: highest committed entry handed out in a Ready; `applied_index` once advanced.
 - `handed_index`: highest index handed out in a Ready for persisting.
 
-Invariants (asserted by check_invariants): applied <= applying <= commit <= last,
-applying <= persisted <= handed <= last. A committed entry is never truncated (assert: that
-would be a safety violation, etcd panics there too). Committed entries are handed out only up to
-`persisted_index`, so nothing is applied before it is durable locally.
+Invariants (asserted by check_invariants): offset <= snapshot.index <= applied <= applying <=
+commit <= last, applying <= persisted <= handed <= last. A committed entry is never truncated
+(assert: that would be a safety violation, etcd panics there too). Committed entries are handed
+out only up to `persisted_index`, so nothing is applied before it is durable locally.
 """
 
 from __future__ import annotations
@@ -24,51 +30,92 @@ import bisect
 import operator
 from typing import Sequence
 
-from cluster.raft.messages import Entry
+from cluster.raft.messages import Entry, SnapshotPoint
 
 _entry_term = operator.attrgetter("term")
+
+
+class Compacted(Exception):
+    """The entry asked for is at or before the log's offset and its term is not known."""
 
 
 class RaftLog:
     """See the module docstring."""
 
-    def __init__(self, entries: Sequence[Entry]) -> None:
-        """Start from the entries recovered from storage (all of them durable).
+    def __init__(self, entries: Sequence[Entry], snapshot: SnapshotPoint = SnapshotPoint()) -> None:
+        """Start from a durable snapshot point and the entries recovered from storage.
 
         Args:
-            entries: the persisted log, indexes 1..n in order.
+            entries: the persisted log after some offset, consecutive; the first one is at most
+                snapshot.index + 1 (entries at or before the snapshot may be kept).
+            snapshot: the newest durable snapshot's point; SnapshotPoint() when there is none.
         """
+        offset = entries[0].index - 1 if entries else snapshot.index
+        assert offset <= snapshot.index, f"log starts at {offset + 1}, after the snapshot at {snapshot.index}"
         for position, entry in enumerate(entries):
-            assert entry.index == position + 1, f"log entry {entry.index} at position {position + 1}"
+            assert entry.index == offset + 1 + position, f"log entry {entry.index} at {offset + 1 + position}"
+        if offset < snapshot.index < offset + len(entries) + 1 and snapshot.index > 0:
+            assert entries[snapshot.index - offset - 1].term == snapshot.term, "snapshot term differs from the log's"
         self._entries: list[Entry] = list(entries)
-        self.commit_index = 0
-        self.applied_index = 0
-        self.applying_index = 0
-        self.persisted_index = len(self._entries)
-        self.handed_index = len(self._entries)
+        self._offset = offset
+        self.snapshot = snapshot
+        self.commit_index = snapshot.index
+        self.applied_index = snapshot.index
+        self.applying_index = snapshot.index
+        self.persisted_index = self.last_index
+        self.handed_index = self.last_index
 
     # ------------------------------------------------------------------ reading
 
     @property
+    def offset(self) -> int:
+        """Index just before the first entry held (0 when nothing was compacted)."""
+        return self._offset
+
+    @property
     def last_index(self) -> int:
-        return len(self._entries)
+        return self._offset + len(self._entries)
 
     @property
     def last_term(self) -> int:
-        return self._entries[-1].term if self._entries else 0
+        return self._entries[-1].term if self._entries else self.snapshot.term
 
     def term(self, index: int) -> int:
-        """Term of the entry at index; 0 for index 0 (the empty log) and for indexes past the end."""
-        if index <= 0 or index > len(self._entries):
+        """Term of the entry at index; 0 for index 0 (the empty log) and for indexes past the end.
+
+        Raises:
+            Compacted: the entry was compacted away and is not the snapshot point.
+        """
+        position = index - self._offset - 1
+        if position >= 0:
+            return self._entries[position].term if position < len(self._entries) else 0
+        if index == self.snapshot.index:
+            return self.snapshot.term
+        if index <= 0:
             return 0
-        return self._entries[index - 1].term
+        raise Compacted(f"entry {index} is compacted (the log holds {self._offset + 1}..{self.last_index})")
+
+    def has_term(self, index: int) -> bool:
+        """Whether term(index) is known (the entry is held, is the snapshot point, or index is 0)."""
+        return index > self._offset or index == self.snapshot.index or index <= 0
+
+    def can_send_after(self, index: int) -> bool:
+        """Whether an append with previous index `index` can be built: the entries after it are
+        held and its term is known. Otherwise the follower needs the snapshot."""
+        return index > self._offset or (index == self._offset and self.has_term(index))
 
     def entry(self, index: int) -> Entry:
-        return self._entries[index - 1]
+        assert index > self._offset, f"entry {index} is compacted"
+        return self._entries[index - self._offset - 1]
 
     def matches(self, index: int, term: int) -> bool:
-        """Whether this log holds an entry at index with term (index 0 always matches)."""
-        return index <= self.last_index and self.term(index) == term
+        """Whether this log holds an entry at index with term (index 0 always matches).
+
+        A compacted index matches when it is the snapshot point with that term; any other
+        compacted index is committed, and committed entries match every later leader's
+        (Leader Completeness), so callers ask only about indexes at or after the commit index.
+        """
+        return index <= self.last_index and self.has_term(index) and self.term(index) == term
 
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """Raft §5.4.1 election restriction: is (last_term, last_index) at least as new as ours?"""
@@ -76,9 +123,11 @@ class RaftLog:
 
     def slice(self, lo: int, count_max: int, size_bytes_max: int) -> tuple[Entry, ...]:
         """Entries from lo on, at most count_max of them and about size_bytes_max (at least one)."""
+        assert lo > self._offset, f"slice from compacted index {lo}"
         result: list[Entry] = []
         size_bytes = 0
-        for entry in self._entries[lo - 1 : lo - 1 + count_max]:
+        start = lo - self._offset - 1
+        for entry in self._entries[start : start + count_max]:
             size_bytes += entry_size_bytes(entry)
             if result and size_bytes > size_bytes_max:
                 break
@@ -86,14 +135,16 @@ class RaftLog:
         return tuple(result)
 
     def first_index_of_term_at(self, index: int) -> int:
-        """First index of the run of entries that has the same term as the entry at index."""
+        """First index of the run of held entries that has the same term as the entry at index
+        (the first held entry when the run reaches back into the compacted part)."""
         term = self.term(index)
-        return bisect.bisect_left(self._entries, term, hi=index, key=_entry_term) + 1
+        position = bisect.bisect_left(self._entries, term, hi=index - self._offset, key=_entry_term)
+        return self._offset + position + 1
 
     def last_index_of_term(self, term: int, index_max: int) -> int:
-        """Highest index <= index_max whose entry has exactly term, or 0 when there is none."""
-        index = min(bisect.bisect_right(self._entries, term, key=_entry_term), index_max)
-        return index if index > 0 and self.term(index) == term else 0
+        """Highest held index <= index_max whose entry has exactly term, or 0 when there is none."""
+        index = min(self._offset + bisect.bisect_right(self._entries, term, key=_entry_term), index_max)
+        return index if index > self._offset and self.term(index) == term else 0
 
     # ------------------------------------------------------------------ writing
 
@@ -131,7 +182,7 @@ class RaftLog:
 
     def _truncate_after(self, index: int) -> None:
         assert index >= self.commit_index, f"truncating committed entries: {index} < {self.commit_index}"
-        del self._entries[index:]
+        del self._entries[index - self._offset:]
         self.persisted_index = min(self.persisted_index, index)
         self.handed_index = min(self.handed_index, index)
 
@@ -150,7 +201,7 @@ class RaftLog:
 
     def take_unstable_entries(self) -> tuple[Entry, ...]:
         """Entries not yet handed to the shell for persisting; they count as handed out now."""
-        entries = tuple(self._entries[self.handed_index :])
+        entries = tuple(self._entries[self.handed_index - self._offset:])
         self.handed_index = self.last_index
         return entries
 
@@ -163,7 +214,7 @@ class RaftLog:
         hi = min(self.commit_index, self.persisted_index)
         if hi <= self.applying_index:
             return ()
-        entries = tuple(self._entries[self.applying_index : hi])
+        entries = tuple(self._entries[self.applying_index - self._offset : hi - self._offset])
         self.applying_index = hi
         return entries
 
@@ -177,7 +228,45 @@ class RaftLog:
         assert index <= self.applying_index, f"applied {index} but only {self.applying_index} handed out"
         self.applied_index = max(self.applied_index, index)
 
+    # ------------------------------------------------------------------ snapshots and compaction
+
+    def snapshot_taken(self, snapshot: SnapshotPoint) -> None:
+        """The shell made a snapshot of the applied state durable at `snapshot` (one older than
+        the snapshot point already held, e.g. finished after a newer one was installed, changes
+        nothing)."""
+        if snapshot.index <= self.snapshot.index:
+            return
+        assert snapshot.index <= self.applied_index, f"snapshot at {snapshot.index} past applied {self.applied_index}"
+        assert self.term(snapshot.index) == snapshot.term, f"snapshot term {snapshot.term} is not the log's"
+        self.snapshot = snapshot
+
+    def compact(self, upto_index: int) -> int:
+        """Drops the entries at or before upto_index (at most the snapshot point). Returns how many."""
+        upto_index = min(upto_index, self.snapshot.index)
+        if upto_index <= self._offset:
+            return 0
+        dropped = upto_index - self._offset
+        del self._entries[:dropped]
+        self._offset = upto_index
+        return dropped
+
+    def restore(self, snapshot: SnapshotPoint) -> None:
+        """Replaces the whole log by a snapshot received from the leader (InstallSnapshot).
+
+        Everything held is dropped (what follows a snapshot point this log does not share is
+        not committed), and every cursor moves to the snapshot's index.
+        """
+        assert snapshot.index > self.commit_index, f"restoring {snapshot.index} at or before commit {self.commit_index}"
+        assert self.applied_index == self.applying_index, "a Ready is being applied"
+        self._entries = []
+        self._offset = snapshot.index
+        self.snapshot = snapshot
+        self.commit_index = self.applied_index = self.applying_index = snapshot.index
+        self.persisted_index = self.handed_index = snapshot.index
+
     def check_invariants(self) -> None:
+        assert self._offset <= self.snapshot.index <= self.applied_index, (
+            self._offset, self.snapshot.index, self.applied_index)
         assert 0 <= self.applied_index <= self.applying_index <= self.commit_index <= self.last_index, (
             self.applied_index, self.applying_index, self.commit_index, self.last_index)
         assert self.applying_index <= self.persisted_index <= self.handed_index <= self.last_index, (

@@ -47,6 +47,22 @@ class MessageType(enum.IntEnum):
     APP_RESP = 6  #: Append answer: index = last matching index, or the rejected previous index.
     HEARTBEAT = 7  #: Leader liveness + commit (clamped to the follower's match) + read context.
     HEARTBEAT_RESP = 8  #: Heartbeat answer echoing the read context (ReadIndex, Raft §6.4).
+    #: InstallSnapshot (Raft §7): index/log_term = the snapshot's last included index and term.
+    #: The snapshot's bytes never travel inside the message: the leader's shell streams the file
+    #: in chunks and the follower's shell steps this message into its core once the whole file
+    #: is on its disk and verified. The follower answers with an APP_RESP.
+    SNAP = 9
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotPoint:
+    """Where a snapshot of the applied state ends: the index and term of its last entry.
+
+    SnapshotPoint(0, 0) is "no snapshot" (the log starts at index 1).
+    """
+
+    index: int = 0
+    term: int = 0
 
 
 @dataclass(frozen=True, slots=True)

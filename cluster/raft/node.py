@@ -72,7 +72,7 @@ from typing import Callable, Protocol
 
 from cluster.raft.errors import ConfigError, NotLeader, ProposalDropped, StepRejected
 from cluster.raft.log import RaftLog, entry_payload_bytes
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
+from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.progress import Progress, ProgressState, ProgressView
 
 __all__ = ["RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
@@ -146,6 +146,8 @@ class RaftConfig:
 class Ready:
     """Everything the core wants done since the last Ready, in the order it must happen:
 
+    0. if `snapshot` is not None, install the snapshot the shell received at that point:
+       restore the state machine from it and replace the stored log by an empty one after it;
     1. persist `hard_state` (if not None) and append `entries` (they may overwrite a suffix of
        the stored log), fsync when `must_sync`;
     2. only then send `messages`;
@@ -160,6 +162,7 @@ class Ready:
     messages: tuple[Message, ...]
     read_states: tuple[tuple[int, int], ...]  # (context, read_index)
     must_sync: bool
+    snapshot: SnapshotPoint | None = None
 
 
 @dataclass(slots=True)
@@ -170,21 +173,24 @@ class _ReadRequest:
 
 
 _VOTE_REQUESTS = (MessageType.VOTE, MessageType.PRE_VOTE)
-_FROM_LEADER = (MessageType.APP, MessageType.HEARTBEAT)
+_FROM_LEADER = (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP)
 
 
 class RaftNode:
     """One Raft voter. See the module docstring."""
 
     def __init__(self, config: RaftConfig, *, hard_state: HardState, entries: list[Entry],
-                 rng: RandomSource) -> None:
+                 rng: RandomSource, snapshot: SnapshotPoint = SnapshotPoint()) -> None:
         """Restart as a follower from persisted state.
 
         Args:
             config: the node's configuration (validated here).
             hard_state: the persisted term and vote.
-            entries: the persisted log, indexes 1..n. commit_index and applied_index start at 0.
+            entries: the persisted log after some offset, consecutive, starting at most one past
+                the snapshot (indexes 1..n when there is none).
             rng: the random source for election timeouts, e.g. random.Random(seed).
+            snapshot: the point of the newest durable snapshot, which the shell has already
+                restored into its state machine; commit_index and applied_index start there.
 
         Raises:
             ConfigError: the configuration is invalid.
@@ -194,7 +200,8 @@ class RaftNode:
         self._rng = rng
         self._peers = frozenset(config.peer_ids)
         self._quorum = (len(config.peer_ids) + 1) // 2 + 1
-        self._log = RaftLog(entries)
+        self._log = RaftLog(entries, snapshot)
+        self._snapshot_to_install: SnapshotPoint | None = None
         self._term = hard_state.term
         self._voted_for = hard_state.voted_for
         self._handed_hard_state = hard_state
@@ -248,6 +255,16 @@ class RaftNode:
     @property
     def last_index(self) -> int:
         return self._log.last_index
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first entry still held in memory (compacted ones are gone)."""
+        return self._log.offset + 1
+
+    @property
+    def snapshot(self) -> SnapshotPoint:
+        """The newest snapshot point the shell reported (taken here or installed from a leader)."""
+        return self._log.snapshot
 
     @property
     def progress(self) -> dict[str, int]:
@@ -335,6 +352,36 @@ class RaftNode:
             return
         self._register_read(context)
 
+    def compact(self, snapshot: SnapshotPoint, upto_index: int) -> int:
+        """Record a durable snapshot of the applied state and drop log entries it covers.
+
+        Args:
+            snapshot: index and term of the last entry the snapshot covers (at most applied).
+            upto_index: drop entries at or before this index (clamped to the snapshot's index);
+                a leader keeps some entries behind the snapshot so a follower a little behind
+                gets appends rather than a whole snapshot.
+
+        Returns:
+            How many entries were dropped from memory.
+        """
+        self._log.snapshot_taken(snapshot)
+        dropped = self._log.compact(upto_index)
+        self._log.check_invariants()
+        return dropped
+
+    def report_snapshot(self, peer: str, *, delivered: bool) -> None:
+        """The shell's snapshot transfer to peer ended (delivered: the peer has it on disk).
+
+        Either way the follower is probed again: after the snapshot when it was delivered (in case
+        its answer was lost), or from its match index otherwise, which sends a snapshot again if
+        the entries it needs are still compacted.
+        """
+        pr = self._progress.get(peer)
+        if self._role is not Role.LEADER or pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        pr.snapshot_finished(delivered)
+        self._want_replicate(peer, send_if_empty=True)
+
     # ------------------------------------------------------------------ outputs
 
     def has_ready(self) -> bool:
@@ -348,6 +395,7 @@ class RaftNode:
         return bool(
             self._outbox or self._read_states or self._hard_state() != self._handed_hard_state
             or self._log.has_unstable_entries() or self._log.has_committed_entries()
+            or self._snapshot_to_install is not None
         )
 
     def ready(self) -> Ready:
@@ -361,13 +409,15 @@ class RaftNode:
         changed = hard_state if hard_state != self._handed_hard_state else None
         self._handed_hard_state = hard_state
         entries = self._log.take_unstable_entries()
+        snapshot, self._snapshot_to_install = self._snapshot_to_install, None
         ready = Ready(
             hard_state=changed,
             entries=entries,
             committed_entries=self._log.take_committed_entries(),
             messages=tuple(self._outbox),
             read_states=tuple(self._read_states),
-            must_sync=changed is not None or bool(entries),
+            must_sync=changed is not None or bool(entries) or snapshot is not None,
+            snapshot=snapshot,
         )
         self._outbox.clear()
         self._read_states.clear()
@@ -576,6 +626,10 @@ class RaftNode:
             self._election_elapsed = 0
             self._leader_id = m.from_id
             self._handle_heartbeat(m)
+        elif m.type is MessageType.SNAP:
+            self._election_elapsed = 0
+            self._leader_id = m.from_id
+            self._handle_snapshot(m)
         # Answers to requests this node made in an earlier role of this term are stale.
 
     def _step_candidate(self, m: Message) -> None:
@@ -625,6 +679,20 @@ class RaftNode:
         self._log.commit_to(min(m.commit, last_new_index))
         self._send(MessageType.APP_RESP, m.from_id, index=last_new_index, commit=self._log.commit_index)
 
+    def _handle_snapshot(self, m: Message) -> None:
+        """InstallSnapshot (Raft §7): the shell already holds the snapshot ending at
+        (m.index, m.log_term) on its disk, verified; this decides whether to install it."""
+        point = SnapshotPoint(m.index, m.log_term)
+        if point.index <= self._log.commit_index:
+            pass  # stale: we have committed past it already (answer so the leader moves on)
+        elif self._log.matches(point.index, point.term):
+            # Our log holds the snapshot's last entry: keep the log, the entries apply as usual.
+            self._log.commit_to(point.index)
+        else:
+            self._log.restore(point)
+            self._snapshot_to_install = point
+        self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
+
     def _handle_heartbeat(self, m: Message) -> None:
         # The leader clamps commit to our match index; the clamp to last_index is belt and braces.
         self._log.commit_to(min(m.commit, self._log.last_index))
@@ -638,7 +706,8 @@ class RaftNode:
                 self._want_replicate(m.from_id, send_if_empty=True)
             return
         if pr.maybe_update(m.index):
-            if pr.state is ProgressState.PROBE:
+            if pr.state is ProgressState.PROBE or (
+                    pr.state is ProgressState.SNAPSHOT and pr.match_index >= pr.pending_snapshot):
                 pr.become_replicate()
             if self._maybe_commit():
                 self._want_replicate_all(send_if_empty=True)
@@ -697,6 +766,9 @@ class RaftNode:
         pr = self._progress[peer]
         config = self._config
         while not pr.is_paused():
+            if not self._log.can_send_after(pr.next_index - 1):
+                self._send_snapshot(peer, pr)
+                return
             entries = self._log.slice(pr.next_index, config.max_entries_per_append, config.max_append_bytes)
             if not entries and not send_if_empty:
                 return
@@ -707,6 +779,12 @@ class RaftNode:
             if not entries:
                 return
             send_if_empty = False
+
+    def _send_snapshot(self, peer: str, pr: Progress) -> None:
+        """The entries the follower needs next are compacted: ask the shell to send the snapshot."""
+        snapshot = self._log.snapshot
+        self._send(MessageType.SNAP, peer, index=snapshot.index, log_term=snapshot.term)
+        pr.become_snapshot(snapshot.index)
 
     def _bcast_heartbeat(self) -> None:
         context = self._read_requests[-1].context if self._read_requests else None

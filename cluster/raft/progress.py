@@ -1,6 +1,6 @@
 """What the leader knows about each follower's log (etcd `tracker/progress.go`, ideas only).
 
-A follower is in one of two states:
+A follower is in one of three states:
 
 - PROBE: the leader does not know where the follower's log ends. It sends one append at a
   time (from `next_index`) and waits for the answer, or for the next heartbeat answer, before
@@ -8,6 +8,9 @@ A follower is in one of two states:
 - REPLICATE: the last append matched, so the leader streams appends optimistically, moving
   `next_index` past what it sent, with at most `inflight_count_max` appends unanswered.
   A rejection (a lost or reordered append) drops back to PROBE from `match_index + 1`.
+- SNAPSHOT: the entries the follower needs next were compacted away, so the leader's shell is
+  sending it a snapshot ending at `pending_snapshot`. Nothing else is sent until the follower
+  answers from past that index, or the shell reports the transfer's end (then PROBE).
 
 `match_index` only grows within a term: an answer for an index at or below it is stale (the
 transport may reorder and duplicate), and a rejection of an index at or below it is ignored.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 class ProgressState(enum.Enum):
     PROBE = "probe"
     REPLICATE = "replicate"
+    SNAPSHOT = "snapshot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +44,7 @@ class Progress:
     """Replication progress of one follower, kept by the leader. See the module docstring."""
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "inflight_count_max",
-                 "recent_active")
+                 "recent_active", "pending_snapshot")
 
     def __init__(self, next_index: int, inflight_count_max: int) -> None:
         self.match_index = 0
@@ -53,15 +57,34 @@ class Progress:
         self.inflight_count_max = inflight_count_max
         #: Heard from within the current check-quorum window.
         self.recent_active = False
+        #: SNAPSHOT only: the last index of the snapshot being sent.
+        self.pending_snapshot = 0
 
     def is_paused(self) -> bool:
         if self.state is ProgressState.PROBE:
             return self.probe_sent
+        if self.state is ProgressState.SNAPSHOT:
+            return True
         return len(self.inflight) >= self.inflight_count_max
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
         self.next_index = self.match_index + 1
+        self.probe_sent = False
+        self.inflight.clear()
+        self.pending_snapshot = 0
+
+    def snapshot_finished(self, delivered: bool) -> None:
+        """The shell's transfer ended. Delivered: the follower holds the snapshot, so probe right
+        after it (its answer may have been lost); otherwise probe from match, which sends the
+        snapshot again if the entries are still compacted."""
+        after_snapshot = self.pending_snapshot + 1 if delivered else 0
+        self.become_probe()
+        self.next_index = max(self.next_index, after_snapshot)
+
+    def become_snapshot(self, snapshot_index: int) -> None:
+        self.state = ProgressState.SNAPSHOT
+        self.pending_snapshot = snapshot_index
         self.probe_sent = False
         self.inflight.clear()
 
@@ -70,6 +93,7 @@ class Progress:
         self.next_index = self.match_index + 1
         self.probe_sent = False
         self.inflight.clear()
+        self.pending_snapshot = 0
 
     def sent_append(self, last_index: int, entries_count: int) -> None:
         """Record an append just sent whose entries end at last_index."""
@@ -101,6 +125,8 @@ class Progress:
         Returns:
             False when the rejection is stale (answers an append older than what is known).
         """
+        if self.state is ProgressState.SNAPSHOT:
+            return False  # answers an append sent before the snapshot; the snapshot supersedes it
         if self.state is ProgressState.REPLICATE:
             if rejected_index <= self.match_index:
                 return False

@@ -49,9 +49,8 @@ final record whose own payload embeds bytes that form a plausible record. Conver
 inside the very last record of the log looks exactly like a torn write and is cut: a single
 checksum cannot tell them apart (etcd's WAL has the same limit); the other replicas hold it.
 
-The first segment may start past index 1 (after `compact()`); the snapshot layer, when there is
-one, must check that its snapshot reaches `first_index - 1`. Today the Raft core asserts that the
-log starts at 1, so a missing first segment stops the node rather than passing unnoticed.
+The first segment may start past index 1 (after `compact()` or `reset_after()`); the node checks
+at start that its snapshot reaches `first_index - 1` and stops, naming the files, when none does.
 
 **Failure.** After a failed write, truncate or fsync the state on disk is unknown (a failed fsync
 may have dropped the dirty pages), so every later call raises `WalFailedError`; restart.
@@ -621,6 +620,24 @@ class WriteAheadLog:
                 self._base_index += count
                 dropped += count
             return dropped
+
+    def reset_after(self, index: int, term: int) -> None:
+        """Drops every entry and restarts the log empty after (index, term), durably.
+
+        For a node that installs a snapshot ending at index: what it held is either covered by
+        the snapshot or not shared with the leader. Segments are deleted newest first (a crash
+        keeps a consecutive prefix, which recovery then finds behind the snapshot and drops), and
+        the next append starts a new segment at index + 1.
+        """
+        assert index >= 0 and term >= 0
+        with self._exclusive():
+            self._close_file()
+            while self._segments:
+                self._unlink_segment(self._segments.pop())
+            self._entries = []
+            self._base_index = index
+            self._base_term = term
+            self._unsynced_entries = 0
 
     def close(self) -> None:
         """Flushes and fsyncs what was appended, and closes the file. Idempotent."""

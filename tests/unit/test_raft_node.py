@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 
 from cluster.raft.errors import ConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
+from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster.raft.progress import ProgressState
 
@@ -25,9 +25,10 @@ def entries_of(*terms: int) -> list[Entry]:
 
 
 def make(node_id: str = "n1", peers: tuple[str, ...] = ("n2", "n3"), *, hard_state: HardState = HardState(),
-         entries: list[Entry] | None = None, seed: int = 1, **options) -> RaftNode:
+         entries: list[Entry] | None = None, seed: int = 1, snapshot: SnapshotPoint = SnapshotPoint(),
+         **options) -> RaftNode:
     config = RaftConfig(node_id=node_id, peer_ids=peers, **options)
-    return RaftNode(config, hard_state=hard_state, entries=entries or [], rng=random.Random(seed))
+    return RaftNode(config, hard_state=hard_state, entries=entries or [], rng=random.Random(seed), snapshot=snapshot)
 
 
 def drain(node: RaftNode) -> Ready:

@@ -522,6 +522,19 @@ def test_compact_drops_whole_segments_before_an_index(tmp_path):
     assert reopened.compact(32) > 0 and reopened.last_index == 32  # the last segment always stays
 
 
+def test_reset_after_empties_the_log_and_continues_after_a_snapshot_point(tmp_path):
+    write_log(tmp_path, entries(1, 30), segment_bytes_max=200)
+    wal = WriteAheadLog.open(tmp_path, segment_bytes_max=200)
+    wal.reset_after(100, 4)
+    assert segment_paths(tmp_path) == [] and (wal.first_index, wal.last_index, wal.term(100)) == (0, 100, 4)
+    wal.append(entries(101, 103, term=5))
+    wal.sync()
+    wal.close()
+    reopened = WriteAheadLog.open(tmp_path, segment_bytes_max=200)
+    assert (reopened.first_index, reopened.last_index) == (101, 103)
+    assert reopened.entries() == entries(101, 103, term=5)
+
+
 # ---------------------------------------------------------------------- the record codec
 
 
