@@ -1,12 +1,15 @@
-"""Errors raised by the storage package (the write-ahead log and the hard state file).
+"""Errors raised by the storage package (the write-ahead log, the hard state file, the snapshot files).
 
 ```
 StorageError
 ├── WalCorruptionError            durable data on disk is damaged: names the file (and byte offset)
 │   └── HardStateCorruptionError  the hard state file in particular
 ├── WalFailedError                a write or fsync failed earlier: the log refuses further use
-└── CompactedError                an index dropped by compact() was asked for
+├── CompactedError                an index dropped by compact() was asked for
+└── SnapshotCorruptionError       a snapshot file is damaged, or a received one fails its digest: names it
 ```
+(snapshots.OffsetMismatch, a chunk of an incoming snapshot at the wrong offset, is a StorageError
+too; it lives beside the class that raises it.)
 Corruption is what the disk did to data that was once durable (remote misbehaviour, in h11's
 words); a torn tail is not an error, it is cut off and logged. Programmer errors (a gap in
 appended indexes, two threads at once) are `assert`s.
@@ -54,3 +57,21 @@ class WalFailedError(StorageError):
 
 class CompactedError(StorageError):
     """Raised when asking for the term or entries of an index that compact() dropped."""
+
+
+class SnapshotCorruptionError(StorageError):
+    """Raised when a snapshot file fails verification, or an incoming one fails its digest.
+
+    Snapshot files are renamed into place only after an fsync, so a crash never leaves a partial
+    one under its final name: a file that fails these checks was damaged after it was durable (or
+    arrived damaged). The node falls back to an older snapshot.
+
+    Attributes:
+        path: the damaged file.
+        reason: what is wrong with it ("checksum mismatch: ...", "cut short: ...", ...).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
