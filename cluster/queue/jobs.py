@@ -4,11 +4,19 @@ A `Job` is a mutable `__slots__` record owned by one `QueueStateMachine`: millio
 be alive, so it carries no per-instance dict, and the state machine changes its fields in place.
 The state is one of the interned strings below (compared by identity on the hot path, sent on the
 wire as-is).
+
+Every field holds an immutable value (str, int, bytes, None, or a tuple of those): a change
+replaces a field, never mutates what it held. So a row taken by `job_row` (a tuple of the
+field values) stays exactly as it was while the job keeps changing, which is what lets a
+snapshot capture a million rows on the event loop and encode them later in a worker thread
+(see `QueueStateMachine.capture`). `transitions` is a tuple for that reason: appending to a
+shared list would reach into every capture that holds it.
 """
 
 from __future__ import annotations
 
 from operator import attrgetter
+from typing import Callable
 
 SCHEDULED = "scheduled"  #: submitted with a delay; ready_at_ms in the future
 READY = "ready"  #: waiting in its queue's priority FIFO
@@ -31,6 +39,9 @@ FINISHED_STATES: tuple[str, ...] = (DONE, CANCELLED)
 #: Transitions kept per job: enough to read a job's recent history, bounded so that a job retried
 #: a thousand times does not grow without limit. The first (submission) is always kept.
 TRANSITIONS_MAX = 16
+#: The string objects of every state, by value: restored records get these very objects back,
+#: so they compare by identity like live ones, and a million records share a handful of strings.
+_INTERNED_STATES = {state: state for state in (*STATES, PURGED)}
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,7 +83,8 @@ class Job:
         self.finished_at_ms: int | None = None
         self.last_error: str | None = None
         self.result: bytes | None = None
-        self.transitions: list[tuple[str, int]] = [(state, created_at_ms)]
+        # (state, at_ms) pairs, oldest first; replaced by `with_transition`, never mutated.
+        self.transitions: tuple[tuple[str, int], ...] = ((state, created_at_ms),)
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
         # and lets restore() rebuild both structures in the order the live machine holds them.
         self.seq = 0
@@ -103,27 +115,49 @@ class Job:
             "transitions": [list(t) for t in self.transitions],
         }
 
+    def with_transition(self, state: str, at_ms: int) -> None:
+        """Records entering `state` at `at_ms` (the caller sets `state` itself).
+
+        Builds a new tuple rather than appending, so rows captured earlier keep the old one.
+        Past TRANSITIONS_MAX the submission stays and the oldest transition after it goes.
+        """
+        transitions = self.transitions
+        if len(transitions) < TRANSITIONS_MAX:
+            self.transitions = (*transitions, (state, at_ms))
+        else:
+            self.transitions = (transitions[0], *transitions[2:], (state, at_ms))
+
     def to_row(self) -> tuple:
         """Every field, in __slots__ order, for the canonical snapshot (msgpack packs the
-        transitions' tuples as arrays, like lists)."""
-        return _ROW_FIELDS(self)
+        transitions' tuples as arrays). Immutable all the way down: see the module docstring."""
+        return job_row(self)
 
     @classmethod
-    def from_row(cls, row: list) -> "Job":
-        """The inverse of `to_row` (after a msgpack round trip, which turns tuples into lists)."""
-        assert len(row) == len(cls.__slots__), "snapshot job row has the wrong number of fields"
+    def from_row(cls, row: tuple | list) -> "Job":
+        """The inverse of `to_row`, after a msgpack round trip (which may give lists for tuples).
+
+        The state strings come back as this module's objects (`_INTERNED_STATES`); an unknown
+        state is kept as it is, for the caller to refuse.
+        """
+        assert len(row) == ROW_FIELD_COUNT, "snapshot job row has the wrong number of fields"
         job = cls.__new__(cls)
         (
-            job.id, job.queue, job.state, job.payload, job.priority, job.attempts, job.max_attempts, job.lease_ms,
+            job.id, job.queue, state, job.payload, job.priority, job.attempts, job.max_attempts, job.lease_ms,
             job.backoff_base_ms, job.backoff_cap_ms, job.idempotency_key, job.created_at_ms, job.ready_at_ms,
             job.leased_at_ms, job.lease, job.lease_expires_at_ms, job.worker, job.finished_at_ms, job.last_error,
             job.result, transitions, job.seq,
         ) = row
-        job.transitions = [(state, at_ms) for state, at_ms in transitions]
+        interned = _INTERNED_STATES
+        job.state = interned.get(state, state)
+        job.transitions = tuple([(interned.get(s, s), at_ms) for s, at_ms in transitions])
         return job
 
 
-_ROW_FIELDS = attrgetter(*Job.__slots__)
+#: A job's row (`Job.to_row`) as one C-level call: `map(job_row, jobs)` takes a million rows
+#: without running a line of Python per job, which keeps a snapshot's capture short.
+job_row: Callable[[Job], tuple] = attrgetter(*Job.__slots__)
+#: Fields in a row.
+ROW_FIELD_COUNT = len(Job.__slots__)
 
 
 def splitmix64(x: int) -> int:

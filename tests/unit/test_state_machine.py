@@ -539,22 +539,23 @@ def test_renew_leases_gives_every_lease_a_full_period(m):
 # ---------------------------------------------------------------------- cancel
 
 
-def _to_state(m: Machine, state: str) -> None:
-    """Brings job "a" into `state`."""
-    m.submit(job("a", delay_ms=1_000 if state == "scheduled" else 0))
+def _to_state(m: Machine, state: str, job_id: str = "a", queue: str = "q") -> None:
+    """Brings a new job `job_id` into `state`; `queue` must hold no other ready job (lease takes any)."""
+    m.submit(job(job_id, delay_ms=1_000 if state == "scheduled" else 0), queue=queue)
     if state in ("scheduled", "ready"):
         return
-    leased = m.lease_one()
+    leased = m.lease_one(queues=(queue,))
+    assert leased.id == job_id, f"queue {queue} held another ready job, {leased.id}"
     if state == "leased":
         return
     if state == "retry_wait":
-        m.fail("a", leased.lease, delay_ms=5_000)
+        m.fail(job_id, leased.lease, delay_ms=5_000)
     elif state == "dead":
-        m.fail("a", leased.lease, retry=False)
+        m.fail(job_id, leased.lease, retry=False)
     elif state == "done":
-        m.ack("a", leased.lease)
+        m.ack(job_id, leased.lease)
     elif state == "cancelled":
-        m(c.Cancel(T0, "a"))
+        m(c.Cancel(T0, job_id))
 
 
 CANCEL_CASES = [
@@ -694,11 +695,13 @@ def test_counters_cover_every_event_of_every_queue(m):
 
 def test_transitions_are_bounded_and_keep_the_submission(m):
     m.submit(job("a", max_attempts=100))
-    for _ in range(20):
-        m.fail("a", m.lease_one().lease, delay_ms=0)
+    for cycle in range(1, 21):
+        m.fail("a", m.lease_one(now=T0 + 2 * cycle).lease, delay_ms=0, now=T0 + 2 * cycle + 1)
     transitions = m.sm.get_job("a")["transitions"]
     assert len(transitions) == TRANSITIONS_MAX
-    assert transitions[0] == ["ready", T0] and transitions[-1][0] == "ready"
+    # The submission, then the newest ones: every lease and its failure (straight back to ready).
+    newest = [[state, T0 + 2 * cycle + (state == "ready")] for cycle in range(1, 21) for state in ("leased", "ready")]
+    assert transitions == [["ready", T0]] + newest[-(TRANSITIONS_MAX - 1):]
 
 
 def test_queries_change_nothing(m):
