@@ -18,7 +18,7 @@ class NodeConfig:
 
     #: This node's id; one of the cluster's voters ("n1").
     node_id: str
-    #: Directory for the WAL, hard state and (later) snapshots. Created if missing.
+    #: Directory for the WAL, hard state and snapshots. Created if missing.
     data_dir: str
     #: Address to listen on. SPEC.md Security: loopback unless told otherwise.
     host: str = "127.0.0.1"
@@ -46,6 +46,12 @@ class NodeConfig:
     heartbeat_ticks: int = constants.HEARTBEAT_TICKS
     proposal_timeout_s: float = constants.PROPOSAL_TIMEOUT_S
     pending_proposals_max: int = constants.PENDING_PROPOSALS_MAX
+
+    snapshot_every_entries: int = constants.SNAPSHOT_EVERY_ENTRIES
+    snapshot_every_bytes: int = constants.SNAPSHOT_EVERY_BYTES
+    compact_keep_entries: int = constants.COMPACT_KEEP_ENTRIES
+    compact_keep_bytes: int = constants.COMPACT_KEEP_BYTES
+    wal_segment_bytes: int = constants.WAL_SEGMENT_BYTES
 
     #: "text" (default) or "json" (one JSON object per line).
     log_format: str = "text"
@@ -81,5 +87,11 @@ class NodeConfig:
             raise ConfigError("payload_bytes_max must be between 1 and body_bytes_max")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log format must be text or json, got {self.log_format!r}")
+        if self.snapshot_every_entries < 1 or self.snapshot_every_bytes < 1:
+            raise ConfigError("snapshot_every_entries and snapshot_every_bytes must be at least 1")
+        if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
+            raise ConfigError("compact_keep_entries and compact_keep_bytes must not be negative")
+        if self.wal_segment_bytes < 4096:
+            raise ConfigError("wal_segment_bytes must be at least 4096")
         if self.worker_timeout_ms < 1000:
             raise ConfigError("worker_timeout_ms must be at least 1000")

@@ -68,6 +68,20 @@ PENDING_PROPOSALS_MAX = 10_000
 #: How long a client request waits for its entry to commit before answering 503.
 PROPOSAL_TIMEOUT_S = 10.0
 
+#: A node snapshots its state after this many log entries or this many log bytes since its last
+#: snapshot, whichever first. hashicorp/raft snapshots every 8,192 entries; the byte trigger
+#: bounds the disk and memory the log takes when entries are large (a batch of 100 jobs is ~15 KB).
+SNAPSHOT_EVERY_ENTRIES = 8192
+SNAPSHOT_EVERY_BYTES = 16 << 20
+#: Entries kept in memory behind the newest snapshot, so a follower that is only a little behind
+#: gets appends rather than a whole snapshot (etcd keeps 5,000, hashicorp/raft 10,240; ours are
+#: batches of up to a thousand jobs, so fewer entries cover as much work).
+COMPACT_KEEP_ENTRIES = 1024
+#: ... and at most this many bytes of them (1,024 entries of 1,000-job batches would be 80 MB).
+COMPACT_KEEP_BYTES = 4 << 20
+#: WAL segment size: compaction frees whole segments, so this is the granularity of disk use.
+WAL_SEGMENT_BYTES = 8 << 20
+
 #: Messages waiting in the node's inbox for the drive loop.
 INBOX_COUNT_MAX = 10_000
 

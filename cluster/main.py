@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds finished job records are kept (default 3600)")
     p.add_argument("--tick", type=float, default=float(_env("TICK", str(c.TICK_INTERVAL_S))),
                    help="Raft tick in seconds (default 0.1; election timeout is 10-20 ticks)")
+    p.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", str(c.SNAPSHOT_EVERY_ENTRIES))),
+                   help=f"snapshot after this many log entries (default {c.SNAPSHOT_EVERY_ENTRIES})")
+    p.add_argument("--snapshot-bytes", type=int, default=int(_env("SNAPSHOT_BYTES", str(c.SNAPSHOT_EVERY_BYTES))),
+                   help=f"... or after this many log bytes (default {c.SNAPSHOT_EVERY_BYTES})")
+    p.add_argument("--compact-keep", type=int, default=int(_env("COMPACT_KEEP", str(c.COMPACT_KEEP_ENTRIES))),
+                   help=f"log entries kept behind a snapshot for slow followers (default {c.COMPACT_KEEP_ENTRIES})")
+    p.add_argument("--wal-segment-bytes", type=int, default=int(_env("WAL_SEGMENT_BYTES", str(c.WAL_SEGMENT_BYTES))),
+                   help=f"size of one log segment file; compaction frees whole segments (default {c.WAL_SEGMENT_BYTES})")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -79,6 +87,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         worker_timeout_ms=int(args.worker_timeout * 1000),
         retention_ms=int(args.retention * 1000),
         tick_interval_s=args.tick,
+        snapshot_every_entries=args.snapshot_every,
+        snapshot_every_bytes=args.snapshot_bytes,
+        compact_keep_entries=args.compact_keep,
+        wal_segment_bytes=args.wal_segment_bytes,
         log_format=args.log_format,
         log_level=args.log_level.upper(),
     )

@@ -182,3 +182,28 @@ def _raft_families(node: "Node") -> Iterator:
         wal_bytes = GaugeMetricFamily("raftq_wal_bytes", "Bytes of log segments on disk.")
         wal_bytes.add_metric([], node.wal.size_bytes)
         yield wal_bytes
+    for name, doc, value in (
+        ("raftq_raft_first_index", "First log index held in memory (earlier ones are compacted).", raft.first_index),
+        ("raftq_snapshot_index", "Last log index covered by the newest snapshot.", raft.snapshot.index),
+        ("raftq_snapshot_bytes", "Size of the last snapshot this node wrote.", node.last_snapshot_bytes),
+        ("raftq_snapshot_seconds", "Time the last snapshot took, capture to durable file.", node.last_snapshot_seconds),
+        ("raftq_snapshot_capture_seconds", "Part of the last snapshot spent on the event loop (the capture).",
+         node.last_snapshot_capture_seconds),
+    ):
+        gauge = GaugeMetricFamily(name, doc)
+        gauge.add_metric([], value)
+        yield gauge
+    for name, doc, value in (
+        ("raftq_snapshots_taken", "Snapshots this node wrote of its own state.", node.snapshots_taken_count),
+        ("raftq_snapshots_installed", "Snapshots this node installed from a leader.", node.snapshots_installed_count),
+    ):
+        counter = CounterMetricFamily(name, doc)
+        counter.add_metric([], value)
+        yield counter
+    sender = node.snapshot_sender
+    if sender is not None:
+        transfers = CounterMetricFamily("raftq_snapshot_transfers", "Snapshot transfers this node sent, by result.",
+                                        labels=["result"])
+        transfers.add_metric(["delivered"], sender.sent_total)
+        transfers.add_metric(["failed"], sender.failed_total)
+        yield transfers

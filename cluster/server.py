@@ -22,6 +22,16 @@ A request's answer waits until its entry is applied, so a 2xx means the entry is
 majority's disk (guarantee 1). Reads take a ReadIndex barrier so a deposed leader never answers
 from stale state.
 
+Snapshots (Raft §7). After `snapshot_every_entries` entries or `snapshot_every_bytes` log bytes
+since the last one, `_drive` captures the state machine (a cheap copy of immutable rows, on the
+loop), and a worker thread encodes it into a snapshot file (tmp, fsync, rename). Once durable,
+the core drops log entries up to the snapshot minus `compact_keep_entries` (and at most
+`compact_keep_bytes` of them stay), and the WAL drops
+whole segments up to the *older* of the two snapshots kept, so a damaged newest snapshot can fall
+back on the older one plus the log. A follower whose next entries are gone gets the snapshot file
+in chunks (snapshot_transfer.py), installs it (Ready.snapshot) and continues from there. At start
+the node restores the newest valid snapshot and replays only the log after it.
+
 The leader-only loop (`_housekeeping`) proposes `Tick`s when leases expire or delayed jobs come due,
 `WorkerLost` when a worker's heartbeats stop, and `RenewLeases` on taking office (so a failover does
 not requeue healthy work). Followers run none of it: their state changes only through the log.
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+import gc
 import itertools
 import logging
 import os
@@ -45,10 +56,13 @@ from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.queue import commands as cmds
 from cluster.queue.results import Rejected, Released, Ticked
-from cluster.queue.state_machine import QueueStateMachine
+from cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
 from cluster.raft.errors import NotLeader, ProposalDropped
-from cluster.raft.messages import Entry, Message
+from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
+from cluster.storage.errors import CompactedError, SnapshotCorruptionError, StorageError
+from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
 from cluster.storage.wal import WriteAheadLog
 
 log = logging.getLogger("raftq.node")
@@ -60,6 +74,10 @@ DRIVE_BATCH_MAX = 4096
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class StartupError(StorageError):
+    """The node cannot rebuild its state from disk without losing acknowledged data."""
 
 
 @dataclass(slots=True)
@@ -79,7 +97,21 @@ class Node:
         )
         self.raft: RaftNode | None = None
         self.wal: WriteAheadLog | None = None
+        self.snapshots: SnapshotStore | None = None
         self.transport: Any = None
+        self.snapshot_sender: SnapshotSender | None = None
+        self.snapshot_receiver: SnapshotReceiver | None = None
+        self._applied_term = 0  # term of the entry at queue.last_applied (a snapshot's point needs it)
+        self._bytes_since_snapshot = 0  # log bytes applied since the newest snapshot's point
+        self._snapshot_task: asyncio.Task | None = None
+        self._snapshots_done: list[tuple[SnapshotPoint, int]] = []  # (point, older snapshot's index)
+        self._snapshot_reports: list[tuple[str, bool]] = []  # (peer, delivered)
+        self._wal_compacted_to = 0
+        self.snapshots_taken_count = 0
+        self.snapshots_installed_count = 0
+        self.last_snapshot_seconds = 0.0
+        self.last_snapshot_capture_seconds = 0.0
+        self.last_snapshot_bytes = 0
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future]] = []
         self._reads: list[asyncio.Future] = []
@@ -107,7 +139,12 @@ class Node:
     async def start(self) -> None:
         data_dir = self.config.data_dir
         os.makedirs(data_dir, exist_ok=True)
-        self.wal = await asyncio.to_thread(WriteAheadLog.open, os.path.join(data_dir, "wal"), logger=log)
+        self.snapshots = await asyncio.to_thread(SnapshotStore.open, os.path.join(data_dir, "snapshots"), logger=log)
+        self.wal = await asyncio.to_thread(
+            WriteAheadLog.open, os.path.join(data_dir, "wal"), segment_bytes_max=self.config.wal_segment_bytes,
+            logger=log)
+        started = time.monotonic()
+        snapshot, entries = await asyncio.to_thread(self._recover)
         raft_config = RaftConfig(
             node_id=self.config.node_id,
             peer_ids=tuple(sorted(self.config.peers)),
@@ -115,12 +152,15 @@ class Node:
             heartbeat_ticks=self.config.heartbeat_ticks,
         )
         self.raft = RaftNode(
-            raft_config, hard_state=self.wal.hard_state, entries=self.wal.entries(), rng=random.Random()
+            raft_config, hard_state=self.wal.hard_state, entries=entries, rng=random.Random(), snapshot=snapshot
         )
         log.info(
-            "node started: %d log entries recovered, term %d, data dir %s",
-            self.wal.last_index, self.wal.hard_state.term, data_dir,
+            "node started in %.2f s: snapshot at %d, %d log entries after it, term %d, data dir %s",
+            time.monotonic() - started, snapshot.index, self.wal.last_index - snapshot.index,
+            self.wal.hard_state.term, data_dir,
         )
+        self.snapshot_receiver = SnapshotReceiver(
+            self.snapshots, installed=self._snapshot_received, secret=self.config.cluster_secret)
         if self.config.peers:
             from cluster.transport.http import HttpTransport
 
@@ -128,6 +168,10 @@ class Node:
                 self.config.node_id, self.config.peers, secret=self.config.cluster_secret
             )
             await self.transport.start()
+            self.snapshot_sender = SnapshotSender(
+                self.config.node_id, self.config.peers, self.snapshots, secret=self.config.cluster_secret,
+                current_term=lambda: self.raft.term if self.raft is not None else 0,
+                report=self._snapshot_reported)
         self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="leader-housekeeping"))
@@ -141,10 +185,75 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._fail_waiters(Unavailable("node is shutting down"))
+        if self._snapshot_task is not None:
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+        if self.snapshot_sender is not None:
+            await self.snapshot_sender.close()
+        if self.snapshot_receiver is not None:
+            await self.snapshot_receiver.close()
         if self.transport is not None:
             await self.transport.close()
         if self.wal is not None:
             await asyncio.to_thread(self.wal.close)
+
+    def _recover(self) -> tuple[SnapshotPoint, list[Entry]]:
+        """Runs in a thread at start: restores the newest valid snapshot that the log continues,
+        and returns its point and the log entries the core should hold.
+
+        Raises:
+            StartupError: no valid snapshot reaches the log's first entry (the entries between are
+                gone): starting anyway would silently lose acknowledged jobs.
+        """
+        store, wal = self.snapshots, self.wal
+        assert store is not None and wal is not None
+        damaged: list[str] = []
+        damaged_paths: list[str] = []
+        for meta in reversed(store.list()):
+            try:
+                store.verify(meta)
+            except SnapshotCorruptionError as exc:
+                log.error("snapshot damaged, trying an older one: %s", exc)
+                damaged.append(str(exc))
+                damaged_paths.append(meta.path)
+                continue
+            if wal.first_index > meta.index + 1:
+                raise StartupError(
+                    f"snapshot {meta.path} ends at index {meta.index} but the log in {wal.directory} starts at "
+                    f"{wal.first_index}: the entries between are gone"
+                    + (f"; damaged newer snapshots: {'; '.join(damaged)}" if damaged else ""))
+            with store.open_body(meta) as body:
+                self.queue.restore_from(body)
+            assert self.queue.last_applied == meta.index, (meta.path, self.queue.last_applied)
+            for path in damaged_paths:
+                # Kept for inspection, out of the way: the next snapshots must not count it as
+                # one of the two kept, or the log would be compacted up to a file no one can read.
+                os.replace(path, path + ".damaged")
+                log.warning("set the damaged snapshot aside as %s.damaged", path)
+            if not self._log_continues(meta):
+                log.warning("log entries %d..%d do not continue snapshot %d (term %d): dropped, not committed",
+                            wal.first_index, wal.last_index, meta.index, meta.term)
+                wal.reset_after(meta.index, meta.term)
+            self._applied_term = meta.term
+            first = max(wal.first_index, meta.index + 1 - self.config.compact_keep_entries, 1)
+            return SnapshotPoint(meta.index, meta.term), wal.entries(first) if wal.first_index else []
+        if wal.first_index > 1:
+            raise StartupError(
+                f"the log in {wal.directory} starts at {wal.first_index} and no valid snapshot covers the entries "
+                f"before it" + (f"; damaged snapshots: {'; '.join(damaged)}" if damaged else ""))
+        if damaged:
+            log.warning("no valid snapshot; replaying the whole log from index 1")
+        return SnapshotPoint(), wal.entries()
+
+    def _log_continues(self, meta: SnapshotMeta) -> bool:
+        """Whether the WAL holds the snapshot's last entry (same term), or starts right after it."""
+        wal = self.wal
+        assert wal is not None
+        if wal.last_index < meta.index or wal.first_index == 0:
+            return False
+        try:
+            return wal.term(meta.index) == meta.term
+        except CompactedError:
+            return wal.first_index == meta.index + 1  # compacted at the snapshot itself
 
     # ------------------------------------------------------------------ what the API calls
 
@@ -256,6 +365,8 @@ class Node:
             "commit_index": raft.commit_index if raft is not None else 0,
             "applied_index": self.queue.last_applied,
             "last_index": raft.last_index if raft is not None else 0,
+            "snapshot_index": raft.snapshot.index if raft is not None else 0,
+            "first_index": raft.first_index if raft is not None else 1,
             "nodes": nodes,
         } | ({"digest": self.queue.digest()} if with_digest else {})
 
@@ -304,6 +415,7 @@ class Node:
                     pass
             self._wakeup.clear()
             self._drive_inputs(raft)
+            await self._drive_snapshot_events(raft)
             if time.monotonic() >= next_tick:
                 raft.tick()
                 next_tick = time.monotonic() + tick_interval
@@ -344,28 +456,145 @@ class Node:
                 continue
             self._read_waiters[read_id] = future
 
+    async def _drive_snapshot_events(self, raft: RaftNode) -> None:
+        reports, self._snapshot_reports = self._snapshot_reports, []
+        for peer, delivered in reports:
+            raft.report_snapshot(peer, delivered=delivered)
+        done, self._snapshots_done = self._snapshots_done, []
+        for point, older_snapshot_index in done:
+            raft.compact(point, 0)  # records the snapshot point; compaction_point() measures from it
+            upto = raft.compaction_point(self.config.compact_keep_entries, self.config.compact_keep_bytes)
+            dropped = raft.compact(point, upto)
+            wal_compact_to = min(upto, older_snapshot_index)
+            log.info("snapshot at %d durable; %d entries dropped from memory", point.index, dropped)
+            if wal_compact_to > self._wal_compacted_to:
+                assert self.wal is not None
+                # Here, between Readys, nothing else touches the WAL (it is not thread-safe).
+                await asyncio.to_thread(self.wal.compact, min(wal_compact_to, self.wal.last_index))
+                self._wal_compacted_to = wal_compact_to
+
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
+        if ready.snapshot is not None:
+            await self._install_snapshot(ready.snapshot)
         # A leader may send its appends while it writes the same entries to its own disk (Raft
         # thesis §10.2.1): the core counts the leader's own copy toward commit only after
         # advance(), i.e. after this fsync. Anything that carries a new term or vote, and every
         # follower reply, still waits for the disk (persist before send).
         send_early = ready.hard_state is None and raft.role == Role.LEADER
-        if send_early and ready.messages and self.transport is not None:
-            self.transport.send(ready.messages)
+        if send_early and ready.messages:
+            self._send(ready.messages)
         if ready.hard_state is not None or ready.entries:
             started = time.perf_counter()
             await asyncio.to_thread(self._persist, ready)
             self.metrics.observe_persist(time.perf_counter() - started, len(ready.entries))
-        if not send_early and ready.messages and self.transport is not None:
-            self.transport.send(ready.messages)
+        if not send_early and ready.messages:
+            self._send(ready.messages)
         if ready.committed_entries:
             self._apply(ready.committed_entries)
+            self._maybe_snapshot(raft)
         for read_id, read_index in ready.read_states:
             future = self._read_waiters.pop(read_id, None)
             if future is not None and not future.done():
                 self._applied_waiters.append((read_index, future))
         raft.advance(ready)
         self._settle_applied_waiters()
+
+    def _send(self, messages: Sequence[Message]) -> None:
+        if self.transport is None:
+            return
+        snapshot_requests = [m for m in messages if m.type is MessageType.SNAP]
+        if snapshot_requests:
+            assert self.snapshot_sender is not None
+            for message in snapshot_requests:
+                self.snapshot_sender.request(message.to_id)
+            messages = [m for m in messages if m.type is not MessageType.SNAP]
+        self.transport.send(messages)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _maybe_snapshot(self, raft: RaftNode) -> None:
+        """Starts a snapshot when enough log has been applied since the last one (and none runs)."""
+        if self._snapshot_task is not None:
+            return
+        since = self.queue.last_applied - raft.snapshot.index
+        if since < self.config.snapshot_every_entries and self._bytes_since_snapshot < self.config.snapshot_every_bytes:
+            return
+        started = time.perf_counter()
+        # The capture allocates one tuple per job: a collection in the middle would only walk
+        # objects that are all alive (measured at 1M jobs: 784 ms with the collector, 604 without).
+        gc.disable()
+        try:
+            capture = self.queue.capture()
+        finally:
+            gc.enable()
+        self.last_snapshot_capture_seconds = time.perf_counter() - started
+        point = SnapshotPoint(self.queue.last_applied, self._applied_term)
+        self._bytes_since_snapshot = 0
+        self._snapshot_task = asyncio.get_running_loop().create_task(
+            self._take_snapshot(capture, point, started), name="snapshot")
+
+    async def _take_snapshot(self, capture: SnapshotCapture, point: SnapshotPoint, started: float) -> None:
+        try:
+            meta, older_snapshot_index = await asyncio.to_thread(self._write_snapshot_file, capture, point)
+        except Exception:  # a snapshot that failed leaves the log as it was: nothing is lost
+            log.exception("snapshot at %d failed; the log keeps every entry until the next one", point.index)
+            return
+        finally:
+            self._snapshot_task = None
+        self.snapshots_taken_count += 1
+        self.last_snapshot_seconds = time.perf_counter() - started
+        self.last_snapshot_bytes = meta.size_bytes
+        log.info("snapshot at %d (term %d): %d bytes in %.2f s (%.3f s on the loop)", point.index, point.term,
+                 meta.size_bytes, self.last_snapshot_seconds, self.last_snapshot_capture_seconds)
+        self._snapshots_done.append((point, older_snapshot_index))
+        self._wakeup.set()
+
+    def _write_snapshot_file(self, capture: SnapshotCapture, point: SnapshotPoint) -> tuple[SnapshotMeta, int]:
+        """Runs in a worker thread: the snapshot file, and the index of the older snapshot kept
+        (the WAL keeps what that one needs, so a damaged newest one can fall back on it)."""
+        store = self.snapshots
+        assert store is not None
+        with store.writer(point.index, point.term) as writer:
+            write_snapshot(capture, writer.write)
+            meta = writer.commit()
+        store.retain(2)
+        kept = store.list()
+        return meta, kept[-2].index if len(kept) >= 2 else 0
+
+    async def _install_snapshot(self, point: SnapshotPoint) -> None:
+        """Follower: the core accepted a snapshot the receiver stored; make it our state and log."""
+        store, wal = self.snapshots, self.wal
+        assert store is not None and wal is not None
+        meta = next((m for m in store.list() if (m.index, m.term) == (point.index, point.term)), None)
+        assert meta is not None, f"the core installs snapshot {point} that is not on disk"
+        queue = QueueStateMachine(retention_ms=self.config.retention_ms,
+                                  idempotency_window_ms=self.config.idempotency_window_ms)
+
+        def install() -> None:
+            with store.open_body(meta) as body:
+                queue.restore_from(body)
+            wal.reset_after(point.index, point.term)
+
+        started = time.perf_counter()
+        await asyncio.to_thread(install)
+        self.queue = queue
+        self._applied_term = point.term
+        self._bytes_since_snapshot = 0
+        self._wal_compacted_to = 0
+        self.snapshots_installed_count += 1
+        log.info("installed snapshot at %d (term %d, %d jobs) in %.2f s", point.index, point.term,
+                 queue.job_count(), time.perf_counter() - started)
+        self._notify_jobs_changed()
+
+    def _snapshot_received(self, leader: str, term: int, meta: SnapshotMeta) -> None:
+        """The receiver holds a complete, verified snapshot file: let the core decide."""
+        self._inbox.append(Message(MessageType.SNAP, from_id=leader, to_id=self.config.node_id, term=term,
+                                   index=meta.index, log_term=meta.term))
+        self._wakeup.set()
+
+    def _snapshot_reported(self, peer: str, delivered: bool) -> None:
+        self._snapshot_reports.append((peer, delivered))
+        self._wakeup.set()
 
     def _persist(self, ready: Ready) -> None:
         """Runs in a worker thread: the only code touching the WAL after start."""
@@ -379,6 +608,8 @@ class Node:
 
     def _apply(self, entries: Sequence[Entry]) -> None:
         changed = False
+        self._applied_term = entries[-1].term
+        self._bytes_since_snapshot += sum(len(entry.data) for entry in entries)
         for entry in entries:
             result = self.queue.apply(entry)
             if isinstance(result, (Ticked, Released, Rejected)):
@@ -396,7 +627,11 @@ class Node:
             dead = Counter(queue for kind, queue, _ in samples if kind == "dead_lettered")
             for queue, count in sorted(dead.items()):
                 log.info("%d jobs of queue %s dead-lettered", count, queue)
-        if changed and self._jobs_changed is not None and not self._jobs_changed.done():
+        if changed:
+            self._notify_jobs_changed()
+
+    def _notify_jobs_changed(self) -> None:
+        if self._jobs_changed is not None and not self._jobs_changed.done():
             self._jobs_changed.set_result(None)
             self._jobs_changed = asyncio.get_running_loop().create_future()
 

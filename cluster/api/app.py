@@ -47,6 +47,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/metrics", views.metrics)
     r.add_get("/", dashboard.dashboard)
     r.add_post("/raft/messages", views.raft_messages)
+    r.add_post("/raft/snapshot", views.raft_snapshot)
 
 
 @web.middleware
