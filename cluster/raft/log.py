@@ -250,6 +250,18 @@ class RaftLog:
         self._offset = upto_index
         return dropped
 
+    def trailing_start(self, index: int, size_bytes_max: int) -> int:
+        """The index after which the held entries up to `index` carry at most size_bytes_max data
+        bytes (so dropping entries up to the answer keeps that much behind `index`)."""
+        size_bytes = 0
+        position = min(index, self.last_index) - self._offset - 1
+        while position >= 0:
+            size_bytes += len(self._entries[position].data)
+            if size_bytes > size_bytes_max:
+                return self._offset + position + 1
+            position -= 1
+        return self._offset
+
     def restore(self, snapshot: SnapshotPoint) -> None:
         """Replaces the whole log by a snapshot received from the leader (InstallSnapshot).
 

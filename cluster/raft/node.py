@@ -369,6 +369,12 @@ class RaftNode:
         self._log.check_invariants()
         return dropped
 
+    def compaction_point(self, keep_entries: int, keep_bytes: int) -> int:
+        """Where to compact after the newest snapshot so that at most keep_entries entries and
+        about keep_bytes of data stay behind it (for followers a little behind)."""
+        index = self._log.snapshot.index
+        return max(index - keep_entries, self._log.trailing_start(index, keep_bytes))
+
     def report_snapshot(self, peer: str, *, delivered: bool) -> None:
         """The shell's snapshot transfer to peer ended (delivered: the peer has it on disk).
 

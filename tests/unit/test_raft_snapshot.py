@@ -186,3 +186,17 @@ def test_random_compaction_keeps_three_nodes_consistent() -> None:
 
 def _term_at(node: RaftNode, index: int) -> int:
     return node._log.term(index)  # noqa: SLF001 - the test plays the shell, which knows its entries' terms
+
+
+def test_compaction_point_keeps_at_most_the_entries_and_bytes_asked_for() -> None:
+    node = make_leader()
+    for _ in range(30):
+        node.propose(b"x" * 100)
+    drain(node)
+    accept(node, "n2", node.last_index)
+    while node.has_ready():
+        drain(node)
+    node.compact(SnapshotPoint(31, 1), 0)
+    assert node.compaction_point(keep_entries=10, keep_bytes=1 << 20) == 21  # the entry bound
+    assert node.compaction_point(keep_entries=10, keep_bytes=250) == 29  # 2 entries = 200 bytes fit
+    assert node.compaction_point(keep_entries=0, keep_bytes=1 << 20) == 31
