@@ -49,6 +49,7 @@ class NodeConfig:
 
     snapshot_every_entries: int = constants.SNAPSHOT_EVERY_ENTRIES
     snapshot_every_bytes: int = constants.SNAPSHOT_EVERY_BYTES
+    snapshot_interval_s: float = constants.SNAPSHOT_INTERVAL_S
     compact_keep_entries: int = constants.COMPACT_KEEP_ENTRIES
     compact_keep_bytes: int = constants.COMPACT_KEEP_BYTES
     wal_segment_bytes: int = constants.WAL_SEGMENT_BYTES
@@ -87,8 +88,8 @@ class NodeConfig:
             raise ConfigError("payload_bytes_max must be between 1 and body_bytes_max")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log format must be text or json, got {self.log_format!r}")
-        if self.snapshot_every_entries < 1 or self.snapshot_every_bytes < 1:
-            raise ConfigError("snapshot_every_entries and snapshot_every_bytes must be at least 1")
+        if self.snapshot_every_entries < 1 or self.snapshot_every_bytes < 1 or self.snapshot_interval_s <= 0:
+            raise ConfigError("snapshot_every_entries, snapshot_every_bytes and snapshot_interval_s must be positive")
         if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
             raise ConfigError("compact_keep_entries and compact_keep_bytes must not be negative")
         if self.wal_segment_bytes < 4096:

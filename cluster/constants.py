@@ -73,6 +73,10 @@ PROPOSAL_TIMEOUT_S = 10.0
 #: bounds the disk and memory the log takes when entries are large (a batch of 100 jobs is ~15 KB).
 SNAPSHOT_EVERY_ENTRIES = 8192
 SNAPSHOT_EVERY_BYTES = 16 << 20
+#: ... or this long after the last one if anything was applied since: after a burst, expired
+#: records and keys leave the state through a few Tick entries, and without a new snapshot the
+#: burst's large snapshot would stay on disk until the next 8,192 entries.
+SNAPSHOT_INTERVAL_S = 300.0
 #: Entries kept in memory behind the newest snapshot, so a follower that is only a little behind
 #: gets appends rather than a whole snapshot (etcd keeps 5,000, hashicorp/raft 10,240; ours are
 #: batches of up to a thousand jobs, so fewer entries cover as much work).

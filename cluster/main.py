@@ -47,12 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat before a worker's jobs are requeued (default 10)")
     p.add_argument("--retention", type=float, default=float(_env("RETENTION", str(c.RETENTION_MS / 1000))),
                    help="seconds finished job records are kept (default 3600)")
+    p.add_argument("--idempotency-window", type=float,
+                   default=float(_env("IDEMPOTENCY_WINDOW", str(c.IDEMPOTENCY_WINDOW_MS / 1000))),
+                   help="seconds a submit's idempotency key maps to its job (default 3600)")
     p.add_argument("--tick", type=float, default=float(_env("TICK", str(c.TICK_INTERVAL_S))),
                    help="Raft tick in seconds (default 0.1; election timeout is 10-20 ticks)")
     p.add_argument("--snapshot-every", type=int, default=int(_env("SNAPSHOT_EVERY", str(c.SNAPSHOT_EVERY_ENTRIES))),
                    help=f"snapshot after this many log entries (default {c.SNAPSHOT_EVERY_ENTRIES})")
     p.add_argument("--snapshot-bytes", type=int, default=int(_env("SNAPSHOT_BYTES", str(c.SNAPSHOT_EVERY_BYTES))),
                    help=f"... or after this many log bytes (default {c.SNAPSHOT_EVERY_BYTES})")
+    p.add_argument("--snapshot-interval", type=float,
+                   default=float(_env("SNAPSHOT_INTERVAL", str(c.SNAPSHOT_INTERVAL_S))),
+                   help=f"... or this many seconds after the last one when anything changed "
+                        f"(default {c.SNAPSHOT_INTERVAL_S:g})")
     p.add_argument("--compact-keep", type=int, default=int(_env("COMPACT_KEEP", str(c.COMPACT_KEEP_ENTRIES))),
                    help=f"log entries kept behind a snapshot for slow followers (default {c.COMPACT_KEEP_ENTRIES})")
     p.add_argument("--wal-segment-bytes", type=int, default=int(_env("WAL_SEGMENT_BYTES", str(c.WAL_SEGMENT_BYTES))),
@@ -86,9 +93,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         payload_bytes_max=args.payload_bytes_max,
         worker_timeout_ms=int(args.worker_timeout * 1000),
         retention_ms=int(args.retention * 1000),
+        idempotency_window_ms=int(args.idempotency_window * 1000),
         tick_interval_s=args.tick,
         snapshot_every_entries=args.snapshot_every,
         snapshot_every_bytes=args.snapshot_bytes,
+        snapshot_interval_s=args.snapshot_interval,
         compact_keep_entries=args.compact_keep,
         wal_segment_bytes=args.wal_segment_bytes,
         log_format=args.log_format,

@@ -183,6 +183,10 @@ def _raft_families(node: "Node") -> Iterator:
         wal_bytes.add_metric([], node.wal.size_bytes)
         yield wal_bytes
     for name, doc, value in (
+        ("raftq_job_records", "Job records held: every unfinished job, finished ones until retention ends.",
+         node.queue.job_count()),
+        ("raftq_idempotency_keys", "Submit idempotency keys held until their window ends.",
+         node.queue.idempotency_key_count()),
         ("raftq_raft_first_index", "First log index held in memory (earlier ones are compacted).", raft.first_index),
         ("raftq_snapshot_index", "Last log index covered by the newest snapshot.", raft.snapshot.index),
         ("raftq_snapshot_bytes", "Size of the last snapshot this node wrote.", node.last_snapshot_bytes),

@@ -23,7 +23,7 @@ majority's disk (guarantee 1). Reads take a ReadIndex barrier so a deposed leade
 from stale state.
 
 Snapshots (Raft §7). After `snapshot_every_entries` entries or `snapshot_every_bytes` log bytes
-since the last one, `_drive` captures the state machine (a cheap copy of immutable rows, on the
+since the last one (or `snapshot_interval_s` after it, if anything was applied since), `_drive` captures the state machine (a cheap copy of immutable rows, on the
 loop), and a worker thread encodes it into a snapshot file (tmp, fsync, rename). Once durable,
 the core drops log entries up to the snapshot minus `compact_keep_entries` (and at most
 `compact_keep_bytes` of them stay), and the WAL drops
@@ -104,6 +104,7 @@ class Node:
         self._applied_term = 0  # term of the entry at queue.last_applied (a snapshot's point needs it)
         self._bytes_since_snapshot = 0  # log bytes applied since the newest snapshot's point
         self._snapshot_task: asyncio.Task | None = None
+        self._last_snapshot_at = time.monotonic()
         self._snapshots_done: list[tuple[SnapshotPoint, int]] = []  # (point, older snapshot's index)
         self._snapshot_reports: list[tuple[str, bool]] = []  # (peer, delivered)
         self._wal_compacted_to = 0
@@ -517,7 +518,10 @@ class Node:
         if self._snapshot_task is not None:
             return
         since = self.queue.last_applied - raft.snapshot.index
-        if since < self.config.snapshot_every_entries and self._bytes_since_snapshot < self.config.snapshot_every_bytes:
+        due = (since >= self.config.snapshot_every_entries
+               or self._bytes_since_snapshot >= self.config.snapshot_every_bytes
+               or (since > 0 and time.monotonic() - self._last_snapshot_at >= self.config.snapshot_interval_s))
+        if not due:
             return
         started = time.perf_counter()
         # The capture allocates one tuple per job: a collection in the middle would only walk
@@ -530,6 +534,7 @@ class Node:
         self.last_snapshot_capture_seconds = time.perf_counter() - started
         point = SnapshotPoint(self.queue.last_applied, self._applied_term)
         self._bytes_since_snapshot = 0
+        self._last_snapshot_at = time.monotonic()
         self._snapshot_task = asyncio.get_running_loop().create_task(
             self._take_snapshot(capture, point, started), name="snapshot")
 

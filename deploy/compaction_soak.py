@@ -3,15 +3,16 @@
     .venv/bin/python deploy/compaction_soak.py --jobs 1000000 --retention 20
 
 One producer thread submits batches of `--batch` jobs while `--workers` threads lease and ack in
-batches, keeping at most `--in-flight` jobs submitted but not acked. Every second it samples each
-node's RSS. At the end it prints, per node: WAL and snapshot bytes on disk, peak RSS (the kernel's
-VmHWM) and final RSS; then it kills -9 the leader, restarts it and times how long it takes to
-start (its own log line) and to serve its state again (status answers with everything applied).
+batches, keeping at most `--in-flight` jobs submitted but not acked. It prints, per node, right after the last ack ("burst") and again at the end, once
+the finished records and idempotency keys have expired and a snapshot was taken after that
+("end"): WAL and snapshot bytes on disk, RSS (and the kernel's peak, VmHWM). Then it kills -9 the
+leader, restarts it and times how long it takes to start (its own log line) and to serve its
+state again (status answers with everything applied).
 
-`--retention` is the node's finished-job retention in seconds: a finished job's record stays in
-memory that long (SPEC default one hour), so the memory a run needs is about retention × rate ×
-record size; the default here is short so that a million jobs in a few minutes measure the
-log's and the snapshots' bounds rather than an hour of retained records.
+`--retention` and `--idempotency-window` are the node's (SPEC defaults: one hour each): a finished
+job's record and a submit's key stay in memory that long, so the memory a run needs is about
+window × rate × (record + key). They are short here so that a million jobs in a few minutes
+measure the log's and the snapshots' bounds, not an hour of retained state.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 
 from client import Client
 from cluster.localcluster import LocalCluster, wait_until
@@ -50,12 +52,42 @@ def directory_bytes(path: str) -> int:
     return total
 
 
+def gauge(url: str, name: str) -> float:
+    """One unlabelled metric from a node's /metrics."""
+    status, text = http_text(url + "/metrics")
+    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert status == 200 and match, f"{name} not in {url}/metrics"
+    return float(match.group(1))
+
+
+def http_text(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def measure(cluster: LocalCluster) -> dict:
+    figures = {}
+    for node_id, node in cluster.nodes.items():
+        current, hwm = rss_kib(node.process.pid)
+        status = cluster.status(node_id) or {}
+        figures[node_id] = {
+            "wal_mib": round(directory_bytes(os.path.join(node.data_dir, "wal")) / 2**20, 1),
+            "snapshots_mib": round(directory_bytes(os.path.join(node.data_dir, "snapshots")) / 2**20, 1),
+            "rss_mib": round(current / 1024, 1),
+            "rss_peak_mib": round(hwm / 1024, 1),
+            "last_index": status.get("last_index"),
+            "snapshot_index": status.get("snapshot_index"),
+        }
+    return figures
+
+
 def run(args: argparse.Namespace, base: str) -> dict:
-    node_args = ["--retention", str(args.retention), "--worker-timeout", "30"]
-    report: dict = {"jobs": args.jobs, "batch": args.batch, "retention_s": args.retention}
+    node_args = ["--retention", str(args.retention), "--idempotency-window", str(args.retention),
+                 "--snapshot-interval", str(args.snapshot_interval), "--worker-timeout", "30"]
+    report: dict = {"jobs": args.jobs, "batch": args.batch, "retention_s": args.retention,
+                    "idempotency_window_s": args.retention, "snapshot_interval_s": args.snapshot_interval}
     with LocalCluster(base, size=3, extra_args=node_args) as cluster:
         cluster.wait_for_leader()
-        peak_rss: dict[str, int] = {}
         acked = 0
         submitted = 0
         lock = threading.Lock()
@@ -100,9 +132,6 @@ def run(args: argparse.Namespace, base: str) -> dict:
         next_print = started
         while any(thread.is_alive() for thread in threads):
             time.sleep(1)
-            for node_id, node in cluster.nodes.items():
-                if node.alive:
-                    peak_rss[node_id] = max(peak_rss.get(node_id, 0), rss_kib(node.process.pid)[0])
             if time.monotonic() >= next_print:
                 print(f"  {time.monotonic() - started:6.0f} s  submitted {submitted:>9,}  acked {acked:>9,}", flush=True)
                 next_print += 10
@@ -114,19 +143,20 @@ def run(args: argparse.Namespace, base: str) -> dict:
 
         leader = cluster.wait_for_leader()
         report["leader"] = leader
-        report["nodes"] = {}
-        for node_id, node in cluster.nodes.items():
-            current, hwm = rss_kib(node.process.pid)
-            status = cluster.status(node_id) or {}
-            report["nodes"][node_id] = {
-                "wal_bytes": directory_bytes(os.path.join(node.data_dir, "wal")),
-                "snapshot_bytes": directory_bytes(os.path.join(node.data_dir, "snapshots")),
-                "rss_final_mib": round(current / 1024, 1),
-                "rss_peak_sampled_mib": round(peak_rss.get(node_id, 0) / 1024, 1),
-                "rss_peak_hwm_mib": round(hwm / 1024, 1),
-                "last_index": status.get("last_index"),
-                "snapshot_index": status.get("snapshot_index"),
-            }
+        report["burst"] = measure(cluster)
+
+        # Settle: the records and keys expire through Tick entries, then a snapshot after that.
+        def state_held() -> dict[str, tuple[float, float]]:
+            return {node_id: (gauge(node.url, "raftq_job_records"), gauge(node.url, "raftq_idempotency_keys"))
+                    for node_id, node in cluster.nodes.items()}
+
+        wait_until(lambda: all(v == (0, 0) for v in state_held().values()), timeout_s=args.retention * 3 + 120,
+                   what="finished records and idempotency keys to expire", seen=state_held)
+        applied = {node_id: (cluster.status(node_id) or {}).get("applied_index", 0) for node_id in cluster.nodes}
+        wait_until(lambda: all((cluster.status(n) or {}).get("snapshot_index", 0) >= applied[n] for n in applied),
+                   timeout_s=args.snapshot_interval * 3 + 120, what="a snapshot after the state emptied",
+                   seen=lambda: {n: (cluster.status(n) or {}).get("snapshot_index") for n in applied})
+        report["end"] = measure(cluster)
 
         # Restart the leader: kill -9, start, time to its "node started" line and to serving.
         before = cluster.status(leader) or {}
@@ -162,7 +192,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker threads (default 2)")
     parser.add_argument("--in-flight", type=int, default=50_000, help="submitted but unacked jobs at most")
     parser.add_argument("--payload-bytes", type=int, default=100)
-    parser.add_argument("--retention", type=float, default=20.0, help="finished-job retention in seconds (default 20)")
+    parser.add_argument("--retention", type=float, default=20.0,
+                        help="finished-job retention and idempotency window in seconds (default 20)")
+    parser.add_argument("--snapshot-interval", type=float, default=30.0,
+                        help="the nodes' time-based snapshot trigger in seconds (default 30)")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="raftq-soak-")

@@ -804,6 +804,10 @@ class QueueStateMachine:
             for event, count in queue.events.items()
         }
 
+    def idempotency_key_count(self) -> int:
+        """Idempotency keys held (each until its window is over)."""
+        return len(self._idempotency)
+
     def job_count(self) -> int:
         """Jobs with a record (every state, finished ones until dropped)."""
         return len(self._jobs)
