@@ -420,6 +420,7 @@ class Node:
             if time.monotonic() >= next_tick:
                 raft.tick()
                 next_tick = time.monotonic() + tick_interval
+                self._maybe_snapshot(raft)  # the interval trigger needs a clock, not only applies
             while raft.has_ready():
                 await self._handle_ready(raft, raft.ready())
             self._observe_role(raft)

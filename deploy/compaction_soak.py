@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, base: str) -> dict:
             match = re.search(r"node started in ([0-9.]+) s", text)
             return float(match.group(1)) if match else None
 
-        wait_until(started_line, timeout_s=120, what="the restarted node's start line")
+        wait_until(lambda: started_line() is not None, timeout_s=120, what="the restarted node's start line")
         report["restart_recovery_s"] = started_line()
 
         def caught_up() -> bool:

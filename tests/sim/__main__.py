@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(value, int):
                 totals[key] += value
                 worst[key] = max(worst[key], value)
+        totals["seeds_with_install"] += bool(result.stats.get("snapshots_installed"))
         if not result.ok:
             failed.append(result)
             _report_failure(result, config, args.plant)
@@ -116,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{totals['lease_grants']}, crashes {totals['nemesis_crashes']} (all nodes at once "
           f"{totals['nemesis_crash_all']}), partitions {totals['nemesis_partitions']}, messages "
           f"{totals['net_sent']} ({totals['net_lost']} lost, {totals['net_duplicated']} duplicated)")
+    print(f"  snapshots: taken {totals['snapshots_taken']} (lost in a crash {totals['snapshots_lost']}), installed "
+          f"{totals['snapshots_installed']}, restarts from a snapshot {totals['snapshot_restarts']} (log dropped "
+          f"{totals['log_resets']}), transfers {totals['transfers']} ({totals['transfers_failed']} failed), entries "
+          f"compacted on disk {totals['entries_compacted']}, crashes amid a snapshot "
+          f"{totals['nemesis_snapshot_faults']}; seeds with an install {totals['seeds_with_install']}")
     print(f"  worst ticks to a new commit after the faults stopped: {worst['liveness_ticks']}; "
           f"to converge: {worst['converge_ticks']}")
     if failed:

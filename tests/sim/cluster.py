@@ -10,10 +10,35 @@ Time is one global tick counter. One step of the simulation is:
 3. every node that is up ticks, in an order shuffled by the rng;
 4. the workload proposes on the node(s) that believe they lead;
 5. every node that is up handles its Readys exactly as the asyncio shell does (server.py
-   `_handle_ready`): write hard_state + entries, sync if `must_sync`, send messages, apply
-   committed entries to its QueueStateMachine, serve read states, advance. A crash scheduled for
-   this node stops it at a chosen point of that sequence; unsynced writes may be lost;
+   `_handle_ready`): install `ready.snapshot` if any, write hard_state + entries, sync if
+   `must_sync`, send messages, apply committed entries to its QueueStateMachine (and start a
+   snapshot if due), serve read states, advance. A crash scheduled for this node stops it at a
+   chosen point of that sequence; unsynced writes may be lost;
 6. the invariants are checked (`invariants.py`).
+
+Snapshots and compaction (Raft §7), as the server does them. After applying a batch, a node whose
+applied index is `snapshot_every_entries` past its snapshot captures `QueueStateMachine.snapshot()`
+at (applied, term of that entry); the file becomes durable `snapshot_write_ticks` later (0: before
+the next Ready; a crash before then loses it), the disk keeps the newest two, and then the core
+drops its entries up to `snapshot - compact_keep_entries` (`RaftNode.compact`) and the log on disk
+up to that or the older kept snapshot, whichever is lower, so that a damaged newest snapshot
+could fall back on the older one plus the log. Every step starts with the shell's snapshot events
+(`_snapshot_events`): finished snapshot writes, and reports of failed transfers.
+
+A SNAP message in a Ready becomes a `Transfer`: it carries the leader's newest snapshot file
+(what `SnapshotSender` streams), travels the network like any message (lost, cut, delayed,
+duplicated, reordered), and on arrival the follower's shell stores the file durably and then
+steps a SNAP message naming the file's point into its core. The leader's core hears how the
+transfer ended (`report_snapshot`): delivered at arrival; failed `1..transfer_failure_ticks_max`
+ticks after the network dropped it or the follower crashed holding it (the HTTP error the real
+sender sees), and only by the incarnation that started it. When the core installs a snapshot
+(`Ready.snapshot`) the shell restores a fresh QueueStateMachine from the stored file and
+resets its log to an empty one after the point, before anything else in that Ready. With
+`snapshot_fault_probability`, a node crashes while receiving or installing: with the file stored
+but not stepped, before the install, in the middle of the log reset (a prefix of the old log
+survives), or after it but before the Ready's writes. A restart (`restart`) mirrors the server's
+`_recover`: restore the newest snapshot, drop the log if it does not continue it, and give the
+core the snapshot point and the log from `compact_keep_entries` before it.
 
 After `steps` ticks the faults stop: every node is restarted, the network heals (or keeps one
 minority fault, the liveness mode), and the workload only retries unacknowledged submits and
@@ -39,16 +64,16 @@ from typing import Any
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.codec import decode_message, encode_message
 from cluster.raft.errors import StepRejected
-from cluster.raft.messages import Entry, Message, MessageType
+from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 
 from .faults import FINAL_FAULTS, Nemesis
 from .invariants import Checker, Violation, describe_entry
 from .network import CALM, NetworkConfig, SimNetwork, random_config
-from .storage import SimStorage
+from .storage import SimStorage, StoredSnapshot, log_continues
 from .workload import Workload
 
-__all__ = ["SimConfig", "SimResult", "Simulation", "SimNode", "run_seed", "replay_command"]
+__all__ = ["SimConfig", "SimResult", "Simulation", "SimNode", "Transfer", "run_seed", "replay_command"]
 
 
 #: Readys one node may produce in one step before the core counts as spinning: each Ready hands
@@ -79,6 +104,11 @@ class SimConfig:
     final_fault: str | None = "random"  #: "random" = drawn; None = heal all; else a FINAL_FAULTS name
     wire_codec: bool | None = None  #: round-trip every message through cluster.raft.codec
     digest_every_entry: bool = False  #: compare digests after every entry (slower)
+    snapshot_every_entries: int | None = None  #: snapshot when applied is this far past the last one (0 = never)
+    compact_keep_entries: int | None = None  #: entries kept behind a snapshot, in memory and on disk
+    snapshot_write_ticks: int | None = None  #: ticks until a snapshot file is durable (0 = before the next Ready)
+    transfer_failure_ticks_max: int | None = None  #: a failed snapshot transfer is reported within this
+    snapshot_fault_probability: float | None = None  #: per snapshot received or installed: crash in the middle
 
     def defaults_changed(self) -> dict[str, Any]:
         base = SimConfig()
@@ -117,6 +147,11 @@ class Knobs:
     restore_probability: float
     final_fault: str | None
     wire_codec: bool
+    snapshot_every_entries: int
+    compact_keep_entries: int
+    snapshot_write_ticks: int
+    transfer_failure_ticks_max: int
+    snapshot_fault_probability: float
 
     @classmethod
     def draw(cls, config: SimConfig, rng: random.Random) -> "Knobs":
@@ -138,6 +173,15 @@ class Knobs:
         if not (pre_vote and check_quorum):
             final_fault = None  # without both, a minority fault may legitimately disrupt forever
         wire_codec = _pick(config.wire_codec, rng.random() < 0.25)
+        # Snapshots every few entries, so that most seeds compact, and followers that fall behind
+        # (crashed, cut off) need an InstallSnapshot rather than appends.
+        knobs.update(
+            snapshot_every_entries=_pick(config.snapshot_every_entries, rng.choice((5, 8, 12, 20, 40))),
+            compact_keep_entries=_pick(config.compact_keep_entries, rng.choice((0, 0, 1, 3, 10))),
+            snapshot_write_ticks=_pick(config.snapshot_write_ticks, rng.choice((0, 0, 1, 3))),
+            transfer_failure_ticks_max=_pick(config.transfer_failure_ticks_max, rng.choice((1, 4, 12))),
+            snapshot_fault_probability=_pick(config.snapshot_fault_probability, rng.choice((0.0, 0.1, 0.3))),
+        )
         return cls(pre_vote=pre_vote, check_quorum=check_quorum, final_fault=final_fault, wire_codec=wire_codec,
                    **knobs)
 
@@ -154,6 +198,9 @@ class SimNode:
         self.incarnation = 0
         self.crash_point: str | None = None  # crash during the next Ready handling
         self.last_commit = 0
+        self.applied_term = 0  # term of the entry at sm.last_applied (a snapshot's point needs it)
+        self.snapshot_write: tuple[int, StoredSnapshot] | None = None  # (tick it is durable, snapshot)
+        self.log_compacted_to = 0  # how far the log on disk was compacted by this incarnation
 
     @property
     def is_up(self) -> bool:
@@ -162,6 +209,24 @@ class SimNode:
     @property
     def is_leader(self) -> bool:
         return self.raft is not None and self.raft.role is Role.LEADER
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A snapshot transfer in flight: the SNAP message the leader's core asked for, the newest
+    snapshot file its shell held when it started, and the incarnation that started it (only that
+    process hears how the transfer ended)."""
+
+    message: Message
+    snapshot: StoredSnapshot
+    incarnation: int
+
+
+def _describe(item: Message | Transfer) -> str:
+    if isinstance(item, Transfer):
+        m = item.message
+        return f"SNAP-TRANSFER {m.from_id}->{m.to_id} t={m.term} snapshot {item.snapshot.describe()}"
+    return _describe_message(item)
 
 
 def _describe_message(m: Message) -> str:
@@ -202,13 +267,21 @@ class Simulation:
                 max_inflight_appends=knobs.max_inflight_appends, max_uncommitted_bytes=knobs.max_uncommitted_bytes,
             )
             self.nodes[node_id] = SimNode(node_id, raft_config)
-        self.network = SimNetwork(rng, self.node_ids, knobs.network, trace=log)
+        self.network = SimNetwork(rng, self.node_ids, knobs.network, trace=log, on_drop=self._on_drop)
         self.checker = Checker(self.node_ids)
         self.workload = Workload(rng, self.nodes, trace=log)
         self.nemesis = Nemesis(rng, self, event_ticks_mean=knobs.event_ticks_mean, crashes=config.crashes,
-                               election_fault_probability=knobs.election_fault_probability, trace=log)
+                               election_fault_probability=knobs.election_fault_probability,
+                               snapshot_fault_probability=knobs.snapshot_fault_probability, trace=log)
         self.roles: dict[str, tuple[Role, int] | None] = {n: None for n in self.node_ids}
-        self.stats: dict[str, Any] = {"step_rejected": 0, "codec_messages": 0}
+        # Failed transfers the leaders' shells will notice: (tick, order, transfer).
+        self._transfer_failures: list[tuple[int, int, Transfer]] = []
+        self._transfer_seq = 0
+        self.stats: dict[str, Any] = {
+            "step_rejected": 0, "codec_messages": 0, "snapshots_taken": 0, "snapshots_lost": 0,
+            "snapshots_installed": 0, "snapshots_received": 0, "snapshot_restarts": 0, "log_resets": 0,
+            "transfers": 0, "transfers_failed": 0, "entries_compacted": 0,
+        }
         self._log(f"seed={seed} nodes={config.nodes} {knobs}")
         for node_id in self.node_ids:
             self.restart(node_id)
@@ -222,18 +295,49 @@ class Simulation:
     # ------------------------------------------------------------------ node life
 
     def restart(self, node_id: str) -> None:
+        """Starts a node from its disk, as the server's `_recover` does: the newest snapshot
+        restored into the state machine, the log dropped if it does not continue that snapshot
+        (what follows a point it does not hold is not committed past it), and the core given the
+        snapshot point and the log from `compact_keep_entries` before it."""
         node = self.nodes[node_id]
         assert not node.is_up
-        hard_state, entries = node.storage.recovered_state()
+        hard_state, snapshot, log = node.storage.recovered_state()
         node.incarnation += 1
+        sm = QueueStateMachine()
+        point = SnapshotPoint()
+        if snapshot is None:
+            if log.base:
+                raise Violation("a compacted log has a snapshot", f"{node_id}'s log starts at {log.base + 1}")
+            entries = list(log.entries)
+        else:
+            if log.base > snapshot.index:  # the server refuses to start (StartupError): entries are gone
+                raise Violation("the log on disk reaches back to the newest snapshot",
+                                f"{node_id}'s log starts at {log.base + 1}, its newest snapshot is "
+                                f"{snapshot.describe()}")
+            sm.restore(snapshot.data)
+            self.checker.check_restored(node_id, snapshot.index, sm.digest(), "restarted from its snapshot")
+            if not log_continues(log, snapshot):
+                self._log(f"{node_id} log {log.base + 1}..{log.last_index} does not continue snapshot "
+                          f"{snapshot.describe()}: dropped")
+                node.storage.reset_log(snapshot)
+                self.stats["log_resets"] += 1
+                log = node.storage.durable
+            first = max(log.base + 1, snapshot.index + 1 - self.knobs.compact_keep_entries, 1)
+            entries = log.entries[first - log.base - 1 :]
+            point = SnapshotPoint(snapshot.index, snapshot.term)
+            self.stats["snapshot_restarts"] += 1
         node.raft = RaftNode(node.raft_config, hard_state=hard_state, entries=entries,
-                             rng=random.Random(self.rng.getrandbits(64)))
-        node.sm = QueueStateMachine()
+                             rng=random.Random(self.rng.getrandbits(64)), snapshot=point)
+        node.sm = sm
+        node.applied_term = point.term
         node.last_commit = 0
         node.crash_point = None
+        node.snapshot_write = None
+        node.log_compacted_to = 0
         self.network.set_down(node_id, False)
+        last = f" (last {entries[-1].index}/{entries[-1].term})" if entries else ""
         self._log(f"{node_id} start #{node.incarnation}: term={hard_state.term} vote={hard_state.voted_for} "
-                  f"log={len(entries)} (last term {entries[-1].term if entries else 0})")
+                  f"snapshot={point.index}/{point.term} log={len(entries)}{last}")
 
     def schedule_crash(self, node_id: str, point: str) -> None:
         node = self.nodes[node_id]
@@ -253,9 +357,12 @@ class Simulation:
         self._log(f"{node.node_id} CRASH at {point}: {report.unsynced_writes} unsynced writes, "
                   f"{report.kept_writes} kept; log {report.entries_before} -> {report.entries_after}")
         self.workload.on_crash(node.node_id, node.incarnation)
+        if node.snapshot_write is not None:
+            self.stats["snapshots_lost"] += 1  # its temporary file is deleted at the next start
         node.raft = None
         node.sm = None
         node.crash_point = None
+        node.snapshot_write = None
         self.roles[node.node_id] = None
         self.network.set_down(node.node_id, True)
 
@@ -275,12 +382,18 @@ class Simulation:
         self.workload.tick = self.tick
         if faults:
             self.nemesis.act(self.tick)
+        self._snapshot_events()
         for src, dst, message, duplicate in self.network.deliver(self.tick):
             node = self.nodes[dst]
-            if node.raft is None:
+            if node.raft is None:  # crashed earlier in this loop
+                self._on_drop(src, dst, message, duplicate)
                 continue
             if self.trace_lines is not None:
-                self._log(f"deliver{' (dup)' if duplicate else ''} {_describe_message(message)}")
+                self._log(f"deliver{' (dup)' if duplicate else ''} {_describe(message)}")
+            if isinstance(message, Transfer):
+                message = self._receive_transfer(node, message, duplicate)
+                if message is None:
+                    continue
             try:
                 node.raft.step(message)
             except StepRejected as exc:
@@ -325,7 +438,9 @@ class Simulation:
         raise Violation("the core quiesces", f"{node.node_id} still has a Ready after {READY_COUNT_MAX} in one step")
 
     def _handle_ready(self, node: SimNode, ready: Ready) -> bool:
-        """The shell's order: write, sync, send, apply, advance. Returns False if it crashed."""
+        """The shell's order: install, write, sync, send, apply, advance. Returns False if it crashed."""
+        if ready.snapshot is not None and not self._install_snapshot(node, ready.snapshot):
+            return False
         point = node.crash_point
         if point == "before_write":
             self._crash(node, point)
@@ -355,11 +470,16 @@ class Simulation:
             self._crash(node, point)
             return False
         node.raft.advance(ready)
+        if node.snapshot_write is not None and node.snapshot_write[0] <= self.tick:
+            self._finish_snapshot(node)  # written at once: compact before the next Ready
         return True
 
     def _send(self, node: SimNode, message: Message) -> None:
         if message.from_id != node.node_id or message.to_id not in self.nodes or message.to_id == node.node_id:
             raise Violation("messages are well addressed", f"{node.node_id} sent {message}")
+        if message.type is MessageType.SNAP:
+            self._start_transfer(node, message)
+            return
         if message.type is MessageType.VOTE_RESP and not message.reject:
             self.checker.observe_vote(message.from_id, message.term, message.to_id)
         if self.knobs.wire_codec:
@@ -374,6 +494,7 @@ class Simulation:
     def _apply(self, node: SimNode, entries: tuple[Entry, ...]) -> None:
         if not entries:
             return
+        node.applied_term = entries[-1].term
         sm = node.sm
         checker = self.checker
         term_bound = max(n.raft.term for n in self.nodes.values() if n.raft is not None)
@@ -393,6 +514,7 @@ class Simulation:
         checker.check_replica_leases(node.node_id, sm.leased_by_worker())
         if self.knobs.restore_probability and self.rng.random() < self.knobs.restore_probability:
             self._restore_replica(node, digest)
+        self._maybe_snapshot(node)
 
     def _restore_replica(self, node: SimNode, digest: str) -> None:
         """Replaces the replica by one restored from its snapshot (as an installed snapshot would):
@@ -406,6 +528,137 @@ class Simulation:
         node.sm = restored
         self.stats["restores"] = self.stats.get("restores", 0) + 1
         self._log(f"{node.node_id} state machine restored from its snapshot at {restored.last_applied}")
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _maybe_snapshot(self, node: SimNode) -> None:
+        """After a batch is applied: capture the state machine if the log grew enough since the
+        last snapshot and no snapshot is being written (the server's `_maybe_snapshot`)."""
+        every = self.knobs.snapshot_every_entries
+        if not every or node.snapshot_write is not None:
+            return
+        index = node.sm.last_applied
+        if index - node.raft.snapshot.index < every:
+            return
+        snapshot = StoredSnapshot(index, node.applied_term, node.sm.snapshot(), node.storage.view.hash_at(index))
+        self.checker.on_snapshot_taken(node.node_id, snapshot)
+        node.snapshot_write = (self.tick + self.knobs.snapshot_write_ticks, snapshot)
+
+    def _finish_snapshot(self, node: SimNode) -> None:
+        """The snapshot file is durable: keep the newest two, then compact the core's log and the
+        log on disk (the server's `_drive_snapshot_events`)."""
+        assert node.snapshot_write is not None
+        _, snapshot = node.snapshot_write
+        node.snapshot_write = None
+        older_index = node.storage.store_snapshot(snapshot, retain=True)
+        keep = self.knobs.compact_keep_entries
+        dropped = node.raft.compact(SnapshotPoint(snapshot.index, snapshot.term), snapshot.index - keep)
+        # The log on disk keeps what the older snapshot needs, so a damaged newest one can fall back.
+        log_upto = min(snapshot.index - keep, older_index)
+        dropped_on_disk = 0
+        if log_upto > node.log_compacted_to:
+            dropped_on_disk = node.storage.compact_log(log_upto)
+            node.log_compacted_to = log_upto
+        self.stats["snapshots_taken"] += 1
+        self.stats["entries_compacted"] += dropped_on_disk
+        durable = node.storage.durable
+        self._log(f"{node.node_id} snapshot {snapshot.describe()} durable; core dropped {dropped} entries, "
+                  f"disk {dropped_on_disk} (log now {durable.base + 1}..{durable.last_index})")
+
+    def _snapshot_events(self) -> None:
+        """What the shells learn between Readys: snapshot writes that finished, transfers that failed."""
+        while self._transfer_failures and self._transfer_failures[0][0] <= self.tick:
+            _, _, transfer = self._transfer_failures.pop(0)
+            self._report_transfer(transfer, delivered=False)
+        for node_id in self.node_ids:
+            node = self.nodes[node_id]
+            if node.is_up and node.snapshot_write is not None and node.snapshot_write[0] <= self.tick:
+                self._finish_snapshot(node)
+
+    def _start_transfer(self, node: SimNode, message: Message) -> None:
+        """A SNAP message: the leader's shell sends its newest snapshot file (SnapshotSender)."""
+        snapshot = node.storage.newest_snapshot
+        if snapshot is None or snapshot.index < message.index:
+            raise Violation("a snapshot request names a stored snapshot",
+                            f"{node.node_id}'s core asks to send snapshot {message.index}/{message.log_term}; the "
+                            f"newest stored is {snapshot.describe() if snapshot else None}")
+        self.stats["transfers"] += 1
+        self.network.send(Transfer(message, snapshot, node.incarnation), message.from_id, message.to_id, self.tick,
+                          _describe if self.trace_lines is not None else None)
+
+    def _receive_transfer(self, node: SimNode, transfer: Transfer, duplicate: bool) -> Message | None:
+        """The follower's shell stores the file durably, then hands the core a SNAP message naming
+        the file's point (the SnapshotReceiver); None if it crashed in between."""
+        snapshot = transfer.snapshot
+        node.storage.store_snapshot(snapshot, retain=False)
+        self.stats["snapshots_received"] += 1
+        if self._snapshot_fault(node, f"after storing snapshot {snapshot.describe()} from {transfer.message.from_id}"):
+            if not duplicate:
+                self._transfer_failed(transfer)
+            return None
+        if not duplicate:
+            self._report_transfer(transfer, delivered=True)
+        m = transfer.message
+        return Message(MessageType.SNAP, from_id=m.from_id, to_id=m.to_id, term=m.term, index=snapshot.index,
+                       log_term=snapshot.term)
+
+    def _on_drop(self, src: str, dst: str, item: object, duplicate: bool) -> None:
+        """The network dropped a message; a transfer's sender notices (its copy, not a duplicate)."""
+        if isinstance(item, Transfer) and not duplicate:
+            self._transfer_failed(item)
+
+    def _transfer_failed(self, transfer: Transfer) -> None:
+        self._transfer_seq += 1
+        tick = self.tick + self.rng.randint(1, self.knobs.transfer_failure_ticks_max)
+        self._transfer_failures.append((tick, self._transfer_seq, transfer))
+        self._transfer_failures.sort(key=_first_two)
+        self.stats["transfers_failed"] += 1
+
+    def _report_transfer(self, transfer: Transfer, *, delivered: bool) -> None:
+        m = transfer.message
+        leader = self.nodes[m.from_id]
+        if leader.raft is None or leader.incarnation != transfer.incarnation:
+            return  # the process that started it is gone, and its sender with it
+        leader.raft.report_snapshot(m.to_id, delivered=delivered)
+        self._log(f"{m.from_id} report_snapshot({m.to_id}, delivered={delivered}) for {transfer.snapshot.describe()}")
+
+    def _install_snapshot(self, node: SimNode, point: SnapshotPoint) -> bool:
+        """Ready.snapshot: restore the state machine from the stored file and reset the log to an
+        empty one after the point, before the rest of the Ready. Returns False if it crashed."""
+        stored = node.storage.snapshot_at(point.index, point.term)
+        if stored is None:
+            raise Violation("the core installs a snapshot the shell stored",
+                            f"{node.node_id} installs {point.index}/{point.term}; stored: "
+                            f"{[s.describe() for s in node.storage.snapshots]}")
+        if self._snapshot_fault(node, f"before installing snapshot {stored.describe()}"):
+            return False
+        self._restore_installed(node, stored)
+        if self.nemesis.snapshot_fault(node.node_id):
+            end = node.storage.reset_log_interrupted(self.rng)
+            self._crash(node, f"snapshot: resetting the log for {stored.describe()}, old log left up to {end}")
+            return False
+        node.storage.reset_log(stored)
+        node.applied_term = stored.term
+        node.log_compacted_to = 0
+        self.checker.check_restored(node.node_id, point.index, node.sm.digest(), "installed a snapshot")
+        node.sm.check_invariants()
+        self.workload.on_snapshot_installed(node, point.index)
+        self.stats["snapshots_installed"] += 1
+        self._log(f"{node.node_id} installed snapshot {stored.describe()}")
+        return not self._snapshot_fault(node, f"after installing {stored.describe()}, before the Ready's writes")
+
+    def _restore_installed(self, node: SimNode, stored: StoredSnapshot) -> None:
+        """A fresh state machine from the snapshot's bytes replaces the node's."""
+        restored = QueueStateMachine()
+        restored.restore(stored.data)
+        node.sm = restored
+
+    def _snapshot_fault(self, node: SimNode, where: str) -> bool:
+        """Whether the nemesis crashes `node` here, in the middle of a snapshot's arrival (then it did)."""
+        if not self.nemesis.snapshot_fault(node.node_id):
+            return False
+        self._crash(node, f"snapshot: {where}")
+        return True
 
     # ------------------------------------------------------------------ invariants
 
@@ -427,8 +680,8 @@ class Simulation:
                 self.checker.check_leader(node_id, node.incarnation, node.raft.term, commit, node.storage.view)
             else:
                 self.checker.forget_leader(node_id)
-        durables = {node_id: self.nodes[node_id].storage.durable for node_id in self.node_ids}
-        self.checker.check_logs(views, commits, durables)
+        storages = {node_id: self.nodes[node_id].storage for node_id in self.node_ids}
+        self.checker.check_logs(views, commits, storages)
 
     # ------------------------------------------------------------------ a whole run
 
@@ -442,7 +695,7 @@ class Simulation:
         self.workload.final = True
         self.workload.probe_from_tick = self.tick
         stop_tick = self.tick
-        committed_at_stop = len(self.checker.ledger)
+        committed_at_stop = self.checker.ledger.last_index
         catch_up_ticks = self._catch_up_ticks()
         final_ticks_max = config.final_ticks_max + catch_up_ticks
         liveness_ticks_max = self.liveness_ticks_max + catch_up_ticks
@@ -450,7 +703,7 @@ class Simulation:
         while self.tick < stop_tick + final_ticks_max:
             self.step(faults=False)
             if progress_tick is None:
-                if len(self.checker.ledger) > committed_at_stop and self.current_leader_id() is not None:
+                if self.checker.ledger.last_index > committed_at_stop and self.current_leader_id() is not None:
                     progress_tick = self.tick
                 elif self.tick - stop_tick > liveness_ticks_max:
                     raise Violation("liveness", f"no leader committed a new entry within {liveness_ticks_max} "
@@ -538,12 +791,16 @@ class Simulation:
         stats = dict(self.stats)
         stats["ticks"] = self.tick
         stats["terms_with_leader"] = len(self.checker.leaders_by_term)
-        stats["committed"] = len(self.checker.ledger)
+        stats["committed"] = self.checker.ledger.last_index
         stats["lease_grants"] = self.checker.leases.grants_count
         stats.update({f"net_{k}": v for k, v in self.network.stats.items()})
         stats.update({f"nemesis_{k}": v for k, v in self.nemesis.stats.items()})
         stats.update({f"client_{k}": v for k, v in self.workload.stats.items()})
         return stats
+
+
+def _first_two(item: tuple) -> tuple:
+    return item[0], item[1]
 
 
 def _pick(fixed: Any, drawn: Any) -> Any:

@@ -13,7 +13,9 @@ Every few ticks (a Poisson-like draw from the simulation's rng) it picks one act
 Besides, in some seeds, it strikes at elections (`_election_faults`): a leader that just took
 office is crashed or cut off a few ticks later, and a voter crashes (and restarts at once) while a
 candidate campaigns. Random faults almost never hit those few ticks, yet they are where the
-subtle rules live (Figure 8, durable votes).
+subtle rules live (Figure 8, durable votes). Likewise at snapshots (`snapshot_fault`): a follower
+receiving or installing one crashes in the middle with `snapshot_fault_probability`, where the
+order of "snapshot stored, state machine restored, log reset, hard state written" matters.
 
 The final fault, kept through the liveness phase in some seeds, leaves a minority permanently
 faulty (one-way, isolated or bridged) so that the healthy majority must make progress anyway
@@ -52,18 +54,21 @@ class Nemesis:
     """
 
     def __init__(self, rng: random.Random, sim: "Simulation", *, event_ticks_mean: int, crashes: bool,
-                 election_fault_probability: float, trace: Callable[[str], None] | None) -> None:
+                 election_fault_probability: float, snapshot_fault_probability: float = 0.0,
+                 trace: Callable[[str], None] | None) -> None:
         self.rng = rng
         self.sim = sim
         self.event_probability = 1.0 / max(1, event_ticks_mean)
         self.crashes = crashes
         self.election_fault_probability = election_fault_probability
+        self.snapshot_fault_probability = snapshot_fault_probability
+        self.active = True  # until stop(): faults after it would never be restarted
         self._trace = trace
         self.restart_at: dict[str, int] = {}  # node -> tick of its scheduled restart
         self._seen_terms: dict[str, int] = {}  # node -> highest term seen it lead or campaign in
         self._strike: tuple[int, str, int] | None = None  # (tick, node, term): fault a young leader
         self.stats = {"partitions": 0, "heals": 0, "crashes": 0, "crash_all": 0, "restarts": 0, "profiles": 0,
-                      "election_faults": 0}
+                      "election_faults": 0, "snapshot_faults": 0}
 
     def _log(self, line: str) -> None:
         if self._trace is not None:
@@ -142,6 +147,19 @@ class Nemesis:
         self.restart_at[node_id] = self.sim.tick + restart_after_ticks
         self.stats["crashes"] += 1
 
+    def snapshot_fault(self, node_id: str) -> bool:
+        """Whether node_id crashes now, in the middle of receiving or installing a snapshot (the
+        simulation crashes it); if so its restart is scheduled."""
+        if not (self.active and self.crashes and self.snapshot_fault_probability):
+            return False
+        if self.rng.random() >= self.snapshot_fault_probability:
+            return False
+        self.restart_at[node_id] = self.sim.tick + self.rng.randint(1, 20)
+        self.stats["snapshot_faults"] += 1
+        self.stats["crashes"] += 1
+        self._log(f"{node_id} crashes in the middle of a snapshot")
+        return True
+
     # ------------------------------------------------------------------ partitions
 
     def partition(self, shape: str | None = None) -> str:
@@ -191,6 +209,7 @@ class Nemesis:
 
     def stop(self, final_fault: str | None) -> None:
         """Heal, restart every node, calm the network; then apply `final_fault`, if any."""
+        self.active = False
         self.restart_at.clear()
         self._strike = None
         self.sim.cancel_crashes()

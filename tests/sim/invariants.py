@@ -4,12 +4,21 @@
   and each node grants at most one vote per term, across restarts (watched on the vote answers
   the shells send, so a vote forgotten by a crash shows even when no second leader results).
 - Log matching (Raft §5.3): two logs holding an entry with the same index and term hold the same
-  entries up to it. Checked on the shells' written logs (the core's log once its Ready is handled).
+  entries up to it. Checked on the shells' written logs (the core's log once its Ready is handled)
+  wherever they overlap: a log that starts past 1 (compacted, or reset by an installed snapshot)
+  carries the chain hash at its start, so the comparison still covers the compacted prefix.
 - Committed entries are immutable (Raft §5.4, Leader Completeness + State Machine Safety): every
   entry applied by any node goes into one ledger (index -> entry); any later apply of that index,
   by any node or incarnation, must carry the same entry. A node whose commit index is c holds the
-  ledger's entries up to c. Every ledger entry is in the *durable* (synced) log of a majority, so
-  no combination of crashes can lose it.
+  ledger's entries up to c (in its log, or under the chain value its log starts from). Every
+  ledger entry is durable on a majority, so no combination of crashes can lose it: in the node's
+  newest snapshot, or in the synced log that a restart would keep after that snapshot
+  (`storage.log_continues`).
+- Snapshots (Raft §7) hold committed state: a snapshot's chain hash is the ledger's at its index,
+  and its state is the one every replica had there: the digest of a snapshot taken, and of a state
+  machine restored from one (installed from a leader, or at a restart), equals the digest recorded
+  for that applied index (`digests`, kept for every index some node finished a batch at; a
+  snapshot is only taken at such an index, so the index is always known).
 - Leader Completeness (Raft §5.4): a node that becomes leader in a term higher than every term
   that existed when an entry was first applied holds that entry.
 - A leader advances its commit index only to an entry of its own term (Raft §5.4.2, Figure 8);
@@ -29,6 +38,7 @@ A violation raises `Violation`; the simulator turns it into a failing seed with 
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,7 +47,7 @@ from cluster.queue.commands import CommandDecodeError, decode_command
 from cluster.queue import results as res
 from cluster.raft.messages import Entry, EntryKind
 
-from .storage import ChainedLog, common_prefix_length
+from .storage import ChainedLog, SimStorage, StoredSnapshot, agreement, log_continues
 
 __all__ = ["Violation", "Checker", "LeaseModel"]
 
@@ -222,9 +232,9 @@ class Checker:
         """One committed entry applied by node_id (any incarnation); term_bound is the highest
         term of any node that is up."""
         index = entry.index
-        known_count = len(self.ledger)
+        known_count = self.ledger.last_index
         if index <= known_count:
-            known = self.ledger.entries[index - 1]
+            known = self.ledger.entry(index)
             if known != entry:
                 raise Violation(
                     "committed entries never change",
@@ -268,26 +278,48 @@ class Checker:
                 f"{known[1]} had {known[0][:12]}",
             )
 
+    def on_snapshot_taken(self, node_id: str, snapshot: StoredSnapshot) -> None:
+        """node_id wrote a snapshot of its state machine at snapshot.index (from its log's chain there)."""
+        self.on_applied_batch(node_id, snapshot.index, hashlib.sha256(snapshot.data).hexdigest())
+        self._check_snapshot_chain(node_id, snapshot, "took")
+
+    def _check_snapshot_chain(self, node_id: str, snapshot: StoredSnapshot, how: str) -> None:
+        if snapshot.index > self.ledger.last_index or self.ledger.hash_at(snapshot.index) != snapshot.chain:
+            raise Violation("snapshots hold committed entries",
+                            f"{node_id} {how} snapshot {snapshot.describe()}, whose log prefix is not the committed "
+                            f"one (the ledger ends at {self.ledger.last_index})")
+
+    def check_restored(self, node_id: str, index: int, digest: str, how: str) -> None:
+        """node_id's state machine was just restored from a snapshot at index (installed from a
+        leader, or at a restart): it must be the state the replicas had at that index."""
+        known = self.digests.get(index)
+        if known is None:
+            raise Violation("a restored snapshot is the replicas' state",
+                            f"{node_id} {how} at {index}, an index no replica was seen to reach")
+        if known[0] != digest:
+            raise Violation("a restored snapshot is the replicas' state",
+                            f"{node_id} {how} at {index}: state digest {digest[:12]}, but {known[1]} had "
+                            f"{known[0][:12]} at that index")
+
     def check_leader(self, node_id: str, incarnation: int, term: int, commit: int, view: ChainedLog) -> None:
         """Leader Completeness and own-term commits, for a node that leads `term` (at a step end,
         when its written log is its whole log)."""
         if (node_id, term) not in self._completeness_checked:
             self._completeness_checked[(node_id, term)] = None
             required = bisect.bisect_left(self.term_bounds, term)  # entries committed in lower terms
-            if required and (len(view) < required or view.hash_at(required) != self.ledger.hash_at(required)):
-                at = common_prefix_length(view, self.ledger) + 1
-                mine = describe_entry(view.entries[at - 1]) if at <= len(view) else "nothing"
+            # The chain at the log's start covers its compacted prefix, so check there at least.
+            at = max(required, view.base)
+            if required and (view.last_index < required or view.hash_at(at) != self.ledger.hash_at(at)):
                 raise Violation(
                     "leader completeness",
-                    f"{node_id} leads term {term} but holds {mine} at index {at}, where "
-                    f"{describe_entry(self.ledger.entries[at - 1])} was committed in a term <= "
-                    f"{self.term_bounds[at - 1]}",
+                    f"{node_id} leads term {term} but {self._divergence(view)} (entries up to {required} "
+                    f"were committed in terms below {term})",
                 )
         before = self._leader_commits.get(node_id)
         self._leader_commits[node_id] = (incarnation, term, commit)
         if before is None or before[:2] != (incarnation, term) or commit <= before[2]:
             return
-        commit_term = view.term(commit)
+        commit_term = view.term(commit)  # commit >= view.base: the base's term is known
         if commit_term != term:
             raise Violation(
                 "a leader commits only entries of its own term",
@@ -310,13 +342,14 @@ class Checker:
 
     # ------------------------------------------------------------------ logs
 
-    def check_logs(self, views: dict[str, ChainedLog], commits: dict[str, int], durables: dict[str, ChainedLog]) -> None:
+    def check_logs(self, views: dict[str, ChainedLog], commits: dict[str, int],
+                   storages: dict[str, SimStorage]) -> None:
         """Log matching between live logs, committed prefixes, and durability of the ledger.
 
         Args:
             views: node -> its written log, for nodes that are up (the core's log after its Readys).
             commits: node -> its core's commit index, for nodes that are up.
-            durables: node -> its synced log, for every node (up or down).
+            storages: node -> its disk, for every node (up or down): synced log and snapshots.
         """
         names = sorted(views)
         for position, a in enumerate(names):
@@ -325,36 +358,75 @@ class Checker:
         ledger = self.ledger
         for node_id in names:
             view = views[node_id]
-            k = min(commits[node_id], len(view), len(ledger))
+            k = min(commits[node_id], view.last_index, ledger.last_index)
             if k and view.hash_at(k) != ledger.hash_at(k):
-                at = common_prefix_length(view, ledger) + 1
-                raise Violation(
-                    "committed entries never change",
-                    f"{node_id} has commit index {commits[node_id]} but its entry {at} is "
-                    f"{describe_entry(view.entries[at - 1])}, committed was {describe_entry(ledger.entries[at - 1])}",
-                )
-        if not len(ledger):
+                raise Violation("committed entries never change",
+                                f"{node_id} has commit index {commits[node_id]} but {self._divergence(view)}")
+        if not ledger.last_index:
             return
-        prefixes = sorted((common_prefix_length(durables[n], ledger) for n in self.node_ids), reverse=True)
-        durable_majority = prefixes[self.quorum - 1]
-        if durable_majority < len(ledger):
-            holders = [n for n in self.node_ids if common_prefix_length(durables[n], ledger) > durable_majority]
+        prefixes = {n: self._durable_prefix(n, storages[n]) for n in self.node_ids}
+        durable_majority = sorted(prefixes.values(), reverse=True)[self.quorum - 1]
+        if durable_majority < ledger.last_index:
+            holders = [n for n in self.node_ids if prefixes[n] > durable_majority]
             raise Violation(
                 "committed entries are durable on a majority",
-                f"entry {describe_entry(ledger.entries[durable_majority])} was applied, but only "
-                f"{holders} hold it in synced storage (quorum {self.quorum})",
+                f"entry {describe_entry(ledger.entry(durable_majority + 1))} was applied, but only "
+                f"{holders} hold it in synced storage (quorum {self.quorum}; durable prefixes {prefixes})",
             )
+
+    def _durable_prefix(self, node_id: str, storage: SimStorage) -> int:
+        """How many ledger entries node_id would hold after a crash now: its newest snapshot, plus
+        the synced log if a restart keeps it (it continues the snapshot)."""
+        log = storage.durable
+        snapshot = storage.newest_snapshot
+        if snapshot is None:
+            assert log.base == 0, f"{node_id}'s log starts at {log.base + 1} without a snapshot"
+            return agreement(log, self.ledger) or 0
+        self._check_snapshot_chain(node_id, snapshot, "holds")
+        if not log_continues(log, snapshot):
+            return snapshot.index
+        k = agreement(log, self.ledger)
+        if k is None or k < snapshot.index:
+            raise Violation("log matching", f"{node_id}'s synced log holds {snapshot.index}/{snapshot.term} like its "
+                            f"snapshot, but other entries up to it: {self._divergence(log)}")
+        return k
+
+    def _divergence(self, log: ChainedLog) -> str:
+        """Where `log` first differs from the ledger, in words."""
+        ledger = self.ledger
+        k = agreement(log, ledger)
+        if k is None:
+            return (f"its log {log.base + 1}..{log.last_index} starts past the committed entries "
+                    f"(1..{ledger.last_index})")
+        if k < log.base:
+            return (f"its log, which starts after {log.base}/{log.base_term}, differs from the committed entries at "
+                    f"or before that point (the chain hash there)")
+        at = k + 1
+        mine = describe_entry(log.entry(at)) if at <= log.last_index else "nothing"
+        committed = describe_entry(ledger.entry(at)) if at <= ledger.last_index else "nothing"
+        return f"it holds {mine} at index {at}, where {committed} was committed"
 
     @staticmethod
     def _check_matching(a: str, log_a: ChainedLog, b: str, log_b: ChainedLog) -> None:
-        agree = common_prefix_length(log_a, log_b)
-        # Above the common prefix the logs must differ in term at every index both hold.
-        top = min(len(log_a), len(log_b))
-        entries_a, entries_b = log_a.entries, log_b.entries
+        agree = agreement(log_a, log_b)
+        if agree is None:
+            return  # one log ends before the other starts: nothing to compare
+        # Above the agreement point the logs must differ in term at every index both know (a
+        # log's start counts: its base term is known).
+        top = min(log_a.last_index, log_b.last_index)
         for index in range(agree + 1, top + 1):
-            if entries_a[index - 1].term == entries_b[index - 1].term:
+            term = log_a.term(index)
+            if term == log_b.term(index):
                 raise Violation(
                     "log matching",
-                    f"{a} and {b} both hold term {entries_a[index - 1].term} at index {index} but differ at "
-                    f"index {agree + 1}: {describe_entry(entries_a[agree])} vs {describe_entry(entries_b[agree])}",
+                    f"{a} and {b} both hold term {term} at index {index} but differ at or before index "
+                    f"{agree + 1}: {_describe_at(log_a, agree + 1)} vs {_describe_at(log_b, agree + 1)}",
                 )
+
+
+def _describe_at(log: ChainedLog, index: int) -> str:
+    if index == log.base:
+        return f"{index}/{log.base_term} (the log's start, compacted)"
+    if log.base < index <= log.last_index:
+        return describe_entry(log.entry(index))
+    return "nothing"

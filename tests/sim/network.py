@@ -13,7 +13,8 @@ seed gives the same sequence every run (TigerBeetle `PacketSimulator`, etcd `raf
 
 A partition is a set of cut directed paths. A message is dropped if its path is cut when it is
 sent or when it would arrive (a cut closes the connection: what was in flight is lost too). A
-node that is down receives nothing; what it sent before it went down still arrives.
+node that is down receives nothing; what it sent before it went down still arrives. Every drop
+is reported to `on_drop`, if given: a snapshot transfer's sender learns that it failed.
 
 Shapes (REPLICATION.md §2.1, §5.1): `isolate(node)`, `bridge(a, b)` (a and b cut from each other,
 every other node sees both), `one_way(node)` (the node can send but not receive), `split(group)`
@@ -76,6 +77,7 @@ class SimNetwork:
         node_ids: every node, in a fixed order.
         config: the fault knobs (can be swapped later with `configure`).
         trace: called with one line per event when tracing, else None.
+        on_drop: called as on_drop(src, dst, message, duplicate) for every message dropped.
     """
 
     def __init__(
@@ -84,9 +86,11 @@ class SimNetwork:
         node_ids: Sequence[str],
         config: NetworkConfig = CALM,
         trace: Callable[[str], None] | None = None,
+        on_drop: Callable[[str, str, object, bool], None] | None = None,
     ) -> None:
         config.validate()
         self._rng = rng
+        self._on_drop = on_drop
         self.node_ids = tuple(node_ids)
         self.config = config
         self._trace = trace
@@ -178,6 +182,8 @@ class SimNetwork:
             self.stats[fate] += 1
             if self._trace is not None:
                 self._trace(f"drop[{fate}] {src}->{dst} {describe(message) if describe else message}")
+            if self._on_drop is not None:
+                self._on_drop(src, dst, message, False)
             return
         self._enqueue(message, src, dst, now, duplicate=False)
         if self.config.duplicate_probability and self._rng.random() < self.config.duplicate_probability:
@@ -228,6 +234,9 @@ class SimNetwork:
             else:
                 self.stats["delivered"] += 1
                 delivered.append((src, dst, item.message, item.duplicate))
+                continue
+            if self._on_drop is not None:
+                self._on_drop(src, dst, item.message, item.duplicate)
         return delivered
 
 

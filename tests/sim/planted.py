@@ -1,9 +1,10 @@
 """Deliberately broken variants of the Raft core, planted without editing its files.
 
 Each planted bug is a context manager that monkeypatches one rule of `cluster.raft` (or of the
-queue state machine) for the duration of a `with` block, so that the simulator can prove it
-notices: `test_planted_bugs.py` asserts each is caught within a bounded number of seeds, and
-`python -m tests.sim --plant NAME --seed N -v` replays a catch.
+queue state machine, or of the simulated shell in cluster.py) for the duration of a `with`
+block, so that the simulator can prove it notices: `test_planted_bugs.py` asserts each is caught
+within a bounded number of seeds, and `python -m tests.sim --plant NAME --seed N -v` replays a
+catch.
 
 The patches reach into private methods of the core (`_maybe_commit`, `_handle_vote_request`...) on
 purpose: they model one specific mistake each. If the core is refactored, update the patch.
@@ -20,8 +21,11 @@ from cluster.queue.jobs import LEASED
 from cluster.queue.results import LEASE_MISMATCH, NOT_FOUND, ItemError
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.log import RaftLog
-from cluster.raft.messages import HardState
+from cluster.raft.messages import HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.node import RaftNode
+
+from .cluster import SimNode, Simulation
+from .storage import StoredSnapshot
 
 __all__ = ["PLANTED_BUGS", "planted"]
 
@@ -67,8 +71,10 @@ def forget_vote_on_restart() -> Iterator[None]:
     """A restarted node forgets whom it voted for (PySyncObj issue #84)."""
     original = RaftNode.__init__
 
-    def init(self: RaftNode, config, *, hard_state: HardState, entries, rng) -> None:  # type: ignore[no-untyped-def]
-        original(self, config, hard_state=HardState(hard_state.term, None), entries=entries, rng=rng)
+    def init(self: RaftNode, config, *, hard_state: HardState, entries, rng,  # type: ignore[no-untyped-def]
+             snapshot: SnapshotPoint = SnapshotPoint()) -> None:
+        original(self, config, hard_state=HardState(hard_state.term, None), entries=entries, rng=rng,
+                 snapshot=snapshot)
 
     with mock.patch.object(RaftNode, "__init__", init):
         yield
@@ -90,6 +96,54 @@ def accept_any_lease() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def snapshot_replaces_matching_log() -> Iterator[None]:
+    """A follower installs every snapshot past its commit index, even when its log holds the
+    snapshot's last entry: it throws away entries after it that it has already acknowledged."""
+
+    def handle_snapshot(self: RaftNode, m: Message) -> None:
+        point = SnapshotPoint(m.index, m.log_term)
+        if point.index > self._log.commit_index:
+            self._log.restore(point)
+            self._snapshot_to_install = point
+        self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
+
+    with mock.patch.object(RaftNode, "_handle_snapshot", handle_snapshot):
+        yield
+
+
+@contextlib.contextmanager
+def snapshot_commit_ignores_term() -> Iterator[None]:
+    """A follower whose log reaches a snapshot's index takes that entry as the snapshot's without
+    comparing terms, and commits up to it (the log matching check skipped)."""
+
+    def handle_snapshot(self: RaftNode, m: Message) -> None:
+        point = SnapshotPoint(m.index, m.log_term)
+        if point.index <= self._log.commit_index:
+            pass
+        elif point.index <= self._log.last_index:
+            self._log.commit_to(point.index)
+        else:
+            self._log.restore(point)
+            self._snapshot_to_install = point
+        self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
+
+    with mock.patch.object(RaftNode, "_handle_snapshot", handle_snapshot):
+        yield
+
+
+@contextlib.contextmanager
+def install_without_restore() -> Iterator[None]:
+    """The follower's shell installs a snapshot (log reset, core moved on) but keeps its old state
+    machine instead of restoring the snapshot's."""
+
+    def restore_installed(self: Simulation, node: SimNode, stored: StoredSnapshot) -> None:
+        pass
+
+    with mock.patch.object(Simulation, "_restore_installed", restore_installed):
+        yield
+
+
 #: name -> context manager that plants it.
 PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "vote_without_log_check": vote_without_log_check,
@@ -97,6 +151,9 @@ PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] =
     "no_sync": no_sync,
     "forget_vote_on_restart": forget_vote_on_restart,
     "accept_any_lease": accept_any_lease,
+    "snapshot_replaces_matching_log": snapshot_replaces_matching_log,
+    "snapshot_commit_ignores_term": snapshot_commit_ignores_term,
+    "install_without_restore": install_without_restore,
 }
 
 

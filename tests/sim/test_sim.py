@@ -66,6 +66,22 @@ def test_network_faults_only_never_lose_an_acknowledged_submit() -> None:
         check_seed(seed, SimConfig(crashes=False))
 
 
+def test_snapshots_are_exercised() -> None:
+    """Most seeds must compact and install snapshots, with transfers failing and nodes crashing
+    amid them; otherwise the seeds above test the snapshot code only by luck."""
+    totals: dict[str, int] = {}
+    seeds_with_install = 0
+    for seed in range(20):  # fixed seeds: a coverage check, not an exploration
+        result = run_seed(seed, SimConfig())
+        assert result.ok, f"seed={seed}: {result.failure}"
+        seeds_with_install += bool(result.stats["snapshots_installed"])
+        for key in ("snapshots_taken", "snapshots_installed", "snapshot_restarts", "transfers_failed",
+                    "entries_compacted", "nemesis_snapshot_faults", "log_resets"):
+            totals[key] = totals.get(key, 0) + result.stats[key]
+    assert seeds_with_install >= 10, seeds_with_install
+    assert all(totals.values()), totals
+
+
 def test_same_seed_same_trace() -> None:
     first = run_seed(7, SimConfig(), trace=True)
     second = run_seed(7, SimConfig(), trace=True)

@@ -315,6 +315,13 @@ class Workload:
         self.max_acked_index = max(self.max_acked_index, entry.index)
         self._settle_acknowledged(node, entry, pending, result)
 
+    def on_snapshot_installed(self, node: "SimNode", index: int) -> None:
+        """node's state jumped to a snapshot at index: its proposals up to there will never be
+        applied there, so their outcome is unknown (the server fails them the same way)."""
+        for key in [k for k in self.pending if k[0] == node.node_id and k[1] == node.incarnation and k[2] <= index]:
+            self.stats["unknown"] += 1
+            self._settle_failed(self.pending.pop(key))
+
     def on_crash(self, node_id: str, incarnation: int) -> None:
         self._fail_pending(node_id, incarnation)
         self._leading.pop(node_id, None)

@@ -17,7 +17,7 @@ from cluster.queue.commands import encode_command
 from cluster.raft.messages import Entry, EntryKind, HardState
 from tests.sim.invariants import Checker, LeaseModel, Violation
 from tests.sim.network import NetworkConfig, SimNetwork
-from tests.sim.storage import ChainedLog, SimStorage, common_prefix_length
+from tests.sim.storage import ChainedLog, SimStorage, agreement
 
 NODES = ("n1", "n2", "n3")
 
@@ -30,6 +30,14 @@ def log_of(*terms: int) -> ChainedLog:
     log = ChainedLog()
     log.append([entry(i, t) for i, t in enumerate(terms, 1)])
     return log
+
+
+def disk_of(*terms: int) -> SimStorage:
+    """A disk whose synced log has entries of these terms (and no snapshot)."""
+    storage = SimStorage()
+    storage.write(None, [entry(i, t) for i, t in enumerate(terms, 1)])
+    storage.sync()
+    return storage
 
 
 def network(**knobs: object) -> SimNetwork:
@@ -117,10 +125,11 @@ def test_unsynced_writes_are_lost_on_crash() -> None:
     storage.write(HardState(1, "n1"), [entry(1, 1)])
     storage.sync()
     storage.write(HardState(2, "n2"), [entry(2, 2)])
-    assert len(storage.view) == 2 and storage.hard_state == HardState(2, "n2")
+    assert storage.view.last_index == 2 and storage.hard_state == HardState(2, "n2")
     report = storage.crash(random.Random(0), keep_unsynced_prefix=False)
     assert report.unsynced_writes == 1 and report.kept_writes == 0
-    assert storage.recovered_state() == (HardState(1, "n1"), [entry(1, 1)])
+    hard_state, snapshot, log = storage.recovered_state()
+    assert (hard_state, snapshot, log.entries) == (HardState(1, "n1"), None, [entry(1, 1)])
 
 
 def test_crash_may_keep_a_prefix_of_unsynced_writes() -> None:
@@ -130,7 +139,7 @@ def test_crash_may_keep_a_prefix_of_unsynced_writes() -> None:
         for index in range(1, 4):
             storage.write(None, [entry(index, 1)])
         report = storage.crash(random.Random(seed), keep_unsynced_prefix=True)
-        assert len(storage.view) == len(storage.durable) == report.kept_writes
+        assert storage.view.last_index == storage.durable.last_index == report.kept_writes
         kept.add(report.kept_writes)
     assert kept == {0, 1, 2, 3}
 
@@ -145,11 +154,10 @@ def test_conflicting_append_overwrites_the_suffix() -> None:
         storage.write(None, [entry(5, 2)])  # a hole
 
 
-def test_common_prefix_length() -> None:
-    assert common_prefix_length(log_of(1, 1, 2, 3), log_of(1, 1, 2, 2, 2)) == 3
-    assert common_prefix_length(log_of(1, 1), log_of(1, 1, 2)) == 2
-    assert common_prefix_length(log_of(2), log_of(1)) == 0
-    assert common_prefix_length(log_of(), log_of(1)) == 0
+def test_agreement_of_two_logs() -> None:
+    assert agreement(log_of(1, 1, 2, 3), log_of(1, 1, 2, 2, 2)) == 3
+    assert agreement(log_of(1, 1), log_of(1, 1, 2)) == 2
+    assert agreement(log_of(2), log_of(1)) == 0
 
 
 # ---------------------------------------------------------------------- checker
@@ -165,7 +173,7 @@ def test_two_leaders_in_one_term() -> None:
 
 def test_log_matching() -> None:
     checker = Checker(NODES)
-    durable = {n: log_of() for n in NODES}
+    durable = {n: disk_of() for n in NODES}
     fine = {"n1": log_of(1, 1, 2), "n2": log_of(1, 1, 3, 3), "n3": log_of(1)}
     checker.check_logs(fine, {n: 0 for n in NODES}, durable)
     a, b = log_of(1, 2), ChainedLog()
@@ -196,15 +204,15 @@ def test_committed_entry_must_be_durable_on_a_majority() -> None:
     checker = Checker(NODES)
     checker.on_apply("n1", entry(1, 1), None, 0, term_bound=1)
     views = {"n1": log_of(1)}
-    checker.check_logs(views, {"n1": 1}, {"n1": log_of(1), "n2": log_of(1), "n3": log_of()})
+    checker.check_logs(views, {"n1": 1}, {"n1": disk_of(1), "n2": disk_of(1), "n3": disk_of()})
     with pytest.raises(Violation, match="durable on a majority"):
-        checker.check_logs(views, {"n1": 1}, {"n1": log_of(1), "n2": log_of(), "n3": log_of()})
+        checker.check_logs(views, {"n1": 1}, {"n1": disk_of(1), "n2": disk_of(), "n3": disk_of()})
 
 
 def test_node_with_commit_index_must_hold_the_committed_prefix() -> None:
     checker = Checker(NODES)
     checker.on_apply("n1", entry(1, 1), None, 0, term_bound=1)
-    durable = {n: log_of(1) for n in NODES}
+    durable = {n: disk_of(1) for n in NODES}
     checker.check_logs({"n2": log_of(2)}, {"n2": 0}, durable)  # stale but not committed: fine
     with pytest.raises(Violation, match="committed entries never change"):
         checker.check_logs({"n2": log_of(2)}, {"n2": 1}, durable)
