@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--tick", type=float, default=0.1, help="the nodes' Raft tick in seconds (default 0.1)")
+    p.add_argument("--snapshot-every", type=int, default=100,
+                   help="the nodes snapshot every this many entries (default 100: compaction all the time)")
+    p.add_argument("--compact-keep", type=int, default=10,
+                   help="entries kept behind a snapshot (default 10: a cut-off follower needs InstallSnapshot)")
     p.add_argument("--list", action="store_true", help="list the fault kinds and their goals, then exit")
     p.add_argument("--quiet", action="store_true", help="only the summary (no progress log)")
     return p
@@ -48,7 +52,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     workload = WorkloadConfig(rate=args.rate, producers=args.producers, workers=args.workers)
     return RunConfig(duration_s=args.duration, seed=seed, faults=faults, nodes=args.nodes, out_dir=args.out,
-                     hold_s=args.hold, heal_s=args.heal, tick_s=args.tick, workload=workload)
+                     hold_s=args.hold, heal_s=args.heal, tick_s=args.tick, workload=workload,
+                     snapshot_every=args.snapshot_every, compact_keep=args.compact_keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Test-only node mode for "loss of unsynced writes": the WAL records what it has fsynced.
 
 `python -m chaos.fsync_marker <node flags>` runs the ordinary node (`cluster.main.main`) with one
-hook installed: after every `WriteAheadLog.sync()` (and after a durable conflict truncation, and
-after recovery at open) the WAL writes `fsynced.json` beside its segments, mapping each segment
+hook installed: after every `WriteAheadLog.sync()` (and after a durable conflict truncation, a
+reset after an installed snapshot, and after recovery at open) the WAL writes `fsynced.json` beside its segments, mapping each segment
 file name to the number of its bytes known to be on disk. The marker is replaced atomically
 (write + rename) but never fsynced itself: it only has to survive SIGKILL, which keeps the page
 cache, not a power cut.
@@ -47,18 +47,19 @@ def _write_marker(wal, sizes: dict[str, int]) -> None:
 
 
 def install() -> None:
-    """Wraps WriteAheadLog.open / sync / _truncate_from in this process (idempotent)."""
+    """Wraps WriteAheadLog.open / sync / _truncate_from / reset_after in this process (idempotent)."""
     from cluster.storage.wal import WriteAheadLog, _Segment
 
     if getattr(WriteAheadLog, "_chaos_marker_installed", False):
         return
-    for name in ("sync", "_truncate_from", "open"):
+    for name in ("sync", "_truncate_from", "open", "reset_after"):
         assert hasattr(WriteAheadLog, name), f"WriteAheadLog.{name} is gone; update chaos/fsync_marker.py"
     assert {"path", "size_bytes"} <= set(_Segment.__slots__), "WAL segments changed; update chaos/fsync_marker.py"
 
     original_open = WriteAheadLog.open.__func__
     original_sync = WriteAheadLog.sync
     original_truncate = WriteAheadLog._truncate_from
+    original_reset_after = WriteAheadLog.reset_after
 
     def open_(cls, directory, **kwargs):
         wal = original_open(cls, directory, **kwargs)
@@ -74,7 +75,13 @@ def install() -> None:
         before = getattr(self, "_chaos_fsynced", {})
         _write_marker(self, {name: min(before.get(name, 0), size) for name, size in _segments_of(self).items()})
 
+    def reset_after(self, index: int, term: int) -> None:
+        original_reset_after(self, index, term)  # every segment deleted, each deletion durable
+        # A later segment may reuse a deleted one's name: the old size must not vouch for it.
+        _write_marker(self, {})
+
     WriteAheadLog.open = classmethod(open_)
+    WriteAheadLog.reset_after = reset_after
     WriteAheadLog.sync = sync
     WriteAheadLog._truncate_from = truncate_from
     WriteAheadLog._chaos_marker_installed = True

@@ -59,6 +59,10 @@ class RunConfig:
     recover_timeout_s: float = 60.0
     converge_timeout_s: float = 120.0
     drain_timeout_s: float = 180.0
+    #: The nodes snapshot every this many entries and keep few behind, so that compaction runs
+    #: all the time and a follower cut off for one fault catches up through InstallSnapshot.
+    snapshot_every: int = 100
+    compact_keep: int = 10
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def validate(self) -> None:
@@ -74,7 +78,8 @@ class RunConfig:
 
     def replay_command(self) -> str:
         return (f"python -m chaos --duration {self.duration_s:g} --seed {self.seed} --faults {','.join(self.faults)} "
-                f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g}")
+                f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g} "
+                f"--snapshot-every {self.snapshot_every} --compact-keep {self.compact_keep}")
 
 
 @dataclass
@@ -113,7 +118,8 @@ def run(config: RunConfig) -> RunOutcome:
     log.info("toxiproxy: %s on %s:%d", server.kind, server.host, server.port)
     faults = ToxiproxyFaults(server.host, server.port)
     needs_marker = any(FAULTS[name].needs_fsync_marker for name in config.faults)
-    node_args = ("--tick", str(config.tick_s), "--worker-timeout", str(config.worker_timeout_s))
+    node_args = ("--tick", str(config.tick_s), "--worker-timeout", str(config.worker_timeout_s),
+                 "--snapshot-every", str(config.snapshot_every), "--compact-keep", str(config.compact_keep))
     topo = Topology(out_dir, faults, size=config.nodes, node_args=node_args, fsync_marker=needs_marker)
     monitor = workers = producers = None
     timing = Timing(hold_s=config.hold_s, election_timeout_s=20 * config.tick_s,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+import ctypes
 import gc
 import itertools
 import logging
@@ -70,6 +71,30 @@ log = logging.getLogger("raftq.node")
 #: Messages and proposals handled per drive-loop turn before the loop persists and sends; bounds
 #: the latency one turn can add while still batching many proposals into one fsync.
 DRIVE_BATCH_MAX = 4096
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and musl
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def return_free_memory_to_os() -> float:
+    """Asks glibc to give freed heap pages back to the OS; returns the seconds it took.
+
+    After a burst, the records and keys that expired are freed, but glibc keeps their pages
+    (above all in the worker threads' arenas, where snapshots are encoded) until told otherwise:
+    measured after a million jobs, a node whose state was empty again still held its peak RSS.
+    """
+    if _malloc_trim is None:
+        return 0.0
+    started = time.perf_counter()
+    _malloc_trim(0)
+    return time.perf_counter() - started
 
 
 def now_ms() -> int:
@@ -113,6 +138,7 @@ class Node:
         self.last_snapshot_seconds = 0.0
         self.last_snapshot_capture_seconds = 0.0
         self.last_snapshot_bytes = 0
+        self.last_trim_seconds = 0.0
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future]] = []
         self._reads: list[asyncio.Future] = []
@@ -550,8 +576,9 @@ class Node:
         self.snapshots_taken_count += 1
         self.last_snapshot_seconds = time.perf_counter() - started
         self.last_snapshot_bytes = meta.size_bytes
-        log.info("snapshot at %d (term %d): %d bytes in %.2f s (%.3f s on the loop)", point.index, point.term,
-                 meta.size_bytes, self.last_snapshot_seconds, self.last_snapshot_capture_seconds)
+        log.info("snapshot at %d (term %d): %d bytes in %.2f s (%.3f s on the loop, %.3f s returning memory)",
+                 point.index, point.term, meta.size_bytes, self.last_snapshot_seconds,
+                 self.last_snapshot_capture_seconds, self.last_trim_seconds)
         self._snapshots_done.append((point, older_snapshot_index))
         self._wakeup.set()
 
@@ -560,6 +587,8 @@ class Node:
         (the WAL keeps what that one needs, so a damaged newest one can fall back on it)."""
         store = self.snapshots
         assert store is not None
+        # Memory freed since the last snapshot (expired records, the last capture) goes back now.
+        self.last_trim_seconds = return_free_memory_to_os()
         with store.writer(point.index, point.term) as writer:
             write_snapshot(capture, writer.write)
             meta = writer.commit()
