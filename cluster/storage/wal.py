@@ -9,9 +9,10 @@ segment files `wal-<first index:020d>.log`; a new segment starts once the active
 `segment_bytes_max`. Indexes are strictly consecutive across all segments, and terms never go
 down (Raft §5.3), both on disk and in memory.
 
-**Memory.** Every entry is also kept in a list, and each segment keeps the byte offset of each
-of its records, so a conflict can cut a file at the right byte and `compact()` can drop a
-whole-segment prefix without reading anything back.
+**Memory.** Only each entry's term is kept (the entries live in the Raft core's memory, which is
+compacted sooner), and each segment keeps the byte offset of each of its records, so a conflict
+can cut a file at the right byte, `compact()` can drop a whole-segment prefix without reading
+anything back, and `entries()` reads exactly the records asked for.
 
 **Writes and durability.** `append()` encodes a whole batch into one bytes join and writes it
 with one `write()` per segment touched; it does not fsync. `sync()` flushes and fdatasyncs the
@@ -263,8 +264,10 @@ class WriteAheadLog:
         self.segment_bytes_max = segment_bytes_max
         self._logger = logger
         self._hard_state = HardState()
-        # Invariant: _entries[k].index == _base_index + 1 + k, and the segments hold exactly them.
-        self._entries: list[Entry] = []
+        # Invariant: _terms[k] is the term of entry _base_index + 1 + k, and the segments hold
+        # exactly those entries. Terms only: the entries themselves live in the Raft core's memory
+        # (and on disk); a copy here would outlive the core's compaction by a whole snapshot.
+        self._terms = array.array("Q")
         self._base_index = 0  # index just before the first entry held (compacted away, or 0)
         self._base_term: int | None = 0  # its term, when known (None after reopening a compacted log)
         self._segments: list[_Segment] = []
@@ -346,7 +349,7 @@ class WriteAheadLog:
                         return offset, record.reason
                     assert isinstance(record, Entry)
                     self._check_recovered(segment, offset, record)
-                    self._entries.append(record)
+                    self._terms.append(record.term)
                     segment.offsets.append(offset)
         segment.size_bytes = decoder.offset
         if decoder.buffered_bytes:
@@ -357,13 +360,13 @@ class WriteAheadLog:
         # A well-formed record out of order cannot come from an interrupted write: always corruption.
         if entry.index != segment.next_index:
             raise WalCorruptionError(segment.path, offset, f"entry index {entry.index}, expected {segment.next_index}")
-        if self._entries and entry.term < self._entries[-1].term:
+        if self._terms and entry.term < self._terms[-1]:
             raise WalCorruptionError(segment.path, offset, f"entry {entry.index} has term {entry.term}, lower than "
-                                                          f"the previous entry's {self._entries[-1].term}")
+                                                          f"the previous entry's {self._terms[-1]}")
 
     def _cut_torn_tail(self, segment: _Segment, offset: int, reason: str) -> None:
         """Cuts the last segment at offset, unless a plausible record follows (then: corruption)."""
-        term_min = self._entries[-1].term if self._entries else 0
+        term_min = self._terms[-1] if self._terms else 0
         with open(segment.path, "r+b") as f:
             f.seek(offset)
             tail = f.read()
@@ -386,12 +389,12 @@ class WriteAheadLog:
     @property
     def first_index(self) -> int:
         """Index of the first entry held; 0 when the log holds none."""
-        return self._base_index + 1 if self._entries else 0
+        return self._base_index + 1 if self._terms else 0
 
     @property
     def last_index(self) -> int:
         """Index of the last entry; 0 for an empty log (the compaction point if all were compacted)."""
-        return self._base_index + len(self._entries)
+        return self._base_index + len(self._terms)
 
     def term(self, index: int) -> int:
         """Term of the entry at index; 0 for index 0 and for indexes past last_index.
@@ -405,21 +408,40 @@ class WriteAheadLog:
             if index == self._base_index and self._base_term is not None:
                 return self._base_term
             raise CompactedError(f"index {index} is compacted (the log starts at {self._base_index + 1})")
-        return self._entries[index - self._base_index - 1].term
+        return self._terms[index - self._base_index - 1]
 
     def entries(self, lo: int | None = None, hi: int | None = None) -> list[Entry]:
-        """The entries with lo <= index < hi, in order (default: all of them); a new list.
+        """The entries with lo <= index < hi, in order (default: all of them), read from the segments.
 
         Raises:
             CompactedError: lo is below first_index after compact().
+            WalCorruptionError: a record written earlier no longer reads back.
         """
-        if lo is None and hi is None:
-            return list(self._entries)
         lo = self._base_index + 1 if lo is None else lo
-        hi = self.last_index + 1 if hi is None else hi
-        if lo <= self._base_index:
+        hi = self.last_index + 1 if hi is None else min(hi, self.last_index + 1)
+        if lo <= self._base_index and lo < hi:
             raise CompactedError(f"index {lo} is compacted (the log starts at {self._base_index + 1})")
-        return self._entries[lo - self._base_index - 1: max(lo, hi) - self._base_index - 1]
+        if self._file is not None:
+            self._file.flush()  # written but buffered bytes must be readable (not a sync)
+        result: list[Entry] = []
+        for segment in self._segments:
+            first, end_index = max(lo, segment.first_index), min(hi, segment.next_index)
+            if first >= end_index:
+                continue
+            start = segment.offsets[first - segment.first_index]
+            stop = segment.offsets[end_index - segment.first_index] if end_index < segment.next_index \
+                else segment.size_bytes
+            with open(segment.path, "rb") as f:
+                f.seek(start)
+                data = f.read(stop - start)
+            offset = 0
+            while offset < len(data):
+                decoded = decode_record(data, offset)
+                if not isinstance(decoded, tuple):
+                    raise WalCorruptionError(segment.path, start + offset, f"written record reads back as {decoded}")
+                entry, offset = decoded
+                result.append(entry)
+        return result
 
     @property
     def size_bytes(self) -> int:
@@ -470,13 +492,13 @@ class WriteAheadLog:
             if first <= self.last_index:
                 self._truncate_from(first)
             self._write(entries)
-            self._entries.extend(entries)
+            self._terms.extend(entry.term for entry in entries)
             self._unsynced_entries += len(entries)
 
     def _write(self, entries: Sequence[Entry]) -> None:
         """Encodes entries into one bytes join per segment and writes each with one write()."""
         segment = self._active_segment(entries[0].index)
-        term = self._entries[-1].term if self._entries else 0
+        term = self._terms[-1] if self._terms else 0
         parts: list[bytes] = []
         size_bytes = segment.size_bytes
         pack, header, crc32 = self._packer.pack, _HEADER.pack, zlib.crc32  # hot loop: 100k entries/s
@@ -547,7 +569,7 @@ class WriteAheadLog:
             del segment.offsets[keep:]
             self._size_bytes -= segment.size_bytes - cut
             segment.size_bytes = cut
-        del self._entries[index - self._base_index - 1:]
+        del self._terms[index - self._base_index - 1:]
 
     def _unlink_segment(self, segment: _Segment) -> None:
         os.unlink(segment.path)
@@ -615,8 +637,8 @@ class WriteAheadLog:
                 self._unlink_segment(segment)  # oldest first: a crash keeps a consecutive suffix
                 count = len(segment.offsets)
                 assert count > 0, f"{segment.path}: only the last segment may be empty"
-                self._base_term = self._entries[count - 1].term
-                del self._entries[:count]
+                self._base_term = self._terms[count - 1]
+                del self._terms[:count]
                 self._base_index += count
                 dropped += count
             return dropped
@@ -634,7 +656,7 @@ class WriteAheadLog:
             self._close_file()
             while self._segments:
                 self._unlink_segment(self._segments.pop())
-            self._entries = []
+            self._terms = array.array("Q")
             self._base_index = index
             self._base_term = term
             self._unsynced_entries = 0
