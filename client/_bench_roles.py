@@ -78,6 +78,11 @@ class RoleConfig:
     cpu_loops: int  #: iterations of the CPU-bound job's loop (calibrated to about 1 ms)
     payload_bytes: int  #: producers: encoded size of each payload
     rate_per_s: float | None  #: producers: this producer's submit rate; None: as fast as it can
+    prefetch: int | None = None  #: Worker runtime: its `prefetch`; None: the Worker's default
+
+    def worker_options(self) -> dict[str, Any]:
+        """Options of the Worker runtime that the run sets rather than leaving to the Worker's defaults."""
+        return {} if self.prefetch is None else {"prefetch": self.prefetch}
 
     def client(self, *, asynchronous: bool = False) -> Any:
         kind = AsyncClient if asynchronous else Client
@@ -482,7 +487,7 @@ def _runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
         timed = _TimedClient(client, config.queue, warmup_queue, tally, channels)
         worker = Worker(timed, {config.queue: handler, warmup_queue: handler}, queues=[config.queue, warmup_queue],
                         concurrency=config.concurrency, pool=config.pool, wait_s=RUNTIME_WAIT_S,
-                        worker_id=f"bench-w{index}")
+                        worker_id=f"bench-w{index}", **config.worker_options())
 
         def conductor() -> None:
             try:
@@ -515,7 +520,7 @@ async def _async_runtime_worker(index: int, config: RoleConfig, channels: Channe
         timed = _AsyncTimedClient(client, config.queue, warmup_queue, tally, channels)
         worker = Worker(timed, {config.queue: handler, warmup_queue: handler}, queues=[config.queue, warmup_queue],
                         concurrency=config.concurrency, pool="asyncio", wait_s=RUNTIME_WAIT_S,
-                        worker_id=f"bench-w{index}")
+                        worker_id=f"bench-w{index}", **config.worker_options())
 
         def conductor() -> None:
             try:

@@ -26,8 +26,9 @@ run's latency percentiles (with the largest max).
 
 Worker pools: "single" is the lean loop (no Worker runtime): `--concurrency` lanes, each fetching
 B jobs, running them one after another and acking them with one ack_many. "threads",
-"processes" and "asyncio" run `client.worker.Worker` as users do, with `--concurrency` slots; it
-fetches as many jobs as it has free slots, so B only sets the producers' batch there.
+"processes" and "asyncio" run `client.worker.Worker` as users do, with `--concurrency` slots and
+its default prefetch buffer (`--prefetch` sets another; 0 fetches only for free slots), so B only
+sets the producers' batch there.
 
 The fsync policy is not a knob: every 2xx is on disk on a majority of nodes.
 """
@@ -99,6 +100,7 @@ class Scenario:
     rate_per_s: float | None = None  #: e2e/submit: total submit rate; None: as fast as they can
     rate_of: str | None = None  #: default set: take rate_fraction of this scenario's median jobs/s
     rate_fraction: float = 0.5
+    prefetch: int | None = None  #: Worker runtime: its `prefetch`; None: the Worker's default
 
     @property
     def label(self) -> str:
@@ -107,6 +109,8 @@ class Scenario:
             parts.append(f"p{self.producers}")
         if self.scenario != "submit":
             parts += [f"w{self.workers}", f"c{self.concurrency}", self.pool, self.kind]
+        if self.prefetch is not None:
+            parts.append(f"pf{self.prefetch}")
         if self.rate_per_s:
             parts.append(f"@{self.rate_per_s:,.0f}/s")
         elif self.rate_of:
@@ -119,8 +123,8 @@ def _short_count(count: int) -> str:
 
 
 #: The set `raftq bench` runs with no --scenario, in under 10 minutes on 2 cores. N is 50,000 where
-#: batches of 100 make a run take seconds, and smaller where a request per job (or the Worker
-#: runtime, which fetches no more jobs than it has free slots) would make it take minutes.
+#: batches of 100 make a run take seconds, and smaller where a request per job (or handlers of
+#: about 1 ms, at most 16 at a time) would make it take minutes.
 #: The pool comparison gives every Worker pool 16 slots, so the handlers, not the round trips,
 #: set the pace; the lean loop keeps its 4 lanes of 100.
 HEADLINE = Scenario("e2e", 50_000, batch=100, producers=1, workers=1, concurrency=4, pool="single")
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per worker: Worker slots, or lanes of the single pool (default 4)")
     p.add_argument("--pool", choices=POOLS, default="single",
                    help="single: lean batched fetch/ack loop; threads|processes|asyncio: the Worker runtime")
+    p.add_argument("--prefetch", type=int,
+                   help="with a Worker pool: jobs it buffers ahead of free slots (default: the Worker's default; "
+                        "0: fetch only for free slots)")
     p.add_argument("--kind", choices=KINDS, default="noop",
                    help="job: noop, io (sleep 1 ms) or cpu (about 1 ms of pure Python) (default noop)")
     p.add_argument("--payload-bytes", type=int, default=100, help="encoded payload size (default 100)")
@@ -203,7 +210,8 @@ def _scenarios_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     if args.scenario is None:
         given = [flag for flag, dest in (("--jobs", "jobs"), ("--batch", "batch"), ("--producers", "producers"),
                                          ("--workers", "workers"), ("--concurrency", "concurrency"),
-                                         ("--pool", "pool"), ("--kind", "kind"), ("--rate", "rate"))
+                                         ("--pool", "pool"), ("--prefetch", "prefetch"), ("--kind", "kind"),
+                                         ("--rate", "rate"))
                  if getattr(args, dest) != parser.get_default(dest)]
         if given:
             parser.error(f"{', '.join(given)} go with --scenario (the default set has its own shapes)")
@@ -211,7 +219,8 @@ def _scenarios_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     if args.rate is not None and args.scenario == "drain":
         parser.error("--rate paces the producers: use it with --scenario submit or e2e")
     return [Scenario(args.scenario, args.jobs, batch=args.batch, producers=args.producers, workers=args.workers,
-                     concurrency=args.concurrency, pool=args.pool, kind=args.kind, rate_per_s=args.rate)]
+                     concurrency=args.concurrency, pool=args.pool, kind=args.kind, rate_per_s=args.rate,
+                     prefetch=args.prefetch)]
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -223,6 +232,10 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (1 <= args.concurrency <= 1000, "--concurrency must be within [1, 1000]"),
         (16 <= args.payload_bytes <= 1 << 20, "--payload-bytes must be within [16, 1048576]"),
         (args.rate is None or args.rate > 0, "--rate must be positive"),
+        (args.prefetch is None or 0 <= args.prefetch <= 1000 - args.concurrency,
+         "--prefetch must be within [0, 1000 - concurrency]"),
+        (args.prefetch is None or args.pool != "single",
+         "--prefetch goes with a Worker pool (threads, processes, asyncio)"),
         (args.runs >= 1, "--runs must be at least 1"),
     ]
     for ok, message in checks:
@@ -544,7 +557,8 @@ def _role_config(scenario: Scenario, settings: Settings, urls: list[str], token:
                  jobs: int, rate: float | None) -> RoleConfig:
     return RoleConfig(nodes=tuple(urls), token=token, queue=queue, jobs=jobs, batch=scenario.batch,
                       concurrency=scenario.concurrency, pool=scenario.pool, kind=scenario.kind,
-                      cpu_loops=settings.cpu_loops, payload_bytes=settings.payload_bytes, rate_per_s=rate)
+                      cpu_loops=settings.cpu_loops, payload_bytes=settings.payload_bytes, rate_per_s=rate,
+                      prefetch=scenario.prefetch)
 
 
 def _next_message(channels: Channels, timeout_s: float) -> tuple | None:

@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from client import AsyncClient, Client, LeasedJob, errors
-from client.worker import (ERROR_TEXT_BYTES_MAX, Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry,
-                           Worker, error_text, outcome_of)
+from client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_DEFAULT_MAX, Middleware,
+                           NonRetryable, PrometheusMiddleware, Reject, Retry, Worker, error_text, outcome_of)
 
 DEADLINE_S = 10.0
 
@@ -70,6 +70,7 @@ class FakeCluster:
     held_max: int = 0
     fetch_errors: list[Exception] = field(default_factory=list)
     ack_errors: list[Exception] = field(default_factory=list)
+    extend_error: Exception | None = None  # raised by every extend call while set
     on_heartbeat: Any = None
     on_extend: Any = None
 
@@ -158,6 +159,8 @@ class FakeCluster:
             return results
 
     def extend_many(self, worker, items):
+        if self.extend_error is not None:
+            raise self.extend_error
         with self.lock:
             results = []
             for job_id, lease, lease_s in items:
@@ -352,11 +355,11 @@ def test_concurrency_bound_and_fetch_never_asks_past_free_slots():
         with lock:
             running -= 1
 
-    stats = make_worker(cluster, {"q": handler}, concurrency=concurrency).run()
+    stats = make_worker(cluster, {"q": handler}, concurrency=concurrency, prefetch=0).run()
     assert stats.succeeded == 9
     assert running_max == concurrency
     # Handlers never exceed `concurrency`; leases held also count finished jobs whose ack is in
-    # flight, bounded at twice the concurrency.
+    # flight, bounded at twice the concurrency (with no prefetch buffer).
     assert cluster.held_max <= 2 * concurrency and stats.inflight_max <= 2 * concurrency
     assert all(max_jobs <= concurrency and max_jobs + held <= 2 * concurrency
                for max_jobs, held in cluster.fetches), cluster.fetches
@@ -365,7 +368,7 @@ def test_concurrency_bound_and_fetch_never_asks_past_free_slots():
 def test_jobs_finishing_together_are_acked_in_one_request():
     cluster = FakeCluster()
     worker = make_worker(cluster, {"q": square})
-    flights = worker._take([LeasedJob(f"j{n}", "q", {"n": n}, 1, n, time.time() + 30) for n in range(3)], running=True)
+    flights = worker._take([LeasedJob(f"j{n}", "q", {"n": n}, 1, n, time.time() + 30) for n in range(3)])
     from client.worker import _Outcome
 
     batch = [(flights[0], _Outcome("ok", result=1)), (flights[1], _Outcome("failed", error="boom")),
@@ -681,7 +684,7 @@ async def test_asyncio_pool_through_the_real_async_client_over_http(api):
         return job.payload["n"] * 10
 
     async with AsyncClient(api.url, timeout=5.0, deadline=5.0) as client:
-        stats = await make_worker(client, {"q": handler}, pool="asyncio", concurrency=2).arun()
+        stats = await make_worker(client, {"q": handler}, pool="asyncio", concurrency=2, prefetch=0).arun()
     assert sorted(cluster.acks) == sorted((job_id, n * 10) for n, job_id in enumerate(ids))
     assert stats.succeeded == 5 and cluster.held_max <= 2
 
@@ -732,7 +735,7 @@ def test_asyncio_pool_runs_async_handlers():
         running -= 1
         return job.payload["n"] + 1
 
-    stats = make_worker(AsyncFake(cluster), {"q": handler}, pool="asyncio", concurrency=3).run()
+    stats = make_worker(AsyncFake(cluster), {"q": handler}, pool="asyncio", concurrency=3, prefetch=0).run()
     assert sorted(cluster.acks) == sorted((job_id, n + 1) for n, job_id in enumerate(ids))
     assert stats.succeeded == 6 and running_max <= 3 and cluster.held_max <= 3
 
@@ -844,15 +847,280 @@ def test_prometheus_middleware_counts_outcomes():
     assert value("raftq_worker_job_duration_seconds_count", {"queue": "math"}) == 1
 
 
-def test_heartbeat_names_only_running_jobs():
+def test_heartbeat_names_only_buffered_and_running_jobs():
     """A finished job whose ack is in flight is left out, so the server cannot call it lost."""
     from types import SimpleNamespace
 
-    from client.worker import _Flight
+    from client.worker import BUFFERED, REPORTING, RUNNING, _Flight
 
     worker = Worker(object(), {"q": lambda job: None})
-    running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0)
-    acking = _Flight(job=SimpleNamespace(id="acking"), extend_at=0.0, running=False)
-    gone = _Flight(job=SimpleNamespace(id="gone"), extend_at=0.0, lost=True)
-    worker._flights.update({"running": running, "acking": acking, "gone": gone})
-    assert worker._heartbeat_ids() == ["running"]
+    running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0, state=RUNNING)
+    buffered = _Flight(job=SimpleNamespace(id="buffered"), extend_at=0.0, state=BUFFERED)
+    acking = _Flight(job=SimpleNamespace(id="acking"), extend_at=0.0, state=REPORTING)
+    gone = _Flight(job=SimpleNamespace(id="gone"), extend_at=0.0, state=RUNNING, lost=True)
+    worker._flights.update({"running": running, "buffered": buffered, "acking": acking, "gone": gone})
+    assert worker._heartbeat_ids() == ["running", "buffered"]
+
+
+# ---------------------------------------------------------------------------- prefetch buffer
+
+
+def pool_client(cluster: FakeCluster, pool: str) -> Any:
+    return AsyncFake(cluster) if pool == "asyncio" else cluster
+
+
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_prefetch_holds_concurrency_plus_prefetch_leases_and_no_more(pool):
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {"n": n}) for n in range(20)]
+    release = threading.Event()
+
+    def handler(job):
+        assert release.wait(DEADLINE_S)
+        return job.payload["n"]
+
+    worker = make_worker(pool_client(cluster, pool), {"q": handler}, pool=pool, concurrency=2, prefetch=3)
+    thread, box = run_in_thread(worker)
+    try:
+        wait_until(lambda: cluster.held("w1") == 5 and worker._running_count() == 2 and worker._fetch_waiting,
+                   "2 running + 3 buffered, and the fetcher waiting for room")
+        assert cluster.held_max == 5
+        wait_until(lambda: any(len(ids) == 5 for ids in cluster.heartbeats), "a heartbeat naming all five")
+    finally:
+        release.set()
+    thread.join(DEADLINE_S)
+    assert "error" not in box and box["stats"].succeeded == 20
+    assert sorted(cluster.acks) == sorted((job_id, n) for n, job_id in enumerate(ids))
+    # Finished jobs whose ack is on its way hold their leases too: at most as many again.
+    assert cluster.held_max <= 2 * (2 + 3) and all(max_jobs + held <= 2 * (2 + 3) for max_jobs, held in cluster.fetches)
+
+
+def test_short_jobs_come_many_per_fetch_and_go_many_per_ack():
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {"n": n}) for n in range(300)]
+    stats = make_worker(cluster, {"q": square}, concurrency=2, prefetch="auto").run()
+    assert sorted(cluster.acks) == sorted((job_id, n * n) for n, job_id in enumerate(ids))
+    assert (stats.fetched, stats.succeeded, stats.lost, stats.dropped) == (300, 300, 0, 0)
+    # The first fetch asks for free slots only (no handler has run yet to pace the buffer by).
+    assert cluster.fetches[0] == (2, 0) and max(max_jobs for max_jobs, _ in cluster.fetches) > 100
+    assert len(cluster.fetches) < 20 and len(cluster.ack_calls) < 100
+
+
+def test_auto_prefetch_buffers_little_of_long_jobs():
+    cluster = FakeCluster()
+    for _ in range(6):
+        cluster.add("q", {})
+
+    def handler(job):
+        time.sleep(0.08)  # a long job, as the buffer's pacing sees it (0.1 s of work per slot)
+
+    stats = make_worker(cluster, {"q": handler}, concurrency=1, prefetch="auto").run()
+    assert stats.succeeded == 6
+    assert Worker(cluster, {"q": handler}, concurrency=1).prefetch == 0  # SPEC: no hidden prefetch by default
+    assert Worker(cluster, {"q": handler}, concurrency=1, prefetch="auto").prefetch == PREFETCH_DEFAULT_MAX  # the bound...
+    # ... paced to one: running + buffered <= 2 (plus as many whose ack may be on its way).
+    assert all(max_jobs <= 2 and max_jobs + held <= 4 for max_jobs, held in cluster.fetches), cluster.fetches
+
+
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_a_buffered_job_whose_lease_runs_out_is_dropped_not_run(pool, caplog):
+    cluster = FakeCluster()
+    first = cluster.add("q", {"first": True}, lease_s=1.0)
+    rest = [cluster.add("q", {"first": False}, lease_s=1.0) for _ in range(2)]
+    cluster.extend_error = errors.ConnectError("cluster unreachable")  # so no lease can be extended
+    started = []
+
+    def handler(job):
+        started.append((job.id, job.lease_expires_at - time.time()))
+        if job.payload["first"]:
+            time.sleep(0.9)  # a slow job: the buffered ones' leases run out meanwhile
+
+    worker = make_worker(pool_client(cluster, pool), {"q": handler}, pool=pool, concurrency=1, prefetch=2, lease_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="raftq.worker"):
+        stats = worker.run()
+    assert [job_id for job_id, _ in started] == [first]
+    assert all(left_s >= LEASE_START_MARGIN_S for _, left_s in started)
+    assert (stats.succeeded, stats.dropped, stats.released) == (1, 2, 0)
+    assert [cluster.state(job_id) for job_id in rest] == ["leased", "leased"]  # the server requeues them on expiry
+    assert all(f"job {job_id}: not started" in caplog.text for job_id in rest)
+
+
+def test_a_buffered_job_the_server_calls_lost_is_dropped_not_run():
+    cluster = FakeCluster()
+    first, second = cluster.add("q", {"first": True}), cluster.add("q", {"first": False})
+    worker = make_worker(cluster, {"q": square}, concurrency=1, prefetch=1, heartbeat_s=0.02)
+    ran = []
+
+    def handler(job):
+        ran.append(job.id)
+        if job.payload["first"]:
+            cluster.steal(second)  # its lease moved on while it waited in the buffer
+            wait_until(lambda: worker.stats.dropped == 1, "a heartbeat to report the buffered job lost")
+
+    worker.handlers["q"] = handler
+    stats = worker.run()
+    assert ran == [first] and cluster.acks == [(first, None)]
+    assert (stats.succeeded, stats.lost, stats.dropped) == (1, 1, 1)
+
+
+def test_buffered_jobs_keep_their_leases_while_they_wait():
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {}, lease_s=1.0) for _ in range(3)]
+
+    def handler(job):
+        time.sleep(0.6)  # the third job waits 1.2 s in the buffer: longer than its first lease
+
+    stats = make_worker(cluster, {"q": handler}, concurrency=1, prefetch=2, lease_s=1.0, heartbeat_s=30.0).run()
+    assert (stats.succeeded, stats.dropped, stats.lost) == (3, 0, 0)
+    assert sorted(job_id for job_id, _ in cluster.acks) == sorted(ids)
+    assert ids[2] in [job_id for job_id, _, _ in cluster.extends]
+
+
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_stop_hands_buffered_jobs_back_at_once_and_lets_the_running_one_finish(pool):
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {"n": n}, max_attempts=5) for n in range(5)]
+    started, release = threading.Event(), threading.Event()
+
+    def handler(job):
+        started.set()
+        assert release.wait(DEADLINE_S)
+        return job.payload["n"]
+
+    worker = make_worker(pool_client(cluster, pool), {"q": handler}, pool=pool, burst=False, concurrency=1,
+                         prefetch=4, grace_s=DEADLINE_S)
+    thread, box = run_in_thread(worker)
+    try:
+        assert started.wait(DEADLINE_S)
+        wait_until(lambda: cluster.held("w1") == 5, "1 running + 4 buffered")
+        worker.stop()
+        wait_until(lambda: len(cluster.fails) == 4, "the buffered jobs handed back", timeout_s=2.0)
+        assert thread.is_alive() and cluster.acks == []  # the running job has the rest of its grace
+    finally:
+        release.set()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive() and "error" not in box
+    [(running_id, _)] = cluster.acks
+    handed_back = sorted(set(ids) - {running_id})
+    assert sorted(job_id for job_id, *_ in cluster.fails) == handed_back
+    assert {(error, retry, delay_s) for _, error, retry, delay_s in cluster.fails} == \
+        {("worker shutting down", True, 0.0)}
+    assert [cluster.state(job_id) for job_id in handed_back] == ["ready"] * 4
+    assert (box["stats"].released, box["stats"].succeeded) == (4, 1)
+
+
+# ---------------------------------------------------------------------------- batched outcomes
+
+
+def test_outcomes_that_finish_close_together_share_requests_and_all_count():
+    cluster = FakeCluster()
+    ok = [cluster.add("q", {"n": n}) for n in range(200)]
+    bad = [cluster.add("q", {"n": -1}) for _ in range(20)]
+
+    def handler(job):
+        if job.payload["n"] < 0:
+            raise ValueError("negative")
+        return job.payload["n"]
+
+    stats = make_worker(cluster, {"q": handler}, concurrency=4, ack_batch_max=50).run()
+    assert sorted(cluster.acks) == sorted((job_id, n) for n, job_id in enumerate(ok))
+    assert sorted(job_id for job_id, *_ in cluster.fails) == sorted(bad)
+    assert (stats.succeeded, stats.failed, stats.processed, stats.lost) == (200, 20, 220, 0)
+    assert max(cluster.ack_calls) <= 50 and len(cluster.ack_calls) < 50
+
+
+def test_a_lone_outcome_goes_out_without_waiting_for_the_linger():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {"n": 2})
+    finished_at, acked_at = [], []
+    ack_many = cluster.ack_many
+
+    def timed_ack_many(worker, items):
+        acked_at.append(time.monotonic())
+        return ack_many(worker, items)
+
+    def handler(job):
+        finished_at.append(time.monotonic())
+        return 4
+
+    cluster.ack_many = timed_ack_many
+    make_worker(cluster, {"q": handler}, ack_linger_s=1.0).run()
+    assert cluster.acks == [(job_id, 4)]
+    assert acked_at[0] - finished_at[0] < 0.5  # no handler running: nothing else is coming to wait for
+
+
+def test_the_linger_gathers_outcomes_finishing_close_together():
+    cluster = FakeCluster()
+    cluster.add("q", {"first": True})
+    cluster.add("q", {"first": False})
+    first_done = threading.Event()
+
+    def handler(job):
+        if job.payload["first"]:
+            first_done.set()
+        else:
+            assert first_done.wait(DEADLINE_S)
+
+    stats = make_worker(cluster, {"q": handler}, concurrency=2, ack_linger_s=1.0).run()
+    assert stats.succeeded == 2 and cluster.ack_calls == [2]
+
+
+def test_a_refused_ack_in_a_batch_counts_for_that_job_alone(caplog):
+    cluster = FakeCluster()
+    ids = [cluster.add("q", {"n": n}) for n in range(3)]
+    together = threading.Barrier(3, timeout=DEADLINE_S)
+
+    def handler(job):
+        together.wait()
+        if job.payload["n"] == 1:
+            cluster.steal(job.id)  # as if its lease had expired and another worker took it
+
+    with caplog.at_level(logging.WARNING, logger="raftq.worker"):
+        stats = make_worker(cluster, {"q": handler}, concurrency=3, heartbeat_s=30.0, ack_linger_s=1.0).run()
+    assert cluster.ack_calls == [3] and sorted(job_id for job_id, _ in cluster.acks) == [ids[0], ids[2]]
+    assert (stats.succeeded, stats.lost) == (3, 1)
+    assert f"ack of job {ids[1]} refused" in caplog.text and caplog.text.count(" refused ") == 1
+
+
+def test_report_requests_stay_within_the_body_bound():
+    from client.worker import REPORT_BYTES_MAX, _Outcome
+
+    worker = make_worker(FakeCluster(), {"q": square})
+    flights = worker._take([LeasedJob(f"j{n}", "q", {}, 1, n, time.time() + 30) for n in range(100)])
+    size = 60 << 10  # results near the 64 KiB bound: 100 of them would pass the server's 8 MiB body bound
+    requests = worker._report_requests([(f, _Outcome("ok", result="x", size_bytes=size)) for f in flights])
+    counts = [len(items) for method, _, items in requests if method == "ack_many"]
+    assert sum(counts) == 100 and len(counts) == 2 and all(n * size <= REPORT_BYTES_MAX for n in counts)
+
+
+def test_prefetch_and_ack_options_are_checked():
+    cluster = FakeCluster()
+    assert Worker(cluster, {"q": square}, concurrency=900, prefetch="auto").prefetch == 100  # concurrency + prefetch <= 1000
+    for options, match in [({"prefetch": -1}, "prefetch"), ({"concurrency": 10, "prefetch": 991}, "prefetch"),
+                           ({"ack_batch_max": 0}, "ack_batch_max"), ({"ack_batch_max": 1001}, "ack_batch_max"),
+                           ({"ack_linger_s": -0.1}, "ack_linger_s"), ({"ack_linger_s": 5.0}, "ack_linger_s")]:
+        with pytest.raises(ValueError, match=match):
+            Worker(cluster, {"q": square}, **options)
+
+
+def test_a_job_counts_as_done_only_once_its_ack_is_answered():
+    cluster = FakeCluster()
+    job_id = cluster.add("q", {"n": 3})
+    ack_sent, answer = threading.Event(), threading.Event()
+    ack_many = cluster.ack_many
+
+    def slow_ack_many(worker, items):
+        ack_sent.set()
+        assert answer.wait(DEADLINE_S)
+        return ack_many(worker, items)
+
+    cluster.ack_many = slow_ack_many
+    worker = make_worker(cluster, {"q": square})
+    thread, box = run_in_thread(worker)
+    try:
+        assert ack_sent.wait(DEADLINE_S)
+        assert (worker.stats.succeeded, worker.stats.processed, worker.inflight_ids()) == (0, 0, [job_id])
+    finally:
+        answer.set()
+    thread.join(DEADLINE_S)
+    assert box["stats"].succeeded == 1 and cluster.acks == [(job_id, 9)] and worker.inflight_ids() == []
