@@ -600,7 +600,7 @@ class Node:
         """Follower: the core accepted a snapshot the receiver stored; make it our state and log."""
         store, wal = self.snapshots, self.wal
         assert store is not None and wal is not None
-        meta = next((m for m in store.list() if (m.index, m.term) == (point.index, point.term)), None)
+        meta = store.find(point.index, point.term)
         assert meta is not None, f"the core installs snapshot {point} that is not on disk"
         queue = QueueStateMachine(retention_ms=self.config.retention_ms,
                                   idempotency_window_ms=self.config.idempotency_window_ms)

@@ -229,7 +229,7 @@ class SnapshotReceiver:
             ValueError: the chunk would run past the announced size.
         """
         async with self._lock:
-            existing = next((m for m in self._store.list() if (m.index, m.term) == (offer.index, offer.term)), None)
+            existing = self._store.find(offer.index, offer.term)
             if existing is not None and existing.size_bytes == offer.size_bytes:
                 # Already complete here (the answer to the last chunk was lost): install again.
                 await self._close_incoming()

@@ -162,6 +162,10 @@ class SnapshotStore:
         snapshots = self.list()
         return snapshots[-1] if snapshots else None
 
+    def find(self, index: int, term: int) -> SnapshotMeta | None:
+        """The snapshot ending at (index, term), or None; not verified."""
+        return next((meta for meta in self.list() if (meta.index, meta.term) == (index, term)), None)
+
     def verify(self, meta: SnapshotMeta) -> None:
         """Checks meta's file completely: size, trailer, name, and the body's sha256.
 
