@@ -7,7 +7,7 @@ the leader knows (workers alive) is exported by the leader alone: absent, not ze
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import time
 
@@ -15,8 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from cluster.server import Node
+from cluster.node_view import NodeView
 
 #: State machine counter events -> exported counter names (all by queue).
 _JOB_COUNTERS = {
@@ -41,7 +40,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class NodeMetrics:
     """The node's registry and the metrics the shell and the API update directly."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: NodeView) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(node))
         self.wal_fsync_seconds = Histogram(
@@ -94,7 +93,7 @@ class NodeMetrics:
 class _StateCollector(Collector):
     """Reads job counters, depths and Raft state at scrape time."""
 
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: NodeView) -> None:
         self._node = node
 
     def collect(self) -> Iterator:
@@ -107,7 +106,7 @@ class _StateCollector(Collector):
             yield from _leader_families(node)
 
 
-def _job_counter_families(node: "Node") -> Iterator:
+def _job_counter_families(node: NodeView) -> Iterator:
     families = {
         event: CounterMetricFamily(name, f"Jobs {event.replace('_', ' ')}, by queue.", labels=["queue"])
         for event, name in _JOB_COUNTERS.items()
@@ -123,7 +122,7 @@ def _job_counter_families(node: "Node") -> Iterator:
     yield requeued
 
 
-def _depth_family(node: "Node") -> GaugeMetricFamily:
+def _depth_family(node: NodeView) -> GaugeMetricFamily:
     depth = GaugeMetricFamily("raftq_queue_depth", "Jobs in each queue by state.", labels=["queue", "state"])
     for queue, states in sorted(node.queue.queue_stats().items()):
         for state, count in sorted(states.items()):
@@ -131,7 +130,7 @@ def _depth_family(node: "Node") -> GaugeMetricFamily:
     return depth
 
 
-def _oldest_ready_family(node: "Node") -> GaugeMetricFamily:
+def _oldest_ready_family(node: NodeView) -> GaugeMetricFamily:
     age = GaugeMetricFamily("raftq_queue_oldest_ready_age_seconds",
                             "Age of the oldest ready job (since it became ready), by queue.", labels=["queue"])
     now_ms = time.time() * 1000
@@ -140,7 +139,7 @@ def _oldest_ready_family(node: "Node") -> GaugeMetricFamily:
     return age
 
 
-def _leader_families(node: "Node") -> Iterator:
+def _leader_families(node: NodeView) -> Iterator:
     """What only the leader knows; followers export none of it (absent, not zero)."""
     alive = GaugeMetricFamily("raftq_workers_alive", "Workers heard from within the heartbeat timeout (leader only).")
     alive.add_metric([], node.workers_alive_count())
@@ -157,7 +156,7 @@ def _leader_families(node: "Node") -> Iterator:
     yield lag
 
 
-def _raft_families(node: "Node") -> Iterator:
+def _raft_families(node: NodeView) -> Iterator:
     raft = node.raft
     if raft is None:
         return
@@ -178,10 +177,11 @@ def _raft_families(node: "Node") -> Iterator:
     changes = CounterMetricFamily("raftq_raft_leader_changes", "Times this node saw a new leader.")
     changes.add_metric([], node.leader_changes_count)
     yield changes
-    if node.wal is not None:
+    if node.wal_bytes is not None:
         wal_bytes = GaugeMetricFamily("raftq_wal_bytes", "Bytes of log segments on disk.")
-        wal_bytes.add_metric([], node.wal.size_bytes)
+        wal_bytes.add_metric([], node.wal_bytes)
         yield wal_bytes
+    snapshots = node.snapshots
     for name, doc, value in (
         ("raftq_job_records", "Job records held: every unfinished job, finished ones until retention ends.",
          node.queue.job_count()),
@@ -189,25 +189,27 @@ def _raft_families(node: "Node") -> Iterator:
          node.queue.idempotency_key_count()),
         ("raftq_raft_first_index", "First log index held in memory (earlier ones are compacted).", raft.first_index),
         ("raftq_snapshot_index", "Last log index covered by the newest snapshot.", raft.snapshot.index),
-        ("raftq_snapshot_bytes", "Size of the last snapshot this node wrote.", node.last_snapshot_bytes),
-        ("raftq_snapshot_seconds", "Time the last snapshot took, capture to durable file.", node.last_snapshot_seconds),
+        ("raftq_snapshot_bytes", "Size of the last snapshot this node wrote.", snapshots.last_snapshot_bytes),
+        ("raftq_snapshot_seconds", "Time the last snapshot took, capture to durable file.",
+         snapshots.last_snapshot_seconds),
         ("raftq_snapshot_capture_seconds", "Part of the last snapshot spent on the event loop (the capture).",
-         node.last_snapshot_capture_seconds),
+         snapshots.last_snapshot_capture_seconds),
     ):
         gauge = GaugeMetricFamily(name, doc)
         gauge.add_metric([], value)
         yield gauge
     for name, doc, value in (
-        ("raftq_snapshots_taken", "Snapshots this node wrote of its own state.", node.snapshots_taken_count),
-        ("raftq_snapshots_installed", "Snapshots this node installed from a leader.", node.snapshots_installed_count),
+        ("raftq_snapshots_taken", "Snapshots this node wrote of its own state.", snapshots.snapshots_taken_count),
+        ("raftq_snapshots_installed", "Snapshots this node installed from a leader.",
+         snapshots.snapshots_installed_count),
     ):
         counter = CounterMetricFamily(name, doc)
         counter.add_metric([], value)
         yield counter
-    sender = node.snapshot_sender
-    if sender is not None:
+    if node.snapshot_transfers is not None:
+        delivered, failed = node.snapshot_transfers
         transfers = CounterMetricFamily("raftq_snapshot_transfers", "Snapshot transfers this node sent, by result.",
                                         labels=["result"])
-        transfers.add_metric(["delivered"], sender.sent_total)
-        transfers.add_metric(["failed"], sender.failed_total)
+        transfers.add_metric(["delivered"], delivered)
+        transfers.add_metric(["failed"], failed)
         yield transfers

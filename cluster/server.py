@@ -22,27 +22,16 @@ A request's answer waits until its entry is applied, so a 2xx means the entry is
 majority's disk (guarantee 1). Reads take a ReadIndex barrier so a deposed leader never answers
 from stale state.
 
-Snapshots (Raft §7). After `snapshot_every_entries` entries or `snapshot_every_bytes` log bytes
-since the last one (or `snapshot_interval_s` after it, if anything was applied since), `_drive` captures the state machine (a cheap copy of immutable rows, on the
-loop), and a worker thread encodes it into a snapshot file (tmp, fsync, rename). Once durable,
-the core drops log entries up to the snapshot minus `compact_keep_entries` (and at most
-`compact_keep_bytes` of them stay), and the WAL drops
-whole segments up to the *older* of the two snapshots kept, so a damaged newest snapshot can fall
-back on the older one plus the log. A follower whose next entries are gone gets the snapshot file
-in chunks (snapshot_transfer.py), installs it (Ready.snapshot) and continues from there. At start
-the node restores the newest valid snapshot and replays only the log after it.
-
-The leader-only loop (`_housekeeping`) proposes `Tick`s when leases expire or delayed jobs come due,
-`WorkerLost` when a worker's heartbeats stop, and `RenewLeases` on taking office (so a failover does
-not requeue healthy work). Followers run none of it: their state changes only through the log.
+Snapshots (Raft §7) are `snapshotting.py`'s: the drive loop asks it after each applied batch and
+each tick whether one is due, hands it the snapshot events between Readys (compaction once a
+snapshot is durable) and `Ready.snapshot` (install). The leader-only loop is `housekeeping.py`'s;
+status and metrics read the node through `node_view.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-import ctypes
-import gc
 import itertools
 import logging
 import os
@@ -52,17 +41,18 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster import metrics as node_metrics
-from cluster.constants import HOUSEKEEPING_INTERVAL_S
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.queue import commands as cmds
 from cluster.queue.results import Rejected, Released, Ticked
-from cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
+from cluster.housekeeping import LeaderHousekeeping
+from cluster.node_view import NodeView
+from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.errors import NotLeader, ProposalDropped
-from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint
+from cluster.raft.messages import Entry, Message, MessageType
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
-from cluster.storage.errors import CompactedError, SnapshotCorruptionError, StorageError
+from cluster.snapshotting import Snapshotting, StartupError
 from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
 from cluster.storage.wal import WriteAheadLog
 
@@ -73,36 +63,7 @@ log = logging.getLogger("raftq.node")
 DRIVE_BATCH_MAX = 4096
 
 
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and musl
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def return_free_memory_to_os() -> float:
-    """Asks glibc to give freed heap pages back to the OS; returns the seconds it took.
-
-    After a burst, the records and keys that expired are freed, but glibc keeps their pages
-    (above all in the worker threads' arenas, where snapshots are encoded) until told otherwise:
-    measured after a million jobs, a node whose state was empty again still held its peak RSS.
-    """
-    if _malloc_trim is None:
-        return 0.0
-    started = time.perf_counter()
-    _malloc_trim(0)
-    return time.perf_counter() - started
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class StartupError(StorageError):
-    """The node cannot rebuild its state from disk without losing acknowledged data."""
+__all__ = ["Node", "StartupError"]
 
 
 @dataclass(slots=True)
@@ -126,19 +87,6 @@ class Node:
         self.transport: Any = None
         self.snapshot_sender: SnapshotSender | None = None
         self.snapshot_receiver: SnapshotReceiver | None = None
-        self._applied_term = 0  # term of the entry at queue.last_applied (a snapshot's point needs it)
-        self._bytes_since_snapshot = 0  # log bytes applied since the newest snapshot's point
-        self._snapshot_task: asyncio.Task | None = None
-        self._last_snapshot_at = time.monotonic()
-        self._snapshots_done: list[tuple[SnapshotPoint, int]] = []  # (point, older snapshot's index)
-        self._snapshot_reports: list[tuple[str, bool]] = []  # (peer, delivered)
-        self._wal_compacted_to = 0
-        self.snapshots_taken_count = 0
-        self.snapshots_installed_count = 0
-        self.last_snapshot_seconds = 0.0
-        self.last_snapshot_capture_seconds = 0.0
-        self.last_snapshot_bytes = 0
-        self.last_trim_seconds = 0.0
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future]] = []
         self._reads: list[asyncio.Future] = []
@@ -147,19 +95,17 @@ class Node:
         self._read_ids = itertools.count(1)
         self._applied_waiters: list[tuple[int, asyncio.Future]] = []
         self._wakeup = asyncio.Event()
+        self.snapshotting = Snapshotting(config, self._wakeup)
         self._jobs_changed: asyncio.Future | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._role: Role | None = None
         self._leader_id: str | None = None
-        self.leader_since_ms = 0
         self._serving_from_index = 0
         self.leader_changes_count = 0
-        self.worker_last_seen: dict[str, float] = {}
-        self._tick_inflight = False
-        self._lost_inflight: set[str] = set()
-        self._entropy = random.Random()
-        self.metrics = node_metrics.NodeMetrics(self)
+        self.housekeeping = LeaderHousekeeping(config, self)
+        self.view = NodeView(self)
+        self.metrics = node_metrics.NodeMetrics(self.view)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,8 +116,9 @@ class Node:
         self.wal = await asyncio.to_thread(
             WriteAheadLog.open, os.path.join(data_dir, "wal"), segment_bytes_max=self.config.wal_segment_bytes,
             logger=log)
+        self.snapshotting.store, self.snapshotting.wal = self.snapshots, self.wal
         started = time.monotonic()
-        snapshot, entries = await asyncio.to_thread(self._recover)
+        snapshot, entries = await asyncio.to_thread(self.snapshotting.recover, self.queue)
         raft_config = RaftConfig(
             node_id=self.config.node_id,
             peer_ids=tuple(sorted(self.config.peers)),
@@ -198,10 +145,11 @@ class Node:
             self.snapshot_sender = SnapshotSender(
                 self.config.node_id, self.config.peers, self.snapshots, secret=self.config.cluster_secret,
                 current_term=lambda: self.raft.term if self.raft is not None else 0,
-                report=self._snapshot_reported)
+                report=self.snapshotting.transfer_reported)
         self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="leader-housekeeping"))
+        self._tasks.append(asyncio.create_task(self.housekeeping.run(lambda: self._stopping),
+                                               name="leader-housekeeping"))
         self._tasks.append(asyncio.create_task(self._watch_loop_lag(), name="loop-lag"))
 
     async def stop(self) -> None:
@@ -212,8 +160,7 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._fail_waiters(Unavailable("node is shutting down"))
-        if self._snapshot_task is not None:
-            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+        await self.snapshotting.close()
         if self.snapshot_sender is not None:
             await self.snapshot_sender.close()
         if self.snapshot_receiver is not None:
@@ -222,65 +169,6 @@ class Node:
             await self.transport.close()
         if self.wal is not None:
             await asyncio.to_thread(self.wal.close)
-
-    def _recover(self) -> tuple[SnapshotPoint, list[Entry]]:
-        """Runs in a thread at start: restores the newest valid snapshot that the log continues,
-        and returns its point and the log entries the core should hold.
-
-        Raises:
-            StartupError: no valid snapshot reaches the log's first entry (the entries between are
-                gone): starting anyway would silently lose acknowledged jobs.
-        """
-        store, wal = self.snapshots, self.wal
-        assert store is not None and wal is not None
-        damaged: list[str] = []
-        damaged_paths: list[str] = []
-        for meta in reversed(store.list()):
-            try:
-                store.verify(meta)
-            except SnapshotCorruptionError as exc:
-                log.error("snapshot damaged, trying an older one: %s", exc)
-                damaged.append(str(exc))
-                damaged_paths.append(meta.path)
-                continue
-            if wal.first_index > meta.index + 1:
-                raise StartupError(
-                    f"snapshot {meta.path} ends at index {meta.index} but the log in {wal.directory} starts at "
-                    f"{wal.first_index}: the entries between are gone"
-                    + (f"; damaged newer snapshots: {'; '.join(damaged)}" if damaged else ""))
-            with store.open_body(meta) as body:
-                self.queue.restore_from(body)
-            assert self.queue.last_applied == meta.index, (meta.path, self.queue.last_applied)
-            for path in damaged_paths:
-                # Kept for inspection, out of the way: the next snapshots must not count it as
-                # one of the two kept, or the log would be compacted up to a file no one can read.
-                os.replace(path, path + ".damaged")
-                log.warning("set the damaged snapshot aside as %s.damaged", path)
-            if not self._log_continues(meta):
-                log.warning("log entries %d..%d do not continue snapshot %d (term %d): dropped, not committed",
-                            wal.first_index, wal.last_index, meta.index, meta.term)
-                wal.reset_after(meta.index, meta.term)
-            self._applied_term = meta.term
-            first = max(wal.first_index, meta.index + 1 - self.config.compact_keep_entries, 1)
-            return SnapshotPoint(meta.index, meta.term), wal.entries(first) if wal.first_index else []
-        if wal.first_index > 1:
-            raise StartupError(
-                f"the log in {wal.directory} starts at {wal.first_index} and no valid snapshot covers the entries "
-                f"before it" + (f"; damaged snapshots: {'; '.join(damaged)}" if damaged else ""))
-        if damaged:
-            log.warning("no valid snapshot; replaying the whole log from index 1")
-        return SnapshotPoint(), wal.entries()
-
-    def _log_continues(self, meta: SnapshotMeta) -> bool:
-        """Whether the WAL holds the snapshot's last entry (same term), or starts right after it."""
-        wal = self.wal
-        assert wal is not None
-        if wal.last_index < meta.index or wal.first_index == 0:
-            return False
-        try:
-            return wal.term(meta.index) == meta.term
-        except CompactedError:
-            return wal.first_index == meta.index + 1  # compacted at the snapshot itself
 
     # ------------------------------------------------------------------ what the API calls
 
@@ -369,56 +257,19 @@ class Node:
 
     def touch_worker(self, worker: str) -> None:
         """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge."""
-        self.worker_last_seen[worker] = time.monotonic()
+        self.housekeeping.touch_worker(worker)
 
     def status(self, *, with_digest: bool = False) -> dict:
         """The `/v1/cluster` answer: this node's view of the cluster."""
-        raft = self.raft
-        nodes = [{"id": self.config.node_id, "url": self.config.url}]
-        nodes += [{"id": peer_id, "url": self.config.public_urls.get(peer_id, url)}
-                  for peer_id, url in sorted(self.config.peers.items())]
-        progress = raft.progress if raft is not None and self.is_leader else {}
-        for entry in nodes:
-            entry["leader"] = entry["id"] == self._leader_id
-            if entry["id"] in progress:
-                entry["match_index"] = progress[entry["id"]]
-        return {
-            "node": self.config.node_id,
-            "role": raft.role.name.lower() if raft is not None else "starting",
-            "serving": self.is_serving,
-            "term": raft.term if raft is not None else 0,
-            "leader": self._leader_id,
-            "leader_url": self.leader_url(),
-            "commit_index": raft.commit_index if raft is not None else 0,
-            "applied_index": self.queue.last_applied,
-            "last_index": raft.last_index if raft is not None else 0,
-            "snapshot_index": raft.snapshot.index if raft is not None else 0,
-            "first_index": raft.first_index if raft is not None else 1,
-            "nodes": nodes,
-        } | ({"digest": self.queue.digest()} if with_digest else {})
+        return self.view.status(with_digest=with_digest)
 
     def workers_table(self) -> list[dict]:
         """Workers the leader knows: last heartbeat age and the jobs each holds."""
-        monotonic_now = time.monotonic()
-        holders = self.queue.leased_by_worker()
-        names = sorted(set(self.worker_last_seen) | set(holders))
-        return [
-            {
-                "worker": name,
-                "last_seen_s_ago": round(monotonic_now - self.worker_last_seen[name], 3)
-                if name in self.worker_last_seen else None,
-                "jobs": sorted(holders.get(name, [])),
-            }
-            for name in names
-        ]
-
-    def workers_alive_count(self) -> int:
-        cutoff = time.monotonic() - self.config.worker_timeout_ms / 1000
-        return sum(1 for seen in self.worker_last_seen.values() if seen >= cutoff)
+        return self.housekeeping.workers_table()
 
     def entropy(self) -> int:
         """A fresh 64-bit random draw for a command (backoff jitter is drawn by the leader)."""
-        return self._entropy.getrandbits(64)
+        return self.housekeeping.entropy()
 
     async def _await(self, future: asyncio.Future, timeout_message: str) -> Any:
         try:
@@ -442,11 +293,11 @@ class Node:
                     pass
             self._wakeup.clear()
             self._drive_inputs(raft)
-            await self._drive_snapshot_events(raft)
+            await self.snapshotting.handle_events(raft)
             if time.monotonic() >= next_tick:
                 raft.tick()
                 next_tick = time.monotonic() + tick_interval
-                self._maybe_snapshot(raft)  # the interval trigger needs a clock, not only applies
+                self.snapshotting.maybe_start(raft, self.queue)  # the interval trigger needs a clock
             while raft.has_ready():
                 await self._handle_ready(raft, raft.ready())
             self._observe_role(raft)
@@ -484,26 +335,10 @@ class Node:
                 continue
             self._read_waiters[read_id] = future
 
-    async def _drive_snapshot_events(self, raft: RaftNode) -> None:
-        reports, self._snapshot_reports = self._snapshot_reports, []
-        for peer, delivered in reports:
-            raft.report_snapshot(peer, delivered=delivered)
-        done, self._snapshots_done = self._snapshots_done, []
-        for point, older_snapshot_index in done:
-            raft.compact(point, 0)  # records the snapshot point; compaction_point() measures from it
-            upto = raft.compaction_point(self.config.compact_keep_entries, self.config.compact_keep_bytes)
-            dropped = raft.compact(point, upto)
-            wal_compact_to = min(upto, older_snapshot_index)
-            log.info("snapshot at %d durable; %d entries dropped from memory", point.index, dropped)
-            if wal_compact_to > self._wal_compacted_to:
-                assert self.wal is not None
-                # Here, between Readys, nothing else touches the WAL (it is not thread-safe).
-                await asyncio.to_thread(self.wal.compact, min(wal_compact_to, self.wal.last_index))
-                self._wal_compacted_to = wal_compact_to
-
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
         if ready.snapshot is not None:
-            await self._install_snapshot(ready.snapshot)
+            self.queue = await self.snapshotting.install(ready.snapshot)
+            self._notify_jobs_changed()
         # A leader may send its appends while it writes the same entries to its own disk (Raft
         # thesis §10.2.1): the core counts the leader's own copy toward commit only after
         # advance(), i.e. after this fsync. Anything that carries a new term or vote, and every
@@ -519,7 +354,7 @@ class Node:
             self._send(ready.messages)
         if ready.committed_entries:
             self._apply(ready.committed_entries)
-            self._maybe_snapshot(raft)
+            self.snapshotting.maybe_start(raft, self.queue)
         for read_id, read_index in ready.read_states:
             future = self._read_waiters.pop(read_id, None)
             if future is not None and not future.done():
@@ -538,97 +373,12 @@ class Node:
             messages = [m for m in messages if m.type is not MessageType.SNAP]
         self.transport.send(messages)
 
-    # ------------------------------------------------------------------ snapshots
-
-    def _maybe_snapshot(self, raft: RaftNode) -> None:
-        """Starts a snapshot when enough log has been applied since the last one (and none runs)."""
-        if self._snapshot_task is not None:
-            return
-        since = self.queue.last_applied - raft.snapshot.index
-        due = (since >= self.config.snapshot_every_entries
-               or self._bytes_since_snapshot >= self.config.snapshot_every_bytes
-               or (since > 0 and time.monotonic() - self._last_snapshot_at >= self.config.snapshot_interval_s))
-        if not due:
-            return
-        started = time.perf_counter()
-        # The capture allocates one tuple per job: a collection in the middle would only walk
-        # objects that are all alive (measured at 1M jobs: 784 ms with the collector, 604 without).
-        gc.disable()
-        try:
-            capture = self.queue.capture()
-        finally:
-            gc.enable()
-        self.last_snapshot_capture_seconds = time.perf_counter() - started
-        point = SnapshotPoint(self.queue.last_applied, self._applied_term)
-        self._bytes_since_snapshot = 0
-        self._last_snapshot_at = time.monotonic()
-        self._snapshot_task = asyncio.get_running_loop().create_task(
-            self._take_snapshot(capture, point, started), name="snapshot")
-
-    async def _take_snapshot(self, capture: SnapshotCapture, point: SnapshotPoint, started: float) -> None:
-        try:
-            meta, older_snapshot_index = await asyncio.to_thread(self._write_snapshot_file, capture, point)
-        except Exception:  # a snapshot that failed leaves the log as it was: nothing is lost
-            log.exception("snapshot at %d failed; the log keeps every entry until the next one", point.index)
-            return
-        finally:
-            self._snapshot_task = None
-        self.snapshots_taken_count += 1
-        self.last_snapshot_seconds = time.perf_counter() - started
-        self.last_snapshot_bytes = meta.size_bytes
-        log.info("snapshot at %d (term %d): %d bytes in %.2f s (%.3f s on the loop, %.3f s returning memory)",
-                 point.index, point.term, meta.size_bytes, self.last_snapshot_seconds,
-                 self.last_snapshot_capture_seconds, self.last_trim_seconds)
-        self._snapshots_done.append((point, older_snapshot_index))
-        self._wakeup.set()
-
-    def _write_snapshot_file(self, capture: SnapshotCapture, point: SnapshotPoint) -> tuple[SnapshotMeta, int]:
-        """Runs in a worker thread: the snapshot file, and the index of the older snapshot kept
-        (the WAL keeps what that one needs, so a damaged newest one can fall back on it)."""
-        store = self.snapshots
-        assert store is not None
-        # Memory freed since the last snapshot (expired records, the last capture) goes back now.
-        self.last_trim_seconds = return_free_memory_to_os()
-        with store.writer(point.index, point.term) as writer:
-            write_snapshot(capture, writer.write)
-            meta = writer.commit()
-        store.retain(2)
-        kept = store.list()
-        return meta, kept[-2].index if len(kept) >= 2 else 0
-
-    async def _install_snapshot(self, point: SnapshotPoint) -> None:
-        """Follower: the core accepted a snapshot the receiver stored; make it our state and log."""
-        store, wal = self.snapshots, self.wal
-        assert store is not None and wal is not None
-        meta = store.find(point.index, point.term)
-        assert meta is not None, f"the core installs snapshot {point} that is not on disk"
-        queue = QueueStateMachine(retention_ms=self.config.retention_ms,
-                                  idempotency_window_ms=self.config.idempotency_window_ms)
-
-        def install() -> None:
-            with store.open_body(meta) as body:
-                queue.restore_from(body)
-            wal.reset_after(point.index, point.term)
-
-        started = time.perf_counter()
-        await asyncio.to_thread(install)
-        self.queue = queue
-        self._applied_term = point.term
-        self._bytes_since_snapshot = 0
-        self._wal_compacted_to = 0
-        self.snapshots_installed_count += 1
-        log.info("installed snapshot at %d (term %d, %d jobs) in %.2f s", point.index, point.term,
-                 queue.job_count(), time.perf_counter() - started)
-        self._notify_jobs_changed()
+    # ------------------------------------------------------------------ applying
 
     def _snapshot_received(self, leader: str, term: int, meta: SnapshotMeta) -> None:
         """The receiver holds a complete, verified snapshot file: let the core decide."""
         self._inbox.append(Message(MessageType.SNAP, from_id=leader, to_id=self.config.node_id, term=term,
                                    index=meta.index, log_term=meta.term))
-        self._wakeup.set()
-
-    def _snapshot_reported(self, peer: str, delivered: bool) -> None:
-        self._snapshot_reports.append((peer, delivered))
         self._wakeup.set()
 
     def _persist(self, ready: Ready) -> None:
@@ -643,8 +393,7 @@ class Node:
 
     def _apply(self, entries: Sequence[Entry]) -> None:
         changed = False
-        self._applied_term = entries[-1].term
-        self._bytes_since_snapshot += sum(len(entry.data) for entry in entries)
+        self.snapshotting.note_applied(entries)
         for entry in entries:
             result = self.queue.apply(entry)
             if isinstance(result, (Ticked, Released, Rejected)):
@@ -713,12 +462,7 @@ class Node:
         assert self.raft is not None
         # The core appended its no-op for this term: serve once it (and all before it) is applied.
         self._serving_from_index = self.raft.last_index
-        self.leader_since_ms = now_ms()
-        monotonic_now = time.monotonic()
-        self.worker_last_seen = {worker: monotonic_now for worker in self.queue.lease_holders()}
-        self._tick_inflight = False
-        self._lost_inflight.clear()
-        asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=now_ms())))
+        self.housekeeping.take_office()
 
     def _fail_waiters(self, error: Exception) -> None:
         for pending in self._pending.values():
@@ -744,62 +488,3 @@ class Node:
             started = time.monotonic()
             await asyncio.sleep(interval_s)
             self.metrics.event_loop_lag_seconds.set(max(0.0, time.monotonic() - started - interval_s))
-
-    # ------------------------------------------------------------------ leader housekeeping
-
-    async def _housekeeping(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            if not self.is_leader:
-                continue
-            self._maybe_tick()
-            self._check_workers()
-
-    def _maybe_tick(self) -> None:
-        if self._tick_inflight:
-            return
-        due_ms = self.queue.next_due_ms()
-        current_ms = now_ms()
-        if due_ms is None or due_ms > current_ms:
-            return
-        self._tick_inflight = True
-        command = cmds.Tick(now_ms=current_ms, entropy=self.entropy())
-        asyncio.get_running_loop().create_task(self._propose_tick(command))
-
-    async def _propose_tick(self, command: cmds.Tick) -> None:
-        try:
-            await self._propose_quietly(command)
-        finally:
-            self._tick_inflight = False
-
-    def _check_workers(self) -> None:
-        timeout_s = self.config.worker_timeout_ms / 1000
-        monotonic_now = time.monotonic()
-        # Names only: this runs every housekeeping beat, and the job lists can be long.
-        holders = self.queue.lease_holders()
-        holding = set(holders)
-        # Forget idle workers long gone, so the table stays bounded by live workers.
-        for worker, seen in list(self.worker_last_seen.items()):
-            if worker not in holding and monotonic_now - seen > 10 * timeout_s:
-                del self.worker_last_seen[worker]
-        for worker in holders:
-            last_seen = self.worker_last_seen.setdefault(worker, monotonic_now)
-            if monotonic_now - last_seen < timeout_s or worker in self._lost_inflight:
-                continue
-            self._lost_inflight.add(worker)
-            log.warning("worker %s lost: no heartbeat for %.1f s; requeueing its jobs", worker, timeout_s)
-            command = cmds.WorkerLost(now_ms=now_ms(), worker=worker, entropy=self.entropy())
-            asyncio.get_running_loop().create_task(self._propose_worker_lost(worker, command))
-
-    async def _propose_worker_lost(self, worker: str, command: cmds.WorkerLost) -> None:
-        try:
-            await self._propose_quietly(command)
-        finally:
-            self._lost_inflight.discard(worker)
-            self.worker_last_seen.pop(worker, None)
-
-    async def _propose_quietly(self, command: cmds.Command) -> None:
-        try:
-            await self.propose(command)
-        except (NotLeaderError, Unavailable, ProposalLost) as exc:
-            log.info("housekeeping %s not applied: %s", type(command).__name__, exc)

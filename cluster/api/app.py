@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from cluster import constants as c
-from cluster.api import dashboard, views
+from cluster.api import dashboard, raft_views, views
 from cluster.api.keys import NODE, PEER_SESSION
 from cluster.api.wire import ApiError, error_response
 from cluster.config import NodeConfig
@@ -46,8 +46,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/v1/overview", views.overview)
     r.add_get("/metrics", views.metrics)
     r.add_get("/", dashboard.dashboard)
-    r.add_post("/raft/messages", views.raft_messages)
-    r.add_post("/raft/snapshot", views.raft_snapshot)
+    r.add_post("/raft/messages", raft_views.raft_messages)
+    r.add_post("/raft/snapshot", raft_views.raft_snapshot)
 
 
 @web.middleware

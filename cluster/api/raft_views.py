@@ -1,0 +1,65 @@
+"""The peers' endpoints, `/raft/*`: Raft messages and InstallSnapshot chunks.
+
+Peers present the cluster secret, not a client token (`app.py` leaves `/raft/` open to the client
+auth). Messages go to the node's inbox (`Node.deliver`), never straight into the core: the drive
+loop steps them. A SNAP message arrives only through `/raft/snapshot`, once its file is stored.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from cluster.api.keys import NODE
+from cluster.api.wire import ApiError
+from cluster.raft.codec import decode_messages
+from cluster.raft.messages import MessageType
+from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
+from cluster.storage.errors import SnapshotCorruptionError
+from cluster.transport.http import SECRET_HEADER
+
+
+async def raft_messages(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    secret = node.config.cluster_secret
+    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
+        raise ApiError(403, "forbidden", "missing or wrong cluster secret")
+    raw = await request.read()
+    try:
+        messages = decode_messages(raw)
+    except Exception as exc:  # the codec's own error types vary; a bad body is the peer's fault
+        raise ApiError(400, "invalid", f"undecodable raft messages: {exc}") from None
+    if any(m.type is MessageType.SNAP for m in messages):
+        # A SNAP message is only true once its file is on our disk: it comes from /raft/snapshot.
+        raise ApiError(400, "invalid", "snapshots travel through /raft/snapshot, not as messages")
+    if not node.deliver(messages):
+        raise ApiError(503, "overloaded", "inbox full", headers={"Retry-After": "1"})
+    return web.Response(status=204)
+
+
+async def raft_snapshot(request: web.Request) -> web.Response:
+    """One chunk of an InstallSnapshot transfer (cluster/snapshot_transfer.py)."""
+    node = request.app[NODE]
+    receiver = node.snapshot_receiver
+    if receiver is None:
+        raise ApiError(503, "unavailable", "node is starting", headers={"Retry-After": "1"})
+    if not receiver.authorized(request.headers):
+        raise ApiError(403, "forbidden", "missing or wrong cluster secret")
+    try:
+        offer = SnapshotOffer.parse(request.headers.get(SNAPSHOT_HEADER, ""))
+        offset = int(request.headers.get(OFFSET_HEADER, ""))
+        term = int(request.headers.get(TERM_HEADER, ""))
+    except ValueError as exc:
+        raise ApiError(400, "invalid", f"bad snapshot transfer headers: {exc}") from None
+    leader = request.headers.get(FROM_HEADER, "")
+    if leader not in node.config.peers:
+        raise ApiError(400, "invalid", f"{FROM_HEADER} {leader[:64]!r} is not a peer")
+    chunk = await request.read()
+    try:
+        answer = await receiver.receive(leader, term, offer, offset, chunk)
+    except SnapshotCorruptionError as exc:
+        raise ApiError(422, "invalid", f"snapshot does not match its digest: {exc}") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid", str(exc)) from None
+    return web.json_response(answer)
