@@ -2,15 +2,15 @@
 
     raftq [--nodes URL,URL,...] [--token T] [--timeout S] [--json] COMMAND ...
 
-    node ...                      run a broker node (the flags of `raftq node --help`)
     submit QUEUE [PAYLOAD_JSON]   submit jobs (--file F: one JSON payload a line; --count N)
     worker MODULE:ATTR            run a worker for an App, or for a {queue: handler} dict
     status                        each node's view of the cluster
     queues                        depth of every queue, by state
     job ID / cancel ID            show / cancel one job
     dlq list|redrive|purge QUEUE  the dead-letter queue
-    bench ...                     the benchmark (client.bench)
-    chaos ...                     the fault-injection suite (python -m chaos)
+
+`raftq node`, `raftq bench` and `raftq chaos` belong to other packages: the `raftq` command
+(raftq/command.py) dispatches them before this module sees the command line.
 
 Global options may also follow the command. Exit codes: 0 done, 1 the cluster refused (unknown
 job, conflict, ...), 2 bad usage or no node answered, 130 interrupted.
@@ -41,29 +41,24 @@ BATCH_DEFAULT = 100
 STATUS_NODE_TIMEOUT_S = 2.0
 #: Characters of a dead job's error shown in `dlq list`.
 ERROR_COLUMN_MAX = 60
-_DELEGATED = ("node", "bench", "chaos")
-_GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
-_BENCH_GLOBALS = ("--nodes", "--token")
 
 
 class UsageError(Exception):
     """Raised when the command line cannot be carried out as written (exit code 2)."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one `raftq` command.
+def main(argv: Sequence[str] | None = None, *, other_commands: dict[str, str] | None = None) -> int:
+    """Runs one client command of `raftq`.
 
     Args:
         argv: the arguments after the program name (default: sys.argv[1:]).
+        other_commands: commands other packages own ({name: help}), listed in --help only.
 
     Returns:
         The exit code.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = _delegated(argv)
-    if delegated is not None:
-        return _run_delegated(*delegated)
-    parser = build_parser()
+    parser = build_parser(other_commands or {})
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
@@ -84,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of every command but `node` and `bench` (those forward their argv)."""
+def build_parser(other_commands: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The argparse parser of the client commands (`other_commands` are only listed)."""
     parser = argparse.ArgumentParser(prog="raftq", description="raftq: a replicated job queue.")
     _add_globals(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
@@ -97,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    for name in _DELEGATED:  # listed for --help; main() forwards their arguments before parsing
-        commands.add_parser(name, help=f"run `raftq {name} --help` for its options", add_help=False)
+    for name, help_text in (other_commands or {}).items():  # the dispatcher runs them; listed for --help
+        commands.add_parser(name, help=f"{help_text}: run `raftq {name} --help` for its options", add_help=False)
     _add_submit(command("submit", cmd_submit, "Submit jobs to a queue."))
     _add_worker(command("worker", cmd_worker, "Run a worker for an App or a {queue: handler} dict."))
     command("status", cmd_status, "Show each node's view of the cluster.")
@@ -154,50 +149,6 @@ def _add_worker(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats (default 2)")
     sub.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     sub.add_argument("--log-level", default=os.environ.get("RAFTQ_LOG_LEVEL", "INFO"))
-
-
-# ---------------------------------------------------------------------------- delegated commands
-
-
-def _delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
-    """("node" | "bench", its arguments) when that is the command, else None.
-
-    `bench` takes --nodes and --token itself, so those given before it are passed on.
-    """
-    index, passed_on = 0, []
-    while index < len(argv):
-        token = argv[index]
-        if token in _GLOBAL_VALUED:
-            step = 2
-        elif token == "--json" or token.startswith(tuple(f"{flag}=" for flag in _GLOBAL_VALUED)):
-            step = 1
-        elif token in _DELEGATED:
-            return token, (passed_on if token == "bench" else []) + list(argv[index + 1:])
-        else:
-            return None
-        if token.split("=")[0] in _BENCH_GLOBALS:
-            passed_on += argv[index:index + step]
-        index += step
-    return None
-
-
-def _run_delegated(name: str, rest: list[str]) -> int:
-    if name == "node":
-        from cluster.main import main as node_main
-
-        return node_main(rest)
-    if name == "chaos":
-        from chaos.__main__ import main as chaos_main
-
-        return chaos_main(rest)
-    try:
-        bench = importlib.import_module("client.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != "client.bench":
-            raise
-        print("raftq bench: the benchmark (client/bench.py) is not part of this install", file=sys.stderr)
-        return 2
-    return bench.main(rest)
 
 
 # ---------------------------------------------------------------------------- submit

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from client import bench
+from bench import main as bench
 
 TINY_JOBS = 300
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from client import cli
+from raftq import command
 from test_worker import ApiServer, FakeCluster
 
 
@@ -130,24 +131,36 @@ def test_node_forwards_the_rest_of_the_command_line(monkeypatch):
 
     seen = []
     monkeypatch.setattr(cluster.main, "main", lambda argv: seen.append(argv) or 7)
-    assert cli.main(["--json", "node", "--id", "n2", "--port", "7002", "--json"]) == 7
+    assert command.main(["--json", "node", "--id", "n2", "--port", "7002", "--json"]) == 7
     assert seen == [["--id", "n2", "--port", "7002", "--json"]]
 
 
 def test_bench_gets_the_global_nodes_and_token():
-    assert cli._delegated(["--nodes", "http://a:1", "--json", "--token=t", "--timeout", "3", "bench", "--jobs", "5"]) \
+    assert command.split_delegated(
+        ["--nodes", "http://a:1", "--json", "--token=t", "--timeout", "3", "bench", "--jobs", "5"]) \
         == ("bench", ["--nodes", "http://a:1", "--token=t", "--jobs", "5"])
-    assert cli._delegated(["--nodes", "http://a:1", "node", "--id", "n1"]) == ("node", ["--id", "n1"])
-    assert cli._delegated(["--nodes", "http://a:1", "status"]) is None
+    assert command.split_delegated(["--nodes", "http://a:1", "node", "--id", "n1"]) == ("node", ["--id", "n1"])
+    assert command.split_delegated(["--nodes", "http://a:1", "status"]) is None
 
 
 def test_bench_without_its_module_is_a_clear_error(monkeypatch, capsys):
     def missing(name):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
-    code, _, err = run_cli(capsys, "bench", "--jobs", "10")
+    monkeypatch.setattr(command.importlib, "import_module", missing)
+    code = command.main(["bench", "--jobs", "10"])
+    err = capsys.readouterr().err
     assert code == 2 and "raftq bench: the benchmark" in err and "Traceback" not in err
+
+
+def test_client_commands_go_to_the_client_and_help_lists_the_others(monkeypatch):
+    seen = []
+    monkeypatch.setattr(command.client_cli, "main", lambda argv, other_commands: seen.append((argv, other_commands)) or 3)
+    assert command.main(["--nodes", "http://a:1", "status"]) == 3
+    (argv, others), = seen
+    assert argv == ["--nodes", "http://a:1", "status"] and sorted(others) == ["bench", "chaos", "node"]
+    help_text = cli.build_parser(others).format_help()
+    assert "node" in help_text and "bench" in help_text and "submit" in help_text
 
 
 def test_format_table_aligns_columns():

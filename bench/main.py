@@ -1,37 +1,4 @@
-"""`raftq bench`: jobs/s, latency and memory of a raftq cluster, in the spirit of `nats bench`.
-
-    raftq bench                                   the default scenario set (see --list)
-    raftq bench --scenario e2e --jobs 50000 --batch 100 --workers 1 --concurrency 4
-    raftq bench --scenario submit --batch 1 --producers 4 --nodes http://10.0.0.1:7001,...
-
-Theory of operation
--------------------
-Unless `--nodes` names a cluster, every run gets a fresh 3-node cluster of its own on loopback
-(`cluster.localcluster.LocalCluster`, data in a temporary folder on disk), so that no run pays
-for the jobs, log and memory an earlier one left behind; every run also uses a queue of its own.
-A run starts its producers and workers as separate processes (`client._bench_roles`), waits
-until each has warmed up, starts the clock, and stops it at the last ack (drain, e2e) or at the
-end of the last submit (submit). The three scenarios:
-
-    submit   P producers submit N jobs in requests of B jobs; nobody works on them.
-    drain    N jobs are queued first (not timed), then W workers lease, run and ack them.
-    e2e      P producers and W workers at once: jobs/s submit to ack, and each job's end-to-end
-             latency (its payload carries its submit time; the worker notes when its ack came back).
-
-Around each run it reads, from the leader's /metrics, the growth of the WAL (bytes per job) and
-the group commit size (log entries per fsync); from /proc, the peak RSS of every node (reset at
-the start of the run) and of the workers. Each scenario runs `--runs` times (3): the report gives
-the median and the spread (max - min, in % of the median) of jobs/s, and the median of each
-run's latency percentiles (with the largest max).
-
-Worker pools: "single" is the lean loop (no Worker runtime): `--concurrency` lanes, each fetching
-B jobs, running them one after another and acking them with one ack_many. "threads",
-"processes" and "asyncio" run `client.worker.Worker` as users do, with `--concurrency` slots and
-its default prefetch buffer (`--prefetch` sets another; 0 fetches only for free slots), so B only
-sets the producers' batch there.
-
-The fsync policy is not a knob: every 2xx is on disk on a majority of nodes.
-"""
+"""`raftq bench`: the command line, the scenarios and their runs (theory of operation: bench/__init__.py)."""
 
 from __future__ import annotations
 
@@ -51,13 +18,13 @@ from array import array
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
+from bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesystem_of, find_leader,
+                           machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
+                           wal_figures)
+from bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
+from bench.roles import (KINDS, POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
+                         producer_main, worker_main)
 from client import Client
-from client._bench_measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesystem_of, find_leader,
-                                   machine_info, median, memory_filesystem, percentiles, reset_peak_rss,
-                                   scrape_wal, wal_figures)
-from client._bench_report import format_header, format_tables, plot_results, plot_unavailable_reason
-from client._bench_roles import (KINDS, POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
-                                 producer_main, worker_main)
 from client._progress import Progress
 
 SCENARIOS = ("submit", "drain", "e2e")

@@ -1,0 +1,65 @@
+"""`raftq`: dispatches to the package that owns the command (see the package docstring)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from client import cli as client_cli
+
+#: Commands owned by another package: (module, what `raftq --help` says of it).
+DELEGATED = {
+    "node": ("cluster.main", "run a broker node"),
+    "bench": ("bench.main", "the benchmark"),
+    "chaos": ("chaos.__main__", "the fault-injection suite"),
+}
+#: Client options that take a value; they may come before the command.
+_GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
+#: Client options `bench` takes too: given before `bench`, they are passed on to it.
+_BENCH_GLOBALS = ("--nodes", "--token")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one `raftq` command and returns its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = split_delegated(argv)
+    if delegated is None:
+        return client_cli.main(argv, other_commands={name: help_text for name, (_, help_text) in DELEGATED.items()})
+    name, rest = delegated
+    package_main = _package_main(name)
+    if package_main is None:
+        print(f"raftq {name}: {DELEGATED[name][1]} ({DELEGATED[name][0]}) is not part of this install",
+              file=sys.stderr)
+        return 2
+    return package_main(rest)
+
+
+def split_delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(command, its arguments) when another package owns the command, else None."""
+    index, passed_on = 0, []
+    while index < len(argv):
+        token = argv[index]
+        if token in _GLOBAL_VALUED:
+            step = 2
+        elif token == "--json" or token.startswith(tuple(f"{flag}=" for flag in _GLOBAL_VALUED)):
+            step = 1
+        elif token in DELEGATED:
+            return token, (passed_on if token == "bench" else []) + list(argv[index + 1:])
+        else:
+            return None
+        if token.split("=")[0] in _BENCH_GLOBALS:
+            passed_on += argv[index:index + step]
+        index += step
+    return None
+
+
+def _package_main(name: str) -> Callable[[list[str]], int] | None:
+    module_name = DELEGATED[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # something the package itself needs is missing: show it
+        return None
+    return module.main
