@@ -57,10 +57,10 @@ import msgpack
 
 from client import errors
 from client._transports import MSGPACK, Request, Response, base_url
+# Jobs per submit request and items per ack/fail/extend request (one batch is one log entry;
+# bigger requests are refused with 413): the client splits larger calls into chunks of this.
+from raftq.protocol import BATCH_COUNT_MAX, LEADER_HEADER
 
-#: Jobs per submit request and items per ack/fail/extend request: the server's BATCH_COUNT_MAX
-#: (one batch is one log entry; bigger requests are refused with 413).
-BATCH_COUNT_MAX = 1000
 #: Nodes a client may know: those given plus leaders learned from redirects. Bounded so a
 #: misconfigured node that redirects to ever-new addresses cannot grow the list without end.
 NODES_MAX = 16
@@ -302,7 +302,7 @@ class _BaseClient:
     def _after_redirect(self, call: Call, attempts: _Attempts, request: Request, reply: Response) -> _Next:
         node = base_url(request.url)
         location = reply.headers.get("location")
-        leader = reply.headers.get("x-raftq-leader") or None
+        leader = reply.headers.get(LEADER_HEADER.lower()) or None
         if not location:
             error = errors.NoLeader(f"{node} answered {reply.status} without a Location", status=reply.status,
                                     node=node)

@@ -26,8 +26,7 @@ from urllib.parse import urlsplit
 import msgpack
 
 from client import errors
-
-MSGPACK = "application/msgpack"
+from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
 
 #: Idle connections kept per node. A worker overlaps at most a long-poll fetch, a report and a
 #: heartbeat, so four covers it; beyond that, connections close after use instead of piling up.

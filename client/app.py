@@ -29,11 +29,10 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 
 from client.worker import Reject, Worker
+# The bounds of the per-job options a task may fix: the server's, checked here at registration.
+from raftq.protocol import (LEASE_S_MAX, LEASE_S_MIN, MAX_ATTEMPTS_MAX, MAX_ATTEMPTS_MIN, PRIORITY_MAX,
+                            PRIORITY_MIN)
 
-#: SPEC bounds of the per-job options a task may fix.
-PRIORITY_MIN, PRIORITY_MAX = 0, 9
-MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 1000
-LEASE_S_MIN, LEASE_S_MAX = 1.0, 12 * 3600.0
 
 
 class App:

@@ -95,20 +95,18 @@ import msgpack
 
 from client._base import LeasedJob
 from client.errors import JobError, RaftqError, ServerError, TransportError
+from raftq.protocol import (BATCH_COUNT_MAX, DELAY_S_MAX, ERROR_TEXT_BYTES_MAX, FETCH_COUNT_MAX, FETCH_WAIT_S_MAX,
+                            LEASE_S_MAX, LEASE_S_MIN, RESULT_BYTES_MAX)
 
 log = logging.getLogger("raftq.worker")
 
-#: The server keeps at most this much error text per failed job (cluster ERROR_TEXT_BYTES_MAX);
-#: the worker cuts the middle of a long traceback itself so the head and the innermost frames survive.
-ERROR_TEXT_BYTES_MAX = 8 << 10
-#: The server refuses a larger result with 413 for the whole ack batch (cluster RESULT_BYTES_MAX),
-#: so an oversized result is dropped here, with a warning, rather than sink its neighbours.
-RESULT_BYTES_MAX = 64 << 10
-#: The server accepts 1000 items per ack, fail, extend or lease request (cluster BATCH_COUNT_MAX,
-#: LEASE_COUNT_MAX) and 1000 job ids per heartbeat.
-REPORT_BATCH_MAX = 1000
-EXTEND_BATCH_MAX = 1000
-LEASE_COUNT_MAX = 1000
+#: The server's bounds (raftq.protocol): at most ERROR_TEXT_BYTES_MAX of error text per failed job
+#: (the worker cuts the middle of a long traceback itself so the head and the innermost frames
+#: survive); a result over RESULT_BYTES_MAX gets the whole ack batch refused with 413 (so an
+#: oversized one is dropped here, with a warning, rather than sink its neighbours); BATCH_COUNT_MAX
+#: items per ack, fail or extend request, FETCH_COUNT_MAX jobs per fetch.
+REPORT_BATCH_MAX = EXTEND_BATCH_MAX = BATCH_COUNT_MAX
+LEASE_COUNT_MAX = FETCH_COUNT_MAX
 #: Results and error texts per ack/fail request: half the server's 8 MiB body bound, which leaves
 #: room for ids, tokens and framing, so that big results never get a whole batch refused (413).
 REPORT_BYTES_MAX = 4 << 20
@@ -133,12 +131,10 @@ ACK_BATCH_MAX_DEFAULT = 100
 ACK_LINGER_S_DEFAULT = 0.002
 #: The linger delays every outcome under load; more than this is a misconfiguration.
 ACK_LINGER_S_MAX = 1.0
-#: SPEC: leases run 1 s – 12 h; the delay of a retry at most 7 days.
-LEASE_S_MIN = 1.0
-LEASE_S_MAX = 12 * 3600.0
-RETRY_DELAY_S_MAX = 7 * 86400.0
-#: SPEC: the long poll waits at most 20 s.
-WAIT_S_MAX = 20.0
+#: SPEC (raftq.protocol): leases run 1 s – 12 h; the delay of a retry at most 7 days; the long
+#: poll waits at most 20 s.
+RETRY_DELAY_S_MAX = DELAY_S_MAX
+WAIT_S_MAX = FETCH_WAIT_S_MAX
 #: Pause after a transient error: doubles from the minimum to the cap, with jitter so that many
 #: workers do not hit a newly elected leader in step.
 BACKOFF_S_MIN = 0.1

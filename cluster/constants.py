@@ -3,56 +3,39 @@
 Call sites pass options explicitly; only `cluster.config` and the API edge read this module.
 """
 
-import re
-
-#: SPEC.md: queue names are `[A-Za-z0-9_.:-]{1,128}` so they fit in URLs and metric labels as-is.
-QUEUE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: Worker ids travel in URL paths and logs; the same alphabet as queues, a little longer for host-pid-rand.
-WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
-
-#: SQS's visibility timeout default is 30 s; Celery's acks_late users pick minutes. SPEC bounds: 1 s – 12 h.
-LEASE_MS_DEFAULT = 30_000
-LEASE_MS_MIN = 1_000
-LEASE_MS_MAX = 12 * 3_600_000
-
-#: SPEC: max attempts default 5, 1 – 1000.
-MAX_ATTEMPTS_DEFAULT = 5
-MAX_ATTEMPTS_MAX = 1000
+# The limits both sides of the wire share live in raftq.protocol, once; re-exported here so that
+# the API edge reads every bound from one module.
+from raftq.protocol import (  # noqa: F401
+    BATCH_COUNT_MAX,
+    BODY_BYTES_MAX,
+    DELAY_MS_MAX,
+    ERROR_TEXT_BYTES_MAX,
+    FETCH_COUNT_MAX,
+    FETCH_WAIT_S_MAX,
+    HEARTBEAT_JOB_COUNT_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX,
+    LEASE_MS_DEFAULT,
+    LEASE_MS_MAX,
+    LEASE_MS_MIN,
+    MAX_ATTEMPTS_DEFAULT,
+    MAX_ATTEMPTS_MAX,
+    MAX_ATTEMPTS_MIN,
+    PAYLOAD_BYTES_MAX,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    QUEUE_NAME_PATTERN,
+    QUEUES_PER_FETCH_MAX,
+    RESULT_BYTES_MAX,
+    WORKER_ID_PATTERN,
+)
 
 #: SPEC backoff: base 1 s, ×2 per attempt, cap 300 s, full jitter.
 BACKOFF_BASE_MS = 1_000
 BACKOFF_CAP_MS = 300_000
 
-#: SPEC: delay at submit 0 – 7 days (SQS allows 15 min; a week covers "remind me next week").
-DELAY_MS_MAX = 7 * 86_400_000
-
-PRIORITY_MIN = 0
-PRIORITY_MAX = 9
-
-#: SPEC: payloads ≤ 1 MiB by default (SQS allows 256 KiB; big blobs belong in object storage).
-PAYLOAD_BYTES_MAX = 1 << 20
-#: A whole request body; a batch of many small jobs or one maximal payload plus envelope.
-BODY_BYTES_MAX = 8 << 20
-#: Jobs in one submit, and items in one ack/fail/extend batch: SQS caps at 10, we batch far more
-#: because one batch is one log entry and one fsync; 1000 keeps one entry well under a MiB for small jobs.
-BATCH_COUNT_MAX = 1000
-#: Jobs one lease request may take.
-LEASE_COUNT_MAX = 1000
-#: Queues one lease request may name.
-QUEUES_PER_LEASE_MAX = 64
-#: Idempotency keys are client-made; bounded so the index cannot be inflated by one request.
-IDEMPOTENCY_KEY_BYTES_MAX = 256
-#: Error text kept with a failed job (a traceback is useful; a megabyte of it is not).
-ERROR_TEXT_BYTES_MAX = 8 << 10
-#: Result kept with an acked job.
-RESULT_BYTES_MAX = 64 << 10
-
 #: SPEC: idempotency window 1 h, finished-job retention 1 h.
 IDEMPOTENCY_WINDOW_MS = 3_600_000
 RETENTION_MS = 3_600_000
-
-#: SPEC: long-poll wait up to 20 s (SQS's ReceiveMessage WaitTimeSeconds maximum).
-LEASE_WAIT_S_MAX = 20.0
 
 #: SPEC: worker heartbeat interval / timeout 2 s / 10 s.
 HEARTBEAT_INTERVAL_S = 2.0

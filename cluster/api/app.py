@@ -17,6 +17,7 @@ from cluster.api.wire import ApiError, error_response
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.server import Node
+from raftq.protocol import LEADER_HEADER
 
 log = logging.getLogger("raftq.api")
 
@@ -89,7 +90,7 @@ def _not_leader(request: web.Request, exc: NotLeaderError) -> web.StreamResponse
                                                 headers=_retry_after()))
     location = exc.leader_url.rstrip("/") + request.path_qs
     body = ApiError(307, "not_leader", f"node {exc.leader_id} leads; retry at {location}",
-                    headers={"Location": location, "X-Raftq-Leader": exc.leader_id or ""})
+                    headers={"Location": location, LEADER_HEADER: exc.leader_id or ""})
     return error_response(request, body)
 
 
@@ -125,7 +126,7 @@ def cors_middleware(config: NodeConfig):
         else:
             response = await handler(request)
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "X-Raftq-Leader, Retry-After"
+        response.headers["Access-Control-Expose-Headers"] = f"{LEADER_HEADER}, Retry-After"
         response.headers["Vary"] = "Origin"
         return response
 

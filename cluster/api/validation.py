@@ -151,7 +151,8 @@ def _new_job(spec: Any, position: int, *, now_ms: int, payload_bytes_max: int) -
             payload=payload,
             priority=integer(spec, "priority", low=c.PRIORITY_MIN, high=c.PRIORITY_MAX, default=0),
             delay_ms=seconds_as_ms(spec, "delay_s", low_ms=0, high_ms=c.DELAY_MS_MAX, default_ms=0),
-            max_attempts=integer(spec, "max_attempts", low=1, high=c.MAX_ATTEMPTS_MAX, default=c.MAX_ATTEMPTS_DEFAULT),
+            max_attempts=integer(spec, "max_attempts", low=c.MAX_ATTEMPTS_MIN, high=c.MAX_ATTEMPTS_MAX,
+                                 default=c.MAX_ATTEMPTS_DEFAULT),
             lease_ms=seconds_as_ms(spec, "lease_s", low_ms=c.LEASE_MS_MIN, high_ms=c.LEASE_MS_MAX,
                                    default_ms=c.LEASE_MS_DEFAULT),
             idempotency_key=text(spec, "idempotency_key", bytes_max=c.IDEMPOTENCY_KEY_BYTES_MAX, required=False),
@@ -169,10 +170,10 @@ def lease(body: Any) -> tuple[str, tuple[str, ...], int, float]:
     """Returns (worker, queues, max_jobs, wait_s)."""
     body = mapping(body)
     worker = worker_id(body.get("worker"))
-    queues = items(body, "queues", count_max=c.QUEUES_PER_LEASE_MAX)
+    queues = items(body, "queues", count_max=c.QUEUES_PER_FETCH_MAX)
     names = tuple(dict.fromkeys(queue_name(q) for q in queues))
-    max_jobs = integer(body, "max_jobs", low=1, high=c.LEASE_COUNT_MAX, default=1)
-    wait_ms = seconds_as_ms(body, "wait_s", low_ms=0, high_ms=int(c.LEASE_WAIT_S_MAX * 1000), default_ms=0)
+    max_jobs = integer(body, "max_jobs", low=1, high=c.FETCH_COUNT_MAX, default=1)
+    wait_ms = seconds_as_ms(body, "wait_s", low_ms=0, high_ms=int(c.FETCH_WAIT_S_MAX * 1000), default_ms=0)
     return worker, names, max_jobs, wait_ms / 1000
 
 
@@ -236,8 +237,8 @@ def heartbeat(body: Any) -> list[str]:
     jobs = body.get("jobs", [])
     if not isinstance(jobs, list):
         raise invalid("field 'jobs' must be a list of job ids")
-    if len(jobs) > c.LEASE_COUNT_MAX:
-        raise ApiError(413, "too_large", f"at most {c.LEASE_COUNT_MAX} job ids per heartbeat")
+    if len(jobs) > c.HEARTBEAT_JOB_COUNT_MAX:
+        raise ApiError(413, "too_large", f"at most {c.HEARTBEAT_JOB_COUNT_MAX} job ids per heartbeat")
     return [job_id(j) for j in jobs]
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-MSGPACK = "application/msgpack"
-JSON = "application/json"
-_MSGPACK_ALIASES = (MSGPACK, "application/x-msgpack", "application/vnd.msgpack")
+from raftq.protocol import CONTENT_TYPE_JSON as JSON
+from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
+from raftq.protocol import CONTENT_TYPE_MSGPACK_ALIASES as _MSGPACK_ALIASES
 
 
 class ApiError(Exception):

@@ -26,10 +26,9 @@ from typing import Any, Callable, ClassVar, Union
 
 import msgpack
 
-#: Job priorities run 0 (lowest, the default) to 9 (runs first); the state machine keeps one
-#: FIFO per level, so a priority outside the range would index past its array.
-PRIORITY_MIN = 0
-PRIORITY_MAX = 9
+# Job priorities run 0 (lowest, the default) to 9 (runs first); the state machine keeps one FIFO
+# per level, so a priority outside the range would index past its array. The wire's bounds.
+from raftq.protocol import PRIORITY_MAX, PRIORITY_MIN
 
 
 class CommandDecodeError(ValueError):

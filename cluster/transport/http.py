@@ -16,6 +16,7 @@ import aiohttp
 
 from cluster.raft.codec import encode_messages
 from cluster.raft.messages import Message
+from raftq.protocol import CONTENT_TYPE_MSGPACK
 
 log = logging.getLogger("raftq.transport")
 
@@ -75,7 +76,7 @@ class HttpTransport:
     async def _sender(self, peer_id: str) -> None:
         queue = self._queues[peer_id]
         url = self._peers[peer_id].rstrip("/") + "/raft/messages"
-        headers = {"Content-Type": "application/msgpack", "X-Raftq-From": self._node_id}
+        headers = {"Content-Type": CONTENT_TYPE_MSGPACK, "X-Raftq-From": self._node_id}
         if self._secret:
             headers[SECRET_HEADER] = self._secret
         while True:
