@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import aiohttp
 
 from client import errors
-from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, single
+from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings, single
 from client._client import Client
 from client._transports import AsyncBaseTransport, Request, Response, base_url, transport_error
 
@@ -116,18 +116,20 @@ class AsyncClient(_BaseClient):
     async def submit(self, queue: str, payload: Any, *, priority: int | None = None, delay_s: float | None = None,
                      max_attempts: int | None = None, lease_s: float | None = None,
                      idempotency_key: str | None = None, backoff_base_s: float | None = None,
-                     backoff_cap_s: float | None = None) -> str:
+                     backoff_cap_s: float | None = None, key: str | None = None,
+                     group: str | None = None) -> str:
         options = job_options(priority=priority, delay_s=delay_s, max_attempts=max_attempts, lease_s=lease_s,
-                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s)
+                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s, key=key, group=group)
         (call,) = self._submit_calls(queue, [payload], [idempotency_key], options)
         return (await self._send(call))[0]
 
     async def submit_many(self, queue: str, payloads: Sequence[Any], *, priority: int | None = None,
                           delay_s: float | None = None, max_attempts: int | None = None,
                           lease_s: float | None = None, idempotency_keys: Sequence[str | None] | None = None,
-                          backoff_base_s: float | None = None, backoff_cap_s: float | None = None) -> list[str]:
+                          backoff_base_s: float | None = None, backoff_cap_s: float | None = None,
+                          key: str | None = None, group: str | None = None) -> list[str]:
         options = job_options(priority=priority, delay_s=delay_s, max_attempts=max_attempts, lease_s=lease_s,
-                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s)
+                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s, key=key, group=group)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
@@ -175,8 +177,15 @@ class AsyncClient(_BaseClient):
     async def queues(self) -> dict:
         return await self._send(self._queues_call())
 
-    async def configure_queue(self, queue: str, *, max_depth: int | None = None) -> dict:
-        return await self._send(self._configure_queue_call(queue, max_depth))
+    async def configure_queue(self, queue: str, *, max_depth: int | None = None, rate_per_s: float | None = None,
+                              burst: int | None = None, max_running_per_key: int | None = None,
+                              fifo: bool = False) -> dict:
+        return await self._send(self._configure_queue_call(queue, queue_settings(
+            max_depth=max_depth, rate_per_s=rate_per_s, burst=burst, max_running_per_key=max_running_per_key,
+            fifo=fifo)))
+
+    async def queue_details(self) -> dict:
+        return await self._send(self._queues_call(detail=True))
 
     async def dead(self, queue: str, *, limit: int = 100, after: str | None = None) -> list[dict]:
         return await self._send(self._dead_call(queue, limit, after))

@@ -467,12 +467,11 @@ class _BaseClient:
     def _cancel_call(self, job_id: str) -> Call:
         return self._call("POST", f"/v1/jobs/{segment(job_id)}/cancel", _nothing)
 
-    def _queues_call(self) -> Call:
-        return self._call("GET", "/v1/queues", _field("queues", dict))
+    def _queues_call(self, *, detail: bool = False) -> Call:
+        return self._call("GET", "/v1/queues", _mapping if detail else _field("queues", dict))
 
-    def _configure_queue_call(self, queue: str, max_depth: int | None) -> Call:
-        return self._call("PUT", f"/v1/queues/{segment(queue)}", _mapping, body={"max_depth": max_depth},
-                          has_body=True)
+    def _configure_queue_call(self, queue: str, settings: dict[str, Any]) -> Call:
+        return self._call("PUT", f"/v1/queues/{segment(queue)}", _mapping, body=settings, has_body=True)
 
     def _dead_call(self, queue: str, limit: int, after: str | None) -> Call:
         query = urlencode({"limit": limit, **({"after": after} if after is not None else {})})
@@ -497,11 +496,20 @@ class _BaseClient:
 
 
 def job_options(*, priority: int | None, delay_s: float | None, max_attempts: int | None, lease_s: float | None,
-                backoff_base_s: float | None = None, backoff_cap_s: float | None = None) -> dict[str, Any]:
+                backoff_base_s: float | None = None, backoff_cap_s: float | None = None, key: str | None = None,
+                group: str | None = None) -> dict[str, Any]:
     """The per-job fields of a submit that were given (None: the server's default)."""
     given = {"priority": priority, "delay_s": delay_s, "max_attempts": max_attempts, "lease_s": lease_s,
-             "backoff_base_s": backoff_base_s, "backoff_cap_s": backoff_cap_s}
+             "backoff_base_s": backoff_base_s, "backoff_cap_s": backoff_cap_s, "key": key, "group": group}
     return {key: value for key, value in given.items() if value is not None}
+
+
+def queue_settings(*, max_depth: int | None, rate_per_s: float | None, burst: int | None,
+                   max_running_per_key: int | None, fifo: bool) -> dict[str, Any]:
+    """The body of PUT /v1/queues/{queue}: the whole settings (left out = unlimited / off)."""
+    given = {"max_depth": max_depth, "rate_per_s": rate_per_s, "burst": burst,
+             "max_running_per_key": max_running_per_key}
+    return {key: value for key, value in given.items() if value is not None} | ({"fifo": True} if fifo else {})
 
 
 def parse_nodes(nodes: str | Sequence[str]) -> list[str]:

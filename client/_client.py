@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from client import errors
-from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, single
+from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings, single
 from client._transports import BaseTransport, HTTPTransport
 
 
@@ -86,7 +86,8 @@ class Client(_BaseClient):
 
     def submit(self, queue: str, payload: Any, *, priority: int | None = None, delay_s: float | None = None,
                max_attempts: int | None = None, lease_s: float | None = None, idempotency_key: str | None = None,
-               backoff_base_s: float | None = None, backoff_cap_s: float | None = None) -> str:
+               backoff_base_s: float | None = None, backoff_cap_s: float | None = None, key: str | None = None,
+               group: str | None = None) -> str:
         """Submits one job; returns once it is durable on a majority of nodes.
 
         A queue that is full (429) is waited out with backoff, honouring Retry-After, until the
@@ -102,6 +103,8 @@ class Client(_BaseClient):
             idempotency_key: a repeat with the same key within the window returns the first job's
                 id and creates nothing. None: a fresh uuid4 hex, reused by this call's retries.
             backoff_base_s, backoff_cap_s: the job's retry backoff (None: 1 s and 300 s).
+            key: counts against the queue's max_running_per_key (a tenant, an API account).
+            group: in a fifo queue, the jobs of a group run one at a time in submit order.
 
         Returns:
             The job id (the first job's id when the key was seen before).
@@ -114,14 +117,15 @@ class Client(_BaseClient):
             TypeError: the payload is not a msgpack value.
         """
         options = job_options(priority=priority, delay_s=delay_s, max_attempts=max_attempts, lease_s=lease_s,
-                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s)
+                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s, key=key, group=group)
         (call,) = self._submit_calls(queue, [payload], [idempotency_key], options)
         return self._send(call)[0]
 
     def submit_many(self, queue: str, payloads: Sequence[Any], *, priority: int | None = None,
                     delay_s: float | None = None, max_attempts: int | None = None, lease_s: float | None = None,
                     idempotency_keys: Sequence[str | None] | None = None, backoff_base_s: float | None = None,
-                    backoff_cap_s: float | None = None) -> list[str]:
+                    backoff_cap_s: float | None = None, key: str | None = None,
+                    group: str | None = None) -> list[str]:
         """Submits many jobs, one request per chunk of up to 1000 (each chunk is one log entry).
 
         Every job gets its own idempotency key (fresh uuid4 hex unless given), reused when a chunk
@@ -142,7 +146,7 @@ class Client(_BaseClient):
             As `submit`; ValueError when idempotency_keys is not one per payload.
         """
         options = job_options(priority=priority, delay_s=delay_s, max_attempts=max_attempts, lease_s=lease_s,
-                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s)
+                              backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s, key=key, group=group)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(payloads)
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} idempotency keys for {len(payloads)} payloads")
@@ -307,13 +311,28 @@ class Client(_BaseClient):
         """Depth by state of every queue: {queue: {"ready": n, "leased": n, ...}} (absent states are 0)."""
         return self._send(self._queues_call())
 
-    def configure_queue(self, queue: str, *, max_depth: int | None = None) -> dict:
-        """Sets a queue's max depth (jobs not finished); beyond it submits get 429. None: unbounded.
+    def configure_queue(self, queue: str, *, max_depth: int | None = None, rate_per_s: float | None = None,
+                        burst: int | None = None, max_running_per_key: int | None = None, fifo: bool = False) -> dict:
+        """Replaces a queue's settings; a setting left out is unlimited / off.
+
+        Args:
+            max_depth: jobs not finished; beyond it submits get 429.
+            rate_per_s, burst: a token bucket on leases across all workers (burst: the server's
+                default is one second's worth).
+            max_running_per_key: leased jobs of one `key` at a time.
+            fifo: the jobs of one `group` are leased one at a time, in submit order.
 
         Returns:
-            The node's answer, {"ok": True, "queue": ..., "max_depth": ...}.
+            The node's answer: {"ok": True, "queue": ..., and the settings now in force}.
         """
-        return self._send(self._configure_queue_call(queue, max_depth))
+        return self._send(self._configure_queue_call(queue, queue_settings(
+            max_depth=max_depth, rate_per_s=rate_per_s, burst=burst, max_running_per_key=max_running_per_key,
+            fifo=fifo)))
+
+    def queue_details(self) -> dict:
+        """{"queues": depth by state, "settings": each queue's settings, "held_back": jobs each
+        limit holds back now, by queue}."""
+        return self._send(self._queues_call(detail=True))
 
     def dead(self, queue: str, *, limit: int = 100, after: str | None = None) -> list[dict]:
         """Dead-lettered jobs of a queue, oldest first, with attempts and last error.

@@ -33,6 +33,17 @@ from raftq.protocol import (  # noqa: F401
 BACKOFF_BASE_MS = 1_000
 BACKOFF_CAP_MS = 300_000
 
+#: Flow-control keys and FIFO group names (tenant ids, order ids): SQS allows 128 characters for a
+#: MessageGroupId; bytes here, so that one key cannot inflate the state machine's lane index.
+FLOW_KEY_BYTES_MAX = 128
+#: A queue's rate limit, leases per second: from one lease every 1000 s (the bucket's unit is a
+#: thousandth of a lease per second) up to far more than one leader grants.
+RATE_PER_S_MIN = 0.001
+RATE_PER_S_MAX = 1_000_000.0
+#: Token bucket size and per-key concurrency limit: bounded only to keep the arithmetic small.
+BURST_MAX = 1_000_000
+MAX_RUNNING_PER_KEY_MAX = 1_000_000
+
 #: SPEC: idempotency window 1 h, finished-job retention 1 h.
 IDEMPOTENCY_WINDOW_MS = 3_600_000
 RETENTION_MS = 3_600_000

@@ -160,6 +160,7 @@ def _new_job(spec: Any, position: int, *, now_ms: int, payload_bytes_max: int) -
                                           default_ms=c.BACKOFF_BASE_MS),
             backoff_cap_ms=seconds_as_ms(spec, "backoff_cap_s", low_ms=0, high_ms=c.DELAY_MS_MAX,
                                          default_ms=c.BACKOFF_CAP_MS),
+            **_flow_fields(spec),
         )
     except ApiError as exc:
         exc.message = f"jobs[{position}]: {exc.message}"
@@ -250,10 +251,46 @@ def redrive(body: Any, queue: str, *, now_ms: int) -> cmds.Redrive:
     return cmds.Redrive(now_ms=now_ms, queue=queue, ids=ids)
 
 
+def _flow_fields(spec: dict) -> dict:
+    """A job's `key` (per-key concurrency) or `group` (FIFO group); not both."""
+    key = text(spec, "key", bytes_max=c.FLOW_KEY_BYTES_MAX, required=False)
+    group = text(spec, "group", bytes_max=c.FLOW_KEY_BYTES_MAX, required=False)
+    if key is not None and group is not None:
+        raise invalid("a job carries a 'key' or a 'group', not both (a FIFO group already runs one job at a time)")
+    return {"key": key, "group": group}
+
+
 def queue_config(body: Any, queue: str, *, now_ms: int) -> cmds.SetQueueConfig:
+    """PUT /v1/queues/{queue}: the whole settings; a field left out is unlimited / off."""
     body = mapping(body)
     max_depth = integer(body, "max_depth", low=1, high=1 << 40, default=None)
-    return cmds.SetQueueConfig(now_ms=now_ms, queue=queue, max_depth=max_depth)
+    rate_per_s = number(body, "rate_per_s", low=c.RATE_PER_S_MIN, high=c.RATE_PER_S_MAX)
+    burst = integer(body, "burst", low=1, high=c.BURST_MAX, default=None)
+    if rate_per_s is None:
+        if burst is not None:
+            raise invalid("field 'burst' goes with 'rate_per_s'")
+        rate_per_ks = None
+    else:
+        rate_per_ks = int(round(rate_per_s * 1000))
+        if burst is None:
+            burst = max(1, math.ceil(rate_per_s))  # one second's worth
+    return cmds.SetQueueConfig(
+        now_ms=now_ms, queue=queue, max_depth=max_depth, rate_per_ks=rate_per_ks, burst=burst,
+        max_running_per_key=integer(body, "max_running_per_key", low=1, high=c.MAX_RUNNING_PER_KEY_MAX, default=None),
+        fifo=boolean(body, "fifo", default=False),
+    )
+
+
+def number(body: dict, key: str, *, low: float, high: float) -> float | None:
+    """An optional finite number in [low, high]; None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(f"field {key!r} must be a number, got {_show(value)}")
+    if not low <= value <= high:
+        raise invalid(f"field {key!r} = {value} is out of range [{low:g}, {high:g}]")
+    return float(value)
 
 
 def _show(value: Any) -> str:

@@ -55,18 +55,24 @@ async def lease(request: web.Request) -> web.Response:
     deadline = time.monotonic() + wait_s
     while True:
         changed = node.jobs_changed()
-        if node.queue.has_ready(queues):
-            result = await node.propose(cmds.Lease(now_ms=_now_ms(), worker=worker, queues=queues, max_jobs=max_jobs))
+        now_ms = _now_ms()
+        # 0: a job is leasable now; N: a rate limit lets one go in N ms; None: nothing until an
+        # entry applies (a submit, an ack freeing a key's slot or a group's next job).
+        wait_ms = node.queue.lease_wait_ms(queues, now_ms)
+        if wait_ms == 0:
+            result = await node.propose(cmds.Lease(now_ms=now_ms, worker=worker, queues=queues, max_jobs=max_jobs))
             if result.jobs:
                 return respond(request, {"jobs": [_leased_job(job) for job in result.jobs]})
             # Another worker took them first: wait for the next change rather than spin on proposals.
+            wait_ms = None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return respond(request, {"jobs": []})
         try:
-            await asyncio.wait_for(asyncio.shield(changed), remaining)
+            await asyncio.wait_for(asyncio.shield(changed), remaining if wait_ms is None else min(remaining, wait_ms / 1000))
         except asyncio.TimeoutError:
-            return respond(request, {"jobs": []})
+            if wait_ms is None or remaining <= wait_ms / 1000:
+                return respond(request, {"jobs": []})
         node.require_leader()
 
 
@@ -183,7 +189,13 @@ async def cancel(request: web.Request) -> web.Response:
 async def list_queues(request: web.Request) -> web.Response:
     node = request.app[NODE]
     await node.read_barrier()
-    return respond(request, {"queues": node.queue.queue_stats()})
+    state = node.queue
+    now_ms = _now_ms()
+    return respond(request, {
+        "queues": state.queue_stats(),
+        "settings": state.queue_settings(),
+        "held_back": {name: state.held_back(name, now_ms) for name in state.queue_stats()},
+    })
 
 
 async def configure_queue(request: web.Request) -> web.Response:
@@ -192,7 +204,7 @@ async def configure_queue(request: web.Request) -> web.Response:
     command = v.queue_config(await _body(request), queue, now_ms=_now_ms())
     node.require_leader()
     await node.propose(command)
-    return respond(request, {"ok": True, "queue": queue, "max_depth": command.max_depth})
+    return respond(request, {"ok": True, "queue": queue, **node.queue.queue_settings()[queue]})
 
 
 async def list_dead(request: web.Request) -> web.Response:

@@ -51,6 +51,11 @@ class NewJob:
     idempotency_key: str | None
     backoff_base_ms: int
     backoff_cap_ms: int
+    # Flow control (at most one of the two; the API edge refuses both): the queue's
+    # max_running_per_key counts LEASED jobs by `key`; in a fifo queue the jobs of one `group`
+    # are leased one at a time in submit order. Both also name a lane for round-robin fairness.
+    key: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,17 +182,92 @@ class Purge:
 
 @dataclass(frozen=True, slots=True)
 class SetQueueConfig:
+    """Replaces the queue's settings (a field left None is unlimited / off)."""
+
     TAG: ClassVar[int] = 12
     now_ms: int
     queue: str
     max_depth: int | None  # jobs not finished (scheduled, ready, leased, retry_wait); None = unbounded
+    # Token bucket on leases: refills rate_per_ks / 1000 leases a second (integer, so that every
+    # replica computes the same level), holds at most `burst` leases. None = no rate limit.
+    rate_per_ks: int | None = None
+    burst: int | None = None
+    max_running_per_key: int | None = None  # LEASED jobs of one key at a time; None = unlimited
+    fifo: bool = False  # the jobs of one group are leased one at a time, in submit order
+
+
+@dataclass(frozen=True, slots=True)
+class PutSchedule:
+    """Creates or replaces a schedule; the leader computed `next_fire_ms` from the spec at `now_ms`.
+
+    The spec (cron or every_ms, timezone) is carried for display and for the leader's own fire-time
+    arithmetic (cluster/schedules.py); the state machine never evaluates it.
+    """
+
+    TAG: ClassVar[int] = 13
+    now_ms: int
+    name: str
+    queue: str
+    payload: bytes  # msgpack of the user's value, like NewJob.payload
+    cron: str | None
+    every_ms: int | None
+    timezone: str
+    overlap: str  # "allow" | "skip"
+    catch_up: str  # "none" | "latest" | "all"
+    priority: int
+    max_attempts: int
+    lease_ms: int
+    backoff_base_ms: int
+    backoff_cap_ms: int
+    next_fire_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSchedule:
+    TAG: ClassVar[int] = 14
+    now_ms: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PauseSchedule:
+    """paused=True stops fires; paused=False resumes from `next_fire_ms` (fires missed while
+    paused are skipped: the leader computed the next one after now)."""
+
+    TAG: ClassVar[int] = 15
+    now_ms: int
+    name: str
+    paused: bool
+    next_fire_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FireSchedule:
+    """The leader's decision about one due fire time of a schedule.
+
+    Applied only while the schedule's revision is `revision` and its next fire time is
+    `fire_ms`, so each (name, fire time) takes effect at most once however often leaders
+    propose it. `run`: create job `job_id` (subject to the overlap policy), or skip this fire
+    time (catch-up policy). Either way the schedule's next fire time becomes `next_fire_ms`.
+    """
+
+    TAG: ClassVar[int] = 16
+    now_ms: int
+    name: str
+    revision: int
+    fire_ms: int
+    next_fire_ms: int
+    run: bool
+    job_id: str
 
 
 Command = Union[
-    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig
+    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule,
 ]
 COMMAND_TYPES: tuple[type, ...] = (
-    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig
+    Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule,
 )
 
 
@@ -236,7 +316,7 @@ def _item(cls: type, schema: _Schema) -> Callable[[tuple, str], Any]:
     return lambda values, where: _build(cls, schema, values, where)
 
 
-_NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT, _INT)
+_NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT, _INT, _OPT_STR, _OPT_STR)
 _ACK_ITEM = _item(AckItem, (_STR, _INT, _OPT_BYTES))
 _FAIL_ITEM = _item(FailItem, (_STR, _INT, _STR, _BOOL, _OPT_INT))
 _EXTEND_ITEM = _item(ExtendItem, (_STR, _INT, _INT))
@@ -254,11 +334,25 @@ _COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
     Cancel.TAG: (Cancel, (_INT, _STR)),
     Redrive.TAG: (Redrive, (_INT, _STR, _opt_strings)),
     Purge.TAG: (Purge, (_INT, _STR, _STR)),
-    SetQueueConfig.TAG: (SetQueueConfig, (_INT, _STR, _OPT_INT)),
+    SetQueueConfig.TAG: (SetQueueConfig, (_INT, _STR, _OPT_INT, _OPT_INT, _OPT_INT, _OPT_INT, _BOOL)),
+    PutSchedule.TAG: (PutSchedule, (_INT, _STR, _STR, _BYTES, _OPT_STR, _OPT_INT, _STR, _STR, _STR, _INT, _INT,
+                                    _INT, _INT, _INT, _INT)),
+    DeleteSchedule.TAG: (DeleteSchedule, (_INT, _STR)),
+    PauseSchedule.TAG: (PauseSchedule, (_INT, _STR, _BOOL, _INT)),
+    FireSchedule.TAG: (FireSchedule, (_INT, _STR, _INT, _INT, _INT, _BOOL, _STR)),
+}
+#: Fields added to a shape after entries of the shorter shape were written: an array that lacks
+#: them decodes with these values (older logs stay readable; a tag keeps its meaning).
+_TRAILING_DEFAULTS: dict[type, tuple] = {
+    NewJob: (None, None),  # key, group
+    SetQueueConfig: (None, None, None, False),  # rate_per_ks, burst, max_running_per_key, fifo
 }
 
 
 def _build(cls: type, schema: _Schema, values: Any, where: str) -> Any:
+    defaults = _TRAILING_DEFAULTS.get(cls)
+    if defaults and type(values) is tuple and len(schema) - len(defaults) <= len(values) < len(schema):
+        values = values + defaults[len(values) - len(schema):]
     if type(values) is not tuple or len(values) != len(schema):
         raise CommandDecodeError(f"{where}: expected an array of {len(schema)} fields for {cls.__name__}")
     converted = []

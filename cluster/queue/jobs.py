@@ -53,13 +53,13 @@ class Job:
         "id", "queue", "state", "payload", "priority", "attempts", "max_attempts", "lease_ms",
         "backoff_base_ms", "backoff_cap_ms", "idempotency_key", "created_at_ms", "ready_at_ms",
         "leased_at_ms", "lease", "lease_expires_at_ms", "worker", "finished_at_ms", "last_error",
-        "result", "transitions", "seq",
+        "result", "transitions", "seq", "key", "group", "order",
     )
 
     def __init__(
         self, id: str, queue: str, state: str, payload: bytes, priority: int, max_attempts: int,
         lease_ms: int, backoff_base_ms: int, backoff_cap_ms: int, idempotency_key: str | None,
-        created_at_ms: int, ready_at_ms: int,
+        created_at_ms: int, ready_at_ms: int, key: str | None = None, group: str | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
@@ -88,6 +88,12 @@ class Job:
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
         # and lets restore() rebuild both structures in the order the live machine holds them.
         self.seq = 0
+        # Flow control (see commands.NewJob): at most one of key and group is set.
+        self.key = key
+        self.group = group
+        # Place in its group's line: a fresh sequence number at submit and at redrive (a
+        # redriven job rejoins the end of its group's line). 0 for jobs without a group.
+        self.order = 0
 
     def record(self) -> dict:
         """The job as a plain dict with wire-friendly names (times in ms, payload bytes)."""
@@ -113,6 +119,8 @@ class Job:
             "last_error": self.last_error,
             "result": self.result,
             "transitions": [list(t) for t in self.transitions],
+            "key": self.key,
+            "group": self.group,
         }
 
     def with_transition(self, state: str, at_ms: int) -> None:
@@ -145,7 +153,7 @@ class Job:
             job.id, job.queue, state, job.payload, job.priority, job.attempts, job.max_attempts, job.lease_ms,
             job.backoff_base_ms, job.backoff_cap_ms, job.idempotency_key, job.created_at_ms, job.ready_at_ms,
             job.leased_at_ms, job.lease, job.lease_expires_at_ms, job.worker, job.finished_at_ms, job.last_error,
-            job.result, transitions, job.seq,
+            job.result, transitions, job.seq, job.key, job.group, job.order,
         ) = row
         interned = _INTERNED_STATES
         job.state = interned.get(state, state)
@@ -158,6 +166,8 @@ class Job:
 job_row: Callable[[Job], tuple] = attrgetter(*Job.__slots__)
 #: Fields in a row.
 ROW_FIELD_COUNT = len(Job.__slots__)
+#: Fields in a row of a version-1 snapshot, written before jobs had key, group and order.
+ROW_FIELD_COUNT_V1 = ROW_FIELD_COUNT - 3
 
 
 def splitmix64(x: int) -> int:

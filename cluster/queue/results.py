@@ -13,6 +13,8 @@ API edge maps it to HTTP.
     RenewLeases   -> Renewed
     Cancel        -> OK | ItemError(not_found | conflict)
     Redrive       -> Redriven;   Purge -> Purged;   SetQueueConfig -> OK
+    PutSchedule   -> OK;   DeleteSchedule, PauseSchedule -> OK | ItemError(not_found)
+    FireSchedule  -> ScheduleFired
     undecodable   -> Rejected (the entry changes nothing but last_applied)
 """
 
@@ -120,6 +122,17 @@ class Purged:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleFired:
+    """What a FireSchedule did: outcome is one of schedules.FIRE_OUTCOMES or STALE (nothing
+    changed); job_id is set when a job was created."""
+
+    name: str
+    fire_ms: int
+    outcome: str
+    job_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """The entry's data is not a command this version understands; it changed nothing."""
 
@@ -127,5 +140,6 @@ class Rejected:
 
 
 ApplyResult = Union[
-    Submitted, QueueFull, Leased, ItemOutcomes, Ticked, Released, Renewed, Ok, ItemError, Redriven, Purged, Rejected
+    Submitted, QueueFull, Leased, ItemOutcomes, Ticked, Released, Renewed, Ok, ItemError, Redriven, Purged, Rejected,
+    ScheduleFired,
 ]

@@ -26,12 +26,15 @@ Job lifecycle (SPEC.md):
                                    └────────────── DEAD ─purge─► deleted
     cancel: any state but DONE ─► CANCELLED ─(retention)─► dropped
 
-Structures (all rebuilt by `restore` from the job records alone, so the snapshot holds no
-derived data):
+Structures (rebuilt by `restore` from the job records, except what decides future leases and
+is not derivable from them: each queue's turn order and token bucket, and the schedules):
 
 * `_jobs`: id -> Job, the single source of truth; every other structure indexes it.
-* Per queue (`_Queue`): ten FIFO deques of READY jobs, one per priority; per-state counts kept
-  incrementally (so `queue_stats` is O(queues)); the DEAD jobs by id; metric counters.
+* Per queue (`_Queue`): its READY jobs in lanes (the pool, and one lane per key or group), each
+  with ten FIFO deques, one per priority, and the turns the lanes take (flow.py); per-state counts
+  kept incrementally (so `queue_stats` is O(queues)); the DEAD jobs by id; metric counters; its
+  settings (max_depth, rate and burst with the token bucket, max_running_per_key, fifo).
+* `_schedules`: name -> Schedule (schedules.py): each fire time applies at most once.
 * `_delayed`: a heap of (ready_at_ms, seq, job) for SCHEDULED and RETRY_WAIT jobs.
 * `_leases`: a heap of (expires_at_ms, token, job) for LEASED jobs.
 * `_worker_jobs`: worker -> {id: job} of the jobs it holds (WorkerLost, heartbeats).
@@ -72,13 +75,18 @@ import msgpack
 
 from cluster.queue import commands as cmds
 from cluster.queue.commands import CommandDecodeError, decode_command
+from cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
 from cluster.queue.jobs import (
     CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
-    ROW_FIELD_COUNT, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, job_row,
+    ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, job_row,
 )
 from cluster.queue.results import (  # re-exported: the API maps these to HTTP
     CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
-    Leased, LeasedJob, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, Submitted, Ticked,
+    Leased, LeasedJob, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, ScheduleFired,
+    Submitted, Ticked,
+)
+from cluster.queue.schedules import (
+    CREATED, SKIPPED_CATCH_UP, SKIPPED_FULL, SKIPPED_OVERLAP, STALE, Schedule, schedule_row,
 )
 from cluster.raft.messages import Entry, EntryKind
 
@@ -93,16 +101,22 @@ EVENTS: tuple[str, ...] = (
     "submitted", "leased", "acked", "failed", "retried", "dead_lettered", "cancelled",
     "requeued_expired", "requeued_worker_lost", "redriven",
 )
-#: Format of `snapshot()`; restore refuses any other.
-SNAPSHOT_VERSION = 1
+#: Format of `snapshot()`. Version 2 added flow control (job key, group and order; queue
+#: settings, bucket and turns) and schedules; restore also reads version 1, and refuses others.
+SNAPSHOT_VERSION = 2
+#: States in which a job has left its group's line (a FIFO group's head is never one of these).
+_OUT_OF_GROUP: tuple[str, ...] = (DONE, DEAD, CANCELLED, PURGED)
 PRIORITY_LEVELS = cmds.PRIORITY_MAX + 1
 #: Stale entries tolerated in a heap or a queue's FIFOs beyond the number of live ones before
 #: they are swept out: the sweep is O(size), so letting this many pile up keeps it amortised O(1).
 COMPACT_SLACK = 4096
 #: Keys of the snapshot map, in the sorted order the canonical encoding writes them.
 SNAPSHOT_KEYS: tuple[str, ...] = (
-    "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "queues", "rotation", "seq", "version",
+    "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "queues", "rotation", "schedules", "seq",
+    "version",
 )
+#: Keys a version-1 snapshot has (no schedules).
+SNAPSHOT_KEYS_V1: tuple[str, ...] = tuple(key for key in SNAPSHOT_KEYS if key != "schedules")
 assert list(SNAPSHOT_KEYS) == sorted(SNAPSHOT_KEYS)
 #: Rows per msgpack call and per `write` when writing a snapshot: a few milliseconds of work,
 #: after which a worker thread can hand the GIL back to the event loop.
@@ -116,26 +130,48 @@ _FIRST = itemgetter(0)
 
 
 class _Queue:
-    """One named queue: its ready FIFOs, per-state counts, dead jobs, config and counters."""
+    """One named queue: its lanes of READY jobs, per-state counts, dead jobs, settings and counters
+    (lanes, turns, groups, running and the bucket: see flow.py)."""
 
-    __slots__ = ("name", "ready", "counts", "dead", "max_depth", "events")
+    __slots__ = (
+        "name", "lanes", "turns", "groups", "running", "counts", "dead", "max_depth", "events",
+        "rate_per_ks", "burst", "max_running_per_key", "fifo", "bucket_level", "bucket_at_ms",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
-        # ready[p] holds READY jobs of priority p in FIFO order (plus stale entries); created on
-        # first use so that an idle queue costs little.
-        self.ready: list[deque[Job] | None] = [None] * PRIORITY_LEVELS
+        # The pool lane always exists; keyed and grouped lanes live while they hold entries.
+        self.lanes: dict[str, Lane] = {POOL: Lane(POOL, PRIORITY_LEVELS)}
+        self.turns: dict[str, None] = {}  # lanes with a candidate, in round-robin order
+        self.groups: dict[str, list[tuple[int, Job]]] = {}  # group -> heap of (order, job), unfinished
+        self.running: dict[str, int] = {}  # key -> LEASED jobs of that key
         self.counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.dead: dict[str, Job] = {}
         self.max_depth: int | None = None
         self.events: dict[str, int] = dict.fromkeys(EVENTS, 0)
+        self.rate_per_ks: int | None = None
+        self.burst = 0
+        self.max_running_per_key: int | None = None
+        self.fifo = False
+        self.bucket_level = 0
+        self.bucket_at_ms = 0
 
     def active_count(self) -> int:
         counts = self.counts
         return counts[SCHEDULED] + counts[READY] + counts[LEASED] + counts[RETRY_WAIT]
 
     def ready_entries_count(self) -> int:
-        return sum(len(fifo) for fifo in self.ready if fifo is not None)
+        return sum(lane.entries_count() for lane in self.lanes.values())
+
+    def settings(self) -> tuple[int | None, int | None, int | None, bool]:
+        """(rate_per_ks, burst, max_running_per_key, fifo), as SetQueueConfig carries them."""
+        return (self.rate_per_ks, self.burst if self.rate_per_ks is not None else None,
+                self.max_running_per_key, self.fifo)
+
+    def bucket_now(self, now: int) -> int:
+        """The token bucket's level at `now` (read-only; UNITS_PER_LEASE per lease)."""
+        assert self.rate_per_ks is not None
+        return bucket_level(self.bucket_level, self.bucket_at_ms, now, self.rate_per_ks, self.burst)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,7 +187,10 @@ class SnapshotCapture:
         last_applied: index of the last entry applied: the index of the snapshot.
         clock_ms, lease_counter, seq, rotation: the machine's scalar fields.
         idempotency: ((queue, key), (job id, expires_at_ms)) per idempotency key, in any order.
-        queues: (name, max_depth, counters of EVENTS in that order) per queue, in any order.
+        queues: (name, max_depth, counters of EVENTS in that order, settings (rate_per_ks, burst,
+            max_running_per_key, fifo), bucket (level, at_ms), turns (lane ids in order)) per
+            queue, in any order.
+        schedules: one `schedule_row` per schedule, in any order.
         jobs: one `Job.to_row()` row per job, in any order. A list, because `list(map())`
             builds a million rows faster than `tuple(map())`; no one changes it after capture.
     """
@@ -162,8 +201,9 @@ class SnapshotCapture:
     seq: int
     rotation: int
     idempotency: tuple[tuple[tuple[str, str], tuple[str, int]], ...]
-    queues: tuple[tuple[str, int | None, tuple[int, ...]], ...]
+    queues: tuple[tuple, ...]
     jobs: list[tuple]
+    schedules: tuple[tuple, ...] = ()
 
 
 class QueueStateMachine:
@@ -192,6 +232,10 @@ class QueueStateMachine:
             cmds.Redrive: self._apply_redrive,
             cmds.Purge: self._apply_purge,
             cmds.SetQueueConfig: self._apply_set_queue_config,
+            cmds.PutSchedule: self._apply_put_schedule,
+            cmds.DeleteSchedule: self._apply_delete_schedule,
+            cmds.PauseSchedule: self._apply_pause_schedule,
+            cmds.FireSchedule: self._apply_fire_schedule,
         }
         self._reset()
 
@@ -209,6 +253,7 @@ class QueueStateMachine:
         self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
         self._finished: deque[tuple[int, Job]] = deque()
+        self._schedules: dict[str, Schedule] = {}
         #: Observations for metrics and logs, (kind, queue, value): "job_latency" (submit -> ack, ms),
         #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
@@ -297,10 +342,12 @@ class QueueStateMachine:
         job = Job(
             new.id, queue.name, SCHEDULED if delayed else READY, new.payload, new.priority, new.max_attempts,
             new.lease_ms, new.backoff_base_ms, new.backoff_cap_ms, new.idempotency_key, now,
-            now + new.delay_ms if delayed else now,
+            now + new.delay_ms if delayed else now, new.key, new.group,
         )
         self._jobs[job.id] = job
         queue.counts[job.state] += 1
+        if job.group is not None:
+            self._join_group(queue, job)
         if delayed:
             self._push_delayed(job)
         else:
@@ -321,38 +368,106 @@ class QueueStateMachine:
         if not names or command.max_jobs <= 0:
             return Leased(())
         # Round robin: one job per queue per round, the first queue rotating per Lease so that a
-        # busy queue named first cannot starve the others.
+        # busy queue named first cannot starve the others. Within a queue, lanes take turns
+        # (flow.py); a queue whose limits hold everything back is skipped, not waited for.
         start = self._rotation % len(names)
         rotated = names[start:] + names[:start]
-        active = [q for q in map(self._queues.get, rotated) if q is not None and q.counts[READY]]
+        active = [q for q in map(self._queues.get, rotated) if q is not None and q.turns and self._has_token(q, now)]
         taken: list[LeasedJob] = []
         max_jobs = command.max_jobs
         while active and len(taken) < max_jobs:
             still_ready = []
             for queue in active:
-                job = self._pop_ready(queue)
+                job = self._take_turn(queue)
                 if job is None:
                     continue
                 taken.append(self._grant(queue, job, command.worker, now))
+                if queue.rate_per_ks is not None:
+                    queue.bucket_level -= UNITS_PER_LEASE
                 if len(taken) >= max_jobs:
                     break
-                if queue.counts[READY]:
+                if queue.turns and self._has_token(queue, now):
                     still_ready.append(queue)
             active = still_ready
         return Leased(tuple(taken))
 
-    def _pop_ready(self, queue: _Queue) -> Job | None:
-        """The oldest READY job of the highest priority, skipping stale entries."""
-        if not queue.counts[READY]:
+    def _has_token(self, queue: _Queue, now: int) -> bool:
+        """Refills the queue's bucket to `now`; True when it holds a lease (or has no rate)."""
+        if queue.rate_per_ks is None:
+            return True
+        queue.bucket_level = queue.bucket_now(now)
+        queue.bucket_at_ms = now
+        return queue.bucket_level >= UNITS_PER_LEASE
+
+    def _take_turn(self, queue: _Queue) -> Job | None:
+        """The candidate of the lane whose turn it is, out of its lane (the caller grants it)."""
+        turns = queue.turns
+        while turns:
+            lane_id = next(iter(turns))
+            del turns[lane_id]
+            lane = queue.lanes[lane_id]
+            job = self._candidate(queue, lane)
+            assert job is not None, f"queue {queue.name}: lane {lane_id!r} took a turn without a candidate"
+            lane.take(job)
+            return job
+        return None
+
+    def _candidate(self, queue: _Queue, lane: Lane) -> Job | None:
+        """The job `lane` would give a lease now, or None when it is empty or a limit holds it."""
+        job = lane.peek()
+        if job is None:
             return None
-        for fifo in reversed(queue.ready):
-            while fifo:
-                job = fifo.popleft()
-                if job.state == READY:
-                    return job
-        raise AssertionError(f"queue {queue.name} counts {queue.counts[READY]} ready jobs but holds none")
+        if job.key is not None and queue.max_running_per_key is not None:
+            if queue.running.get(job.key, 0) >= queue.max_running_per_key:
+                return None
+        if job.group is not None and queue.fifo:
+            head = self._group_head(queue, job.group)
+            return head if head is not None and head.state == READY else None
+        return job
+
+    def _group_head(self, queue: _Queue, group: str) -> Job | None:
+        """The group's earliest-submitted unfinished job; drops finished ones it passes."""
+        heap = queue.groups.get(group)
+        while heap:
+            order, job = heap[0]
+            if job.order == order and job.state not in _OUT_OF_GROUP:
+                return job
+            heapq.heappop(heap)
+        queue.groups.pop(group, None)
+        return None
+
+    def _join_group(self, queue: _Queue, job: Job) -> None:
+        """Puts `job` at the end of its group's line (at submit, and again at redrive)."""
+        self._seq += 1
+        job.order = self._seq
+        heap = queue.groups.get(job.group)
+        if heap is None:
+            heap = queue.groups[job.group] = []
+        heapq.heappush(heap, (job.order, job))
+
+    def _refresh_turn(self, queue: _Queue, lane_id: str) -> None:
+        """Keeps `turns` exact for one lane after something that may change its candidate: a
+        lane that gained one joins the back of the line, one that lost it leaves the line, and
+        an empty keyed or grouped lane is dropped."""
+        lane = queue.lanes.get(lane_id)
+        if lane is None:
+            queue.turns.pop(lane_id, None)
+            return
+        if self._candidate(queue, lane) is not None:
+            if lane_id not in queue.turns:
+                queue.turns[lane_id] = None
+            return
+        queue.turns.pop(lane_id, None)
+        if lane_id != POOL and lane.peek() is None:
+            del queue.lanes[lane_id]
+
+    def _refresh_all_turns(self, queue: _Queue) -> None:
+        """After a settings change: every lane, in id order (the lanes dict's order is history)."""
+        for lane_id in sorted(queue.lanes):
+            self._refresh_turn(queue, lane_id)
 
     def _grant(self, queue: _Queue, job: Job, worker: str, now: int) -> LeasedJob:
+        """Leases `job`, already taken out of its lane, to `worker`."""
         self._lease_counter += 1
         token = self._lease_counter
         expires_at = now + job.lease_ms
@@ -370,6 +485,9 @@ class QueueStateMachine:
             held = self._worker_jobs[worker] = {}
         held[job.id] = job
         queue.events["leased"] += 1
+        if job.key is not None:
+            queue.running[job.key] = queue.running.get(job.key, 0) + 1
+        self._refresh_turn(queue, lane_of(job))
         return LeasedJob(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority)
 
     # ------------------------------------------------------------------ ack, fail, extend
@@ -391,6 +509,8 @@ class QueueStateMachine:
             self._end_lease(job)
             job.result = item.result
             self._finish(queue, job, DONE, now)
+            if job.key is not None or job.group is not None:
+                self._refresh_turn(queue, lane_of(job))  # a key slot freed, or the group's next
             queue.events["acked"] += 1
             self.metric_samples.append(("job_latency", job.queue, now - job.created_at_ms))
             outcomes.append(OK)
@@ -568,6 +688,7 @@ class QueueStateMachine:
             del queue.dead[job.id]
         self._finish(queue, job, CANCELLED, now)
         queue.events["cancelled"] += 1
+        self._refresh_turn(queue, lane_of(job))
         if was_ready:
             self._compact_ready(queue)
         return OK
@@ -587,6 +708,8 @@ class QueueStateMachine:
             job.attempts = 0
             job.ready_at_ms = now
             self._move(queue, job, READY, now)
+            if job.group is not None:
+                self._join_group(queue, job)
             self._push_ready(queue, job)
             count += 1
         queue.events["redriven"] += count
@@ -600,19 +723,132 @@ class QueueStateMachine:
             doomed = list(queue.dead.values())
             queue.dead.clear()
         elif command.state == READY:
-            doomed = [job for fifo in queue.ready if fifo is not None for job in fifo if job.state == READY]
-            queue.ready = [None] * PRIORITY_LEVELS  # every entry left is stale now
+            doomed = [job for lane in queue.lanes.values() for job in lane.live()]
+            for lane in queue.lanes.values():
+                lane.ready = [None] * PRIORITY_LEVELS  # every entry left is stale now
         else:
             return Purged(0)  # the edge only sends "dead" or "ready"
         for job in doomed:
             del self._jobs[job.id]
             queue.counts[job.state] -= 1
             job.state = PURGED
+        self._refresh_all_turns(queue)  # emptied lanes leave; groups may have new heads
         return Purged(len(doomed))
 
     def _apply_set_queue_config(self, command: cmds.SetQueueConfig) -> Ok:
-        self._queue(command.queue).max_depth = command.max_depth
+        now = self.clock_ms
+        queue = self._queue(command.queue)
+        queue.max_depth = command.max_depth
+        rate, burst = command.rate_per_ks, command.burst
+        if rate is None or burst is None or rate <= 0 or burst <= 0:
+            queue.rate_per_ks, queue.burst, queue.bucket_level, queue.bucket_at_ms = None, 0, 0, 0
+        elif queue.rate_per_ks is None:
+            # A new limit starts with a full bucket, as a queue idle for a long time would have.
+            queue.rate_per_ks, queue.burst, queue.bucket_level, queue.bucket_at_ms = rate, burst, burst * UNITS_PER_LEASE, now
+        else:
+            # The leases already granted keep counting: refill at the old rate, cap at the new burst.
+            level = min(queue.bucket_now(now), burst * UNITS_PER_LEASE)
+            queue.rate_per_ks, queue.burst, queue.bucket_level, queue.bucket_at_ms = rate, burst, level, now
+        limit = command.max_running_per_key
+        queue.max_running_per_key = limit if limit is not None and limit > 0 else None
+        queue.fifo = command.fifo
+        self._refresh_all_turns(queue)
         return OK
+
+    # ------------------------------------------------------------------ schedules
+
+    def _apply_put_schedule(self, command: cmds.PutSchedule) -> Ok:
+        old = self._schedules.get(command.name)
+        schedule = Schedule.__new__(Schedule)
+        (schedule.name, schedule.queue, schedule.payload, schedule.cron, schedule.every_ms, schedule.timezone,
+         schedule.overlap, schedule.catch_up, schedule.priority, schedule.max_attempts, schedule.lease_ms,
+         schedule.backoff_base_ms, schedule.backoff_cap_ms) = (
+            command.name, command.queue, command.payload, command.cron, command.every_ms, command.timezone,
+            command.overlap, command.catch_up, command.priority, command.max_attempts, command.lease_ms,
+            command.backoff_base_ms, command.backoff_cap_ms)
+        if old is not None and old.spec() == schedule.spec():
+            return OK  # re-declared as it was: keep its fire times
+        schedule.revision = self.last_applied
+        schedule.next_fire_ms = command.next_fire_ms
+        # A replaced schedule keeps its pause, its history, and its last job (for overlap=skip).
+        schedule.paused = old.paused if old is not None else False
+        schedule.last_fire_ms = old.last_fire_ms if old is not None else None
+        schedule.last_job_id = old.last_job_id if old is not None else None
+        schedule.created_count = old.created_count if old is not None else 0
+        schedule.skipped_count = old.skipped_count if old is not None else 0
+        self._schedules[command.name] = schedule
+        return OK
+
+    def _apply_delete_schedule(self, command: cmds.DeleteSchedule) -> Ok | ItemError:
+        if self._schedules.pop(command.name, None) is None:
+            return ItemError(NOT_FOUND, f"no schedule {command.name}")
+        return OK
+
+    def _apply_pause_schedule(self, command: cmds.PauseSchedule) -> Ok | ItemError:
+        schedule = self._schedules.get(command.name)
+        if schedule is None:
+            return ItemError(NOT_FOUND, f"no schedule {command.name}")
+        if schedule.paused and not command.paused:
+            schedule.next_fire_ms = command.next_fire_ms  # fires due while paused are skipped
+            schedule.revision = self.last_applied  # fires computed before the pause no longer apply
+        schedule.paused = command.paused
+        return OK
+
+    def _apply_fire_schedule(self, command: cmds.FireSchedule) -> ScheduleFired:
+        schedule = self._schedules.get(command.name)
+        if (schedule is None or schedule.paused or schedule.revision != command.revision
+                or schedule.next_fire_ms != command.fire_ms or command.next_fire_ms <= command.fire_ms):
+            return ScheduleFired(command.name, command.fire_ms, STALE, None)
+        schedule.next_fire_ms = command.next_fire_ms
+        schedule.last_fire_ms = command.fire_ms
+        outcome, job_id = self._schedule_job(schedule, command)
+        if outcome == CREATED:
+            schedule.created_count += 1
+            schedule.last_job_id = job_id
+        else:
+            schedule.skipped_count += 1
+        self.metric_samples.append(("schedule_" + outcome, schedule.name, 1))
+        return ScheduleFired(command.name, command.fire_ms, outcome, job_id)
+
+    def _schedule_job(self, schedule: Schedule, command: cmds.FireSchedule) -> tuple[str, str | None]:
+        """Creates the job of one fire time, unless a policy or a full queue says not to."""
+        if not command.run:
+            return SKIPPED_CATCH_UP, None
+        if schedule.overlap == "skip" and schedule.last_job_id is not None:
+            previous = self._jobs.get(schedule.last_job_id)
+            if previous is not None and previous.state in (SCHEDULED, READY, LEASED, RETRY_WAIT):
+                return SKIPPED_OVERLAP, None
+        queue = self._queue(schedule.queue)
+        if queue.max_depth is not None and queue.active_count() >= queue.max_depth:
+            return SKIPPED_FULL, None
+        if command.job_id in self._jobs:
+            return CREATED, command.job_id  # ids are unique at the edge; never overwrite a record
+        new = cmds.NewJob(command.job_id, schedule.payload, schedule.priority, 0, schedule.max_attempts,
+                          schedule.lease_ms, None, schedule.backoff_base_ms, schedule.backoff_cap_ms)
+        self._create_job(queue, new, self.clock_ms)
+        queue.events["submitted"] += 1
+        return CREATED, command.job_id
+
+    def schedules(self) -> list[dict]:
+        """Every schedule's record, by name."""
+        return [self._schedules[name].record() for name in sorted(self._schedules)]
+
+    def schedule(self, name: str) -> dict | None:
+        found = self._schedules.get(name)
+        return None if found is None else found.record()
+
+    def due_schedules(self, now_ms: int) -> list[dict]:
+        """Records of the unpaused schedules whose next fire time has come, by name."""
+        return [schedule.record() for name, schedule in sorted(self._schedules.items())
+                if not schedule.paused and schedule.next_fire_ms <= now_ms]
+
+    def next_fire_ms(self) -> int | None:
+        """The earliest next fire time of an unpaused schedule (O(schedules); they are few)."""
+        times = [s.next_fire_ms for s in self._schedules.values() if not s.paused]
+        return min(times) if times else None
+
+    def schedule_count(self) -> int:
+        return len(self._schedules)
 
     # ------------------------------------------------------------------ transitions
 
@@ -633,10 +869,13 @@ class QueueStateMachine:
     def _push_ready(self, queue: _Queue, job: Job) -> None:
         self._seq += 1
         job.seq = self._seq
-        fifo = queue.ready[job.priority]
-        if fifo is None:
-            fifo = queue.ready[job.priority] = deque()
-        fifo.append(job)
+        lane_id = lane_of(job)
+        lane = queue.lanes.get(lane_id)
+        if lane is None:
+            lane = queue.lanes[lane_id] = Lane(lane_id, PRIORITY_LEVELS)
+        lane.push(job)
+        if lane_id not in queue.turns:
+            self._refresh_turn(queue, lane_id)
 
     def _push_delayed(self, job: Job) -> None:
         self._seq += 1
@@ -644,11 +883,19 @@ class QueueStateMachine:
         heapq.heappush(self._delayed, (job.ready_at_ms, job.seq, job))
 
     def _end_lease(self, job: Job) -> None:
-        """Forgets the worker's hold on a LEASED job (its lease heap entry goes stale)."""
+        """Forgets the worker's hold on a LEASED job (its lease heap entry goes stale). The
+        caller refreshes the job's lane once the job is in its next state."""
         held = self._worker_jobs[job.worker]
         del held[job.id]
         if not held:
             del self._worker_jobs[job.worker]
+        if job.key is not None:
+            running = self._queues[job.queue].running
+            count = running[job.key] - 1
+            if count:
+                running[job.key] = count
+            else:
+                del running[job.key]
 
     def _end_attempt(
         self, queue: _Queue, job: Job, now: int, error: str, *, retry: bool, delay_ms: int | None,
@@ -658,6 +905,15 @@ class QueueStateMachine:
         False or its attempts are used up. Returns True when requeued."""
         self._end_lease(job)
         job.last_error = error
+        requeued = self._requeue_or_bury(queue, job, now, retry=retry, delay_ms=delay_ms, entropy=entropy,
+                                         position=position)
+        if job.key is not None or job.group is not None:
+            self._refresh_turn(queue, lane_of(job))  # a key slot freed, or the group's next
+        return requeued
+
+    def _requeue_or_bury(
+        self, queue: _Queue, job: Job, now: int, *, retry: bool, delay_ms: int | None, entropy: int, position: int,
+    ) -> bool:
         if not retry or job.attempts >= job.max_attempts:
             self._move(queue, job, DEAD, now)
             queue.dead[job.id] = job
@@ -699,9 +955,8 @@ class QueueStateMachine:
     def _compact_ready(queue: _Queue) -> None:
         if queue.ready_entries_count() <= 2 * queue.counts[READY] + COMPACT_SLACK:
             return
-        queue.ready = [
-            None if fifo is None else deque(job for job in fifo if job.state == READY) for fifo in queue.ready
-        ]
+        for lane in queue.lanes.values():
+            lane.compact()
 
     # ------------------------------------------------------------------ read-only queries
 
@@ -729,6 +984,59 @@ class QueueStateMachine:
             if queue is not None and queue.counts[READY]:
                 return True
         return False
+
+    def lease_wait_ms(self, queues: Iterable[str], now_ms: int) -> int | None:
+        """How long until a Lease on `queues` at `now_ms` could grant a job: 0 when one could now,
+        the time until a rate-limited queue's next token, or None when no queue has a job its
+        key and group limits let go (those free up only through an applied entry). Read-only.
+        """
+        now = max(self.clock_ms, now_ms)
+        wait: int | None = None
+        for name in queues:
+            queue = self._queues.get(name)
+            if queue is None or not queue.turns:
+                continue
+            if queue.rate_per_ks is None:
+                return 0
+            queue_wait = bucket_wait_ms(queue.bucket_now(now), queue.rate_per_ks)
+            if queue_wait == 0:
+                return 0
+            wait = queue_wait if wait is None else min(wait, queue_wait)
+        return wait
+
+    def held_back(self, name: str, now_ms: int) -> dict[str, int]:
+        """READY jobs of queue `name` that a limit holds back now, by limit: "key" (their key has
+        max_running_per_key leases), "fifo" (waiting behind their group's head), "rate" (the
+        rest, while the bucket is empty). O(lanes)."""
+        queue = self._queues.get(name)
+        held = {"key": 0, "fifo": 0, "rate": 0}
+        if queue is None:
+            return held
+        for lane_id, lane in queue.lanes.items():
+            grouped = lane_id.startswith("g:")
+            in_turn = lane_id in queue.turns
+            if lane_id == POOL or (in_turn and not (grouped and queue.fifo)):
+                continue
+            waiting = len(lane.live()) - (1 if in_turn else 0)  # a group in turn offers its head
+            held["fifo" if grouped else "key"] += waiting
+        if queue.rate_per_ks is not None and queue.bucket_now(max(self.clock_ms, now_ms)) < UNITS_PER_LEASE:
+            held["rate"] = queue.counts[READY] - held["key"] - held["fifo"]
+        return held
+
+    def queue_settings(self) -> dict[str, dict[str, Any]]:
+        """{queue: its settings} for every known queue, as `GET /v1/queues` shows them."""
+        settings = {}
+        for name in sorted(self._queues):
+            queue = self._queues[name]
+            rate_per_ks, burst, max_running_per_key, fifo = queue.settings()
+            settings[name] = {
+                "max_depth": queue.max_depth,
+                "rate_per_s": None if rate_per_ks is None else rate_per_ks / 1000,
+                "burst": burst,
+                "max_running_per_key": max_running_per_key,
+                "fifo": fifo,
+            }
+        return settings
 
     def next_due_ms(self) -> int | None:
         """When the leader should next propose a Tick: the earliest delayed job, lease expiry,
@@ -782,7 +1090,7 @@ class QueueStateMachine:
         for name, queue in self._queues.items():
             if not queue.counts[READY]:
                 continue
-            heads = [_first_ready(fifo) for fifo in queue.ready if fifo]
+            heads = [_first_ready(fifo) for lane in queue.lanes.values() for fifo in lane.ready if fifo]
             times = [job.ready_at_ms for job in heads if job is not None]
             if times:
                 oldest[name] = min(times)
@@ -831,10 +1139,12 @@ class QueueStateMachine:
             rotation=self._rotation,
             idempotency=tuple(self._idempotency.items()),
             queues=tuple(
-                (name, queue.max_depth, tuple(map(queue.events.__getitem__, EVENTS)))
+                (name, queue.max_depth, tuple(map(queue.events.__getitem__, EVENTS)), queue.settings(),
+                 (queue.bucket_level, queue.bucket_at_ms), tuple(queue.turns))
                 for name, queue in self._queues.items()
             ),
             jobs=list(map(job_row, self._jobs.values())),  # a list: builds faster than a tuple
+            schedules=tuple(map(schedule_row, self._schedules.values())),
         )
 
     def snapshot(self) -> bytes:
@@ -908,16 +1218,30 @@ class QueueStateMachine:
         self._lease_counter = fields["lease_counter"]
         self._seq = fields["seq"]
         self._rotation = fields["rotation"]
-        for name, max_depth, events in fields["queues"]:
+        turns: dict[str, tuple[str, ...]] = {}
+        for name, max_depth, events, settings, bucket, queue_turns in fields["queues"]:
             if len(events) != len(EVENTS):
                 raise ValueError(f"queue {name!r} has {len(events)} event counters, not {len(EVENTS)}")
             queue = self._queue(name)
             queue.max_depth = max_depth
             queue.events = dict(zip(EVENTS, events))
+            rate_per_ks, burst, queue.max_running_per_key, queue.fifo = settings
+            if rate_per_ks is not None:
+                queue.rate_per_ks, queue.burst = rate_per_ks, burst
+                queue.bucket_level, queue.bucket_at_ms = bucket
+            turns[name] = queue_turns
+        for row in fields["schedules"]:
+            schedule = Schedule.from_row(row)
+            self._schedules[schedule.name] = schedule
         for queue_name, key, job_id, expires_at in fields["idempotency"]:
             self._idempotency[(queue_name, key)] = (job_id, expires_at)
         self._idempotency_fifo = deque(sorted((e, k) for k, (_, e) in self._idempotency.items()))
         self._restore_jobs(jobs)
+        for name, queue_turns in turns.items():
+            if queue_turns is None:  # version 1: no limits, so the lanes with a candidate, in order
+                self._refresh_all_turns(self._queues[name])
+            else:
+                self._queues[name].turns = dict.fromkeys(queue_turns)
 
     def _restore_jobs(self, jobs: list[Job]) -> None:
         """Indexes restored records into every derived structure, in the order the live machine had.
@@ -947,15 +1271,26 @@ class QueueStateMachine:
             raise ValueError(f"{len(jobs) - len(self._jobs)} job ids appear twice")
         for job in sorted(ready, key=_job_seq):  # seq order is the FIFO order the live machine had
             queue = self._queues[job.queue]
-            fifo = queue.ready[job.priority]
-            if fifo is None:
-                fifo = queue.ready[job.priority] = deque()
-            fifo.append(job)
+            lane_id = lane_of(job)
+            lane = queue.lanes.get(lane_id)
+            if lane is None:
+                lane = queue.lanes[lane_id] = Lane(lane_id, PRIORITY_LEVELS)
+            lane.push(job)
         heapq.heapify(self._delayed)
         for job in sorted(leased, key=_lease_token):
             self._leases.append((job.lease_expires_at_ms, job.lease, job))
             self._worker_jobs.setdefault(job.worker, {})[job.id] = job
+            if job.key is not None:
+                running = self._queues[job.queue].running
+                running[job.key] = running.get(job.key, 0) + 1
         heapq.heapify(self._leases)
+        for job in jobs:
+            if job.group is not None and job.state not in _OUT_OF_GROUP:
+                queue = self._queues[job.queue]
+                queue.groups.setdefault(job.group, []).append((job.order, job))
+        for queue in self._queues.values():
+            for heap in queue.groups.values():
+                heapq.heapify(heap)
         finished.sort(key=lambda job: (job.finished_at_ms, job.id))
         self._finished = deque((job.finished_at_ms, job) for job in finished)
 
@@ -991,11 +1326,12 @@ class QueueStateMachine:
         assert held_count == len(tokens), f"worker index holds {held_count} jobs, {len(tokens)} leased"
         for name, queue in self._queues.items():
             assert queue.counts == counts[name], f"queue {name} counts {queue.counts} != {counts[name]}"
-            live_ready = [job for fifo in queue.ready if fifo is not None for job in fifo if job.state == READY]
+            live_ready = [job for lane in queue.lanes.values() for job in lane.live()]
             assert len(live_ready) == queue.counts[READY] == len({id(j) for j in live_ready}), (
                 f"queue {name}: ready FIFOs hold {len(live_ready)} live entries for {queue.counts[READY]} ready jobs"
             )
             assert all(self._jobs.get(j.id) is j for j in live_ready), f"queue {name}: ready job without record"
+            self._check_flow_invariants(queue)
         live_delayed = [e for e in self._delayed if _delayed_entry_live(e)]
         delayed_count = sum(q.counts[SCHEDULED] + q.counts[RETRY_WAIT] for q in self._queues.values())
         assert len(live_delayed) == delayed_count, f"{len(live_delayed)} live delayed entries for {delayed_count}"
@@ -1005,6 +1341,30 @@ class QueueStateMachine:
         pending_expiries = set(self._idempotency_fifo)
         for key, (_, expires_at) in self._idempotency.items():
             assert (expires_at, key) in pending_expiries, f"idempotency key {key} never expires"
+
+
+    def _check_flow_invariants(self, queue: _Queue) -> None:
+        name = queue.name
+        for lane_id, lane in queue.lanes.items():
+            assert all(lane_of(job) == lane_id for job in lane.live()), f"queue {name}: job in the wrong lane"
+            assert lane_id == POOL or lane.entries_count(), f"queue {name}: empty lane {lane_id!r} kept"
+        offering = [lane_id for lane_id in queue.lanes if self._candidate(queue, queue.lanes[lane_id]) is not None]
+        assert sorted(offering) == sorted(queue.turns), (
+            f"queue {name}: lanes with a candidate {sorted(offering)} but turns {list(queue.turns)}"
+        )
+        # (No "one leased job per group" here: switching fifo on leaves the leases already granted
+        # alone. The simulator's FlowModel checks the grants made while fifo is on.)
+        running: dict[str, int] = {}
+        for job in self._jobs.values():
+            if job.queue != name:
+                continue
+            assert job.key is None or job.group is None, f"job {job.id} has both a key and a group"
+            if job.state == LEASED and job.key is not None:
+                running[job.key] = running.get(job.key, 0) + 1
+        assert running == queue.running, f"queue {name}: running by key {queue.running} != {running}"
+        if queue.rate_per_ks is not None:
+            assert 0 <= queue.bucket_level <= queue.burst * UNITS_PER_LEASE, f"queue {name}: bucket {queue.bucket_level}"
+            assert queue.bucket_at_ms <= self.clock_ms, f"queue {name}: bucket refilled in the future"
 
 
 # ---------------------------------------------------------------------- snapshot encoding
@@ -1050,6 +1410,7 @@ def write_snapshot(
         ),
         "jobs": (len(capture.jobs), _sorted_by_first(capture.jobs)),
         "queues": (len(capture.queues), _sorted_by_first(capture.queues)),
+        "schedules": (len(capture.schedules), _sorted_by_first(capture.schedules)),
     }
     assert scalars.keys() | arrays.keys() == set(SNAPSHOT_KEYS)
     write(packer.pack_map_header(len(SNAPSHOT_KEYS)))
@@ -1095,6 +1456,7 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
     from_row = Job.from_row
     fields: dict[str, Any] = {}
     jobs: list[Job] = []
+    row_lengths: set[int] = set()
     problem: str | None = None  # the first thing found wrong, told once the version is known
     try:
         for _ in range(unpacker.read_map_header()):
@@ -1108,9 +1470,12 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
                     row = unpack()
                     if problem is not None:
                         continue  # read on, to reach the version
-                    if type(row) is not tuple or len(row) != ROW_FIELD_COUNT:
+                    if type(row) is not tuple or len(row) not in (ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1):
                         problem = f"job row {position} is not an array of {ROW_FIELD_COUNT} fields"
                         continue
+                    row_lengths.add(len(row))
+                    if len(row) == ROW_FIELD_COUNT_V1:
+                        row = row + (None, None, 0)  # key, group, order: version 1 had none
                     try:
                         jobs.append(from_row(row))
                     except (TypeError, ValueError) as exc:  # transitions of the wrong shape
@@ -1123,10 +1488,18 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
     except (msgpack.UnpackException, ValueError, TypeError) as exc:  # TypeError: an unhashable key
         raise ValueError(f"not a queue snapshot: {type(exc).__name__}: {exc}") from exc
     version = fields.get("version")
-    if type(version) is not int or version != SNAPSHOT_VERSION:
+    if type(version) is not int or version not in (1, SNAPSHOT_VERSION):
         raise ValueError(f"not a queue snapshot of version {SNAPSHOT_VERSION} (version {version!r})")
     if problem is not None:
         raise ValueError(f"queue snapshot: {problem}")
+    if row_lengths - {ROW_FIELD_COUNT_V1 if version == 1 else ROW_FIELD_COUNT}:
+        raise ValueError(f"queue snapshot of version {version} has job rows of {sorted(row_lengths)} fields")
+    if version == 1:
+        if "schedules" in fields:
+            raise ValueError("queue snapshot of version 1 has schedules")
+        fields["schedules"] = ()
+        fields["queues"] = tuple(tuple(row) + ((None, None, None, False), (0, 0), None) for row in fields["queues"]
+                                 if type(row) is tuple)
     missing = [key for key in SNAPSHOT_KEYS if key not in fields]
     if missing:
         raise ValueError(f"queue snapshot lacks {', '.join(missing)}")

@@ -65,6 +65,15 @@ CASES = [
     ("redrive ids not a list", "POST", "/v1/queues/q1/dead/redrive", {"ids": "all"}, 400),
     ("dead limit not a number", "GET", "/v1/queues/q1/dead?limit=many", None, 400),
     ("heartbeat jobs not a list", "POST", "/v1/workers/w1/heartbeat", {"jobs": 3}, 400),
+    ("job with key and group", "POST", JOBS, {"jobs": [{"payload": 1, "key": "a", "group": "b"}]}, 400),
+    ("job key too long", "POST", JOBS, {"jobs": [{"payload": 1, "key": "k" * 129}]}, 400),
+    ("job group not a string", "POST", JOBS, {"jobs": [{"payload": 1, "group": 5}]}, 400),
+    ("rate not a number", "PUT", "/v1/queues/q1", {"rate_per_s": "fast"}, 400),
+    ("rate zero", "PUT", "/v1/queues/q1", {"rate_per_s": 0}, 400),
+    ("burst without rate", "PUT", "/v1/queues/q1", {"burst": 5}, 400),
+    ("burst zero", "PUT", "/v1/queues/q1", {"rate_per_s": 5, "burst": 0}, 400),
+    ("per-key limit zero", "PUT", "/v1/queues/q1", {"max_running_per_key": 0}, 400),
+    ("fifo not a bool", "PUT", "/v1/queues/q1", {"fifo": "yes"}, 400),
 ]
 
 

@@ -793,6 +793,7 @@ class Simulation:
         stats["terms_with_leader"] = len(self.checker.leaders_by_term)
         stats["committed"] = self.checker.ledger.last_index
         stats["lease_grants"] = self.checker.leases.grants_count
+        stats.update({f"flow_{k}": v for k, v in self.checker.flow.checked.items()})
         stats.update({f"net_{k}": v for k, v in self.network.stats.items()})
         stats.update({f"nemesis_{k}": v for k, v in self.nemesis.stats.items()})
         stats.update({f"client_{k}": v for k, v in self.workload.stats.items()})

@@ -201,6 +201,9 @@ class Checker:
         self.clocks: list[int] = []  # the state machine clock after each ledger index
         self.digests: dict[int, tuple[str, str]] = {}  # last_applied -> (digest, first node)
         self.leases = LeaseModel()
+        from .flow_model import FlowModel  # it raises this module's Violation
+
+        self.flow = FlowModel()
         self.commands_count: dict[str, int] = {}
         # term_bounds[i]: a term >= the term of the leader that committed ledger entry i + 1 (the
         # highest term any node had when it was first applied; never decreasing).
@@ -264,6 +267,7 @@ class Checker:
             if command is not None:
                 name = type(command).__name__
                 self.commands_count[name] = self.commands_count.get(name, 0) + 1
+                self.flow.apply(index, command, result, clock_ms, self.leases.holds)
                 self.leases.apply(index, command, result, clock_ms)
 
     def on_applied_batch(self, node_id: str, last_applied: int, digest: str) -> None:

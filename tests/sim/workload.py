@@ -12,7 +12,10 @@ node's simulated clock (`tick * tick_ms + skew`: a new leader's clock may lag, S
 - Lease / Ack / Fail / Extend by three workers, on the leases they were acknowledged; sometimes on
   leases they should know are stale.
 - Tick when the leader's `next_due_ms()` has come (the server's housekeeping), RenewLeases when a
-  node takes office, and now and then WorkerLost, Cancel, SetQueueConfig.
+  node takes office, and now and then WorkerLost, Cancel, SetQueueConfig (with rate limits,
+  per-key concurrency and FIFO groups switched on and off; jobs carry keys or groups).
+- Schedules: PutSchedule, pause, resume and delete now and then; the leader fires each due time
+  as the server does (one FireSchedule per fire time, some skipped as a catch-up policy would).
 - ReadIndex requests; an answer must not be older than any write acknowledged before the read.
 
 A proposal is *acknowledged* when the node that proposed it applies its index with the term that
@@ -47,6 +50,10 @@ __all__ = ["Workload", "TICK_MS"]
 TICK_MS = 100
 QUEUES = ("q1", "q2")
 WORKERS = ("w1", "w2", "w3")
+#: Flow-control keys and FIFO groups the jobs carry (few, so that limits bite).
+JOB_KEYS = ("t1", "t2")
+JOB_GROUPS = ("g1", "g2", "g3")
+SCHEDULES = ("s1", "s2")
 
 
 @dataclass(slots=True)
@@ -182,9 +189,18 @@ class Workload:
             del self.reads[key]
 
     def _housekeeping(self, node: "SimNode") -> None:
+        now = self.now_ms(node.node_id)
         due = node.sm.next_due_ms()
-        if due is not None and due <= self.now_ms(node.node_id) and self.rng.random() < 0.5:
-            self._propose(node, cmds.Tick(self.now_ms(node.node_id), self.rng.getrandbits(64)), "other")
+        if due is not None and due <= now and self.rng.random() < 0.5:
+            self._propose(node, cmds.Tick(now, self.rng.getrandbits(64)), "other")
+        for schedule in node.sm.due_schedules(now):
+            if self.rng.random() < 0.5:
+                continue  # a slow leader: the fire comes later, or from the next leader
+            fire_ms, every_ms = schedule["next_fire_ms"], schedule["every_ms"]
+            run = now - fire_ms < 3_000 or self.rng.random() < 0.5  # a catch-up policy may skip it
+            self._job_seq += 1
+            self._propose(node, cmds.FireSchedule(now, schedule["name"], schedule["revision"], fire_ms,
+                                                  fire_ms + every_ms, run, f"f{self._job_seq}"), "other")
 
     def _one_op(self, node: "SimNode") -> None:
         rng = self.rng
@@ -206,13 +222,38 @@ class Workload:
             self._read(node)
         elif roll < 0.95:
             self._propose(node, cmds.WorkerLost(now, rng.choice(WORKERS), rng.getrandbits(64)), "other")
-        elif roll < 0.98:
+        elif roll < 0.965:
             if self.keys:
                 key = self.keys[rng.choice(sorted(self.keys))]
                 self._propose(node, cmds.Cancel(now, rng.choice(key.ids)), "other")
+        elif roll < 0.985:
+            self._configure(node, now)
         else:
-            depth = rng.choice((None, None, 2, 6))
-            self._propose(node, cmds.SetQueueConfig(now, "q2", depth), "other")
+            self._schedule_op(node, now)
+
+    def _configure(self, node: "SimNode", now: int) -> None:
+        rng = self.rng
+        depth = rng.choice((None, None, 2, 6)) if rng.random() < 0.5 else None
+        rate = rng.choice((None, 3_000, 10_000))
+        self._propose(node, cmds.SetQueueConfig(
+            now, rng.choice(QUEUES), depth, rate, rng.choice((1, 3)) if rate else None,
+            rng.choice((None, 1, 2)), rng.random() < 0.6), "other")
+
+    def _schedule_op(self, node: "SimNode", now: int) -> None:
+        rng = self.rng
+        name = rng.choice(SCHEDULES)
+        roll = rng.random()
+        if roll < 0.6:
+            every_ms = rng.choice((700, 1_500))
+            self._propose(node, cmds.PutSchedule(
+                now, name, rng.choice(QUEUES), b"\x90", None, every_ms, "UTC", rng.choice(("allow", "skip")),
+                "all", 0, 2, 1_000, 100, 1_000, now + every_ms), "other")
+        elif roll < 0.8:
+            self._propose(node, cmds.PauseSchedule(now, name, True, 0), "other")
+        elif roll < 0.95:
+            self._propose(node, cmds.PauseSchedule(now, name, False, now + 500), "other")
+        else:
+            self._propose(node, cmds.DeleteSchedule(now, name), "other")
 
     # ------------------------------------------------------------------ submits
 
@@ -225,11 +266,14 @@ class Workload:
             self._job_seq += 1
             job_id = f"j{self._job_seq}"
             key = f"k{self._job_seq}"
+            lane = rng.random()
             job = cmds.NewJob(
                 id=job_id, payload=bytes((self._job_seq % 256,)), priority=rng.choice((0, 0, 5, 9)),
                 delay_ms=rng.choice((0, 0, 0, 300, 1500)), max_attempts=rng.randint(1, 3),
                 lease_ms=rng.choice((500, 1000, 2500)), idempotency_key=key,
                 backoff_base_ms=100, backoff_cap_ms=1000,
+                key=rng.choice(JOB_KEYS) if lane < 0.3 else None,
+                group=rng.choice(JOB_GROUPS) if 0.3 <= lane < 0.6 else None,
             )
             self.keys[key] = _SubmitKey(key, queue, job, [job_id])
             jobs.append(job)

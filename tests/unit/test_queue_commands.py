@@ -38,7 +38,30 @@ EVERY_COMMAND = [
     c.Purge(now_ms=11, queue="emails", state="dead"),
     c.SetQueueConfig(now_ms=12, queue="emails", max_depth=100),
     c.SetQueueConfig(now_ms=12, queue="emails", max_depth=None),
+    c.SetQueueConfig(now_ms=12, queue="emails", max_depth=None, rate_per_ks=50_000, burst=10,
+                     max_running_per_key=2, fifo=True),
+    c.Submit(now_ms=1, queue="emails", jobs=(c.NewJob("j3", b"", 0, 0, 1, 1_000, None, 0, 0, key="tenant-7"),
+                                             c.NewJob("j4", b"", 0, 0, 1, 1_000, None, 0, 0, group="order-9"))),
+    c.PutSchedule(now_ms=13, name="nightly", queue="emails", payload=b"\x90", cron="0 3 * * *", every_ms=None,
+                  timezone="Europe/Paris", overlap="skip", catch_up="latest", priority=0, max_attempts=5,
+                  lease_ms=30_000, backoff_base_ms=1_000, backoff_cap_ms=300_000, next_fire_ms=1_000_000),
+    c.PutSchedule(now_ms=13, name="often", queue="emails", payload=b"\x90", cron=None, every_ms=2_000,
+                  timezone="UTC", overlap="allow", catch_up="all", priority=9, max_attempts=1,
+                  lease_ms=1_000, backoff_base_ms=0, backoff_cap_ms=0, next_fire_ms=15),
+    c.DeleteSchedule(now_ms=14, name="nightly"),
+    c.PauseSchedule(now_ms=15, name="often", paused=True, next_fire_ms=0),
+    c.FireSchedule(now_ms=16, name="often", revision=40, fire_ms=15, next_fire_ms=2_015, run=True, job_id="j9"),
 ]
+
+
+def test_entries_of_the_shorter_shapes_still_decode():
+    """Entries written before jobs had key and group, and queues had limits, stay readable."""
+    old_submit = msgpack.packb((c.Submit.TAG, 1, "q", (("j1", b"", 0, 0, 1, 1_000, None, 0, 0),)))
+    assert c.decode_command(old_submit).jobs[0] == c.NewJob("j1", b"", 0, 0, 1, 1_000, None, 0, 0, None, None)
+    old_config = msgpack.packb((c.SetQueueConfig.TAG, 1, "q", 7))
+    assert c.decode_command(old_config) == c.SetQueueConfig(1, "q", 7, None, None, None, False)
+    with pytest.raises(c.CommandDecodeError):
+        c.decode_command(msgpack.packb((c.SetQueueConfig.TAG, 1, "q")))
 
 
 def test_every_command_type_is_covered():

@@ -137,7 +137,7 @@ def test_get_job_record_fields(m):
     assert set(m.sm.get_job("a")) == {
         "id", "queue", "state", "payload", "priority", "attempts", "max_attempts", "lease_ms", "backoff_base_ms",
         "backoff_cap_ms", "idempotency_key", "created_at_ms", "ready_at_ms", "leased_at_ms", "lease",
-        "lease_expires_at_ms", "worker", "finished_at_ms", "last_error", "result", "transitions",
+        "lease_expires_at_ms", "worker", "finished_at_ms", "last_error", "result", "transitions", "key", "group",
     }
     assert m.sm.get_job("missing") is None
 
@@ -806,7 +806,7 @@ class _Story:
             job(i, priority=self._int(a, "priority", 0), delay_ms=self._int(a, "delay", 0),
                 max_attempts=self._int(a, "attempts", 3), lease_ms=self._int(a, "lease_ms", 500),
                 idempotency_key=a.get("key"), backoff_base_ms=self._int(a, "base", 100),
-                backoff_cap_ms=self._int(a, "cap", 1_000))
+                backoff_cap_ms=self._int(a, "cap", 1_000), key=a.get("job_key"), group=a.get("group"))
             for i in a["ids"].split(",")
         )
         result = self.m(c.Submit(self.now, a.get("queue", "q"), jobs))
@@ -859,7 +859,38 @@ class _Story:
         return [repr(self.m(c.Purge(self.now, a.get("queue", "q"), a["state"])))]
 
     def do_config(self, a: dict) -> list[str]:
-        return [repr(self.m(c.SetQueueConfig(self.now, a.get("queue", "q"), self._int(a, "max_depth"))))]
+        return [repr(self.m(c.SetQueueConfig(
+            self.now, a.get("queue", "q"), self._int(a, "max_depth"), self._int(a, "rate_per_ks"),
+            self._int(a, "burst"), self._int(a, "per_key"), a.get("fifo", "false") == "true")))]
+
+    def do_held(self, a: dict) -> list[str]:
+        held = self.m.sm.held_back(a.get("queue", "q"), self.now)
+        wait = self.m.sm.lease_wait_ms(tuple(a.get("queues", "q").split(",")), self.now)
+        return [" ".join(f"{kind}={count}" for kind, count in held.items()) + f" lease_wait={wait}"]
+
+    def do_put_schedule(self, a: dict) -> list[str]:
+        return [repr(self.m(c.PutSchedule(
+            self.now, a["name"], a.get("queue", "q"), b"\x90", a.get("cron"), self._int(a, "every"),
+            a.get("tz", "UTC"), a.get("overlap", "allow"), a.get("catch_up", "all"), 0, self._int(a, "attempts", 3),
+            500, 100, 1_000, int(a["next"]))))]
+
+    def do_fire(self, a: dict) -> list[str]:
+        return [repr(self.m(c.FireSchedule(self.now, a["name"], int(a["rev"]), int(a["at"]), int(a["next"]),
+                                           a.get("run", "true") == "true", a.get("id", "f" + a["at"]))))]
+
+    def do_pause(self, a: dict) -> list[str]:
+        return [repr(self.m(c.PauseSchedule(self.now, a["name"], True, 0)))]
+
+    def do_resume(self, a: dict) -> list[str]:
+        return [repr(self.m(c.PauseSchedule(self.now, a["name"], False, int(a["next"]))))]
+
+    def do_delete_schedule(self, a: dict) -> list[str]:
+        return [repr(self.m(c.DeleteSchedule(self.now, a["name"])))]
+
+    def do_schedules(self, a: dict) -> list[str]:
+        keys = ("name", "revision", "paused", "next_fire_ms", "last_fire_ms", "last_job_id", "created_count",
+                "skipped_count")
+        return [" ".join(f"{k}={record[k]}" for k in keys) for record in self.m.sm.schedules()] or ["no schedules"]
 
     def do_job(self, a: dict) -> list[str]:
         record = self.m.sm.get_job(a["id"])
