@@ -163,6 +163,9 @@ class AsyncClient(_BaseClient):
                           ) -> list[float | errors.RaftqError]:
         return [outcome for call in self._extend_calls(worker, items) for outcome in await self._send(call)]
 
+    async def release_many(self, worker: str, items: Sequence[tuple[str, int]]) -> list[None | errors.RaftqError]:
+        return [outcome for call in self._release_calls(worker, items) for outcome in await self._send(call)]
+
     async def heartbeat(self, worker: str, job_ids: Sequence[str]) -> list[str]:
         return await self._send(self._heartbeat_call(worker, job_ids))
 

@@ -37,7 +37,8 @@ counts as a failure of the redirecting node, so a redirect loop ends in backoff,
 Retrying is safe for every call: submit carries an idempotency key per job (uuid4 hex unless
 given), made once per call and sent unchanged on every attempt, so a submit whose answer was lost
 is not applied twice (SPEC guarantee 5); a repeated ack with the same lease is accepted; extend
-and heartbeat only restate; GETs change nothing. One consequence to know: a fetch whose answer was
+and heartbeat only restate; a repeated release is refused (409) once the first went through, and
+changes nothing; GETs change nothing. One consequence to know: a fetch whose answer was
 lost leaves its jobs leased until their leases run out; then they are delivered again.
 """
 
@@ -456,6 +457,10 @@ class _BaseClient:
     def _extend_calls(self, worker: str, items: Sequence[tuple[str, int, float]]) -> list[Call]:
         leases = [{"id": job_id, "lease": lease, "lease_s": lease_s} for job_id, lease, lease_s in items]
         return self._batch_calls("/v1/extend", worker, "leases", leases, extend=True)
+
+    def _release_calls(self, worker: str, items: Sequence[tuple[str, int]]) -> list[Call]:
+        leases = [{"id": job_id, "lease": lease} for job_id, lease in items]
+        return self._batch_calls("/v1/release", worker, "leases", leases)
 
     def _heartbeat_call(self, worker: str, job_ids: Sequence[str]) -> Call:
         return self._call("POST", f"/v1/workers/{segment(worker)}/heartbeat", _field("lost", list),

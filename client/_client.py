@@ -272,6 +272,21 @@ class Client(_BaseClient):
         """
         return [outcome for call in self._extend_calls(worker, items) for outcome in self._send(call)]
 
+    def release_many(self, worker: str, items: Sequence[tuple[str, int]]) -> list[None | errors.RaftqError]:
+        """Hands leased jobs back unstarted: ready again at once, and no attempt counted.
+
+        Args:
+            worker: the worker holding the leases.
+            items: (job_id, lease) per job.
+
+        Returns:
+            Per item, in order: None when handed back, else its error (LeaseError, JobNotFound).
+
+        Raises:
+            errors.TransportError, errors.ServerError, errors.RequestError: the whole request failed.
+        """
+        return [outcome for call in self._release_calls(worker, items) for outcome in self._send(call)]
+
     def heartbeat(self, worker: str, job_ids: Sequence[str]) -> list[str]:
         """Tells the cluster this worker is alive and which jobs it is running.
 

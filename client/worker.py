@@ -4,13 +4,12 @@ Theory of operation
 -------------------
 A `Worker` runs at most `concurrency` handlers at a time. Beside them it keeps a local buffer of
 leased jobs waiting for a slot, so that one lease request (a replicated log entry, a few ms)
-brings many jobs instead of one per free slot. The buffer is opt-in (SPEC: by default a worker
-fetches no more jobs than it has free slots, `prefetch=0`). It holds at most `prefetch` jobs
-when that is a number; with `prefetch="auto"` at most PREFETCH_DEFAULT_MAX, and no more than the
-slots get through in PREFETCH_HORIZON_S at the handlers' measured pace (none before the first
-job finished): short
-jobs get a deep buffer, long ones almost none, so that a worker never sits on work that other
-workers could start. Every job is in one of these states from its fetch until its outcome is
+brings many jobs instead of one per free slot. The buffer is on by default (SPEC "Backpressure"):
+with `prefetch="auto"` it holds at most PREFETCH_DEFAULT_MAX jobs and PREFETCH_BYTES_MAX bytes of
+payload, and no more than the slots get through in PREFETCH_HORIZON_S at the handlers' measured
+pace (none before the first job finished): short jobs get a deep buffer, long ones almost none,
+so that a worker never sits on work that other workers could start. `prefetch=N` is a fixed
+buffer of N jobs; `prefetch=0` fetches only for free slots. Every job is in one of these states from its fetch until its outcome is
 answered:
 
     buffered    leased, waiting in the buffer for a slot
@@ -55,11 +54,11 @@ With pool="asyncio" the same roles are tasks on one event loop and the client is
 Shutdown (SIGTERM/SIGINT under `run()`, `stop()`, or the end of a burst): stop fetching and wait
 for the fetch in flight (a long poll only when nothing is buffered; jobs it brings are handed
 straight back), hand every buffered job back at once, let the running handlers finish until
-`grace_s` after the stop, hand the rest back, flush the outcomes, stop the heartbeats. Handing
-back is a fail with retry and no delay: the job is ready for another worker at once, but the
-attempt it was leased for counts (the API has no release that undoes it; a lease left to expire
-would count it too), so a job on its last attempt goes to the dead-letter queue. A second signal
-exits the process at once.
+`grace_s` after the stop, hand the rest back, flush the outcomes, stop the heartbeats. A buffered
+job goes back with `/v1/release`: ready for another worker at once, and the attempt it was leased
+for does not count (it never started). A job still running past the grace period goes back as a
+fail with retry and no delay: its attempt counts, because it did run (a job that always outlives
+the grace period must still reach the dead-letter queue). A second signal exits the process at once.
 
 Every call goes through the client, which follows the leader. A transient error (no answer, 503)
 in fetch or in reporting is retried with backoff; a refused ack (409: the lease expired or moved
@@ -121,7 +120,9 @@ PREFETCH_DEFAULT_MAX = 256
 #: jobs are not held in one worker's buffer while other workers idle (Celery's fixed multiplier
 #: of 4 does that: FEATURES.md pain point 4). Jobs of 1 s or more on 4 slots get no buffer at all.
 PREFETCH_HORIZON_S = 0.1
-#: Weight of the newest handler run time in the running average the horizon uses.
+#: ... and no more payload bytes than this (a buffer of 256 jobs of 1 MiB each would be 256 MiB).
+PREFETCH_BYTES_MAX = 16 << 20
+#: Weight of the newest handler run time (and payload size) in the running averages the bounds use.
 RUN_S_AVERAGE_WEIGHT = 0.2
 #: A buffered job whose lease (as this worker reckons it) has less than this left is not started:
 #: its handler could not report before the lease ran out, and the next holder may already run it.
@@ -292,7 +293,7 @@ class WorkerStats:
     retried: int = 0  #: handler raised Retry
     rejected: int = 0  #: handler raised Reject / NonRetryable, or no handler: straight to the DLQ
     lost: int = 0  #: jobs the server said this worker no longer held, or whose ack/fail it refused
-    released: int = 0  #: handed back unfinished at shutdown (buffered or still running)
+    released: int = 0  #: handed back unfinished at shutdown (buffered: no attempt counted; or still running)
     dropped: int = 0  #: buffered jobs never started: lease lost or about to run out (the server requeues them)
     inflight_max: int = 0  #: most leases held at once (buffered, running and reporting)
 
@@ -304,14 +305,16 @@ class WorkerStats:
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    kind: str  # ok | failed | retried | rejected | released
+    kind: str  # ok | failed | retried | rejected | released (never started) | abandoned (running past grace)
     result: Any = None
     error: str = ""
     delay_s: float | None = None
     size_bytes: int = 0  # of the encoded result or the error text: requests are split by it
 
 
-_RELEASED = _Outcome("released", error="worker shutting down", delay_s=0.0)
+_RELEASED = _Outcome("released")
+_ABANDONED = _Outcome("abandoned", error="worker shutting down: the job was still running after the grace period",
+                      delay_s=0.0)
 
 #: The states of a `_Flight` (see the module docstring); DROPPED ones are no longer held.
 BUFFERED, RUNNING, REPORTING, DROPPED = "buffered", "running", "reporting", "dropped"
@@ -346,11 +349,13 @@ class Worker:
             they must be importable top-level functions, and job and result must pickle.
         queues: the queues to fetch from (default: every queue in `handlers`).
         concurrency: handlers run at once.
-        prefetch: jobs leased ahead and buffered until a slot is free. Default 0: fetch only
-            for free slots (SPEC: no hidden prefetch). "auto": up to 256, and no more than the
-            slots get through in about 0.1 s at the handlers' measured pace, so long jobs are
-            not held back in a buffer while other workers idle; an int N: a fixed buffer of N. Leases held are at most `concurrency + prefetch`
-            buffered or running, plus as many again whose ack is on its way.
+        prefetch: jobs leased ahead and buffered until a slot is free. "auto" (the default):
+            up to 256 jobs and 16 MiB of payload, and no more than the slots get through in
+            about 0.1 s at the handlers' measured pace, so long jobs are not held back in a
+            buffer while other workers idle; an int N: a fixed buffer of N; 0: fetch only for
+            free slots (for long jobs where every job should start on the first free worker).
+            Leases held are at most `concurrency + prefetch` buffered or running, plus as many
+            again whose ack is on its way.
         pool: "threads", "processes" or "asyncio".
         lease_s: how long each lease extension lasts; a job (buffered or running) is extended
             when it has held its lease for about half its span.
@@ -372,7 +377,7 @@ class Worker:
     """
 
     def __init__(self, client: Any, handlers: Mapping[str, Callable[[Any], Any]], *,
-                 queues: Sequence[str] | None = None, concurrency: int = 4, prefetch: int | str = 0,
+                 queues: Sequence[str] | None = None, concurrency: int = 4, prefetch: int | str = "auto",
                  pool: str = "threads", lease_s: float = 30.0, heartbeat_s: float = 2.0, wait_s: float = 5.0,
                  burst: bool = False, grace_s: float = 30.0, ack_batch_max: int = ACK_BATCH_MAX_DEFAULT,
                  ack_linger_s: float = ACK_LINGER_S_DEFAULT, worker_id: str | None = None,
@@ -407,6 +412,7 @@ class Worker:
         self._buffered = 0  # flights BUFFERED
         self._fetch_waiting = False  # the fetcher waits for room: wake it when there is
         self._run_s_average: float | None = None  # handlers' run time, a running average (s)
+        self._payload_bytes_average: float | None = None  # fetched payloads' encoded size, a running average
         self._generation = 0  # bumped by `_changed`: a flight left, a slot freed, a stop
         self._stopping = threading.Event()
         self._stop_reason = ""
@@ -606,7 +612,8 @@ class Worker:
         if self._run_s_average is None:
             return 0
         paced = self.concurrency * PREFETCH_HORIZON_S / max(self._run_s_average, 1e-6)
-        return min(self.prefetch, int(paced))
+        by_bytes = PREFETCH_BYTES_MAX / max(self._payload_bytes_average or 0.0, 1.0)
+        return min(self.prefetch, int(paced), int(by_bytes))
 
     def _fetch_size(self, prefetch: int | None = None) -> int:
         """How many jobs a fetch may ask for now within the bounds (module docstring); with `_lock`."""
@@ -636,6 +643,10 @@ class Worker:
                 flight = _Flight(job, extend_at=now + span_s / 2, expires_at=now + span_s, state=state)
                 self._flights[job.id] = flight
                 flights.append(flight)
+                if self._prefetch_paced:
+                    size, average = _payload_bytes(job.payload), self._payload_bytes_average
+                    self._payload_bytes_average = (size if average is None
+                                                   else average + RUN_S_AVERAGE_WEIGHT * (size - average))
             if state == BUFFERED:
                 self._buffered += len(flights)
             self.stats.fetched += len(jobs)
@@ -710,7 +721,7 @@ class Worker:
                 flight.state = REPORTING
                 self._running -= 1
                 self.stats.released += 1
-                report((flight, _RELEASED))
+                report((flight, _ABANDONED))
             self._changed()
         if leftovers:
             log.warning("worker %s: %d job(s) still running %.1f s after the stop (grace %g s): handed back for a "
@@ -793,11 +804,14 @@ class Worker:
         return self._running == 0 and self._buffered == 0
 
     def _report_requests(self, batch: Sequence[tuple[_Flight, _Outcome]]):
-        """Splits finished jobs into (method name, pairs, items) for ack_many and fail_many, each
-        request within REPORT_BYTES_MAX of results or error texts."""
+        """Splits finished jobs into (method name, pairs, items) for ack_many, fail_many and
+        release_many, each request within REPORT_BYTES_MAX of results or error texts."""
         acks = [(f, o) for f, o in batch if o.kind == "ok"]
-        fails = [(f, o) for f, o in batch if o.kind != "ok"]
+        releases = [(f, o) for f, o in batch if o.kind == "released"]
+        fails = [(f, o) for f, o in batch if o.kind not in ("ok", "released")]
         requests = []
+        for pairs in _chunks_by_size(releases, REPORT_BYTES_MAX):
+            requests.append(("release_many", pairs, [(f.job.id, f.job.lease) for f, _ in pairs]))
         for pairs in _chunks_by_size(acks, REPORT_BYTES_MAX):
             requests.append(("ack_many", pairs, [(f.job.id, f.job.lease, o.result) for f, o in pairs]))
         for pairs in _chunks_by_size(fails, REPORT_BYTES_MAX):
@@ -808,7 +822,7 @@ class Worker:
     def _settle(self, method: str, pairs: Sequence[tuple[_Flight, _Outcome]], results: Sequence[Any]) -> None:
         """Counts reported jobs and forgets them (their leases are no longer held); a refused item
         is logged and counted for that job alone."""
-        verb = "ack" if method == "ack_many" else "fail"
+        verb = method.removesuffix("_many")
         with self._lock:
             for (flight, outcome), result in zip(pairs, results):
                 self._flights.pop(flight.job.id, None)
@@ -1425,6 +1439,14 @@ def _chunks_by_size(pairs: Sequence[tuple[_Flight, _Outcome]], size_max: int) ->
         size += pair[1].size_bytes
     if chunk:
         yield chunk
+
+
+def _payload_bytes(payload: Any) -> int:
+    """The encoded size of a fetched payload (about a microsecond for a small one)."""
+    try:
+        return len(msgpack.packb(payload, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def default_prefetch(concurrency: int) -> int:

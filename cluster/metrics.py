@@ -27,6 +27,7 @@ _JOB_COUNTERS = {
     "dead_lettered": "raftq_jobs_dead_lettered",
     "cancelled": "raftq_jobs_cancelled",
     "redriven": "raftq_jobs_redriven",
+    "released": "raftq_jobs_released",
 }
 _REQUEUE_REASONS = {"requeued_expired": "lease_expired", "requeued_worker_lost": "worker_lost"}
 _ROLES = ("follower", "pre_candidate", "candidate", "leader")

@@ -34,6 +34,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/ack", views.ack)
     r.add_post("/v1/fail", views.fail)
     r.add_post("/v1/extend", views.extend)
+    r.add_post("/v1/release", views.release)
     r.add_post("/v1/workers/{worker}/heartbeat", views.heartbeat)
     r.add_get("/v1/workers", views.workers)
     r.add_get("/v1/jobs/{job_id}", views.get_job)

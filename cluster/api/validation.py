@@ -233,6 +233,16 @@ def extend(body: Any, *, now_ms: int) -> cmds.Extend:
     return cmds.Extend(now_ms=now_ms, worker=worker, items=tuple(result))
 
 
+def release(body: Any, *, now_ms: int) -> cmds.Release:
+    body = mapping(body)
+    worker = worker_id(body.get("worker"))
+    result = []
+    for position, item in enumerate(items(body, "leases", count_max=c.BATCH_COUNT_MAX)):
+        item = mapping(item, f"leases[{position}]")
+        result.append(cmds.ReleaseItem(id=job_id(item.get("id")), lease=lease_token(item)))
+    return cmds.Release(now_ms=now_ms, worker=worker, items=tuple(result))
+
+
 def heartbeat(body: Any) -> list[str]:
     body = mapping(body)
     jobs = body.get("jobs", [])

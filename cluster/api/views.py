@@ -103,16 +103,25 @@ async def extend(request: web.Request) -> web.Response:
     return await _lease_items(request, command)
 
 
-async def _lease_items(request: web.Request, command: cmds.Ack | cmds.Fail | cmds.Extend) -> web.Response:
-    """The shared tail of ack, fail and extend: one outcome per item, in order."""
+async def release(request: web.Request) -> web.Response:
+    """Hands leased jobs back to ready without counting an attempt (a worker's unstarted buffer)."""
+    command = v.release(await _body(request), now_ms=_now_ms())
+    return await _lease_items(request, command)
+
+
+LeaseItems = cmds.Ack | cmds.Fail | cmds.Extend | cmds.Release
+
+
+async def _lease_items(request: web.Request, command: LeaseItems) -> web.Response:
+    """The shared tail of ack, fail, extend and release: one outcome per item, in order."""
     node = request.app[NODE]
     node.require_leader()
     node.touch_worker(command.worker)
     return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
 
 
-async def _settle_items(node: Any, command: cmds.Ack | cmds.Fail | cmds.Extend) -> Sequence[Any]:
-    """Outcomes of an ack/fail/extend batch; a batch the state already refuses whole skips the log."""
+async def _settle_items(node: Any, command: LeaseItems) -> Sequence[Any]:
+    """Outcomes of an ack/fail/extend/release batch; a batch the state already refuses whole skips the log."""
     known = node.queue.precheck(command, command.now_ms)
     if all(outcome is not None for outcome in known):
         return known

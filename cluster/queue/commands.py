@@ -75,6 +75,12 @@ class FailItem:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseItem:
+    id: str
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExtendItem:
     id: str
     lease: int
@@ -261,13 +267,23 @@ class FireSchedule:
     job_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """LEASED -> READY without counting the attempt: a worker hands back jobs it did not start."""
+
+    TAG: ClassVar[int] = 17
+    now_ms: int
+    worker: str
+    items: tuple[ReleaseItem, ...]
+
+
 Command = Union[
     Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
-    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release,
 ]
 COMMAND_TYPES: tuple[type, ...] = (
     Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
-    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release,
 )
 
 
@@ -320,6 +336,7 @@ _NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT
 _ACK_ITEM = _item(AckItem, (_STR, _INT, _OPT_BYTES))
 _FAIL_ITEM = _item(FailItem, (_STR, _INT, _STR, _BOOL, _OPT_INT))
 _EXTEND_ITEM = _item(ExtendItem, (_STR, _INT, _INT))
+_RELEASE_ITEM = _item(ReleaseItem, (_STR, _INT))
 
 #: tag -> (command class, schema of its fields in declared order)
 _COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
@@ -340,6 +357,7 @@ _COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
     DeleteSchedule.TAG: (DeleteSchedule, (_INT, _STR)),
     PauseSchedule.TAG: (PauseSchedule, (_INT, _STR, _BOOL, _INT)),
     FireSchedule.TAG: (FireSchedule, (_INT, _STR, _INT, _INT, _INT, _BOOL, _STR)),
+    Release.TAG: (Release, (_INT, _STR, _items_of(_RELEASE_ITEM))),
 }
 #: Fields added to a shape after entries of the shorter shape were written: an array that lacks
 #: them decodes with these values (older logs stay readable; a tag keeps its meaning).
@@ -373,7 +391,8 @@ def _getter(cls: type) -> attrgetter:
 
 
 _NEW_JOB_FIELDS = _getter(NewJob)
-_ITEM_FIELDS = {AckItem: _getter(AckItem), FailItem: _getter(FailItem), ExtendItem: _getter(ExtendItem)}
+_ITEM_FIELDS = {AckItem: _getter(AckItem), FailItem: _getter(FailItem), ExtendItem: _getter(ExtendItem),
+                ReleaseItem: _getter(ReleaseItem)}
 _SCALAR_FIELDS = {cls: _getter(cls) for cls in COMMAND_TYPES}
 
 
@@ -393,7 +412,7 @@ def encode_command(command: Command) -> bytes:
         values = _SCALAR_FIELDS[cls](command)
         if len(_COMMAND_SCHEMAS[cls.TAG][1]) == 1:
             values = (values,)  # attrgetter of one name returns the value, not a 1-tuple
-        if cls in (Ack, Fail, Extend):
+        if cls in (Ack, Fail, Extend, Release):
             items = command.items
             getter = _ITEM_FIELDS[type(items[0])] if items else None
             values = values[:-1] + (tuple(map(getter, items)) if getter else (),)

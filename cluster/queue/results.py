@@ -6,7 +6,7 @@ API edge maps it to HTTP.
 
     Submit        -> Submitted | QueueFull
     Lease         -> Leased(jobs: LeasedJob...)
-    Ack/Fail      -> ItemOutcomes(OK | ItemError ...)
+    Ack/Fail/Release -> ItemOutcomes(OK | ItemError ...)
     Extend        -> ItemOutcomes(Extended | ItemError ...)
     Tick          -> Ticked
     WorkerLost    -> Released

@@ -99,8 +99,10 @@ __all__ = [
 #: Metric counter events, kept per queue (`counters` is keyed (event, queue)).
 EVENTS: tuple[str, ...] = (
     "submitted", "leased", "acked", "failed", "retried", "dead_lettered", "cancelled",
-    "requeued_expired", "requeued_worker_lost", "redriven",
+    "requeued_expired", "requeued_worker_lost", "redriven", "released",
 )
+#: Snapshots written before "released" was counted carry only the counters before it (restored as 0).
+EVENTS_COUNT_BEFORE_RELEASE = EVENTS.index("released")
 #: Format of `snapshot()`. Version 2 added flow control (job key, group and order; queue
 #: settings, bucket and turns) and schedules; restore also reads version 1, and refuses others.
 SNAPSHOT_VERSION = 2
@@ -236,6 +238,7 @@ class QueueStateMachine:
             cmds.DeleteSchedule: self._apply_delete_schedule,
             cmds.PauseSchedule: self._apply_pause_schedule,
             cmds.FireSchedule: self._apply_fire_schedule,
+            cmds.Release: self._apply_release,
         }
         self._reset()
 
@@ -550,6 +553,27 @@ class QueueStateMachine:
             # The old heap entry goes stale (its expiry no longer matches the job's).
             heapq.heappush(self._leases, (expires_at, job.lease, job))
             outcomes.append(Extended(expires_at))
+        return ItemOutcomes(tuple(outcomes))
+
+    def _apply_release(self, command: cmds.Release) -> ItemOutcomes:
+        """Hands leased jobs back to READY (at the back of their priority's FIFO) and gives back
+        the attempt their lease counted: the worker never started them."""
+        now = self.clock_ms
+        outcomes: list[Outcome] = []
+        for item in command.items:
+            job = self._jobs.get(item.id)
+            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            if error is not None:
+                outcomes.append(error)
+                continue
+            queue = self._queues[job.queue]
+            self._end_lease(job)
+            job.attempts -= 1
+            job.ready_at_ms = now
+            self._move(queue, job, READY, now)
+            self._push_ready(queue, job)
+            queue.events["released"] += 1
+            outcomes.append(OK)
         return ItemOutcomes(tuple(outcomes))
 
     @staticmethod
@@ -1067,7 +1091,7 @@ class QueueStateMachine:
         """{worker: [ids of the jobs it holds]} for every worker holding a lease."""
         return {worker: list(held) for worker, held in self._worker_jobs.items()}
 
-    def precheck(self, command: cmds.Ack | cmds.Fail | cmds.Extend, now_ms: int) -> list[Outcome | None]:
+    def precheck(self, command: cmds.Ack | cmds.Fail | cmds.Extend | cmds.Release, now_ms: int) -> list[Outcome | None]:
         """Each item's outcome if the current state already decides it, else None; changes nothing.
 
         The leader answers a batch whose every item is refused (or is a repeated ack) without
@@ -1220,11 +1244,11 @@ class QueueStateMachine:
         self._rotation = fields["rotation"]
         turns: dict[str, tuple[str, ...]] = {}
         for name, max_depth, events, settings, bucket, queue_turns in fields["queues"]:
-            if len(events) != len(EVENTS):
+            if len(events) not in (len(EVENTS), EVENTS_COUNT_BEFORE_RELEASE):
                 raise ValueError(f"queue {name!r} has {len(events)} event counters, not {len(EVENTS)}")
             queue = self._queue(name)
             queue.max_depth = max_depth
-            queue.events = dict(zip(EVENTS, events))
+            queue.events = dict(zip(EVENTS, tuple(events) + (0,) * (len(EVENTS) - len(events))))
             rate_per_ks, burst, queue.max_running_per_key, queue.fifo = settings
             if rate_per_ks is not None:
                 queue.rate_per_ks, queue.burst = rate_per_ks, burst

@@ -86,3 +86,33 @@ def test_a_repeated_ack_with_the_same_lease_is_ok_and_changes_nothing(single_nod
         client.ack("w1", job.id, job.lease)
         assert digest(url) == after_first
         assert client.get(job.id)["state"] == "done"
+
+
+def test_release_hands_jobs_back_without_an_attempt_one_outcome_per_item(single_node):
+    url = single_node.urls[0]
+    with Client(single_node.urls) as client:
+        ids = client.submit_many("release", [{"n": 1}, {"n": 2}], max_attempts=1)
+        first, second = client.fetch("w1", ["release"], max_jobs=2)
+        # One stale token beside a good one: the stale item is refused alone.
+        outcomes = client.release_many("w1", [(first.id, first.lease), (second.id, second.lease + 1000)])
+        assert outcomes[0] is None and isinstance(outcomes[1], errors.LeaseError), outcomes
+        record = client.get(first.id)
+        assert (record["state"], record["attempts"], record["last_error"]) == ("ready", 0, None)
+        assert client.get(second.id)["state"] == "leased"
+        before = digest(url)
+        again = client.release_many("w1", [(first.id, first.lease)])  # already released: refused, no change
+        assert isinstance(again[0], errors.LeaseError) and digest(url) == before
+        # max_attempts=1 and leased twice: the released lease did not use the only attempt up.
+        (redelivered,) = client.fetch("w2", ["release"], max_jobs=1)
+        assert redelivered.id == first.id and redelivered.attempt == 1
+        client.ack("w2", redelivered.id, redelivered.lease)
+        assert sorted(ids) == sorted([first.id, second.id])
+        _, metrics = http_text(url + "/metrics")
+        assert 'raftq_jobs_released_total{queue="release"} 1.0' in metrics
+
+
+def http_text(url: str) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()

@@ -122,8 +122,17 @@ def test_submit_and_worker_options_parse():
         ("emails", 5, 1000, 9, 1.5, 3)
     args = cli.build_parser().parse_args(["worker", "tasks:app", "--concurrency", "8", "--pool", "asyncio",
                                           "--burst", "--queues", "a,b"])
-    assert (args.target, args.concurrency, args.pool, args.burst, cli._split(args.queues)) == \
-        ("tasks:app", 8, "asyncio", True, ["a", "b"])
+    assert (args.target, args.concurrency, args.pool, args.burst, cli._split(args.queues), args.prefetch) == \
+        ("tasks:app", 8, "asyncio", True, ["a", "b"], "auto")
+    for given, parsed in [("auto", "auto"), ("0", 0), ("64", 64)]:
+        assert cli.build_parser().parse_args(["worker", "tasks:app", "--prefetch", given]).prefetch == parsed
+
+
+def test_worker_prefetch_flag_is_checked(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_make_client", lambda *args, **kwargs: ClosingFake())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["worker", "tasks:app", "--prefetch", "lots"])
+    assert exit_.value.code == 2 and "expected auto or a number of jobs" in capsys.readouterr().err
 
 
 def test_node_forwards_the_rest_of_the_command_line(monkeypatch):

@@ -60,6 +60,9 @@ class Machine:
     def extend(self, job_id: str, lease: int, lease_ms: int, worker: str = "w1", now: int = T0):
         return self(c.Extend(now, worker, (c.ExtendItem(job_id, lease, lease_ms),))).outcomes[0]
 
+    def release(self, job_id: str, lease: int, worker: str = "w1", now: int = T0):
+        return self(c.Release(now, worker, (c.ReleaseItem(job_id, lease),))).outcomes[0]
+
     def tick(self, now: int, entropy: int = 7) -> r.Ticked:
         return self(c.Tick(now, entropy))
 
@@ -302,6 +305,14 @@ def _extend(m, lease, **kw):
     return m.extend("a", lease, 60_000, **kw)
 
 
+def _release(m, lease, **kw):
+    return m.release("a", lease, **kw)
+
+
+LEASE_OPERATIONS = [_ack, _fail, _extend, _release]
+LEASE_OPERATION_NAMES = ["ack", "fail", "extend", "release"]
+
+
 LEASE_ERROR_CASES = [
     # (name, mutate lease token, worker, now offset, expected code)
     ("unknown token", lambda t: t + 100, "w1", 0, r.LEASE_MISMATCH),
@@ -311,7 +322,7 @@ LEASE_ERROR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("operation", [_ack, _fail, _extend], ids=["ack", "fail", "extend"])
+@pytest.mark.parametrize("operation", LEASE_OPERATIONS, ids=LEASE_OPERATION_NAMES)
 @pytest.mark.parametrize("name, token, worker, offset, code", LEASE_ERROR_CASES, ids=[x[0] for x in LEASE_ERROR_CASES])
 def test_stale_or_foreign_lease_is_refused_and_changes_nothing(m, operation, name, token, worker, offset, code):
     leased = _leased(m)
@@ -321,19 +332,19 @@ def test_stale_or_foreign_lease_is_refused_and_changes_nothing(m, operation, nam
     assert m.logical_state() == before
 
 
-@pytest.mark.parametrize("operation", [_ack, _fail, _extend], ids=["ack", "fail", "extend"])
+@pytest.mark.parametrize("operation", LEASE_OPERATIONS, ids=LEASE_OPERATION_NAMES)
 def test_unknown_job_is_not_found(m, operation):
     outcome = operation(m, 1)
     assert outcome.code == r.NOT_FOUND
 
 
-@pytest.mark.parametrize("operation", [_ack, _fail, _extend], ids=["ack", "fail", "extend"])
+@pytest.mark.parametrize("operation", LEASE_OPERATIONS, ids=LEASE_OPERATION_NAMES)
 def test_job_not_leased_is_lease_mismatch(m, operation):
     m.submit(job("a"))
     assert operation(m, 1).code == r.LEASE_MISMATCH
 
 
-@pytest.mark.parametrize("operation", [_ack, _fail, _extend], ids=["ack", "fail", "extend"])
+@pytest.mark.parametrize("operation", LEASE_OPERATIONS, ids=LEASE_OPERATION_NAMES)
 def test_lease_after_expiry_requeue_is_refused(m, operation):
     leased = _leased(m)
     m.tick(T0 + LEASE_MS)
@@ -342,6 +353,49 @@ def test_lease_after_expiry_requeue_is_refused(m, operation):
     nxt = m.lease_one(now=T0 + LEASE_MS + 400_000)  # the next holder
     assert operation(m, leased.lease, now=T0 + LEASE_MS + 400_000).code == r.LEASE_MISMATCH
     assert m.sm.lease_holder("a") == ("w1", nxt.lease, nxt.lease_expires_at_ms)
+
+
+# ---------------------------------------------------------------------- release
+
+
+def test_release_requeues_without_counting_the_attempt(m):
+    m.submit(job("a", max_attempts=1), job("b"))
+    first = m.lease_one(now=T0)
+    assert first.id == "a" and first.attempt == 1
+    assert m.release("a", first.lease, now=T0 + 5) is r.OK
+    record = m.sm.get_job("a")
+    assert (record["state"], record["attempts"]) == ("ready", 0)
+    assert m.sm.lease_holder("a") is None
+    assert m.sm.counters[("released", "q")] == 1
+    # Back at the end of its priority's FIFO: b, leased by nobody yet, comes first.
+    assert [j.id for j in m.lease(max_jobs=2, worker="w2", now=T0 + 10)] == ["b", "a"]
+    again = m.sm.get_job("a")
+    assert again["attempts"] == 1 and again["worker"] == "w2"  # max_attempts=1: still one attempt left to use
+
+
+def test_released_job_on_its_last_attempt_is_not_dead_lettered(m):
+    m.submit(job("a", max_attempts=1))
+    for round_ in range(3):
+        leased = m.lease_one(now=T0 + round_)
+        assert leased.attempt == 1
+        assert m.release("a", leased.lease, now=T0 + round_) is r.OK
+    assert m.state("a") == "ready"
+
+
+def test_stale_release_changes_nothing_and_neighbours_still_go_back(m):
+    m.submit(job("a"), job("b"))
+    a, b = m.lease(max_jobs=2)
+    before_b = m.sm.get_job("b")["attempts"]
+    outcomes = m(c.Release(T0, "w1", (c.ReleaseItem("a", a.lease + 99), c.ReleaseItem("b", b.lease)))).outcomes
+    assert outcomes[0].code == r.LEASE_MISMATCH and outcomes[1] is r.OK
+    assert m.state("a") == "leased" and m.state("b") == "ready"
+    assert m.sm.get_job("b")["attempts"] == before_b - 1
+
+
+def test_released_lease_cannot_be_acked(m):
+    leased = _leased(m)
+    m.release("a", leased.lease)
+    assert m.ack("a", leased.lease).code == r.LEASE_MISMATCH
 
 
 # ---------------------------------------------------------------------- ack

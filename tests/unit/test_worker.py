@@ -24,10 +24,13 @@ import pytest
 from aiohttp import web
 
 from client import AsyncClient, Client, LeasedJob, errors
-from client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_DEFAULT_MAX, Middleware,
+from client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX, PREFETCH_DEFAULT_MAX,
+                           Middleware,
                            NonRetryable, PrometheusMiddleware, Reject, Retry, Worker, error_text, outcome_of)
 
 DEADLINE_S = 10.0
+#: The error a job still running past the grace period is failed with (its attempt counts).
+ABANDONED = "worker shutting down: the job was still running after the grace period"
 
 
 def wait_until(predicate, what: str, timeout_s: float = DEADLINE_S) -> None:
@@ -65,6 +68,7 @@ class FakeCluster:
     acks: list[tuple[str, Any]] = field(default_factory=list)
     ack_calls: list[int] = field(default_factory=list)
     fails: list[tuple[str, str, bool, float | None]] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
     extends: list[tuple[str, int, float]] = field(default_factory=list)
     heartbeats: list[list[str]] = field(default_factory=list)
     held_max: int = 0
@@ -158,6 +162,21 @@ class FakeCluster:
                 results.append(None)
             return results
 
+    def release_many(self, worker, items):
+        with self.lock:
+            results = []
+            for job_id, lease in items:
+                self.releases.append(job_id)
+                if not self._holds(worker, job_id, lease):
+                    results.append(lease_error(job_id))
+                    continue
+                job = self.jobs[job_id]
+                job.state, job.ready_at, job.holder = "ready", time.time(), None
+                job.attempts -= 1  # the server counts no attempt for a released lease
+                self.job_ready.notify_all()
+                results.append(None)
+            return results
+
     def extend_many(self, worker, items):
         if self.extend_error is not None:
             raise self.extend_error
@@ -224,6 +243,7 @@ class ApiServer:
         router.add_post("/v1/ack", self.ack)
         router.add_post("/v1/fail", self.fail)
         router.add_post("/v1/extend", self.extend)
+        router.add_post("/v1/release", self.release)
         router.add_post("/v1/workers/{worker}/heartbeat", self.heartbeat)
 
     def _serve(self, ready: threading.Event) -> None:
@@ -277,6 +297,11 @@ class ApiServer:
         body = await self.body(request)
         items = [(f["id"], f["lease"], f["error"], f.get("retry", True), f.get("delay_s")) for f in body["fails"]]
         results = self.cluster.fail_many(body["worker"], items)
+        return self.respond(request, {"results": [self.outcome(r) for r in results]})
+
+    async def release(self, request):
+        body = await self.body(request)
+        results = self.cluster.release_many(body["worker"], [(x["id"], x["lease"]) for x in body["leases"]])
         return self.respond(request, {"results": [self.outcome(r) for r in results]})
 
     async def extend(self, request):
@@ -560,7 +585,7 @@ def test_graceful_shutdown_hands_back_jobs_still_running_after_grace():
     finally:
         release.set()
     assert cluster.acks == [(fast, "finished")]
-    assert cluster.fails == [(slow, "worker shutting down", True, 0.0)]
+    assert cluster.fails == [(slow, ABANDONED, True, 0.0)]
     assert cluster.state(slow) == "ready" and box["stats"].released == 1
 
 
@@ -584,7 +609,7 @@ def test_shutdown_does_not_lease_again_the_jobs_it_hands_back():
         thread.join(DEADLINE_S)
     finally:
         release.set()
-    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)]
+    assert cluster.fails == [(job_id, ABANDONED, True, 0.0)]
     assert box["stats"].released == 1 and cluster.state(job_id) == "ready"
 
 
@@ -754,7 +779,7 @@ async def test_asyncio_pool_arun_inside_a_loop_and_grace():
     await asyncio.wait_for(started.wait(), DEADLINE_S)
     worker.stop()
     stats = await asyncio.wait_for(task, DEADLINE_S)
-    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)] and stats.released == 1
+    assert cluster.fails == [(job_id, ABANDONED, True, 0.0)] and stats.released == 1
 
 
 def test_processes_pool_runs_top_level_functions():
@@ -788,7 +813,7 @@ def test_processes_pool_shutdown_terminates_a_stuck_child():
     worker.stop()
     thread.join(DEADLINE_S)
     assert not thread.is_alive() and box["stats"].released == 1
-    assert cluster.fails == [(job_id, "worker shutting down", True, 0.0)]
+    assert cluster.fails == [(job_id, ABANDONED, True, 0.0)]
 
 
 def test_options_are_checked():
@@ -916,10 +941,21 @@ def test_auto_prefetch_buffers_little_of_long_jobs():
 
     stats = make_worker(cluster, {"q": handler}, concurrency=1, prefetch="auto").run()
     assert stats.succeeded == 6
-    assert Worker(cluster, {"q": handler}, concurrency=1).prefetch == 0  # SPEC: no hidden prefetch by default
-    assert Worker(cluster, {"q": handler}, concurrency=1, prefetch="auto").prefetch == PREFETCH_DEFAULT_MAX  # the bound...
+    assert Worker(cluster, {"q": handler}, concurrency=1).prefetch == PREFETCH_DEFAULT_MAX  # SPEC: on by default;
+    assert Worker(cluster, {"q": handler}, concurrency=1, prefetch=0).prefetch == 0  # off on request; the bound...
     # ... paced to one: running + buffered <= 2 (plus as many whose ack may be on its way).
     assert all(max_jobs <= 2 and max_jobs + held <= 4 for max_jobs, held in cluster.fetches), cluster.fetches
+
+
+def test_auto_prefetch_is_bounded_in_bytes():
+    cluster = FakeCluster()
+    big = "x" * (1 << 20)  # 1 MiB payloads: PREFETCH_BYTES_MAX holds 16 of them, not 256
+    for _ in range(60):
+        cluster.add("q", big)
+    stats = make_worker(cluster, {"q": lambda job: None}, concurrency=2).run()
+    assert stats.succeeded == 60
+    bound = PREFETCH_BYTES_MAX // len(big)
+    assert max(max_jobs for max_jobs, _ in cluster.fetches) <= 2 + bound, cluster.fetches
 
 
 @pytest.mark.parametrize("pool", ["threads", "asyncio"])
@@ -994,7 +1030,7 @@ def test_stop_hands_buffered_jobs_back_at_once_and_lets_the_running_one_finish(p
         assert started.wait(DEADLINE_S)
         wait_until(lambda: cluster.held("w1") == 5, "1 running + 4 buffered")
         worker.stop()
-        wait_until(lambda: len(cluster.fails) == 4, "the buffered jobs handed back", timeout_s=2.0)
+        wait_until(lambda: len(cluster.releases) == 4, "the buffered jobs handed back", timeout_s=2.0)
         assert thread.is_alive() and cluster.acks == []  # the running job has the rest of its grace
     finally:
         release.set()
@@ -1002,10 +1038,8 @@ def test_stop_hands_buffered_jobs_back_at_once_and_lets_the_running_one_finish(p
     assert not thread.is_alive() and "error" not in box
     [(running_id, _)] = cluster.acks
     handed_back = sorted(set(ids) - {running_id})
-    assert sorted(job_id for job_id, *_ in cluster.fails) == handed_back
-    assert {(error, retry, delay_s) for _, error, retry, delay_s in cluster.fails} == \
-        {("worker shutting down", True, 0.0)}
-    assert [cluster.state(job_id) for job_id in handed_back] == ["ready"] * 4
+    assert sorted(cluster.releases) == handed_back and cluster.fails == []  # released: no attempt counted
+    assert [(cluster.state(job_id), cluster.jobs[job_id].attempts) for job_id in handed_back] == [("ready", 0)] * 4
     assert (box["stats"].released, box["stats"].succeeded) == (4, 1)
 
 
