@@ -15,7 +15,7 @@ runtime (`Worker`, `Retry`, ...) and the task API (`App`) are re-exported from t
 from client import errors
 from client._async_client import AiohttpTransport, AsyncClient
 from client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
-from client._client import Client
+from client._client import Client, JobHandle
 from client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
 from client.app import App
 from client.worker import Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, Worker
@@ -30,6 +30,7 @@ __all__ = [
     "Client",
     "ClientState",
     "HTTPTransport",
+    "JobHandle",
     "LeasedJob",
     "Middleware",
     "MockTransport",

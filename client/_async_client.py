@@ -16,7 +16,8 @@ from typing import Any, Awaitable, Callable, Sequence
 import aiohttp
 
 from client import errors
-from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings, single
+from client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
+                          result_of, single)
 from client._client import Client
 from client._transports import AsyncBaseTransport, Request, Response, base_url, transport_error
 
@@ -173,6 +174,20 @@ class AsyncClient(_BaseClient):
 
     async def get(self, job_id: str) -> dict:
         return await self._send(self._get_call(job_id))
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        plan = self._wait_plan(job_id, timeout)
+        record = None
+        while True:
+            try:
+                call = plan.send(record)
+            except StopIteration as done:
+                return done.value
+            record = await self._send(call)
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Waits for the job to finish and returns its result; raises as `JobHandle.result`."""
+        return result_of(await self.wait(job_id, timeout), timeout)
 
     async def cancel(self, job_id: str) -> None:
         await self._send(self._cancel_call(job_id))

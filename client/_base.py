@@ -65,6 +65,10 @@ from raftq.protocol import BATCH_COUNT_MAX, LEADER_HEADER
 #: Nodes a client may know: those given plus leaders learned from redirects. Bounded so a
 #: misconfigured node that redirects to ever-new addresses cannot grow the list without end.
 NODES_MAX = 16
+#: A job leaves none of these states by itself; `wait` returns once the job is in one.
+FINAL_STATES = ("done", "dead", "cancelled")
+#: The server answers a long poll on a job after at most this long (SPEC: like the lease's, 20 s).
+WAIT_S_MAX = 20.0
 #: Characters of an unreadable error body quoted in the error message.
 BODY_QUOTE_CHARS_MAX = 200
 
@@ -469,6 +473,24 @@ class _BaseClient:
     def _get_call(self, job_id: str) -> Call:
         return self._call("GET", f"/v1/jobs/{segment(job_id)}", _mapping)
 
+    def _wait_plan(self, job_id: str, timeout: float | None) -> Generator[Call, dict | None, dict]:
+        """The long polls of `wait`: yields a Call, is sent its record, returns the last record.
+
+        One `GET /v1/jobs/{id}?wait_s=N` per WAIT_S_MAX (the server's bound) until the job is in
+        a final state or `timeout` has passed; each poll is a call of its own (own retries, own
+        deadline plus its wait), so a failover in the middle costs one poll, not the wait.
+        """
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be None or non-negative seconds, got {timeout!r}")
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            left_s = WAIT_S_MAX if deadline is None else max(0.0, deadline - self._clock())
+            wait_s = round(min(WAIT_S_MAX, left_s), 3)
+            record = yield self._call("GET", f"/v1/jobs/{segment(job_id)}?wait_s={wait_s:g}", _mapping,
+                                      wait_s=wait_s)
+            if record.get("state") in FINAL_STATES or (deadline is not None and self._clock() >= deadline):
+                return record
+
     def _cancel_call(self, job_id: str) -> Call:
         return self._call("POST", f"/v1/jobs/{segment(job_id)}/cancel", _nothing)
 
@@ -644,6 +666,26 @@ def _mapping(body: Any, node: str) -> dict:
 
 def _nothing(body: Any, node: str) -> None:
     return None
+
+
+def result_of(record: dict, timeout: float | None) -> Any:
+    """A finished job's result from its record, as `JobHandle.result()` returns it.
+
+    Raises:
+        errors.JobFailed: the job is dead (the message has its attempts and last error) or cancelled.
+        errors.JobPending: it is not final yet (the wait ran out).
+    """
+    state, job_id = record.get("state"), record.get("id")
+    if state == "done":
+        return record.get("result")
+    if state == "dead":
+        error = str(record.get("last_error") or "no error text")
+        raise errors.JobFailed(f"job {job_id} is dead after {record.get('attempts')} attempt(s); last error: {error}",
+                               code="dead", record=record)
+    if state == "cancelled":
+        raise errors.JobFailed(f"job {job_id} was cancelled", code="cancelled", record=record)
+    waited = "" if timeout is None else f" after {timeout:g} s"
+    raise errors.JobPending(f"job {job_id} is still {state}{waited}")
 
 
 def single(outcomes: list[Any]) -> Any:

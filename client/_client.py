@@ -10,7 +10,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from client import errors
-from client._base import Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings, single
+from client._base import (FINAL_STATES, Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options,
+                          queue_settings, result_of, single)
 from client._transports import BaseTransport, HTTPTransport
 
 
@@ -313,6 +314,40 @@ class Client(_BaseClient):
         """
         return self._send(self._get_call(job_id))
 
+    def wait(self, job_id: str, timeout: float | None = None) -> dict:
+        """Waits until the job is done, dead or cancelled, or `timeout` seconds have passed.
+
+        Long-polls `GET /v1/jobs/{id}?wait_s=N` (at most 20 s per request), so the answer comes
+        as soon as the leader applies the final state, without polling traffic in between.
+
+        Args:
+            job_id: the job.
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            The job's record (as `get`): in a final state, or as it is when the timeout ran out.
+
+        Raises:
+            errors.JobNotFound: unknown, or finished longer ago than the retention window.
+            errors.TransportError, errors.ServerError: no node could serve a poll before its deadline.
+        """
+        plan = self._wait_plan(job_id, timeout)
+        record = None
+        while True:
+            try:
+                call = plan.send(record)
+            except StopIteration as done:
+                return done.value
+            record = self._send(call)
+
+    def result(self, job_id: str, timeout: float | None = None) -> Any:
+        """Waits for the job to finish and returns its result; raises as `JobHandle.result`."""
+        return result_of(self.wait(job_id, timeout), timeout)
+
+    def handle(self, job_id: str) -> "JobHandle":
+        """A `JobHandle` for a job id: its state now, and its result once it has one."""
+        return JobHandle(job_id, self)
+
     def cancel(self, job_id: str) -> None:
         """Cancels a job that has not finished.
 
@@ -379,3 +414,54 @@ class Client(_BaseClient):
     def workers(self) -> list[dict]:
         """The workers the leader knows, with their last heartbeat and leased jobs."""
         return self._send(self._workers_call())
+
+
+class JobHandle(str):
+    """A submitted job: its id (this is a `str`, so it goes wherever an id goes) and a way to its
+    state and result, like Celery's AsyncResult.
+
+    Example:
+        handle = add.submit(2, 3)
+        handle.result(timeout=10)   # 5, once a worker has run it
+    """
+
+    client: Client
+
+    def __new__(cls, job_id: str, client: Client) -> "JobHandle":
+        handle = super().__new__(cls, job_id)
+        handle.client = client
+        return handle
+
+    @property
+    def id(self) -> str:
+        return str(self)
+
+    @property
+    def state(self) -> str:
+        """The job's state now: scheduled, ready, leased, retry_wait, done, dead or cancelled."""
+        return self.client.get(self.id)["state"]
+
+    def record(self) -> dict:
+        """The job's whole record now (`Client.get`)."""
+        return self.client.get(self.id)
+
+    def ready(self) -> bool:
+        """True once the job is done, dead or cancelled."""
+        return self.state in FINAL_STATES
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Waits for the job to finish and returns its result (what the handler returned).
+
+        Args:
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Raises:
+            errors.JobFailed: the job was dead-lettered (the message carries its attempts and last
+                error, `.record` the whole record) or cancelled.
+            errors.JobPending: it did not finish within `timeout`.
+            errors.JobNotFound: its record is gone: it finished longer ago than the retention window.
+        """
+        return result_of(self.client.wait(self.id, timeout), timeout)
+
+    def __reduce__(self):  # a handle pickles as its id; the client stays behind
+        return str, (str(self),)

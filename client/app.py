@@ -5,8 +5,9 @@
     @app.task(queue="emails", max_attempts=3)
     def send_welcome(user_id: int, *, lang: str = "en") -> None: ...
 
-    job_id = send_welcome.submit(42, lang="de")   # producer side
-    app.worker(concurrency=8).run()              # worker side (or: raftq worker mymodule:app)
+    handle = send_welcome.submit(42, lang="de")   # producer side; .delay(...) is the same
+    handle.result(timeout=30)                     # waits for a worker to run it
+    app.worker(concurrency=8).run()               # worker side (or: raftq worker mymodule:app)
 
 A submitted call is the payload `{"task": name, "args": [...], "kwargs": {...}}` on the task's
 queue; the worker looks the name up among the app's tasks. A name defaults to the function's
@@ -17,6 +18,7 @@ are msgpack data, never pickles: arguments must be msgpack-serialisable.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import importlib
 import inspect
@@ -28,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 
+from client._client import JobHandle
 from client.worker import Reject, Worker
 # The bounds of the per-job options a task may fix: the server's, checked here at registration.
 from raftq.protocol import (LEASE_S_MAX, LEASE_S_MIN, MAX_ATTEMPTS_MAX, MAX_ATTEMPTS_MIN, PRIORITY_MAX,
@@ -165,11 +168,11 @@ class Task:
                                        "pool='processes' needs tasks defined at module top level")
         return _load_task, (module, qualname)
 
-    def submit(self, *args: Any, **kwargs: Any) -> str:
-        """Submits a call of this task with these arguments.
+    def submit(self, *args: Any, **kwargs: Any) -> JobHandle:
+        """Submits a call of this task with these arguments (Celery's `delay`).
 
         Returns:
-            The job id.
+            A `JobHandle`: the job id (a str) with `.state` and `.result(timeout=)`.
 
         Raises:
             TypeError: an argument is not msgpack-serialisable.
@@ -177,24 +180,57 @@ class Task:
         """
         return self.submit_with(args, kwargs)
 
+    delay = submit
+
     def submit_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
-                    delay_s: float | None = None, priority: int | None = None,
-                    idempotency_key: str | None = None) -> str:
+                    delay_s: float | None = None, priority: int | None = None, queue: str | None = None,
+                    idempotency_key: str | None = None) -> JobHandle:
         """Submits a call with per-job options.
 
         Args:
             args, kwargs: the call's arguments.
             delay_s: seconds before the job may run.
             priority: 0-9, overriding the task's own.
+            queue: another queue than the task's (a worker for it must know this task).
             idempotency_key: a repeated submit with the same key inside the server's window
                 returns the first job's id instead of creating another job.
 
         Returns and raises like `submit`.
         """
         payload = self.payload(args, kwargs)
-        return self.app.client.submit(self.queue, payload, priority=priority if priority is not None else self.priority,
-                                      delay_s=delay_s, max_attempts=self.max_attempts, lease_s=self.lease_s,
-                                      idempotency_key=idempotency_key)
+        client = self.app.client
+        job_id = client.submit(queue or self.queue, payload,
+                               priority=priority if priority is not None else self.priority, delay_s=delay_s,
+                               max_attempts=self.max_attempts, lease_s=self.lease_s, idempotency_key=idempotency_key)
+        return JobHandle(job_id, client)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
+                    countdown: float | None = None, eta: datetime.datetime | None = None,
+                    priority: int | None = None, queue: str | None = None,
+                    idempotency_key: str | None = None) -> JobHandle:
+        """Celery's `apply_async`: `submit_with` under Celery's option names.
+
+        Args:
+            args, kwargs: the call's arguments.
+            countdown: seconds before the job may run.
+            eta: when it may run (an aware datetime, or a naive one in local time); a time in
+                the past runs it at once. Kept by the cluster, never by a worker.
+            priority: 0-9, 9 runs first.
+            queue: another queue than the task's.
+            idempotency_key: as for `submit_with`.
+
+        Raises:
+            ValueError: both countdown and eta given.
+            TypeError, client.errors.RaftqError: as `submit`.
+        """
+        if countdown is not None and eta is not None:
+            raise ValueError("give countdown or eta, not both")
+        delay_s = countdown
+        if eta is not None:
+            now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo is not None else datetime.datetime.now()
+            delay_s = max(0.0, (eta - now).total_seconds())
+        return self.submit_with(args, kwargs, delay_s=delay_s, priority=priority, queue=queue,
+                                idempotency_key=idempotency_key)
 
     def payload(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> dict:
         """The job payload of a call: {"task": name, "args": [...], "kwargs": {...}}.

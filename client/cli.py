@@ -127,7 +127,8 @@ def _add_submit(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("payload", nargs="?", metavar="PAYLOAD_JSON", help="one payload as JSON")
     source = sub.add_mutually_exclusive_group()
     source.add_argument("--file", help="one JSON payload a line ('-' for stdin)")
-    source.add_argument("--count", type=int, help='submit N generated payloads {"n": i}')
+    source.add_argument("--count", type=int, help='submit N generated payloads {"n": i}; prints a summary')
+    sub.add_argument("--ids", action="store_true", help="with --count: print every job id, one a line")
     sub.add_argument("--batch", type=int, default=BATCH_DEFAULT, metavar="SIZE",
                      help=f"jobs per request for --count/--file (default {BATCH_DEFAULT}; 1 = one by one)")
     sub.add_argument("--priority", type=int, help="0-9, 9 runs first")
@@ -181,11 +182,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     progress.update(1)
         finally:
             progress.close()
-            _print_ids(args, ids)
-    if len(ids) > 1:
+            if args.count is None or args.ids or args.json:
+                _print_ids(args, ids)
+    if len(ids) > 1 or args.count is not None:
         elapsed_s = max(progress.elapsed_s, 1e-9)
-        print(f"submitted {len(ids)} jobs to {args.queue} in {elapsed_s:.2f} s ({len(ids) / elapsed_s:,.0f} jobs/s)",
-              file=sys.stderr)
+        summary = f"submitted {len(ids)} jobs to {args.queue} in {elapsed_s:.2f} s ({len(ids) / elapsed_s:,.0f} jobs/s)"
+        if args.count is not None and not (args.ids or args.json):
+            # --count makes generated jobs: their ids are rarely wanted one by one (--ids prints them).
+            span = f": {ids[0]} .. {ids[-1]}" if ids else ""
+            print(summary + span)
+        else:
+            print(summary, file=sys.stderr)
     return 0
 
 

@@ -20,7 +20,9 @@ transport failures) and `.status` (the HTTP status, or None when no answer came)
     └── JobError              the job is not in a state that allows it
         ├── JobNotFound       404                                 "not_found"
         ├── LeaseError        409                                 "lease_mismatch", "lease_expired"
-        └── Conflict          409                                 "conflict"
+        ├── Conflict          409                                 "conflict"
+        ├── JobFailed         a result waited for: the job ended dead or cancelled   "dead", "cancelled"
+        └── JobPending        a result waited for: not finished within the timeout   "pending"
 
 `Unavailable` and `QueueFull` carry `.retry_after` (seconds, from the `Retry-After` header, or
 None). Every error carries `.node`, the base URL of the node that answered (or last failed).
@@ -169,6 +171,24 @@ class LeaseError(JobError):
 
 class Conflict(JobError):
     """Raised when the job's state forbids the change, e.g. cancelling a finished job (409)."""
+
+
+class JobFailed(JobError):
+    """Raised by `JobHandle.result()` when the job ended dead-lettered or cancelled instead of done.
+
+    `.record` is the job's record: its `state`, `attempts` and `last_error` (the handler's error
+    and traceback). Its code is the final state, "dead" or "cancelled".
+    """
+
+    def __init__(self, message: str = "", *, record: dict | None = None, **fields) -> None:
+        super().__init__(message, **fields)
+        self.record = record or {}
+
+
+class JobPending(JobError):
+    """Raised by `JobHandle.result(timeout=)` when the job did not finish within the timeout."""
+
+    default_code = "pending"
 
 
 # ---------------------------------------------------------------------------- local misuse

@@ -100,12 +100,17 @@ class LocalCluster:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, NodeProcess] = field(default_factory=dict)
+    #: A client bearer token: the nodes start with it (RAFTQ_TOKEN in their environment, never on
+    #: the command line), and `status()` and the waits built on it present it.
+    token: str | None = None
 
     #: (source id, target id, target port) -> the URL the source uses to reach the target; the
     #: chaos suite routes each directed peer link through its own proxy with it.
     peer_url: Callable[[str, str, int], str] | None = None
 
     def __post_init__(self) -> None:
+        if self.token:
+            self.env = {**self.env, "RAFTQ_TOKEN": self.token}
         ports = free_ports(self.size)
         ids = [f"n{i + 1}" for i in range(self.size)]
         self.ports = dict(zip(ids, ports))
@@ -195,7 +200,9 @@ class LocalCluster:
         if not node.alive or node.paused:
             return None
         try:
-            status, body = http_json(node.url + "/v1/cluster" + ("?digest=1" if with_digest else ""), timeout=2.0)
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+            status, body = http_json(node.url + "/v1/cluster" + ("?digest=1" if with_digest else ""), timeout=2.0,
+                                     headers=headers)
         except OSError:
             return None
         return body if status == 200 else None

@@ -154,7 +154,10 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
     job_id = v.job_id(request.match_info["job_id"])
+    wait_s = _query_seconds(request, "wait_s", high=c.LEASE_WAIT_S_MAX)
     await node.read_barrier()
+    if wait_s > 0:
+        await _wait_until_final(node, job_id, wait_s)
     record = node.queue.get_job(job_id)
     if record is None:
         retention_s = node.config.retention_ms / 1000
@@ -162,6 +165,31 @@ async def get_job(request: web.Request) -> web.Response:
                        f"no job {job_id}: it never existed here, or it finished more than {retention_s:g} s ago "
                        "and its record was dropped")
     return respond(request, job_record(record))
+
+
+#: The states a job does not leave by itself: `GET /v1/jobs/{id}?wait_s=` answers once it is in one.
+FINAL_STATES = ("done", "dead", "cancelled")
+
+
+async def _wait_until_final(node: Any, job_id: str, wait_s: float) -> None:
+    """The long poll of `GET /v1/jobs/{id}?wait_s=N`: returns once the job is final, unknown
+    (never was, or dropped after retention) or `wait_s` has passed, whichever comes first.
+
+    Wakes at each applied batch (the lease long poll's signal) and looks at one dict entry.
+    Raises NotLeaderError when this node stops leading meanwhile: the client asks the new leader.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        changed = node.jobs_changed()
+        state = node.queue.job_state(job_id)
+        remaining = deadline - time.monotonic()
+        if state is None or state in FINAL_STATES or remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(changed), remaining)
+        except asyncio.TimeoutError:
+            return
+        node.require_leader()
 
 
 def job_record(record: dict) -> dict:
@@ -241,6 +269,20 @@ async def purge_dead(request: web.Request) -> web.Response:
     node.require_leader()
     result = await node.propose(cmds.Purge(now_ms=_now_ms(), queue=queue, state="dead"))
     return respond(request, {"purged": result.count})
+
+
+def _query_seconds(request: web.Request, key: str, *, high: float) -> float:
+    """A query parameter of seconds in [0, high]; 0 when absent."""
+    raw = request.query.get(key)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise v.invalid(f"query parameter {key!r} must be a number of seconds, got {raw[:40]!r}") from None
+    if not 0 <= value <= high:  # also refuses nan
+        raise v.invalid(f"query parameter {key!r} = {value:g} is out of range [0, {high:g}]")
+    return value
 
 
 def _query_int(request: web.Request, key: str, *, default: int, low: int, high: int) -> int:

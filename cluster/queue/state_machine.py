@@ -989,6 +989,11 @@ class QueueStateMachine:
         job = self._jobs.get(job_id)
         return None if job is None else job.record()
 
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state, or None when unknown or dropped after retention; O(1), no record built."""
+        job = self._jobs.get(job_id)
+        return None if job is None else job.state
+
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """{queue: {state: count}} for every known queue, every state present; O(queues)."""
         return {name: dict(self._queues[name].counts) for name in sorted(self._queues)}

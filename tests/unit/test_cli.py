@@ -227,6 +227,14 @@ def test_submit_count_in_batches(server, capsys):
     assert "submitted 5 jobs to bulk" in err
 
 
+def test_submit_count_prints_a_summary_and_ids_on_request(server, capsys):
+    code, out, _ = run_cli(capsys, "--nodes", server.url, "submit", "bulk", "--count", "1000")
+    assert code == 0 and len(out.splitlines()) == 1, out
+    assert out.startswith("submitted 1000 jobs to bulk in ") and out.rstrip().endswith(": id0 .. id999")
+    code, out, _ = run_cli(capsys, "--nodes", server.url, "submit", "bulk", "--count", "3", "--ids")
+    assert code == 0 and out.split() == ["id1000", "id1001", "id1002"]
+
+
 def test_submit_file_one_payload_a_line(server, capsys, tmp_path):
     source = tmp_path / "jobs.jsonl"
     source.write_text('{"a": 1}\n\n[1, 2]\n"text"\n')
