@@ -60,15 +60,13 @@ from client import errors
 from client._transports import MSGPACK, Request, Response, base_url
 # Jobs per submit request and items per ack/fail/extend request (one batch is one log entry;
 # bigger requests are refused with 413): the client splits larger calls into chunks of this.
-from raftq.protocol import BATCH_COUNT_MAX, LEADER_HEADER
+from raftq.protocol import BATCH_COUNT_MAX, JOB_WAIT_S_MAX, LEADER_HEADER
 
 #: Nodes a client may know: those given plus leaders learned from redirects. Bounded so a
 #: misconfigured node that redirects to ever-new addresses cannot grow the list without end.
 NODES_MAX = 16
 #: A job leaves none of these states by itself; `wait` returns once the job is in one.
 FINAL_STATES = ("done", "dead", "cancelled")
-#: The server answers a long poll on a job after at most this long (SPEC: like the lease's, 20 s).
-WAIT_S_MAX = 20.0
 #: Characters of an unreadable error body quoted in the error message.
 BODY_QUOTE_CHARS_MAX = 200
 
@@ -476,7 +474,7 @@ class _BaseClient:
     def _wait_plan(self, job_id: str, timeout: float | None) -> Generator[Call, dict | None, dict]:
         """The long polls of `wait`: yields a Call, is sent its record, returns the last record.
 
-        One `GET /v1/jobs/{id}?wait_s=N` per WAIT_S_MAX (the server's bound) until the job is in
+        One `GET /v1/jobs/{id}?wait_s=N` per JOB_WAIT_S_MAX (the server's bound) until the job is in
         a final state or `timeout` has passed; each poll is a call of its own (own retries, own
         deadline plus its wait), so a failover in the middle costs one poll, not the wait.
         """
@@ -484,8 +482,8 @@ class _BaseClient:
             raise ValueError(f"timeout must be None or non-negative seconds, got {timeout!r}")
         deadline = None if timeout is None else self._clock() + timeout
         while True:
-            left_s = WAIT_S_MAX if deadline is None else max(0.0, deadline - self._clock())
-            wait_s = round(min(WAIT_S_MAX, left_s), 3)
+            left_s = JOB_WAIT_S_MAX if deadline is None else max(0.0, deadline - self._clock())
+            wait_s = round(min(JOB_WAIT_S_MAX, left_s), 3)
             record = yield self._call("GET", f"/v1/jobs/{segment(job_id)}?wait_s={wait_s:g}", _mapping,
                                       wait_s=wait_s)
             if record.get("state") in FINAL_STATES or (deadline is not None and self._clock() >= deadline):

@@ -14,6 +14,7 @@ from raftq.protocol import (  # noqa: F401
     FETCH_WAIT_S_MAX,
     HEARTBEAT_JOB_COUNT_MAX,
     IDEMPOTENCY_KEY_BYTES_MAX,
+    JOB_WAIT_S_MAX,
     LEASE_MS_DEFAULT,
     LEASE_MS_MAX,
     LEASE_MS_MIN,

@@ -81,3 +81,6 @@ RESULT_BYTES_MAX = 64 << 10
 
 #: SPEC: long-poll wait on fetch up to 20 s (SQS's ReceiveMessage WaitTimeSeconds maximum).
 FETCH_WAIT_S_MAX = 20.0
+#: SPEC: the long poll on one job's state (`GET /v1/jobs/{id}?wait_s=N`) is bounded like the fetch's:
+#: a client that waits longer polls again, so no request outlives ordinary proxy and client timeouts.
+JOB_WAIT_S_MAX = 20.0

@@ -154,7 +154,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     node = request.app[NODE]
     job_id = v.job_id(request.match_info["job_id"])
-    wait_s = _query_seconds(request, "wait_s", high=c.LEASE_WAIT_S_MAX)
+    wait_s = _query_seconds(request, "wait_s", high=c.JOB_WAIT_S_MAX)
     await node.read_barrier()
     if wait_s > 0:
         await _wait_until_final(node, job_id, wait_s)
