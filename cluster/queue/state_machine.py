@@ -572,6 +572,8 @@ class QueueStateMachine:
             job.ready_at_ms = now
             self._move(queue, job, READY, now)
             self._push_ready(queue, job)
+            if job.key is not None or job.group is not None:
+                self._refresh_turn(queue, lane_of(job))  # as `_end_attempt`: a key slot freed, or the group's head back
             queue.events["released"] += 1
             outcomes.append(OK)
         return ItemOutcomes(tuple(outcomes))

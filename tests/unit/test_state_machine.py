@@ -392,6 +392,18 @@ def test_stale_release_changes_nothing_and_neighbours_still_go_back(m):
     assert m.sm.get_job("b")["attempts"] == before_b - 1
 
 
+def test_release_frees_a_key_slot_and_keeps_a_fifo_group_in_order(m):
+    m(c.SetQueueConfig(T0, "q", None, max_running_per_key=1, fifo=True))
+    m.submit(job("k1", key="tenant"), job("k2", key="tenant"), job("g1", group="order"), job("g2", group="order"))
+    first = {j.id: j for j in m.lease(max_jobs=4)}
+    assert set(first) == {"k1", "g1"}  # one per key at a time; a FIFO group one at a time
+    for job_id in ("k1", "g1"):
+        assert m.release(job_id, first[job_id].lease) is r.OK
+    again = [j.id for j in m.lease(max_jobs=4, worker="w2", now=T0 + 1)]
+    assert sorted(again) == ["g1", "k1"] or sorted(again) == ["g1", "k2"], again  # the group's head first, still
+    assert "g2" not in again
+
+
 def test_released_lease_cannot_be_acked(m):
     leased = _leased(m)
     m.release("a", leased.lease)
