@@ -32,8 +32,10 @@ class NodeConfig:
     public_urls: dict[str, str] = field(default_factory=dict)
     #: Bearer token clients must present on /v1 (None = no auth).
     client_token: str | None = None
-    #: Secret peers must present on /raft (None = none).
+    #: Secret peers must present on /raft. A node with peers needs one (from a file or the
+    #: environment) unless `insecure_no_cluster_secret` says, loudly, that anyone may speak Raft to it.
     cluster_secret: str | None = None
+    insecure_no_cluster_secret: bool = False
 
     payload_bytes_max: int = constants.PAYLOAD_BYTES_MAX
     body_bytes_max: int = constants.BODY_BYTES_MAX
@@ -53,6 +55,8 @@ class NodeConfig:
     compact_keep_entries: int = constants.COMPACT_KEEP_ENTRIES
     compact_keep_bytes: int = constants.COMPACT_KEEP_BYTES
     wal_segment_bytes: int = constants.WAL_SEGMENT_BYTES
+    #: Largest snapshot file this node accepts from a leader.
+    snapshot_file_bytes_max: int = constants.SNAPSHOT_FILE_BYTES_MAX
 
     #: "text" (default) or "json" (one JSON object per line).
     log_format: str = "text"
@@ -78,6 +82,13 @@ class NodeConfig:
                 raise ConfigError(f"peer {peer_id} url {url!r} must start with http:// or https://")
         if len(self.peers) + 1 not in (1, 3, 5):
             raise ConfigError(f"a cluster has 1, 3 or 5 voters, got {len(self.peers) + 1}")
+        if self.cluster_secret is not None and len(self.cluster_secret) < constants.CLUSTER_SECRET_CHARS_MIN:
+            raise ConfigError(f"the cluster secret must be at least {constants.CLUSTER_SECRET_CHARS_MIN} characters")
+        if self.peers and self.cluster_secret is None and not self.insecure_no_cluster_secret:
+            raise ConfigError(
+                "a node with peers needs a cluster secret (--cluster-secret-file PATH or RAFTQ_CLUSTER_SECRET), "
+                "the same on every node; without one anyone who reaches this port can speak Raft to it. "
+                "`deploy/run-3-nodes.sh` makes one. To run without, say --insecure-no-cluster-secret")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range")
         if self.election_ticks <= self.heartbeat_ticks:

@@ -81,6 +81,13 @@ COMPACT_KEEP_BYTES = 4 << 20
 #: WAL segment size: compaction frees whole segments, so this is the granularity of disk use.
 WAL_SEGMENT_BYTES = 8 << 20
 
+#: The largest snapshot file a node accepts from a leader (InstallSnapshot announces the size
+#: first): a million queued 1 KiB jobs make about 1.3 GB, so 16 GiB leaves room while a forged
+#: "10^18-byte snapshot" is refused before a byte of it touches the disk.
+SNAPSHOT_FILE_BYTES_MAX = 16 << 30
+#: Shortest cluster secret a node accepts: 16 characters of a random token are ~96 bits.
+CLUSTER_SECRET_CHARS_MIN = 16
+
 #: Messages waiting in the node's inbox for the drive loop.
 INBOX_COUNT_MAX = 10_000
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -56,6 +57,18 @@ def http_json(url: str, *, method: str = "GET", body: object = None, timeout: fl
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):  # let the caller see the 307
         return None
+
+
+def ensure_secret_file(path: str) -> str:
+    """Creates a random cluster secret at path (mode 0600) unless one is there; returns path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str,
@@ -111,6 +124,8 @@ class LocalCluster:
     def __post_init__(self) -> None:
         if self.token:
             self.env = {**self.env, "RAFTQ_TOKEN": self.token}
+        # Peers always authenticate (SPEC Security): every node of this cluster reads one secret file.
+        self.secret_path = os.path.join(self.base_dir, "cluster-secret")
         ports = free_ports(self.size)
         ids = [f"n{i + 1}" for i in range(self.size)]
         self.ports = dict(zip(ids, ports))
@@ -120,7 +135,8 @@ class LocalCluster:
             data_dir = os.path.join(self.base_dir, node_id)
             public = ",".join(f"{other}=http://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
             args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port),
-                    "--data-dir", data_dir, "--peers", peers, "--public-urls", public, *self.extra_args]
+                    "--data-dir", data_dir, "--peers", peers, "--public-urls", public,
+                    "--cluster-secret-file", self.secret_path, *self.extra_args]
             self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args)
 
     def __enter__(self) -> "LocalCluster":
@@ -138,8 +154,14 @@ class LocalCluster:
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes.values()]
 
+    @property
+    def secret(self) -> str:
+        with open(self.secret_path, encoding="utf-8") as f:
+            return f.read().strip()
+
     def start(self, *, wait: bool = True) -> None:
         os.makedirs(self.base_dir, exist_ok=True)
+        ensure_secret_file(self.secret_path)
         for node_id in self.nodes:
             self.start_node(node_id)
         if wait:

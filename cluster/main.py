@@ -2,6 +2,10 @@
 
 Every flag has an environment variable (RAFTQ_<FLAG>), so a service manager can configure the
 node without a command line. Peers are `id=url` pairs: `--peers n2=http://127.0.0.1:7002,n3=...`.
+
+Secrets (the client token, the cluster secret) come from a file (`--token-file`,
+`--cluster-secret-file`) or from the environment (RAFTQ_TOKEN, RAFTQ_CLUSTER_SECRET), never from
+a flag's value: any user of the machine can read a command line with `ps`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raftq node", description="Run one raftq broker node.")
+    # No abbreviations: `--token X` must not be read as `--token-file X`.
+    p = argparse.ArgumentParser(prog="raftq node", description="Run one raftq broker node.", allow_abbrev=False)
     p.add_argument("--id", default=_env("NODE_ID", "n1"), help="this node's id (env RAFTQ_NODE_ID; default n1)")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "7001")), help="listen port (default 7001)")
@@ -40,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other voters as id=url,id=url (empty: a cluster of one)")
     p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
                    help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
-    p.add_argument("--token", default=_env("TOKEN"), help="bearer token clients must present")
-    p.add_argument("--cluster-secret", default=_env("CLUSTER_SECRET"), help="secret peers must present")
+    p.add_argument("--token-file", default=_env("TOKEN_FILE"),
+                   help="file holding the bearer token clients must present (or env RAFTQ_TOKEN)")
+    p.add_argument("--cluster-secret-file", default=_env("CLUSTER_SECRET_FILE"),
+                   help="file holding the secret peers present to each other on /raft (or env "
+                        "RAFTQ_CLUSTER_SECRET); required when the node has peers")
+    p.add_argument("--insecure-no-cluster-secret", action="store_true",
+                   default=_env("INSECURE_NO_CLUSTER_SECRET", "") not in ("", "0"),
+                   help="run with peers but no cluster secret: anyone who reaches the port can speak Raft")
     p.add_argument("--payload-bytes-max", type=int, default=int(_env("PAYLOAD_BYTES_MAX", str(c.PAYLOAD_BYTES_MAX))))
     p.add_argument("--worker-timeout", type=float, default=float(_env("WORKER_TIMEOUT", str(c.WORKER_TIMEOUT_MS / 1000))),
                    help="seconds without a heartbeat before a worker's jobs are requeued (default 10)")
@@ -79,6 +90,27 @@ def parse_peers(text: str) -> dict[str, str]:
     return peers
 
 
+def read_secret(path: str | None, env_name: str, what: str) -> str | None:
+    """A secret from its file (surrounding whitespace dropped), else from RAFTQ_<env_name>, else None.
+
+    Raises:
+        ConfigError: the file cannot be read or holds nothing.
+    """
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the {what} from {path!r}: {exc}") from None
+        if not value:
+            raise ConfigError(f"the {what} file {path!r} is empty")
+        if os.stat(path).st_mode & 0o077:
+            logging.getLogger("raftq.node").warning("the %s file %r is readable by other users (chmod 600)",
+                                                    what, path)
+        return value
+    return _env(env_name) or None
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     config = NodeConfig(
         node_id=args.id,
@@ -88,8 +120,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         advertise_url=args.advertise_url,
         peers=parse_peers(args.peers),
         public_urls=parse_peers(args.public_urls),
-        client_token=args.token or None,
-        cluster_secret=args.cluster_secret or None,
+        client_token=read_secret(args.token_file, "TOKEN", "client token"),
+        cluster_secret=read_secret(args.cluster_secret_file, "CLUSTER_SECRET", "cluster secret"),
+        insecure_no_cluster_secret=args.insecure_no_cluster_secret,
         payload_bytes_max=args.payload_bytes_max,
         worker_timeout_ms=int(args.worker_timeout * 1000),
         retention_ms=int(args.retention * 1000),

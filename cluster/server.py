@@ -134,7 +134,7 @@ class Node:
             self.wal.hard_state.term, data_dir,
         )
         self.snapshot_receiver = SnapshotReceiver(
-            self.snapshots, installed=self._snapshot_received, secret=self.config.cluster_secret)
+            self.snapshots, installed=self._snapshot_received)
         if self.config.peers:
             from cluster.transport.http import HttpTransport
 

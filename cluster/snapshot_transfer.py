@@ -26,7 +26,6 @@ turn the leader into a busy loop of 100 MB reads.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import re
@@ -202,23 +201,17 @@ class SnapshotReceiver:
         store: the snapshot directory.
         installed: called on the loop with (leader id, leader term, meta) once a complete,
             verified snapshot file is in place; it steps the SNAP message into the core.
-        secret: the cluster secret, or None.
+
+    The caller has authenticated the peer (the node's auth middleware) before any of this runs.
     """
 
-    def __init__(self, store: SnapshotStore, *, installed: Callable[[str, int, SnapshotMeta], None],
-                 secret: str | None) -> None:
+    def __init__(self, store: SnapshotStore, *, installed: Callable[[str, int, SnapshotMeta], None]) -> None:
         self._store = store
         self._installed = installed
-        self._secret = secret
         self._incoming: IncomingSnapshot | None = None
         self._incoming_offer: SnapshotOffer | None = None
         self._lock = asyncio.Lock()
         self.received_total = 0
-
-    def authorized(self, headers) -> bool:
-        if not self._secret:
-            return True
-        return hmac.compare_digest(headers.get(SECRET_HEADER, "").encode(), self._secret.encode())
 
     async def receive(self, leader: str, term: int, offer: SnapshotOffer, offset: int, chunk: bytes) -> dict:
         """Handles one request; returns the answer {"received": n, "done": bool}.

@@ -3,7 +3,9 @@
 #   deploy/run-3-nodes.sh [start]   start whichever node is not running; wait for a leader
 #   deploy/run-3-nodes.sh stop      stop all nodes (SIGTERM, then SIGKILL after 10 s)
 #   deploy/run-3-nodes.sh status    show each node's process and role
-# Data and logs go under $RAFTQ_HOME (default: var/local-cluster in the repository).
+# Data and logs go under $RAFTQ_HOME (default: var/local-cluster in the repository), with the
+# cluster secret the nodes present to each other: $RAFTQ_HOME/cluster-secret, made on first start
+# (random, mode 0600).
 # RAFTQ_BASE_PORT (default 7001) and RAFTQ_NODES (3 or 5; 1 for a single node) change the layout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
@@ -39,7 +41,9 @@ all_urls() { local id; for id in $(node_ids); do printf '%s ' "$(url_of "$id")";
 start() {
     raftq_ensure_venv
     mkdir -p "$HOME_DIR"
-    local id
+    local id secret_file="$HOME_DIR/cluster-secret"
+    "$RAFTQ_PY" -c 'import sys; from cluster.localcluster import ensure_secret_file; ensure_secret_file(sys.argv[1])' \
+        "$secret_file"
     for id in $(node_ids); do
         if pid="$(running_pid "$id")"; then
             echo "$id already running (pid $pid)"
@@ -47,6 +51,7 @@ start() {
         fi
         nohup "$RAFTQ_PY" -m cluster --id "$id" --port "$(port_of "$id")" \
             --data-dir "$HOME_DIR/$id" --peers "$(peers_of "$id")" \
+            --cluster-secret-file "$secret_file" \
             >> "$HOME_DIR/$id.log" 2>&1 < /dev/null &
         echo $! > "$HOME_DIR/$id.pid"
         echo "$id started (pid $!, log $HOME_DIR/$id.log)"

@@ -13,11 +13,12 @@ from aiohttp import web
 from cluster import constants as c
 from cluster.api import dashboard, raft_views, views
 from cluster.api.keys import NODE, PEER_SESSION
-from cluster.api.wire import ApiError, error_response
+from cluster.api.wire import MSGPACK, ApiError, error_response
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.server import Node
 from raftq.protocol import LEADER_HEADER
+from cluster.transport.http import SECRET_HEADER
 
 log = logging.getLogger("raftq.api")
 
@@ -100,7 +101,8 @@ def _retry_after() -> dict[str, str]:
 
 
 def _http_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(status, "invalid")
+    return {404: "not_found", 405: "method_not_allowed", 413: "too_large",
+            415: "unsupported_media_type"}.get(status, "invalid")
 
 
 def cors_middleware(config: NodeConfig):
@@ -134,27 +136,52 @@ def cors_middleware(config: NodeConfig):
     return add_cors
 
 
-def auth_middleware(token: str | None):
-    expected = f"Bearer {token}".encode() if token else None
+#: What each peer path carries. Neither is a type a browser may send without a CORS preflight,
+#: so a web page cannot post to /raft even on a node started with --insecure-no-cluster-secret.
+_PEER_CONTENT_TYPES = {"/raft/messages": MSGPACK, "/raft/snapshot": "application/octet-stream"}
+
+
+def auth_middleware(config: NodeConfig):
+    """Bearer token on /v1 (when configured); cluster secret on /raft, checked before the body is read."""
+    expected = f"Bearer {config.client_token}".encode() if config.client_token else None
+    secret = config.cluster_secret
 
     @web.middleware
-    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def check_credentials(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/raft/"):
+            _check_peer(request, secret, open_to_all=config.insecure_no_cluster_secret)
         # The dashboard page itself holds no data (its requests carry the token), and a browser
         # cannot send a bearer header when it loads a page: "/" is open, as an exact match.
-        if expected is not None and request.path != "/" and not request.path.startswith(_OPEN_PREFIXES):
+        elif expected is not None and path != "/" and not path.startswith(_OPEN_PREFIXES):
             presented = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(presented, expected):
                 raise ApiError(401, "unauthorized", "missing or wrong bearer token")
         return await handler(request)
 
-    return check_token
+    return check_credentials
+
+
+def _check_peer(request: web.Request, secret: str | None, *, open_to_all: bool) -> None:
+    """Raises 401/403 for a request that is not from a peer, 415 for a body a peer never sends."""
+    if secret is not None:
+        presented = request.headers.get(SECRET_HEADER)
+        if presented is None:
+            raise ApiError(401, "unauthorized", f"peer requests carry the cluster secret in {SECRET_HEADER}")
+        if not hmac.compare_digest(presented.encode(errors="surrogateescape"), secret.encode()):
+            raise ApiError(403, "forbidden", "wrong cluster secret")
+    elif not open_to_all:
+        raise ApiError(403, "forbidden", "this node has no peers and takes no peer traffic")
+    wanted = _PEER_CONTENT_TYPES.get(request.path)
+    if wanted is not None and request.content_type != wanted:
+        raise ApiError(415, "unsupported_media_type", f"{request.path} takes {wanted}")
 
 
 def init_app(config: NodeConfig) -> web.Application:
     """Builds the application; the node starts and stops with it (cleanup_ctx)."""
     app = web.Application(
         middlewares=[cors_middleware(config), metrics_middleware, error_middleware,
-                     auth_middleware(config.client_token)],
+                     auth_middleware(config)],
         client_max_size=config.body_bytes_max,
     )
     app[NODE] = Node(config)

@@ -1,13 +1,11 @@
 """The peers' endpoints, `/raft/*`: Raft messages and InstallSnapshot chunks.
 
-Peers present the cluster secret, not a client token (`app.py` leaves `/raft/` open to the client
-auth). Messages go to the node's inbox (`Node.deliver`), never straight into the core: the drive
+Peers present the cluster secret, not a client token: `app.auth_middleware` checks it (and the
+content type) before a view runs or a byte of the body is read. Messages go to the node's inbox (`Node.deliver`), never straight into the core: the drive
 loop steps them. A SNAP message arrives only through `/raft/snapshot`, once its file is stored.
 """
 
 from __future__ import annotations
-
-import hmac
 
 from aiohttp import web
 
@@ -17,14 +15,10 @@ from cluster.raft.codec import decode_messages
 from cluster.raft.messages import MessageType
 from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
 from cluster.storage.errors import SnapshotCorruptionError
-from cluster.transport.http import SECRET_HEADER
 
 
 async def raft_messages(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    secret = node.config.cluster_secret
-    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
-        raise ApiError(403, "forbidden", "missing or wrong cluster secret")
     raw = await request.read()
     try:
         messages = decode_messages(raw)
@@ -44,8 +38,6 @@ async def raft_snapshot(request: web.Request) -> web.Response:
     receiver = node.snapshot_receiver
     if receiver is None:
         raise ApiError(503, "unavailable", "node is starting", headers={"Retry-After": "1"})
-    if not receiver.authorized(request.headers):
-        raise ApiError(403, "forbidden", "missing or wrong cluster secret")
     try:
         offer = SnapshotOffer.parse(request.headers.get(SNAPSHOT_HEADER, ""))
         offset = int(request.headers.get(OFFSET_HEADER, ""))
@@ -55,6 +47,9 @@ async def raft_snapshot(request: web.Request) -> web.Response:
     leader = request.headers.get(FROM_HEADER, "")
     if leader not in node.config.peers:
         raise ApiError(400, "invalid", f"{FROM_HEADER} {leader[:64]!r} is not a peer")
+    if offer.size_bytes > node.config.snapshot_file_bytes_max:
+        raise ApiError(413, "too_large", f"a snapshot of {offer.size_bytes} bytes exceeds this node's limit "
+                                         f"of {node.config.snapshot_file_bytes_max}")
     chunk = await request.read()
     try:
         answer = await receiver.receive(leader, term, offer, offset, chunk)

@@ -19,6 +19,7 @@ from cluster.snapshot_transfer import (
 )
 from cluster.storage.errors import SnapshotCorruptionError
 from cluster.storage.snapshots import SnapshotStore
+from cluster.transport.http import SECRET_HEADER
 
 
 def write_snapshot_file(store: SnapshotStore, index: int, term: int, size: int) -> bytes:
@@ -37,7 +38,7 @@ class Follower:
     def __init__(self, directory: str) -> None:
         self.store = SnapshotStore.open(directory)
         self.installed: list[tuple[str, int, int]] = []
-        self.receiver = SnapshotReceiver(self.store, secret="s3cret", installed=self._installed)
+        self.receiver = SnapshotReceiver(self.store, installed=self._installed)
         self.chunks_accepted = 0
         self.cut_after: int | None = None
         self.flip_in_chunk: int | None = None
@@ -47,7 +48,7 @@ class Follower:
         self.installed.append((leader, term, meta.index))
 
     async def handle(self, request: web.Request) -> web.Response:
-        if not self.receiver.authorized(request.headers):
+        if request.headers.get(SECRET_HEADER) != "s3cret":  # the node's auth middleware, in short
             return web.json_response({"error": "forbidden"}, status=403)
         chunk = await request.read()
         if chunk:

@@ -1,0 +1,82 @@
+"""Peers authenticate (SPEC "Security"): /raft refuses anyone without the cluster secret.
+
+Each attack is the one issue 11 found working against a cluster started the documented way: a
+forged heartbeat "from n2" at term+100, the same as a browser would send it (text/plain, an
+Origin), and a chunk of a "10^18-byte snapshot". Afterwards the term has not moved, the three
+state digests are equal and no part file was written.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import urllib.request
+
+from cluster.localcluster import free_ports, http_json
+from cluster.raft.codec import encode_messages
+from cluster.raft.messages import Message, MessageType
+from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
+from cluster.transport.http import SECRET_HEADER
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def forged_heartbeat(leader: str, term: int) -> bytes:
+    sender = "n2" if leader != "n2" else "n1"
+    return encode_messages([Message(MessageType.HEARTBEAT, sender, leader, term + 100, commit=10**6)])
+
+
+def test_raft_paths_refuse_requests_without_the_secret_and_nothing_moves(three_nodes):
+    cluster = three_nodes
+    leader = cluster.wait_for_leader()
+    url = cluster.nodes[leader].url
+    status, body = http_json(url + "/v1/queues/q/jobs", method="POST", body={"jobs": [{"payload": 1}]})
+    assert status == 201, body
+    before = cluster.wait_converged()
+    term = cluster.status(leader)["term"]
+    heartbeat = forged_heartbeat(leader, term)
+    msgpack_type = {"Content-Type": "application/msgpack"}
+    snapshot = {"Content-Type": "application/octet-stream", FROM_HEADER: leader,
+                TERM_HEADER: str(term + 100), OFFSET_HEADER: "0", SNAPSHOT_HEADER: f"5-1-{10**18}-{'a' * 64}"}
+    attacks = [
+        ("forged heartbeat, no secret", "/raft/messages", heartbeat, msgpack_type, 401),
+        ("forged heartbeat, wrong secret", "/raft/messages", heartbeat, {**msgpack_type, SECRET_HEADER: "x" * 43}, 403),
+        ("forged heartbeat as a web page sends it", "/raft/messages", heartbeat,
+         {"Content-Type": "text/plain", "Origin": "http://evil.example"}, 401),
+        ("snapshot chunk, no secret", "/raft/snapshot", b"\0" * (1 << 20), snapshot, 401),
+        ("snapshot chunk, wrong secret", "/raft/snapshot", b"\0" * (1 << 20), {**snapshot, SECRET_HEADER: "nope"}, 403),
+    ]
+    seen = {name: post(cluster.nodes[node_id].url + path, body, headers)
+            for name, path, body, headers, _ in attacks for node_id in cluster.nodes}
+    assert seen == {name: expected for name, *_, expected in attacks}
+    # With the secret, the content type is still checked and the declared size is bounded.
+    secret = {SECRET_HEADER: cluster.secret}
+    assert post(url + "/raft/messages", heartbeat, {"Content-Type": "text/plain", **secret}) == 415
+    follower = next(n for n in cluster.nodes if n != leader)
+    assert post(cluster.nodes[follower].url + "/raft/snapshot", b"\0" * 1024, {**snapshot, **secret}) == 413
+
+    after = cluster.wait_converged()
+    assert after == before, f"digests moved: {before} -> {after}"
+    assert cluster.status(leader)["term"] == term, "a refused message moved the term"
+    parts = glob.glob(os.path.join(cluster.base_dir, "*", "**", "incoming-*"), recursive=True)
+    assert parts == [], f"a refused snapshot chunk left files: {parts}"
+
+
+def test_a_node_with_peers_does_not_start_without_a_secret(tmp_path):
+    port, peer = free_ports(2)
+    args = [sys.executable, "-m", "cluster", "--id", "n1", "--port", str(port), "--data-dir", str(tmp_path / "n1"),
+            "--peers", f"n2=http://127.0.0.1:{peer},n3=http://127.0.0.1:{peer + 1}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTQ_")}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "needs a cluster secret" in done.stderr and "--insecure-no-cluster-secret" in done.stderr, done.stderr
+    assert not os.path.exists(tmp_path / "n1"), "a refused node must not touch its data directory"

@@ -1,0 +1,53 @@
+"""The node's flags and config: secrets from files or the environment, refused unsafe setups."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.errors import ConfigError
+from cluster.main import build_parser, config_from_args
+
+PEERS = ["--peers", "n2=http://127.0.0.1:7002,n3=http://127.0.0.1:7003"]
+
+
+def config(argv, monkeypatch, **env):
+    for name in ("RAFTQ_CLUSTER_SECRET", "RAFTQ_TOKEN", "RAFTQ_CLUSTER_SECRET_FILE", "RAFTQ_TOKEN_FILE",
+                 "RAFTQ_INSECURE_NO_CLUSTER_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return config_from_args(build_parser().parse_args(["--data-dir", "unused", *argv]))
+
+
+def test_a_node_with_peers_needs_a_secret_unless_opted_out_by_name(monkeypatch):
+    with pytest.raises(ConfigError, match="needs a cluster secret.*--insecure-no-cluster-secret"):
+        config(PEERS, monkeypatch)
+    assert config([*PEERS, "--insecure-no-cluster-secret"], monkeypatch).cluster_secret is None
+    assert config(PEERS, monkeypatch, RAFTQ_INSECURE_NO_CLUSTER_SECRET="1").insecure_no_cluster_secret
+    assert config([], monkeypatch).cluster_secret is None  # a cluster of one has no peers to trust
+
+
+def test_secrets_come_from_files_or_the_environment_never_a_flag_value(monkeypatch, tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("  s" * 8 + "ecret-from-file\n")
+    secret_file.chmod(0o600)
+    token_file = tmp_path / "token"
+    token_file.write_text("tok\n")
+    made = config([*PEERS, "--cluster-secret-file", str(secret_file), "--token-file", str(token_file)], monkeypatch)
+    assert made.cluster_secret == secret_file.read_text().strip() and made.client_token == "tok"
+    made = config(PEERS, monkeypatch, RAFTQ_CLUSTER_SECRET="e" * 20, RAFTQ_TOKEN="t2")
+    assert (made.cluster_secret, made.client_token) == ("e" * 20, "t2")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--cluster-secret", "on-the-command-line"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--token", "on-the-command-line"])
+
+
+def test_bad_secrets_are_refused_with_the_reason(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the cluster secret"):
+        config([*PEERS, "--cluster-secret-file", str(tmp_path / "missing")], monkeypatch)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        config([*PEERS, "--cluster-secret-file", str(tmp_path / "empty")], monkeypatch)
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        config(PEERS, monkeypatch, RAFTQ_CLUSTER_SECRET="short")
