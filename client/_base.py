@@ -265,7 +265,9 @@ class _BaseClient:
             errors.RaftqError: the answer's error, or the last failure once the deadline is spent.
         """
         content = encode(call.body) if call.has_body else b""
-        headers = dict(self._headers, **({"Content-Type": MSGPACK} if call.has_body else {}))
+        # Every write says its type, even with no body: a node refuses untyped writes (a browser
+        # can send those cross-site without asking).
+        headers = dict(self._headers, **({"Content-Type": MSGPACK} if call.method != "GET" else {}))
         attempts = _Attempts(deadline_at=self._clock() + call.deadline_s)
         url = self._preferred + call.path
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -30,12 +31,18 @@ class NodeConfig:
     #: URLs clients should be sent to for each peer (redirects, status), when they differ from the
     #: peer links above (e.g. peer traffic through a proxy). Missing ids fall back to `peers`.
     public_urls: dict[str, str] = field(default_factory=dict)
+    #: Host names that also name this node in a request's Host header, besides loopback names and
+    #: the hosts of its own and its peers' URLs (DNS rebinding protection; see cluster.api.app).
+    allowed_hosts: tuple[str, ...] = ()
     #: Bearer token clients must present on /v1 (None = no auth).
     client_token: str | None = None
     #: Secret peers must present on /raft. A node with peers needs one (from a file or the
     #: environment) unless `insecure_no_cluster_secret` says, loudly, that anyone may speak Raft to it.
     cluster_secret: str | None = None
     insecure_no_cluster_secret: bool = False
+    #: Serve a non-loopback address with neither a client token nor TLS (Redis's protected mode
+    #: refuses that by default, and so does raftq unless this says otherwise).
+    insecure_open_to_network: bool = False
 
     payload_bytes_max: int = constants.PAYLOAD_BYTES_MAX
     body_bytes_max: int = constants.BODY_BYTES_MAX
@@ -66,6 +73,33 @@ class NodeConfig:
     def url(self) -> str:
         return self.advertise_url or f"http://{self.host}:{self.port}"
 
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the listen address can only be reached from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name, or a wildcard like "" : assume the network reaches it
+
+    @property
+    def tls(self) -> bool:
+        return False
+
+    def security_gaps(self) -> list[str]:
+        """What this node leaves unauthenticated or unencrypted, in words for its start-up WARNING."""
+        where = f"{self.host}:{self.port}"
+        gaps = []
+        if self.client_token is None:
+            gaps.append(f"client API without a token (anyone who reaches {where} may submit, lease, "
+                        "purge and read jobs; set --token-file or RAFTQ_TOKEN)")
+        if self.peers and self.cluster_secret is None:
+            gaps.append("peer links without a cluster secret (--insecure-no-cluster-secret: anyone may speak Raft)")
+        if not self.tls:
+            gaps.append("client API and peer links unencrypted (no TLS)")
+        return gaps
+
     def replace(self, **changes) -> "NodeConfig":
         return dataclasses.replace(self, **changes)
 
@@ -89,6 +123,12 @@ class NodeConfig:
                 "a node with peers needs a cluster secret (--cluster-secret-file PATH or RAFTQ_CLUSTER_SECRET), "
                 "the same on every node; without one anyone who reaches this port can speak Raft to it. "
                 "`deploy/run-3-nodes.sh` makes one. To run without, say --insecure-no-cluster-secret")
+        if not self.loopback_only and self.client_token is None and not self.tls \
+                and not self.insecure_open_to_network:
+            raise ConfigError(
+                f"refusing to serve {self.host!r}, which is not a loopback address, with neither a client token "
+                "nor TLS: anyone on the network could submit, lease and purge jobs. Set a token "
+                "(--token-file or RAFTQ_TOKEN) and TLS, listen on 127.0.0.1, or say --insecure-open-to-network")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range")
         if self.election_ticks <= self.heartbeat_ticks:

@@ -217,14 +217,17 @@ class LocalCluster:
         for node_id in self.nodes:
             self.terminate(node_id)
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token is not None else {}
+
     def status(self, node_id: str, *, with_digest: bool = False) -> dict | None:
         node = self.nodes[node_id]
         if not node.alive or node.paused:
             return None
         try:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
             status, body = http_json(node.url + "/v1/cluster" + ("?digest=1" if with_digest else ""), timeout=2.0,
-                                     headers=headers)
+                                     headers=self.auth_headers)
         except OSError:
             return None
         return body if status == 200 else None

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other voters as id=url,id=url (empty: a cluster of one)")
     p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
                    help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
+    p.add_argument("--insecure-open-to-network", action="store_true",
+                   default=_env("INSECURE_OPEN_TO_NETWORK", "") not in ("", "0"),
+                   help="allow a non-loopback --host with neither token nor TLS (anyone on the network may "
+                        "use the API)")
+    p.add_argument("--allowed-hosts", default=_env("ALLOWED_HOSTS", ""),
+                   help="comma-separated host names clients may use for this node besides loopback names "
+                        "and the hosts of the node and peer URLs (others get 421)")
     p.add_argument("--token-file", default=_env("TOKEN_FILE"),
                    help="file holding the bearer token clients must present (or env RAFTQ_TOKEN)")
     p.add_argument("--cluster-secret-file", default=_env("CLUSTER_SECRET_FILE"),
@@ -120,9 +127,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         advertise_url=args.advertise_url,
         peers=parse_peers(args.peers),
         public_urls=parse_peers(args.public_urls),
+        allowed_hosts=tuple(filter(None, (name.strip() for name in args.allowed_hosts.split(",")))),
         client_token=read_secret(args.token_file, "TOKEN", "client token"),
         cluster_secret=read_secret(args.cluster_secret_file, "CLUSTER_SECRET", "cluster secret"),
         insecure_no_cluster_secret=args.insecure_no_cluster_secret,
+        insecure_open_to_network=args.insecure_open_to_network,
         payload_bytes_max=args.payload_bytes_max,
         worker_timeout_ms=int(args.worker_timeout * 1000),
         retention_ms=int(args.retention * 1000),
@@ -156,7 +165,25 @@ class _NodeFields(logging.Filter):
         return True
 
 
+#: Characters that could end or fake a log line, or hide in one: C0 controls (newline, carriage
+#: return, NUL, escape ...), DEL, C1 NEL and the Unicode line and paragraph separators.
+_LOG_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, 0x85]}
+_LOG_ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+
+
+class _TextFormatter(logging.Formatter):
+    """One record is one line: control characters in the message are escaped, whatever the caller
+    put in it (request paths, names and error texts come from clients). Call sites quote untrusted
+    text with %r as well; this is the guarantee behind them."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_LOG_ESCAPES)
+        return super().formatMessage(record)
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; json.dumps escapes every control character in the message."""
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -179,7 +206,7 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
     if config.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(_TextFormatter(
             "%(asctime)s %(levelname)s node=%(node_id)s term=%(term)s role=%(role)s %(name)s: %(message)s"
         ))
     root = logging.getLogger()
@@ -205,6 +232,9 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     logging.getLogger("raftq.node").info("listening on %s", config.url)
+    gaps = config.security_gaps()
+    if gaps:  # one line, so that it is seen and can be grepped for
+        logging.getLogger("raftq.node").warning("security: %s", "; ".join(gaps))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

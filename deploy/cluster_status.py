@@ -5,6 +5,7 @@ Standard library only, so it runs before anything else is imported.
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -12,8 +13,10 @@ import urllib.request
 
 
 def fetch(url: str) -> dict | None:
+    token = os.environ.get("RAFTQ_TOKEN")
+    request = urllib.request.Request(url + "/v1/cluster", headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url + "/v1/cluster", timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2) as response:
             return json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None

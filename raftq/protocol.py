@@ -31,6 +31,9 @@ LEADER_HEADER = "X-Raftq-Leader"
 QUEUE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: Worker ids travel in URL paths and logs; the same alphabet as queues, a little longer for host-pid-rand.
 WORKER_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+#: Job ids are made by the leader (hex); clients only echo them. Printable ASCII keeps them safe in
+#: URLs and log lines.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 # ---------------------------------------------------------------------- per-job options
 
@@ -61,6 +64,14 @@ PRIORITY_MAX = 9
 PAYLOAD_BYTES_MAX = 1 << 20
 #: A whole request body; a batch of many small jobs or one maximal payload plus envelope.
 BODY_BYTES_MAX = 8 << 20
+#: Containers nested deeper than this are refused in a payload or result, JSON or msgpack. msgpack
+#: unpacks up to 1024 levels and Python's json parser stops near 1000, but a stored payload is sent
+#: back inside an answer (and JSON-encoded for a browser), so the bound sits well below both.
+NESTING_DEPTH_MAX = 100
+#: Integers a body may carry: what msgpack can encode (int64 .. uint64). JSON has no such bound;
+#: a bigger one would be accepted and then fail to encode into the log.
+WIRE_INT_MIN = -(1 << 63)
+WIRE_INT_MAX = (1 << 64) - 1
 #: Jobs in one submit, and items in one ack/fail/extend batch: SQS caps at 10, we batch far more
 #: because one batch is one log entry and one fsync; 1000 keeps one entry well under a MiB for small jobs.
 BATCH_COUNT_MAX = 1000

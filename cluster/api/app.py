@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import time
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -13,7 +14,7 @@ from aiohttp import web
 from cluster import constants as c
 from cluster.api import dashboard, raft_views, views
 from cluster.api.keys import NODE, PEER_SESSION
-from cluster.api.wire import MSGPACK, ApiError, error_response
+from cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.server import Node
@@ -71,7 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         if exc.status >= 400:
-            log.info("refused %s %s: %s %s", request.method, request.path, exc.status, exc.message)
+            log.info("refused %s %r: %s %r", request.method, request.path, exc.status, exc.message)
         return error_response(request, exc)
     except NotLeaderError as exc:
         return _not_leader(request, exc)
@@ -82,7 +83,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return error_response(request, ApiError(exc.status, _http_code(exc.status), exc.reason))
         raise
     except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
+        log.exception("unexpected error serving %s %r", request.method, request.path)
         return error_response(request, ApiError(500, "internal", "internal error; see the node's log"))
 
 
@@ -101,8 +102,8 @@ def _retry_after() -> dict[str, str]:
 
 
 def _http_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 413: "too_large",
-            415: "unsupported_media_type"}.get(status, "invalid")
+    return {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+            421: "misdirected"}.get(status, "invalid")
 
 
 def cors_middleware(config: NodeConfig):
@@ -177,11 +178,60 @@ def _check_peer(request: web.Request, secret: str | None, *, open_to_all: bool) 
         raise ApiError(415, "unsupported_media_type", f"{request.path} takes {wanted}")
 
 
+_BODY_TYPES = frozenset({JSON, *MSGPACK_ALIASES})
+#: Methods that change state: they must say their body is JSON or msgpack.
+_WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+#: Host names that always name this node: a loopback client reaches it by one of these.
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def browser_guard_middleware(config: NodeConfig):
+    """Keeps web pages from writing to the API or reading it through DNS rebinding.
+
+    A page on any site may send a "simple" cross-site POST (text/plain, form or multipart body,
+    or no body) without a CORS preflight, with the user's network position: so writes on /v1 must
+    carry a JSON or msgpack Content-Type (415 otherwise), which a page can only send after a
+    preflight the CORS rules refuse. A page whose domain re-resolves to this node's address
+    (DNS rebinding) is same-origin to the browser but sends its own name in Host: so the Host
+    header must name this node (421 otherwise). /raft is left to the cluster secret.
+    """
+    allowed_hosts = set(_LOOPBACK_NAMES) | {name.lower() for name in config.allowed_hosts}
+    for url in [config.url, *config.peers.values(), *config.public_urls.values()]:
+        allowed_hosts.add((urlsplit(url).hostname or "").lower())
+    if config.host not in ("", "0.0.0.0", "::"):
+        allowed_hosts.add(config.host.lower())
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/raft/"):
+            return await handler(request)
+        host = request.headers.get("Host")
+        if host is not None and _host_name(host) not in allowed_hosts:
+            raise ApiError(421, "misdirected", f"Host {_host_name(host)[:100]!r} does not name this node; "
+                                               "add it with --allowed-hosts if it does")
+        if request.method in _WRITE_METHODS and path.startswith("/v1/") \
+                and request.content_type not in _BODY_TYPES:
+            raise ApiError(415, "unsupported_media_type",
+                           f"writes carry Content-Type {JSON} or {MSGPACK} (also with an empty body)")
+        return await handler(request)
+
+    return guard
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header: "[::1]:7001" -> "::1", "Example.com:80" -> "example.com"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def init_app(config: NodeConfig) -> web.Application:
     """Builds the application; the node starts and stops with it (cleanup_ctx)."""
     app = web.Application(
         middlewares=[cors_middleware(config), metrics_middleware, error_middleware,
-                     auth_middleware(config)],
+                     browser_guard_middleware(config), auth_middleware(config)],
         client_max_size=config.body_bytes_max,
     )
     app[NODE] = Node(config)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import os
 import random
+import reprlib
 from typing import Any
 
 from cluster import constants as c
-from cluster.api.wire import ApiError, invalid, pack_payload
+from cluster.api.wire import ApiError, check_storable, invalid, pack_payload
 from cluster.queue import commands as cmds
 
 _MISSING = object()
@@ -31,8 +32,8 @@ def worker_id(value: Any) -> str:
 
 
 def job_id(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        raise invalid(f"job id {_show(value)} must be a string of 1 to 64 characters")
+    if not isinstance(value, str) or not c.JOB_ID_PATTERN.fullmatch(value):
+        raise invalid(f"job id {_show(value)} must be a string matching {c.JOB_ID_PATTERN.pattern}")
     return value
 
 
@@ -87,8 +88,8 @@ def seconds_as_ms(body: dict, key: str, *, low_ms: int, high_ms: int, default_ms
         return default_ms
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise invalid(f"field {key!r} must be a number of seconds, got {_show(value)}")
-    ms = int(round(value * 1000))
-    if not low_ms <= ms <= high_ms:
+    ms = int(round(value * 1000)) if abs(value) < 1e15 else None  # 1e308 s would overflow round()
+    if ms is None or not low_ms <= ms <= high_ms:
         raise invalid(f"field {key!r} = {value} s is out of range [{low_ms / 1000:g}, {high_ms / 1000:g}] s")
     return ms
 
@@ -139,10 +140,7 @@ def _new_job(spec: Any, position: int, *, now_ms: int, payload_bytes_max: int) -
     spec = mapping(spec, f"jobs[{position}]")
     if "payload" not in spec:
         raise invalid(f"jobs[{position}]: field 'payload' is required")
-    try:
-        payload = pack_payload(spec["payload"])
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise invalid(f"jobs[{position}]: payload cannot be encoded: {exc}") from None
+    payload = _storable(spec["payload"], f"jobs[{position}]: payload")
     if len(payload) > payload_bytes_max:
         raise ApiError(413, "too_large", f"jobs[{position}]: payload of {len(payload)} bytes exceeds {payload_bytes_max}")
     try:
@@ -187,7 +185,7 @@ def ack(body: Any, *, now_ms: int) -> cmds.Ack:
         outcome = item.get("result")
         packed = None
         if outcome is not None:
-            packed = pack_payload(outcome)
+            packed = _storable(outcome, f"acks[{position}]: result")
             if len(packed) > c.RESULT_BYTES_MAX:
                 raise ApiError(413, "too_large", f"acks[{position}]: result exceeds {c.RESULT_BYTES_MAX} bytes")
         result.append(cmds.AckItem(id=job_id(item.get("id")), lease=lease_token(item), result=packed))
@@ -270,9 +268,28 @@ def _flow_fields(spec: dict) -> dict:
     return {"key": key, "group": group}
 
 
+#: The fields each settings body may carry. A settings body with any other field is refused, so
+#: that a misspelled setting ("max_dept") is a 400 rather than silently ignored. A new setting
+#: adds its name here.
+SETTINGS_FIELDS: dict[str, frozenset[str]] = {
+    "queue": frozenset({"max_depth", "rate_per_s", "burst", "max_running_per_key", "fifo"}),
+}
+
+
+def settings(body: Any, kind: str) -> dict:
+    """The body as a map holding only the fields SETTINGS_FIELDS allows for `kind`."""
+    body = mapping(body)
+    allowed = SETTINGS_FIELDS[kind]
+    unknown = sorted(_show(key) for key in body if key not in allowed)
+    if unknown:
+        raise invalid(f"unknown {kind} setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:5])}; "
+                      f"known: {', '.join(sorted(allowed))}")
+    return body
+
+
 def queue_config(body: Any, queue: str, *, now_ms: int) -> cmds.SetQueueConfig:
     """PUT /v1/queues/{queue}: the whole settings; a field left out is unlimited / off."""
-    body = mapping(body)
+    body = settings(body, "queue")
     max_depth = integer(body, "max_depth", low=1, high=1 << 40, default=None)
     rate_per_s = number(body, "rate_per_s", low=c.RATE_PER_S_MIN, high=c.RATE_PER_S_MAX)
     burst = integer(body, "burst", low=1, high=c.BURST_MAX, default=None)
@@ -303,6 +320,27 @@ def number(body: dict, key: str, *, low: float, high: float) -> float | None:
     return float(value)
 
 
+def _storable(value: Any, what: str) -> bytes:
+    """The msgpack encoding of a value the node keeps and sends back later; 400 when it cannot be."""
+    try:
+        packed = pack_payload(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise invalid(f"{what} cannot be encoded: {exc}") from None
+    try:
+        check_storable(value, packed)
+    except ApiError as exc:
+        exc.message = f"{what}: {exc.message}"
+        raise
+    return packed
+
+
+#: Quotes values in error messages: bounded in length and depth (a body may nest 1024 levels,
+#: deeper than plain repr() can recurse).
+_quote = reprlib.Repr()
+_quote.maxlevel = 3
+_quote.maxstring = _quote.maxother = 50
+
+
 def _show(value: Any) -> str:
-    text_value = repr(value)
+    text_value = _quote.repr(value)
     return text_value if len(text_value) <= 60 else text_value[:57] + "..."

@@ -3,20 +3,30 @@
 Requests say what they carry with Content-Type; answers use the Accept header when it names one
 of the two types, else the request's own type, else JSON (so `curl` shows text). Binary values in
 a JSON answer (a payload that holds msgpack `bin`) become `{"$bytes": "<base64>"}`.
+
+Every decoded body holds only what both wires can carry back out, so that a value accepted now
+cannot fail to encode later (into the log, or into an answer): no NaN or Infinity, integers
+within msgpack's range, no lone UTF-16 surrogates in strings. A body nests at most as deep as
+msgpack unpacks (1024 levels; Python's JSON parser stops a little earlier), and a value the node
+stores and sends back later (a payload, a result) passes `check_storable`: at most
+NESTING_DEPTH_MAX levels, map keys that are strings or integers. Breaking any of it is a 400.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from typing import Any
 
 import msgpack
 from aiohttp import web
 
+from cluster import constants as c
 from raftq.protocol import CONTENT_TYPE_JSON as JSON
 from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
-from raftq.protocol import CONTENT_TYPE_MSGPACK_ALIASES as _MSGPACK_ALIASES
+from raftq.protocol import CONTENT_TYPE_MSGPACK_ALIASES as MSGPACK_ALIASES
 
 
 class ApiError(Exception):
@@ -45,16 +55,114 @@ async def read_body(request: web.Request, body_bytes_max: int) -> Any:
     raw = await _read_limited(request, body_bytes_max)
     if not raw:
         return {}
-    if request.content_type in _MSGPACK_ALIASES:
+    if request.content_type in MSGPACK_ALIASES:
         try:
+            # Strict UTF-8 (no surrogates), integers within 64 bits, StackError past 1024 levels.
             return msgpack.unpackb(raw, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise invalid(f"body is not valid msgpack: {exc}") from None
-    # Anything else is read as JSON, so that `curl -d '{...}'` works without a Content-Type.
+            raise invalid(f"body is not valid msgpack: {exc!r}"[:300]) from None
+    # Anything else is read as JSON, so that `curl -d '{...}'` works without a Content-Type
+    # (the API's middleware refuses other types on the writes a browser could forge).
+    return decode_json(raw)
+
+
+def decode_json(raw: bytes) -> Any:
+    """JSON without NaN, Infinity, integers msgpack cannot hold, or lone surrogates.
+
+    Raises:
+        ApiError: 400 naming what is wrong.
+    """
     try:
-        return json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_int=_wire_int, parse_float=_finite_float)
+    except RecursionError:
+        raise invalid("body nests too deep for the JSON parser") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"body is neither {MSGPACK} nor valid JSON: {exc}") from None
+        raise invalid(f"body is neither {MSGPACK} nor valid JSON: {exc}"[:300]) from None
+    # A decoded string can only hold a lone surrogate when the text escapes one.
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        _walk(body, check_text=True, depth_max=None)
+    return body
+
+
+def check_storable(value: Any, packed: bytes) -> None:
+    """Raises a 400 unless `value` (whose msgpack encoding is `packed`) can travel both wires.
+
+    Most payloads are maps of short strings and small integers: their encoding holds no float,
+    bin or ext marker and few container headers, which `bytes.translate` finds without walking
+    the value in Python. Anything else is walked.
+    """
+    marks = packed.translate(None, _PLAIN_BYTES)
+    if len(marks) <= c.NESTING_DEPTH_MAX and not marks.translate(None, _CONTAINER_BYTES):
+        return
+    _walk(value, check_text=False, depth_max=c.NESTING_DEPTH_MAX)
+
+
+def _walk(value: Any, *, check_text: bool, depth_max: int | None) -> None:
+    """Checks every value inside `value` without recursion (it may nest 1024 levels)."""
+    if check_text and isinstance(value, str) and _has_lone_surrogate(value):
+        raise invalid("a string holds a lone UTF-16 surrogate (not valid Unicode text)")
+    stack = [([value], 0)]  # a list around it, so that a bare top-level value is checked too
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if depth_max is not None and (not isinstance(key, (str, int)) or isinstance(key, bool)):
+                    # JSON answers can only carry string keys (and integers written as strings).
+                    raise invalid(f"map keys must be strings or integers, got {type(key).__name__}")
+                children.append(key)
+                children.append(child)
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth_max is not None and depth > depth_max:
+            raise invalid(f"a payload or result nests deeper than {depth_max} levels")
+        for child in children:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind is float and not math.isfinite(child):
+                raise invalid("NaN and Infinity are not numbers either wire can carry")
+            elif kind is int and not c.WIRE_INT_MIN <= child <= c.WIRE_INT_MAX:
+                raise invalid(f"integer {child} is outside [-2**63, 2**64-1]")
+            elif check_text and kind is str and _has_lone_surrogate(child):
+                raise invalid("a string holds a lone UTF-16 surrogate (not valid Unicode text)")
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON or msgpack can carry")
+
+
+def _wire_int(text: str) -> int:
+    value = int(text)
+    if not c.WIRE_INT_MIN <= value <= c.WIRE_INT_MAX:
+        raise ValueError(f"integer {text[:40]} is outside [-2**63, 2**64-1]")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} does not fit a 64-bit float")
+    return value
+
+
+#: A JSON escape of a UTF-16 surrogate (\ud800-\udfff); a valid pair decodes to one character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: msgpack marker bytes: container headers (fixmap, fixarray, array16/32, map16/32) and the
+#: float, bin and ext families. Every other byte is "plain" for check_storable.
+_CONTAINER_BYTES = bytes([*range(0x80, 0xA0), *range(0xDC, 0xE0)])
+_SPECIAL_BYTES = bytes([*range(0xC4, 0xCC), *range(0xD4, 0xD9)])
+_PLAIN_BYTES = bytes(b for b in range(256) if b not in _CONTAINER_BYTES + _SPECIAL_BYTES)
 
 
 async def _read_limited(request: web.Request, body_bytes_max: int) -> bytes:
@@ -70,11 +178,11 @@ async def _read_limited(request: web.Request, body_bytes_max: int) -> bytes:
 
 def wants_msgpack(request: web.Request) -> bool:
     accept = request.headers.get("Accept", "")
-    if any(alias in accept for alias in _MSGPACK_ALIASES):
+    if any(alias in accept for alias in MSGPACK_ALIASES):
         return True
     if JSON in accept:
         return False
-    return request.content_type in _MSGPACK_ALIASES
+    return request.content_type in MSGPACK_ALIASES
 
 
 def respond(request: web.Request, body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -80,3 +80,21 @@ def test_a_node_with_peers_does_not_start_without_a_secret(tmp_path):
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "needs a cluster secret" in done.stderr and "--insecure-no-cluster-secret" in done.stderr, done.stderr
     assert not os.path.exists(tmp_path / "n1"), "a refused node must not touch its data directory"
+
+
+def test_each_node_logs_one_security_warning_naming_what_is_open(three_nodes):
+    for node_id in three_nodes.nodes:
+        three_nodes.status(node_id)  # started and serving
+        warnings = [line for line in three_nodes.log_text(node_id).splitlines() if " WARNING " in line]
+        assert len(warnings) == 1, warnings
+        assert "security: client API without a token" in warnings[0] and "unencrypted" in warnings[0], warnings
+        assert "peer links without a cluster secret" not in warnings[0], warnings
+
+
+def test_a_network_address_without_token_or_tls_is_refused(tmp_path):
+    port = free_ports(1)[0]
+    args = [sys.executable, "-m", "cluster", "--id", "n1", "--host", "0.0.0.0", "--port", str(port),
+            "--data-dir", str(tmp_path / "n1")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTQ_")}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "not a loopback address" in done.stderr, (done.returncode, done.stderr)

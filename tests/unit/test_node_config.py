@@ -51,3 +51,31 @@ def test_bad_secrets_are_refused_with_the_reason(monkeypatch, tmp_path):
         config([*PEERS, "--cluster-secret-file", str(tmp_path / "empty")], monkeypatch)
     with pytest.raises(ConfigError, match="at least 16 characters"):
         config(PEERS, monkeypatch, RAFTQ_CLUSTER_SECRET="short")
+
+
+def test_a_network_address_without_token_or_tls_is_refused_unless_opted_out(monkeypatch):
+    with pytest.raises(ConfigError, match="refusing to serve '0.0.0.0'.*--insecure-open-to-network"):
+        config(["--host", "0.0.0.0"], monkeypatch)
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        config(["--host", "node1.example"], monkeypatch)
+    assert config(["--host", "0.0.0.0"], monkeypatch, RAFTQ_TOKEN="t").client_token == "t"
+    assert config(["--host", "0.0.0.0", "--insecure-open-to-network"], monkeypatch).insecure_open_to_network
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert config(["--host", loopback], monkeypatch).loopback_only
+
+
+def test_the_start_up_warning_names_each_gap(monkeypatch):
+    gaps = config([*PEERS, "--insecure-no-cluster-secret"], monkeypatch).security_gaps()
+    assert [gap.split(" (")[0] for gap in gaps] == [
+        "client API without a token", "peer links without a cluster secret", "client API and peer links unencrypted"]
+    assert len(config(PEERS, monkeypatch, RAFTQ_CLUSTER_SECRET="s" * 16, RAFTQ_TOKEN="t").security_gaps()) == 1
+
+
+def test_text_log_lines_escape_whatever_the_message_holds():
+    import logging
+
+    from cluster.main import _TextFormatter
+
+    record = logging.LogRecord("raftq.api", logging.INFO, __file__, 1, "refused %s", ("a\r\nFAKE\x00\u2028b",), None)
+    line = _TextFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "INFO refused a\\r\\nFAKE\\x00\\u2028b" and len(line.splitlines()) == 1
