@@ -34,6 +34,13 @@ Redirects are followed without a pause, at most `RetryPolicy.redirects_max` time
 never to a node that already failed in the round (its peer has not noticed it is gone yet): that
 counts as a failure of the redirecting node, so a redirect loop ends in backoff, not a spin.
 
+The token (and the request's body) goes only to nodes the client trusts: those it was given, and
+those the cluster itself lists in `GET /v1/cluster`. A redirect to any other base URL first asks
+the redirecting node for that list (a `Verify` of the target, one GET); a target the list does
+not name is never contacted, and counts as a failure of the node that named it. So a node that is
+compromised, misconfigured, or impersonated on a plain-HTTP path cannot collect the token by
+answering 307 with a Location of its choosing.
+
 Retrying is safe for every call: submit carries an idempotency key per job (uuid4 hex unless
 given), made once per call and sent unchanged on every attempt, so a submit whose answer was lost
 is not applied twice (SPEC guarantee 5); a repeated ack with the same lease is accepted; extend
@@ -175,6 +182,15 @@ class _Next:
     sleep_s: float
 
 
+@dataclass(frozen=True)
+class _Verify:
+    """Before following `target` (not yet trusted), ask `node` which nodes the cluster has."""
+
+    node: str
+    target: str
+    leader: str | None
+
+
 @dataclass
 class _Attempts:
     """Bookkeeping of one call across its attempts."""
@@ -215,6 +231,8 @@ class _BaseClient:
         if not timeout > 0 or not deadline > 0:
             raise ValueError(f"timeout and deadline must be positive seconds, got {timeout!r} and {deadline!r}")
         self._nodes = parse_nodes(nodes)
+        #: Base URLs that may receive the token: those given, and those the cluster lists.
+        self._trusted = set(self._nodes)
         self._retry = retry or RetryPolicy()
         self._retry.validate()
         self.timeout = float(timeout)
@@ -278,6 +296,10 @@ class _BaseClient:
             request = Request(call.method, url, headers, content, min(call.timeout_s, remaining_s))
             reply = yield Send(request)
             step = self._judge(call, attempts, request, reply)
+            if isinstance(step, _Verify):
+                listing = Request("GET", step.node + "/v1/cluster", self._headers, b"",
+                                  min(call.timeout_s, max(attempts.deadline_at - self._clock(), 0.001)))
+                step = self._after_verify(call, attempts, step, (yield Send(listing)))
             if isinstance(step, _Next):
                 if step.sleep_s > 0:
                     yield Sleep(step.sleep_s)
@@ -286,7 +308,8 @@ class _BaseClient:
             return step
 
     def _judge(self, call: Call, attempts: _Attempts, request: Request, reply: Reply) -> Any:
-        """The next URL (a `_Next`) or the result; raises a non-retryable error."""
+        """The next URL (a `_Next`), a target to check first (`_Verify`) or the result; raises a
+        non-retryable error."""
         node = base_url(request.url)
         if isinstance(reply, errors.TransportError):
             return self._after_failure(call, attempts, node, reply, rotate=True)
@@ -304,7 +327,8 @@ class _BaseClient:
             return self._after_failure(call, attempts, node, error, rotate=False)
         raise error
 
-    def _after_redirect(self, call: Call, attempts: _Attempts, request: Request, reply: Response) -> _Next:
+    def _after_redirect(self, call: Call, attempts: _Attempts, request: Request,
+                        reply: Response) -> _Next | _Verify:
         node = base_url(request.url)
         location = reply.headers.get("location")
         leader = reply.headers.get(LEADER_HEADER.lower()) or None
@@ -321,8 +345,30 @@ class _BaseClient:
             error = errors.NoLeader(why, status=reply.status, node=node)
             return self._after_failure(call, attempts, node, error, rotate=True)
         attempts.redirects += 1
+        if target_node not in self._trusted:
+            return _Verify(node, target, leader)
         self._remember_leader(self._learn_node(target_node), leader)
         return _Next(target, 0.0)
+
+    def _after_verify(self, call: Call, attempts: _Attempts, verify: _Verify, reply: Reply) -> _Next:
+        """Follows verify.target if the cluster's own list names it; else fails the redirecting node."""
+        target_node = base_url(verify.target)
+        if isinstance(reply, Response) and reply.status == 200:
+            try:
+                listed = cluster_urls(decode(reply, verify.node))
+            except errors.DecodeError:
+                listed = set()
+            with self._nodes_lock:
+                for url in sorted(listed):
+                    if len(self._trusted) < NODES_MAX:
+                        self._trusted.add(url)
+        if target_node in self._trusted:
+            self._remember_leader(self._learn_node(target_node), verify.leader)
+            return _Next(verify.target, 0.0)
+        error = errors.NoLeader(f"{verify.node} redirected to {target_node}, which neither the given nodes nor "
+                                "the cluster's own list name: not sending the request (or its token) there",
+                                status=307, node=verify.node)
+        return self._after_failure(call, attempts, verify.node, error, rotate=True)
 
     def _after_failure(self, call: Call, attempts: _Attempts, node: str, error: errors.RaftqError, *,
                        rotate: bool) -> _Next:
@@ -537,6 +583,17 @@ def queue_settings(*, max_depth: int | None, rate_per_s: float | None, burst: in
     given = {"max_depth": max_depth, "rate_per_s": rate_per_s, "burst": burst,
              "max_running_per_key": max_running_per_key}
     return {key: value for key, value in given.items() if value is not None} | ({"fifo": True} if fifo else {})
+
+
+def cluster_urls(status: Any) -> set[str]:
+    """Base URLs of every node a `GET /v1/cluster` answer names (its `nodes` and `leader_url`)."""
+    urls = set()
+    if isinstance(status, dict):
+        entries = status.get("nodes") if isinstance(status.get("nodes"), list) else []
+        for value in [status.get("leader_url"), *(e.get("url") for e in entries if isinstance(e, dict))]:
+            if isinstance(value, str) and value.startswith(("http://", "https://")):
+                urls.add(base_url(value.rstrip("/")))
+    return urls
 
 
 def parse_nodes(nodes: str | Sequence[str]) -> list[str]:

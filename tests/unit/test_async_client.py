@@ -154,5 +154,6 @@ async def test_real_http_redirect_failover_and_msgpack():
         assert session is not None and session.closed, "aclose closes the aiohttp session"
     finally:
         await nodes.stop()
-    assert nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"), ("leader", "POST", "/v1/queues/emails/jobs"),
+    assert nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"), ("follower", "GET", "/v1/cluster"),
+                          ("leader", "POST", "/v1/queues/emails/jobs"),
                           ("leader", "POST", "/v1/lease"), ("leader", "GET", "/v1/jobs/nope")]

@@ -60,6 +60,8 @@ class FakeNodes:
         self.leader_id = leader_id
         self.requests: list[Request] = []
         self.serve: Callable[[Request], Response] = default_answer
+        #: The base URLs every node names in GET /v1/cluster (default: all of them).
+        self.listed: list[str] | None = None
 
     def __call__(self, request: Request) -> Response:
         self.requests.append(request)
@@ -69,6 +71,9 @@ class FakeNodes:
         if role == "slow":
             self.clock.now_s += request.timeout_s
             raise TimeoutError("timed out")  # MockTransport turns it into errors.Timeout
+        if request.path == "/v1/cluster" and role == "follower":
+            listed = self.listed if self.listed is not None else list(self.roles)
+            return Response.msgpack({"node": role, "leader_url": None, "nodes": [{"url": url} for url in listed]})
         if role == "follower":
             return Response.error(307, "not_leader", f"{self.leader_id} leads",
                                   headers={"Location": self.leader + request.path, "X-Raftq-Leader": self.leader_id})
@@ -137,6 +142,28 @@ def test_a_leader_not_in_the_node_list_is_learned(clock):
     with make_client(nodes, urls=[A]) as client:
         client.submit("q", 1)
         assert client.nodes == (A, D) and client.leader_url == D
+
+
+def test_a_redirect_to_a_node_the_cluster_does_not_list_gets_neither_request_nor_token(clock):
+    evil = "http://203.0.113.9:7001"
+    nodes = FakeNodes(clock, {A: "follower", evil: "leader"}, leader=evil, leader_id="n9")
+    nodes.listed = [A]
+    with make_client(nodes, urls=[A], token="s3cret", deadline=5.0) as client:
+        with pytest.raises(errors.NoLeader, match="neither the given nodes nor the cluster's own list"):
+            client.submit("q", 1)
+        assert [r.url for r in nodes.requests if r.url.startswith(evil)] == [], "the token went to the stranger"
+        assert evil not in client.nodes
+    assert {r.path for r in nodes.requests} == {"/v1/queues/q/jobs", "/v1/cluster"}
+
+
+def test_a_redirect_to_a_node_the_cluster_lists_is_followed_with_the_token(clock):
+    nodes = FakeNodes(clock, {A: "follower", D: "leader"}, leader=D, leader_id="n4")
+    with make_client(nodes, urls=[A], token="s3cret") as client:
+        client.submit("q", 1)
+        client.submit("q", 2)
+    assert [r.url for r in nodes.requests] == [f"{A}/v1/queues/q/jobs", f"{A}/v1/cluster", f"{D}/v1/queues/q/jobs",
+                                               f"{D}/v1/queues/q/jobs"], "one listing, then straight to the leader"
+    assert all(r.headers["Authorization"] == "Bearer s3cret" for r in nodes.requests)
 
 
 def test_cluster_status_does_not_move_the_leader_memory(clock):
@@ -519,6 +546,7 @@ class RealNodes:
         leader.router.add_post("/v1/lease", self.lease)
         leader.router.add_get("/v1/jobs/{id}", self.job)
         follower = web.Application()
+        follower.router.add_get("/v1/cluster", self.listing)
         follower.router.add_route("*", "/{tail:.*}", self.redirect)
         self.leader_url = await self._serve(leader)
         self.follower_url = await self._serve(follower)
@@ -541,6 +569,10 @@ class RealNodes:
                                                  "X-Raftq-Leader": "n1"},
                             body=msgpack.packb({"error": {"code": "not_leader", "message": "n1 leads"}}),
                             content_type="application/msgpack")
+
+    async def listing(self, request: web.Request) -> web.Response:
+        self.seen.append(("follower", request.method, request.path))
+        return self.msgpack({"nodes": [{"url": self.leader_url}, {"url": self.follower_url}]})
 
     async def submit(self, request: web.Request) -> web.Response:
         self.seen.append(("leader", request.method, request.path))
@@ -595,7 +627,7 @@ def test_real_http_redirect_failover_and_msgpack(real_nodes):
         assert job.payload == {"blob": b"\x00\xff", "text": "é"} and job.lease == 7
         with pytest.raises(errors.JobNotFound, match="no job nope"):
             client.get("nope")
-    assert real_nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"),
+    assert real_nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"), ("follower", "GET", "/v1/cluster"),
                                ("leader", "POST", "/v1/queues/emails/jobs"), ("leader", "POST", "/v1/lease"),
                                ("leader", "GET", "/v1/jobs/nope")]
 
