@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -19,7 +20,7 @@ from client import errors
 from client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
                           result_of, single)
 from client._client import Client
-from client._transports import AsyncBaseTransport, Request, Response, base_url, transport_error
+from client._transports import AsyncBaseTransport, Request, Response, base_url, tls_context, transport_error
 
 #: Connections the aiohttp session keeps open in all (aiohttp's default is 100 as well).
 CONNECTIONS_MAX = 100
@@ -28,13 +29,18 @@ CONNECTIONS_MAX = 100
 class AiohttpTransport(AsyncBaseTransport):
     """HTTP/1.1 over one aiohttp ClientSession; never follows redirects itself (the plan does)."""
 
-    def __init__(self, *, connections_max: int = CONNECTIONS_MAX) -> None:
+    def __init__(self, *, connections_max: int = CONNECTIONS_MAX, ssl_context: ssl.SSLContext | None = None) -> None:
+        """ssl_context: for https:// nodes (default `tls_context()`)."""
         self._connections_max = connections_max
+        self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     async def handle_async_request(self, request: Request) -> Response:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections_max))
+            if self._ssl_context is None and request.url.startswith("https://"):
+                self._ssl_context = tls_context()
+            connector = aiohttp.TCPConnector(limit=self._connections_max, ssl=self._ssl_context or True)
+            self._session = aiohttp.ClientSession(connector=connector)
         try:
             async with self._session.request(
                 request.method, request.url, data=request.content or None, headers=dict(request.headers),
@@ -44,6 +50,8 @@ class AiohttpTransport(AsyncBaseTransport):
                 return Response(answer.status, dict(answer.headers), content)
         except asyncio.TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
             raise errors.Timeout(f"no answer within {request.timeout_s:.3g} s", node=base_url(request.url)) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise (transport_error(exc.certificate_error, request) or errors.ConnectError(str(exc))) from exc
         except aiohttp.ClientConnectorError as exc:
             raise (transport_error(exc.os_error, request) or errors.ConnectError(str(exc))) from exc
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -66,7 +74,8 @@ class AsyncClient(_BaseClient):
     """
 
     def __init__(self, nodes: str | Sequence[str], *, token: str | None = None, timeout: float = 10.0,
-                 deadline: float = 30.0, transport: AsyncBaseTransport | None = None,
+                 deadline: float = 30.0, ca_file: str | None = None, verify: bool = True,
+                 transport: AsyncBaseTransport | None = None,
                  retry: RetryPolicy | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rng: random.Random | None = None) -> None:
         """As `Client`, except that `transport` defaults to `AiohttpTransport()` (an `AsyncBaseTransport`)
@@ -76,7 +85,8 @@ class AsyncClient(_BaseClient):
             ValueError: as `Client`.
         """
         super().__init__(nodes, token=token, timeout=timeout, deadline=deadline, retry=retry, clock=clock, rng=rng)
-        self._transport = transport if transport is not None else AiohttpTransport()
+        self._transport = transport if transport is not None else AiohttpTransport(
+            ssl_context=tls_context(ca_file, verify=verify) if ca_file or not verify else None)
         self._sleep = sleep
 
     async def _send(self, call: Call) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from client import errors
 from client._base import (FINAL_STATES, Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options,
                           queue_settings, result_of, single)
-from client._transports import BaseTransport, HTTPTransport
+from client._transports import BaseTransport, HTTPTransport, tls_context
 
 
 class Client(_BaseClient):
@@ -27,7 +27,8 @@ class Client(_BaseClient):
     """
 
     def __init__(self, nodes: str | Sequence[str], *, token: str | None = None, timeout: float = 10.0,
-                 deadline: float = 30.0, transport: BaseTransport | None = None, retry: RetryPolicy | None = None,
+                 deadline: float = 30.0, ca_file: str | None = None, verify: bool = True,
+                 transport: BaseTransport | None = None, retry: RetryPolicy | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Any] = time.sleep,
                  rng: random.Random | None = None) -> None:
         """Makes a client; nothing is connected until the first call.
@@ -38,6 +39,9 @@ class Client(_BaseClient):
             token: bearer token, sent as `Authorization: Bearer <token>`.
             timeout: seconds to wait for one answer (fetch adds its `wait_s`).
             deadline: seconds one call may take across all its retries and nodes (fetch adds `wait_s`).
+            ca_file: for https:// nodes, the PEM file of the CA that signed their certificates
+                (default: RAFTQ_CA from the environment, else the system's CAs).
+            verify: False skips certificate checks (encrypted, but anyone may answer; tests only).
             transport: what sends the requests (default `HTTPTransport()`; tests: `MockTransport`).
             retry: backoff and redirect limits (default `RetryPolicy()`).
             clock, sleep, rng: injected in tests so that backoff needs no real waiting.
@@ -46,7 +50,8 @@ class Client(_BaseClient):
             ValueError: no node, a node that is not an http(s) URL, or a non-positive timeout/deadline.
         """
         super().__init__(nodes, token=token, timeout=timeout, deadline=deadline, retry=retry, clock=clock, rng=rng)
-        self._transport = transport if transport is not None else HTTPTransport()
+        self._transport = transport if transport is not None else HTTPTransport(
+            ssl_context=tls_context(ca_file, verify=verify) if ca_file or not verify else None)
         self._sleep = sleep
 
     def _send(self, call: Call) -> Any:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import inspect
+import os
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator, Mapping
@@ -174,6 +176,11 @@ def transport_error(exc: BaseException, request: Request) -> errors.TransportErr
         return errors.ConnectError("connection refused", node=node)
     if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         return errors.ConnectError("connection reset", node=node)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return errors.ConnectError(f"TLS: the node's certificate is not trusted: {exc.verify_message or exc}",
+                                   node=node)
+    if isinstance(exc, ssl.SSLError):
+        return errors.ConnectError(f"TLS: {exc.reason or exc}", node=node)
     if isinstance(exc, socket.gaierror):
         return errors.ConnectError(f"cannot resolve host: {exc}", node=node)
     if isinstance(exc, OSError):
@@ -181,6 +188,23 @@ def transport_error(exc: BaseException, request: Request) -> errors.TransportErr
     if isinstance(exc, http.client.HTTPException):
         return errors.TransportError(f"malformed HTTP answer: {type(exc).__name__}: {exc}", node=node)
     return None
+
+
+def tls_context(ca_file: str | None = None, *, verify: bool = True) -> ssl.SSLContext:
+    """The client side of TLS: verify the node's certificate and host name, TLS 1.2 or newer.
+
+    Args:
+        ca_file: PEM file of the CA that signed the nodes' certificates (a private CA); None uses
+            RAFTQ_CA from the environment when set, else the system's CAs.
+        verify: False turns certificate and host name checks off (encryption without knowing
+            who answers; for a test bench only).
+    """
+    context = ssl.create_default_context(cafile=ca_file or os.environ.get("RAFTQ_CA") or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def base_url(url: str) -> str:
@@ -195,7 +219,10 @@ def base_url(url: str) -> str:
 class HTTPTransport(BaseTransport):
     """HTTP/1.1 with the standard library, keep-alive connections per node, thread-safe."""
 
-    def __init__(self, *, idle_per_node_max: int = IDLE_CONNECTIONS_PER_NODE_MAX) -> None:
+    def __init__(self, *, idle_per_node_max: int = IDLE_CONNECTIONS_PER_NODE_MAX,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """ssl_context: for https:// nodes (default `tls_context()`, made on the first https node)."""
+        self._ssl_context = ssl_context
         self._idle: dict[str, list[http.client.HTTPConnection]] = {}
         self._idle_per_node_max = idle_per_node_max
         self._lock = threading.Lock()
@@ -247,8 +274,11 @@ class HTTPTransport(BaseTransport):
 
     def _open(self, node: str) -> http.client.HTTPConnection:
         parts = urlsplit(node)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        return kind(parts.hostname or "127.0.0.1", parts.port)
+        if parts.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = tls_context()
+            return http.client.HTTPSConnection(parts.hostname or "127.0.0.1", parts.port, context=self._ssl_context)
+        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
 
     def _checkout(self, node: str) -> http.client.HTTPConnection | None:
         with self._lock:

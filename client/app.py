@@ -50,9 +50,12 @@ class App:
     `app.client` to share one you already have.
     """
 
-    def __init__(self, nodes: str | Sequence[str], *, token: str | None = None, default_queue: str = "default") -> None:
+    def __init__(self, nodes: str | Sequence[str], *, token: str | None = None, default_queue: str = "default",
+                 ca_file: str | None = None, verify: bool = True) -> None:
         self.nodes = [n.strip() for n in nodes.split(",") if n.strip()] if isinstance(nodes, str) else list(nodes)
         self.token = token
+        self.ca_file = ca_file
+        self.verify = verify
         self.default_queue = default_queue
         self.tasks: dict[str, Task] = {}
         self._client: Any = None
@@ -65,7 +68,7 @@ class App:
             if self._client is None:
                 from client import Client
 
-                self._client = Client(self.nodes, token=self.token)
+                self._client = Client(self.nodes, token=self.token, ca_file=self.ca_file, verify=self.verify)
             return self._client
 
     @client.setter
@@ -120,7 +123,7 @@ class App:
             if pool == "asyncio":
                 from client import AsyncClient
 
-                client = AsyncClient(self.nodes, token=self.token)
+                client = AsyncClient(self.nodes, token=self.token, ca_file=self.ca_file, verify=self.verify)
             else:
                 client = self.client
         dispatch = AsyncDispatch(self.tasks) if pool == "asyncio" else Dispatch(self.tasks)

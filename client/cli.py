@@ -1,6 +1,6 @@
 """`raftq`: the command line.
 
-    raftq [--nodes URL,URL,...] [--token T] [--timeout S] [--json] COMMAND ...
+    raftq [--nodes URL,URL,...] [--token T] [--ca FILE] [--no-verify] [--timeout S] [--json] COMMAND ...
 
     submit QUEUE [PAYLOAD_JSON]   submit jobs (--file F: one JSON payload a line; --count N)
     worker MODULE:ATTR            run a worker for an App, or for a {queue: handler} dict
@@ -116,6 +116,10 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--nodes", default=default(None),
                         help=f"node URLs, comma-separated (env RAFTQ_NODES; default {DEFAULT_NODES})")
     parser.add_argument("--token", default=default(None), help="bearer token (env RAFTQ_TOKEN)")
+    parser.add_argument("--ca", default=default(None),
+                        help="for https:// nodes: PEM file of the CA that signed their certificates (env RAFTQ_CA)")
+    parser.add_argument("--no-verify", action="store_true", default=default(False),
+                        help="for https:// nodes: skip certificate checks (env RAFTQ_VERIFY=0; tests only)")
     parser.add_argument("--timeout", type=float, default=default(None),
                         help="seconds to keep trying before giving up "
                              f"(env RAFTQ_TIMEOUT; default {DEFAULT_TIMEOUT_S:g})")
@@ -255,7 +259,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # An App knows its cluster; --nodes / RAFTQ_NODES, when given, win.
     nodes = args.nodes or os.environ.get("RAFTQ_NODES") or (target.nodes if is_app else DEFAULT_NODES)
     token = _token(args) or (target.token if is_app else None)
-    client = _make_client(nodes, token, _timeout(args), asynchronous=args.pool == "asyncio")  # connects lazily
+    client = _make_client(nodes, token, _timeout(args), tls=_tls(args), asynchronous=args.pool == "asyncio")  # connects lazily
     metrics = PrometheusMiddleware() if args.metrics_port is not None else None
     options = dict(concurrency=args.concurrency, prefetch=args.prefetch, pool=args.pool, queues=_split(args.queues) or None,
                    burst=args.burst, grace_s=args.grace, lease_s=args.lease, wait_s=args.wait,
@@ -317,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows, answers = [], []
     for url in _nodes(args):
         try:
-            with _make_client([url], _token(args), min(_timeout(args), STATUS_NODE_TIMEOUT_S)) as client:
+            with _make_client([url], _token(args), min(_timeout(args), STATUS_NODE_TIMEOUT_S), tls=_tls(args)) as client:
                 view = client.cluster()
         except RaftqError as exc:
             answers.append({"url": url, "error": _describe(exc)})
@@ -423,16 +427,23 @@ def _timeout(args: argparse.Namespace) -> float:
         raise UsageError(f"RAFTQ_TIMEOUT={raw!r} is not a number of seconds") from None
 
 
+def _tls(args: argparse.Namespace) -> dict[str, Any]:
+    """ca_file and verify for the client, from --ca / --no-verify or RAFTQ_CA / RAFTQ_VERIFY."""
+    verify = not getattr(args, "no_verify", False) and os.environ.get("RAFTQ_VERIFY", "1") not in ("0", "false", "no")
+    return {"ca_file": getattr(args, "ca", None) or os.environ.get("RAFTQ_CA") or None, "verify": verify}
+
+
 def _client(args: argparse.Namespace) -> Any:
-    return _make_client(_nodes(args), _token(args), _timeout(args))
+    return _make_client(_nodes(args), _token(args), _timeout(args), tls=_tls(args))
 
 
-def _make_client(nodes: str | Sequence[str], token: str | None, timeout_s: float, *, asynchronous: bool = False) -> Any:
+def _make_client(nodes: str | Sequence[str], token: str | None, timeout_s: float, *, tls: dict[str, Any],
+                 asynchronous: bool = False) -> Any:
     from client import AsyncClient, Client
 
     nodes = _split(nodes) if isinstance(nodes, str) else list(nodes)
     kind = AsyncClient if asynchronous else Client
-    return kind(nodes, token=token, timeout=timeout_s, deadline=timeout_s)
+    return kind(nodes, token=token, timeout=timeout_s, deadline=timeout_s, **tls)
 
 
 def _split(text: str | None) -> list[str]:

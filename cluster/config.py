@@ -31,6 +31,13 @@ class NodeConfig:
     #: URLs clients should be sent to for each peer (redirects, status), when they differ from the
     #: peer links above (e.g. peer traffic through a proxy). Missing ids fall back to `peers`.
     public_urls: dict[str, str] = field(default_factory=dict)
+    #: TLS for the listener (clients and peers): PEM certificate chain and key; both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM CA file that peers' certificates are checked against (system CAs when None).
+    tls_ca: str | None = None
+    #: Require peers to present a client certificate signed by tls_ca on /raft (mutual TLS).
+    tls_peer_certs: bool = False
     #: Host names that also name this node in a request's Host header, besides loopback names and
     #: the hosts of its own and its peers' URLs (DNS rebinding protection; see cluster.api.app).
     allowed_hosts: tuple[str, ...] = ()
@@ -71,7 +78,8 @@ class NodeConfig:
 
     @property
     def url(self) -> str:
-        return self.advertise_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return self.advertise_url or f"{scheme}://{self.host}:{self.port}"
 
     @property
     def loopback_only(self) -> bool:
@@ -85,7 +93,7 @@ class NodeConfig:
 
     @property
     def tls(self) -> bool:
-        return False
+        return self.tls_cert is not None
 
     def security_gaps(self) -> list[str]:
         """What this node leaves unauthenticated or unencrypted, in words for its start-up WARNING."""
@@ -97,7 +105,9 @@ class NodeConfig:
         if self.peers and self.cluster_secret is None:
             gaps.append("peer links without a cluster secret (--insecure-no-cluster-secret: anyone may speak Raft)")
         if not self.tls:
-            gaps.append("client API and peer links unencrypted (no TLS)")
+            gaps.append("client API and peer links unencrypted (no TLS: --tls-cert, --tls-key)")
+        elif any(url.startswith("http://") for url in self.peers.values()):
+            gaps.append("peer links to http:// URLs unencrypted")
         return gaps
 
     def replace(self, **changes) -> "NodeConfig":
@@ -123,6 +133,10 @@ class NodeConfig:
                 "a node with peers needs a cluster secret (--cluster-secret-file PATH or RAFTQ_CLUSTER_SECRET), "
                 "the same on every node; without one anyone who reaches this port can speak Raft to it. "
                 "`deploy/run-3-nodes.sh` makes one. To run without, say --insecure-no-cluster-secret")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_peer_certs and not (self.tls and self.tls_ca):
+            raise ConfigError("--tls-peer-certs needs --tls-cert, --tls-key and --tls-ca")
         if not self.loopback_only and self.client_token is None and not self.tls \
                 and not self.insecure_open_to_network:
             raise ConfigError(

@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,12 +37,15 @@ def free_ports(count: int) -> list[int]:
 
 
 def http_json(url: str, *, method: str = "GET", body: object = None, timeout: float = 2.0,
-              headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    """One JSON request with the standard library; returns (status, body); raises OSError when down."""
+              headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> tuple[int, dict]:
+    """One JSON request with the standard library; returns (status, body); raises OSError when down.
+
+    `context` verifies https:// nodes (see `LocalCluster.ssl_context`).
+    """
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers={
         "Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
-    opener = urllib.request.build_opener(_NoRedirect)
+    opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
     try:
         with opener.open(request, timeout=timeout) as response:
             raw = response.read()
@@ -94,10 +98,11 @@ class NodeProcess:
     args: list[str]
     process: subprocess.Popen | None = None
     paused: bool = False
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def alive(self) -> bool:
@@ -116,6 +121,9 @@ class LocalCluster:
     #: A client bearer token: the nodes start with it (RAFTQ_TOKEN in their environment, never on
     #: the command line), and `status()` and the waits built on it present it.
     token: str | None = None
+    #: A directory made by deploy/make-certs.sh: the nodes serve TLS only, with n1.pem ... as their
+    #: certificates, and require each other's (mutual TLS on /raft). None: plain HTTP.
+    tls_dir: str | None = None
 
     #: (source id, target id, target port) -> the URL the source uses to reach the target; the
     #: chaos suite routes each directed peer link through its own proxy with it.
@@ -129,15 +137,21 @@ class LocalCluster:
         ports = free_ports(self.size)
         ids = [f"n{i + 1}" for i in range(self.size)]
         self.ports = dict(zip(ids, ports))
-        route = self.peer_url or (lambda source, target, port: f"http://127.0.0.1:{port}")
+        scheme = "https" if self.tls_dir else "http"
+        route = self.peer_url or (lambda source, target, port: f"{scheme}://127.0.0.1:{port}")
         for node_id, port in zip(ids, ports):
             peers = ",".join(f"{other}={route(node_id, other, p)}" for other, p in zip(ids, ports) if other != node_id)
             data_dir = os.path.join(self.base_dir, node_id)
-            public = ",".join(f"{other}=http://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
+            public = ",".join(f"{other}={scheme}://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
             args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port),
                     "--data-dir", data_dir, "--peers", peers, "--public-urls", public,
                     "--cluster-secret-file", self.secret_path, *self.extra_args]
-            self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args)
+            if self.tls_dir:
+                args += ["--tls-cert", os.path.join(self.tls_dir, f"{node_id}.pem"),
+                         "--tls-key", os.path.join(self.tls_dir, f"{node_id}.key"),
+                         "--tls-ca", os.path.join(self.tls_dir, "ca.pem"), "--tls-peer-certs"]
+            self.nodes[node_id] = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"),
+                                              args, scheme=scheme)
 
     def __enter__(self) -> "LocalCluster":
         try:
@@ -218,6 +232,15 @@ class LocalCluster:
             self.terminate(node_id)
 
     @property
+    def ca_file(self) -> str | None:
+        return os.path.join(self.tls_dir, "ca.pem") if self.tls_dir else None
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Verifies the nodes' certificates against the cluster's CA (None without TLS)."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls_dir else None
+
+    @property
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token is not None else {}
 
@@ -227,7 +250,7 @@ class LocalCluster:
             return None
         try:
             status, body = http_json(node.url + "/v1/cluster" + ("?digest=1" if with_digest else ""), timeout=2.0,
-                                     headers=self.auth_headers)
+                                     headers=self.auth_headers, context=self.ssl_context)
         except OSError:
             return None
         return body if status == 200 else None

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other voters as id=url,id=url (empty: a cluster of one)")
     p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
                    help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT"),
+                   help="PEM certificate (chain) of this node: serve clients and peers over TLS only")
+    p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", default=_env("TLS_CA"),
+                   help="PEM CA file peers' certificates are checked against (default: the system CAs)")
+    p.add_argument("--tls-peer-certs", action="store_true", default=_env("TLS_PEER_CERTS", "") not in ("", "0"),
+                   help="require a client certificate signed by --tls-ca on /raft (mutual TLS between peers)")
     p.add_argument("--insecure-open-to-network", action="store_true",
                    default=_env("INSECURE_OPEN_TO_NETWORK", "") not in ("", "0"),
                    help="allow a non-loopback --host with neither token nor TLS (anyone on the network may "
@@ -132,6 +139,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         cluster_secret=read_secret(args.cluster_secret_file, "CLUSTER_SECRET", "cluster secret"),
         insecure_no_cluster_secret=args.insecure_no_cluster_secret,
         insecure_open_to_network=args.insecure_open_to_network,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        tls_ca=args.tls_ca or None,
+        tls_peer_certs=args.tls_peer_certs,
         payload_bytes_max=args.payload_bytes_max,
         worker_timeout_ms=int(args.worker_timeout * 1000),
         retention_ms=int(args.retention * 1000),
@@ -217,6 +228,7 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
 
 
 async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
+    from cluster import tls
     from cluster.api.app import init_app
     from cluster.api.keys import NODE
 
@@ -225,7 +237,7 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
         fields.node = app[NODE]
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls.server_context(config))
     await site.start()
     # Recovered state is long-lived: freeze it out of the collector's generations, and collect
     # young objects less often, since the job records make full passes costly (about 2x per job).
@@ -248,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        from cluster import tls
+
+        tls.server_context(config), tls.peer_client_context(config)  # unreadable files stop us here
     except ConfigError as exc:
         print(f"raftq node: {exc}", file=sys.stderr)
         return 2

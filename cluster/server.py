@@ -136,16 +136,18 @@ class Node:
         self.snapshot_receiver = SnapshotReceiver(
             self.snapshots, installed=self._snapshot_received)
         if self.config.peers:
+            from cluster import tls
             from cluster.transport.http import HttpTransport
 
+            peer_tls = tls.peer_client_context(self.config)
             self.transport = HttpTransport(
-                self.config.node_id, self.config.peers, secret=self.config.cluster_secret
+                self.config.node_id, self.config.peers, secret=self.config.cluster_secret, ssl_context=peer_tls
             )
             await self.transport.start()
             self.snapshot_sender = SnapshotSender(
                 self.config.node_id, self.config.peers, self.snapshots, secret=self.config.cluster_secret,
                 current_term=lambda: self.raft.term if self.raft is not None else 0,
-                report=self.snapshotting.transfer_reported)
+                report=self.snapshotting.transfer_reported, ssl_context=peer_tls)
         self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
         self._tasks.append(asyncio.create_task(self.housekeeping.run(lambda: self._stopping),

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -88,11 +89,14 @@ class SnapshotSender:
         secret: the cluster secret, or None.
         current_term: returns the leader's term now (carried into the follower's SNAP message).
         report: called on the loop when a transfer ends: report(peer, delivered).
+        ssl_context: for https:// peers (cluster/tls.py).
     """
 
     def __init__(self, node_id: str, peers: dict[str, str], store: SnapshotStore, *, secret: str | None,
-                 current_term: Callable[[], int], report: Callable[[str, bool], None]) -> None:
+                 current_term: Callable[[], int], report: Callable[[str, bool], None],
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._node_id = node_id
+        self._ssl_context = ssl_context  # for https:// peers (cluster/tls.py); None: default checks
         self._peers = dict(peers)
         self._store = store
         self._secret = secret
@@ -173,7 +177,8 @@ class SnapshotSender:
     async def _post(self, peer: str, offer: SnapshotOffer, offset: int, chunk: bytes) -> tuple[int, bool]:
         """Sends one chunk; returns (bytes the follower holds, whether it has installed the file)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHUNK_TIMEOUT_S))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHUNK_TIMEOUT_S),
+                                                  connector=aiohttp.TCPConnector(ssl=self._ssl_context or True))
         headers = {
             "Content-Type": "application/octet-stream",
             FROM_HEADER: self._node_id,

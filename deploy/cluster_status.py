@@ -6,6 +6,7 @@ Standard library only, so it runs before anything else is imported.
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -15,8 +16,10 @@ import urllib.request
 def fetch(url: str) -> dict | None:
     token = os.environ.get("RAFTQ_TOKEN")
     request = urllib.request.Request(url + "/v1/cluster", headers={"Authorization": f"Bearer {token}"} if token else {})
+    ca_file = os.environ.get("RAFTQ_CA")
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
+        with urllib.request.urlopen(request, timeout=2, context=context) as response:
             return json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -39,12 +42,12 @@ def main() -> int:
         if leader or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    print(f"{'node':6} {'url':24} {'role':10} {'term':>5} {'commit':>8} {'applied':>8}")
+    print(f"{'node':6} {'url':25} {'role':10} {'term':>5} {'commit':>8} {'applied':>8}")
     for url, view in views.items():
         if view is None:
-            print(f"{'?':6} {url:24} {'down':10}")
+            print(f"{'?':6} {url:25} {'down':10}")
             continue
-        print(f"{view['node']:6} {url:24} {view['role']:10} {view['term']:>5} "
+        print(f"{view['node']:6} {url:25} {view['role']:10} {view['term']:>5} "
               f"{view['commit_index']:>8} {view['applied_index']:>8}")
     if not leader:
         print("no leader elected" + (f" within {args.wait:g} s" if args.wait else ""), file=sys.stderr)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # A local raftq cluster on 127.0.0.1:7001-7003.
-#   deploy/run-3-nodes.sh [start]   start whichever node is not running; wait for a leader
+#   deploy/run-3-nodes.sh [start] [--tls]   start whichever node is not running; wait for a leader.
+#                                   --tls: clients and peers speak TLS only, with certificates from
+#                                   deploy/make-certs.sh in $RAFTQ_HOME/tls (made on first use), and
+#                                   peers require each other's certificate; stop before switching.
 #   deploy/run-3-nodes.sh stop      stop all nodes (SIGTERM, then SIGKILL after 10 s)
 #   deploy/run-3-nodes.sh status    show each node's process and role
 # Data and logs go under $RAFTQ_HOME (default: var/local-cluster in the repository), with the
@@ -16,7 +19,10 @@ COUNT="${RAFTQ_NODES:-3}"
 
 node_ids() { seq 1 "$COUNT" | sed 's/^/n/'; }
 port_of() { echo $((BASE_PORT + ${1#n} - 1)); }
-url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
+SCHEME_FILE="$HOME_DIR/scheme"   # "https" while the nodes run with --tls, so status knows
+TLS_DIR="$HOME_DIR/tls"
+scheme() { cat "$SCHEME_FILE" 2>/dev/null || echo http; }
+url_of() { echo "$(scheme)://127.0.0.1:$(port_of "$1")"; }
 
 peers_of() {
     local me="$1" out="" id
@@ -39,24 +45,41 @@ running_pid() {
 all_urls() { local id; for id in $(node_ids); do printf '%s ' "$(url_of "$id")"; done; }
 
 start() {
+    local tls="${1:-}"
     raftq_ensure_venv
     mkdir -p "$HOME_DIR"
-    local id secret_file="$HOME_DIR/cluster-secret"
+    local id secret_file="$HOME_DIR/cluster-secret" tls_args=()
     "$RAFTQ_PY" -c 'import sys; from cluster.localcluster import ensure_secret_file; ensure_secret_file(sys.argv[1])' \
         "$secret_file"
+    if [ "$tls" = "--tls" ]; then
+        "$RAFTQ_ROOT/deploy/make-certs.sh" "$TLS_DIR" $(node_ids)
+        echo https > "$SCHEME_FILE"
+        export RAFTQ_CA="$TLS_DIR/ca.pem"   # for the status check below
+    else
+        rm -f "$SCHEME_FILE"
+    fi
     for id in $(node_ids); do
         if pid="$(running_pid "$id")"; then
             echo "$id already running (pid $pid)"
             continue
         fi
+        tls_args=()
+        [ "$tls" = "--tls" ] && tls_args=(--tls-cert "$TLS_DIR/$id.pem" --tls-key "$TLS_DIR/$id.key"
+                                          --tls-ca "$TLS_DIR/ca.pem" --tls-peer-certs)
         nohup "$RAFTQ_PY" -m cluster --id "$id" --port "$(port_of "$id")" \
             --data-dir "$HOME_DIR/$id" --peers "$(peers_of "$id")" \
-            --cluster-secret-file "$secret_file" \
+            --cluster-secret-file "$secret_file" ${tls_args[@]+"${tls_args[@]}"} \
             >> "$HOME_DIR/$id.log" 2>&1 < /dev/null &
         echo $! > "$HOME_DIR/$id.pid"
         echo "$id started (pid $!, log $HOME_DIR/$id.log)"
     done
     "$RAFTQ_PY" "$RAFTQ_ROOT/deploy/cluster_status.py" --wait 30 $(all_urls)
+    if [ "$tls" = "--tls" ]; then
+        local urls; urls="$(all_urls)"; urls="${urls% }"
+        echo
+        echo "TLS is on. For the raftq command, workers and Client(): "
+        echo "  export RAFTQ_NODES=${urls// /,} RAFTQ_CA=$TLS_DIR/ca.pem"
+    fi
 }
 
 stop() {
@@ -80,12 +103,14 @@ status() {
         if pid="$(running_pid "$id")"; then echo "$id running (pid $pid)"; else echo "$id not running"; fi
     done
     raftq_ensure_venv
+    [ "$(scheme)" = https ] && export RAFTQ_CA="$TLS_DIR/ca.pem"
     "$RAFTQ_PY" "$RAFTQ_ROOT/deploy/cluster_status.py" $(all_urls) || true
 }
 
 case "${1:-start}" in
-    start) start ;;
+    start) start "${2:-}" ;;
+    --tls) start --tls ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 [start|stop|status]" >&2; exit 2 ;;
+    *) echo "usage: $0 [start [--tls]|--tls|stop|status]" >&2; exit 2 ;;
 esac

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from cluster import constants as c
+from cluster import tls
 from cluster.api import dashboard, raft_views, views
 from cluster.api.keys import NODE, PEER_SESSION
 from cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
@@ -152,6 +153,8 @@ def auth_middleware(config: NodeConfig):
         path = request.path
         if path.startswith("/raft/"):
             _check_peer(request, secret, open_to_all=config.insecure_no_cluster_secret)
+            if config.tls_peer_certs and not tls.presented_client_certificate(request):
+                raise ApiError(403, "forbidden", "peer requests need a client certificate signed by the cluster's CA")
         # The dashboard page itself holds no data (its requests carry the token), and a browser
         # cannot send a bearer header when it loads a page: "/" is open, as an exact match.
         elif expected is not None and path != "/" and not path.startswith(_OPEN_PREFIXES):
@@ -243,7 +246,8 @@ def init_app(config: NodeConfig) -> web.Application:
 async def _node_lifecycle(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
     await node.start()
-    app[PEER_SESSION] = aiohttp.ClientSession()
+    app[PEER_SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls.peer_client_context(node.config) or True))
     yield
     await app[PEER_SESSION].close()
     await node.stop()

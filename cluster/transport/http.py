@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Sequence
 
 import aiohttp
@@ -34,8 +35,10 @@ SECRET_HEADER = "X-Raftq-Cluster-Secret"
 class HttpTransport:
     """Sends Raft messages to peers; see the module docstring."""
 
-    def __init__(self, node_id: str, peers: dict[str, str], *, secret: str | None) -> None:
+    def __init__(self, node_id: str, peers: dict[str, str], *, secret: str | None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self._node_id = node_id
+        self._ssl_context = ssl_context  # for https:// peers (cluster/tls.py); None: default checks
         self._peers = dict(peers)
         self._secret = secret
         self._queues: dict[str, asyncio.Queue[Message]] = {}
@@ -45,7 +48,7 @@ class HttpTransport:
         self.failed_requests_count = 0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit_per_host=2, force_close=False)
+        connector = aiohttp.TCPConnector(limit_per_host=2, force_close=False, ssl=self._ssl_context or True)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
         )
