@@ -85,6 +85,18 @@ COMPACT_KEEP_BYTES = 4 << 20
 #: WAL segment size: compaction frees whole segments, so this is the granularity of disk use.
 WAL_SEGMENT_BYTES = 8 << 20
 
+#: Open connections per node (clients, workers, peers, dashboards); more are aborted at once and
+#: counted. A worker holds one to three; 1,024 leaves room for hundreds of workers.
+CONNECTIONS_MAX = 1024
+#: A connection must deliver a complete request head (and finish a TLS handshake) within this of
+#: its first byte, or it is aborted: slowloris. Ten seconds is ample for any real client.
+HEADER_TIMEOUT_S = 10.0
+#: Idle keep-alive connections are closed after this (aiohttp's default is an hour).
+KEEPALIVE_TIMEOUT_S = 75.0
+#: Workers the leader keeps liveness for; past it the one heard from longest ago (holding no
+#: lease) is forgotten first, so made-up worker names cannot grow the table without bound.
+KNOWN_WORKERS_MAX = 10_000
+
 #: The largest snapshot file a node accepts from a leader (InstallSnapshot announces the size
 #: first): a million queued 1 KiB jobs make about 1.3 GB, so 16 GiB leaves room while a forged
 #: "10^18-byte snapshot" is refused before a byte of it touches the disk.

@@ -78,8 +78,21 @@ class LeaderHousekeeping:
         asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=now_ms())))
 
     def touch_worker(self, worker: str) -> None:
-        """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge."""
-        self.worker_last_seen[worker] = time.monotonic()
+        """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge.
+
+        The table is kept in order of last contact (oldest first) and bounded by
+        `known_workers_max`: past it, the longest-silent workers that hold no lease are forgotten.
+        """
+        seen = self.worker_last_seen
+        seen.pop(worker, None)
+        seen[worker] = time.monotonic()
+        if len(seen) > self.config.known_workers_max:
+            holding = set(self._node.queue.lease_holders())
+            for name in list(seen):
+                if len(seen) <= self.config.known_workers_max:
+                    break
+                if name not in holding:
+                    del seen[name]
 
     def workers_table(self) -> list[dict]:
         """Workers the leader knows: last heartbeat age and the jobs each holds."""

@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"log entries kept behind a snapshot for slow followers (default {c.COMPACT_KEEP_ENTRIES})")
     p.add_argument("--wal-segment-bytes", type=int, default=int(_env("WAL_SEGMENT_BYTES", str(c.WAL_SEGMENT_BYTES))),
                    help=f"size of one log segment file; compaction frees whole segments (default {c.WAL_SEGMENT_BYTES})")
+    p.add_argument("--connections-max", type=int, default=int(_env("CONNECTIONS_MAX", str(c.CONNECTIONS_MAX))),
+                   help=f"open connections beyond this are aborted (default {c.CONNECTIONS_MAX})")
+    p.add_argument("--header-timeout", type=float, default=float(_env("HEADER_TIMEOUT", str(c.HEADER_TIMEOUT_S))),
+                   help=f"seconds a connection may take to send a request head (default {c.HEADER_TIMEOUT_S:g})")
+    p.add_argument("--known-workers-max", type=int,
+                   default=int(_env("KNOWN_WORKERS_MAX", str(c.KNOWN_WORKERS_MAX))),
+                   help=f"workers the leader tracks; the longest silent go first (default {c.KNOWN_WORKERS_MAX})")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -153,6 +160,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         snapshot_interval_s=args.snapshot_interval,
         compact_keep_entries=args.compact_keep,
         wal_segment_bytes=args.wal_segment_bytes,
+        connections_max=args.connections_max,
+        header_timeout_s=args.header_timeout,
+        known_workers_max=args.known_workers_max,
         log_format=args.log_format,
         log_level=args.log_level.upper(),
     )
@@ -230,15 +240,20 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
 async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
     from cluster import tls
     from cluster.api.app import init_app
-    from cluster.api.keys import NODE
+    from cluster.api.keys import CONNECTION_GUARD, NODE
 
     app = init_app(config)
     if fields is not None:
         fields.node = app[NODE]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=c.KEEPALIVE_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls.server_context(config))
-    await site.start()
+    assert runner.server is not None
+    # Our own listener rather than web.TCPSite: every connection goes through the guard's limit
+    # and header deadline (cluster/api/connections.py), the TLS handshake through the same deadline.
+    ssl_context = tls.server_context(config)
+    listener = await asyncio.get_running_loop().create_server(
+        app[CONNECTION_GUARD].protocol_factory(runner.server), config.host, config.port, reuse_address=True,
+        ssl=ssl_context, ssl_handshake_timeout=config.header_timeout_s if ssl_context else None)
     # Recovered state is long-lived: freeze it out of the collector's generations, and collect
     # young objects less often, since the job records make full passes costly (about 2x per job).
     gc.freeze()
@@ -253,6 +268,7 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logging.getLogger("raftq.node").info("shutting down")
+    listener.close()
     await runner.cleanup()
 
 

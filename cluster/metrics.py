@@ -60,6 +60,12 @@ class NodeMetrics:
             "raftq_http_request_seconds", "HTTP request latency by route and status.",
             labelnames=["route", "method", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.connections_refused_total = Counter(
+            "raftq_connections_refused_total", "Connections the node aborted: over the connection limit, or "
+            "no complete request head within the header timeout.", labelnames=["reason"], registry=self.registry,
+        )
+        self.connections_open = Gauge("raftq_connections_open", "Client and peer connections open now.",
+                                      registry=self.registry)
         self.job_latency_seconds = Histogram(
             "raftq_job_latency_seconds", "Job end-to-end latency, submit to ack, by queue.",
             labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,

@@ -14,7 +14,8 @@ from aiohttp import web
 from cluster import constants as c
 from cluster import tls
 from cluster.api import dashboard, raft_views, views
-from cluster.api.keys import NODE, PEER_SESSION
+from cluster.api.connections import ConnectionGuard
+from cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
 from cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
 from cluster.config import NodeConfig
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
@@ -232,12 +233,17 @@ def _host_name(host: str) -> str:
 
 def init_app(config: NodeConfig) -> web.Application:
     """Builds the application; the node starts and stops with it (cleanup_ctx)."""
+    node = Node(config)
+    guard = ConnectionGuard(config.connections_max, config.header_timeout_s,
+                            on_refused=lambda reason: node.metrics.connections_refused_total.labels(reason).inc())
+    node.metrics.connections_open.set_function(lambda: guard.open_count)
     app = web.Application(
-        middlewares=[cors_middleware(config), metrics_middleware, error_middleware,
+        middlewares=[guard.middleware, cors_middleware(config), metrics_middleware, error_middleware,
                      browser_guard_middleware(config), auth_middleware(config)],
         client_max_size=config.body_bytes_max,
     )
-    app[NODE] = Node(config)
+    app[NODE] = node
+    app[CONNECTION_GUARD] = guard
     setup_routes(app)
     app.cleanup_ctx.append(_node_lifecycle)
     return app

@@ -3,8 +3,11 @@
 import aiohttp
 from aiohttp import web
 
+from cluster.api.connections import ConnectionGuard
 from cluster.server import Node
 
 NODE = web.AppKey("node", Node)
 #: An HTTP client session for the few views that ask peers (the dashboard overview).
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
+#: The connection limit and header-read deadline (`main.serve` builds the listener with it).
+CONNECTION_GUARD = web.AppKey("connection_guard", ConnectionGuard)
