@@ -205,6 +205,10 @@ class AsyncClient(_BaseClient):
     async def queues(self) -> dict:
         return await self._send(self._queues_call())
 
+    async def delete_queue(self, queue: str, *, force: bool = False) -> dict:
+        """As `Client.delete_queue`."""
+        return await self._send(self._delete_queue_call(queue, force))
+
     async def configure_queue(self, queue: str, *, max_depth: int | None = None, rate_per_s: float | None = None,
                               burst: int | None = None, max_running_per_key: int | None = None,
                               fifo: bool = False) -> dict:

@@ -546,6 +546,9 @@ class _BaseClient:
     def _configure_queue_call(self, queue: str, settings: dict[str, Any]) -> Call:
         return self._call("PUT", f"/v1/queues/{segment(queue)}", _mapping, body=settings, has_body=True)
 
+    def _delete_queue_call(self, queue: str, force: bool) -> Call:
+        return self._call("DELETE", f"/v1/queues/{segment(queue)}?force={'true' if force else 'false'}", _mapping)
+
     def _dead_call(self, queue: str, limit: int, after: str | None) -> Call:
         query = urlencode({"limit": limit, **({"after": after} if after is not None else {})})
         return self._call("GET", f"/v1/queues/{segment(queue)}/dead?{query}", _field("jobs", list))

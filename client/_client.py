@@ -384,6 +384,15 @@ class Client(_BaseClient):
             max_depth=max_depth, rate_per_s=rate_per_s, burst=burst, max_running_per_key=max_running_per_key,
             fifo=fifo)))
 
+    def delete_queue(self, queue: str, *, force: bool = False) -> dict:
+        """Removes a queue with its settings and finished records.
+
+        Raises:
+            errors.Conflict: it holds unfinished jobs and `force` is False (True cancels them).
+            errors.JobNotFound: there is no such queue (404).
+        """
+        return self._send(self._delete_queue_call(queue, force))
+
     def queue_details(self) -> dict:
         """{"queues": depth by state, "settings": each queue's settings, "held_back": jobs each
         limit holds back now, by queue}."""

@@ -72,6 +72,7 @@ class NodeConfig:
     connections_max: int = constants.CONNECTIONS_MAX
     header_timeout_s: float = constants.HEADER_TIMEOUT_S
     known_workers_max: int = constants.KNOWN_WORKERS_MAX
+    queues_max: int = constants.QUEUES_MAX
     #: Largest snapshot file this node accepts from a leader.
     snapshot_file_bytes_max: int = constants.SNAPSHOT_FILE_BYTES_MAX
 
@@ -162,7 +163,8 @@ class NodeConfig:
             raise ConfigError("compact_keep_entries and compact_keep_bytes must not be negative")
         if self.wal_segment_bytes < 4096:
             raise ConfigError("wal_segment_bytes must be at least 4096")
-        if self.connections_max < 8 or self.header_timeout_s <= 0 or self.known_workers_max < 1:
+        if self.connections_max < 8 or self.header_timeout_s <= 0 or self.known_workers_max < 1 \
+                or self.queues_max < 1:
             raise ConfigError("connections_max must be at least 8, header_timeout_s and known_workers_max positive")
         if self.worker_timeout_ms < 1000:
             raise ConfigError("worker_timeout_ms must be at least 1000")

@@ -93,6 +93,10 @@ CONNECTIONS_MAX = 1024
 HEADER_TIMEOUT_S = 10.0
 #: Idle keep-alive connections are closed after this (aiohttp's default is an hour).
 KEEPALIVE_TIMEOUT_S = 75.0
+#: Queues a cluster holds (a configured queue or one holding job records counts; an empty queue
+#: with default settings leaves the state). Each costs metric series and a little state; a
+#: misbehaving client writing to ever-new names is refused (409) past it instead.
+QUEUES_MAX = 10_000
 #: Workers the leader keeps liveness for; past it the one heard from longest ago (holding no
 #: lease) is forgotten first, so made-up worker names cannot grow the table without bound.
 KNOWN_WORKERS_MAX = 10_000

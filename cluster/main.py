@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--known-workers-max", type=int,
                    default=int(_env("KNOWN_WORKERS_MAX", str(c.KNOWN_WORKERS_MAX))),
                    help=f"workers the leader tracks; the longest silent go first (default {c.KNOWN_WORKERS_MAX})")
+    p.add_argument("--queues-max", type=int, default=int(_env("QUEUES_MAX", str(c.QUEUES_MAX))),
+                   help=f"queues the cluster may hold; writes to new ones past it get 409 (default {c.QUEUES_MAX})")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -163,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         connections_max=args.connections_max,
         header_timeout_s=args.header_timeout,
         known_workers_max=args.known_workers_max,
+        queues_max=args.queues_max,
         log_format=args.log_format,
         log_level=args.log_level.upper(),
     )

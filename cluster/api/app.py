@@ -45,6 +45,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/jobs/{job_id}/cancel", views.cancel)
     r.add_get("/v1/queues", views.list_queues)
     r.add_put("/v1/queues/{queue}", views.configure_queue)
+    r.add_delete("/v1/queues/{queue}", views.delete_queue)
     r.add_get("/v1/queues/{queue}/dead", views.list_dead)
     r.add_post("/v1/queues/{queue}/dead/redrive", views.redrive)
     r.add_post("/v1/queues/{queue}/dead/purge", views.purge_dead)

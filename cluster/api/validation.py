@@ -276,6 +276,11 @@ SETTINGS_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
+#: What `PUT /v1/queues/{queue}` answers for a queue left with every setting at its default.
+DEFAULT_QUEUE_SETTINGS = {"max_depth": None, "rate_per_s": None, "burst": None, "max_running_per_key": None,
+                          "fifo": False}
+
+
 def settings(body: Any, kind: str) -> dict:
     """The body as a map holding only the fields SETTINGS_FIELDS allows for `kind`."""
     body = mapping(body)

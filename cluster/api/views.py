@@ -38,6 +38,7 @@ async def submit(request: web.Request) -> web.Response:
     queue = v.queue_name(request.match_info["queue"])
     body = await _body(request)
     node.require_leader()
+    _check_queue_limit(node, queue)
     command = v.submit(body, queue, now_ms=_now_ms(), payload_bytes_max=node.config.payload_bytes_max)
     result = await node.propose(command)
     if isinstance(result, results.QueueFull):
@@ -240,8 +241,44 @@ async def configure_queue(request: web.Request) -> web.Response:
     queue = v.queue_name(request.match_info["queue"])
     command = v.queue_config(await _body(request), queue, now_ms=_now_ms())
     node.require_leader()
+    _check_queue_limit(node, queue)
     await node.propose(command)
-    return respond(request, {"ok": True, "queue": queue, **node.queue.queue_settings()[queue]})
+    # Default settings on an empty queue leave no queue behind (it counts against no limit).
+    settings = node.queue.queue_settings().get(queue) or v.DEFAULT_QUEUE_SETTINGS
+    return respond(request, {"ok": True, "queue": queue, **settings})
+
+
+async def delete_queue(request: web.Request) -> web.Response:
+    """Removes a queue, its settings and finished records; 409 while it holds unfinished jobs
+    unless `?force=true`, which cancels them."""
+    node = request.app[NODE]
+    queue = v.queue_name(request.match_info["queue"])
+    force = _query_bool(request, "force")
+    node.require_leader()
+    outcome = await node.propose(cmds.DeleteQueue(now_ms=_now_ms(), queue=queue, force=force))
+    if isinstance(outcome, results.ItemError):
+        raise ApiError(404 if outcome.code == results.NOT_FOUND else 409, outcome.code, outcome.message)
+    return respond(request, {"ok": True, "queue": queue})
+
+
+def _check_queue_limit(node: Any, queue: str) -> None:
+    """A write that would make a new queue past the node's limit is refused (409).
+
+    Checked against the applied state before proposing, so that concurrent first writes to new
+    queues may pass the limit by the proposals in flight, never by more.
+    """
+    state = node.queue
+    if not state.has_queue(queue) and state.queue_count() >= node.config.queues_max:
+        raise ApiError(409, "too_many_queues",
+                       f"this cluster holds {state.queue_count()} queues, its limit (--queues-max); "
+                       "delete one (DELETE /v1/queues/NAME) or let empty ones finish")
+
+
+def _query_bool(request: web.Request, key: str) -> bool:
+    raw = request.query.get(key, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise v.invalid(f"query parameter {key!r} must be true or false, got {raw[:20]!r}")
+    return raw in ("true", "1")
 
 
 async def list_dead(request: web.Request) -> web.Response:

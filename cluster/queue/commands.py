@@ -277,13 +277,24 @@ class Release:
     items: tuple[ReleaseItem, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class DeleteQueue:
+    """Removes a queue, its settings, counters and finished records; refused (CONFLICT) while it
+    holds unfinished jobs unless `force`, which cancels them first."""
+
+    TAG: ClassVar[int] = 18
+    now_ms: int
+    queue: str
+    force: bool
+
+
 Command = Union[
     Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
-    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release, DeleteQueue,
 ]
 COMMAND_TYPES: tuple[type, ...] = (
     Submit, Lease, Ack, Fail, Extend, Tick, WorkerLost, RenewLeases, Cancel, Redrive, Purge, SetQueueConfig,
-    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release,
+    PutSchedule, DeleteSchedule, PauseSchedule, FireSchedule, Release, DeleteQueue,
 )
 
 
@@ -358,6 +369,7 @@ _COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
     PauseSchedule.TAG: (PauseSchedule, (_INT, _STR, _BOOL, _INT)),
     FireSchedule.TAG: (FireSchedule, (_INT, _STR, _INT, _INT, _INT, _BOOL, _STR)),
     Release.TAG: (Release, (_INT, _STR, _items_of(_RELEASE_ITEM))),
+    DeleteQueue.TAG: (DeleteQueue, (_INT, _STR, _BOOL)),
 }
 #: Fields added to a shape after entries of the shorter shape were written: an array that lacks
 #: them decodes with these values (older logs stay readable; a tag keeps its meaning).

@@ -77,7 +77,7 @@ from cluster.queue import commands as cmds
 from cluster.queue.commands import CommandDecodeError, decode_command
 from cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
 from cluster.queue.jobs import (
-    CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
+    ACTIVE_STATES, CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
     ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, job_row,
 )
 from cluster.queue.results import (  # re-exported: the API maps these to HTTP
@@ -239,6 +239,7 @@ class QueueStateMachine:
             cmds.PauseSchedule: self._apply_pause_schedule,
             cmds.FireSchedule: self._apply_fire_schedule,
             cmds.Release: self._apply_release,
+            cmds.DeleteQueue: self._apply_delete_queue,
         }
         self._reset()
 
@@ -679,7 +680,9 @@ class QueueStateMachine:
                 continue
             assert job.state in FINISHED_STATES, f"job {job.id} in the finished FIFO is {job.state}"
             del self._jobs[job.id]
-            self._queues[job.queue].counts[job.state] -= 1
+            queue = self._queues[job.queue]
+            queue.counts[job.state] -= 1
+            self._drop_if_unused(queue)
             dropped += 1
         return dropped
 
@@ -761,6 +764,32 @@ class QueueStateMachine:
         self._refresh_all_turns(queue)  # emptied lanes leave; groups may have new heads
         return Purged(len(doomed))
 
+    def _apply_delete_queue(self, command: cmds.DeleteQueue) -> Ok | ItemError:
+        queue = self._queues.get(command.queue)
+        if queue is None:
+            return ItemError(NOT_FOUND, f"no queue {command.queue}")
+        unfinished = queue.active_count()
+        if unfinished and not command.force:
+            return ItemError(CONFLICT, f"queue {command.queue} holds {unfinished} unfinished jobs; "
+                                       "delete with force=true to cancel them")
+        records = sorted((job for job in self._jobs.values() if job.queue == command.queue), key=_job_id)
+        for job in records:  # through the one cancel path, so that leases, heaps and lanes stay right
+            if job.state in ACTIVE_STATES:
+                self._apply_cancel(cmds.Cancel(now_ms=command.now_ms, id=job.id))
+        for job in records:  # every record is finished now; the FIFOs skip the ones gone
+            del self._jobs[job.id]
+            job.state = PURGED
+        keys = [key for key in self._idempotency if key[0] == command.queue]
+        for key in keys:
+            del self._idempotency[key]
+        del self._queues[command.queue]
+        return OK
+
+    def _drop_if_unused(self, queue: _Queue) -> None:
+        """An empty queue with default settings leaves the state (it counts against no limit)."""
+        if not any(queue.counts.values()) and queue.max_depth is None and queue.settings() == (None, None, None, False):
+            del self._queues[queue.name]
+
     def _apply_set_queue_config(self, command: cmds.SetQueueConfig) -> Ok:
         now = self.clock_ms
         queue = self._queue(command.queue)
@@ -779,6 +808,7 @@ class QueueStateMachine:
         queue.max_running_per_key = limit if limit is not None and limit > 0 else None
         queue.fifo = command.fifo
         self._refresh_all_turns(queue)
+        self._drop_if_unused(queue)
         return OK
 
     # ------------------------------------------------------------------ schedules
@@ -1007,6 +1037,13 @@ class QueueStateMachine:
             return []
         ids = found.dead.keys() if after_id is None else (i for i in found.dead if i > after_id)
         return [found.dead[job_id].record() for job_id in heapq.nsmallest(limit, ids)]
+
+    def queue_count(self) -> int:
+        """Queues in the state: configured ones and ones holding job records."""
+        return len(self._queues)
+
+    def has_queue(self, name: str) -> bool:
+        return name in self._queues
 
     def has_ready(self, queues: Iterable[str]) -> bool:
         """True when any of `queues` holds a READY job (due delayed jobs wait for a Tick or Lease)."""
@@ -1541,6 +1578,10 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
 
 def _lease_token(job: Job) -> int:
     return job.lease
+
+
+def _job_id(job: Job) -> str:
+    return job.id
 
 
 def _job_seq(job: Job) -> int:

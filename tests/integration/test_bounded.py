@@ -1,6 +1,8 @@
 """Bounded tables and connections (issue 11, Build 6), against a real node process.
 
-A node aborts connections past its limit at once and connections that do not deliver a request
+A node holds at most `--queues-max` queues (an empty queue with default settings does not stay),
+and deletes a queue only when it holds no unfinished jobs, or when forced. It aborts connections
+past its limit at once and connections that do not deliver a request
 head in time (idle ones and slowloris ones that trickle bytes), counting both in
 `raftq_connections_refused_total`; it keeps liveness for at most `--known-workers-max` workers,
 forgetting the longest silent first.
@@ -24,7 +26,7 @@ CONNECTIONS_MAX = 20
 @pytest.fixture
 def node(tmp_path):
     args = ["--connections-max", str(CONNECTIONS_MAX), "--header-timeout", str(HEADER_TIMEOUT_S),
-            "--known-workers-max", "50"]
+            "--known-workers-max", "50", "--queues-max", "5"]
     with LocalCluster(str(tmp_path / "cluster"), size=1, extra_args=args) as cluster:
         yield cluster
 
@@ -94,3 +96,28 @@ def test_made_up_worker_names_cannot_grow_the_workers_table(node):
     names = [w["worker"] for w in body["workers"]]
     assert status == 200 and len(names) == 50, names
     assert "made-up-119" in names and "made-up-0" not in names, "the longest silent are forgotten first"
+
+
+def test_queues_are_bounded_and_can_be_deleted(node):
+    url = node.urls[0]
+    for n in range(20):  # the issue's attack: PUT {} under ever-new names
+        status, body = http_json(url + f"/v1/queues/junk-{n}", method="PUT", body={})
+        assert status == 200, body
+    assert http_json(url + "/v1/queues")[1]["queues"] == {}, "empty default queues must not stay"
+    for n in range(5):
+        assert http_json(url + f"/v1/queues/q{n}", method="PUT", body={"max_depth": 10})[0] == 200
+    status, body = http_json(url + "/v1/queues/q5", method="PUT", body={"max_depth": 10})
+    assert (status, body["error"]["code"]) == (409, "too_many_queues"), body
+    status, body = http_json(url + "/v1/queues/q6/jobs", method="POST", body={"jobs": [{"payload": 1}]})
+    assert (status, body["error"]["code"]) == (409, "too_many_queues"), body
+    assert http_json(url + "/v1/queues/q0/jobs", method="POST", body={"jobs": [{"payload": 1}]})[0] == 201
+
+    status, body = http_json(url + "/v1/queues/q0", method="DELETE")
+    assert (status, body["error"]["code"]) == (409, "conflict"), body
+    status, body = http_json(url + "/v1/queues/q1", method="DELETE")
+    assert status == 200, body
+    assert http_json(url + "/v1/queues/q6/jobs", method="POST", body={"jobs": [{"payload": 1}]})[0] == 201
+    status, body = http_json(url + "/v1/queues/q0?force=true", method="DELETE")
+    assert status == 200, body
+    assert sorted(http_json(url + "/v1/queues")[1]["queues"]) == ["q2", "q3", "q4", "q6"]
+    assert http_json(url + "/v1/queues/nope", method="DELETE")[0] == 404

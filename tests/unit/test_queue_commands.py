@@ -53,6 +53,7 @@ EVERY_COMMAND = [
     c.FireSchedule(now_ms=16, name="often", revision=40, fire_ms=15, next_fire_ms=2_015, run=True, job_id="j9"),
     c.Release(now_ms=13, worker="w1", items=(c.ReleaseItem("j1", 7), c.ReleaseItem("j2", 8))),
     c.Release(now_ms=13, worker="w1", items=()),
+    c.DeleteQueue(now_ms=14, queue="q", force=True),
 ]
 
 

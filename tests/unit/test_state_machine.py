@@ -553,8 +553,7 @@ def test_finished_records_dropped_after_retention(m):
     assert m.sm.get_job("a") is None and m.state("b") == "cancelled"
     assert m.tick(T0 + 20 + retention).dropped == 1
     assert m.sm.get_job("b") is None
-    assert m.sm.queue_stats()["q"] == dict.fromkeys(
-        ["scheduled", "ready", "leased", "retry_wait", "done", "dead", "cancelled"], 0)
+    assert "q" not in m.sm.queue_stats(), "an empty queue with default settings leaves the state"
     assert m.sm.next_due_ms() is None
 
 
@@ -987,3 +986,39 @@ def test_data_driven(path):
         path.write_text("\n".join(out + trailing).rstrip("\n") + "\n")
         return
     assert not failures, f"{path.name}: (RAFTQ_REWRITE=1 rewrites)\n" + "\n".join(failures)
+
+
+# ---------------------------------------------------------------------- deleting queues (issue 11)
+
+
+def test_delete_queue_is_refused_while_it_holds_unfinished_jobs(m):
+    m.submit(job("a"), job("b"))
+    m.lease_one()
+    refused = assert_unchanged(m, c.DeleteQueue(T0, "q", False))
+    assert isinstance(refused, r.ItemError) and refused.code == r.CONFLICT and "2 unfinished" in refused.message
+    assert isinstance(m(c.DeleteQueue(T0, "nope", False)), r.ItemError)
+
+
+def test_a_forced_delete_cancels_everything_and_forgets_the_queue(m):
+    m.submit(job("a", idempotency_key="k"), job("b"), job("c", delay_ms=60_000))
+    leased = m.lease_one()
+    m(c.SetQueueConfig(T0, "q", 5))
+    assert m(c.DeleteQueue(T0, "q", True)) is r.OK
+    assert "q" not in m.sm.queue_stats() and [m.state(i) for i in "abc"] == [None, None, None]
+    assert m.ack(leased.id, leased.lease).code in (r.LEASE_MISMATCH, r.NOT_FOUND)
+    m.tick(T0 + 3_600_000 * 2)  # the retention and idempotency FIFOs skip what is gone
+    ids = m.submit(job("d", idempotency_key="k")).ids
+    assert ids == ("d",), "the deleted queue's idempotency keys are gone with it"
+
+
+def test_an_empty_unconfigured_queue_leaves_the_state(m):
+    m(c.SetQueueConfig(T0, "empty", None))
+    assert "empty" not in m.sm.queue_stats(), "PUT {} must not create a queue that never goes away"
+    m(c.SetQueueConfig(T0, "limited", 10))
+    assert m.sm.has_queue("limited") and m.sm.queue_count() == 1
+    m.submit(job("a"), queue="done-soon")
+    leased = m.lease_one(queues=("done-soon",))
+    m.ack(leased.id, leased.lease)
+    assert m.sm.has_queue("done-soon")
+    m.tick(T0 + m.sm.retention_ms + 1)
+    assert not m.sm.has_queue("done-soon"), "its last record left with retention, so does the queue"
