@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per worker: Worker slots, or lanes of the single pool (default 4)")
     p.add_argument("--pool", choices=POOLS, default="single",
                    help="single: lean batched fetch/ack loop; threads|processes|asyncio: the Worker runtime")
-    p.add_argument("--prefetch", type=int,
-                   help="with a Worker pool: jobs it buffers ahead of free slots (default: the Worker's default; "
-                        "0: fetch only for free slots)")
+    p.add_argument("--prefetch", type=_prefetch_list,
+                   help="with a Worker pool: jobs it buffers ahead of free slots (default: the Worker's default, "
+                        "auto; 0: fetch only for free slots); a comma list such as default,0 runs the scenario "
+                        "once per value, back to back")
     p.add_argument("--kind", choices=KINDS, default="noop",
                    help="job: noop, io (sleep 1 ms) or cpu (about 1 ms of pure Python) (default noop)")
     p.add_argument("--payload-bytes", type=int, default=100, help="encoded payload size (default 100)")
@@ -187,7 +188,20 @@ def _scenarios_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         parser.error("--rate paces the producers: use it with --scenario submit or e2e")
     return [Scenario(args.scenario, args.jobs, batch=args.batch, producers=args.producers, workers=args.workers,
                      concurrency=args.concurrency, pool=args.pool, kind=args.kind, rate_per_s=args.rate,
-                     prefetch=args.prefetch)]
+                     prefetch=prefetch)
+            for prefetch in (args.prefetch or [None])]
+
+
+def _prefetch_list(text: str) -> list[int | None]:
+    """--prefetch: comma-separated job counts; "default" (None) leaves the Worker's own default."""
+    values: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            values.append(None if part == "default" else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers of jobs or default, got {part!r}") from None
+    return values
 
 
 def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -199,7 +213,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (1 <= args.concurrency <= 1000, "--concurrency must be within [1, 1000]"),
         (16 <= args.payload_bytes <= 1 << 20, "--payload-bytes must be within [16, 1048576]"),
         (args.rate is None or args.rate > 0, "--rate must be positive"),
-        (args.prefetch is None or 0 <= args.prefetch <= 1000 - args.concurrency,
+        (all(value is None or 0 <= value <= 1000 - args.concurrency for value in args.prefetch or []),
          "--prefetch must be within [0, 1000 - concurrency]"),
         (args.prefetch is None or args.pool != "single",
          "--prefetch goes with a Worker pool (threads, processes, asyncio)"),

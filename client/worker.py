@@ -39,7 +39,7 @@ With the sync pools ("threads", "processes") four roles run on their own threads
     fetcher    fills the buffer (see above); in burst mode it stops the worker once a fetch
                comes back empty with nothing in flight.
     runners    `concurrency` daemon threads taking jobs from the buffer, one handler each at a
-               time: called directly ("threads") or in a process pool ("processes").
+               time: called directly ("threads") or in a process pool ("processes", below).
     reporter   sends finished outcomes in batches: one `ack_many` and one `fail_many` request
                once `ack_batch_max` outcomes wait, or `ack_linger_s` after the oldest one
                finished, or at once when no job is running or buffered (nothing else is coming
@@ -47,6 +47,14 @@ With the sync pools ("threads", "processes") four roles run on their own threads
     beater     a heartbeat every `heartbeat_s` naming the jobs buffered and running, from a thread
                of its own so a busy handler cannot starve it (FEATURES.md pain point 7); it also
                extends every lease that has run past about half its span.
+
+Process pool: each runner owns one message to a pool process at a time, and it carries a batch:
+the next buffered job plus as many more as make about PROCESS_BATCH_S of measured work (one job
+until a job has finished, at most PROCESS_BATCH_MAX, at most the runner's share of what waits).
+The child runs them in turn and sends back every outcome with its own run time in one message,
+so the pacing average stays per job. A round trip through the pool costs about as much as a 1 ms
+job; batching is what lets 1 ms jobs use the cores (README "Benchmarks"). Jobs of a batch count
+as running from the moment they are handed over; their leases are kept alive like any other.
 
 With pool="asyncio" the same roles are tasks on one event loop and the client is an
 `AsyncClient`; there the heartbeat shares the loop, so a handler that blocks the loop delays it.
@@ -145,6 +153,11 @@ BACKOFF_S_MAX = 5.0
 IDLE_POLL_S = 0.1
 #: After a failed extend call, try again this much later rather than at the next heartbeat.
 EXTEND_RETRY_S = 0.5
+#: pool="processes": a runner sends its child about this much measured work per message, at most
+#: PROCESS_BATCH_MAX jobs. A round trip through ProcessPoolExecutor costs about as much as a 1 ms
+#: job (pickling, two pipe hops, two thread wake-ups), so one job per message halves the pool.
+PROCESS_BATCH_S = 0.02
+PROCESS_BATCH_MAX = 64
 #: At shutdown, how long reporting may keep retrying a transient error after the grace period.
 FLUSH_S_MAX = 10.0
 #: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
@@ -615,6 +628,18 @@ class Worker:
         by_bytes = PREFETCH_BYTES_MAX / max(self._payload_bytes_average or 0.0, 1.0)
         return min(self.prefetch, int(paced), int(by_bytes))
 
+    def _process_batch_size(self, waiting: int) -> int:
+        """Jobs a process-pool runner hands its child at once: about PROCESS_BATCH_S of measured
+        work (one before the first job finished), at most PROCESS_BATCH_MAX, and no more than its
+        share of the jobs waiting, so that the other children are not left idle."""
+        with self._lock:
+            average = self._run_s_average
+        if average is None:
+            return 1
+        by_time = int(PROCESS_BATCH_S / max(average, 1e-6))
+        share = -(-(waiting + 1) // self.concurrency)  # ceiling: this runner's share, itself included
+        return max(1, min(PROCESS_BATCH_MAX, by_time, share))
+
     def _fetch_size(self, prefetch: int | None = None) -> int:
         """How many jobs a fetch may ask for now within the bounds (module docstring); with `_lock`."""
         prefetch = self._prefetch_now() if prefetch is None else prefetch
@@ -683,15 +708,20 @@ class Worker:
         log.warning("job %s: not started: %s; the server requeues it", flight.job.id, why)
         self._changed()
 
-    def _finish(self, flight: _Flight, outcome: _Outcome, report: Callable[[tuple[_Flight, _Outcome]], None]) -> None:
-        """A handler is done: count it and queue its outcome, unless shutdown handed the job back already."""
+    def _finish(self, flight: _Flight, outcome: _Outcome, report: Callable[[tuple[_Flight, _Outcome]], None],
+                run_s: float | None = None) -> None:
+        """A handler is done: count it and queue its outcome, unless shutdown handed the job back already.
+
+        `run_s` is the handler's own run time when the caller measured it (a process-pool batch,
+        whose jobs wait for each other in the child); else the time since the job started."""
         with self._lock:
             if flight.abandoned:
                 log.info("job %s finished after it was handed back (%s); outcome dropped", flight.job.id, outcome.kind)
                 return
             flight.state = REPORTING
             self._running -= 1
-            run_s = time.monotonic() - flight.started_at
+            if run_s is None:
+                run_s = time.monotonic() - flight.started_at
             average = self._run_s_average
             self._run_s_average = run_s if average is None else average + RUN_S_AVERAGE_WEIGHT * (run_s - average)
             report((flight, outcome))
@@ -1062,12 +1092,60 @@ class _ThreadRuntime:
     # ------------------------------------------------------------------------ runners
 
     def _run_loop(self) -> None:
+        if self.executor is not None:
+            return self._run_batches_loop()
         w = self.w
         while (flight := self.work.get()) is not None:
             if not w._start(flight):
                 continue
             outcome = w._process(flight.job, self._invoke)
             w._finish(flight, outcome, self.outbox.put)
+
+    def _run_batches_loop(self) -> None:
+        """pool="processes": each runner hands a pool process a batch of buffered jobs in one
+        message and gets their outcomes back in one (module docstring, "Process pool")."""
+        w = self.w
+        last = False
+        while not last:
+            flight = self.work.get()
+            if flight is None:
+                return
+            batch = [flight]
+            size = w._process_batch_size(self.work.qsize())
+            while len(batch) < size:
+                try:
+                    extra = self.work.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is None:  # shutdown's sentinel: run what was taken, then stop
+                    last = True
+                    break
+                batch.append(extra)
+            started = [f for f in batch if w._start(f)]
+            if started:
+                self._run_batch(started)
+
+    def _run_batch(self, flights: list[_Flight]) -> None:
+        w = self.w
+        answers: list[tuple[Any, BaseException | None, float | None] | None] = [None] * len(flights)
+        calls, positions = [], []
+        for position, flight in enumerate(flights):
+            w._hooks("before_process", flight.job)
+            try:
+                calls.append((w._handler_for(flight.job), flight.job))
+                positions.append(position)
+            except Reject as exc:  # no handler for its queue
+                answers[position] = (None, exc, 0.0)
+        if calls:
+            try:
+                done = [_with_child_traceback(*answer) for answer in self._invoke(_run_in_child, calls)]
+            except BaseException as exc:  # the pool broke (a child died): the batch fails as retryable
+                done = [(None, exc, None)] * len(calls)
+            for position, answer in zip(positions, done):
+                answers[position] = answer
+        for flight, (result, exc, run_s) in zip(flights, answers):
+            w._hooks("after_process", flight.job, result, exc)
+            w._finish(flight, _outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
 
     def _invoke(self, handler: Callable[[Any], Any], job: Any) -> Any:
         executor = self.executor
@@ -1137,6 +1215,52 @@ class _ThreadRuntime:
                     w._extended(due, results, asked_at)
             w._drop_expiring(time.monotonic())
             self.beats_stop.wait(max(0.005, min(next_beat, w._next_extension()) - time.monotonic()))
+
+
+def _run_in_child(calls: list[tuple[Callable[[Any], Any], Any]]) -> list[tuple[Any, Any, str, float]]:
+    """Runs in a pool process: each (handler, job) in turn; (result, exception, traceback text, run s) per job.
+
+    Exceptions do not keep their traceback or cause through pickling, so the child's traceback
+    travels as text beside it (`_with_child_traceback` puts it back). A result or exception that
+    does not pickle would fail the whole batch's message: it is replaced by an error for its job.
+    """
+    answers = []
+    for handler, job in calls:
+        started = time.perf_counter()
+        try:
+            answers.append((handler(job), None, "", time.perf_counter() - started))
+        except BaseException as exc:  # a handler's failure, even SystemExit, is the job's outcome
+            answers.append((None, exc, "".join(traceback.format_exception(exc)), time.perf_counter() - started))
+    try:
+        pickle.dumps(answers)
+    except Exception:
+        answers = [_picklable(answer) for answer in answers]
+    return answers
+
+
+def _picklable(answer: tuple[Any, Any, str, float]) -> tuple[Any, Any, str, float]:
+    try:
+        pickle.dumps(answer)
+        return answer
+    except Exception as exc:
+        result, error, tb_text, run_s = answer
+        what = "result" if error is None else f"exception {type(error).__name__}: {error}"
+        return None, RuntimeError(f"the handler's {what} cannot be sent back from the pool process: {exc}"), \
+            tb_text, run_s
+
+
+def _with_child_traceback(result: Any, exc: BaseException | None, tb_text: str,
+                          run_s: float) -> tuple[Any, BaseException | None, float]:
+    if exc is not None and tb_text:
+        exc.__cause__ = _ChildTraceback(tb_text)
+    return result, exc, run_s
+
+
+class _ChildTraceback(Exception):
+    """The traceback of an exception raised in a pool process, as text (as concurrent.futures shows it)."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
 
 
 def _new_process_pool(size: int) -> concurrent.futures.ProcessPoolExecutor:
