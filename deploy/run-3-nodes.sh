@@ -16,6 +16,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 HOME_DIR="${RAFTQ_HOME:-$RAFTQ_ROOT/var/local-cluster}"
 BASE_PORT="${RAFTQ_BASE_PORT:-7001}"
 COUNT="${RAFTQ_NODES:-3}"
+# RAFTQ_NODES is also the client's list of node URLs (the --tls hint exports it): only a number
+# counts here.
+[[ "$COUNT" =~ ^[0-9]+$ ]] || COUNT=3
 
 node_ids() { seq 1 "$COUNT" | sed 's/^/n/'; }
 port_of() { echo $((BASE_PORT + ${1#n} - 1)); }
