@@ -394,7 +394,7 @@ def test_jobs_finishing_together_are_acked_in_one_request():
     cluster = FakeCluster()
     worker = make_worker(cluster, {"q": square})
     flights = worker._take([LeasedJob(f"j{n}", "q", {"n": n}, 1, n, time.time() + 30) for n in range(3)])
-    from client.worker import _Outcome
+    from client.worker.core import Outcome as _Outcome
 
     batch = [(flights[0], _Outcome("ok", result=1)), (flights[1], _Outcome("failed", error="boom")),
              (flights[2], _Outcome("ok", result=None))]
@@ -876,14 +876,14 @@ def test_heartbeat_names_only_buffered_and_running_jobs():
     """A finished job whose ack is in flight is left out, so the server cannot call it lost."""
     from types import SimpleNamespace
 
-    from client.worker import BUFFERED, REPORTING, RUNNING, _Flight
+    from client.worker.core import BUFFERED, REPORTING, RUNNING, Flight as _Flight
 
     worker = Worker(object(), {"q": lambda job: None})
     running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0, state=RUNNING)
     buffered = _Flight(job=SimpleNamespace(id="buffered"), extend_at=0.0, state=BUFFERED)
     acking = _Flight(job=SimpleNamespace(id="acking"), extend_at=0.0, state=REPORTING)
     gone = _Flight(job=SimpleNamespace(id="gone"), extend_at=0.0, state=RUNNING, lost=True)
-    worker._flights.update({"running": running, "buffered": buffered, "acking": acking, "gone": gone})
+    worker.core.flights.update({"running": running, "buffered": buffered, "acking": acking, "gone": gone})
     assert worker._heartbeat_ids() == ["running", "buffered"]
 
 
@@ -1117,7 +1117,7 @@ def test_a_refused_ack_in_a_batch_counts_for_that_job_alone(caplog):
 
 
 def test_report_requests_stay_within_the_body_bound():
-    from client.worker import REPORT_BYTES_MAX, _Outcome
+    from client.worker.core import REPORT_BYTES_MAX, Outcome as _Outcome
 
     worker = make_worker(FakeCluster(), {"q": square})
     flights = worker._take([LeasedJob(f"j{n}", "q", {}, 1, n, time.time() + 30) for n in range(100)])

@@ -2,37 +2,14 @@
 
 Theory of operation
 -------------------
-A `Worker` runs at most `concurrency` handlers at a time. Beside them it keeps a local buffer of
-leased jobs waiting for a slot, so that one lease request (a replicated log entry, a few ms)
-brings many jobs instead of one per free slot. The buffer is on by default (SPEC "Backpressure"):
-with `prefetch="auto"` it holds at most PREFETCH_DEFAULT_MAX jobs and PREFETCH_BYTES_MAX bytes of
-payload, and no more than the slots get through in PREFETCH_HORIZON_S at the handlers' measured
-pace (none before the first job finished): short jobs get a deep buffer, long ones almost none,
-so that a worker never sits on work that other workers could start. `prefetch=N` is a fixed
-buffer of N jobs; `prefetch=0` fetches only for free slots. Every job is in one of these states from its fetch until its outcome is
-answered:
-
-    buffered    leased, waiting in the buffer for a slot
-    running     its handler runs
-    reporting   finished; its ack or fail is queued or on the wire, and it keeps its lease until
-                the answer (a finished job frees its slot at once: waiting for the ack's round
-                trip idled every slot once per job)
-
-Bounds, with P the buffer's bound at the time: running <= concurrency; running + buffered <=
-concurrency + P; all leases held <= 2 * (concurrency + P): the reporting ones count too, so acks
-that lag a whole buffer behind hold fetching back. (A bound of `concurrency` reporting jobs would
-squeeze the buffer whenever more than that wait for an ack: at 10k jobs/s, an ack round trip of 10
-ms has 100 on the way.) The fetcher asks for as many jobs as these bounds leave room for, once a
-quarter of P is free (or a slot is idle): a request brings at least that many, and the buffer stays
-three quarters full ahead of the slots while the request is out. It long-polls only when the buffer
-is empty: with work in hand, a refill that finds the queue dry waits for the buffer to drain
-instead, so that the fetch in flight at shutdown is never a long poll while jobs sit in the buffer.
-With `prefetch=0` it fetches only for free slots, as the runtime did before it had a buffer.
-
-Buffered jobs keep their leases: the beater names them in heartbeats and extends them like
-running ones. A buffered job is never started on a lease that is lost or has less than
-`LEASE_START_MARGIN_S` left (say its extension failed while the cluster was unreachable): it is
-dropped, and the server requeues it when the lease runs out.
+A `Worker` runs at most `concurrency` handlers at a time and keeps a bounded, paced buffer of
+leased jobs ahead of them (on by default, SPEC "Backpressure"). What to fetch and when, which job
+may start, which leases to extend, what to report and what each answer means is decided by the
+sans-IO `WorkerCore` (client/worker/core.py, with its theory of operation); this module drives
+it with threads or an event loop and does the I/O, holding `Worker._lock` around every call into
+the core. The fetcher asks for what the core allows. It long-polls only when the buffer is empty:
+with work in hand, a refill that finds the queue dry waits for the buffer to drain instead, so
+that the fetch in flight at shutdown is never a long poll while jobs sit in the buffer.
 
 With the sync pools ("threads", "processes") four roles run on their own threads:
 
@@ -95,54 +72,23 @@ import threading
 import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import msgpack
 
 from client._base import LeasedJob
-from client.errors import JobError, RaftqError, ServerError, TransportError
-from raftq.protocol import (BATCH_COUNT_MAX, DELAY_S_MAX, ERROR_TEXT_BYTES_MAX, FETCH_COUNT_MAX, FETCH_WAIT_S_MAX,
-                            LEASE_S_MAX, LEASE_S_MIN, RESULT_BYTES_MAX)
+from client.errors import RaftqError, ServerError, TransportError
+from client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
+                                WorkerStats, default_prefetch, outcome, outcome_of)
+from raftq.protocol import FETCH_WAIT_S_MAX, LEASE_S_MAX, LEASE_S_MIN
 
 log = logging.getLogger("raftq.worker")
 
-#: The server's bounds (raftq.protocol): at most ERROR_TEXT_BYTES_MAX of error text per failed job
-#: (the worker cuts the middle of a long traceback itself so the head and the innermost frames
-#: survive); a result over RESULT_BYTES_MAX gets the whole ack batch refused with 413 (so an
-#: oversized one is dropped here, with a warning, rather than sink its neighbours); BATCH_COUNT_MAX
-#: items per ack, fail or extend request, FETCH_COUNT_MAX jobs per fetch.
-REPORT_BATCH_MAX = EXTEND_BATCH_MAX = BATCH_COUNT_MAX
-LEASE_COUNT_MAX = FETCH_COUNT_MAX
-#: Results and error texts per ack/fail request: half the server's 8 MiB body bound, which leaves
-#: room for ids, tokens and framing, so that big results never get a whole batch refused (413).
-REPORT_BYTES_MAX = 4 << 20
-#: One heartbeat names every buffered and running job: concurrency + prefetch stays within this.
-CONCURRENCY_MAX = 1000
-#: The default prefetch buffer holds at most this many jobs. A lease round trip takes a few ms
-#: (more under load), and the buffer must cover it: `raftq bench` e2e, 4 no-op slots, 2 quiet
-#: cores, --prefetch 16 -> 2.9k, 64 -> 6.9k, 256 -> 11.6k, 500 -> 12.3k jobs/s. Beyond 256 the
-#: gain is small, and the memory is not (a buffer of 1 MiB payloads).
-PREFETCH_DEFAULT_MAX = 256
-#: ... and no more than the slots finish in this long at the handlers' measured pace, so that long
-#: jobs are not held in one worker's buffer while other workers idle (Celery's fixed multiplier
-#: of 4 does that: FEATURES.md pain point 4). Jobs of 1 s or more on 4 slots get no buffer at all.
-PREFETCH_HORIZON_S = 0.1
-#: ... and no more payload bytes than this (a buffer of 256 jobs of 1 MiB each would be 256 MiB).
-PREFETCH_BYTES_MAX = 16 << 20
-#: Weight of the newest handler run time (and payload size) in the running averages the bounds use.
-RUN_S_AVERAGE_WEIGHT = 0.2
-#: A buffered job whose lease (as this worker reckons it) has less than this left is not started:
-#: its handler could not report before the lease ran out, and the next holder may already run it.
-LEASE_START_MARGIN_S = 0.25
 #: Defaults of the ack batching: flush at this many outcomes, or this long after the oldest one.
 ACK_BATCH_MAX_DEFAULT = 100
 ACK_LINGER_S_DEFAULT = 0.002
 #: The linger delays every outcome under load; more than this is a misconfiguration.
 ACK_LINGER_S_MAX = 1.0
-#: SPEC (raftq.protocol): leases run 1 s – 12 h; the delay of a retry at most 7 days; the long
-#: poll waits at most 20 s.
-RETRY_DELAY_S_MAX = DELAY_S_MAX
+#: SPEC (raftq.protocol): leases run 1 s – 12 h; the long poll waits at most 20 s.
 WAIT_S_MAX = FETCH_WAIT_S_MAX
 #: Pause after a transient error: doubles from the minimum to the cap, with jitter so that many
 #: workers do not hit a newly elected leader in step.
@@ -151,13 +97,6 @@ BACKOFF_S_MAX = 5.0
 #: Pause after an empty fetch that came back sooner than asked (a server that does not long-poll),
 #: so that an idle worker never spins.
 IDLE_POLL_S = 0.1
-#: After a failed extend call, try again this much later rather than at the next heartbeat.
-EXTEND_RETRY_S = 0.5
-#: pool="processes": a runner sends its child about this much measured work per message, at most
-#: PROCESS_BATCH_MAX jobs. A round trip through ProcessPoolExecutor costs about as much as a 1 ms
-#: job (pickling, two pipe hops, two thread wake-ups), so one job per message halves the pool.
-PROCESS_BATCH_S = 0.02
-PROCESS_BATCH_MAX = 64
 #: At shutdown, how long reporting may keep retrying a transient error after the grace period.
 FLUSH_S_MAX = 10.0
 #: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
@@ -169,59 +108,6 @@ POOLS = ("threads", "processes", "asyncio")
 #: .lease_expires_at, .priority). Frozen and picklable, so it crosses a process pool as is.
 Job = LeasedJob
 _TRANSIENT = (TransportError, ServerError)
-
-
-# ---------------------------------------------------------------------------- what handlers raise
-
-
-class Retry(Exception):
-    """Raised by a handler to ask for another attempt.
-
-    The attempt counts towards the job's `max_attempts`: once they are spent the job goes to the
-    dead-letter queue like any failure.
-
-    Args:
-        delay_s: seconds before the job is ready again; None lets the server pick its backoff.
-        reason: a short text kept as the job's last error.
-    """
-
-    def __init__(self, delay_s: float | None = None, reason: str = "") -> None:
-        if delay_s is not None and not 0 <= delay_s <= RETRY_DELAY_S_MAX:
-            raise ValueError(f"Retry delay_s must be within [0, {RETRY_DELAY_S_MAX:g}] s, got {delay_s!r}")
-        super().__init__(delay_s, reason)  # args pickle, so Retry crosses a process pool intact
-        self.delay_s = delay_s
-        self.reason = reason
-
-    def __str__(self) -> str:
-        when = "" if self.delay_s is None else f" in {self.delay_s:g} s"
-        return f"retry requested{when}" + (f": {self.reason}" if self.reason else "")
-
-
-class NonRetryable(Exception):
-    """Base class for handler errors no retry can fix: the job goes to the dead-letter queue at once."""
-
-
-class Reject(NonRetryable):
-    """Raised by a handler to refuse a job for good (fail with retry=False: straight to the DLQ).
-
-    Args:
-        reason: why, kept as the job's last error.
-    """
-
-    def __init__(self, reason: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def outcome_of(exc: BaseException | None) -> str:
-    """The outcome label of a handler run: "ok", "retried", "rejected" or "failed"."""
-    if exc is None:
-        return "ok"
-    if isinstance(exc, Retry):
-        return "retried"
-    if isinstance(exc, NonRetryable):
-        return "rejected"
-    return "failed"
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -289,63 +175,6 @@ class PrometheusMiddleware(Middleware):
             self.duration.labels(job.queue).observe(time.perf_counter() - started)
 
 
-# ---------------------------------------------------------------------------- state
-
-
-@dataclass
-class WorkerStats:
-    """Counters of one worker's life; read them after `run()` or from another thread.
-
-    A handler run counts once its outcome's report is answered, not when the handler returns:
-    until then the job is not done for the cluster either.
-    """
-
-    fetched: int = 0
-    succeeded: int = 0  #: handler returned and its ack was answered (or refused, see `lost`)
-    failed: int = 0  #: handler raised; failed back as retryable
-    retried: int = 0  #: handler raised Retry
-    rejected: int = 0  #: handler raised Reject / NonRetryable, or no handler: straight to the DLQ
-    lost: int = 0  #: jobs the server said this worker no longer held, or whose ack/fail it refused
-    released: int = 0  #: handed back unfinished at shutdown (buffered: no attempt counted; or still running)
-    dropped: int = 0  #: buffered jobs never started: lease lost or about to run out (the server requeues them)
-    inflight_max: int = 0  #: most leases held at once (buffered, running and reporting)
-
-    @property
-    def processed(self) -> int:
-        """Handler runs that finished, whatever their outcome."""
-        return self.succeeded + self.failed + self.retried + self.rejected
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    kind: str  # ok | failed | retried | rejected | released (never started) | abandoned (running past grace)
-    result: Any = None
-    error: str = ""
-    delay_s: float | None = None
-    size_bytes: int = 0  # of the encoded result or the error text: requests are split by it
-
-
-_RELEASED = _Outcome("released")
-_ABANDONED = _Outcome("abandoned", error="worker shutting down: the job was still running after the grace period",
-                      delay_s=0.0)
-
-#: The states of a `_Flight` (see the module docstring); DROPPED ones are no longer held.
-BUFFERED, RUNNING, REPORTING, DROPPED = "buffered", "running", "reporting", "dropped"
-
-
-@dataclass(slots=True, eq=False)
-class _Flight:
-    """One job this worker holds a lease on, from fetch until its outcome is answered."""
-
-    job: Any
-    extend_at: float  # monotonic time at which to extend the lease next
-    expires_at: float = float("inf")  # monotonic time at which the lease runs out, as reckoned here
-    state: str = BUFFERED
-    started_at: float = 0.0  # monotonic time its handler started
-    lost: bool = False  # the server says another worker (or nobody) holds it now
-    abandoned: bool = False  # handed back at shutdown while running; a late outcome is dropped
-
-
 # ---------------------------------------------------------------------------- the worker
 
 
@@ -401,7 +230,6 @@ class Worker:
         self.concurrency = concurrency
         paced = prefetch == "auto"
         self.prefetch = default_prefetch(concurrency) if paced else prefetch  # the buffer's bound
-        self._prefetch_paced = paced  # bounded further by PREFETCH_HORIZON_S
         self.pool = pool
         self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
@@ -413,19 +241,16 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.middleware = tuple(middleware)
         self._validate()
-        self.stats = WorkerStats()
-        # The fields below and `stats` are guarded by `_lock`. `_cond` wakes the fetcher and
-        # shutdown, `_report_cond` the thread runtime's reporter; on a per-job path they are
-        # notified only when their waiter's condition may have turned true.
+        # `core` (with its stats) and the fields below are guarded by `_lock`. `_cond` wakes the
+        # fetcher and shutdown, `_report_cond` the thread runtime's reporter; the core calls
+        # `_changed` only when a waiter's condition may have turned true.
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._report_cond = threading.Condition(self._lock)
-        self._flights: dict[str, _Flight] = {}
-        self._running = 0  # flights RUNNING
-        self._buffered = 0  # flights BUFFERED
-        self._fetch_waiting = False  # the fetcher waits for room: wake it when there is
-        self._run_s_average: float | None = None  # handlers' run time, a running average (s)
-        self._payload_bytes_average: float | None = None  # fetched payloads' encoded size, a running average
+        self.core = WorkerCore(concurrency=self.concurrency, prefetch=self.prefetch, paced=paced, lease_s=self.lease_s,
+                               ack_batch_max=self.ack_batch_max, ack_linger_s=self.ack_linger_s,
+                               on_change=self._changed)
+        self.stats = self.core.stats
         self._generation = 0  # bumped by `_changed`: a flight left, a slot freed, a stop
         self._stopping = threading.Event()
         self._stop_reason = ""
@@ -530,7 +355,7 @@ class Worker:
     def inflight_ids(self) -> list[str]:
         """Ids of the jobs this worker holds leases on now (buffered, running or reporting)."""
         with self._lock:
-            return list(self._flights)
+            return list(self.core.flights)
 
     # ------------------------------------------------------------------------ life cycle
 
@@ -600,7 +425,7 @@ class Worker:
         self._signals_seen += 1
         if self._signals_seen > 1:
             log.warning("worker %s: second %s: exiting now; %d leased job(s) return to their queue when the "
-                        "server notices (heartbeat timeout or lease expiry)", self.worker_id, name, len(self._flights))
+                        "server notices (heartbeat timeout or lease expiry)", self.worker_id, name, len(self.core.flights))
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
@@ -618,164 +443,128 @@ class Worker:
         self._report_cond.notify_all()
         self._wake()
 
-    def _prefetch_now(self) -> int:
-        """The buffer's bound now: `prefetch`, or by default what the slots run in PREFETCH_HORIZON_S."""
-        if not self._prefetch_paced:
-            return self.prefetch
-        if self._run_s_average is None:
-            return 0
-        paced = self.concurrency * PREFETCH_HORIZON_S / max(self._run_s_average, 1e-6)
-        by_bytes = PREFETCH_BYTES_MAX / max(self._payload_bytes_average or 0.0, 1.0)
-        return min(self.prefetch, int(paced), int(by_bytes))
+    # The runtimes' view of the core: each call under `_lock`, with the clock read here.
+
+    @property
+    def _running(self) -> int:
+        return self.core.running
+
+    @property
+    def _buffered(self) -> int:
+        return self.core.buffered
+
+    @property
+    def _fetch_waiting(self) -> bool:
+        return self.core.fetch_waiting
+
+    @_fetch_waiting.setter
+    def _fetch_waiting(self, waiting: bool) -> None:
+        self.core.fetch_waiting = waiting
 
     def _process_batch_size(self, waiting: int) -> int:
-        """Jobs a process-pool runner hands its child at once: about PROCESS_BATCH_S of measured
-        work (one before the first job finished), at most PROCESS_BATCH_MAX, and no more than its
-        share of the jobs waiting, so that the other children are not left idle."""
         with self._lock:
-            average = self._run_s_average
-        if average is None:
-            return 1
-        by_time = int(PROCESS_BATCH_S / max(average, 1e-6))
-        share = -(-(waiting + 1) // self.concurrency)  # ceiling: this runner's share, itself included
-        return max(1, min(PROCESS_BATCH_MAX, by_time, share))
+            return self.core.process_batch_size(waiting)
 
-    def _fetch_size(self, prefetch: int | None = None) -> int:
-        """How many jobs a fetch may ask for now within the bounds (module docstring); with `_lock`."""
-        prefetch = self._prefetch_now() if prefetch is None else prefetch
-        return min(self.concurrency + prefetch - self._running - self._buffered,
-                   2 * (self.concurrency + prefetch) - len(self._flights), LEASE_COUNT_MAX)
+    def _fetch_size(self) -> int:
+        return self.core.fetch_size()
 
     def _fetch_due(self) -> bool:
-        """A fetch is worth its round trip: a slot is idle, or a quarter of the buffer is free.
+        return self.core.fetch_due()
 
-        A quarter, not half: the buffer's head start while a request is out is what keeps the
-        slots busy (`raftq bench`, 4 no-op slots: +11 % jobs/s over refilling at half).
-        """
-        prefetch = self._prefetch_now()
-        size = self._fetch_size(prefetch)
-        return size > 0 and (size >= max(1, prefetch // 4) or self._running + self._buffered < self.concurrency)
-
-    def _take(self, jobs: Sequence[Any], *, state: str = BUFFERED) -> list[_Flight]:
-        """Records fetched jobs as held: buffered for a slot (or reporting, when handed straight back)."""
-        now_wall, now = time.time(), time.monotonic()
-        flights = []
+    def _take(self, jobs: Sequence[Any]) -> list[Flight]:
         with self._lock:
-            for job in jobs:
-                span_s = job.lease_expires_at - now_wall
-                if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the server's: trust our own setting
-                    span_s = self.lease_s
-                flight = _Flight(job, extend_at=now + span_s / 2, expires_at=now + span_s, state=state)
-                self._flights[job.id] = flight
-                flights.append(flight)
-                if self._prefetch_paced:
-                    size, average = _payload_bytes(job.payload), self._payload_bytes_average
-                    self._payload_bytes_average = (size if average is None
-                                                   else average + RUN_S_AVERAGE_WEIGHT * (size - average))
-            if state == BUFFERED:
-                self._buffered += len(flights)
-            self.stats.fetched += len(jobs)
-            self.stats.inflight_max = max(self.stats.inflight_max, len(self._flights))
-        return flights
+            return self.core.take(jobs, now=time.monotonic(), now_wall=time.time())
 
-    def _start(self, flight: _Flight) -> bool:
-        """A slot takes a buffered job: True when its handler may run (its lease is held and has time left)."""
+    def _start(self, flight: Flight) -> bool:
         with self._lock:
-            if flight.state != BUFFERED:  # handed back at shutdown, or dropped by the beater
-                return False
-            if flight.lost:
-                self._drop(flight, "its lease was lost while it waited for a slot")
-                return False
-            left_s = flight.expires_at - time.monotonic()
-            if left_s < LEASE_START_MARGIN_S:
-                self._drop(flight, f"its lease runs out in {max(left_s, 0.0):.2f} s")
-                return False
-            flight.state = RUNNING
-            flight.started_at = time.monotonic()
-            self._buffered -= 1
-            self._running += 1
-            if self._buffered == 0 and self._fetch_waiting:
-                self._changed()  # a fetcher waiting for the buffer to drain
-            return True
+            return self.core.start(flight, time.monotonic())
 
-    def _drop(self, flight: _Flight, why: str) -> None:
-        """Forgets a buffered job without running it; the server requeues it when its lease runs out."""
-        assert flight.state == BUFFERED, flight.state
-        flight.state = DROPPED
-        self._buffered -= 1
-        self._flights.pop(flight.job.id, None)
-        self.stats.dropped += 1
-        log.warning("job %s: not started: %s; the server requeues it", flight.job.id, why)
-        self._changed()
-
-    def _finish(self, flight: _Flight, outcome: _Outcome, report: Callable[[tuple[_Flight, _Outcome]], None],
+    def _finish(self, flight: Flight, outcome: Outcome, report: Callable[[tuple[Flight, Outcome]], None],
                 run_s: float | None = None) -> None:
-        """A handler is done: count it and queue its outcome, unless shutdown handed the job back already.
-
-        `run_s` is the handler's own run time when the caller measured it (a process-pool batch,
-        whose jobs wait for each other in the child); else the time since the job started."""
         with self._lock:
-            if flight.abandoned:
-                log.info("job %s finished after it was handed back (%s); outcome dropped", flight.job.id, outcome.kind)
-                return
-            flight.state = REPORTING
-            self._running -= 1
-            if run_s is None:
-                run_s = time.monotonic() - flight.started_at
-            average = self._run_s_average
-            self._run_s_average = run_s if average is None else average + RUN_S_AVERAGE_WEIGHT * (run_s - average)
-            report((flight, outcome))
-            if self._idle_slots() or (self._fetch_waiting and self._fetch_due()):
-                self._changed()
+            if self.core.finish(flight, outcome, time.monotonic(), run_s):
+                report((flight, outcome))
 
-    def _release_buffered(self, report: Callable[[tuple[_Flight, _Outcome]], None]) -> list[_Flight]:
-        """Shutdown: hands every buffered job back at once (fail, retry, no delay)."""
+    def _release_buffered(self, report: Callable[[tuple[Flight, Outcome]], None]) -> None:
         with self._lock:
-            buffered = [f for f in self._flights.values() if f.state == BUFFERED]
-            for flight in buffered:
-                flight.state = REPORTING
-                self.stats.released += 1
-                report((flight, _RELEASED))
-            self._buffered = 0
-            self._changed()
-        if buffered:
-            log.info("worker %s: %d buffered job(s) handed back for another worker", self.worker_id, len(buffered))
-        return buffered
+            handed_back = self.core.release_buffered()
+            for item in handed_back:
+                report(item)
+        if handed_back:
+            log.info("worker %s: %d buffered job(s) handed back for another worker", self.worker_id, len(handed_back))
 
-    def _abandon_running(self, report: Callable[[tuple[_Flight, _Outcome]], None]) -> list[_Flight]:
-        """Shutdown past grace: hands every still-running job back as retryable."""
+    def _abandon_running(self, report: Callable[[tuple[Flight, Outcome]], None]) -> list[Flight]:
         with self._lock:
-            leftovers = [f for f in self._flights.values() if f.state == RUNNING]
-            for flight in leftovers:
-                flight.abandoned = True
-                flight.state = REPORTING
-                self._running -= 1
-                self.stats.released += 1
-                report((flight, _ABANDONED))
-            self._changed()
+            leftovers = self.core.abandon_running()
+            for item in leftovers:
+                report(item)
         if leftovers:
             log.warning("worker %s: %d job(s) still running %.1f s after the stop (grace %g s): handed back for a "
                         "retry (%s)", self.worker_id, len(leftovers), time.monotonic() - self._stopped_at, self.grace_s,
-                        ", ".join(f.job.id for f in leftovers[:10]))
-        return leftovers
+                        ", ".join(f.job.id for f, _ in leftovers[:10]))
+        return [flight for flight, _ in leftovers]
 
-    def _release(self, jobs: Sequence[Any], report: Callable[[tuple[_Flight, _Outcome]], None]) -> None:
-        """Jobs fetched after the stop: hand them straight back."""
+    def _release(self, jobs: Sequence[Any], report: Callable[[tuple[Flight, Outcome]], None]) -> None:
         with self._lock:
-            for flight in self._take(jobs, state=REPORTING):
-                self.stats.released += 1
-                report((flight, _RELEASED))
+            for item in self.core.release_late(jobs, now=time.monotonic(), now_wall=time.time()):
+                report(item)
 
     def _running_count(self) -> int:
         with self._lock:
-            return self._running
+            return self.core.running
 
     def _grace_left_s(self) -> float:
         return max(0.0, self._stopped_at + self.grace_s - time.monotonic())
 
     def _idle(self) -> bool:
         with self._lock:
-            return not self._flights
+            return self.core.idle()
+
+    def _idle_slots(self) -> bool:
+        return self.core.idle_slots()
+
+    def _flush_due(self, count: int, oldest_at: float) -> bool:
+        return self.core.flush_due(count, oldest_at, time.monotonic(), self._stopping.is_set())
+
+    def _report_requests(self, batch: Sequence[tuple[Flight, Outcome]]) -> list[ReportRequest]:
+        return self.core.report_requests(batch)
+
+    def _settle(self, method: str, pairs: Sequence[tuple[Flight, Outcome]], results: Sequence[Any]) -> None:
+        with self._lock:
+            self.core.settle(method, pairs, results)
+
+    def _give_up_reporting(self) -> bool:
+        """Reporting retries transient errors for ever, except during shutdown, where it is bounded."""
+        return self._stopping.is_set() and time.monotonic() > self._stopped_at + self.grace_s + FLUSH_S_MAX
+
+    def _heartbeat_ids(self) -> list[str]:
+        with self._lock:
+            return self.core.heartbeat_ids()
+
+    def _mark_lost(self, job_ids: Iterable[str], why: str) -> None:
+        with self._lock:
+            self.core.mark_lost(job_ids, why)
+
+    def _drop_expiring(self, now: float) -> None:
+        with self._lock:
+            self.core.drop_expiring(now)
+
+    def _due_extensions(self, now: float) -> list[Flight]:
+        with self._lock:
+            return self.core.due_extensions(now)
+
+    def _extended(self, flights: Sequence[Flight], results: Sequence[Any], asked_at: float) -> None:
+        with self._lock:
+            self.core.extended(flights, results, asked_at, time.monotonic())
+
+    def _extend_failed(self, flights: Sequence[Flight], exc: BaseException) -> None:
+        log.warning("worker %s: extending %d lease(s) failed (%s); retrying", self.worker_id, len(flights), exc)
+        with self._lock:
+            self.core.extend_failed(flights, time.monotonic())
+
+    def _next_extension(self) -> float:
+        with self._lock:
+            return self.core.next_extension()
 
     # ------------------------------------------------------------------------ processing (shared)
 
@@ -793,7 +582,7 @@ class Worker:
             raise Reject(f"worker {self.worker_id} has no handler for queue {job.queue!r}")
         return handler
 
-    def _process(self, job: Any, invoke: Callable[[Callable, Any], Any]) -> _Outcome:
+    def _process(self, job: Any, invoke: Callable[[Callable, Any], Any]) -> Outcome:
         """Runs one job's handler through `invoke` (a direct call, or a process pool), with hooks."""
         self._hooks("before_process", job)
         result = exc = None
@@ -802,9 +591,9 @@ class Worker:
         except BaseException as error:  # a handler's failure, even SystemExit, is the job's outcome
             exc = error
         self._hooks("after_process", job, result, exc)
-        return _outcome(job, result, exc)
+        return outcome(job, result, exc)
 
-    async def _process_async(self, job: Any) -> _Outcome:
+    async def _process_async(self, job: Any) -> Outcome:
         self._hooks("before_process", job)
         result = exc = None
         try:
@@ -818,126 +607,7 @@ class Worker:
         except BaseException as error:
             exc = error
         self._hooks("after_process", job, result, exc)
-        return _outcome(job, result, exc)
-
-    # ------------------------------------------------------------------------ reporting (shared)
-
-    def _flush_due(self, count: int, oldest_at: float) -> bool:
-        """Waiting outcomes go out now: enough of them, the oldest waited its linger, nothing is
-        running or buffered (no other outcome is coming soon), or the worker is stopping. With `_lock`."""
-        return (count >= self.ack_batch_max or self._idle_slots() or self._stopping.is_set()
-                or time.monotonic() >= oldest_at + self.ack_linger_s)
-
-    def _idle_slots(self) -> bool:
-        """No handler running and none about to start. (No handler running is not enough: a
-        handler that never suspends leaves none running between two jobs of the asyncio pool.)"""
-        return self._running == 0 and self._buffered == 0
-
-    def _report_requests(self, batch: Sequence[tuple[_Flight, _Outcome]]):
-        """Splits finished jobs into (method name, pairs, items) for ack_many, fail_many and
-        release_many, each request within REPORT_BYTES_MAX of results or error texts."""
-        acks = [(f, o) for f, o in batch if o.kind == "ok"]
-        releases = [(f, o) for f, o in batch if o.kind == "released"]
-        fails = [(f, o) for f, o in batch if o.kind not in ("ok", "released")]
-        requests = []
-        for pairs in _chunks_by_size(releases, REPORT_BYTES_MAX):
-            requests.append(("release_many", pairs, [(f.job.id, f.job.lease) for f, _ in pairs]))
-        for pairs in _chunks_by_size(acks, REPORT_BYTES_MAX):
-            requests.append(("ack_many", pairs, [(f.job.id, f.job.lease, o.result) for f, o in pairs]))
-        for pairs in _chunks_by_size(fails, REPORT_BYTES_MAX):
-            requests.append(("fail_many", pairs, [(f.job.id, f.job.lease, o.error, o.kind != "rejected", o.delay_s)
-                                                  for f, o in pairs]))
-        return requests
-
-    def _settle(self, method: str, pairs: Sequence[tuple[_Flight, _Outcome]], results: Sequence[Any]) -> None:
-        """Counts reported jobs and forgets them (their leases are no longer held); a refused item
-        is logged and counted for that job alone."""
-        verb = method.removesuffix("_many")
-        with self._lock:
-            for (flight, outcome), result in zip(pairs, results):
-                self._flights.pop(flight.job.id, None)
-                counter = _STAT_OF_KIND.get(outcome.kind)  # None: handed back unfinished, counted as released
-                if counter is not None:
-                    setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-                if result is None:
-                    continue
-                if isinstance(result, JobError):
-                    if not flight.lost:
-                        self.stats.lost += 1
-                    log.warning("%s of job %s refused (%s): the lease expired or moved; the job runs again "
-                                "elsewhere", verb, flight.job.id, getattr(result, "code", result))
-                else:
-                    log.error("%s of job %s not recorded: %s", verb, flight.job.id, result)
-            self._changed()
-
-    def _give_up_reporting(self) -> bool:
-        """Reporting retries transient errors for ever, except during shutdown, where it is bounded."""
-        return self._stopping.is_set() and time.monotonic() > self._stopped_at + self.grace_s + FLUSH_S_MAX
-
-    # ------------------------------------------------------------------------ heartbeats and leases (shared)
-
-    def _heartbeat_ids(self) -> list[str]:
-        # Buffered and running jobs: a finished job's ack may be in flight, and the server would
-        # answer that this worker no longer holds it (a false "lost").
-        with self._lock:
-            return [job_id for job_id, f in self._flights.items() if f.state in (BUFFERED, RUNNING) and not f.lost]
-
-    def _mark_lost(self, job_ids: Iterable[str], why: str) -> None:
-        with self._lock:
-            for job_id in job_ids:
-                flight = self._flights.get(job_id)
-                if flight is None or flight.lost:
-                    continue
-                flight.lost = True
-                self.stats.lost += 1
-                if flight.state == BUFFERED:
-                    self._drop(flight, why)
-                else:
-                    log.warning("job %s: %s; its outcome will be refused, it may run again elsewhere", job_id, why)
-
-    def _drop_expiring(self, now: float) -> None:
-        """Drops buffered jobs whose lease is about to run out (their extension failed)."""
-        with self._lock:
-            for flight in [f for f in self._flights.values()
-                           if f.state == BUFFERED and f.expires_at - now < LEASE_START_MARGIN_S]:
-                self._drop(flight, f"its lease runs out in {max(flight.expires_at - now, 0.0):.2f} s")
-
-    def _due_extensions(self, now: float) -> list[_Flight]:
-        with self._lock:
-            due = [f for f in self._flights.values() if f.extend_at <= now and not f.lost and not f.abandoned]
-        return due[:EXTEND_BATCH_MAX]  # the rest are still due at the next round, a moment later
-
-    def _extended(self, flights: Sequence[_Flight], results: Sequence[Any], asked_at: float) -> None:
-        """Notes the answer to an extend request sent at monotonic `asked_at`."""
-        now = time.monotonic()
-        lost = []
-        with self._lock:
-            for flight, result in zip(flights, results):
-                if isinstance(result, JobError):
-                    lost.append(flight.job.id)
-                elif isinstance(result, BaseException):
-                    flight.extend_at = now + EXTEND_RETRY_S
-                else:
-                    flight.extend_at = now + self.lease_s / 2
-                    # The server started the new lease after the request left: this end is on the safe side.
-                    flight.expires_at = asked_at + self.lease_s
-        if lost:
-            self._mark_lost(lost, "lease extension refused")
-
-    def _extend_failed(self, flights: Sequence[_Flight], exc: BaseException) -> None:
-        log.warning("worker %s: extending %d lease(s) failed (%s); retrying", self.worker_id, len(flights), exc)
-        retry_at = time.monotonic() + EXTEND_RETRY_S
-        with self._lock:
-            for flight in flights:
-                flight.extend_at = retry_at
-
-    def _next_extension(self) -> float:
-        with self._lock:
-            return min((f.extend_at for f in self._flights.values() if not f.lost and not f.abandoned),
-                       default=float("inf"))
-
-
-_STAT_OF_KIND = {"ok": "succeeded", "failed": "failed", "retried": "retried", "rejected": "rejected"}
+        return outcome(job, result, exc)
 
 
 # ---------------------------------------------------------------------------- the sync runtime
@@ -948,11 +618,11 @@ class _Outbox:
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
-        self.items: list[tuple[_Flight, _Outcome]] = []
+        self.items: list[tuple[Flight, Outcome]] = []
         self.oldest_at = 0.0
         self.closed = False
 
-    def put(self, item: tuple[_Flight, _Outcome]) -> None:
+    def put(self, item: tuple[Flight, Outcome]) -> None:
         w = self.w
         with w._lock:
             self.items.append(item)
@@ -967,7 +637,7 @@ class _Outbox:
             self.closed = True
             self.w._report_cond.notify()
 
-    def take(self) -> tuple[list[tuple[_Flight, _Outcome]], bool]:
+    def take(self) -> tuple[list[tuple[Flight, Outcome]], bool]:
         """The next batch to report (blocks until there is one), and whether it is the last."""
         w = self.w
         with w._lock:
@@ -986,7 +656,7 @@ class _ThreadRuntime:
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
-        self.work: queue.SimpleQueue[_Flight | None] = queue.SimpleQueue()  # the buffer, in fetch order
+        self.work: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()  # the buffer, in fetch order
         self.outbox = _Outbox(worker)
         self.beats_stop = threading.Event()
         self.executor: concurrent.futures.ProcessPoolExecutor | None = None
@@ -1125,7 +795,7 @@ class _ThreadRuntime:
             if started:
                 self._run_batch(started)
 
-    def _run_batch(self, flights: list[_Flight]) -> None:
+    def _run_batch(self, flights: list[Flight]) -> None:
         w = self.w
         answers: list[tuple[Any, BaseException | None, float | None] | None] = [None] * len(flights)
         calls, positions = [], []
@@ -1145,7 +815,7 @@ class _ThreadRuntime:
                 answers[position] = answer
         for flight, (result, exc, run_s) in zip(flights, answers):
             w._hooks("after_process", flight.job, result, exc)
-            w._finish(flight, _outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
+            w._finish(flight, outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
 
     def _invoke(self, handler: Callable[[Any], Any], job: Any) -> Any:
         executor = self.executor
@@ -1286,12 +956,12 @@ class _AsyncOutbox:
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
-        self.items: list[tuple[_Flight, _Outcome]] = []
+        self.items: list[tuple[Flight, Outcome]] = []
         self.oldest_at = 0.0
         self.closed = False
         self.event = asyncio.Event()  # set when the reporter should look again
 
-    def put(self, item: tuple[_Flight, _Outcome]) -> None:
+    def put(self, item: tuple[Flight, Outcome]) -> None:
         self.items.append(item)
         if len(self.items) == 1:
             self.oldest_at = time.monotonic()
@@ -1303,7 +973,7 @@ class _AsyncOutbox:
         self.closed = True
         self.event.set()
 
-    async def take(self) -> tuple[list[tuple[_Flight, _Outcome]], bool]:
+    async def take(self) -> tuple[list[tuple[Flight, Outcome]], bool]:
         w = self.w
         while not self.items and not self.closed:
             self.event.clear()
@@ -1330,10 +1000,10 @@ class _AsyncRuntime:
         self.w = worker
         self.loop = loop
         self.outbox = _AsyncOutbox(worker)
-        self.buffer: collections.deque[_Flight] = collections.deque()
+        self.buffer: collections.deque[Flight] = collections.deque()
         self.slot_tasks: set[asyncio.Task] = set()
         self.slots = 0  # slot tasks alive (the set drops a task only in a later loop step)
-        self.handler_tasks: dict[_Flight, asyncio.Task] = {}
+        self.handler_tasks: dict[Flight, asyncio.Task] = {}
         self.waiters: set[asyncio.Future] = set()
 
     async def run(self) -> None:
@@ -1525,72 +1195,6 @@ async def _bounded(task: asyncio.Task, timeout: float) -> None:
 
 
 # ---------------------------------------------------------------------------- pure helpers
-
-
-def _outcome(job: Any, result: Any, exc: BaseException | None) -> _Outcome:
-    kind = outcome_of(exc)
-    if kind == "ok":
-        result, size = _checked_result(job, result)
-        return _Outcome("ok", result=result, size_bytes=size)
-    text = str(exc) if kind == "retried" else error_text(exc)
-    return _Outcome(kind, error=text, delay_s=exc.delay_s if kind == "retried" else None, size_bytes=len(text))
-
-
-def _checked_result(job: Any, result: Any) -> tuple[Any, int]:
-    """The result to store and its encoded size, or (None, 0) (with a warning) when the server could not keep it."""
-    if result is None:
-        return None, 0
-    try:
-        size = len(msgpack.packb(result))
-    except (TypeError, ValueError, OverflowError) as exc:
-        log.warning("job %s: result dropped: not msgpack data (%s)", job.id, exc)
-        return None, 0
-    if size > RESULT_BYTES_MAX:
-        log.warning("job %s: result dropped: %d bytes is over the %d byte bound", job.id, size, RESULT_BYTES_MAX)
-        return None, 0
-    return result, size
-
-
-def _chunks_by_size(pairs: Sequence[tuple[_Flight, _Outcome]], size_max: int) -> Iterator[list]:
-    """Consecutive runs of `pairs` whose outcomes' sizes add up to at most `size_max` (at least one each)."""
-    chunk: list = []
-    size = 0
-    for pair in pairs:
-        if chunk and size + pair[1].size_bytes > size_max:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(pair)
-        size += pair[1].size_bytes
-    if chunk:
-        yield chunk
-
-
-def _payload_bytes(payload: Any) -> int:
-    """The encoded size of a fetched payload (about a microsecond for a small one)."""
-    try:
-        return len(msgpack.packb(payload, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def default_prefetch(concurrency: int) -> int:
-    """The bound of the default (paced) prefetch buffer of a Worker with `concurrency` slots."""
-    return min(PREFETCH_DEFAULT_MAX, CONCURRENCY_MAX - concurrency)
-
-
-def error_text(exc: BaseException, bytes_max: int = ERROR_TEXT_BYTES_MAX) -> str:
-    """`Type: message`, a blank line, then the traceback; the middle is cut to fit `bytes_max`.
-
-    For an exception from a process pool the child's traceback is part of the chain.
-    """
-    text = f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc))
-    data = text.encode()
-    if len(data) <= bytes_max:
-        return text
-    marker = f"\n... [{len(data) - bytes_max} bytes cut] ...\n".encode()
-    room = bytes_max - len(marker) - 16  # the count in the marker may grow by a digit or two
-    head = room // 4  # the exception line and the outer frames; the tail keeps the innermost frames
-    return (data[:head] + marker + data[len(data) - (room - head):]).decode(errors="ignore")
 
 
 def _backoff_s(failures: int) -> float:
