@@ -49,8 +49,9 @@ from cluster.housekeeping import LeaderHousekeeping
 from cluster.node_view import NodeView
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.errors import NotLeader, ProposalDropped
-from cluster.raft.messages import Entry, Message, MessageType
+from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
 from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
 from cluster.snapshotting import Snapshotting, StartupError
 from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
@@ -101,7 +102,6 @@ class Node:
         self._stopping = False
         self._role: Role | None = None
         self._leader_id: str | None = None
-        self._serving_from_index = 0
         self.leader_changes_count = 0
         self.housekeeping = LeaderHousekeeping(config, self)
         self.view = NodeView(self)
@@ -195,8 +195,8 @@ class Node:
 
     @property
     def is_serving(self) -> bool:
-        """Leads and has applied every entry before its own term's no-op (see require_leader)."""
-        return self.is_leader and self.queue.last_applied >= self._serving_from_index
+        """Leads and has applied every entry before its own term's no-op (the core's rule)."""
+        return self.is_leader and self.raft is not None and self.raft.ready_to_serve(self.queue.last_applied)
 
     def require_leader(self) -> None:
         """Raises unless this node leads and has applied everything committed before its term.
@@ -210,7 +210,7 @@ class Node:
         """
         if not self.is_leader:
             raise NotLeaderError(self._leader_id, self.leader_url())
-        if self.queue.last_applied < self._serving_from_index:
+        if not self.is_serving:
             raise Unavailable("new leader is applying earlier entries; retry shortly")
 
     async def propose(self, command: cmds.Command) -> Any:
@@ -338,31 +338,28 @@ class Node:
             self._read_waiters[read_id] = future
 
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
-        if ready.snapshot is not None:
-            self.queue = await self.snapshotting.install(ready.snapshot)
-            self._notify_jobs_changed()
-        # A leader may send its appends while it writes the same entries to its own disk (Raft
-        # thesis §10.2.1): the core counts the leader's own copy toward commit only after
-        # advance(), i.e. after this fsync. Anything that carries a new term or vote, and every
-        # follower reply, still waits for the disk (persist before send).
-        send_early = ready.hard_state is None and raft.role == Role.LEADER
-        if send_early and ready.messages:
-            self._send(ready.messages)
-        if ready.hard_state is not None or ready.entries:
-            started = time.perf_counter()
-            await asyncio.to_thread(self._persist, ready)
-            self.metrics.observe_persist(time.perf_counter() - started, len(ready.entries))
-        if not send_early and ready.messages:
-            self._send(ready.messages)
-        if ready.committed_entries:
-            self._apply(ready.committed_entries)
-            self.snapshotting.maybe_start(raft, self.queue)
-        for read_id, read_index in ready.read_states:
-            future = self._read_waiters.pop(read_id, None)
-            if future is not None and not future.done():
-                self._applied_waiters.append((read_index, future))
-        raft.advance(ready)
-        self._settle_applied_waiters()
+        """Carries out one Ready in the order `ready_handler` gives (the simulator's too)."""
+        for action in handle_ready(ready):
+            if isinstance(action, InstallSnapshot):
+                self.queue = await self.snapshotting.install(action.point)
+                self._notify_jobs_changed()
+            elif isinstance(action, Persist):
+                started = time.perf_counter()
+                await asyncio.to_thread(self._persist, action)
+                self.metrics.observe_persist(time.perf_counter() - started, len(action.entries))
+            elif isinstance(action, Send):
+                self._send(action.messages)
+            elif isinstance(action, Apply):
+                self._apply(action.entries)
+                self.snapshotting.maybe_start(raft, self.queue)
+            elif isinstance(action, ServeReads):
+                for read_id, read_index in action.read_states:
+                    future = self._read_waiters.pop(read_id, None)
+                    if future is not None and not future.done():
+                        self._applied_waiters.append((read_index, future))
+            else:
+                raft.advance(action.ready)
+                self._settle_applied_waiters()
 
     def _send(self, messages: Sequence[Message]) -> None:
         if self.transport is None:
@@ -379,18 +376,18 @@ class Node:
 
     def _snapshot_received(self, leader: str, term: int, meta: SnapshotMeta) -> None:
         """The receiver holds a complete, verified snapshot file: let the core decide."""
-        self._inbox.append(Message(MessageType.SNAP, from_id=leader, to_id=self.config.node_id, term=term,
-                                   index=meta.index, log_term=meta.term))
+        self._inbox.append(snapshot_stored(leader, self.config.node_id, term, SnapshotPoint(meta.index, meta.term)))
         self._wakeup.set()
 
-    def _persist(self, ready: Ready) -> None:
-        """Runs in a worker thread: the only code touching the WAL after start."""
+    def _persist(self, persist: Persist) -> None:
+        """Runs in a worker thread: the only code touching the WAL after start. The hard state is
+        durable when save_hard_state returns; entries are synced whenever there are any."""
         wal = self.wal
         assert wal is not None
-        if ready.hard_state is not None:
-            wal.save_hard_state(ready.hard_state)
-        if ready.entries:
-            wal.append(ready.entries)
+        if persist.hard_state is not None:
+            wal.save_hard_state(persist.hard_state)
+        if persist.entries:
+            wal.append(persist.entries)
             wal.sync()
 
     def _apply(self, entries: Sequence[Entry]) -> None:
@@ -458,13 +455,7 @@ class Node:
         if was_leader and role != Role.LEADER:
             self._fail_waiters(NotLeaderError(leader_id, self.leader_url()))
         if role == Role.LEADER and not was_leader:
-            self._take_office()
-
-    def _take_office(self) -> None:
-        assert self.raft is not None
-        # The core appended its no-op for this term: serve once it (and all before it) is applied.
-        self._serving_from_index = self.raft.last_index
-        self.housekeeping.take_office()
+            self.housekeeping.take_office()
 
     def _fail_waiters(self, error: Exception) -> None:
         for pending in self._pending.values():

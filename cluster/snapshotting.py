@@ -234,11 +234,11 @@ class Snapshotting:
             raft.report_snapshot(peer, delivered=delivered)
         done, self._done = self._done, []
         for point, older_snapshot_index in done:
-            raft.compact(point, 0)  # records the snapshot point; compaction_point() measures from it
-            upto = raft.compaction_point(self.config.compact_keep_entries, self.config.compact_keep_bytes)
-            dropped = raft.compact(point, upto)
-            wal_compact_to = min(upto, older_snapshot_index)
-            log.info("snapshot at %d durable; %d entries dropped from memory", point.index, dropped)
+            compaction = raft.compact_after_snapshot(point, keep_entries=self.config.compact_keep_entries,
+                                                     keep_bytes=self.config.compact_keep_bytes)
+            # The WAL keeps what the older snapshot needs, so a damaged newest one can fall back.
+            wal_compact_to = min(compaction.upto_index, older_snapshot_index)
+            log.info("snapshot at %d durable; %d entries dropped from memory", point.index, compaction.dropped_count)
             if wal_compact_to > self._wal_compacted_to:
                 assert self.wal is not None
                 # Here, between Readys, nothing else touches the WAL (it is not thread-safe).

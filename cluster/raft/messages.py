@@ -88,3 +88,11 @@ class Message:
     reject_hint: int = 0
     hint_term: int = 0
     context: int | None = None  # ReadIndex request id carried by heartbeats and their answers
+
+
+def snapshot_stored(leader_id: str, node_id: str, term: int, point: SnapshotPoint) -> Message:
+    """The SNAP message a follower's shell steps into its own core once the leader's snapshot file
+    ending at `point` is stored durably (InstallSnapshot, Raft §7): the core then decides whether
+    to install it (Ready.snapshot) or only to answer with its commit index."""
+    return Message(MessageType.SNAP, from_id=leader_id, to_id=node_id, term=term, index=point.index,
+                   log_term=point.term)

@@ -9,9 +9,10 @@ propose() / read_index() calls, and randomness from the injected `rng`. Everythi
 wants done comes back out of ready() as one frozen Ready value. Same inputs, same outputs: the
 deterministic simulator and the data-driven tests rely on it.
 
-Rule 2: the shell drives it in this loop, and the order matters (etcd README "Usage"):
+Rule 2: the shell drives it in this loop, and the order matters (etcd README "Usage"); the one
+implementation of the order is `cluster/ready_handler.py`, which the node and the simulator share:
 
-    while node.has_ready():
+    while node.has_ready():                    # a pure check: asking changes nothing
         ready = node.ready()
         persist ready.hard_state and ready.entries, fsync if ready.must_sync   # 1. durable first
         send ready.messages                                                     # 2. then talk
@@ -22,7 +23,9 @@ A vote or an append answer in ready.messages is only true once the hard state an
 same Ready are on disk, which is why (1) precedes (2). The core never counts an entry as locally
 durable until advance() reports it: the leader's own vote in the commit quorum is its persisted
 index, and committed_entries only ever reach the persisted index. A single-node cluster therefore
-commits an entry in the Ready after the one that carried it.
+commits an entry in the Ready after the one that carried it. That is also why a leader's Ready
+that carries no new term or vote may send its appends while its own copy is being written
+(`Ready.send_before_persist`, Raft thesis §10.2.1): the leader's copy counts only after advance().
 
 Roles. A node is FOLLOWER, PRE_CANDIDATE, CANDIDATE or LEADER; the _become_* methods swap the
 `_step` and `_tick` functions (etcd raft.go). Messages of a higher term are handled first in
@@ -46,7 +49,8 @@ rejected append carries the follower's hint (its last index, or the conflicting 
 first index of that term), so a divergent tail is skipped a term at a time. Appends are batched
 (max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends per follower).
 Proposals only mark followers as needing an append; the appends are built when the shell next
-calls has_ready()/ready(), so every proposal made between two Readys travels in one append.
+calls ready(), so every proposal made between two Readys travels in one append (has_ready() only
+checks whether ready() would build one).
 Heartbeats carry the commit index clamped to the follower's match index, so a follower never
 commits an entry it has not been shown to share with the leader.
 
@@ -75,7 +79,7 @@ from cluster.raft.log import RaftLog, entry_payload_bytes
 from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.progress import Progress, ProgressState, ProgressView
 
-__all__ = ["RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
+__all__ = ["Compaction", "RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
 
 
 class RandomSource(Protocol):
@@ -150,7 +154,11 @@ class Ready:
        restore the state machine from it and replace the stored log by an empty one after it;
     1. persist `hard_state` (if not None) and append `entries` (they may overwrite a suffix of
        the stored log), fsync when `must_sync`;
-    2. only then send `messages`;
+    2. only then send `messages` -- except when `send_before_persist`: a leader's Ready that
+       carries no new term or vote may send its appends while it writes the same entries to its
+       own disk (Raft thesis §10.2.1), because the core counts the leader's own copy toward
+       commit only after advance(). Anything that carries a new term or vote, and every
+       follower's reply, waits for the disk;
     3. apply `committed_entries` in order; serve each read in `read_states` once applied >= its
        read index;
     4. call advance(ready).
@@ -163,6 +171,16 @@ class Ready:
     read_states: tuple[tuple[int, int], ...]  # (context, read_index)
     must_sync: bool
     snapshot: SnapshotPoint | None = None
+    send_before_persist: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """What compact_after_snapshot() dropped: entries up to `upto_index` are gone from memory
+    (`dropped_count` of them), and the stored log may drop them too."""
+
+    upto_index: int
+    dropped_count: int
 
 
 @dataclass(slots=True)
@@ -210,6 +228,7 @@ class RaftNode:
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, Progress] = {}
         self._replicate_pending: dict[str, bool] = {}  # peer -> send even an empty append
+        self._term_start_index = 0  # a leader's: the index of its own term's NOOP
         self._outbox: list[Message] = []
         self._read_states: list[tuple[int, int]] = []
         self._read_requests: list[_ReadRequest] = []
@@ -369,6 +388,23 @@ class RaftNode:
         self._log.check_invariants()
         return dropped
 
+    def compact_after_snapshot(self, snapshot: SnapshotPoint, *, keep_entries: int,
+                               keep_bytes: int | None = None) -> Compaction:
+        """Record a durable snapshot and drop the log entries behind it, all but the newest
+        keep_entries (and of those, no more than about keep_bytes of data; None: no byte bound),
+        so that a follower a little behind gets appends rather than a whole snapshot.
+
+        Returns:
+            How far the log was compacted, for the stored log to follow.
+        """
+        self._log.snapshot_taken(snapshot)
+        upto = self._log.snapshot.index - keep_entries
+        if keep_bytes is not None:
+            upto = max(upto, self.compaction_point(keep_entries, keep_bytes))
+        dropped = self._log.compact(upto)
+        self._log.check_invariants()
+        return Compaction(upto, dropped)
+
     def compaction_point(self, keep_entries: int, keep_bytes: int) -> int:
         """Where to compact after the newest snapshot so that at most keep_entries entries and
         about keep_bytes of data stay behind it (for followers a little behind)."""
@@ -391,18 +427,26 @@ class RaftNode:
     # ------------------------------------------------------------------ outputs
 
     def has_ready(self) -> bool:
-        """Whether ready() would return something to do.
+        """Whether ready() would return something to do; a pure check (it changes nothing).
 
         Returns:
-            True when there is state to persist, messages to send, entries to apply or reads
-            to serve.
+            True when there is state to persist, messages to send (or appends ready() would
+            build), entries to apply or reads to serve.
         """
-        self._flush_replication()
         return bool(
             self._outbox or self._read_states or self._hard_state() != self._handed_hard_state
             or self._log.has_unstable_entries() or self._log.has_committed_entries()
-            or self._snapshot_to_install is not None
+            or self._snapshot_to_install is not None or self._replication_due()
         )
+
+    def ready_to_serve(self, applied_index: int) -> bool:
+        """Whether this node leads and has applied everything committed before its term.
+
+        A new leader's state machine may lag its log; until it has applied its own term's NOOP
+        (and so every entry before it), answers from that state (a lease token check, a job's
+        state) could be stale.
+        """
+        return self._role is Role.LEADER and applied_index >= self._term_start_index
 
     def ready(self) -> Ready:
         """Collect what the shell must do now (see Ready for the order).
@@ -424,6 +468,7 @@ class RaftNode:
             read_states=tuple(self._read_states),
             must_sync=changed is not None or bool(entries) or snapshot is not None,
             snapshot=snapshot,
+            send_before_persist=changed is None and snapshot is None and self._role is Role.LEADER,
         )
         self._outbox.clear()
         self._read_states.clear()
@@ -502,6 +547,7 @@ class RaftNode:
         # Raft §5.4.2 / §8: an entry of the new term lets the leader commit (and learn the
         # commit index) without counting replicas of older terms.
         self._log.append([Entry(index=next_index, term=self._term, kind=EntryKind.NOOP, data=b"")])
+        self._term_start_index = next_index
         self._want_replicate_all(send_if_empty=False)
 
     def _campaign(self) -> None:
@@ -766,6 +812,20 @@ class RaftNode:
         for peer in self._config.peer_ids:
             if peer in pending:
                 self._send_appends(peer, send_if_empty=pending[peer])
+
+    def _replication_due(self) -> bool:
+        """Whether _flush_replication() would send anything (its first step, without sending)."""
+        if self._role is not Role.LEADER:
+            return False
+        for peer, send_if_empty in self._replicate_pending.items():
+            pr = self._progress[peer]
+            if pr.is_paused():
+                continue
+            if send_if_empty or pr.next_index <= self._log.last_index:
+                return True
+            if not self._log.can_send_after(pr.next_index - 1):
+                return True
+        return False
 
     def _send_appends(self, peer: str, *, send_if_empty: bool) -> None:
         """Send as many appends as the follower's state allows (one while probing)."""

@@ -9,11 +9,13 @@ Time is one global tick counter. One step of the simulation is:
 2. the network delivers every message due by this tick, to nodes that are up, in a total order;
 3. every node that is up ticks, in an order shuffled by the rng;
 4. the workload proposes on the node(s) that believe they lead;
-5. every node that is up handles its Readys exactly as the asyncio shell does (server.py
-   `_handle_ready`): install `ready.snapshot` if any, write hard_state + entries, sync if
-   `must_sync`, send messages, apply committed entries to its QueueStateMachine (and start a
-   snapshot if due), serve read states, advance. A crash scheduled for this node stops it at a
-   chosen point of that sequence; unsynced writes may be lost;
+5. every node that is up handles its Readys with the node's own Ready handler
+   (`cluster/ready_handler.py`, which the asyncio shell in server.py drives too): install
+   `ready.snapshot` if any, write hard_state + entries, sync if `must_sync`, send messages (a
+   leader with no new term or vote sends before it writes), apply committed entries to its
+   QueueStateMachine (and start a snapshot if due), serve read states, advance. A crash
+   scheduled for this node stops it at a chosen point of that sequence; unsynced writes may be
+   lost;
 6. the invariants are checked (`invariants.py`).
 
 Snapshots and compaction (Raft §7), as the server does them. After applying a batch, a node whose
@@ -64,8 +66,10 @@ from typing import Any
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.codec import decode_message, encode_message
 from cluster.raft.errors import StepRejected
-from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint
+from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from cluster import ready_handler
+from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads
 
 from .faults import FINAL_FAULTS, Nemesis
 from .invariants import Checker, Violation, describe_entry
@@ -438,38 +442,48 @@ class Simulation:
         raise Violation("the core quiesces", f"{node.node_id} still has a Ready after {READY_COUNT_MAX} in one step")
 
     def _handle_ready(self, node: SimNode, ready: Ready) -> bool:
-        """The shell's order: install, write, sync, send, apply, advance. Returns False if it crashed."""
-        if ready.snapshot is not None and not self._install_snapshot(node, ready.snapshot):
-            return False
+        """Carries out one Ready in the order of the node's own handler (cluster/ready_handler.py),
+        on in-memory storage and the simulated network. A crash scheduled for this node stops it
+        at its point: before the write, after the write, after the sync, after the send, or
+        before advance (any point the Ready's actions did not reach). Returns False if it crashed."""
         point = node.crash_point
-        if point == "before_write":
-            self._crash(node, point)
-            return False
-        node.storage.write(ready.hard_state, ready.entries)
-        if self.trace_lines is not None and (ready.hard_state is not None or ready.entries):
-            hs = ready.hard_state
-            self._log(f"{node.node_id} write hs={None if hs is None else (hs.term, hs.voted_for)} "
-                      f"entries={[f'{e.index}/{e.term}' for e in ready.entries]} sync={ready.must_sync}")
-        if point == "after_write":
-            self._crash(node, point)
-            return False
-        if ready.must_sync:
-            node.storage.sync()
-        if point == "after_sync":
-            self._crash(node, point)
-            return False
-        for message in ready.messages:
-            self._send(node, message)
-        if point == "after_send":
-            self._crash(node, point)
-            return False
-        self._apply(node, ready.committed_entries)
-        for context, read_index in ready.read_states:
-            self.workload.on_read_state(node, context, read_index)
-        if point == "after_apply":
-            self._crash(node, point)
-            return False
-        node.raft.advance(ready)
+        for action in ready_handler.handle_ready(ready):  # looked up per call: planted.py may swap it
+            if isinstance(action, InstallSnapshot):
+                if not self._install_snapshot(node, action.point):
+                    return False
+            elif isinstance(action, Persist):
+                if point == "before_write":
+                    self._crash(node, point)
+                    return False
+                node.storage.write(action.hard_state, action.entries)
+                if self.trace_lines is not None:
+                    hs = action.hard_state
+                    self._log(f"{node.node_id} write hs={None if hs is None else (hs.term, hs.voted_for)} "
+                              f"entries={[f'{e.index}/{e.term}' for e in action.entries]} sync={action.sync}")
+                if point == "after_write":
+                    self._crash(node, point)
+                    return False
+                if action.sync:
+                    node.storage.sync()
+                if point == "after_sync":
+                    self._crash(node, point)
+                    return False
+            elif isinstance(action, Send):
+                for message in action.messages:
+                    self._send(node, message)
+                if point == "after_send":
+                    self._crash(node, point)
+                    return False
+            elif isinstance(action, Apply):
+                self._apply(node, action.entries)
+            elif isinstance(action, ServeReads):
+                for context, read_index in action.read_states:
+                    self.workload.on_read_state(node, context, read_index)
+            else:
+                if point is not None:
+                    self._crash(node, point if point == "after_apply" else f"{point} (reached before advance)")
+                    return False
+                node.raft.advance(action.ready)
         if node.snapshot_write is not None and node.snapshot_write[0] <= self.tick:
             self._finish_snapshot(node)  # written at once: compact before the next Ready
         return True
@@ -551,10 +565,11 @@ class Simulation:
         _, snapshot = node.snapshot_write
         node.snapshot_write = None
         older_index = node.storage.store_snapshot(snapshot, retain=True)
-        keep = self.knobs.compact_keep_entries
-        dropped = node.raft.compact(SnapshotPoint(snapshot.index, snapshot.term), snapshot.index - keep)
+        compaction = node.raft.compact_after_snapshot(SnapshotPoint(snapshot.index, snapshot.term),
+                                                      keep_entries=self.knobs.compact_keep_entries)
+        dropped = compaction.dropped_count
         # The log on disk keeps what the older snapshot needs, so a damaged newest one can fall back.
-        log_upto = min(snapshot.index - keep, older_index)
+        log_upto = min(compaction.upto_index, older_index)
         dropped_on_disk = 0
         if log_upto > node.log_compacted_to:
             dropped_on_disk = node.storage.compact_log(log_upto)
@@ -599,8 +614,7 @@ class Simulation:
         if not duplicate:
             self._report_transfer(transfer, delivered=True)
         m = transfer.message
-        return Message(MessageType.SNAP, from_id=m.from_id, to_id=m.to_id, term=m.term, index=snapshot.index,
-                       log_term=snapshot.term)
+        return snapshot_stored(m.from_id, m.to_id, m.term, SnapshotPoint(snapshot.index, snapshot.term))
 
     def _on_drop(self, src: str, dst: str, item: object, duplicate: bool) -> None:
         """The network dropped a message; a transfer's sender notices (its copy, not a duplicate)."""

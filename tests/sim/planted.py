@@ -22,7 +22,9 @@ from cluster.queue.results import LEASE_MISMATCH, NOT_FOUND, ItemError
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.log import RaftLog
 from cluster.raft.messages import HardState, Message, MessageType, SnapshotPoint
-from cluster.raft.node import RaftNode
+from cluster import ready_handler
+from cluster.raft.node import RaftNode, Ready
+from cluster.ready_handler import Action, Send
 
 from .cluster import SimNode, Simulation
 from .storage import StoredSnapshot
@@ -144,6 +146,39 @@ def install_without_restore() -> Iterator[None]:
         yield
 
 
+def _handle_ready_sending_early(send_first: Callable[[Ready], bool]):  # type: ignore[no-untyped-def]
+    """The shared Ready handler, but sending a Ready's messages before its Persist whenever
+    send_first(ready) says so (the right rule is `ready.send_before_persist`)."""
+    original = ready_handler.handle_ready
+
+    def handle_ready(ready: Ready) -> Iterator[Action]:
+        early = send_first(ready) and bool(ready.messages)
+        if early:
+            yield Send(ready.messages)
+        for action in original(ready):
+            if early and isinstance(action, Send):
+                continue
+            yield action
+
+    return mock.patch.object(ready_handler, "handle_ready", handle_ready)
+
+
+@contextlib.contextmanager
+def send_before_persist() -> Iterator[None]:
+    """The node's own Ready handler sends every message before the disk has the Ready's state:
+    votes, vote requests and append answers promise what a crash can take back."""
+    with _handle_ready_sending_early(lambda ready: True):
+        yield
+
+
+@contextlib.contextmanager
+def send_before_persisting_term() -> Iterator[None]:
+    """The node's own Ready handler sends a Ready's messages before persisting the new term or
+    vote it carries (a leader's appends may go early only when there is none)."""
+    with _handle_ready_sending_early(lambda ready: ready.send_before_persist or ready.hard_state is not None):
+        yield
+
+
 #: name -> context manager that plants it.
 PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "vote_without_log_check": vote_without_log_check,
@@ -154,6 +189,8 @@ PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] =
     "snapshot_replaces_matching_log": snapshot_replaces_matching_log,
     "snapshot_commit_ignores_term": snapshot_commit_ignores_term,
     "install_without_restore": install_without_restore,
+    "send_before_persist": send_before_persist,
+    "send_before_persisting_term": send_before_persisting_term,
 }
 
 

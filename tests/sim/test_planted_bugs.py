@@ -30,6 +30,12 @@ LEASES = {"at most one live lease per job", "no ack on a foreign lease", "no ack
 #: have one); one that commits a snapshot's index without comparing terms needs a divergent log
 #: that reaches that index, about 1 seed in 15.
 #:
+#: `send_before_persist` is planted in the node's own Ready handler (cluster/ready_handler.py, which
+#: the simulator drives): every message leaves before the disk has the Ready's state; caught at
+#: seed 90 (an append answer promised an entry a crash then lost). Its narrower sibling
+#: `send_before_persisting_term` (only Readys with a new term or vote send early) is caught at seed
+#: 104, "one vote per term" (`python -m tests.sim --plant send_before_persisting_term --seeds 300`).
+#:
 #: `snapshot_replaces_matching_log` (planted.py) is left out: it needs a follower that acked
 #: appends past a snapshot's index, then receives that snapshot before the commit index covering
 #: it, about 1 seed in 70 (`python -m tests.sim --plant snapshot_replaces_matching_log --seeds 300`).
@@ -41,6 +47,7 @@ CASES = [
     ("forget_vote_on_restart", 400, SAFETY, SimConfig(pre_vote=False, election_fault_probability=0.6)),
     ("install_without_restore", 20, SAFETY, SimConfig()),
     ("snapshot_commit_ignores_term", 150, SAFETY, SimConfig()),
+    ("send_before_persist", 100, SAFETY, SimConfig()),
 ]
 
 
