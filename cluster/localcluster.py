@@ -276,8 +276,13 @@ class LocalCluster:
     def wait_converged(self, timeout_s: float = 60.0) -> dict[str, str]:
         """Waits until every live node applied the same index with the same state digest."""
         def converged() -> dict[str, str] | None:
+            live_count = sum(1 for n in self.nodes.values() if n.alive and not n.paused)
+            # Digests only once the applied indexes agree: each one hashes the whole state.
+            views = {k: s for k, s in self.statuses().items() if s is not None}
+            if len(views) != live_count or len({s["applied_index"] for s in views.values()}) != 1:
+                return None
             views = {k: s for k, s in self.statuses(with_digest=True).items() if s is not None}
-            if len(views) != sum(1 for n in self.nodes.values() if n.alive and not n.paused):
+            if len(views) != live_count:
                 return None
             applied = {s["applied_index"] for s in views.values()}
             digests = {s["digest"] for s in views.values()}

@@ -3,14 +3,21 @@
 The view only reads (figures of the core, the applied state, the log and the snapshots); it has no
 method that changes anything, so the HTTP status answer and a Prometheus scrape cannot disturb the
 drive loop, and neither needs to know how the node is put together.
+
+The state digest is the one costly figure: it encodes the whole state (tens of MB at a few hundred
+thousand jobs). Computed on the loop for every status poll, it starved the drive loop of a node
+being polled while it caught up, until heartbeats stopped and no election could finish. So the
+view takes the cheap capture on the loop, hashes it in a worker thread, and keeps the answer for
+its applied index: pollers of an idle node pay nothing, pollers of a busy one share one hash.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from cluster.config import NodeConfig
-from cluster.queue.state_machine import QueueStateMachine
+from cluster.queue.state_machine import QueueStateMachine, capture_digest
 from cluster.raft.node import RaftNode, Role
 
 
@@ -46,6 +53,9 @@ class NodeView:
 
     def __init__(self, node: _NodeParts) -> None:
         self._node = node
+        #: (applied index, digest) of the newest digest computed, and the hash in progress if any.
+        self._digest: tuple[int, str] | None = None
+        self._digest_pending: tuple[int, asyncio.Future[str]] | None = None
 
     @property
     def config(self) -> NodeConfig:
@@ -88,7 +98,7 @@ class NodeView:
     def workers_alive_count(self) -> int:
         return self._node.housekeeping.workers_alive_count()
 
-    def status(self, *, with_digest: bool = False) -> dict:
+    def status(self) -> dict:
         """The `/v1/cluster` answer: this node's view of the cluster."""
         node, config = self._node, self._node.config
         raft = node.raft
@@ -113,4 +123,27 @@ class NodeView:
             "snapshot_index": raft.snapshot.index if raft is not None else 0,
             "first_index": raft.first_index if raft is not None else 1,
             "nodes": nodes,
-        } | ({"digest": node.queue.digest()} if with_digest else {})
+        }
+
+    async def status_with_digest(self) -> dict:
+        """`status()` plus the state digest at the applied index it reports (see the module doc)."""
+        status = self.status()
+        status["digest"] = await self._state_digest()
+        return status
+
+    async def _state_digest(self) -> str:
+        """The digest at the current applied index; starts (or joins) its hash in a worker thread."""
+        queue = self._node.queue
+        index = queue.last_applied
+        if self._digest is not None and self._digest[0] == index:
+            return self._digest[1]
+        if self._digest_pending is None or self._digest_pending[0] != index:
+            future = asyncio.ensure_future(asyncio.to_thread(capture_digest, queue.capture()))
+            self._digest_pending = (index, future)
+        pending_index, future = self._digest_pending
+        digest = await asyncio.shield(future)
+        if self._digest is None or self._digest[0] < pending_index:
+            self._digest = (pending_index, digest)
+        if self._digest_pending is not None and self._digest_pending[1] is future:
+            self._digest_pending = None
+        return digest

@@ -261,9 +261,13 @@ class Node:
         """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge."""
         self.housekeeping.touch_worker(worker)
 
-    def status(self, *, with_digest: bool = False) -> dict:
+    def status(self) -> dict:
         """The `/v1/cluster` answer: this node's view of the cluster."""
-        return self.view.status(with_digest=with_digest)
+        return self.view.status()
+
+    async def status_with_digest(self) -> dict:
+        """`status()` plus the state digest at its applied index (hashed off the loop)."""
+        return await self.view.status_with_digest()
 
     def workers_table(self) -> list[dict]:
         """Workers the leader knows: last heartbeat age and the jobs each holds."""

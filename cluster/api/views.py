@@ -339,8 +339,10 @@ def _query_int(request: web.Request, key: str, *, default: int, low: int, high: 
 
 
 async def cluster_status(request: web.Request) -> web.Response:
-    with_digest = request.query.get("digest") in ("1", "true")
-    return respond(request, request.app[NODE].status(with_digest=with_digest))
+    node = request.app[NODE]
+    if request.query.get("digest") in ("1", "true"):
+        return respond(request, await node.status_with_digest())
+    return respond(request, node.status())
 
 
 async def workers(request: web.Request) -> web.Response:

@@ -1233,9 +1233,7 @@ class QueueStateMachine:
         Hashes the pieces as they are encoded instead of joining them first: same bytes, same
         hash, half the memory.
         """
-        hasher = hashlib.sha256()
-        write_snapshot(self.capture(), hasher.update)
-        return hasher.hexdigest()
+        return capture_digest(self.capture())
 
     def restore(self, data: bytes) -> None:
         """Replaces the whole state by the snapshot `data`; see `restore_from`.
@@ -1436,6 +1434,13 @@ class QueueStateMachine:
 
 
 # ---------------------------------------------------------------------- snapshot encoding
+
+
+def capture_digest(capture: SnapshotCapture) -> str:
+    """sha256 hex of the snapshot of `capture`; safe in a worker thread, like `write_snapshot`."""
+    hasher = hashlib.sha256()
+    write_snapshot(capture, hasher.update)
+    return hasher.hexdigest()
 
 
 def write_snapshot(
