@@ -125,7 +125,10 @@ class LeasedJob:
         payload: the submitted value, decoded from msgpack.
         attempt: 1 on the first delivery, 2 on the second, ...
         lease: the fencing token that ack, fail and extend must present.
-        lease_expires_at: when the lease runs out unless extended (unix time, seconds).
+        lease_expires_at: when the lease runs out unless extended, on the cluster's clock (unix
+            seconds; close to real time, but no machine's wall clock need agree with it).
+        lease_expires_in_s: how long the lease had left when the server answered (None from a
+            server before it was reported): what to plan extends with, whatever the clocks say.
         priority: 0-9, 9 runs first.
     """
 
@@ -136,6 +139,7 @@ class LeasedJob:
     lease: int
     lease_expires_at: float
     priority: int = 0
+    lease_expires_in_s: float | None = None
 
 
 # ---------------------------------------------------------------------------- plan steps
@@ -685,7 +689,9 @@ def _parse_ids(body: Any, node: str, *, count: int) -> list[str]:
 def _parse_jobs(body: Any, node: str) -> list[LeasedJob]:
     return [LeasedJob(id=job["id"], queue=job["queue"], payload=job.get("payload"), attempt=int(job["attempt"]),
                       lease=int(job["lease"]), lease_expires_at=float(job["lease_expires_at"]),
-                      priority=int(job.get("priority", 0)))
+                      priority=int(job.get("priority", 0)),
+                      lease_expires_in_s=None if job.get("lease_expires_in_s") is None
+                      else float(job["lease_expires_in_s"]))
             for job in body["jobs"]]
 
 

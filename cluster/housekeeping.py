@@ -5,15 +5,18 @@ Theory of operation
 Only the leader runs it, and it changes nothing itself: every decision becomes a command that
 goes through the log like a client's (`propose`), so followers' state changes only by applying.
 
-- `Tick` when a lease expires or a delayed job comes due (`next_due_ms()` of the applied state);
-  at most one in flight.
+- `Tick` when a lease expires or a delayed job comes due (`next_due_ms()` of the applied state),
+  and, while anything waits on the clock, once the applied clock lags the leader's by an election
+  timeout: a successor starts from the clock it applied (`leader_clock.py`), so that bounds how
+  long the cluster's time stands still at a failover. At most one in flight.
 - `WorkerLost` when a worker that holds leases has not been heard from (lease requests and
   heartbeats, `touch_worker`) within the worker timeout; at most one in flight per worker.
 - `RenewLeases` on taking office, so that a failover does not requeue healthy work: the new
   leader has never heard from any worker, so it starts every holder's clock at its own start.
 
-Worker liveness is leader-local knowledge (monotonic time of the last request); a new leader
-starts it afresh from the lease holders in its state.
+Every `now_ms` is the node's `now_ms()`: the cluster's clock, advanced by the leader's monotonic
+time, never its wall clock. Worker liveness is leader-local knowledge (monotonic time of the last
+request); a new leader starts it afresh from the lease holders in its state.
 """
 
 from __future__ import annotations
@@ -33,10 +36,6 @@ from cluster.queue.state_machine import QueueStateMachine
 log = logging.getLogger("raftq.node")
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class _Leader(Protocol):
     """What housekeeping needs of the node."""
 
@@ -45,6 +44,8 @@ class _Leader(Protocol):
 
     @property
     def queue(self) -> QueueStateMachine: ...
+
+    def now_ms(self) -> int: ...
 
     async def propose(self, command: cmds.Command) -> Any: ...
 
@@ -59,6 +60,8 @@ class LeaderHousekeeping:
         self._tick_inflight = False
         self._lost_inflight: set[str] = set()
         self._entropy = random.Random()
+        #: the leader commits its clock at least this often while anything waits on the clock
+        self._clock_sync_ms = int(config.election_ticks * config.tick_interval_s * 1000)
 
     async def run(self, stopping: Any) -> None:
         """The leader-only loop; `stopping()` is true once the node shuts down."""
@@ -75,7 +78,7 @@ class LeaderHousekeeping:
         self.worker_last_seen = {worker: monotonic_now for worker in self._node.queue.lease_holders()}
         self._tick_inflight = False
         self._lost_inflight.clear()
-        asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=now_ms())))
+        asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=self._node.now_ms())))
 
     def touch_worker(self, worker: str) -> None:
         """Records that a worker is alive (lease requests and heartbeats); leader-local knowledge.
@@ -120,9 +123,12 @@ class LeaderHousekeeping:
     def _maybe_tick(self) -> None:
         if self._tick_inflight:
             return
-        due_ms = self._node.queue.next_due_ms()
-        current_ms = now_ms()
-        if due_ms is None or due_ms > current_ms:
+        queue = self._node.queue
+        due_ms = queue.next_due_ms()
+        if due_ms is None:
+            return  # nothing waits on the clock: its standing still at a failover harms no one
+        current_ms = self._node.now_ms()
+        if due_ms > current_ms and current_ms - queue.clock_ms < self._clock_sync_ms:
             return
         self._tick_inflight = True
         command = cmds.Tick(now_ms=current_ms, entropy=self.entropy())
@@ -150,7 +156,7 @@ class LeaderHousekeeping:
                 continue
             self._lost_inflight.add(worker)
             log.warning("worker %s lost: no heartbeat for %.1f s; requeueing its jobs", worker, timeout_s)
-            command = cmds.WorkerLost(now_ms=now_ms(), worker=worker, entropy=self.entropy())
+            command = cmds.WorkerLost(now_ms=self._node.now_ms(), worker=worker, entropy=self.entropy())
             asyncio.get_running_loop().create_task(self._propose_worker_lost(worker, command))
 
     async def _propose_worker_lost(self, worker: str, command: cmds.WorkerLost) -> None:

@@ -99,6 +99,8 @@ class NodeProcess:
     process: subprocess.Popen | None = None
     paused: bool = False
     scheme: str = "http"
+    #: Extra environment for this node only (e.g. libfaketime's for a node with a wrong clock).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -186,7 +188,7 @@ class LocalCluster:
         assert not node.alive, f"{node_id} is already running"
         log = open(node.log_path, "ab")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env}
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env, **node.env}
         node.process = subprocess.Popen(node.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         node.paused = False
         log.close()
@@ -269,6 +271,25 @@ class LocalCluster:
             return leader if leader and leader != exclude else None
 
         return wait_until(found, timeout_s=timeout_s, what="one leader", seen=self._roles)  # type: ignore[return-value]
+
+    def move_leader_to(self, node_id: str, timeout_s: float = 90.0) -> None:
+        """Makes `node_id` the leader: pauses whoever else leads until another node wins, and again.
+
+        Each round the paused leader's followers hold an election that `node_id` may win; the
+        paused node resumes, hears the higher term and steps down. Returns once `node_id` leads.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            leader = self.wait_for_leader(max(1.0, deadline - time.monotonic()))
+            if leader == node_id:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"waited {timeout_s:g} s for {node_id} to lead; {leader} leads")
+            self.pause(leader)
+            try:
+                self.wait_for_leader(max(1.0, deadline - time.monotonic()), exclude=leader)
+            finally:
+                self.resume(leader)
 
     def _roles(self) -> dict:
         return {k: (s["role"], s["term"]) if s else None for k, s in self.statuses().items()}

@@ -26,6 +26,7 @@ from aiohttp import web
 from cluster import constants as c
 from cluster.config import NodeConfig
 from cluster.errors import ConfigError
+from cluster.storage.errors import DiskWriteError, storage_failure_line
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -240,14 +241,16 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
     return fields
 
 
-async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
+async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
+    """Runs the node until SIGTERM/SIGINT (returns 0) or until it stops on a storage failure (1)."""
     from cluster import tls
     from cluster.api.app import init_app
     from cluster.api.keys import CONNECTION_GUARD, NODE
 
     app = init_app(config)
+    node = app[NODE]
     if fields is not None:
-        fields.node = app[NODE]
+        fields.node = node
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=c.KEEPALIVE_TIMEOUT_S)
     await runner.setup()
     assert runner.server is not None
@@ -269,10 +272,15 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("raftq.node").info("shutting down")
+    assert node.failure is not None, "the node starts with the app"
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopped, node.failure], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed = node.failure.done()
+    logging.getLogger("raftq.node").info("shutting down%s", " after the storage failure above" if failed else "")
     listener.close()
     await runner.cleanup()
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,14 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        run(serve(config, fields))
+        return run(serve(config, fields))
+    except DiskWriteError as exc:  # at start: the disk is still full, read-only or failing
+        logging.getLogger("raftq.node").error("%s", storage_failure_line(exc))
+        return 1
     except OSError as exc:
         logging.getLogger("raftq.node").error("cannot serve: %s", exc)
         return 1
     except Exception as exc:  # recovery errors (a damaged WAL) stop the node with their own message
         logging.getLogger("raftq.node").error("node stopped: %s", exc)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -140,7 +138,7 @@ def _depth_family(node: NodeView) -> GaugeMetricFamily:
 def _oldest_ready_family(node: NodeView) -> GaugeMetricFamily:
     age = GaugeMetricFamily("raftq_queue_oldest_ready_age_seconds",
                             "Age of the oldest ready job (since it became ready), by queue.", labels=["queue"])
-    now_ms = time.time() * 1000
+    now_ms = node.now_ms()  # the cluster's clock, which ready_at_ms is on (a follower: its applied clock)
     for queue, ready_at_ms in sorted(node.queue.oldest_ready_ms().items()):
         age.add_metric([queue], max(0.0, (now_ms - ready_at_ms) / 1000))
     return age
@@ -209,6 +207,8 @@ def _raft_families(node: NodeView) -> Iterator:
         ("raftq_snapshots_taken", "Snapshots this node wrote of its own state.", snapshots.snapshots_taken_count),
         ("raftq_snapshots_installed", "Snapshots this node installed from a leader.",
          snapshots.snapshots_installed_count),
+        ("raftq_snapshot_failures", "Snapshots this node could not write (full or failing disk); it tries again later.",
+         snapshots.snapshot_failures_count),
     ):
         counter = CounterMetricFamily(name, doc)
         counter.add_metric([], value)

@@ -47,6 +47,8 @@ class _NodeParts(Protocol):
 
     def leader_url(self) -> str | None: ...
 
+    def now_ms(self) -> int: ...
+
 
 class NodeView:
     """See the module docstring."""
@@ -97,6 +99,10 @@ class NodeView:
 
     def workers_alive_count(self) -> int:
         return self._node.housekeeping.workers_alive_count()
+
+    def now_ms(self) -> int:
+        """The cluster's clock now (cluster/leader_clock.py); off the leader, the applied clock."""
+        return self._node.now_ms()
 
     def status(self) -> dict:
         """The `/v1/cluster` answer: this node's view of the cluster."""

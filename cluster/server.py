@@ -26,11 +26,24 @@ Snapshots (Raft §7) are `snapshotting.py`'s: the drive loop asks it after each 
 each tick whether one is due, hands it the snapshot events between Readys (compaction once a
 snapshot is durable) and `Ready.snapshot` (install). The leader-only loop is `housekeeping.py`'s;
 status and metrics read the node through `node_view.py`.
+
+Time. Every command's `now_ms` is `now_ms()`: the cluster's clock as `leader_clock.py` reads it
+for the leader, advanced by its monotonic time since it took office, never by its wall clock.
+
+Fail-stop storage (SPEC guarantee 10). A node that cannot write, sync, rename or delete its WAL or
+hard state must not lead or vote: an entry it acknowledges may not be on its disk. Any such error
+in `_drive` logs one ERROR line naming the file and the error, stops the drive loop (so no
+heartbeat, vote or append leaves the node again), closes the peer transport and resolves
+`failure`, on which `cluster.main` exits non-zero; a healthy node takes over within an election
+timeout. At start a small probe file is written and fsynced, so a node whose disk is still full
+refuses to start with the same line. A snapshot is only an optimisation: `snapshotting.py` warns,
+counts and tries again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 import itertools
 import logging
@@ -46,6 +59,7 @@ from cluster.errors import NotLeaderError, ProposalLost, Unavailable
 from cluster.queue import commands as cmds
 from cluster.queue.results import Rejected, Released, Ticked
 from cluster.housekeeping import LeaderHousekeeping
+from cluster.leader_clock import LeaderClock
 from cluster.node_view import NodeView
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.errors import NotLeader, ProposalDropped
@@ -54,6 +68,7 @@ from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
 from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
 from cluster.snapshotting import Snapshotting, StartupError
+from cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
 from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
 from cluster.storage.wal import WriteAheadLog
 
@@ -62,9 +77,35 @@ log = logging.getLogger("raftq.node")
 #: Messages and proposals handled per drive-loop turn before the loop persists and sends; bounds
 #: the latency one turn can add while still batching many proposals into one fsync.
 DRIVE_BATCH_MAX = 4096
+#: Written and fsynced in the data directory at start: a node whose disk is full refuses to start
+#: rather than fail its first append (and a few pages of headroom let that append through).
+DISK_PROBE_BYTES = 64 << 10
+DISK_PROBE_FILE_NAME = "disk-probe"
 
 
 __all__ = ["Node", "StartupError"]
+
+
+def probe_disk(data_dir: str) -> None:
+    """Writes, fsyncs and deletes a small file in data_dir.
+
+    Raises:
+        DiskWriteError: the disk refused (full, read-only, failing); names the probe file.
+    """
+    path = os.path.join(data_dir, DISK_PROBE_FILE_NAME)
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(DISK_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise DiskWriteError(path, exc) from exc
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        raise DiskWriteError(path, exc) from exc
 
 
 @dataclass(slots=True)
@@ -103,6 +144,9 @@ class Node:
         self._role: Role | None = None
         self._leader_id: str | None = None
         self.leader_changes_count = 0
+        self.clock = LeaderClock()
+        #: resolved with the storage error that stopped the node (fail-stop); `cluster.main` exits on it
+        self.failure: asyncio.Future | None = None
         self.housekeeping = LeaderHousekeeping(config, self)
         self.view = NodeView(self)
         self.metrics = node_metrics.NodeMetrics(self.view)
@@ -112,6 +156,8 @@ class Node:
     async def start(self) -> None:
         data_dir = self.config.data_dir
         os.makedirs(data_dir, exist_ok=True)
+        self.failure = asyncio.get_running_loop().create_future()
+        await asyncio.to_thread(probe_disk, data_dir)
         self.snapshots = await asyncio.to_thread(SnapshotStore.open, os.path.join(data_dir, "snapshots"), logger=log)
         self.wal = await asyncio.to_thread(
             WriteAheadLog.open, os.path.join(data_dir, "wal"), segment_bytes_max=self.config.wal_segment_bytes,
@@ -273,6 +319,18 @@ class Node:
         """Workers the leader knows: last heartbeat age and the jobs each holds."""
         return self.housekeeping.workers_table()
 
+    def now_ms(self) -> int:
+        """The cluster's time to stamp into a command now (leader_clock.py); off the leader, the
+        applied clock."""
+        applied_ms = self.queue.clock_ms
+        if not self.is_leader:
+            return applied_ms
+        if applied_ms == 0 and self.is_serving:
+            # A brand-new cluster: no command ever applied, so nothing waits on the clock yet.
+            # Starting it at the wall clock's time only makes its numbers readable.
+            applied_ms = int(time.time() * 1000)
+        return self.clock.read(applied_ms)
+
     def entropy(self) -> int:
         """A fresh 64-bit random draw for a command (backoff jitter is drawn by the leader)."""
         return self.housekeeping.entropy()
@@ -286,6 +344,27 @@ class Node:
     # ------------------------------------------------------------------ the drive loop
 
     async def _drive(self) -> None:
+        try:
+            await self._drive_loop()
+        except (OSError, StorageError) as exc:  # DiskWriteError, WalFailedError, a failed install
+            await self._fail_stop(exc)
+
+    async def _fail_stop(self, error: BaseException) -> None:
+        """Stops a node that cannot persist: one ERROR line, no more messages out, `failure` resolved."""
+        log.error("%s", storage_failure_line(error))
+        self._stopping = True
+        self._fail_waiters(Unavailable("node stopped: it cannot write to its disk"))
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.snapshot_sender is not None:
+            await self.snapshot_sender.close()
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_result(error)
+
+    async def _drive_loop(self) -> None:
         raft = self.raft
         assert raft is not None
         tick_interval = self.config.tick_interval_s
@@ -459,6 +538,7 @@ class Node:
         if was_leader and role != Role.LEADER:
             self._fail_waiters(NotLeaderError(leader_id, self.leader_url()))
         if role == Role.LEADER and not was_leader:
+            self.clock.take_office()
             self.housekeeping.take_office()
 
     def _fail_waiters(self, error: Exception) -> None:

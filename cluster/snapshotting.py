@@ -32,7 +32,7 @@ from cluster.config import NodeConfig
 from cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
 from cluster.raft.messages import Entry, SnapshotPoint
 from cluster.raft.node import RaftNode
-from cluster.storage.errors import CompactedError, SnapshotCorruptionError, StorageError
+from cluster.storage.errors import CompactedError, DiskWriteError, SnapshotCorruptionError, StorageError
 from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
 from cluster.storage.wal import WriteAheadLog
 
@@ -63,6 +63,11 @@ def return_free_memory_to_os() -> float:
     return time.perf_counter() - started
 
 
+#: After a snapshot failed to write (a full disk), the next attempt waits this long: each attempt
+#: captures the whole state on the event loop.
+SNAPSHOT_RETRY_S = 10.0
+
+
 class StartupError(StorageError):
     """The node cannot rebuild its state from disk without losing acknowledged data."""
 
@@ -83,6 +88,8 @@ class Snapshotting:
         self._bytes_since_snapshot = 0  # log bytes applied since the newest snapshot's point
         self._task: asyncio.Task | None = None
         self._last_snapshot_at = time.monotonic()
+        self._retry_at = 0.0  # monotonic; after a failed snapshot, none before it
+        self.snapshot_failures_count = 0
         self._done: list[tuple[SnapshotPoint, int]] = []  # (point, older snapshot's index)
         self._reports: list[tuple[str, bool]] = []  # (peer, delivered)
         self._wal_compacted_to = 0
@@ -169,6 +176,8 @@ class Snapshotting:
         """Starts a snapshot when enough log has been applied since the last one (and none runs)."""
         if self._task is not None:
             return
+        if self._retry_at and time.monotonic() < self._retry_at:
+            return
         since = queue.last_applied - raft.snapshot.index
         due = (since >= self.config.snapshot_every_entries
                or self._bytes_since_snapshot >= self.config.snapshot_every_bytes
@@ -192,7 +201,15 @@ class Snapshotting:
     async def _take(self, capture: SnapshotCapture, point: SnapshotPoint, started: float) -> None:
         try:
             meta, older_snapshot_index = await asyncio.to_thread(self._write_file, capture, point)
+        except OSError as exc:  # a full or failing disk: a snapshot is an optimisation, the log has it all
+            self.snapshot_failures_count += 1
+            self._retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+            log.warning("snapshot at %d not written: %s; the log keeps every entry; trying again in %g s",
+                        point.index, exc, SNAPSHOT_RETRY_S)
+            return
         except Exception:  # a snapshot that failed leaves the log as it was: nothing is lost
+            self.snapshot_failures_count += 1
+            self._retry_at = time.monotonic() + SNAPSHOT_RETRY_S
             log.exception("snapshot at %d failed; the log keeps every entry until the next one", point.index)
             return
         finally:
@@ -214,8 +231,11 @@ class Snapshotting:
         # Memory freed since the last snapshot (expired records, the last capture) goes back now.
         self.last_trim_seconds = return_free_memory_to_os()
         with store.writer(point.index, point.term) as writer:
-            write_snapshot(capture, writer.write)
-            meta = writer.commit()
+            try:
+                write_snapshot(capture, writer.write)
+                meta = writer.commit()
+            except OSError as exc:  # a write() on an open file names no file: say which
+                raise DiskWriteError(exc.filename or writer.path, exc) from exc
         store.retain(2)
         kept = store.list()
         return meta, kept[-2].index if len(kept) >= 2 else 0

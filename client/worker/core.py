@@ -273,11 +273,14 @@ class WorkerCore:
     def take(self, jobs: Sequence[Any], *, now: float, now_wall: float, state: str = BUFFERED) -> list[Flight]:
         """Records fetched jobs as held: buffered for a slot (or reporting, when handed straight back).
 
-        `now` is monotonic, `now_wall` unix time: a job's lease expiry comes as unix time."""
+        `now` is monotonic, `now_wall` unix time. A job's lease span is the time it had left as
+        the server answered (`lease_expires_in_s`): no clock has to agree. An older server gives
+        only the end on the cluster's clock, read against `now_wall`."""
         flights = []
         for job in jobs:
-            span_s = job.lease_expires_at - now_wall
-            if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the server's: trust our own setting
+            in_s = getattr(job, "lease_expires_in_s", None)
+            span_s = in_s if in_s is not None else job.lease_expires_at - now_wall
+            if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the cluster's: trust our own setting
                 span_s = self.lease_s
             flight = Flight(job, extend_at=now + span_s / 2, expires_at=now + span_s, state=state)
             self.flights[job.id] = flight

@@ -21,8 +21,10 @@ from cluster.queue import commands as cmds
 from cluster.queue import results
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _now_ms(request: web.Request) -> int:
+    """The cluster's time for the command this request builds: never this node's wall clock
+    (cluster/leader_clock.py)."""
+    return request.app[NODE].now_ms()
 
 
 async def _body(request: web.Request) -> Any:
@@ -39,7 +41,7 @@ async def submit(request: web.Request) -> web.Response:
     body = await _body(request)
     node.require_leader()
     _check_queue_limit(node, queue)
-    command = v.submit(body, queue, now_ms=_now_ms(), payload_bytes_max=node.config.payload_bytes_max)
+    command = v.submit(body, queue, now_ms=_now_ms(request), payload_bytes_max=node.config.payload_bytes_max)
     result = await node.propose(command)
     if isinstance(result, results.QueueFull):
         raise ApiError(429, "queue_full", f"queue {queue} is full ({result.max_depth} jobs)",
@@ -56,14 +58,14 @@ async def lease(request: web.Request) -> web.Response:
     deadline = time.monotonic() + wait_s
     while True:
         changed = node.jobs_changed()
-        now_ms = _now_ms()
+        now_ms = _now_ms(request)
         # 0: a job is leasable now; N: a rate limit lets one go in N ms; None: nothing until an
         # entry applies (a submit, an ack freeing a key's slot or a group's next job).
         wait_ms = node.queue.lease_wait_ms(queues, now_ms)
         if wait_ms == 0:
             result = await node.propose(cmds.Lease(now_ms=now_ms, worker=worker, queues=queues, max_jobs=max_jobs))
             if result.jobs:
-                return respond(request, {"jobs": [_leased_job(job) for job in result.jobs]})
+                return respond(request, {"jobs": [_leased_job(node, job) for job in result.jobs]})
             # Another worker took them first: wait for the next change rather than spin on proposals.
             wait_ms = None
         remaining = deadline - time.monotonic()
@@ -77,36 +79,44 @@ async def lease(request: web.Request) -> web.Response:
         node.require_leader()
 
 
-def _leased_job(job: Any) -> dict:
+def _leased_job(node: Any, job: Any) -> dict:
     return {
         "id": job.id,
         "queue": job.queue,
         "payload": unpack_payload(job.payload),
         "attempt": job.attempt,
         "lease": job.lease,
-        "lease_expires_at": job.lease_expires_at_ms / 1000,
+        **_lease_end(node, job.lease_expires_at_ms),
         "priority": job.priority,
     }
 
 
+def _lease_end(node: Any, expires_at_ms: int) -> dict:
+    """When a lease ends: `lease_expires_at` on the cluster's clock (the clock that decides it),
+    and `lease_expires_in_s` from this answer, which is what a worker should plan with: no wall
+    clock, ours or its own, has to agree with the cluster's."""
+    return {"lease_expires_at": expires_at_ms / 1000,
+            "lease_expires_in_s": max(0, expires_at_ms - node.now_ms()) / 1000}
+
+
 async def ack(request: web.Request) -> web.Response:
-    command = v.ack(await _body(request), now_ms=_now_ms())
+    command = v.ack(await _body(request), now_ms=_now_ms(request))
     return await _lease_items(request, command)
 
 
 async def fail(request: web.Request) -> web.Response:
-    command = v.fail(await _body(request), now_ms=_now_ms(), entropy=request.app[NODE].entropy())
+    command = v.fail(await _body(request), now_ms=_now_ms(request), entropy=request.app[NODE].entropy())
     return await _lease_items(request, command)
 
 
 async def extend(request: web.Request) -> web.Response:
-    command = v.extend(await _body(request), now_ms=_now_ms())
+    command = v.extend(await _body(request), now_ms=_now_ms(request))
     return await _lease_items(request, command)
 
 
 async def release(request: web.Request) -> web.Response:
     """Hands leased jobs back to ready without counting an attempt (a worker's unstarted buffer)."""
-    command = v.release(await _body(request), now_ms=_now_ms())
+    command = v.release(await _body(request), now_ms=_now_ms(request))
     return await _lease_items(request, command)
 
 
@@ -118,7 +128,7 @@ async def _lease_items(request: web.Request, command: LeaseItems) -> web.Respons
     node = request.app[NODE]
     node.require_leader()
     node.touch_worker(command.worker)
-    return respond(request, {"results": [_outcome(o) for o in await _settle_items(node, command)]})
+    return respond(request, {"results": [_outcome(node, o) for o in await _settle_items(node, command)]})
 
 
 async def _settle_items(node: Any, command: LeaseItems) -> Sequence[Any]:
@@ -130,11 +140,11 @@ async def _settle_items(node: Any, command: LeaseItems) -> Sequence[Any]:
     return result.outcomes
 
 
-def _outcome(outcome: Any) -> Any:
+def _outcome(node: Any, outcome: Any) -> Any:
     if isinstance(outcome, results.ItemError):
         return {"error": {"code": outcome.code, "message": outcome.message}}
     if isinstance(outcome, results.Extended):
-        return {"ok": True, "lease_expires_at": outcome.expires_at_ms / 1000}
+        return {"ok": True, **_lease_end(node, outcome.expires_at_ms)}
     return "ok"
 
 
@@ -194,7 +204,8 @@ async def _wait_until_final(node: Any, job_id: str, wait_s: float) -> None:
 
 
 def job_record(record: dict) -> dict:
-    """The wire form of a job: times in seconds, payload and result decoded."""
+    """The wire form of a job: times in seconds (points in time on the cluster's clock), payload
+    and result decoded."""
     out: dict[str, Any] = {}
     for key, value in record.items():
         if key in ("payload", "result") and isinstance(value, (bytes, bytearray)):
@@ -214,7 +225,7 @@ async def cancel(request: web.Request) -> web.Response:
     await node.read_barrier()
     if node.queue.get_job(job_id) is None:
         raise ApiError(404, "not_found", f"no job {job_id}")  # answered without touching the log
-    outcome = await node.propose(cmds.Cancel(now_ms=_now_ms(), id=job_id))
+    outcome = await node.propose(cmds.Cancel(now_ms=_now_ms(request), id=job_id))
     if isinstance(outcome, results.ItemError):
         status = 404 if outcome.code == "not_found" else 409
         raise ApiError(status, outcome.code, outcome.message)
@@ -228,7 +239,7 @@ async def list_queues(request: web.Request) -> web.Response:
     node = request.app[NODE]
     await node.read_barrier()
     state = node.queue
-    now_ms = _now_ms()
+    now_ms = _now_ms(request)
     return respond(request, {
         "queues": state.queue_stats(),
         "settings": state.queue_settings(),
@@ -239,7 +250,7 @@ async def list_queues(request: web.Request) -> web.Response:
 async def configure_queue(request: web.Request) -> web.Response:
     node = request.app[NODE]
     queue = v.queue_name(request.match_info["queue"])
-    command = v.queue_config(await _body(request), queue, now_ms=_now_ms())
+    command = v.queue_config(await _body(request), queue, now_ms=_now_ms(request))
     node.require_leader()
     _check_queue_limit(node, queue)
     await node.propose(command)
@@ -255,7 +266,7 @@ async def delete_queue(request: web.Request) -> web.Response:
     queue = v.queue_name(request.match_info["queue"])
     force = _query_bool(request, "force")
     node.require_leader()
-    outcome = await node.propose(cmds.DeleteQueue(now_ms=_now_ms(), queue=queue, force=force))
+    outcome = await node.propose(cmds.DeleteQueue(now_ms=_now_ms(request), queue=queue, force=force))
     if isinstance(outcome, results.ItemError):
         raise ApiError(404 if outcome.code == results.NOT_FOUND else 409, outcome.code, outcome.message)
     return respond(request, {"ok": True, "queue": queue})
@@ -294,7 +305,7 @@ async def list_dead(request: web.Request) -> web.Response:
 async def redrive(request: web.Request) -> web.Response:
     node = request.app[NODE]
     queue = v.queue_name(request.match_info["queue"])
-    command = v.redrive(await _body(request), queue, now_ms=_now_ms())
+    command = v.redrive(await _body(request), queue, now_ms=_now_ms(request))
     node.require_leader()
     result = await node.propose(command)
     return respond(request, {"redriven": result.count})
@@ -304,7 +315,7 @@ async def purge_dead(request: web.Request) -> web.Response:
     node = request.app[NODE]
     queue = v.queue_name(request.match_info["queue"])
     node.require_leader()
-    result = await node.propose(cmds.Purge(now_ms=_now_ms(), queue=queue, state="dead"))
+    result = await node.propose(cmds.Purge(now_ms=_now_ms(request), queue=queue, state="dead"))
     return respond(request, {"purged": result.count})
 
 

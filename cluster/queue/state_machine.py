@@ -8,7 +8,8 @@ replica applies the same entries in the same order, so every replica must comput
 
 * No clock, no randomness, no I/O. Time comes only from commands: `clock_ms` is the maximum
   `now_ms` seen so far (a new leader's clock may lag the old one's, and time must not run
-  backwards), and every decision uses `clock_ms`. Backoff jitter comes from the command's
+  backwards), and every decision uses `clock_ms`. A leader's `now_ms` is this clock advanced by
+  its monotonic time, never its wall clock (`cluster/leader_clock.py`). Backoff jitter comes from the command's
   `entropy` through `splitmix64`.
 * No iteration over a set of str (string hashing differs per process); dicts keep insertion
   order, and anything whose order matters is sorted or carries a sequence number.

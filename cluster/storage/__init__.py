@@ -1,12 +1,12 @@
 """Durable storage: the write-ahead log (wal.py), the hard state file (hard_state.py), their errors."""
 
 from cluster.storage.errors import (
-    CompactedError, HardStateCorruptionError, StorageError, WalCorruptionError, WalFailedError,
+    CompactedError, DiskWriteError, HardStateCorruptionError, StorageError, WalCorruptionError, WalFailedError,
 )
 from cluster.storage.interfaces import Closable, DurableLog, LogReader
 from cluster.storage.wal import WalStats, WriteAheadLog
 
 __all__ = [
-    "Closable", "CompactedError", "DurableLog", "HardStateCorruptionError", "LogReader", "StorageError",
+    "Closable", "CompactedError", "DiskWriteError", "DurableLog", "HardStateCorruptionError", "LogReader", "StorageError",
     "WalCorruptionError", "WalFailedError", "WalStats", "WriteAheadLog",
 ]

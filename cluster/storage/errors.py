@@ -5,6 +5,7 @@ StorageError
 ├── WalCorruptionError            durable data on disk is damaged: names the file (and byte offset)
 │   └── HardStateCorruptionError  the hard state file in particular
 ├── WalFailedError                a write or fsync failed earlier: the log refuses further use
+├── DiskWriteError                the disk refused a write, sync, truncate, rename or delete: names the file
 ├── CompactedError                an index dropped by compact() was asked for
 └── SnapshotCorruptionError       a snapshot file is damaged, or a received one fails its digest: names it
 ```
@@ -53,6 +54,23 @@ class WalFailedError(StorageError):
     (PostgreSQL's "fsyncgate"), so a retry could report success for data that is gone. The only
     safe way on is a restart, which recovers from what is really on disk.
     """
+
+
+class DiskWriteError(StorageError, OSError):
+    """Raised when the disk refuses to write, sync, truncate, rename or delete a file (ENOSPC,
+    EIO, EROFS, ...). An OSError too, whose `filename` is the file and `errno` the OS error, so
+    `str()` reads "[Errno 28] No space left on device: '<file>'" even where the OS call that
+    failed (a write() on an open file) named none.
+    """
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error), path)
+
+
+def storage_failure_line(error: BaseException) -> str:
+    """The one ERROR line of a node that stops because its disk refused (names file and error)."""
+    return (f"cannot write to disk: {error}; stopping: a node that cannot persist its log must not "
+            "lead or vote")
 
 
 class CompactedError(StorageError):

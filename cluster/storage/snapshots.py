@@ -386,12 +386,14 @@ class SnapshotWriter:
         if self._committed:
             return
         file, self._file = self._file, None
-        if file is not None:
-            file.close()
         try:
-            os.unlink(self._temporary)
-        except FileNotFoundError:
-            pass
+            if file is not None:
+                file.close()  # flushes the buffer: on a full disk this raises, and the file must still go
+        finally:
+            try:
+                os.unlink(self._temporary)
+            except FileNotFoundError:
+                pass
         # No directory fsync: a .tmp that comes back after a crash is deleted by open().
 
     def _abort_quietly(self) -> None:

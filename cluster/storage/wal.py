@@ -53,8 +53,10 @@ checksum cannot tell them apart (etcd's WAL has the same limit); the other repli
 The first segment may start past index 1 (after `compact()` or `reset_after()`); the node checks
 at start that its snapshot reaches `first_index - 1` and stops, naming the files, when none does.
 
-**Failure.** After a failed write, truncate or fsync the state on disk is unknown (a failed fsync
-may have dropped the dirty pages), so every later call raises `WalFailedError`; restart.
+**Failure.** A write, truncate, fsync, rename or delete the OS refuses raises `DiskWriteError`,
+naming the file it touched (a failed `write()` on an open file names none by itself). After it
+the state on disk is unknown (a failed fsync may have dropped the dirty pages), so every later
+call raises `WalFailedError`; restart.
 
 **Threads.** Blocking I/O, no asyncio. Not thread-safe: the server calls it from a worker thread,
 one call at a time; two calls at once trip an assert. The stats properties are plain attribute
@@ -79,7 +81,7 @@ import msgpack
 
 from cluster.raft.messages import Entry, EntryKind, HardState
 from cluster.storage import hard_state as hard_state_file
-from cluster.storage.errors import CompactedError, WalCorruptionError, WalFailedError
+from cluster.storage.errors import CompactedError, DiskWriteError, WalCorruptionError, WalFailedError
 
 _HEADER: Final = struct.Struct("<II")
 #: Bytes of `length | crc32` before each payload.
@@ -283,6 +285,7 @@ class WriteAheadLog:
         self._busy = threading.Lock()  # only to detect concurrent use, never to wait
         self._failure: BaseException | None = None
         self._closed = False
+        self._io_path = directory  # the file the current call touches: what a DiskWriteError names
 
     # ------------------------------------------------------------------ open / recovery
 
@@ -481,7 +484,7 @@ class WriteAheadLog:
 
         Raises:
             WalFailedError: an earlier write or fsync failed.
-            OSError: the disk refused (the log is then failed, see WalFailedError).
+            DiskWriteError: the disk refused; names the file (the log is then failed, see WalFailedError).
         """
         if not entries:
             return
@@ -521,6 +524,7 @@ class WriteAheadLog:
     def _write_parts(self, segment: _Segment, parts: list[bytes], size_bytes: int) -> None:
         assert self._file is not None
         if parts:
+            self._io_path = segment.path
             self._file.write(b"".join(parts))
             self._file_dirty = True
         self._size_bytes += size_bytes - segment.size_bytes
@@ -539,6 +543,7 @@ class WriteAheadLog:
     def _rotate(self, index: int) -> _Segment:
         """Seals the full segment (fsync: only the last segment may ever be torn) and starts the next."""
         assert self._file is not None
+        self._io_path = self._segments[-1].path
         self._file.flush()
         _fdatasync(self._file.fileno())
         self._file.close()
@@ -549,6 +554,7 @@ class WriteAheadLog:
     def _create_segment(self, index: int) -> _Segment:
         assert self._file is None
         segment = _Segment(os.path.join(self.directory, f"wal-{index:020d}.log"), index)
+        self._io_path = segment.path
         self._file = open(segment.path, "xb")  # "x": never clobber a file recovery did not account for
         self._segments.append(segment)
         self._directory_dirty = True
@@ -563,6 +569,7 @@ class WriteAheadLog:
             segment = self._segments[-1]
             keep = index - segment.first_index
             cut = segment.offsets[keep] if keep < len(segment.offsets) else segment.size_bytes
+            self._io_path = segment.path
             with open(segment.path, "r+b") as f:
                 f.truncate(cut)
                 _fdatasync(f.fileno())  # durable before new records land after the cut
@@ -572,6 +579,7 @@ class WriteAheadLog:
         del self._terms[index - self._base_index - 1:]
 
     def _unlink_segment(self, segment: _Segment) -> None:
+        self._io_path = segment.path
         os.unlink(segment.path)
         hard_state_file.fsync_directory(self.directory)  # one at a time, so deletions persist in order
         self._size_bytes -= segment.size_bytes
@@ -590,7 +598,7 @@ class WriteAheadLog:
 
         Raises:
             WalFailedError: an earlier write or fsync failed.
-            OSError: the fsync failed (the log is then failed, see WalFailedError).
+            DiskWriteError: the fsync failed; names the file (the log is then failed, see WalFailedError).
         """
         with self._exclusive():
             if not self._file_dirty and not self._directory_dirty:
@@ -598,10 +606,12 @@ class WriteAheadLog:
             started = time.perf_counter()
             if self._file_dirty:
                 assert self._file is not None
+                self._io_path = self._segments[-1].path
                 self._file.flush()
                 _fdatasync(self._file.fileno())
                 self._file_dirty = False
             if self._directory_dirty:
+                self._io_path = self.directory
                 hard_state_file.fsync_directory(self.directory)
                 self._directory_dirty = False
             self._last_sync_seconds = time.perf_counter() - started
@@ -614,9 +624,10 @@ class WriteAheadLog:
 
         Raises:
             WalFailedError: an earlier write or fsync failed.
-            OSError: the disk refused (the old hard state is still in place on disk).
+            DiskWriteError: the disk refused; names the file (the old hard state is still in place on disk).
         """
         with self._exclusive():
+            self._io_path = os.path.join(self.directory, hard_state_file.HARD_STATE_FILE_NAME)
             hard_state_file.save_hard_state(self.directory, hard_state)
             self._hard_state = hard_state
 
@@ -689,11 +700,12 @@ class WriteAheadLog:
             if self._failure is not None:
                 raise WalFailedError(f"{self.directory}: an earlier write or fsync failed ({self._failure}); "
                                      "restart to recover from what is on disk") from self._failure
+            self._io_path = self.directory
             try:
                 yield
             except OSError as exc:
                 self._failure = exc
-                raise
+                raise DiskWriteError(exc.filename or self._io_path, exc) from exc
         finally:
             self._busy.release()
 

@@ -688,3 +688,14 @@ def test_a_stale_pooled_connection_is_replaced_without_failing_over():
         server.listener.close()
     assert server.requests == 3, "each call reached the node once"
     assert slept == [], "the transport reconnected at once; the retry plan never saw a failure"
+
+
+def test_lease_answer_time_left_is_kept_for_workers_whatever_the_clocks(clock):
+    """`lease_expires_in_s` (the time a lease had left as the server answered) reaches the job, so
+    a worker plans its extends without comparing its wall clock to the cluster's."""
+    nodes = FakeNodes(clock, {A: "leader", B: "follower", C: "follower"}, leader=A, leader_id="n1")
+    answer = {**leased("j1", "q"), "lease_expires_at": 1_700_000_030.5, "lease_expires_in_s": 29.75}
+    nodes.serve = lambda r: Response.msgpack({"jobs": [answer]}) if r.path == "/v1/lease" else default_answer(r)
+    with make_client(nodes) as client:
+        (job,) = client.fetch("w1", ["q"])
+    assert (job.lease_expires_at, job.lease_expires_in_s) == (1_700_000_030.5, 29.75)
