@@ -57,6 +57,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import multiprocessing
@@ -76,7 +77,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 from client._base import LeasedJob
-from client.errors import RaftqError, ServerError, TransportError
+from client.worker import loops
 from client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
                                 WorkerStats, default_prefetch, outcome, outcome_of)
 from raftq.protocol import FETCH_WAIT_S_MAX, LEASE_S_MAX, LEASE_S_MIN
@@ -90,13 +91,6 @@ ACK_LINGER_S_DEFAULT = 0.002
 ACK_LINGER_S_MAX = 1.0
 #: SPEC (raftq.protocol): leases run 1 s – 12 h; the long poll waits at most 20 s.
 WAIT_S_MAX = FETCH_WAIT_S_MAX
-#: Pause after a transient error: doubles from the minimum to the cap, with jitter so that many
-#: workers do not hit a newly elected leader in step.
-BACKOFF_S_MIN = 0.1
-BACKOFF_S_MAX = 5.0
-#: Pause after an empty fetch that came back sooner than asked (a server that does not long-poll),
-#: so that an idle worker never spins.
-IDLE_POLL_S = 0.1
 #: At shutdown, how long reporting may keep retrying a transient error after the grace period.
 FLUSH_S_MAX = 10.0
 #: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
@@ -107,7 +101,6 @@ POOLS = ("threads", "processes", "asyncio")
 #: What a handler receives: the job as fetched (.id, .queue, .payload, .attempt, .lease,
 #: .lease_expires_at, .priority). Frozen and picklable, so it crosses a process pool as is.
 Job = LeasedJob
-_TRANSIENT = (TransportError, ServerError)
 
 
 # ---------------------------------------------------------------------------- middleware
@@ -666,7 +659,10 @@ class _ThreadRuntime:
     def start(self) -> None:
         if self.w.pool == "processes":
             self.executor = _new_process_pool(self.w.concurrency)
-        roles = [("fetch", self._fetch_loop), ("report", self._report_loop), ("beat", self._beat_loop)]
+        w = self.w
+        roles = [("fetch", lambda: self._drive(loops.fetch_loop(w, self._deliver))),
+                 ("report", lambda: self._drive(loops.report_loop(w))),
+                 ("beat", lambda: self._drive(loops.beat_loop(w), stop=self.beats_stop))]
         roles += [(f"run-{i}", self._run_loop) for i in range(self.w.concurrency)]
         for role, target in roles:
             # Daemon threads: a handler still stuck after the grace period must not keep the process alive.
@@ -703,61 +699,51 @@ class _ThreadRuntime:
             log.warning("worker %s: the %s thread did not stop within %g s; leaving it",
                         self.w.worker_id, role, timeout)
 
-    # ------------------------------------------------------------------------ fetcher
+    # ------------------------------------------------------------------------ the loops' steps
 
-    def _wait_for_fetcher(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+    def _drive(self, loop: loops.Loop, stop: threading.Event | None = None) -> None:
+        """Carries out a loop's steps (client/worker/loops.py) with blocking calls on this thread."""
         w = self.w
-        with w._lock:
-            w._fetch_waiting = True
-            try:
-                w._cond.wait_for(lambda: w._stopping.is_set() or predicate(), timeout=timeout)
-            finally:
-                w._fetch_waiting = False
-
-    def _fetch_loop(self) -> None:
-        w, failures = self.w, 0
+        reply: Any = None
+        error: BaseException | None = None
         while True:
-            self._wait_for_fetcher(w._fetch_due)
-            with w._lock:
-                if w._stopping.is_set():
-                    return
-                size, generation, buffered = w._fetch_size(), w._generation, w._buffered
-            # A long poll only with nothing buffered (module docstring).
-            wait_s = 0.0 if w.burst or buffered else w.wait_s
-            w._hooks("before_fetch")
-            started = time.monotonic()
             try:
-                jobs = w.client.fetch(w.worker_id, w.queues, max_jobs=size, wait_s=wait_s)
-            except _TRANSIENT as exc:
-                failures += 1
-                delay_s = _backoff_s(failures)
-                log.warning("worker %s: fetch failed (%s); retrying in %.1f s", w.worker_id, exc, delay_s)
-                w._stopping.wait(delay_s)
-                continue
-            except RaftqError as exc:
-                log.error("worker %s: the cluster refused to lease jobs (%s); stopping", w.worker_id, exc)
-                w._fatal_error(exc)
+                step = loop.throw(error) if error is not None else loop.send(reply)
+            except StopIteration:
                 return
-            failures = 0
-            w._hooks("after_fetch", jobs)
-            with w._lock:  # atomic with shutdown's hand-back: a job is either released here or seen there
-                if w._stopping.is_set():
-                    w._release(jobs, self.outbox.put)
+            reply, error = None, None
+            if isinstance(step, loops.Call):
+                try:
+                    reply = getattr(w.client, step.method)(*step.args, **(step.kwargs or {}))
+                except Exception as exc:  # the loop decides: retry, give up, or let it end the role
+                    error = exc
+            elif isinstance(step, loops.WaitFor):
+                with w._lock:
+                    w._fetch_waiting = w._fetch_waiting or step.fetcher
+                    try:
+                        w._cond.wait_for(lambda: w._stopping.is_set() or step.predicate(), timeout=step.timeout_s)
+                    finally:
+                        if step.fetcher:
+                            w._fetch_waiting = False
+            elif isinstance(step, loops.Sleep):
+                if stop is None:
+                    time.sleep(step.seconds)
+                elif stop.wait(step.seconds):
+                    loop.close()
                     return
-                for flight in w._take(jobs):
-                    self.work.put(flight)
-            if jobs:
-                continue
-            if w.burst:
-                if w._idle():
-                    w.stop("burst: the queues are empty")
-                    return
-                # Something in flight may finish and free a retry; then look again.
-                self._wait_for_fetcher(lambda: w._generation != generation, timeout=max(w.wait_s, IDLE_POLL_S))
-            elif buffered:
-                self._wait_for_fetcher(lambda: w._buffered == 0)  # the queue ran dry: long-poll once drained
-            elif time.monotonic() - started < min(wait_s, IDLE_POLL_S):
-                w._stopping.wait(IDLE_POLL_S)
+            else:
+                reply = self.outbox.take()
+
+    def _deliver(self, jobs: list[Any]) -> bool:
+        """Fetched jobs into the runners' queue; True (and handed back) when the worker is stopping."""
+        w = self.w
+        with w._lock:  # atomic with shutdown's hand-back: a job is either released here or seen there
+            if w._stopping.is_set():
+                w._release(jobs, self.outbox.put)
+                return True
+            for flight in w._take(jobs):
+                self.work.put(flight)
+        return False
 
     # ------------------------------------------------------------------------ runners
 
@@ -831,61 +817,6 @@ class _ThreadRuntime:
                     self.executor = _new_process_pool(self.w.concurrency)
                     _stop_process_pool(executor, force=True)
             raise
-
-    # ------------------------------------------------------------------------ reporter
-
-    def _report_loop(self) -> None:
-        while True:
-            batch, last = self.outbox.take()
-            for method, pairs, request in self.w._report_requests(batch):
-                self.w._settle(method, pairs, self._send(method, request))
-            if last:
-                return
-
-    def _send(self, method: str, request: list[tuple]) -> list[Any]:
-        w, failures = self.w, 0
-        while True:
-            try:
-                return getattr(w.client, method)(w.worker_id, request)
-            except _TRANSIENT as exc:
-                failures += 1
-                if w._give_up_reporting():
-                    log.error("worker %s: %s of %d job(s) failed at shutdown (%s); their leases will expire",
-                              w.worker_id, method, len(request), exc)
-                    return [exc] * len(request)
-                delay_s = _backoff_s(failures)
-                log.warning("worker %s: %s failed (%s); retrying in %.1f s", w.worker_id, method, exc, delay_s)
-                time.sleep(delay_s)
-            except RaftqError as exc:
-                log.error("worker %s: %s of %d job(s) refused: %s", w.worker_id, method, len(request), exc)
-                return [exc] * len(request)
-
-    # ------------------------------------------------------------------------ beater
-
-    def _beat_loop(self) -> None:
-        w = self.w
-        next_beat = time.monotonic()
-        while not self.beats_stop.is_set():
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + w.heartbeat_s
-                try:
-                    lost = w.client.heartbeat(w.worker_id, w._heartbeat_ids())
-                except RaftqError as exc:
-                    log.warning("worker %s: heartbeat failed: %s", w.worker_id, exc)
-                else:
-                    w._mark_lost(lost, "the server says this worker no longer holds it")
-            due = w._due_extensions(time.monotonic())
-            if due:
-                asked_at = time.monotonic()
-                try:
-                    results = w.client.extend_many(w.worker_id, [(f.job.id, f.job.lease, w.lease_s) for f in due])
-                except RaftqError as exc:
-                    w._extend_failed(due, exc)
-                else:
-                    w._extended(due, results, asked_at)
-            w._drop_expiring(time.monotonic())
-            self.beats_stop.wait(max(0.005, min(next_beat, w._next_extension()) - time.monotonic()))
-
 
 def _run_in_child(calls: list[tuple[Callable[[Any], Any], Any]]) -> list[tuple[Any, Any, str, float]]:
     """Runs in a pool process: each (handler, job) in turn; (result, exception, traceback text, run s) per job.
@@ -1017,9 +948,10 @@ class _AsyncRuntime:
                 self.loop.call_soon_threadsafe(self._wake_all)
 
         w._wake = wake
-        fetcher, reporter, beater = (asyncio.create_task(w._aguarded(role, loop), name=f"raftq-{role}")
-                                     for role, loop in (("fetch", self._fetch_loop), ("report", self._report_loop),
-                                                        ("beat", self._beat_loop)))
+        roles = (("fetch", loops.fetch_loop(w, self._deliver)), ("report", loops.report_loop(w)),
+                 ("beat", loops.beat_loop(w)))
+        fetcher, reporter, beater = (asyncio.create_task(w._aguarded(role, functools.partial(self._drive, loop)),
+                                                         name=f"raftq-{role}") for role, loop in roles)
         try:
             await self._until(w._stopping.is_set)
         finally:
@@ -1060,54 +992,44 @@ class _AsyncRuntime:
                 self.waiters.discard(waiter)
         return True
 
-    async def _fetcher_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+    async def _drive(self, loop: loops.Loop) -> None:
+        """Carries out a loop's steps (client/worker/loops.py) with `await` on this event loop."""
         w = self.w
-        w._fetch_waiting = True
-        try:
-            await self._until(lambda: w._stopping.is_set() or predicate(), timeout=timeout)
-        finally:
-            w._fetch_waiting = False
-
-    async def _fetch_loop(self) -> None:
-        w, failures = self.w, 0
+        reply: Any = None
+        error: BaseException | None = None
         while True:
-            await asyncio.sleep(0)  # a client answering without suspending must not starve the loop
-            await self._fetcher_until(w._fetch_due)
-            if w._stopping.is_set():
-                return
-            size, generation, buffered = w._fetch_size(), w._generation, w._buffered
-            wait_s = 0.0 if w.burst or buffered else w.wait_s  # a long poll only with nothing buffered
-            w._hooks("before_fetch")
-            started = time.monotonic()
             try:
-                jobs = await w.client.fetch(w.worker_id, w.queues, max_jobs=size, wait_s=wait_s)
-            except _TRANSIENT as exc:
-                failures += 1
-                delay_s = _backoff_s(failures)
-                log.warning("worker %s: fetch failed (%s); retrying in %.1f s", w.worker_id, exc, delay_s)
-                await self._until(w._stopping.is_set, timeout=delay_s)
-                continue
-            except RaftqError as exc:
-                log.error("worker %s: the cluster refused to lease jobs (%s); stopping", w.worker_id, exc)
-                w._fatal_error(exc)
+                step = loop.throw(error) if error is not None else loop.send(reply)
+            except StopIteration:
                 return
-            failures = 0
-            w._hooks("after_fetch", jobs)
-            if w._stopping.is_set():
-                w._release(jobs, self.outbox.put)
-                return
-            if jobs:
-                self.buffer.extend(w._take(jobs))
-                self._start_slots()
-            elif w.burst:
-                if w._idle():
-                    w.stop("burst: the queues are empty")
-                    return
-                await self._fetcher_until(lambda: w._generation != generation, timeout=max(w.wait_s, IDLE_POLL_S))
-            elif buffered:
-                await self._fetcher_until(lambda: w._buffered == 0)  # the queue ran dry: long-poll once drained
-            elif time.monotonic() - started < min(wait_s, IDLE_POLL_S):
-                await self._until(w._stopping.is_set, timeout=IDLE_POLL_S)
+            reply, error = None, None
+            if isinstance(step, loops.Call):
+                try:
+                    reply = await getattr(w.client, step.method)(*step.args, **(step.kwargs or {}))
+                except Exception as exc:  # the loop decides: retry, give up, or let it end the role
+                    error = exc
+            elif isinstance(step, loops.WaitFor):
+                w._fetch_waiting = w._fetch_waiting or step.fetcher
+                try:
+                    await self._until(lambda: w._stopping.is_set() or step.predicate(), timeout=step.timeout_s)
+                finally:
+                    if step.fetcher:
+                        w._fetch_waiting = False
+            elif isinstance(step, loops.Sleep):
+                await asyncio.sleep(step.seconds)
+            else:
+                reply = await self.outbox.take()
+
+    def _deliver(self, jobs: list[Any]) -> bool:
+        """Fetched jobs into the buffer, with slot tasks to run them; True (and handed back) when stopping."""
+        w = self.w
+        if w._stopping.is_set():
+            w._release(jobs, self.outbox.put)
+            return True
+        if jobs:
+            self.buffer.extend(w._take(jobs))
+            self._start_slots()
+        return False
 
     def _start_slots(self) -> None:
         # A live slot may be about to take the next job itself; a slot started for nothing ends at once.
@@ -1134,57 +1056,6 @@ class _AsyncRuntime:
         finally:
             self.slots -= 1
 
-    async def _report_loop(self) -> None:
-        while True:
-            batch, last = await self.outbox.take()
-            for method, pairs, request in self.w._report_requests(batch):
-                self.w._settle(method, pairs, await self._send(method, request))
-            if last:
-                return
-
-    async def _send(self, method: str, request: list[tuple]) -> list[Any]:
-        w, failures = self.w, 0
-        while True:
-            try:
-                return await getattr(w.client, method)(w.worker_id, request)
-            except _TRANSIENT as exc:
-                failures += 1
-                if w._give_up_reporting():
-                    log.error("worker %s: %s of %d job(s) failed at shutdown (%s); their leases will expire",
-                              w.worker_id, method, len(request), exc)
-                    return [exc] * len(request)
-                delay_s = _backoff_s(failures)
-                log.warning("worker %s: %s failed (%s); retrying in %.1f s", w.worker_id, method, exc, delay_s)
-                await asyncio.sleep(delay_s)
-            except RaftqError as exc:
-                log.error("worker %s: %s of %d job(s) refused: %s", w.worker_id, method, len(request), exc)
-                return [exc] * len(request)
-
-    async def _beat_loop(self) -> None:
-        w = self.w
-        next_beat = time.monotonic()
-        while True:
-            if time.monotonic() >= next_beat:
-                next_beat = time.monotonic() + w.heartbeat_s
-                try:
-                    lost = await w.client.heartbeat(w.worker_id, w._heartbeat_ids())
-                except RaftqError as exc:
-                    log.warning("worker %s: heartbeat failed: %s", w.worker_id, exc)
-                else:
-                    w._mark_lost(lost, "the server says this worker no longer holds it")
-            due = w._due_extensions(time.monotonic())
-            if due:
-                asked_at = time.monotonic()
-                try:
-                    results = await w.client.extend_many(w.worker_id, [(f.job.id, f.job.lease, w.lease_s) for f in due])
-                except RaftqError as exc:
-                    w._extend_failed(due, exc)
-                else:
-                    w._extended(due, results, asked_at)
-            w._drop_expiring(time.monotonic())
-            await asyncio.sleep(max(0.005, min(next_beat, w._next_extension()) - time.monotonic()))
-
-
 async def _bounded(task: asyncio.Task, timeout: float) -> None:
     try:
         await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -1195,12 +1066,6 @@ async def _bounded(task: asyncio.Task, timeout: float) -> None:
 
 
 # ---------------------------------------------------------------------------- pure helpers
-
-
-def _backoff_s(failures: int) -> float:
-    """Capped exponential backoff with jitter in [50 %, 100 %]."""
-    ceiling = min(BACKOFF_S_MAX, BACKOFF_S_MIN * 2 ** min(failures - 1, 16))
-    return ceiling * random.uniform(0.5, 1.0)
 
 
 def _is_async(handler: Callable) -> bool:
