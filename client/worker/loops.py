@@ -27,12 +27,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator
+from typing import Any, Callable, Generator
 
 from client.errors import RaftqError, ServerError, TransportError
 
-if TYPE_CHECKING:
-    from client.worker.runtime import Worker
+#: The loops take the `client.worker.runtime.Worker` they serve; it imports this module, so the
+#: annotation is a name only (no import back: tests/unit/test_layout.py forbids cycles).
+Worker = Any
 
 log = logging.getLogger("raftq.worker")
 
@@ -77,7 +78,7 @@ Step = Call | WaitFor | Sleep | NextBatch
 Loop = Generator[Step, Any, None]
 
 
-def fetch_loop(w: "Worker", deliver: Callable[[list[Any]], bool]) -> Loop:
+def fetch_loop(w: Worker, deliver: Callable[[list[Any]], bool]) -> Loop:
     """Fills the buffer while the core allows; ends at the stop (or, in burst mode, when dry)."""
     failures = 0
     while True:
@@ -120,7 +121,7 @@ def fetch_loop(w: "Worker", deliver: Callable[[list[Any]], bool]) -> Loop:
             yield WaitFor(w._stopping.is_set, timeout_s=IDLE_POLL_S)
 
 
-def report_loop(w: "Worker") -> Loop:
+def report_loop(w: Worker) -> Loop:
     """Sends finished outcomes in batches until the last batch after the stop."""
     while True:
         batch, last = yield NextBatch()
@@ -131,7 +132,7 @@ def report_loop(w: "Worker") -> Loop:
             return
 
 
-def _send(w: "Worker", method: str, items: list[tuple]) -> Generator[Step, Any, list[Any]]:
+def _send(w: Worker, method: str, items: list[tuple]) -> Generator[Step, Any, list[Any]]:
     """One report request, retried through transient errors (bounded once stopping); per-item results."""
     failures = 0
     while True:
@@ -151,7 +152,7 @@ def _send(w: "Worker", method: str, items: list[tuple]) -> Generator[Step, Any, 
             return [exc] * len(items)
 
 
-def beat_loop(w: "Worker") -> Loop:
+def beat_loop(w: Worker) -> Loop:
     """A heartbeat every `heartbeat_s` naming the buffered and running jobs, and one extend
     request for every lease due; runs until its runtime stops it."""
     next_beat = time.monotonic()
