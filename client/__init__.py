@@ -6,6 +6,9 @@
         job_id = client.submit("emails", {"to": "a@example.com"})
         for job in client.fetch("worker-1", ["emails"], max_jobs=10, wait_s=5):
             client.ack("worker-1", job.id, job.lease)
+        client.wait(job_id, timeout=10)["state"]     # "done": a long poll, answered at the final state
+
+`JobHandle` (what `App` tasks' `submit`/`delay` return) is a job id with `.state` and `.result(timeout=)`.
 
 `MockTransport(handler)` answers requests in tests, for either twin; `Request`/`Response` are
 the tiny pair it passes. `RetryPolicy` tunes backoff. Errors live in `client.errors`. The worker
