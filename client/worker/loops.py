@@ -154,7 +154,7 @@ def _send(w: Worker, method: str, items: list[tuple]) -> Generator[Step, Any, li
 
 def beat_loop(w: Worker) -> Loop:
     """A heartbeat every `heartbeat_s` naming the buffered and running jobs, and one extend
-    request for every lease due; runs until its runtime stops it."""
+    request for every lease due within `extend_window_s`; runs until its runtime stops it."""
     next_beat = time.monotonic()
     while True:
         if time.monotonic() >= next_beat:
@@ -165,7 +165,9 @@ def beat_loop(w: Worker) -> Loop:
                 log.warning("worker %s: heartbeat failed: %s", w.worker_id, exc)
             else:
                 w._mark_lost(lost, "the server says this worker no longer holds it")
-        due = w._due_extensions(time.monotonic())
+        # Every lease due within the next window goes in this one request: with leases fetched
+        # one after another, extending each exactly when due would send a request per few jobs.
+        due = w._due_extensions(time.monotonic() + extend_window_s(w.heartbeat_s, w.lease_s))
         if due:
             asked_at = time.monotonic()
             try:
@@ -176,6 +178,13 @@ def beat_loop(w: Worker) -> Loop:
                 w._extended(due, results, asked_at)
         w._drop_expiring(time.monotonic())
         yield Sleep(max(BEAT_SLEEP_S_MIN, min(next_beat, w._next_extension()) - time.monotonic()))
+
+
+def extend_window_s(heartbeat_s: float, lease_s: float) -> float:
+    """How far ahead of its due time a lease is extended, so that extensions go in batches: up
+    to one heartbeat interval, and never more than a quarter of a lease (an extension still
+    comes well before expiry)."""
+    return min(heartbeat_s, lease_s / 4)
 
 
 def backoff_s(failures: int) -> float:

@@ -153,6 +153,21 @@ def test_extension_comes_before_expiry_and_a_failed_one_is_retried():
     assert not core.start(buffered, 45.0)
 
 
+def test_leases_due_within_a_beat_are_extended_in_one_request():
+    from client.worker.loops import extend_window_s
+
+    core, _ = make_core(concurrency=1, prefetch=8)
+    # Fetched one after another over 1.5 s: each lease due at its own half-life ...
+    for n in range(4):
+        core.take(jobs(1, start=n), now=n * 0.5, now_wall=WALL_T0 + n * 0.5)
+    window = extend_window_s(heartbeat_s=2.0, lease_s=LEASE_S)
+    assert window == 2.0 and extend_window_s(heartbeat_s=2.0, lease_s=1.0) == 0.25
+    # ... yet the first beat at which one is due extends all four together.
+    first_due = core.next_extension()
+    assert [f.job.id for f in core.due_extensions(first_due + window)] == ["j0", "j1", "j2", "j3"]
+    assert [f.job.id for f in core.due_extensions(first_due)] == ["j0"]
+
+
 def test_a_job_is_not_started_on_a_lease_about_to_run_out():
     core, _ = make_core(concurrency=1, prefetch=1)
     flight, = core.take(jobs(1, lease_s=1.0), now=0.0, now_wall=WALL_T0)
