@@ -69,7 +69,9 @@ from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeRe
 from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
 from cluster.snapshotting import Snapshotting, StartupError
 from cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
+from cluster.storage.node_storage import NodeStorage
 from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
+from cluster.transport.interfaces import Transport
 from cluster.storage.wal import WriteAheadLog
 
 log = logging.getLogger("raftq.node")
@@ -117,16 +119,27 @@ class _Pending:
 class Node:
     """One broker: Raft core + WAL + queue state machine + the leader's housekeeping."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, storage: NodeStorage | None = None,
+                 transport: Transport | None = None) -> None:
+        """A node of `config`; `start()` runs it.
+
+        Args:
+            config: validated here.
+            storage: its log and snapshots; None opens them in `config.data_dir` at start (and
+                the node closes them at stop; storage handed in stays the caller's to close).
+            transport: how its messages reach its peers; None sends over HTTP to `config.peers`.
+        """
         config.validate()
         self.config = config
+        self._storage = storage
+        self._owns_storage = storage is None
         self.queue = QueueStateMachine(
             retention_ms=config.retention_ms, idempotency_window_ms=config.idempotency_window_ms
         )
         self.raft: RaftNode | None = None
         self.wal: WriteAheadLog | None = None
         self.snapshots: SnapshotStore | None = None
-        self.transport: Any = None
+        self.transport: Transport | None = transport
         self.snapshot_sender: SnapshotSender | None = None
         self.snapshot_receiver: SnapshotReceiver | None = None
         self._inbox: list[Message] = []
@@ -158,10 +171,10 @@ class Node:
         os.makedirs(data_dir, exist_ok=True)
         self.failure = asyncio.get_running_loop().create_future()
         await asyncio.to_thread(probe_disk, data_dir)
-        self.snapshots = await asyncio.to_thread(SnapshotStore.open, os.path.join(data_dir, "snapshots"), logger=log)
-        self.wal = await asyncio.to_thread(
-            WriteAheadLog.open, os.path.join(data_dir, "wal"), segment_bytes_max=self.config.wal_segment_bytes,
-            logger=log)
+        if self._storage is None:
+            self._storage = await asyncio.to_thread(
+                NodeStorage.open, data_dir, wal_segment_bytes=self.config.wal_segment_bytes, logger=log)
+        self.snapshots, self.wal = self._storage.snapshots, self._storage.log
         self.snapshotting.store, self.snapshotting.wal = self.snapshots, self.wal
         started = time.monotonic()
         snapshot, entries = await asyncio.to_thread(self.snapshotting.recover, self.queue)
@@ -186,9 +199,10 @@ class Node:
             from cluster.transport.http import HttpTransport
 
             peer_tls = tls.peer_client_context(self.config)
-            self.transport = HttpTransport(
-                self.config.node_id, self.config.peers, secret=self.config.cluster_secret, ssl_context=peer_tls
-            )
+            if self.transport is None:
+                self.transport = HttpTransport(
+                    self.config.node_id, self.config.peers, secret=self.config.cluster_secret, ssl_context=peer_tls
+                )
             await self.transport.start()
             self.snapshot_sender = SnapshotSender(
                 self.config.node_id, self.config.peers, self.snapshots, secret=self.config.cluster_secret,
@@ -215,8 +229,8 @@ class Node:
             await self.snapshot_receiver.close()
         if self.transport is not None:
             await self.transport.close()
-        if self.wal is not None:
-            await asyncio.to_thread(self.wal.close)
+        if self._storage is not None and self._owns_storage:
+            await asyncio.to_thread(self._storage.close)
 
     # ------------------------------------------------------------------ what the API calls
 
