@@ -22,10 +22,10 @@ from bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesys
                            machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
                            wal_figures)
 from bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
-from bench.roles import (KINDS, POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
+from bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
                          producer_main, worker_main)
 from client import Client
-from client._progress import Progress
+from client._progress import ProgressBar
 
 SCENARIOS = ("submit", "drain", "e2e")
 #: The server takes at most 1000 jobs per submit and per ack request.
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--concurrency", type=int, default=4,
                    help="per worker: Worker slots, or lanes of the single pool (default 4)")
-    p.add_argument("--pool", choices=POOLS, default="single",
+    p.add_argument("--pool", choices=BENCH_POOLS, default="single",
                    help="single: lean batched fetch/ack loop; threads|processes|asyncio: the Worker runtime")
     p.add_argument("--prefetch", type=_prefetch_list,
                    help="with a Worker pool: jobs it buffers ahead of free slots (default: the Worker's default, "
@@ -581,7 +581,7 @@ def _watch(scenario: Scenario, channels: Channels, roles: dict[tuple[str, int], 
     """Draws progress until the run is over: every job acked (drain, e2e) or every producer done (submit)."""
     counter = channels.submitted if scenario.scenario == "submit" else channels.acked
     shown, moved_at = 0, time.monotonic()
-    with Progress(scenario.jobs, label=label, enabled=progress_enabled) as progress:
+    with ProgressBar(scenario.jobs, label=label, enabled=progress_enabled) as progress:
         while True:
             message = _next_message(channels, POLL_S)
             if message is not None:

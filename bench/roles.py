@@ -60,7 +60,7 @@ WARMUP_S_MAX = 60.0
 IO_JOB_S = 0.001
 
 KINDS = ("noop", "io", "cpu")
-POOLS = ("single", "threads", "processes", "asyncio")
+BENCH_POOLS = ("single", "threads", "processes", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class RoleConfig:
     jobs: int  #: producers: this producer's share of the jobs; workers: unused
     batch: int  #: producers: jobs per submit request; lean workers: jobs per fetch and per ack
     concurrency: int  #: workers: lanes (lean) or the Worker's concurrency
-    pool: str  #: workers: one of POOLS
+    pool: str  #: workers: one of BENCH_POOLS
     kind: str  #: workers: one of KINDS
     cpu_loops: int  #: iterations of the CPU-bound job's loop (calibrated to about 1 ms)
     payload_bytes: int  #: producers: encoded size of each payload

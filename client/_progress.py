@@ -11,7 +11,7 @@ REDRAW_HZ_MAX = 10
 BAR_WIDTH = 30
 
 
-class Progress:
+class ProgressBar:
     """Counts work done out of `total` and draws `label [#####.....] done/total pct rate/s`.
 
     Args:
@@ -31,7 +31,7 @@ class Progress:
         self._started = time.monotonic()
         self._drawn_at = 0.0
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> "ProgressBar":
         return self
 
     def __exit__(self, *exc_info: object) -> None:

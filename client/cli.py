@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from client._progress import Progress
+from client._progress import ProgressBar
 from client.errors import RaftqError, TransportError
 
 DEFAULT_NODES = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
@@ -172,7 +172,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options = {"priority": args.priority, "delay_s": args.delay, "max_attempts": args.max_attempts,
                "lease_s": args.lease}
     ids: list[str] = []
-    progress = Progress(len(payloads), label=f"submit {args.queue}",
+    progress = ProgressBar(len(payloads), label=f"submit {args.queue}",
                         enabled=None if len(payloads) > 1 else False)
     with _client(args) as client:
         try:

@@ -9,16 +9,18 @@
 # Data and logs go under $RAFTQ_HOME (default: var/local-cluster in the repository), with the
 # cluster secret the nodes present to each other: $RAFTQ_HOME/cluster-secret, made on first start
 # (random, mode 0600).
-# RAFTQ_BASE_PORT (default 7001) and RAFTQ_NODES (3 or 5; 1 for a single node) change the layout.
+# RAFTQ_BASE_PORT (default 7001) and RAFTQ_NODE_COUNT (3 or 5; 1 for a single node) change the
+# layout. (RAFTQ_NODES is the client's list of node URLs; this script never reads it.)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 
 HOME_DIR="${RAFTQ_HOME:-$RAFTQ_ROOT/var/local-cluster}"
 BASE_PORT="${RAFTQ_BASE_PORT:-7001}"
-COUNT="${RAFTQ_NODES:-3}"
-# RAFTQ_NODES is also the client's list of node URLs (the --tls hint exports it): only a number
-# counts here.
-[[ "$COUNT" =~ ^[0-9]+$ ]] || COUNT=3
+COUNT="${RAFTQ_NODE_COUNT:-3}"
+if ! [[ "$COUNT" =~ ^[135]$ ]]; then
+    echo "RAFTQ_NODE_COUNT must be 1, 3 or 5, got '$COUNT'" >&2
+    exit 2
+fi
 
 node_ids() { seq 1 "$COUNT" | sed 's/^/n/'; }
 port_of() { echo $((BASE_PORT + ${1#n} - 1)); }

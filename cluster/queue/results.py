@@ -5,7 +5,7 @@ user can cause (an unknown id, a stale lease, a full queue) is one of these froz
 API edge maps it to HTTP.
 
     Submit        -> Submitted | QueueFull
-    Lease         -> Leased(jobs: LeasedJob...)
+    Lease         -> Leased(jobs: JobGrant...)
     Ack/Fail/Release -> ItemOutcomes(OK | ItemError ...)
     Extend        -> ItemOutcomes(Extended | ItemError ...)
     Tick          -> Ticked
@@ -75,7 +75,9 @@ class QueueFull:
 
 
 @dataclass(frozen=True, slots=True)
-class LeasedJob:
+class JobGrant:
+    """One job a Lease command handed to a worker (the client's `LeasedJob` is what it receives)."""
+
     id: str
     queue: str
     payload: bytes
@@ -87,7 +89,7 @@ class LeasedJob:
 
 @dataclass(frozen=True, slots=True)
 class Leased:
-    jobs: tuple[LeasedJob, ...]
+    jobs: tuple[JobGrant, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ from cluster.queue.jobs import (
 )
 from cluster.queue.results import (  # re-exported: the API maps these to HTTP
     CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
-    Leased, LeasedJob, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, ScheduleFired,
+    Leased, JobGrant, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, ScheduleFired,
     Submitted, Ticked,
 )
 from cluster.queue.schedules import (
@@ -93,7 +93,7 @@ from cluster.raft.messages import Entry, EntryKind
 
 __all__ = [
     "QueueStateMachine", "SnapshotCapture", "write_snapshot", "EVENTS", "SNAPSHOT_VERSION",
-    "ApplyResult", "Outcome", "Ok", "OK", "ItemError", "Extended", "ItemOutcomes", "Submitted", "QueueFull", "Leased", "LeasedJob", "Ticked", "Released",
+    "ApplyResult", "Outcome", "Ok", "OK", "ItemError", "Extended", "ItemOutcomes", "Submitted", "QueueFull", "Leased", "JobGrant", "Ticked", "Released",
     "Renewed", "Redriven", "Purged", "Rejected", "NOT_FOUND", "LEASE_MISMATCH", "LEASE_EXPIRED", "CONFLICT",
 ]
 
@@ -378,7 +378,7 @@ class QueueStateMachine:
         start = self._rotation % len(names)
         rotated = names[start:] + names[:start]
         active = [q for q in map(self._queues.get, rotated) if q is not None and q.turns and self._has_token(q, now)]
-        taken: list[LeasedJob] = []
+        taken: list[JobGrant] = []
         max_jobs = command.max_jobs
         while active and len(taken) < max_jobs:
             still_ready = []
@@ -471,7 +471,7 @@ class QueueStateMachine:
         for lane_id in sorted(queue.lanes):
             self._refresh_turn(queue, lane_id)
 
-    def _grant(self, queue: _Queue, job: Job, worker: str, now: int) -> LeasedJob:
+    def _grant(self, queue: _Queue, job: Job, worker: str, now: int) -> JobGrant:
         """Leases `job`, already taken out of its lane, to `worker`."""
         self._lease_counter += 1
         token = self._lease_counter
@@ -493,7 +493,7 @@ class QueueStateMachine:
         if job.key is not None:
             queue.running[job.key] = queue.running.get(job.key, 0) + 1
         self._refresh_turn(queue, lane_of(job))
-        return LeasedJob(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority)
+        return JobGrant(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority)
 
     # ------------------------------------------------------------------ ack, fail, extend
 

@@ -1,13 +1,13 @@
 """The sans-IO Raft core: no asyncio, sockets, clocks or global randomness (see node.py)."""
 
 from cluster.raft.codec import decode_message, decode_messages, encode_message, encode_messages
-from cluster.raft.errors import CodecError, ConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
+from cluster.raft.errors import CodecError, RaftConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
 from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster.raft.progress import ProgressState, ProgressView
 
 __all__ = [
-    "CodecError", "ConfigError", "Entry", "EntryKind", "HardState", "Message", "MessageType", "NotLeader",
+    "CodecError", "RaftConfigError", "Entry", "EntryKind", "HardState", "Message", "MessageType", "NotLeader",
     "ProgressState", "ProgressView", "ProposalDropped", "RaftConfig", "RaftError", "RaftNode", "Ready", "Role",
     "StepRejected", "decode_message", "decode_messages", "encode_message", "encode_messages",
 ]

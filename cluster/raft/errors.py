@@ -2,7 +2,7 @@
 
 ```
 RaftError
-├── ConfigError        local misuse: a RaftConfig that cannot work
+├── RaftConfigError    local misuse: a RaftConfig that cannot work
 ├── NotLeader          local request on a node that is not the leader (carries the leader hint)
 ├── ProposalDropped    local request refused for backpressure (uncommitted bytes bound)
 ├── StepRejected       remote misbehaviour: a peer message that is malformed or misaddressed
@@ -19,7 +19,7 @@ class RaftError(Exception):
     """Base class of every error the Raft core raises on purpose."""
 
 
-class ConfigError(RaftError):
+class RaftConfigError(RaftError):
     """Raised when a RaftConfig is invalid (see RaftConfig.validate)."""
 
 

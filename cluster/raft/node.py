@@ -74,7 +74,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from cluster.raft.errors import ConfigError, NotLeader, ProposalDropped, StepRejected
+from cluster.raft.errors import RaftConfigError, NotLeader, ProposalDropped, StepRejected
 from cluster.raft.log import RaftLog, entry_payload_bytes
 from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.progress import Progress, ProgressState, ProgressView
@@ -127,23 +127,23 @@ class RaftConfig:
         """Check the configuration.
 
         Raises:
-            ConfigError: naming the first field that is wrong.
+            RaftConfigError: naming the first field that is wrong.
         """
         if not isinstance(self.node_id, str) or not self.node_id:
-            raise ConfigError("node_id must be a non-empty string")
+            raise RaftConfigError("node_id must be a non-empty string")
         if len(set(self.peer_ids)) != len(self.peer_ids):
-            raise ConfigError("peer_ids must not repeat")
+            raise RaftConfigError("peer_ids must not repeat")
         if self.node_id in self.peer_ids or not all(isinstance(p, str) and p for p in self.peer_ids):
-            raise ConfigError("peer_ids must be non-empty strings other than node_id")
+            raise RaftConfigError("peer_ids must be non-empty strings other than node_id")
         if self.heartbeat_ticks < 1:
-            raise ConfigError("heartbeat_ticks must be at least 1")
+            raise RaftConfigError("heartbeat_ticks must be at least 1")
         if self.election_ticks <= self.heartbeat_ticks:
-            raise ConfigError("election_ticks must be greater than heartbeat_ticks")
+            raise RaftConfigError("election_ticks must be greater than heartbeat_ticks")
         for name in ("max_entries_per_append", "max_append_bytes", "max_inflight_appends"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+                raise RaftConfigError(f"{name} must be at least 1")
         if self.max_uncommitted_bytes < 0:
-            raise ConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
+            raise RaftConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class RaftNode:
                 restored into its state machine; commit_index and applied_index start there.
 
         Raises:
-            ConfigError: the configuration is invalid.
+            RaftConfigError: the configuration is invalid.
         """
         config.validate()
         self._config = config

@@ -136,7 +136,7 @@ class LeaseModel:
             if not isinstance(result, res.ItemError):
                 self.holds.pop(command.id, None)
 
-    def _grant(self, index: int, command: cmds.Lease, job: res.LeasedJob, clock_ms: int) -> None:
+    def _grant(self, index: int, command: cmds.Lease, job: res.JobGrant, clock_ms: int) -> None:
         self.grants_count += 1
         if job.lease <= self.last_token:
             raise Violation("fencing tokens increase", f"index {index} granted token {job.lease} "

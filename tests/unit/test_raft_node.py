@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from cluster.raft.errors import ConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
+from cluster.raft.errors import RaftConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
 from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster.raft.progress import ProgressState
@@ -75,9 +75,9 @@ def accept(node: RaftNode, peer: str, index: int) -> None:
 ])
 def test_config_validate(options: dict, complaint: str) -> None:
     config = replace(RaftConfig(node_id="n1", peer_ids=("n2", "n3")), **options)
-    with pytest.raises(ConfigError, match=complaint):
+    with pytest.raises(RaftConfigError, match=complaint):
         config.validate()
-    with pytest.raises(ConfigError):
+    with pytest.raises(RaftConfigError):
         RaftNode(config, hard_state=HardState(), entries=[], rng=random.Random(0))
 
 

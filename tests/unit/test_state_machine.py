@@ -42,10 +42,10 @@ class Machine:
     def submit(self, *jobs: c.NewJob, queue: str = "q", now: int = T0):
         return self(c.Submit(now, queue, jobs))
 
-    def lease(self, queues=("q",), max_jobs: int = 1, worker: str = "w1", now: int = T0) -> tuple[r.LeasedJob, ...]:
+    def lease(self, queues=("q",), max_jobs: int = 1, worker: str = "w1", now: int = T0) -> tuple[r.JobGrant, ...]:
         return self(c.Lease(now, worker, tuple(queues), max_jobs)).jobs
 
-    def lease_one(self, **kwargs) -> r.LeasedJob:
+    def lease_one(self, **kwargs) -> r.JobGrant:
         jobs = self.lease(**kwargs)
         assert len(jobs) == 1, jobs
         return jobs[0]
@@ -262,7 +262,7 @@ def test_lease_grants_fencing_tokens_and_counts_attempts(m):
     leases = m.lease(max_jobs=2, now=T0 + 5)
     assert [j.lease for j in leases] == [1, 2]
     first = leases[0]
-    assert first == r.LeasedJob("a", "q", b"\x91\x01", 1, 1, T0 + 10_005, 0)
+    assert first == r.JobGrant("a", "q", b"\x91\x01", 1, 1, T0 + 10_005, 0)
     record = m.sm.get_job("a")
     assert record["state"] == "leased" and record["worker"] == "w1" and record["leased_at_ms"] == T0 + 5
     assert m.sm.lease_holder("a") == ("w1", 1, T0 + 10_005)
@@ -288,7 +288,7 @@ def test_lease_stops_at_max_jobs_and_has_ready(m):
 # ---------------------------------------------------------------------- ack, fail, extend: lease checks
 
 
-def _leased(m: Machine, **job_overrides) -> r.LeasedJob:
+def _leased(m: Machine, **job_overrides) -> r.JobGrant:
     m.submit(job("a", **job_overrides))
     return m.lease_one()
 
