@@ -28,7 +28,11 @@ Violations (each names the job and the history lines that show it):
                               monitor's lag), the time it was seen + lease_s: a bound that can
                               only forgive, never accuse, a legitimate ack.
     not_completed             acked, yet never completed (2xx ack) nor dead-lettered by the end of
-                              the final drain (checked only when the history has a `drained` event)
+                              the final drain (checked only when the history has a `drained` event).
+                              An ack whose answer never came (its worker killed or cut off mid-call)
+                              may have been applied: the drain then asks the cluster for that job's
+                              state (a `final_states` event), and `done` counts as completed, since
+                              only an ack makes a job done.
     digest_mismatch           the nodes' state digests differed after the final heal
     liveness                  the harness saw the cluster fail to recover (no leader after a heal,
                               drain never finished): recorded by the runner as `liveness` events
@@ -156,6 +160,16 @@ def pair_ops(records: list[dict]) -> tuple[list[Op], list[dict]]:
     return list(ops.values()), events
 
 
+def unanswered_acks(records: Iterable[dict]) -> set[str]:
+    """Ids of jobs with an ack sent whose answer never came: they may or may not be done."""
+    ops, _ = pair_ops(numbered(records))
+    return _unanswered_ack_jobs(ops)
+
+
+def _unanswered_ack_jobs(ops: list[Op]) -> set[str]:
+    return {str(op.invoke["job"]) for op in ops if op.op == "ack" and (op.done is None or op.type == INFO)}
+
+
 def check(records: Iterable[dict], *, lease_s: float | None = None,
           renew_tolerance_s: float = RENEW_TOLERANCE_S) -> CheckResult:
     """Checks a history; see the module docstring for what is counted and what is a violation.
@@ -205,6 +219,11 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
             if op.op == "ack" and op.type == OK:
                 acks_ok.append(op)
     completed_jobs = {str(op.invoke["job"]) for op in acks_ok}
+    final_states: dict[str, str] = {}
+    for e in events:
+        if e["op"] == "final_states":
+            final_states.update(e.get("jobs", {}))
+    completed_jobs |= {job for job in _unanswered_ack_jobs(ops) if final_states.get(job) == "done"}
 
     # ---------------------------------------------------------------- total-queue
     for value, op in acked.items():

@@ -91,12 +91,18 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
-def merge(directory: str, out_path: str) -> list[dict]:
-    """Merges every `*.jsonl` in directory into out_path, ordered by time; sets `line` (1-based)."""
+def read_history_dir(directory: str) -> list[dict]:
+    """The records of every `*.jsonl` in directory, ordered by time (no `line` numbers yet)."""
     records: list[dict] = []
     for path in sorted(glob.glob(os.path.join(directory, "*.jsonl"))):
         records.extend(read_records(path))
     records.sort(key=lambda r: r["t"])  # stable: one writer's records keep their order at equal times
+    return records
+
+
+def merge(directory: str, out_path: str) -> list[dict]:
+    """Merges every `*.jsonl` in directory into out_path, ordered by time; sets `line` (1-based)."""
+    records = read_history_dir(directory)
     with open(out_path, "w", encoding="utf-8") as f:
         for line, record in enumerate(records, start=1):
             record["line"] = line

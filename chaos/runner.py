@@ -28,10 +28,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from chaos import checker
-from chaos.history import HistoryWriter, merge
+from chaos.history import HistoryWriter, merge, read_history_dir
 from chaos.nemesis import FAULTS, Nemesis, Timing
 from chaos.topology import ToxiproxyFaults, ToxiproxyServerHandle, Topology
-from chaos.workload import Monitor, Producers, WorkerPool, WorkloadConfig, drain
+from chaos.workload import Monitor, Producers, WorkerPool, WorkloadConfig, drain, record_final_states
 from cluster.localcluster import wait_until
 
 log = logging.getLogger("chaos.runner")
@@ -161,6 +161,8 @@ def run(config: RunConfig) -> RunOutcome:
         log.info("drain")
         drained = drain(topo.client_urls, workload, history, config.drain_timeout_s)
         log.info("drain: %s", drained)
+        unanswered = checker.unanswered_acks(read_history_dir(history_dir))
+        record_final_states(topo.client_urls, workload, history, sorted(unanswered))
         digests = _converge(topo, history, "after the drain", config.converge_timeout_s)
     finally:
         if producers is not None:

@@ -139,9 +139,19 @@ class Producers:
 # ---------------------------------------------------------------------------- lease / report ops
 
 
-def jobs_record(jobs) -> list[dict]:
+def lease_end_wall(job, answered_wall: float) -> float:
+    """When the job's lease ends, on this machine's wall clock, for a lease answer received at
+    answered_wall. The answer's `lease_expires_at` is on the cluster's replicated clock, which
+    stands still during elections and so runs behind wall time; `lease_expires_in_s` is the time
+    left when the leader answered, so answered_wall + it is a bound that can only be late (by the
+    answer's transit), never early: the checker forgives with it and never accuses."""
+    in_s = getattr(job, "lease_expires_in_s", None)
+    return job.lease_expires_at if in_s is None else answered_wall + in_s
+
+
+def jobs_record(jobs, answered_wall: float) -> list[dict]:
     return [{"id": j.id, "value": j.payload.get("v") if isinstance(j.payload, dict) else None, "lease": j.lease,
-             "expires": j.lease_expires_at, "attempt": j.attempt} for j in jobs]
+             "expires": lease_end_wall(j, answered_wall), "attempt": j.attempt} for j in jobs]
 
 
 def recorded_fetch(client: Client, history: HistoryWriter, proc: str, worker: str, queue: str, max_jobs: int,
@@ -155,7 +165,7 @@ def recorded_fetch(client: Client, history: HistoryWriter, proc: str, worker: st
     except Exception as exc:
         history.complete(op_id, "lease", INFO, **_error_fields(exc))
         return []
-    history.complete(op_id, "lease", OK, jobs=jobs_record(jobs))
+    history.complete(op_id, "lease", OK, jobs=jobs_record(jobs, time.time()))
     return jobs
 
 
@@ -242,6 +252,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     proc = args.worker
     while not stop.is_set():
         jobs = recorded_fetch(client, history, proc, args.worker, args.queue, args.batch, 1.0)
+        answered_wall = time.time()
         with held_lock:
             held.update({j.id: j.lease for j in jobs})
         # Draw each job's fate first; stalls go last, so that a stall never makes the rest of its
@@ -264,7 +275,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             stop.wait(rng.uniform(0.02, 0.15))  # the "work"
             if action == "stall":
                 history.event("stall", proc=proc, job=job.id, lease=job.lease)
-                if stop.wait(max(0.0, job.lease_expires_at - time.time()) + 1.5):
+                if stop.wait(max(0.0, lease_end_wall(job, answered_wall) - time.time()) + 1.5):
                     break
                 action = "ack"  # too late: the ack must be refused
             if action == "drop":
@@ -363,6 +374,23 @@ class WorkerPool:
 
 
 # ---------------------------------------------------------------------------- the drain
+
+
+def record_final_states(urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter,
+                        job_ids: Sequence[str]) -> None:
+    """Records a `final_states` event: the cluster's state of each job in job_ids (after the drain).
+
+    For the jobs whose ack went unanswered: the checker cannot tell from the history alone whether
+    such an ack was applied, and the cluster can.
+    """
+    states: dict[str, str] = {}
+    with Client(urls, timeout=config.timeout_s, deadline=config.deadline_s) as client:
+        for job_id in sorted(job_ids):
+            try:
+                states[job_id] = str(client.get(job_id).get("state"))
+            except errors.RaftqError as exc:
+                states[job_id] = f"unknown: {type(exc).__name__}"
+    history.event("final_states", proc="drain", jobs=states)
 
 
 def drain(urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter, timeout_s: float) -> dict:

@@ -201,6 +201,20 @@ def test_after_the_drain_an_acknowledged_job_neither_acked_nor_dead_is_not_compl
     assert dead.check().valid
 
 
+def test_an_unanswered_ack_counts_as_completed_only_when_the_cluster_says_the_job_is_done():
+    def history(final_state: str | None) -> History:
+        h = (History().submit("a", "j1", at=1).lease("w1", [("j1", "a", 1)], at=2)
+             .ack("w1", "j1", 1, at=3, outcome=None)  # the worker was killed before the answer came
+             .event("dead", at=9, jobs=[]).event("drained", at=10, complete=True))
+        return h if final_state is None else h.event("final_states", at=11, jobs={"j1": final_state})
+
+    assert checker.unanswered_acks(history(None).records) == {"j1"}
+    assert history("done").check().valid
+    for state in (None, "ready", "unknown: Unavailable"):
+        (violation,) = history(state).check().violations_of("not_completed")
+        assert violation.job == "j1", state
+
+
 def test_different_digests_after_the_heal_and_liveness_events_are_violations():
     h = (healthy().event("converged", at=12, digests={"n1": "d", "n2": "e"}, equal=False)
          .event("liveness", at=13, message="no leader 60 s after healing kill-all"))
