@@ -33,6 +33,25 @@ Violations (each names the job and the history lines that show it):
                               may have been applied: the drain then asks the cluster for that job's
                               state (a `final_states` event), and `done` counts as completed, since
                               only an ack makes a job done.
+    delay_early               a job submitted with delay_s was leased before delay_s had passed
+                              since its submit was sent (SPEC guarantee 9: a clock ran ahead)
+    delay_late                ... first leased more than timing_bound_s after its delay ran out
+                              (a clock that froze; the bound covers the faults' own outages), or
+                              after a lease whose answer may have been lost (unanswered, or sent
+                              during a fault, where the client's retry hides a first attempt that
+                              committed) ran out
+    lease_early               a lease its worker let run out was handed out again before it could
+                              have run out (lease_s after the lease was asked for); judged in quiet
+                              stretches only (no fault, no leader change, not the final drain),
+                              since a worker whose heartbeats stop is rightly requeued earlier
+    lease_late                ... handed out again more than timing_bound_s after it ran out,
+                              counting lease renewals at leader changes and the requeue backoff
+                              (judged on the delayed jobs only: they run at the top priority, so
+                              no backlog of ready jobs stands in front of them)
+    damage_unnamed            a node refused to start on files the disk nemesis damaged, without
+                              naming the damaged file (SPEC guarantee 7)
+    damage_ignored            a node started on damaged durable data (a bit flipped mid-WAL or in
+                              the hard state) instead of refusing
     digest_mismatch           the nodes' state digests differed after the final heal
     liveness                  the harness saw the cluster fail to recover (no leader after a heal,
                               drain never finished): recorded by the runner as `liveness` events
@@ -56,6 +75,14 @@ from chaos.history import FAIL, INFO, OK, numbered
 RENEW_TOLERANCE_S = 2.0
 #: Seconds of slack on expiry comparisons (lease_expires_at is rounded to the millisecond).
 EXPIRY_SLACK_S = 0.005
+#: Seconds of slack on the early side of the timing check (history times are read before and after
+#: each request, so the check is exact up to rounding).
+TIMING_SLACK_S = 0.005
+#: Seconds a delayed job or an expired lease may come late: faults hold a few seconds, a paused
+#: leader 3 election timeouts, kill-all a restart; a frozen clock (issue 12) came an hour late.
+TIMING_BOUND_S = 20.0
+#: The requeue backoff's cap (SPEC: base 1 s, x2 per attempt, cap 300 s, full jitter).
+BACKOFF_CAP_S = 300.0
 #: Violations listed per kind in the human summary (the JSON report has them all).
 SUMMARY_VIOLATIONS_MAX = 10
 
@@ -171,7 +198,7 @@ def _unanswered_ack_jobs(ops: list[Op]) -> set[str]:
 
 
 def check(records: Iterable[dict], *, lease_s: float | None = None,
-          renew_tolerance_s: float = RENEW_TOLERANCE_S) -> CheckResult:
+          renew_tolerance_s: float = RENEW_TOLERANCE_S, timing_bound_s: float = TIMING_BOUND_S) -> CheckResult:
     """Checks a history; see the module docstring for what is counted and what is a violation.
 
     Args:
@@ -181,6 +208,7 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
             judged on expiry.
         renew_tolerance_s: how late after an ack the monitor may first see a leader that took
             office before it.
+        timing_bound_s: how late a delayed job or an expired lease may come (see TIMING_BOUND_S).
     """
     records = numbered(records)
     ops, events = pair_ops(records)
@@ -294,6 +322,100 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
                                    f"(expiry {expires:.3f} from line {own.op.done['line']}"
                                    f"{', renewals by leader changes included' if renewed else ''})",
                 job=job, value=own.value, lines=sorted(ack.lines + own.op.lines)))
+
+    # ---------------------------------------------------------------- timing (SPEC guarantee 9)
+    # Both sides are the harness's monotonic clock (one machine, so comparable across processes).
+    # Early is judged exactly: the cluster's clock never runs faster than its leader's monotonic
+    # clock, so a job leased before its delay (or a dropped lease redelivered before it ran out)
+    # is a clock that ran ahead. Late gets timing_bound_s, which covers the faults' own outages:
+    # it catches a clock that froze (before issue 12: an hour), not a latency target.
+    # A lease's answer can be lost: the op ends unanswered, or, inside a fault, the client's own
+    # retry on another node hides a first attempt that did commit (a lease is not idempotent).
+    fault_spans = [(w["start_t"], w["stop_t"]) for w in _fault_windows(events)]
+    unanswered_leases = [o for o in ops if o.op == "lease" and (
+        o.type == INFO or any(a <= o.end_t and b >= o.start_t for a, b in fault_spans))]
+
+    def lost_answer_allowance(since_t: float, until_t: float, since_wall: float, until_wall: float) -> float:
+        """A lease whose answer was lost may have taken the job meanwhile: then it came out only once
+        that lease ran out (renewed at each leader change) and its requeue backoff passed. Returns the
+        latest such time, or -inf."""
+        latest = -math.inf
+        for o in unanswered_leases:
+            if since_t <= o.start_t <= until_t:
+                renewals = sum(1 for x in elections if o.start_wall <= x["wall"] <= until_wall)
+                latest = max(latest, o.start_t + float(lease_s or 0) * (1 + renewals) + 2.0)
+        return latest
+
+    for value, op in acked.items():
+        delay_s = op.invoke.get("delay_s")
+        if not delay_s or value not in by_value:
+            continue
+        first = by_value[value][0]
+        early_s = op.start_t + delay_s - first.op.end_t
+        if early_s > TIMING_SLACK_S:
+            violations.append(Violation(
+                "delay_early", f"job {first.job} submitted with delay_s={delay_s:g} (line {op.invoke['line']}) was "
+                               f"leased {early_s:.3f} s before its delay ran out (line {first.op.done['line']})",
+                job=first.job, value=value, lines=op.lines + first.op.lines))
+        due_t = max(op.end_t + delay_s,
+                    lost_answer_allowance(op.start_t, first.op.start_t, op.start_wall, first.op.end_wall))
+        late_s = first.op.end_t - due_t
+        if late_s > timing_bound_s:
+            violations.append(Violation(
+                "delay_late", f"job {first.job} submitted with delay_s={delay_s:g} (line {op.invoke['line']}) was "
+                              f"first leased {late_s:.1f} s after its delay ran out (line {first.op.done['line']}; "
+                              f"bound {timing_bound_s:g} s)",
+                job=first.job, value=value, lines=op.lines + first.op.lines))
+    if lease_s is not None:
+        windows = _fault_windows(events)
+        for e in events:
+            if e["op"] not in ("drop", "stall"):
+                continue
+            job, token = str(e["job"]), int(e["lease"])
+            held = next((d for d in by_job.get(job, []) if d.lease == token), None)
+            after = next((d for d in by_job.get(job, []) if d.lease > token), None)
+            if held is None or after is None:
+                continue  # not redelivered: the lost / not_completed checks judge it
+            timed = held.value in acked and bool(acked[held.value].invoke.get("delay_s"))
+            early_s = held.op.start_t + float(lease_s) - after.op.end_t
+            # The leader requeues a worker's jobs early, rightly, once its heartbeats stop reaching it
+            # (WorkerLost): a fault on its links or on the worker, a leader change (the new leader
+            # gives each worker one heartbeat timeout), or the workers stopped before the drain.
+            # Judged in quiet stretches only, where a healthy worker's heartbeats arrive.
+            disturbed = (after.op.proc == "drain"
+                         or any(w["start_t"] <= after.op.end_t and w["stop_t"] >= held.op.start_t for w in windows)
+                         or any(held.op.start_wall <= x["wall"] <= after.op.end_wall for x in elections))
+            if early_s > TIMING_SLACK_S and not disturbed:
+                violations.append(Violation(
+                    "lease_early", f"job {job}: lease {token} (line {held.op.done['line']}) was let run out by its worker "
+                                   f"and the job leased again {early_s:.3f} s before that lease could run out "
+                                   f"(line {after.op.done['line']})", job=job, value=held.value,
+                    lines=held.op.lines + after.op.lines))
+            # Each leader change renews live leases by lease_s; a requeue waits its backoff.
+            renewals = sum(1 for x in elections if held.op.start_wall <= x["wall"] <= after.op.end_wall)
+            backoff_s = min(BACKOFF_CAP_S, 2.0 ** (held.attempt or 1))
+            due_t = max(held.op.end_t + float(lease_s) * (1 + renewals) + backoff_s,
+                        lost_answer_allowance(held.op.end_t, after.op.start_t, held.op.end_wall, after.op.end_wall))
+            late_s = after.op.end_t - due_t
+            if timed and late_s > timing_bound_s:
+                violations.append(Violation(
+                    "lease_late", f"job {job}: lease {token} (line {held.op.done['line']}) was let run out by its worker "
+                                  f"and the job was leased again only {late_s:.1f} s after it ran out and its backoff "
+                                  f"passed (line {after.op.done['line']}; bound {timing_bound_s:g} s)", job=job,
+                    value=held.value, lines=held.op.lines + after.op.lines))
+
+    # ---------------------------------------------------------------- damage at rest (disk nemesis)
+    for e in events:
+        if e["op"] != "damage":
+            continue
+        if e.get("refused") and not e.get("named"):
+            violations.append(Violation(
+                "damage_unnamed", f"{e.get('node')} refused to start after {e.get('kind')} damage to {e.get('file')} "
+                                  f"but its log does not name that file (line {e['line']})", lines=[e["line"]]))
+        if e.get("must_refuse") and not e.get("refused"):
+            violations.append(Violation(
+                "damage_ignored", f"{e.get('node')} started although {e.get('kind')} damage to {e.get('file')} "
+                                  f"hit durable data (line {e['line']})", lines=[e["line"]]))
 
     # ---------------------------------------------------------------- completion after the drain
     drained = next((e for e in events if e["op"] == "drained"), None)

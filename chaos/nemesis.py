@@ -15,12 +15,15 @@ every paused node and worker, start every node that is down.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from chaos import fsync_marker
+from chaos import disk_damage, faketime, fsync_marker
+from chaos.faketime import SkewedClock
 from chaos.history import HistoryWriter
 from chaos.topology import Topology, client_proxy, peer_proxy
 from chaos.workload import WorkerPool
@@ -416,10 +419,90 @@ class WorkerPause(Fault):
             nemesis.workers.resume(worker_id)
 
 
+# ---------------------------------------------------------------------------- clocks
+
+
+#: How far a skewed node's wall clock is off (seconds), drawn per fault: seconds to a day, both
+#: ways; None = a true clock at start, stepped by CLOCK_STEP_S once the node leads (an NTP step).
+CLOCK_OFFSETS_S = (-86_400.0, -3_600.0, -90.0, 90.0, 3_600.0, 86_400.0, None)
+CLOCK_STEP_S = 3_600.0
+
+
+class ClockSkew(Fault):
+    name = "clock-skew"
+    goal = ("a node whose wall clock is off by seconds to a day (libfaketime; monotonic time true), or steps by "
+            "an hour while it leads, is made leader, then restarted with a true clock so leadership moves on: "
+            "no delay or lease ends early, none much late (the timing check)")
+
+    def start(self, nemesis):
+        node_id = nemesis.follower()
+        offset_s = nemesis.rng.choice(CLOCK_OFFSETS_S)
+        clock = SkewedClock(faketime.library_path(install=True),
+                            os.path.join(nemesis.cluster.base_dir, f"{node_id}.faketime"), offset_s or 0.0)
+        nemesis.cluster.terminate(node_id)
+        nemesis.cluster.nodes[node_id].env = clock.env
+        nemesis.cluster.start_node(node_id)
+        nemesis.step(self.name, f"{node_id} restarted with its wall clock off by {offset_s or 0:+g} s")
+        led = True
+        try:
+            nemesis.cluster.move_leader_to(node_id, timeout_s=nemesis.timing.election_timeout_s * 15)
+        except TimeoutError as exc:  # the fault still ran: the node served as a follower
+            led = False
+            log.warning("nemesis %s: %s", self.name, exc)
+        if offset_s is None:
+            clock.set_offset(CLOCK_STEP_S)
+        return {"nodes": [node_id], "offset_s": offset_s or 0.0, "stepped_s": CLOCK_STEP_S if offset_s is None else 0.0,
+                "led": led}
+
+    def stop(self, nemesis, detail):
+        for node_id in detail["nodes"]:
+            nemesis.cluster.terminate(node_id)  # if it leads, the others elect: leadership moves on
+            nemesis.cluster.nodes[node_id].env = {}
+            nemesis.cluster.start_node(node_id)
+
+
+# ---------------------------------------------------------------------------- disks
+
+
+class DiskDamage(Fault):
+    name = "disk-damage"
+    goal = ("kill -9 a follower and damage one of its files at rest (cut the WAL tail; flip a bit mid-WAL, in the "
+            "newest snapshot or in the hard state), restart it: it recovers (tail cut, older snapshot plus the "
+            "log) or refuses to start naming the file; the other two keep serving; nothing acknowledged is lost")
+
+    def start(self, nemesis):
+        node_id = nemesis.follower()
+        node = nemesis.cluster.nodes[node_id]
+        nemesis.cluster.kill(node_id)
+        damaged = disk_damage.damage(node.data_dir, nemesis.rng.choice(disk_damage.KINDS), nemesis.rng)
+        log_offset = os.path.getsize(node.log_path) if os.path.exists(node.log_path) else 0
+        nemesis.cluster.start_node(node_id)
+        return {"nodes": [node_id], **damaged, "log_offset": log_offset}
+
+    def stop(self, nemesis, detail):
+        node_id = detail["nodes"][0]
+        node = nemesis.cluster.nodes[node_id]
+        refused = not node.alive
+        named = False
+        if refused:
+            text = nemesis.cluster.log_text(node_id)[detail["log_offset"]:]
+            named = bool(detail["file"]) and detail["file"] in text
+        # Judged by the checker: a node must refuse to start on damaged durable data, and say which file.
+        nemesis.history.event("damage", proc="nemesis", node=node_id, kind=detail["kind"], file=detail["file"],
+                              refused=refused, named=named, must_refuse=detail["kind"] in disk_damage.MUST_REFUSE)
+        if refused:
+            # What an operator does: wipe the node; it rejoins empty and gets the leader's snapshot.
+            log.info("nemesis %s: %s refused to start (%s); wiping its data", self.name, node_id, detail["file"])
+            shutil.rmtree(node.data_dir, ignore_errors=True)
+            nemesis.cluster.start_node(node_id)
+        else:
+            nemesis.ensure_running(node_id)
+
+
 FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in (
     IsolateLeader, IsolateFollower, RandomHalves, Bridge, OneWay, BlackHole, Latency, Bandwidth, Slicer, LimitData,
     ResetPeer, KillLeader, KillFollower, KillAll, PauseLeader, PauseFollower, Nats7567, LoseUnsynced,
-    LoseUnsyncedAll, WorkerKill, WorkerPause)}
+    LoseUnsyncedAll, WorkerKill, WorkerPause, ClockSkew, DiskDamage)}
 
 
 # ---------------------------------------------------------------------------- the nemesis

@@ -4,9 +4,11 @@ Goal: no acknowledged job is lost, nothing unexpected comes out, no job is deliv
 2xx ack, no ack is accepted on an expired or foreign lease, and every replica ends with the same
 state digest, after each of the nemesis' fault kinds (partitions, one-way cuts, black holes,
 latency, bandwidth, sliced and truncated streams, client resets, kill -9 of one or all nodes,
-loss of unsynced writes, SIGSTOP pauses including nats-server #7567, worker kill and pause).
+loss of unsynced writes, SIGSTOP pauses including nats-server #7567, worker kill and pause, a
+node whose wall clock is skewed or stepped leading, damage to a stopped node's files), and the
+timing check: no delayed job or run-out lease comes early, none much late.
 
-Takes about 2.5 minutes. The seed is fixed so that CI is repeatable; set RAFTQ_CHAOS_SEED to
+Takes about 3 minutes. The seed is fixed so that CI is repeatable; set RAFTQ_CHAOS_SEED to
 try another one. On failure the summary names the violating job and the history lines, and the
 run directory (node logs, history.jsonl, report.json) is kept under pytest's tmp_path.
 """

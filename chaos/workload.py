@@ -8,7 +8,8 @@ reused on its own retries) and is recorded in the history (`chaos.history`) with
           may still have committed: "did not commit in time" is a 503), or the process died
 
 Producers are threads of the runner, each offering a steady rate of unique values
-("p<i>-<seq>", also the idempotency key). Workers are separate processes (`python -m
+("p<i>-<seq>", also the idempotency key); every tenth is submitted with a delay, at the top
+priority, for the checker's timing check. Workers are separate processes (`python -m
 chaos.workload --worker ...`) so that the nemesis can SIGKILL and SIGSTOP them; each leases a
 few jobs at a time, heartbeats the ones it holds, and for each job (seeded choice) acks it,
 fails it (retry soon), stalls past its lease and then acks (the ack must be refused), or drops
@@ -59,6 +60,13 @@ class WorkloadConfig:
     p_drop: float = 0.02
     #: jobs one fetch may take
     batch: int = 3
+    #: every delay_every-th submit of a producer carries delay_s, for the checker's timing check
+    #: (leasable no earlier than the delay, and not much later); 0 = none. They run at the top
+    #: priority, so that a backlog of ready jobs (workers slower than the offered rate on a
+    #: loaded machine) does not stand between their due time and their lease.
+    delay_every: int = 10
+    delay_s: float = 2.0
+    timing_priority: int = 9
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -103,11 +111,14 @@ class Producer(threading.Thread):
                     continue
                 next_at = max(next_at + self.interval_s, now)  # after a slow call, no burst to catch up
                 value = f"{self.proc}-{seq}"
+                delay_s = c.delay_s if c.delay_every and seq % c.delay_every == c.delay_every - 1 else None
                 seq += 1
-                op_id = self.history.invoke("submit", proc=self.proc, value=value)
+                op_id = self.history.invoke("submit", proc=self.proc, value=value,
+                                            **({"delay_s": delay_s} if delay_s else {}))
                 try:
                     job = client.submit(c.queue, {"v": value}, idempotency_key=f"{self.run_tag}-{value}",
-                                        lease_s=c.lease_s, max_attempts=c.max_attempts)
+                                        lease_s=c.lease_s, max_attempts=c.max_attempts, delay_s=delay_s,
+                                        priority=c.timing_priority if delay_s else None)
                 except errors.RaftqError as exc:
                     self.history.complete(op_id, "submit", outcome_of(exc), **_error_fields(exc))
                 except Exception as exc:  # a client bug must not stop the run; the outcome is unknown

@@ -34,8 +34,10 @@ class History:
         if outcome is not None:  # None: the process died before the op completed
             self.records.append(self._at(at + took, proc=proc, op=op, type=outcome, op_id=op_id, **done))
 
-    def submit(self, value: str, job: str | None = None, *, at: float, outcome: str | None = "ok") -> "History":
-        self._op("p0", "submit", at, outcome, {"value": value}, {"job": job} if outcome == "ok" else {"error": "x"})
+    def submit(self, value: str, job: str | None = None, *, at: float, outcome: str | None = "ok",
+               delay_s: float | None = None) -> "History":
+        invoke = {"value": value, **({"delay_s": delay_s} if delay_s else {})}
+        self._op("p0", "submit", at, outcome, invoke, {"job": job} if outcome == "ok" else {"error": "x"})
         return self
 
     def lease(self, worker: str, jobs: list[tuple[str, str, int]], *, at: float, outcome: str = "ok") -> "History":
@@ -271,3 +273,92 @@ def test_a_fault_that_deposed_the_leader_only_this_time_says_so_in_its_detail():
          .event("nemesis", at=16, phase="stop", fault="halves", instance=1))
     stats = h.check().stats
     assert stats["to_leader_s"]["p50"] == 2.0 and stats["step_down_s"]["p50"] == pytest.approx(1.2)
+
+
+# ---------------------------------------------------------------------------- timing (guarantee 9)
+
+
+def delayed(lease_at: float) -> History:
+    """A job submitted at t=1 with delay_s=2 (the submit answered at 1.1), first leased at lease_at."""
+    return (History().submit("a", "j1", at=1, delay_s=2.0)
+            .lease("w1", [("j1", "a", 1)], at=lease_at).ack("w1", "j1", 1, at=lease_at + 0.5))
+
+
+def test_a_delayed_job_leased_within_its_window_is_valid():
+    # The lease op ends at 3.0: exactly the delay after the submit was sent; late side well inside.
+    assert delayed(2.9).check().valid
+    assert delayed(3.1 + checker.TIMING_BOUND_S - 1).check().valid
+
+
+def test_a_delayed_job_leased_before_its_delay_is_a_violation():
+    result = delayed(2.5).check()  # lease answered at 2.6 < 1 + 2
+    assert [v.job for v in result.violations_of("delay_early")] == ["j1"], result.violations
+
+
+def test_a_delayed_job_leased_far_after_its_delay_is_a_violation():
+    result = delayed(3.1 + checker.TIMING_BOUND_S + 1).check()
+    assert [v.job for v in result.violations_of("delay_late")] == ["j1"], result.violations
+
+
+def dropped(again_at: float) -> History:
+    """A timed job (delay_s=0.5, so in the timing sample): lease 1 of j1 asked for at t=2 and dropped by its worker; lease 2 handed out at again_at."""
+    return (History().submit("a", "j1", at=1, delay_s=0.5)
+            .lease("w1", [("j1", "a", 1)], at=2).event("drop", at=2.5, job="j1", lease=1)
+            .lease("w2", [("j1", "a", 2)], at=again_at).ack("w2", "j1", 2, at=again_at + 0.5))
+
+
+def test_a_dropped_lease_handed_out_again_after_it_ran_out_is_valid():
+    assert dropped(2 + LEASE_S).check().valid  # answered 0.1 s after it could first run out
+    assert dropped(2.1 + LEASE_S + 2 + checker.TIMING_BOUND_S - 1).check().valid  # within backoff + bound
+
+
+def test_a_dropped_lease_handed_out_again_before_it_could_run_out_is_a_violation():
+    result = dropped(2 + LEASE_S - 1).check()
+    assert [v.job for v in result.violations_of("lease_early")] == ["j1"], result.violations
+
+
+def test_early_requeue_during_a_fault_is_not_judged():
+    """The leader rightly requeues a lost worker's jobs before their leases run out (WorkerLost)."""
+    history = dropped(2 + LEASE_S - 1)
+    history.event("nemesis", at=1.5, phase="start", fault="worker-kill", instance=1)
+    history.event("nemesis", at=9, phase="stop", fault="worker-kill", instance=1)
+    assert not history.check().violations_of("lease_early")
+
+
+def test_a_dropped_lease_handed_out_again_far_too_late_is_a_violation():
+    result = dropped(2.1 + LEASE_S + 2 + checker.TIMING_BOUND_S + 1).check()
+    assert [v.job for v in result.violations_of("lease_late")] == ["j1"], result.violations
+
+
+# ---------------------------------------------------------------------------- damage at rest
+
+
+@pytest.mark.parametrize("fields, kinds", [
+    ({"kind": "wal-middle", "refused": True, "named": True, "must_refuse": True}, []),
+    ({"kind": "snapshot", "refused": False, "named": False, "must_refuse": False}, []),
+    ({"kind": "snapshot", "refused": True, "named": False, "must_refuse": False}, ["damage_unnamed"]),
+    ({"kind": "hard-state", "refused": False, "named": False, "must_refuse": True}, ["damage_ignored"]),
+])
+def test_damage_at_rest_is_judged_by_the_refusal_and_its_message(fields, kinds):
+    history = healthy().event("damage", at=6, node="n2", file="/d/n2/wal/hardstate", **fields)
+    result = history.check()
+    assert [v.kind for v in result.violations] == kinds, result.violations
+
+
+def test_lease_late_is_judged_on_the_delayed_sample_only():
+    """Other jobs may wait behind a backlog of ready work; the delayed ones run at the top priority."""
+    late = 2.1 + LEASE_S + 2 + checker.TIMING_BOUND_S + 1
+    plain = (History().submit("a", "j1", at=1)
+             .lease("w1", [("j1", "a", 1)], at=2).event("drop", at=2.5, job="j1", lease=1)
+             .lease("w2", [("j1", "a", 2)], at=late).ack("w2", "j1", 2, at=late + 0.5))
+    assert not plain.check().violations_of("lease_late")
+
+
+def test_a_delayed_job_may_come_late_after_a_lease_whose_answer_was_lost():
+    """That lease may have taken it; the job comes out once that lease ran out and its backoff passed."""
+    late = 3.1 + checker.TIMING_BOUND_S + 1
+    history = (History().submit("a", "j1", at=1, delay_s=2.0)
+               .lease("w9", [], at=late - LEASE_S - 2.5, outcome="info")
+               .lease("w1", [("j1", "a", 1)], at=late).ack("w1", "j1", 1, at=late + 0.5))
+    assert not history.check().violations_of("delay_late")
+    assert [v.kind for v in delayed(late).check().violations] == ["delay_late"]
