@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from chaos import checker
 from chaos.history import HistoryWriter, merge, read_history_dir
 from chaos.nemesis import FAULTS, Nemesis, Timing
+from chaos.schedule_probe import EVERY_S as SCHEDULE_EVERY_S, ScheduleProbe
 from chaos.topology import ToxiproxyFaults, ToxiproxyServerHandle, Topology
 from chaos.workload import Monitor, Producers, WorkerPool, WorkloadConfig, drain, record_final_states
 from cluster.localcluster import wait_until
@@ -37,7 +38,8 @@ from cluster.localcluster import wait_until
 log = logging.getLogger("chaos.runner")
 
 GOAL = ("Goal: no acknowledged job is lost, no job is delivered after a 2xx ack, no ack is accepted on an "
-        "expired or foreign lease, and every replica converges, whatever the nemesis does.")
+        "expired or foreign lease, a schedule makes one job per fire time, and every replica converges, "
+        "whatever the nemesis does.")
 
 
 @dataclass
@@ -126,11 +128,16 @@ def run(config: RunConfig) -> RunOutcome:
                     worker_timeout_s=config.worker_timeout_s)
     schedule: list[str] = []
     digests: dict = {}
+    probe = None
+    probe_violations: list[checker.Violation] = []
+    probe_stats: dict = {}
     try:
         leader = topo.start(timeout_s=config.recover_timeout_s)
         log.info("cluster up, leader %s; client proxies %s", leader, ", ".join(topo.client_urls))
         monitor = Monitor(topo.cluster, history)
         monitor.start()
+        probe = ScheduleProbe(topo.client_urls)
+        probe.start()
         workers = WorkerPool(topo.client_urls, history_dir, out_dir, workload, config.seed)
         workers.start()
         producers = Producers(topo.client_urls, workload, history, run_tag=f"s{config.seed}")
@@ -164,6 +171,8 @@ def run(config: RunConfig) -> RunOutcome:
         unanswered = checker.unanswered_acks(read_history_dir(history_dir))
         record_final_states(topo.client_urls, workload, history, sorted(unanswered))
         digests = _converge(topo, history, "after the drain", config.converge_timeout_s)
+        probe_violations, probe_stats = probe.check()
+        log.info("schedule: %s", probe_stats)
     finally:
         if producers is not None:
             producers.stop()
@@ -178,6 +187,9 @@ def run(config: RunConfig) -> RunOutcome:
     history_path = os.path.join(out_dir, "history.jsonl")
     records = merge(history_dir, history_path)
     result = checker.check(records, lease_s=workload.lease_s)
+    result.violations.extend(probe_violations)
+    result.valid = result.valid and not probe_violations
+    result.stats["schedule"] = probe_stats
     elapsed = time.monotonic() - started
     header = [
         "raftq chaos run",
@@ -186,6 +198,7 @@ def run(config: RunConfig) -> RunOutcome:
         f"({', '.join(sorted(set(schedule)))})",
         f"toxiproxy: {server.kind}; out: {out_dir}",
         f"replay: {config.replay_command()}",
+        f"schedule every {SCHEDULE_EVERY_S:g} s, one job per fire time: {probe_stats}",
     ]
     summary = checker.summarize(result, header=header)
     report = {"config": {**asdict(config), "out_dir": out_dir}, "toxiproxy": server.kind, "schedule": schedule,

@@ -18,7 +18,7 @@ import aiohttp
 
 from client import errors
 from client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
-                          result_of, single)
+                          result_of, schedule_spec, single)
 from client._client import Client
 from client._transports import AsyncBaseTransport, Request, Response, base_url, tls_context, transport_error
 
@@ -218,6 +218,31 @@ class AsyncClient(_BaseClient):
 
     async def queue_details(self) -> dict:
         return await self._send(self._queues_call(detail=True))
+
+    # ------------------------------------------------------------------ schedules
+
+    async def put_schedule(self, name: str, queue: str, payload: Any = None, *, cron: str | None = None,
+                           every_s: float | None = None, timezone: str | None = None, overlap: str | None = None,
+                           catch_up: str | None = None, priority: int | None = None,
+                           max_attempts: int | None = None, lease_s: float | None = None) -> dict:
+        return await self._send(self._schedule_call("PUT", name, body=schedule_spec(
+            queue, payload, cron=cron, every_s=every_s, timezone=timezone, overlap=overlap, catch_up=catch_up,
+            priority=priority, max_attempts=max_attempts, lease_s=lease_s)))
+
+    async def schedule(self, name: str) -> dict:
+        return await self._send(self._schedule_call("GET", name))
+
+    async def schedules(self) -> list[dict]:
+        return await self._send(self._schedules_call())
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._send(self._schedule_call("DELETE", name))
+
+    async def pause_schedule(self, name: str) -> dict:
+        return await self._send(self._schedule_call("POST", name, "pause", body={}))
+
+    async def resume_schedule(self, name: str) -> dict:
+        return await self._send(self._schedule_call("POST", name, "resume", body={}))
 
     async def dead(self, queue: str, *, limit: int = 100, after: str | None = None) -> list[dict]:
         return await self._send(self._dead_call(queue, limit, after))

@@ -553,6 +553,13 @@ class _BaseClient:
     def _delete_queue_call(self, queue: str, force: bool) -> Call:
         return self._call("DELETE", f"/v1/queues/{segment(queue)}?force={'true' if force else 'false'}", _mapping)
 
+    def _schedule_call(self, method: str, name: str, action: str = "", body: Any = None) -> Call:
+        path = f"/v1/schedules/{segment(name)}" + (f"/{action}" if action else "")
+        return self._call(method, path, _mapping, body=body, has_body=method in ("PUT", "POST"))
+
+    def _schedules_call(self) -> Call:
+        return self._call("GET", "/v1/schedules", _field("schedules", list))
+
     def _dead_call(self, queue: str, limit: int, after: str | None) -> Call:
         query = urlencode({"limit": limit, **({"after": after} if after is not None else {})})
         return self._call("GET", f"/v1/queues/{segment(queue)}/dead?{query}", _field("jobs", list))
@@ -601,6 +608,15 @@ def cluster_urls(status: Any) -> set[str]:
             if isinstance(value, str) and value.startswith(("http://", "https://")):
                 urls.add(base_url(value.rstrip("/")))
     return urls
+
+
+def schedule_spec(queue: str, payload: Any, *, cron: str | None, every_s: float | None, timezone: str | None,
+                  overlap: str | None, catch_up: str | None, priority: int | None, max_attempts: int | None,
+                  lease_s: float | None) -> dict[str, Any]:
+    """The body of PUT /v1/schedules/{name} (None: the server's default)."""
+    given = {"cron": cron, "every_s": every_s, "timezone": timezone, "overlap": overlap, "catch_up": catch_up,
+             "priority": priority, "max_attempts": max_attempts, "lease_s": lease_s}
+    return {"queue": queue, "payload": payload, **{key: value for key, value in given.items() if value is not None}}
 
 
 def parse_nodes(nodes: str | Sequence[str]) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from client import errors
 from client._base import (FINAL_STATES, Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options,
-                          queue_settings, result_of, single)
+                          queue_settings, result_of, schedule_spec, single)
 from client._transports import BaseTransport, HTTPTransport, tls_context
 
 
@@ -397,6 +397,49 @@ class Client(_BaseClient):
         """{"queues": depth by state, "settings": each queue's settings, "held_back": jobs each
         limit holds back now, by queue}."""
         return self._send(self._queues_call(detail=True))
+
+    # ------------------------------------------------------------------ schedules
+
+    def put_schedule(self, name: str, queue: str, payload: Any = None, *, cron: str | None = None,
+                     every_s: float | None = None, timezone: str | None = None, overlap: str | None = None,
+                     catch_up: str | None = None, priority: int | None = None, max_attempts: int | None = None,
+                     lease_s: float | None = None) -> dict:
+        """Creates or replaces the schedule `name`: a job in `queue` at each fire time.
+
+        Args:
+            cron: a 5-field cron expression, evaluated in `timezone` (an IANA name; default UTC);
+                or every_s: seconds between fire times (at least 1).
+            overlap: "allow" (default) or "skip" (no new job while the last one is unfinished).
+            catch_up: what fire times missed while the cluster was down do: "latest" (default:
+                run the newest one), "all" or "none".
+            priority, max_attempts, lease_s: the jobs' settings.
+
+        Returns:
+            The schedule, with `next_fire_at` (unix seconds). Re-putting an identical schedule
+            changes nothing, so a worker may declare its schedules at every start.
+        """
+        return self._send(self._schedule_call("PUT", name, body=schedule_spec(
+            queue, payload, cron=cron, every_s=every_s, timezone=timezone, overlap=overlap, catch_up=catch_up,
+            priority=priority, max_attempts=max_attempts, lease_s=lease_s)))
+
+    def schedule(self, name: str) -> dict:
+        """The schedule `name` with its next and last fire times. Raises errors.JobNotFound when unknown."""
+        return self._send(self._schedule_call("GET", name))
+
+    def schedules(self) -> list[dict]:
+        """Every schedule, by name."""
+        return self._send(self._schedules_call())
+
+    def delete_schedule(self, name: str) -> None:
+        self._send(self._schedule_call("DELETE", name))
+
+    def pause_schedule(self, name: str) -> dict:
+        """Stops the schedule's fires until `resume_schedule`; returns the schedule."""
+        return self._send(self._schedule_call("POST", name, "pause", body={}))
+
+    def resume_schedule(self, name: str) -> dict:
+        """Fires again from the first fire time after now (those missed while paused are skipped)."""
+        return self._send(self._schedule_call("POST", name, "resume", body={}))
 
     def dead(self, queue: str, *, limit: int = 100, after: str | None = None) -> list[dict]:
         """Dead-lettered jobs of a queue, oldest first, with attempts and last error.

@@ -9,6 +9,13 @@
     handle.result(timeout=30)                     # waits for a worker to run it
     app.worker(concurrency=8).run()               # worker side (or: raftq worker mymodule:app)
 
+    @app.periodic(cron="*/5 * * * *", queue="reports")
+    def refresh_dashboards() -> None: ...        # a job every 5 minutes, made by the cluster
+
+A periodic task is a task plus a schedule of the same name; `app.worker()` puts every schedule
+the app declares (an identical one is left as it is; a changed one replaces the stale one), and
+the cluster's leader makes each fire time's job (see the README, "Flow control and schedules").
+
 A submitted call is the payload `{"task": name, "args": [...], "kwargs": {...}}` on the task's
 queue; the worker looks the name up among the app's tasks. A name defaults to the function's
 "module.qualname", so producer and worker agree as long as both import the same module. Payloads
@@ -58,6 +65,7 @@ class App:
         self.verify = verify
         self.default_queue = default_queue
         self.tasks: dict[str, Task] = {}
+        self.schedules: dict[str, dict[str, Any]] = {}  # schedule name -> put_schedule keyword arguments
         self._client: Any = None
         self._client_lock = threading.Lock()
 
@@ -108,6 +116,37 @@ class App:
 
         return register(fn) if fn is not None else register
 
+    def periodic(self, fn: Callable | None = None, *, cron: str | None = None, every_s: float | None = None,
+                 timezone: str | None = None, overlap: str | None = None, catch_up: str | None = None,
+                 args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **task_options: Any) -> Any:
+        """Registers a task that the cluster runs on a schedule: `@app.periodic(cron="0 3 * * *")`.
+
+        Args:
+            cron, every_s, timezone, overlap, catch_up: the schedule (see `Client.put_schedule`).
+            args, kwargs: the arguments each run gets.
+            **task_options: as for `task` (queue, max_attempts, priority, lease_s, name).
+
+        Returns:
+            The `Task` (it can still be submitted by hand).
+        """
+        if (cron is None) == (every_s is None):
+            raise ValueError("a periodic task needs exactly one of cron= and every_s=")
+
+        def register(function: Callable) -> Task:
+            task = self.task(function, **task_options)
+            self.schedules[task.name] = {
+                "queue": task.queue, "payload": task.payload(args, kwargs), "cron": cron, "every_s": every_s,
+                "timezone": timezone, "overlap": overlap, "catch_up": catch_up, "priority": task.priority,
+                "max_attempts": task.max_attempts, "lease_s": task.lease_s,
+            }
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def declare_schedules(self) -> list[dict]:
+        """Puts every schedule this app declares (`periodic`); returns them as the cluster has them."""
+        return [self.client.put_schedule(name, **spec) for name, spec in sorted(self.schedules.items())]
+
     def worker(self, *, concurrency: int = 4, pool: str = "threads", queues: Sequence[str] | None = None,
                client: Any = None, **options: Any) -> Worker:
         """A `Worker` that runs this app's tasks.
@@ -119,6 +158,8 @@ class App:
             **options: any other `Worker` option (burst, lease_s, grace_s, middleware, ...).
         """
         queues = list(queues) if queues is not None else sorted({task.queue for task in self.tasks.values()})
+        if self.schedules:
+            self.declare_schedules()  # declared schedules win over stale ones of the same name
         if client is None:
             if pool == "asyncio":
                 from client import AsyncClient

@@ -106,6 +106,17 @@ def build_parser(other_commands: dict[str, str] | None = None) -> argparse.Argum
     dlq.add_argument("ids", nargs="*", help="redrive: only these jobs (default: all)")
     dlq.add_argument("--limit", type=int, default=100, help="list: at most this many (default 100)")
     dlq.add_argument("--after", help="list: start after this job id (paging)")
+    configure = command("configure", cmd_configure,
+                        "Set a queue's limits (replaces them all; what is left out is unlimited).")
+    configure.add_argument("queue")
+    configure.add_argument("--max-depth", type=int, help="jobs not finished; beyond it submits get 429")
+    configure.add_argument("--rate", type=float, help="leases per second across all workers (token bucket)")
+    configure.add_argument("--burst", type=int, help="leases the bucket holds (default: one second's worth)")
+    configure.add_argument("--max-running-per-key", type=int, help="leased jobs of one key at a time")
+    configure.add_argument("--fifo", action="store_true", help="one job per group at a time, in submit order")
+    schedules = command("schedules", cmd_schedules, "List schedules, or pause, resume or delete one.")
+    schedules.add_argument("action", nargs="?", default="list", choices=("list", "pause", "resume", "delete"))
+    schedules.add_argument("name", nargs="?")
     return parser
 
 
@@ -344,15 +355,68 @@ QUEUE_STATES = ("ready", "scheduled", "leased", "retry_wait", "dead", "done", "c
 
 def cmd_queues(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        depths = client.queues()
+        details = client.queue_details()
+    depths = details["queues"]
     if args.json:
-        _print_json({"queues": depths})
+        _print_json(details)
         return 0
-    rows = [[name] + [counts.get(state, 0) for state in QUEUE_STATES] for name, counts in sorted(depths.items())]
+    rows = [[name] + [counts.get(state, 0) for state in QUEUE_STATES]
+            + [_limits(details.get("settings", {}).get(name, {}), details.get("held_back", {}).get(name, {}))]
+            for name, counts in sorted(depths.items())]
     if not rows:
         print("no queues yet", file=sys.stderr)
         return 0
-    print(format_table(["QUEUE"] + [state.upper() for state in QUEUE_STATES], rows))
+    print(format_table(["QUEUE"] + [state.upper() for state in QUEUE_STATES] + ["LIMITS (HELD BACK)"], rows))
+    return 0
+
+
+def _limits(settings: dict, held: dict) -> str:
+    parts = []
+    if settings.get("rate_per_s") is not None:
+        parts.append(f"rate {settings['rate_per_s']:g}/s burst {settings['burst']} ({held.get('rate', 0)})")
+    if settings.get("max_running_per_key") is not None:
+        parts.append(f"per key {settings['max_running_per_key']} ({held.get('key', 0)})")
+    if settings.get("fifo"):
+        parts.append(f"fifo ({held.get('fifo', 0)})")
+    if settings.get("max_depth") is not None:
+        parts.append(f"max depth {settings['max_depth']}")
+    return ", ".join(parts) or "-"
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        answer = client.configure_queue(args.queue, max_depth=args.max_depth, rate_per_s=args.rate,
+                                        burst=args.burst, max_running_per_key=args.max_running_per_key,
+                                        fifo=args.fifo)
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"{args.queue}: " + _limits(answer, {}).replace(" (0)", ""))
+    return 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        raise UsageError(f"`schedules {args.action}` needs a schedule name")
+    with _client(args) as client:
+        if args.action == "list":
+            records = client.schedules()
+        elif args.action == "delete":
+            client.delete_schedule(args.name)
+            records = []
+        else:
+            records = [getattr(client, f"{args.action}_schedule")(args.name)]
+    if args.json:
+        _print_json({"schedules": records} if args.action != "delete" else {"deleted": args.name})
+        return 0
+    if args.action == "delete":
+        print(f"deleted schedule {args.name}")
+        return 0
+    rows = [[r["name"], r["queue"], r["cron"] or f"every {r['every_s']:g} s", r["timezone"],
+             "paused" if r["paused"] else "active", r["next_fire"], r["last_fire"] or "-", r["jobs_created"],
+             r["fires_skipped"]] for r in records]
+    print(format_table(["NAME", "QUEUE", "WHEN", "ZONE", "STATE", "NEXT FIRE", "LAST FIRE", "JOBS", "SKIPPED"], rows)
+          if rows else "no schedules")
     return 0
 
 

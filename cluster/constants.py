@@ -48,6 +48,11 @@ RATE_PER_S_MAX = 1_000_000.0
 #: Token bucket size and per-key concurrency limit: bounded only to keep the arithmetic small.
 BURST_MAX = 1_000_000
 MAX_RUNNING_PER_KEY_MAX = 1_000_000
+#: Schedules a cluster keeps: each is a few hundred bytes of state and a look every housekeeping
+#: beat; a thousand covers every cron table we know of, and bounds what one client can add.
+SCHEDULES_MAX = 1000
+#: A schedule's payload is kept in the state for as long as the schedule: smaller than a job's.
+SCHEDULE_PAYLOAD_BYTES_MAX = 64 << 10
 
 #: SPEC: idempotency window 1 h, finished-job retention 1 h.
 IDEMPOTENCY_WINDOW_MS = 3_600_000

@@ -13,6 +13,13 @@ goes through the log like a client's (`propose`), so followers' state changes on
   heartbeats, `touch_worker`) within the worker timeout; at most one in flight per worker.
 - `RenewLeases` on taking office, so that a failover does not requeue healthy work: the new
   leader has never heard from any worker, so it starts every holder's clock at its own start.
+- `FireSchedule` for each fire time of a schedule that has come (cluster/schedules.py decides
+  what catch_up makes of missed ones); at most one batch in flight per schedule. A fire applies
+  only while it is its schedule's next, so a fire proposed twice (by this leader from a stale
+  view, or by two leaders in turn) creates one job. Fire times are wall-clock instants (a cron
+  schedule names times of day; the cluster's clock loses the time a whole-cluster outage lasts),
+  so due-ness is the one reading of the leader's wall clock here; the command is stamped with
+  the cluster's clock like any other.
 
 Every `now_ms` is the node's `now_ms()`: the cluster's clock, advanced by the leader's monotonic
 time, never its wall clock. Worker liveness is leader-local knowledge (monotonic time of the last
@@ -27,6 +34,7 @@ import random
 import time
 from typing import Any, Protocol
 
+from cluster import schedules as sched
 from cluster.config import NodeConfig
 from cluster.constants import HOUSEKEEPING_INTERVAL_S
 from cluster.errors import NotLeaderError, ProposalLost, Unavailable
@@ -59,6 +67,7 @@ class LeaderHousekeeping:
         self.worker_last_seen: dict[str, float] = {}
         self._tick_inflight = False
         self._lost_inflight: set[str] = set()
+        self._fires_inflight: set[str] = set()  # schedules whose fires are being proposed
         self._entropy = random.Random()
         #: the leader commits its clock at least this often while anything waits on the clock
         self._clock_sync_ms = int(config.election_ticks * config.tick_interval_s * 1000)
@@ -71,6 +80,7 @@ class LeaderHousekeeping:
                 continue
             self._maybe_tick()
             self._check_workers()
+            self._fire_schedules()
 
     def take_office(self) -> None:
         """This node just became leader: start every lease holder's clock now, renew their leases."""
@@ -78,6 +88,7 @@ class LeaderHousekeeping:
         self.worker_last_seen = {worker: monotonic_now for worker in self._node.queue.lease_holders()}
         self._tick_inflight = False
         self._lost_inflight.clear()
+        self._fires_inflight.clear()
         asyncio.get_running_loop().create_task(self._propose_quietly(cmds.RenewLeases(now_ms=self._node.now_ms())))
 
     def touch_worker(self, worker: str) -> None:
@@ -139,6 +150,40 @@ class LeaderHousekeeping:
             await self._propose_quietly(command)
         finally:
             self._tick_inflight = False
+
+    def _fire_schedules(self) -> None:
+        current_ms = sched.wall_now_ms()  # fire times are wall-clock instants (cluster/schedules.py)
+        due_at = self._node.queue.next_fire_ms()
+        if due_at is None or due_at > current_ms:
+            return  # the common case, O(schedules) without building records
+        for record in self._node.queue.due_schedules(current_ms):
+            name = record["name"]
+            if name in self._fires_inflight:
+                continue
+            try:
+                plan = sched.plan_fires(record, current_ms)
+            except sched.ScheduleSpecError as exc:  # this node's zone database lacks the zone
+                log.error("schedule %s cannot fire on this node: %s", name, exc)
+                continue
+            commands = [cmds.FireSchedule(now_ms=self._node.now_ms(), name=name, revision=record["revision"], fire_ms=fire_ms,
+                                          next_fire_ms=next_fire_ms, run=run, job_id=sched.fire_job_id(name, fire_ms))
+                        for fire_ms, next_fire_ms, run in plan]
+            if commands:
+                self._fires_inflight.add(name)
+                asyncio.get_running_loop().create_task(self._propose_fires(name, commands))
+
+    async def _propose_fires(self, name: str, commands: list[cmds.FireSchedule]) -> None:
+        try:
+            for command in commands:
+                result = await self._node.propose(command)
+                if getattr(result, "outcome", None) == "stale":
+                    break  # another leader's fire, a pause or a new revision came first
+                if result.outcome != "created":
+                    log.info("schedule %s: fire at %s %s", name, sched.describe_ms(command.fire_ms), result.outcome)
+        except (NotLeaderError, Unavailable, ProposalLost) as exc:
+            log.info("housekeeping FireSchedule not applied: %s", exc)
+        finally:
+            self._fires_inflight.discard(name)
 
     def _check_workers(self) -> None:
         timeout_s = self.config.worker_timeout_ms / 1000

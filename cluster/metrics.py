@@ -106,6 +106,7 @@ class _StateCollector(Collector):
         yield from _job_counter_families(node)
         yield _depth_family(node)
         yield _oldest_ready_family(node)
+        yield from _flow_families(node)
         yield from _raft_families(node)
         if node.is_leader:
             yield from _leader_families(node)
@@ -142,6 +143,28 @@ def _oldest_ready_family(node: NodeView) -> GaugeMetricFamily:
     for queue, ready_at_ms in sorted(node.queue.oldest_ready_ms().items()):
         age.add_metric([queue], max(0.0, (now_ms - ready_at_ms) / 1000))
     return age
+
+
+def _flow_families(node: NodeView) -> Iterator:
+    """What limits hold back and what schedules did: from the applied state, on every node."""
+    held = GaugeMetricFamily("raftq_jobs_held_back", "Ready jobs a limit holds back now, by queue and limit "
+                             "(key: max_running_per_key, fifo: behind their group's head, rate: the bucket is empty).",
+                             labels=["queue", "limit"])
+    now_ms = int(time.time() * 1000)
+    settings = node.queue.queue_settings()
+    for queue, values in settings.items():
+        if values["rate_per_s"] is None and values["max_running_per_key"] is None and not values["fifo"]:
+            continue
+        for limit, count in node.queue.held_back(queue, now_ms).items():
+            held.add_metric([queue, limit], count)
+    yield held
+    fires = CounterMetricFamily("raftq_schedule_fires", "Fire times of each schedule, by outcome (created: the "
+                                "job was made; skipped: by overlap, catch_up or a full queue).",
+                                labels=["schedule", "outcome"])
+    for record in node.queue.schedules():
+        fires.add_metric([record["name"], "created"], record["created_count"])
+        fires.add_metric([record["name"], "skipped"], record["skipped_count"])
+    yield fires
 
 
 def _leader_families(node: NodeView) -> Iterator:

@@ -13,8 +13,10 @@ import reprlib
 from typing import Any
 
 from cluster import constants as c
+from cluster import schedules as sched
 from cluster.api.wire import ApiError, check_storable, invalid, pack_payload
 from cluster.queue import commands as cmds
+from cluster.queue import schedules as sched_records
 
 _MISSING = object()
 
@@ -311,6 +313,54 @@ def queue_config(body: Any, queue: str, *, now_ms: int) -> cmds.SetQueueConfig:
         max_running_per_key=integer(body, "max_running_per_key", low=1, high=c.MAX_RUNNING_PER_KEY_MAX, default=None),
         fifo=boolean(body, "fifo", default=False),
     )
+
+
+def schedule(body: Any, name: str, *, now_ms: int, wall_ms: int, previous: dict | None) -> cmds.PutSchedule:
+    """PUT /v1/schedules/{name}, stamped `now_ms`; the first fire time is computed here, from the
+    wall clock's `wall_ms` (or kept, when an every_s schedule keeps its period)."""
+    body = mapping(body)
+    queue = queue_name(body.get("queue"), "field 'queue'")
+    cron = text(body, "cron", bytes_max=256, required=False)
+    every_ms = None
+    if body.get("every_s") is not None:
+        every_ms = seconds_as_ms(body, "every_s", low_ms=sched.EVERY_MS_MIN, high_ms=sched.EVERY_MS_MAX)
+    if (cron is None) == (every_ms is None):
+        raise invalid("a schedule needs exactly one of 'cron' and 'every_s'")
+    timezone_name = text(body, "timezone", bytes_max=64, required=False) or "UTC"
+    try:
+        sched.zone(timezone_name)
+        if cron is not None:
+            sched.check_cron(cron, timezone_name)
+    except sched.ScheduleSpecError as exc:
+        raise invalid(str(exc)) from None
+    overlap = choice(body, "overlap", sched_records.OVERLAP_POLICIES, default="allow")
+    catch_up = choice(body, "catch_up", sched_records.CATCH_UP_POLICIES, default="latest")
+    try:
+        payload = pack_payload(body.get("payload"))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise invalid(f"payload cannot be encoded: {exc}") from None
+    if len(payload) > c.SCHEDULE_PAYLOAD_BYTES_MAX:
+        raise ApiError(413, "too_large", f"a schedule's payload is at most {c.SCHEDULE_PAYLOAD_BYTES_MAX} bytes")
+    grid = previous["next_fire_ms"] if previous is not None and previous["every_ms"] == every_ms else None
+    return cmds.PutSchedule(
+        now_ms=now_ms, name=name, queue=queue, payload=payload, cron=cron, every_ms=every_ms,
+        timezone=timezone_name, overlap=overlap, catch_up=catch_up,
+        priority=integer(body, "priority", low=c.PRIORITY_MIN, high=c.PRIORITY_MAX, default=0),
+        max_attempts=integer(body, "max_attempts", low=1, high=c.MAX_ATTEMPTS_MAX, default=c.MAX_ATTEMPTS_DEFAULT),
+        lease_ms=seconds_as_ms(body, "lease_s", low_ms=c.LEASE_MS_MIN, high_ms=c.LEASE_MS_MAX,
+                               default_ms=c.LEASE_MS_DEFAULT),
+        backoff_base_ms=c.BACKOFF_BASE_MS, backoff_cap_ms=c.BACKOFF_CAP_MS,
+        next_fire_ms=sched.first_fire_from(cron, every_ms, timezone_name, wall_ms, grid),
+    )
+
+
+def choice(body: dict, key: str, allowed: tuple[str, ...], *, default: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise invalid(f"field {key!r} must be one of {', '.join(allowed)}, got {_show(value)}")
+    return value
 
 
 def number(body: dict, key: str, *, low: float, high: float) -> float | None:

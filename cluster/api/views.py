@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from aiohttp import web
 
 from cluster import constants as c
+from cluster import schedules as sched
 from cluster.api import validation as v
 from cluster.api.keys import NODE, PEER_SESSION
 from cluster.api.wire import ApiError, read_body, respond, unpack_payload
@@ -292,6 +293,106 @@ def _query_bool(request: web.Request, key: str) -> bool:
     return raw in ("true", "1")
 
 
+# ---------------------------------------------------------------------- schedules
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    await node.read_barrier()
+    return respond(request, {"schedules": [schedule_record(r) for r in node.queue.schedules()]})
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name = v.queue_name(request.match_info["name"], "schedule name")
+    await node.read_barrier()
+    return respond(request, schedule_record(_known_schedule(node, name)))
+
+
+async def put_schedule(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name = v.queue_name(request.match_info["name"], "schedule name")
+    body = await _body(request)
+    node.require_leader()
+    await node.read_barrier()
+    previous = node.queue.schedule(name)
+    if previous is None and node.queue.schedule_count() >= c.SCHEDULES_MAX:
+        raise ApiError(409, "too_many", f"the cluster holds {c.SCHEDULES_MAX} schedules, its limit; delete one first")
+    await node.propose(v.schedule(body, name, now_ms=_now_ms(request), wall_ms=sched.wall_now_ms(),
+                                  previous=previous))
+    return respond(request, schedule_record(_known_schedule(node, name)))
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    name = v.queue_name(request.match_info["name"], "schedule name")
+    node.require_leader()
+    await node.read_barrier()
+    _known_schedule(node, name)  # an unknown name is answered without touching the log
+    outcome = await node.propose(cmds.DeleteSchedule(now_ms=_now_ms(request), name=name))
+    if isinstance(outcome, results.ItemError):
+        raise ApiError(404, outcome.code, outcome.message)
+    return respond(request, {"ok": True, "deleted": name})
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, paused=True)
+
+
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _pause_or_resume(request, paused=False)
+
+
+async def _pause_or_resume(request: web.Request, *, paused: bool) -> web.Response:
+    node = request.app[NODE]
+    name = v.queue_name(request.match_info["name"], "schedule name")
+    node.require_leader()
+    await node.read_barrier()
+    record = _known_schedule(node, name)
+    next_fire_ms = 0
+    if not paused:  # fires due while paused are skipped: go on from the first one after now
+        next_fire_ms = sched.first_fire_from(record["cron"], record["every_ms"], record["timezone"],
+                                             sched.wall_now_ms(), record["next_fire_ms"])
+    outcome = await node.propose(cmds.PauseSchedule(now_ms=_now_ms(request), name=name, paused=paused,
+                                                    next_fire_ms=next_fire_ms))
+    if isinstance(outcome, results.ItemError):
+        raise ApiError(404, outcome.code, outcome.message)
+    return respond(request, schedule_record(_known_schedule(node, name)))
+
+
+def _known_schedule(node: Any, name: str) -> dict:
+    record = node.queue.schedule(name)
+    if record is None:
+        raise ApiError(404, "not_found", f"no schedule {name}")
+    return record
+
+
+def schedule_record(record: dict) -> dict:
+    """The wire form of a schedule: times in seconds (and ISO for people), payload decoded."""
+    return {
+        "name": record["name"],
+        "queue": record["queue"],
+        "payload": unpack_payload(record["payload"]),
+        "cron": record["cron"],
+        "every_s": None if record["every_ms"] is None else record["every_ms"] / 1000,
+        "timezone": record["timezone"],
+        "overlap": record["overlap"],
+        "catch_up": record["catch_up"],
+        "priority": record["priority"],
+        "max_attempts": record["max_attempts"],
+        "lease_s": record["lease_ms"] / 1000,
+        "paused": record["paused"],
+        "next_fire_at": record["next_fire_ms"] / 1000,
+        "next_fire": sched.describe_ms(record["next_fire_ms"]),
+        "last_fire_at": None if record["last_fire_ms"] is None else record["last_fire_ms"] / 1000,
+        "last_fire": sched.describe_ms(record["last_fire_ms"]),
+        "last_job_id": record["last_job_id"],
+        "jobs_created": record["created_count"],
+        "fires_skipped": record["skipped_count"],
+        "revision": record["revision"],
+    }
+
+
 async def list_dead(request: web.Request) -> web.Response:
     node = request.app[NODE]
     queue = v.queue_name(request.match_info["queue"])
@@ -407,6 +508,9 @@ async def overview(request: web.Request) -> web.Response:
         "nodes": nodes,
         "node_urls": {node.config.node_id: node.config.url, **peer_urls},
         "queues": node.queue.queue_stats(),
+        "settings": node.queue.queue_settings(),
+        "held_back": {name: node.queue.held_back(name, _now_ms(request)) for name in node.queue.queue_stats()},
+        "schedules": [schedule_record(r) for r in node.queue.schedules()],
         "counters": counters,
         "workers": workers_list,
         "time": time.time(),

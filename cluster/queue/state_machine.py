@@ -864,7 +864,6 @@ class QueueStateMachine:
             schedule.last_job_id = job_id
         else:
             schedule.skipped_count += 1
-        self.metric_samples.append(("schedule_" + outcome, schedule.name, 1))
         return ScheduleFired(command.name, command.fire_ms, outcome, job_id)
 
     def _schedule_job(self, schedule: Schedule, command: cmds.FireSchedule) -> tuple[str, str | None]:

@@ -247,3 +247,26 @@ def test_long_polls_wake_when_a_limit_frees_up(single_node):
         (job,) = client.fetch("w1", ["slow"], max_jobs=2, wait_s=15)
         waited = time.monotonic() - started
         assert job.payload == "b" and 1.0 <= waited < 5, f"the next token came after {waited:.2f} s, expected ~2 s"
+
+
+def test_held_back_jobs_and_schedule_fires_in_metrics_and_the_overview(single_node):
+    from cluster.localcluster import http_json
+    from tests.integration.test_metrics import scrape, value
+
+    url = single_node.urls[0]
+    with Client(single_node.urls) as client:
+        client.configure_queue("metered-keys", max_running_per_key=1)
+        client.submit_many("metered-keys", [1, 2, 3], key="k")
+        client.put_schedule("every-second", "beats", every_s=1)
+        wait_until(lambda: client.schedule("every-second")["jobs_created"] >= 2, timeout_s=30,
+                   what="two fires", seen=lambda: client.schedule("every-second"))
+        # Leased last: the node's worker timeout is 2 s, and this worker sends no heartbeats.
+        client.fetch("w1", ["metered-keys"])
+        samples = scrape(url)
+        status, overview = http_json(url + "/v1/overview")
+    assert value(samples, "raftq_jobs_held_back", queue="metered-keys", limit="key") == 2
+    assert value(samples, "raftq_schedule_fires_total", schedule="every-second", outcome="created") >= 2
+    assert status == 200
+    assert overview["settings"]["metered-keys"]["max_running_per_key"] == 1
+    assert overview["held_back"]["metered-keys"] == {"key": 2, "fifo": 0, "rate": 0}
+    assert [s["name"] for s in overview["schedules"]] == ["every-second"]

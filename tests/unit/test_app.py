@@ -128,3 +128,28 @@ def test_app_worker_with_the_processes_pool():
                        heartbeat_s=0.05).run()
     assert sorted(cluster.acks) == sorted((job_id, 2 * n) for n, job_id in enumerate(ids))
     assert stats.succeeded == 3
+
+
+class ScheduleRecorder(Recorder):
+    def put_schedule(self, name, **spec):
+        self.calls.append(("put_schedule", name, spec))
+        return {"name": name, **spec}
+
+
+def test_periodic_tasks_declare_their_schedules_when_the_worker_starts():
+    periodic_app = App("http://127.0.0.1:7001", default_queue="jobs")
+
+    @periodic_app.periodic(cron="*/5 * * * *", timezone="Europe/Paris", overlap="skip", queue="reports",
+                           args=(7,), name="reports.refresh")
+    def refresh(n):
+        return n
+
+    with pytest.raises(ValueError):
+        periodic_app.periodic(lambda: None)  # neither cron nor every_s
+    recorder = periodic_app.client = ScheduleRecorder()
+    periodic_app.worker(client=FakeCluster(), burst=True, heartbeat_s=0.05).run()
+    assert recorder.calls == [("put_schedule", "reports.refresh", {
+        "queue": "reports", "payload": {"task": "reports.refresh", "args": [7], "kwargs": {}}, "cron": "*/5 * * * *",
+        "every_s": None, "timezone": "Europe/Paris", "overlap": "skip", "catch_up": None, "priority": None,
+        "max_attempts": None, "lease_s": None})]
+    assert refresh(3) == 3 and "reports.refresh" in periodic_app.tasks

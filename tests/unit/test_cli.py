@@ -49,7 +49,13 @@ class TinyServer(ApiServer):
 
     async def queues(self, request):
         return self.respond(request, {"queues": {"emails": {"ready": 2, "leased": 1, "dead": 1, "done": 7},
-                                                 "reports": {"scheduled": 3}}})
+                                                 "reports": {"scheduled": 3}},
+                                      "settings": {"emails": {"rate_per_s": 2.5, "burst": 5, "max_running_per_key": 2,
+                                                              "fifo": False, "max_depth": None},
+                                                   "reports": {"rate_per_s": None, "burst": None, "fifo": False,
+                                                               "max_running_per_key": None, "max_depth": None}},
+                                      "held_back": {"emails": {"rate": 1, "key": 1, "fifo": 0},
+                                                    "reports": {"rate": 0, "key": 0, "fifo": 0}}})
 
     async def submit(self, request):
         jobs = (await self.body(request))["jobs"]
@@ -203,9 +209,9 @@ def test_status_table(server, capsys):
 def test_queues_table_and_json(server, capsys):
     code, out, _ = run_cli(capsys, "--nodes", server.url, "queues")
     assert code == 0 and out.splitlines() == [
-        "QUEUE    READY  SCHEDULED  LEASED  RETRY_WAIT  DEAD  DONE  CANCELLED",
-        "emails   2      0          1       0           1     7     0",
-        "reports  0      3          0       0           0     0     0",
+        "QUEUE    READY  SCHEDULED  LEASED  RETRY_WAIT  DEAD  DONE  CANCELLED  LIMITS (HELD BACK)",
+        "emails   2      0          1       0           1     7     0          rate 2.5/s burst 5 (1), per key 2 (1)",
+        "reports  0      3          0       0           0     0     0          -",
     ]
     code, out, _ = run_cli(capsys, "--nodes", server.url, "queues", "--json")
     assert json.loads(out)["queues"]["reports"] == {"scheduled": 3}
