@@ -275,6 +275,8 @@ def _flow_fields(spec: dict) -> dict:
 #: adds its name here.
 SETTINGS_FIELDS: dict[str, frozenset[str]] = {
     "queue": frozenset({"max_depth", "rate_per_s", "burst", "max_running_per_key", "fifo"}),
+    "schedule": frozenset({"queue", "payload", "cron", "every_s", "timezone", "overlap", "catch_up", "priority",
+                           "max_attempts", "lease_s"}),
 }
 
 
@@ -318,7 +320,7 @@ def queue_config(body: Any, queue: str, *, now_ms: int) -> cmds.SetQueueConfig:
 def schedule(body: Any, name: str, *, now_ms: int, wall_ms: int, previous: dict | None) -> cmds.PutSchedule:
     """PUT /v1/schedules/{name}, stamped `now_ms`; the first fire time is computed here, from the
     wall clock's `wall_ms` (or kept, when an every_s schedule keeps its period)."""
-    body = mapping(body)
+    body = settings(body, "schedule")
     queue = queue_name(body.get("queue"), "field 'queue'")
     cron = text(body, "cron", bytes_max=256, required=False)
     every_ms = None
