@@ -150,7 +150,7 @@ def _flow_families(node: NodeView) -> Iterator:
     held = GaugeMetricFamily("raftq_jobs_held_back", "Ready jobs a limit holds back now, by queue and limit "
                              "(key: max_running_per_key, fifo: behind their group's head, rate: the bucket is empty).",
                              labels=["queue", "limit"])
-    now_ms = int(time.time() * 1000)
+    now_ms = node.now_ms()  # the clock the token bucket runs on
     settings = node.queue.queue_settings()
     for queue, values in settings.items():
         if values["rate_per_s"] is None and values["max_running_per_key"] is None and not values["fifo"]:
