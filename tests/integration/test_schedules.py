@@ -103,7 +103,10 @@ class _LeaderWatch:
 
     def _look_at_fires(self, asked_at: float) -> None:
         for url in self.cluster.urls:
-            status, record = http_json(f"{url}/v1/schedules/{self.name}", timeout=1.0)
+            try:
+                status, record = http_json(f"{url}/v1/schedules/{self.name}", timeout=1.0)
+            except OSError:
+                continue  # killed or frozen: ask the next node
             if status == 200:
                 if record["last_fire_at"] is not None:
                     self.fire_seen_at.setdefault(round(record["last_fire_at"] * 1000), asked_at)
@@ -127,13 +130,16 @@ def test_exactly_one_job_per_fire_time_through_leader_kills_and_a_frozen_leader(
         while time.monotonic() - started < RUN_S - 8:
             wait_until(lambda: time.monotonic() - started > 6 * (faults + 1), timeout_s=RUN_S, what="the next fault")
             leader = cluster.wait_for_leader()
+            fault_at = time.time()
             if faults % 2 == 0:
                 cluster.kill(leader)  # SIGKILL: a crashed leader
                 cluster.wait_for_leader(exclude=leader)
+                watch.gaps.append([fault_at, time.time()])  # no working leader from the fault to here
                 cluster.start_node(leader)
             else:
                 cluster.pause(leader)  # SIGSTOP: cut off from everyone, then back as a stale leader
                 cluster.wait_for_leader(exclude=leader)
+                watch.gaps.append([fault_at, time.time()])
                 cluster.resume(leader)
             faults += 1
         wait_until(lambda: time.monotonic() - started > RUN_S, timeout_s=RUN_S, what="the end of the run")
