@@ -8,114 +8,22 @@ The AsyncClient twin runs the same scenarios in test_async_client.py, reusing th
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import socket
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
-from aiohttp import web
 
 from client import Client, LeasedJob, MockTransport, Request, Response, RetryPolicy, errors
 from client._base import BATCH_COUNT_MAX
-
-A, B, C, D = "http://a:7001", "http://b:7002", "http://c:7003", "http://d:7004"
-
-
-# ---------------------------------------------------------------------------- fakes shared with the async tests
+from tests.unit.client.fakes import (A, B, C, D, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer,
+                                      leased, make_client)
 
 
-class FakeClock:
-    """A monotonic clock that only moves when the client sleeps (or a fake node takes time)."""
 
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-        self.slept: list[float] = []
-
-    def now(self) -> float:
-        return self.now_s
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.slept.append(seconds)
-        self.now_s += seconds
-
-    async def asleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-
-class FakeNodes:
-    """MockTransport handler playing nodes by base URL.
-
-    Roles: "leader" (answers through `serve`), "follower" (307 to the leader), "down" (connection
-    refused), "slow" (times out after the request's timeout), "no_leader" (503 + Retry-After).
-    """
-
-    def __init__(self, clock: FakeClock, roles: dict[str, str], *, leader: str = B, leader_id: str = "n2") -> None:
-        self.clock = clock
-        self.roles = roles
-        self.leader = leader
-        self.leader_id = leader_id
-        self.requests: list[Request] = []
-        self.serve: Callable[[Request], Response] = default_answer
-        #: The base URLs every node names in GET /v1/cluster (default: all of them).
-        self.listed: list[str] | None = None
-
-    def __call__(self, request: Request) -> Response:
-        self.requests.append(request)
-        role = self.roles[request.url.split("/v1/")[0]]
-        if role == "down":
-            raise errors.ConnectError("connection refused")
-        if role == "slow":
-            self.clock.now_s += request.timeout_s
-            raise TimeoutError("timed out")  # MockTransport turns it into errors.Timeout
-        if request.path == "/v1/cluster" and role == "follower":
-            listed = self.listed if self.listed is not None else list(self.roles)
-            return Response.msgpack({"node": role, "leader_url": None, "nodes": [{"url": url} for url in listed]})
-        if role == "follower":
-            return Response.error(307, "not_leader", f"{self.leader_id} leads",
-                                  headers={"Location": self.leader + request.path, "X-Raftq-Leader": self.leader_id})
-        if role == "no_leader":
-            return Response.error(503, "no_leader", "no leader is known yet", headers={"Retry-After": "1"})
-        return self.serve(request)
-
-    def urls(self) -> list[str]:
-        return [request.url for request in self.requests]
-
-    def bodies(self) -> list[Any]:
-        return [request.decoded() for request in self.requests]
-
-
-def default_answer(request: Request) -> Response:
-    """What a healthy leader answers to each core path."""
-    body = request.decoded()
-    path = request.path
-    if path.endswith("/jobs") and request.method == "POST":
-        return Response.msgpack({"ids": [f"id-{job['idempotency_key'][:6]}" for job in body["jobs"]]}, 201)
-    if path == "/v1/lease":
-        return Response.msgpack({"jobs": [leased("j1", body["queues"][0])]})
-    if path in ("/v1/ack", "/v1/fail"):
-        return Response.msgpack({"results": ["ok"] * len(body["acks" if path == "/v1/ack" else "fails"])})
-    if path == "/v1/extend":
-        return Response.msgpack({"results": [{"ok": True, "lease_expires_at": 2e9} for _ in body["leases"]]})
-    if path == "/v1/queues":
-        return Response.msgpack({"queues": {"q": {"ready": 1}}})
-    if path.endswith("/heartbeat"):
-        return Response.msgpack({"ok": True, "lost": []})
-    return Response.msgpack({"ok": True})
-
-
-def leased(job_id: str, queue: str, payload: Any = None) -> dict:
-    return {"id": job_id, "queue": queue, "payload": payload if payload is not None else {"n": 1}, "attempt": 1,
-            "lease": 7, "lease_expires_at": 1_700_000_030.5, "priority": 3}
-
-
-def make_client(nodes: FakeNodes, urls: list[str] | None = None, **options: Any) -> Client:
-    options.setdefault("deadline", 30.0)
-    return Client(urls or list(nodes.roles), transport=MockTransport(nodes), clock=nodes.clock.now,
-                  sleep=nodes.clock.sleep, rng=random.Random(7), **options)
+# ---------------------------------------------------------------------------- the clock (fakes.py has the nodes)
 
 
 @pytest.fixture
@@ -529,78 +437,6 @@ def test_bad_arguments_fail_before_any_request(clock):
 
 
 # ---------------------------------------------------------------------------- a real HTTP server
-
-
-class RealNodes:
-    """Two aiohttp apps on 127.0.0.1 port 0: a follower that redirects, and a leader that answers msgpack."""
-
-    def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
-        self.seen: list[tuple[str, str, str]] = []  # (node, method, path)
-        self.leader_peers: set[Any] = set()  # client (host, port) of each connection to the leader
-        self.leader_url = self.follower_url = ""
-
-    async def start(self) -> None:
-        leader = web.Application()
-        leader.router.add_post("/v1/queues/{queue}/jobs", self.submit)
-        leader.router.add_post("/v1/lease", self.lease)
-        leader.router.add_get("/v1/jobs/{id}", self.job)
-        follower = web.Application()
-        follower.router.add_get("/v1/cluster", self.listing)
-        follower.router.add_route("*", "/{tail:.*}", self.redirect)
-        self.leader_url = await self._serve(leader)
-        self.follower_url = await self._serve(follower)
-
-    async def stop(self) -> None:
-        for runner in self.runners:
-            await runner.cleanup()
-
-    async def _serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.runners.append(runner)
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-    async def redirect(self, request: web.Request) -> web.Response:
-        self.seen.append(("follower", request.method, request.path))
-        return web.Response(status=307, headers={"Location": self.leader_url + request.path_qs,
-                                                 "X-Raftq-Leader": "n1"},
-                            body=msgpack.packb({"error": {"code": "not_leader", "message": "n1 leads"}}),
-                            content_type="application/msgpack")
-
-    async def listing(self, request: web.Request) -> web.Response:
-        self.seen.append(("follower", request.method, request.path))
-        return self.msgpack({"nodes": [{"url": self.leader_url}, {"url": self.follower_url}]})
-
-    async def submit(self, request: web.Request) -> web.Response:
-        self.seen.append(("leader", request.method, request.path))
-        self.leader_peers.add(request.transport.get_extra_info("peername"))
-        assert request.content_type == "application/msgpack"
-        assert request.headers["Authorization"] == "Bearer t0ken"
-        body = msgpack.unpackb(await request.read(), raw=False)
-        return self.msgpack({"ids": [f"id{n}" for n, _ in enumerate(body["jobs"])]}, 201)
-
-    async def lease(self, request: web.Request) -> web.Response:
-        self.seen.append(("leader", request.method, request.path))
-        body = msgpack.unpackb(await request.read(), raw=False)
-        return self.msgpack({"jobs": [leased("j1", body["queues"][0], {"blob": b"\x00\xff", "text": "é"})]})
-
-    async def job(self, request: web.Request) -> web.Response:
-        self.seen.append(("leader", request.method, request.path))
-        return self.msgpack({"error": {"code": "not_found", "message": f"no job {request.match_info['id']}"}}, 404)
-
-    @staticmethod
-    def msgpack(value: Any, status: int = 200) -> web.Response:
-        return web.Response(body=msgpack.packb(value, use_bin_type=True), status=status,
-                            content_type="application/msgpack")
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture

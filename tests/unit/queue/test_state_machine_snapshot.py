@@ -21,7 +21,7 @@ from cluster.queue.schedules import schedule_row
 from cluster.queue.state_machine import (
     EVENTS, SNAPSHOT_KEYS, SNAPSHOT_VERSION, QueueStateMachine, SnapshotCapture, write_snapshot,
 )
-from tests.unit.test_state_machine import T0, Machine, _dead, _to_state, job
+from tests.unit.queue.test_state_machine import T0, Machine, _dead, _to_state, job
 
 EVERY_STATE = ("scheduled", "ready", "leased", "retry_wait", "done", "dead", "cancelled")
 

@@ -24,7 +24,7 @@ from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageT
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from tests.datadriven import TestCase, run_file
 
-TESTDATA = Path(__file__).resolve().parent.parent / "testdata" / "raft"
+TESTDATA = Path(__file__).resolve().parents[2] / "testdata" / "raft"
 
 
 # ---------------------------------------------------------------------- rendering

@@ -8,7 +8,8 @@ import pytest
 
 from client.app import App, Dispatch, Task
 from client.worker import Reject
-from test_worker import AsyncFake, FakeCluster, LeasedJob
+from client import LeasedJob
+from tests.unit.client.fakes import AsyncFake, FakeCluster
 
 app = App("http://127.0.0.1:7001, http://127.0.0.1:7002", default_queue="jobs")
 

@@ -11,7 +11,7 @@ import pytest
 from cluster.queue import commands as c
 from cluster.queue.jobs import backoff_delay_ms, splitmix64
 
-QUEUE_PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "cluster" / "queue"
+QUEUE_PACKAGE = pathlib.Path(__file__).resolve().parents[3] / "cluster" / "queue"
 
 NEW_JOB = c.NewJob(
     id="j1", payload=b"\x81\xa1k\x01", priority=9, delay_ms=250, max_attempts=5, lease_ms=30_000,

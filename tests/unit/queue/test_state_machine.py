@@ -827,7 +827,7 @@ def test_results_are_frozen():
 # `----` (up to a blank line). Run with RAFTQ_REWRITE=1 to write the actual output into the files
 # instead; then review the diff like code. `now` carries over from the previous directive.
 
-TESTDATA = pathlib.Path(__file__).resolve().parents[1] / "testdata" / "queue"
+TESTDATA = pathlib.Path(__file__).resolve().parents[2] / "testdata" / "queue"
 
 
 def _parse_cases(text: str) -> tuple[list[tuple[list[str], str, list[str]]], list[str]]:

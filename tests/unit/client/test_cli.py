@@ -16,7 +16,8 @@ from aiohttp import web
 
 from client import cli
 from raftq import command
-from test_worker import ApiServer, FakeCluster
+from tests.unit.client.fakes import ApiServer, FakeCluster
+
 
 
 # ---------------------------------------------------------------------------- a tiny API server

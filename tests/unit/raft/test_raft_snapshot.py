@@ -15,7 +15,7 @@ from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageT
 from cluster.raft.node import RaftConfig, RaftNode, Role
 from cluster.raft.progress import ProgressState
 
-from tests.unit.test_raft_node import accept, drain, entries_of, make, make_leader, msg, sent
+from tests.unit.raft.test_raft_node import accept, drain, entries_of, make, make_leader, msg, sent
 
 T = MessageType
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from client import AsyncClient, ClientState, LeasedJob, MockTransport, Request, Response, errors
-from test_client import (A, B, C, ERROR_CASES, FakeClock, FakeNodes, RealNodes, batch_answer, closed_port_url,
-                         default_answer)
+from tests.unit.client.fakes import A, B, C, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer
+from tests.unit.client.test_client import ERROR_CASES, batch_answer
 
 
 def make_client(nodes: FakeNodes, **options: Any) -> AsyncClient:

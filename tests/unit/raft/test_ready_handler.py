@@ -12,7 +12,7 @@ from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageT
 from cluster.raft.node import Ready, Role
 from cluster.ready_handler import Advance, Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
 
-from tests.unit.test_raft_node import accept, drain, make, make_leader, msg
+from tests.unit.raft.test_raft_node import accept, drain, make, make_leader, msg
 
 T = MessageType
 ENTRY = Entry(index=5, term=2, kind=EntryKind.NORMAL, data=b"x")
