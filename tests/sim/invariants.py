@@ -102,7 +102,7 @@ class LeaseModel:
     """Lease ownership replayed from the committed ledger, independent of the state machine."""
 
     def __init__(self) -> None:
-        self.lease_ms: dict[str, int] = {}  # job id -> lease_ms of each attempt (from its Submit)
+        self.lease_ms: dict[str, int] = {}  # job id -> lease_ms of each attempt (its Submit, else its first grant)
         self.holds: dict[str, _Hold] = {}  # job id -> the lease the model says is live
         self.done_token: dict[str, int] = {}  # job id -> token of the lease whose ack finished it
         self.last_token = 0
@@ -154,6 +154,9 @@ class LeaseModel:
         if job.lease_expires_at_ms != expected:
             raise Violation("lease expiry", f"index {index} leased {job.id} until {job.lease_expires_at_ms}, "
                             f"expected clock {clock_ms} + lease_ms = {expected}")
+        # A job the model saw no Submit of (a schedule created it) tells its lease length at its
+        # first grant; RenewLeases renews by it.
+        self.lease_ms.setdefault(job.id, job.lease_expires_at_ms - clock_ms)
         self.holds[job.id] = _Hold(job.lease, command.worker, job.lease_expires_at_ms, index)
 
     def _accepted(self, index: int, command: Any, item: Any, outcome: Any, clock_ms: int) -> None:
