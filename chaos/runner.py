@@ -136,7 +136,7 @@ def run(config: RunConfig) -> RunOutcome:
         log.info("cluster up, leader %s; client proxies %s", leader, ", ".join(topo.client_urls))
         monitor = Monitor(topo.cluster, history)
         monitor.start()
-        probe = ScheduleProbe(topo.client_urls)
+        probe = ScheduleProbe(topo.client_urls, wall_clocks_true="clock-skew" not in config.faults)
         probe.start()
         workers = WorkerPool(topo.client_urls, history_dir, out_dir, workload, config.seed)
         workers.start()
