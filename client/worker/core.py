@@ -28,7 +28,7 @@ Runtimes (`client.worker.runtime`) feed it events and carry out what it answers:
     stop                                   release_buffered(), abandon_running()  outcomes to report
 
 Time comes in as arguments (monotonic seconds, and wall seconds where a server's expiry must be
-read), so the tests drive it with scripted events and invented clocks (tests/unit/test_worker_core.py).
+read), so the tests drive it with scripted events and invented clocks (tests/unit/client/test_worker_core.py).
 The core never blocks and never sends: `on_change` (the runtime's wake-up) is called whenever a
 waiter's condition may have turned true. The caller serialises calls (the runtime's lock).
 
