@@ -20,7 +20,9 @@ proposed within a housekeeping beat; one missed by more than `MISSED_AFTER_MS` (
 cluster was down) is handled by the schedule's catch_up:
 
     all     every missed fire time creates its job, oldest first (at most FIRES_PER_BEAT_MAX
-            per beat, so a long outage does not flood the log in one go);
+            per beat, so a long outage does not flood the log in one go), but no more than the
+            newest CATCH_UP_ALL_MAX of them: older ones are skipped in one entry (a leader
+            whose wall clock is a day ahead must not make a day of jobs);
     latest  the missed fire times are skipped in one entry, and the latest one runs;
     none    the missed fire times are skipped in one entry; the schedule goes on from now.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -45,6 +48,9 @@ from cronsim import CronSim, CronSimError
 MISSED_AFTER_MS = 10_000
 #: Fires one housekeeping beat proposes for one schedule when catching up with catch_up=all.
 FIRES_PER_BEAT_MAX = 100
+#: Missed fire times catch_up=all makes jobs for, the newest ones (Temporal's catch-up window does
+#: the same in time): a day of a once-a-minute schedule, or an hour of a 4-second one.
+CATCH_UP_ALL_MAX = 1440
 #: Cron steps `latest` and `none` walk to find the newest missed fire time; past it they jump
 #: by searching from now instead (a once-a-minute schedule down for a week is 10,080 steps).
 CATCH_UP_STEPS_MAX = 20_000
@@ -122,6 +128,9 @@ def plan_fires(schedule: dict[str, Any], now_ms: int) -> list[tuple[int, int, bo
         return [(fire, following, True)]
     policy = schedule["catch_up"]
     if policy == "all":
+        oldest_kept = _oldest_of_newest(cron, every_ms, tz, fire, now_ms, CATCH_UP_ALL_MAX)
+        if oldest_kept != fire:
+            return [(fire, oldest_kept, False)]  # the rest next beat, from oldest_kept
         plan = []
         while fire <= now_ms and len(plan) < FIRES_PER_BEAT_MAX:
             following = next_fire_after(cron, every_ms, tz, fire)
@@ -134,6 +143,20 @@ def plan_fires(schedule: dict[str, Any], now_ms: int) -> list[tuple[int, int, bo
         skip = [(fire, latest, False)] if latest != fire else []
         return skip + [(latest, upcoming, True)]
     return [(fire, upcoming, False)]  # none
+
+
+def _oldest_of_newest(cron: str | None, every_ms: int | None, tz: str, fire: int, now_ms: int, count: int) -> int:
+    """The oldest of the newest `count` fire times <= now_ms, from `fire` (<= now_ms) on."""
+    if every_ms is not None:
+        missed = (now_ms - fire) // every_ms + 1
+        return fire + max(0, missed - count) * every_ms
+    kept: deque[int] = deque(maxlen=count)
+    for _ in range(CATCH_UP_STEPS_MAX):
+        if fire > now_ms:
+            break
+        kept.append(fire)
+        fire = next_fire_after(cron, None, tz, fire)
+    return kept[0]
 
 
 def _latest_fire_at_or_before(cron: str | None, every_ms: int | None, tz: str, fire: int, now_ms: int) -> int:

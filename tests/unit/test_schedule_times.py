@@ -77,8 +77,21 @@ def test_catch_up_after_an_outage():
     assert plan == [(fire, fire + 2_000, True) for fire in range(100_000, 132_000, 2_000)]
 
 
+def test_catch_up_all_keeps_only_the_newest_missed_fire_times():
+    # A leader whose wall clock is a day ahead finds 86,400 missed fire times of a 1 s schedule.
+    plan = s.plan_fires(_record("all", 0, every_ms=1_000), 86_400_000)
+    oldest_kept = 86_400_000 - (s.CATCH_UP_ALL_MAX - 1) * 1_000
+    assert plan == [(0, oldest_kept, False)]
+    then = s.plan_fires(_record("all", oldest_kept, every_ms=1_000), 86_400_000)
+    assert then[0] == (oldest_kept, oldest_kept + 1_000, True) and len(then) == s.FIRES_PER_BEAT_MAX
+    start = ms(datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc))
+    record = {"cron": "* * * * *", "every_ms": None, "timezone": "UTC", "catch_up": "all", "next_fire_ms": start}
+    [(fire, skip_to, run)] = s.plan_fires(record, start + 2 * 86_400_000)
+    assert (fire, run) == (start, False) and skip_to == start + (2 * 1440 - s.CATCH_UP_ALL_MAX + 1) * 60_000
+
+
 def test_catch_up_all_is_bounded_per_beat():
-    plan = s.plan_fires(_record("all", 0, every_ms=1_000), 10_000_000)
+    plan = s.plan_fires(_record("all", 0, every_ms=1_000), 1_000_000)
     assert len(plan) == s.FIRES_PER_BEAT_MAX and plan[-1][1] == s.FIRES_PER_BEAT_MAX * 1_000
 
 
