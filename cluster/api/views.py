@@ -15,6 +15,7 @@ from aiohttp import web
 
 from cluster import constants as c
 from cluster import schedules as sched
+from cluster import long_poll
 from cluster.api import validation as v
 from cluster.api.keys import NODE, PEER_SESSION
 from cluster.api.wire import ApiError, read_body, respond, unpack_payload
@@ -56,28 +57,8 @@ async def lease(request: web.Request) -> web.Response:
     worker, queues, max_jobs, wait_s = v.lease(await _body(request))
     node.require_leader()
     node.touch_worker(worker)
-    deadline = time.monotonic() + wait_s
-    while True:
-        changed = node.jobs_changed()
-        now_ms = _now_ms(request)
-        # 0: a job is leasable now; N: a rate limit lets one go in N ms; None: nothing until an
-        # entry applies (a submit, an ack freeing a key's slot or a group's next job).
-        wait_ms = node.queue.lease_wait_ms(queues, now_ms)
-        if wait_ms == 0:
-            result = await node.propose(cmds.Lease(now_ms=now_ms, worker=worker, queues=queues, max_jobs=max_jobs))
-            if result.jobs:
-                return respond(request, {"jobs": [_leased_job(node, job) for job in result.jobs]})
-            # Another worker took them first: wait for the next change rather than spin on proposals.
-            wait_ms = None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return respond(request, {"jobs": []})
-        try:
-            await asyncio.wait_for(asyncio.shield(changed), remaining if wait_ms is None else min(remaining, wait_ms / 1000))
-        except asyncio.TimeoutError:
-            if wait_ms is None or remaining <= wait_ms / 1000:
-                return respond(request, {"jobs": []})
-        node.require_leader()
+    jobs = await long_poll.fetch(node, worker, queues, max_jobs=max_jobs, wait_s=wait_s)
+    return respond(request, {"jobs": [_leased_job(node, job) for job in jobs]})
 
 
 def _leased_job(node: Any, job: Any) -> dict:
