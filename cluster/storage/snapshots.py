@@ -401,7 +401,7 @@ class SnapshotWriter:
         try:
             self.abort()
         except OSError as exc:
-            _log.warning("snapshots: could not delete %s: %s", self._temporary, exc)
+            _log.warning("snapshots: aborting %s: %s", self._temporary, exc)
 
     def __enter__(self) -> "SnapshotWriter":
         return self
