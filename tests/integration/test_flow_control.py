@@ -19,11 +19,12 @@ from client import Client, errors
 from cluster.localcluster import wait_until
 
 LEASE_S = 30.0
-#: The issue's figures: 50 leases a second, bursts of 10, 8 workers, 60 s, a leader kill midway.
+#: The issue's figures: 50 leases a second, bursts of 10, 8 workers, a leader kill midway; 20 s in
+#: the suite, the issue's 60 s with RAFTQ_RATE_TEST_S=60.
 RATE_PER_S = 50
 BURST = 10
 RATE_WORKERS = 8
-RATE_RUN_S = float(os.environ.get("RAFTQ_RATE_TEST_S", "60"))
+RATE_RUN_S = float(os.environ.get("RAFTQ_RATE_TEST_S", "20"))
 
 
 class _Pullers:
