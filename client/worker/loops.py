@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
 from client.errors import RaftqError, ServerError, TransportError
+from raftq.protocol import LEASE_S_MIN
 
 #: The loops take the `client.worker.runtime.Worker` they serve; it imports this module, so the
 #: annotation is a name only (no import back: tests/unit/test_layout.py forbids cycles).
@@ -46,6 +47,9 @@ BACKOFF_S_MAX = 5.0
 IDLE_POLL_S = 0.1
 #: The beater never sleeps less than this between rounds.
 BEAT_SLEEP_S_MIN = 0.005
+#: The beater never sleeps longer than this: a job fetched while it sleeps may carry the
+#: shortest lease there is, and must be extended before a quarter of it is gone.
+BEAT_SLEEP_S_MAX = LEASE_S_MIN / 4
 
 TRANSIENT = (TransportError, ServerError)
 
@@ -177,7 +181,8 @@ def beat_loop(w: Worker) -> Loop:
             else:
                 w._extended(due, results, asked_at)
         w._drop_expiring(time.monotonic())
-        yield Sleep(max(BEAT_SLEEP_S_MIN, min(next_beat, w._next_extension()) - time.monotonic()))
+        wake_at = min(next_beat, w._next_extension(), time.monotonic() + BEAT_SLEEP_S_MAX)
+        yield Sleep(max(BEAT_SLEEP_S_MIN, wake_at - time.monotonic()))
 
 
 def extend_window_s(heartbeat_s: float, lease_s: float) -> float:
