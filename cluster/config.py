@@ -11,6 +11,8 @@ from cluster import constants
 from cluster.errors import ConfigError
 
 _NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Listen addresses that mean "every interface": they name no address a client could use.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,12 @@ class NodeConfig:
                 f"refusing to serve {self.host!r}, which is not a loopback address, with neither a client token "
                 "nor TLS: anyone on the network could submit, lease and purge jobs. Set a token "
                 "(--token-file or RAFTQ_TOKEN) and TLS, listen on 127.0.0.1, or say --insecure-open-to-network")
+        if self.host in _WILDCARD_HOSTS and not self.advertise_url:
+            raise ConfigError(
+                f"--host {self.host!r} listens on every address but names none: clients and peers would be "
+                "sent to it. Say where they reach this node with --advertise-url (e.g. https://n1.example:7001)")
+        if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--advertise-url {self.advertise_url!r} must start with http:// or https://")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range")
         if self.election_ticks <= self.heartbeat_ticks:

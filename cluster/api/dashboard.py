@@ -63,7 +63,9 @@ async def dashboard(request: web.Request) -> web.Response:
     """`GET /`: the dashboard page (no data in it, so no token needed to load it)."""
     page = _page()
     node = request.app.get(NODE)
-    peer_urls = sorted({url.rstrip("/") for url in node.config.peers.values()}) if node is not None else []
+    # The page's links and failover use the URLs clients reach the peers at (`public_urls`).
+    peer_urls = sorted({node.config.public_urls.get(peer_id, url).rstrip("/")
+                        for peer_id, url in node.config.peers.items()}) if node is not None else []
     return web.Response(
         body=page.body,
         content_type="text/html",

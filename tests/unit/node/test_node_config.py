@@ -58,10 +58,23 @@ def test_a_network_address_without_token_or_tls_is_refused_unless_opted_out(monk
         config(["--host", "0.0.0.0"], monkeypatch)
     with pytest.raises(ConfigError, match="not a loopback address"):
         config(["--host", "node1.example"], monkeypatch)
-    assert config(["--host", "0.0.0.0"], monkeypatch, RAFTQ_TOKEN="t").client_token == "t"
-    assert config(["--host", "0.0.0.0", "--insecure-open-to-network"], monkeypatch).insecure_open_to_network
+    advertised = ["--advertise-url", "http://node1.example:7001"]
+    assert config(["--host", "0.0.0.0", *advertised], monkeypatch, RAFTQ_TOKEN="t").client_token == "t"
+    assert config(["--host", "0.0.0.0", *advertised, "--insecure-open-to-network"],
+                  monkeypatch).insecure_open_to_network
     for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert config(["--host", loopback], monkeypatch).loopback_only
+
+
+def test_a_wildcard_listen_address_needs_an_advertised_url(monkeypatch):
+    # Clients and peers are sent to a node's advertised URL (status, redirects): 0.0.0.0 names no host.
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(ConfigError, match="--advertise-url"):
+            config(["--host", wildcard], monkeypatch, RAFTQ_TOKEN="t")
+    with pytest.raises(ConfigError, match="must start with http"):
+        config(["--advertise-url", "node1.example:7001"], monkeypatch)
+    node = config(["--host", "0.0.0.0", "--advertise-url", "https://n1.example:7001"], monkeypatch, RAFTQ_TOKEN="t")
+    assert node.url == "https://n1.example:7001"
 
 
 def test_the_start_up_warning_names_each_gap(monkeypatch):
