@@ -21,7 +21,8 @@ from client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
 from client._client import Client, JobHandle
 from client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
 from client.app import App
-from client.worker import Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, Worker
+from client.worker import (Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, SoftTimeLimitExceeded,
+                           TimeLimitExceeded, Worker)
 
 __all__ = [
     "AiohttpTransport",
@@ -44,6 +45,8 @@ __all__ = [
     "Response",
     "Retry",
     "RetryPolicy",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
     "Worker",
     "errors",
 ]

@@ -17,7 +17,8 @@ the app declares (an identical one is left as it is; a changed one replaces the 
 the cluster's leader makes each fire time's job (see the README, "Flow control and schedules").
 
 A submitted call is the payload `{"task": name, "args": [...], "kwargs": {...}}` on the task's
-queue; the worker looks the name up among the app's tasks. A name defaults to the function's
+queue (plus "time_limit" and "soft_time_limit" when `apply_async` sets them for that call); the
+worker looks the name up among the app's tasks. A name defaults to the function's
 "module.qualname", so producer and worker agree as long as both import the same module. Payloads
 are msgpack data, never pickles: arguments must be msgpack-serialisable.
 """
@@ -39,6 +40,7 @@ import msgpack
 
 from client._client import JobHandle
 from client.worker import Reject, Worker
+from client.worker.limits import TimeLimits, check_limit
 # The bounds of the per-job options a task may fix: the server's, checked here at registration.
 from raftq.protocol import (LEASE_S_MAX, LEASE_S_MIN, MAX_ATTEMPTS_MAX, MAX_ATTEMPTS_MIN, PRIORITY_MAX,
                             PRIORITY_MIN)
@@ -92,13 +94,18 @@ class App:
             client.close()
 
     def task(self, fn: Callable | None = None, *, queue: str | None = None, max_attempts: int | None = None,
-             priority: int | None = None, lease_s: float | None = None, name: str | None = None) -> Any:
+             priority: int | None = None, lease_s: float | None = None, name: str | None = None,
+             time_limit: float | None = None, soft_time_limit: float | None = None) -> Any:
         """Registers a function as a task; use as `@app.task` or `@app.task(queue=..., ...)`.
 
         Args:
             queue: the queue its jobs go to (default: the app's default_queue).
             max_attempts, priority, lease_s: per-job options (None: the server's defaults).
             name: the name in payloads (default: "module.qualname").
+            time_limit: seconds a run may take before it fails with TimeLimitExceeded (the
+                process pool kills and replaces the process running it).
+            soft_time_limit: seconds before SoftTimeLimitExceeded is raised in the run, which may
+                catch it to clean up. What each pool enforces: the README, "Time limits".
 
         Returns:
             A `Task` (or, with arguments, a decorator that makes one).
@@ -108,7 +115,9 @@ class App:
         """
         def register(function: Callable) -> Task:
             task = Task(self, function, name=name or default_task_name(function), queue=queue or self.default_queue,
-                        max_attempts=max_attempts, priority=priority, lease_s=lease_s)
+                        max_attempts=max_attempts, priority=priority, lease_s=lease_s,
+                        time_limits=TimeLimits(check_limit("soft_time_limit", soft_time_limit),
+                                               check_limit("time_limit", time_limit)))
             if task.name in self.tasks:
                 raise ValueError(f"a task named {task.name!r} is already registered; pass name= to tell them apart")
             self.tasks[task.name] = task
@@ -124,7 +133,7 @@ class App:
         Args:
             cron, every_s, timezone, overlap, catch_up: the schedule (see `Client.put_schedule`).
             args, kwargs: the arguments each run gets.
-            **task_options: as for `task` (queue, max_attempts, priority, lease_s, name).
+            **task_options: as for `task` (queue, max_attempts, priority, lease_s, name, time limits).
 
         Returns:
             The `Task` (it can still be submitted by hand).
@@ -175,11 +184,11 @@ class App:
 class Task:
     """A registered function: call it to run it here, `.submit(...)` to run it on a worker.
 
-    Attributes: name, queue, max_attempts, priority, lease_s, fn (the plain function).
+    Attributes: name, queue, max_attempts, priority, lease_s, time_limits, fn (the plain function).
     """
 
     def __init__(self, app: App, fn: Callable, *, name: str, queue: str, max_attempts: int | None,
-                 priority: int | None, lease_s: float | None) -> None:
+                 priority: int | None, lease_s: float | None, time_limits: TimeLimits = TimeLimits()) -> None:
         _check_range("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
         _check_range("max_attempts", max_attempts, MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
         _check_range("lease_s", lease_s, LEASE_S_MIN, LEASE_S_MAX)
@@ -190,6 +199,7 @@ class Task:
         self.max_attempts = max_attempts
         self.priority = priority
         self.lease_s = lease_s
+        self.time_limits = time_limits
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -228,7 +238,8 @@ class Task:
 
     def submit_with(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
                     delay_s: float | None = None, priority: int | None = None, queue: str | None = None,
-                    idempotency_key: str | None = None) -> JobHandle:
+                    idempotency_key: str | None = None, time_limit: float | None = None,
+                    soft_time_limit: float | None = None) -> JobHandle:
         """Submits a call with per-job options.
 
         Args:
@@ -238,10 +249,14 @@ class Task:
             queue: another queue than the task's (a worker for it must know this task).
             idempotency_key: a repeated submit with the same key inside the server's window
                 returns the first job's id instead of creating another job.
+            time_limit, soft_time_limit: this call's limits, over the task's own.
 
-        Returns and raises like `submit`.
+        Returns and raises like `submit`, and ValueError for a limit that is not a positive number.
         """
         payload = self.payload(args, kwargs)
+        for key, value in (("time_limit", time_limit), ("soft_time_limit", soft_time_limit)):
+            if check_limit(key, value) is not None:
+                payload[key] = value
         client = self.app.client
         job_id = client.submit(queue or self.queue, payload,
                                priority=priority if priority is not None else self.priority, delay_s=delay_s,
@@ -251,7 +266,8 @@ class Task:
     def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, *,
                     countdown: float | None = None, eta: datetime.datetime | None = None,
                     priority: int | None = None, queue: str | None = None,
-                    idempotency_key: str | None = None) -> JobHandle:
+                    idempotency_key: str | None = None, time_limit: float | None = None,
+                    soft_time_limit: float | None = None) -> JobHandle:
         """Celery's `apply_async`: `submit_with` under Celery's option names.
 
         Args:
@@ -262,9 +278,10 @@ class Task:
             priority: 0-9, 9 runs first.
             queue: another queue than the task's.
             idempotency_key: as for `submit_with`.
+            time_limit, soft_time_limit: this call's limits (seconds), over the task's own.
 
         Raises:
-            ValueError: both countdown and eta given.
+            ValueError: both countdown and eta given, or a limit that is not a positive number.
             TypeError, client.errors.RaftqError: as `submit`.
         """
         if countdown is not None and eta is not None:
@@ -274,7 +291,8 @@ class Task:
             now = datetime.datetime.now(eta.tzinfo) if eta.tzinfo is not None else datetime.datetime.now()
             delay_s = max(0.0, (eta - now).total_seconds())
         return self.submit_with(args, kwargs, delay_s=delay_s, priority=priority, queue=queue,
-                                idempotency_key=idempotency_key)
+                                idempotency_key=idempotency_key, time_limit=time_limit,
+                                soft_time_limit=soft_time_limit)
 
     def payload(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None) -> dict:
         """The job payload of a call: {"task": name, "args": [...], "kwargs": {...}}.
@@ -317,6 +335,20 @@ class Dispatch:
                          f"(known: {known})")
         return task, payload.get("args", []), payload.get("kwargs", {})
 
+    def time_limits(self, job: Any) -> TimeLimits:
+        """The call's limits (from `apply_async`), over its task's; the worker enforces them.
+
+        Raises:
+            Reject: the payload names a limit that is not a positive number.
+        """
+        task, _, _ = self.resolve(job.payload)
+        try:
+            called = TimeLimits(check_limit("soft_time_limit", job.payload.get("soft_time_limit")),
+                                check_limit("time_limit", job.payload.get("time_limit")))
+        except ValueError as exc:
+            raise Reject(f"task {task.name}: {exc}") from None
+        return called.over(task.time_limits)
+
 
 class AsyncDispatch(Dispatch):
     """`Dispatch` for pool="asyncio": awaits async tasks; a plain function runs in a thread."""
@@ -326,6 +358,14 @@ class AsyncDispatch(Dispatch):
         if inspect.iscoroutinefunction(task.fn):
             return await task.fn(*args, **kwargs)
         return await asyncio.to_thread(task.fn, *args, **kwargs)
+
+    def plain_body(self, job: Any) -> Callable[[Any], Any] | None:
+        """For a task that is a plain function, `job -> result` to run in a thread (so that the
+        worker applies the threads' time limits there); None for an async task."""
+        task, args, kwargs = self.resolve(job.payload)
+        if inspect.iscoroutinefunction(task.fn):
+            return None
+        return lambda _job: task.fn(*args, **kwargs)
 
 
 def default_task_name(fn: Callable) -> str:

@@ -167,6 +167,10 @@ def _add_worker(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--lease", type=float, default=30.0, help="seconds each lease extension lasts (default 30)")
     sub.add_argument("--wait", type=float, default=5.0, help="long-poll seconds per fetch (default 5)")
     sub.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats (default 2)")
+    sub.add_argument("--time-limit", type=float, help="hard seconds per job, for tasks that set none (processes: "
+                                                          "the child is killed and replaced; README \"Time limits\")")
+    sub.add_argument("--soft-time-limit", type=float, help="seconds before SoftTimeLimitExceeded is raised in a job, "
+                                                               "for tasks that set none")
     sub.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     sub.add_argument("--log-level", default=os.environ.get("RAFTQ_LOG_LEVEL", "INFO"))
 
@@ -274,7 +278,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics = PrometheusMiddleware() if args.metrics_port is not None else None
     options = dict(concurrency=args.concurrency, prefetch=args.prefetch, pool=args.pool, queues=_split(args.queues) or None,
                    burst=args.burst, grace_s=args.grace, lease_s=args.lease, wait_s=args.wait,
-                   heartbeat_s=args.heartbeat, middleware=[metrics] if metrics else [])
+                   heartbeat_s=args.heartbeat, middleware=[metrics] if metrics else [], time_limit=args.time_limit,
+                   soft_time_limit=args.soft_time_limit)
     try:
         worker = target.worker(client=client, **options) if is_app else Worker(client, target, **options)
     except ValueError as exc:

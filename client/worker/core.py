@@ -84,7 +84,7 @@ LEASE_START_MARGIN_S = 0.25
 #: After a failed extend call, try again this much later rather than at the next heartbeat.
 EXTEND_RETRY_S = 0.5
 #: pool="processes": a runner sends its child about this much measured work per message, at most
-#: PROCESS_BATCH_MAX jobs. A round trip through ProcessPoolExecutor costs about as much as a 1 ms
+#: PROCESS_BATCH_MAX jobs. A round trip through a pool process costs about as much as a 1 ms
 #: job (pickling, two pipe hops, two thread wake-ups), so one job per message halves the pool.
 PROCESS_BATCH_S = 0.02
 PROCESS_BATCH_MAX = 64

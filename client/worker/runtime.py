@@ -16,7 +16,7 @@ With the sync pools ("threads", "processes") four roles run on their own threads
     fetcher    fills the buffer (see above); in burst mode it stops the worker once a fetch
                comes back empty with nothing in flight.
     runners    `concurrency` daemon threads taking jobs from the buffer, one handler each at a
-               time: called directly ("threads") or in a process pool ("processes", below).
+               time: called directly ("threads") or in a pool process ("processes", below).
     reporter   sends finished outcomes in batches: one `ack_many` and one `fail_many` request
                once `ack_batch_max` outcomes wait, or `ack_linger_s` after the oldest one
                finished, or at once when no job is running or buffered (nothing else is coming
@@ -25,13 +25,15 @@ With the sync pools ("threads", "processes") four roles run on their own threads
                of its own so a busy handler cannot starve it (FEATURES.md pain point 7); it also
                extends every lease that has run past about half its span.
 
-Process pool: each runner owns one message to a pool process at a time, and it carries a batch:
-the next buffered job plus as many more as make about PROCESS_BATCH_S of measured work (one job
-until a job has finished, at most PROCESS_BATCH_MAX, at most the runner's share of what waits).
-The child runs them in turn and sends back every outcome with its own run time in one message,
-so the pacing average stays per job. A round trip through the pool costs about as much as a 1 ms
-job; batching is what lets 1 ms jobs use the cores (README "Benchmarks"). Jobs of a batch count
-as running from the moment they are handed over; their leases are kept alive like any other.
+Process pool: each runner owns one pool process (client/worker/processes.py) and hands it a
+batch in one message: the next buffered job plus as many more as make about PROCESS_BATCH_S of
+measured work (one job until a job has finished, at most PROCESS_BATCH_MAX, at most the runner's
+share of what waits). The child runs them in turn and answers each job, with its own run time,
+as it finishes, so the pacing average stays per job and the parent can time each job against its
+hard limit (past it, that child alone is killed and replaced). A round trip through a pool
+process costs about as much as a 1 ms job; batching is what lets 1 ms jobs use the cores (README
+"Benchmarks"). Jobs of a batch count as running from the moment they are handed over; their
+leases are kept alive like any other. Time limits: client/worker/limits.py.
 
 With pool="asyncio" the same roles are tasks on one event loop and the client is an
 `AsyncClient`; there the heartbeat shares the loop, so a handler that blocks the loop delays it.
@@ -55,12 +57,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import inspect
 import logging
-import multiprocessing
 import os
 import pickle
 import queue
@@ -71,8 +71,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
@@ -80,6 +78,8 @@ from client._base import LeasedJob
 from client.worker import loops
 from client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
                                 WorkerStats, default_prefetch, outcome, outcome_of)
+from client.worker.limits import NO_LIMITS, TimeLimits, await_with_limits, call_with_limits, check_limit
+from client.worker.processes import ChildProcess
 from raftq.protocol import FETCH_WAIT_S_MAX, LEASE_S_MAX, LEASE_S_MIN
 
 log = logging.getLogger("raftq.worker")
@@ -205,6 +205,10 @@ class Worker:
             free.
         worker_id: this worker's name on the server (default: host-pid-random).
         middleware: `Middleware` instances, called in order (after_* hooks in reverse).
+        time_limit, soft_time_limit: seconds a handler may run before its job fails with
+            TimeLimitExceeded (hard) or SoftTimeLimitExceeded raised in it (soft), for jobs whose
+            handler names none (`handler.time_limits(job)`, as App tasks do). What each pool can
+            enforce: client/worker/limits.py and the README ("Time limits").
 
     Raises:
         ValueError: for a bad option, a queue without a handler, or (pool="processes") a
@@ -216,7 +220,8 @@ class Worker:
                  pool: str = "threads", lease_s: float = 30.0, heartbeat_s: float = 2.0, wait_s: float = 5.0,
                  burst: bool = False, grace_s: float = 30.0, ack_batch_max: int = ACK_BATCH_MAX_DEFAULT,
                  ack_linger_s: float = ACK_LINGER_S_DEFAULT, worker_id: str | None = None,
-                 middleware: Iterable[Middleware] = ()) -> None:
+                 middleware: Iterable[Middleware] = (), time_limit: float | None = None,
+                 soft_time_limit: float | None = None) -> None:
         self.client = client
         self.handlers = dict(handlers)
         self.queues = tuple(queues) if queues is not None else tuple(self.handlers)
@@ -233,6 +238,8 @@ class Worker:
         self.ack_linger_s = ack_linger_s
         self.worker_id = worker_id or default_worker_id()
         self.middleware = tuple(middleware)
+        self.time_limits = TimeLimits(check_limit("soft_time_limit", soft_time_limit),
+                                      check_limit("time_limit", time_limit))
         self._validate()
         # `core` (with its stats) and the fields below are guarded by `_lock`. `_cond` wakes the
         # fetcher and shutdown, `_report_cond` the thread runtime's reporter; the core calls
@@ -575,12 +582,18 @@ class Worker:
             raise Reject(f"worker {self.worker_id} has no handler for queue {job.queue!r}")
         return handler
 
-    def _process(self, job: Any, invoke: Callable[[Callable, Any], Any]) -> Outcome:
-        """Runs one job's handler through `invoke` (a direct call, or a process pool), with hooks."""
+    def _limits_for(self, handler: Callable[[Any], Any], job: Any) -> TimeLimits:
+        """The job's time limits: the handler's (`time_limits(job)`), else the worker's."""
+        named = getattr(handler, "time_limits", None)
+        return (named(job) if named is not None else NO_LIMITS).over(self.time_limits)
+
+    def _process(self, job: Any) -> Outcome:
+        """Runs one job's handler on this thread, with hooks and time limits."""
         self._hooks("before_process", job)
         result = exc = None
         try:
-            result = invoke(self._handler_for(job), job)
+            handler = self._handler_for(job)
+            result = call_with_limits(handler, job, self._limits_for(handler, job))
         except BaseException as error:  # a handler's failure, even SystemExit, is the job's outcome
             exc = error
         self._hooks("after_process", job, result, exc)
@@ -591,10 +604,15 @@ class Worker:
         result = exc = None
         try:
             handler = self._handler_for(job)
-            if _is_async(handler):
-                result = await handler(job)
+            limits = self._limits_for(handler, job)
+            # A plain function runs in a thread, under the threads' limits: cancelling the await of
+            # a thread would report the job while its thread still runs.
+            plain = handler.plain_body(job) if hasattr(handler, "plain_body") else (
+                None if _is_async(handler) else handler)
+            if plain is None:
+                result = await await_with_limits(handler(job), limits)
             else:
-                result = await asyncio.to_thread(handler, job)
+                result = await asyncio.to_thread(call_with_limits, plain, job, limits)
         except asyncio.CancelledError:
             raise
         except BaseException as error:
@@ -652,18 +670,17 @@ class _ThreadRuntime:
         self.work: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()  # the buffer, in fetch order
         self.outbox = _Outbox(worker)
         self.beats_stop = threading.Event()
-        self.executor: concurrent.futures.ProcessPoolExecutor | None = None
-        self.executor_lock = threading.Lock()
+        self.children: list[ChildProcess] = []  # pool="processes": runner i drives children[i]
         self.threads: dict[str, threading.Thread] = {}
 
     def start(self) -> None:
-        if self.w.pool == "processes":
-            self.executor = _new_process_pool(self.w.concurrency)
         w = self.w
+        if w.pool == "processes":
+            self.children = [ChildProcess(f"raftq-pool-{i}") for i in range(w.concurrency)]
         roles = [("fetch", lambda: self._drive(loops.fetch_loop(w, self._deliver))),
                  ("report", lambda: self._drive(loops.report_loop(w))),
                  ("beat", lambda: self._drive(loops.beat_loop(w), stop=self.beats_stop))]
-        roles += [(f"run-{i}", self._run_loop) for i in range(self.w.concurrency)]
+        roles += [(f"run-{i}", functools.partial(self._run_loop, i)) for i in range(w.concurrency)]
         for role, target in roles:
             # Daemon threads: a handler still stuck after the grace period must not keep the process alive.
             thread = threading.Thread(target=self.w._guarded, args=(role, target), name=f"raftq-{role}", daemon=True)
@@ -687,8 +704,9 @@ class _ThreadRuntime:
         self._join("report", w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
         self.beats_stop.set()
         self._join("beat", FETCH_JOIN_S)
-        if self.executor is not None:
-            _stop_process_pool(self.executor, force=bool(leftovers))
+        for child in self.children:
+            # Forced when a handler outlived the grace period: its job is already handed back.
+            child.close(force=bool(leftovers))
 
     def _join(self, role: str, timeout: float) -> None:
         thread = self.threads.get(role)
@@ -747,19 +765,18 @@ class _ThreadRuntime:
 
     # ------------------------------------------------------------------------ runners
 
-    def _run_loop(self) -> None:
-        if self.executor is not None:
-            return self._run_batches_loop()
+    def _run_loop(self, index: int) -> None:
+        if self.children:
+            return self._run_batches_loop(self.children[index])
         w = self.w
         while (flight := self.work.get()) is not None:
             if not w._start(flight):
                 continue
-            outcome = w._process(flight.job, self._invoke)
-            w._finish(flight, outcome, self.outbox.put)
+            w._finish(flight, w._process(flight.job), self.outbox.put)
 
-    def _run_batches_loop(self) -> None:
-        """pool="processes": each runner hands a pool process a batch of buffered jobs in one
-        message and gets their outcomes back in one (module docstring, "Process pool")."""
+    def _run_batches_loop(self, child: ChildProcess) -> None:
+        """pool="processes": each runner hands its pool process a batch of buffered jobs in one
+        message and finishes each job as its answer comes back (module docstring, "Process pool")."""
         w = self.w
         last = False
         while not last:
@@ -779,104 +796,30 @@ class _ThreadRuntime:
                 batch.append(extra)
             started = [f for f in batch if w._start(f)]
             if started:
-                self._run_batch(started)
+                self._run_batch(child, started)
 
-    def _run_batch(self, flights: list[Flight]) -> None:
+    def _run_batch(self, child: ChildProcess, flights: list[Flight]) -> None:
         w = self.w
-        answers: list[tuple[Any, BaseException | None, float | None] | None] = [None] * len(flights)
-        calls, positions = [], []
-        for position, flight in enumerate(flights):
+        calls, sent = [], []
+        for flight in flights:
             w._hooks("before_process", flight.job)
             try:
-                calls.append((w._handler_for(flight.job), flight.job))
-                positions.append(position)
-            except Reject as exc:  # no handler for its queue
-                answers[position] = (None, exc, 0.0)
+                handler = w._handler_for(flight.job)
+                calls.append((handler, flight.job, w._limits_for(handler, flight.job)))
+                sent.append(flight)
+            except Exception as exc:  # no handler for its queue, or limits it cannot have
+                self._finish_one(flight, (None, exc, 0.0))
+
+        def on_answer(index: int, answer: tuple[Any, BaseException | None, float | None]) -> None:
+            self._finish_one(sent[index], answer)
+
         if calls:
-            try:
-                done = [_with_child_traceback(*answer) for answer in self._invoke(_run_in_child, calls)]
-            except BaseException as exc:  # the pool broke (a child died): the batch fails as retryable
-                done = [(None, exc, None)] * len(calls)
-            for position, answer in zip(positions, done):
-                answers[position] = answer
-        for flight, (result, exc, run_s) in zip(flights, answers):
-            w._hooks("after_process", flight.job, result, exc)
-            w._finish(flight, outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
+            child.run(calls, on_answer)
 
-    def _invoke(self, handler: Callable[[Any], Any], job: Any) -> Any:
-        executor = self.executor
-        if executor is None:
-            return handler(job)
-        try:
-            return executor.submit(handler, job).result()
-        except BrokenProcessPool:
-            # A child died (os._exit, OOM kill, segfault): the job fails as retryable, the pool is renewed.
-            with self.executor_lock:
-                if self.executor is executor and not self.w.stopping:
-                    log.error("worker %s: a pool process died; starting a new pool", self.w.worker_id)
-                    self.executor = _new_process_pool(self.w.concurrency)
-                    _stop_process_pool(executor, force=True)
-            raise
-
-def _run_in_child(calls: list[tuple[Callable[[Any], Any], Any]]) -> list[tuple[Any, Any, str, float]]:
-    """Runs in a pool process: each (handler, job) in turn; (result, exception, traceback text, run s) per job.
-
-    Exceptions do not keep their traceback or cause through pickling, so the child's traceback
-    travels as text beside it (`_with_child_traceback` puts it back). A result or exception that
-    does not pickle would fail the whole batch's message: it is replaced by an error for its job.
-    """
-    answers = []
-    for handler, job in calls:
-        started = time.perf_counter()
-        try:
-            answers.append((handler(job), None, "", time.perf_counter() - started))
-        except BaseException as exc:  # a handler's failure, even SystemExit, is the job's outcome
-            answers.append((None, exc, "".join(traceback.format_exception(exc)), time.perf_counter() - started))
-    try:
-        pickle.dumps(answers)
-    except Exception:
-        answers = [_picklable(answer) for answer in answers]
-    return answers
-
-
-def _picklable(answer: tuple[Any, Any, str, float]) -> tuple[Any, Any, str, float]:
-    try:
-        pickle.dumps(answer)
-        return answer
-    except Exception as exc:
-        result, error, tb_text, run_s = answer
-        what = "result" if error is None else f"exception {type(error).__name__}: {error}"
-        return None, RuntimeError(f"the handler's {what} cannot be sent back from the pool process: {exc}"), \
-            tb_text, run_s
-
-
-def _with_child_traceback(result: Any, exc: BaseException | None, tb_text: str,
-                          run_s: float) -> tuple[Any, BaseException | None, float]:
-    if exc is not None and tb_text:
-        exc.__cause__ = _ChildTraceback(tb_text)
-    return result, exc, run_s
-
-
-class _ChildTraceback(Exception):
-    """The traceback of an exception raised in a pool process, as text (as concurrent.futures shows it)."""
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.args[0]}"""'
-
-
-def _new_process_pool(size: int) -> concurrent.futures.ProcessPoolExecutor:
-    # "spawn": forking a process that already runs threads can copy a held lock into the child.
-    return concurrent.futures.ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context("spawn"))
-
-
-def _stop_process_pool(executor: concurrent.futures.ProcessPoolExecutor, *, force: bool) -> None:
-    if force:
-        # No public way to stop a busy pool before Python 3.14's terminate_workers(); the children
-        # run handlers we already handed back, so ending them is right.
-        for process in list((getattr(executor, "_processes", None) or {}).values()):
-            with contextlib.suppress(Exception):
-                process.terminate()
-    executor.shutdown(wait=not force, cancel_futures=True)
+    def _finish_one(self, flight: Flight, answer: tuple[Any, BaseException | None, float | None]) -> None:
+        result, exc, run_s = answer
+        self.w._hooks("after_process", flight.job, result, exc)
+        self.w._finish(flight, outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
 
 
 # ---------------------------------------------------------------------------- the asyncio runtime

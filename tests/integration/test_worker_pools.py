@@ -4,7 +4,9 @@ Each test runs once per pool with the same handlers (top-level functions in work
 process pool can pickle them) and the same expectations: results kept, failures sent to the
 dead-letter queue with the handler's traceback, every job acked once, buffered jobs handed back
 unstarted (no attempt counted) when the worker stops, and a job that finishes within the grace
-period acked rather than handed back.
+period acked rather than handed back. Time limits (App tasks, apply_async): a soft limit raises in
+the job, a hard limit fails it, and the jobs beside it are not touched; the process pool kills and
+replaces only the child past its hard limit.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import pytest
 
 from client import AsyncClient, Client, Worker
+from client.app import AsyncDispatch, Dispatch
 from cluster.localcluster import wait_until
 from tests.integration import worker_apps
 
@@ -100,3 +103,56 @@ def test_stop_releases_buffered_jobs_and_lets_the_running_one_finish(single_node
         assert (record["state"], record["result"], record["attempts"]) == ("done", "held", 1), record
         assert (stats.released, stats.succeeded) == (4, 1), stats
         assert collections.Counter(client.get(i)["state"] for i in ids) == {"ready": 4}
+
+
+@pytest.fixture
+def tasks_on(single_node):
+    """worker_apps' App submitting to this test's node; (client, the handlers a pool's worker runs)."""
+    app = worker_apps.app
+    with Client(single_node.urls) as client:
+        app.client = client
+        try:
+            yield client, lambda pool: {"limits": (AsyncDispatch if pool == "asyncio" else Dispatch)(app.tasks)}
+        finally:
+            app.client = None
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_soft_limit_raises_in_the_job_hard_limit_fails_it_and_other_jobs_run_on(single_node, tasks_on, pool):
+    client, handlers = tasks_on
+    cleaned = worker_apps.cleans_up_at_soft_limit.delay()  # the task's own soft limit, 0.5 s
+    hard = worker_apps.spins.apply_async(time_limit=1)
+    soft = worker_apps.spins.apply_async(soft_time_limit=0.5, time_limit=30)
+    napping = [worker_apps.naps.apply_async(soft_time_limit=0.5)] if pool == "asyncio" else []
+    quick = [worker_apps.quick.delay(n) for n in range(6)]
+    stats = Running(pool, single_node.urls, handlers(pool), concurrency=3, burst=True).join()
+
+    assert cleaned.result(timeout=1) == "cleaned up"
+    assert [handle.result(timeout=1) for handle in quick] == [n * n for n in range(6)]
+    expected_hard = "its pool process was killed and replaced" if pool == "processes" else "TimeLimitExceeded"
+    for handle, error, where in [(hard, "TimeLimitExceeded: hard time limit of 1 s exceeded", expected_hard),
+                                 (soft, "SoftTimeLimitExceeded: soft time limit of 0.5 s exceeded", "in spins"),
+                                 *[(h, "SoftTimeLimitExceeded: soft time limit of 0.5 s", "in naps") for h in napping]]:
+        record = handle.record()
+        assert (record["state"], record["attempts"]) == ("dead", 1), record
+        assert record["last_error"].startswith(error) and where in record["last_error"], record["last_error"]
+    assert (stats.succeeded, stats.failed, stats.lost) == (7, 2 + len(napping), 0), stats
+
+
+def test_process_pool_kills_and_replaces_only_the_child_past_its_hard_limit(single_node, tasks_on):
+    client, handlers = tasks_on
+    # Blocks SIGALRM and sleeps in C: the soft limit cannot reach it, only the kill at the hard one.
+    stuck = worker_apps.blocks_in_c.apply_async(soft_time_limit=0.3, time_limit=1)
+    neighbour = worker_apps.pid_after.delay(2.5)  # on the other child, running across the kill
+    later = [worker_apps.pid_after.delay(0) for _ in range(4)]
+    stats = Running("processes", single_node.urls, handlers("processes"), concurrency=2, prefetch=0,
+                    burst=True).join()
+
+    record = stuck.record()
+    assert (record["state"], record["attempts"]) == ("dead", 1), record
+    assert record["last_error"].startswith("TimeLimitExceeded: hard time limit of 1 s exceeded; its pool process "
+                                           "was killed and replaced"), record["last_error"]
+    neighbour_record = neighbour.record()  # max_attempts=1: a kill would have sent it to the DLQ
+    assert (neighbour_record["state"], neighbour_record["attempts"]) == ("done", 1), neighbour_record
+    assert all(isinstance(handle.result(timeout=1), int) for handle in later)
+    assert (stats.succeeded, stats.failed) == (5, 1), stats

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from client.app import App, Dispatch, Task
-from client.worker import Reject
+from client.worker import Reject, TimeLimits
 from client import LeasedJob
 from tests.unit.client.fakes import AsyncFake, FakeCluster
 
@@ -85,7 +85,7 @@ def test_dispatch_runs_the_named_task_and_rejects_unknown_or_malformed_calls():
     dispatch = Dispatch(app.tasks)
     job = LeasedJob("j1", "jobs", add.payload((4, 5)), 1, 1, 0.0)
     assert dispatch(job) == 9
-    with pytest.raises(Reject, match="unknown task 'nope'.*known: custom.name, test_app.add, test_app.send"):
+    with pytest.raises(Reject, match="unknown task 'nope'.*known: custom.name, test_app.add, test_app.limited, test_app.send"):
         dispatch(LeasedJob("j2", "jobs", {"task": "nope", "args": [], "kwargs": {}}, 1, 1, 0.0))
     with pytest.raises(Reject, match="not a task call"):
         dispatch(LeasedJob("j3", "jobs", [1, 2], 1, 1, 0.0))
@@ -154,3 +154,28 @@ def test_periodic_tasks_declare_their_schedules_when_the_worker_starts():
         "every_s": None, "timezone": "Europe/Paris", "overlap": "skip", "catch_up": None, "priority": None,
         "max_attempts": None, "lease_s": None})]
     assert refresh(3) == 3 and "reports.refresh" in periodic_app.tasks
+
+
+@app.task(soft_time_limit=5, time_limit=10)
+def limited():
+    return "ok"
+
+
+def test_time_limits_travel_with_the_call_and_win_over_the_task_s(recorder):
+    limited.apply_async(time_limit=2)
+    [(_, payload, _)] = recorder.calls
+    assert payload == {"task": "test_app.limited", "args": [], "kwargs": {}, "time_limit": 2}
+    job = LeasedJob("j1", "jobs", payload, 1, 1, 0.0)
+    assert Dispatch(app.tasks).time_limits(job) == TimeLimits(soft_s=5, hard_s=2)
+    plain = LeasedJob("j2", "jobs", add.payload((1, 2)), 1, 1, 0.0)
+    assert Dispatch(app.tasks).time_limits(plain) == TimeLimits()
+
+
+def test_time_limits_are_checked_at_submit_and_at_dispatch(recorder):
+    with pytest.raises(ValueError, match="time_limit must be a positive number"):
+        limited.apply_async(time_limit=0)
+    with pytest.raises(ValueError, match="soft_time_limit"):
+        app.task(soft_time_limit="5")(lambda: None)
+    bad = LeasedJob("j1", "jobs", {**limited.payload(), "time_limit": "soon"}, 1, 1, 0.0)
+    with pytest.raises(Reject, match="time_limit must be a positive number"):
+        Dispatch(app.tasks).time_limits(bad)

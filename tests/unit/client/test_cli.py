@@ -133,6 +133,8 @@ def test_submit_and_worker_options_parse():
         ("tasks:app", 8, "asyncio", True, ["a", "b"], "auto")
     for given, parsed in [("auto", "auto"), ("0", 0), ("64", 64)]:
         assert cli.build_parser().parse_args(["worker", "tasks:app", "--prefetch", given]).prefetch == parsed
+    args = cli.build_parser().parse_args(["worker", "tasks:app", "--time-limit", "30", "--soft-time-limit", "25"])
+    assert (args.time_limit, args.soft_time_limit) == (30.0, 25.0)
 
 
 def test_worker_prefetch_flag_is_checked(capsys, monkeypatch):

@@ -502,7 +502,7 @@ def test_processes_pool_survives_a_dying_child():
     ok = [cluster.add("math", {"n": n}, max_attempts=3) for n in range(3)]
     stats = make_worker(cluster, {"math": square, "die": die}, pool="processes", concurrency=1).run()
     assert sorted(cluster.acks) == sorted((job_id, n * n) for n, job_id in enumerate(ok))
-    assert [(job_id, "BrokenProcessPool" in error) for job_id, error, _, _ in cluster.fails if job_id == dead] == \
+    assert [(job_id, "PoolProcessDied" in error and "exited with code 3" in error) for job_id, error, _, _ in cluster.fails if job_id == dead] == \
         [(dead, True)]
     assert stats.succeeded == 3
 
