@@ -2,6 +2,7 @@
 
     python -m chaos --duration 600 --seed 7                 # every fault kind, 10 minutes
     python -m chaos --duration 60 --seed 1 --faults isolate-leader,kill-all --nodes 5
+    python -m chaos --duration 600 --seed 7 --rate 1000 --batch 50   # the same under load
     python -m chaos --list                                  # the fault kinds and their goals
 
 Exit status: 0 when the checker finds no violation, 1 when it finds one (the summary names the
@@ -33,12 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: a new temporary directory, kept)")
     p.add_argument("--hold", type=float, default=6.0, help="seconds each fault stays on (default 6)")
     p.add_argument("--heal", type=float, default=3.0, help="healthy seconds after each heal (default 3)")
-    p.add_argument("--rate", type=float, default=20.0, help="submits per second, all producers (default 20)")
+    p.add_argument("--rate", type=float, default=20.0, help="jobs offered per second, all producers (default 20)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="jobs per submit request (default 1; the rate is then rate/batch requests per second)")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="jobs a worker leases per request, worked at once and acked in one request "
+                        "(default 3, or 4 x --batch up to 200 when --batch is above 1)")
     p.add_argument("--producers", type=int, default=4)
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--tick", type=float, default=0.1, help="the nodes' Raft tick in seconds (default 0.1)")
-    p.add_argument("--snapshot-every", type=int, default=100,
-                   help="the nodes snapshot every this many entries (default 100: compaction all the time)")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="the nodes snapshot every this many entries (default 100: compaction all the time; "
+                        "1000 when --rate is above 100, so that snapshots of the bigger state come every few seconds)")
     p.add_argument("--compact-keep", type=int, default=10,
                    help="entries kept behind a snapshot (default 10: a cut-off follower needs InstallSnapshot)")
     p.add_argument("--list", action="store_true", help="list the fault kinds and their goals, then exit")
@@ -50,10 +57,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = [f.strip() for f in args.faults.split(",") if f.strip()]
     faults = list(FAULTS) if names in ([], ["all"]) else names
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    workload = WorkloadConfig(rate=args.rate, producers=args.producers, workers=args.workers)
+    batch = max(1, args.batch)
+    prefetch = args.prefetch if args.prefetch is not None else (3 if batch == 1 else min(200, 4 * batch))
+    # Under load a batch is worked in a few milliseconds; at the default rate the old pace stays.
+    work_s = WorkloadConfig.work_s if batch == 1 else (0.002, 0.02)
+    workload = WorkloadConfig(rate=args.rate, producers=args.producers, workers=args.workers, submit_batch=batch,
+                              prefetch=prefetch, work_s=work_s)
+    snapshot_every = args.snapshot_every if args.snapshot_every is not None else (100 if args.rate <= 100 else 1000)
     return RunConfig(duration_s=args.duration, seed=seed, faults=faults, nodes=args.nodes, out_dir=args.out,
                      hold_s=args.hold, heal_s=args.heal, tick_s=args.tick, workload=workload,
-                     snapshot_every=args.snapshot_every, compact_keep=args.compact_keep)
+                     snapshot_every=snapshot_every, compact_keep=args.compact_keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

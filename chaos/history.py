@@ -48,10 +48,13 @@ class HistoryWriter:
         self._ids = itertools.count(1)
 
     def _write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":"), default=str)
+        self._write_all([record])
+
+    def _write_all(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(record, separators=(",", ":"), default=str) + "\n" for record in records)
         with self._lock:
             if not self._file.closed:
-                self._file.write(line + "\n")
+                self._file.write(text)
                 self._file.flush()
 
     def invoke(self, op: str, proc: str | None = None, **fields: Any) -> str:
@@ -61,6 +64,24 @@ class HistoryWriter:
         self._write({"proc": proc, "op": op, "type": "invoke", "op_id": op_id, "t": time.monotonic(),
                      "wall": time.time(), **fields})
         return op_id
+
+    def invoke_many(self, op: str, items: list[dict], proc: str | None = None) -> list[str]:
+        """Records the start of one op per item (one request carrying many jobs), in one write."""
+        proc = proc or self.proc
+        t, wall = time.monotonic(), time.time()
+        op_ids = [f"{proc}:{next(self._ids)}" for _ in items]
+        self._write_all([{"proc": proc, "op": op, "type": "invoke", "op_id": op_id, "t": t, "wall": wall, **fields}
+                         for op_id, fields in zip(op_ids, items)])
+        return op_ids
+
+    def complete_many(self, op_ids: list[str], op: str, kinds: str | list[str], items: list[dict]) -> None:
+        """Completes the ops of `invoke_many` (one kind for all, or one per op), each with its own
+        fields, in one write."""
+        kinds = [kinds] * len(op_ids) if isinstance(kinds, str) else kinds
+        assert all(kind in (OK, FAIL, INFO) for kind in kinds), kinds
+        t, wall = time.monotonic(), time.time()
+        self._write_all([{"proc": op_id.rsplit(":", 1)[0], "op": op, "type": kind, "op_id": op_id, "t": t,
+                          "wall": wall, **fields} for op_id, kind, fields in zip(op_ids, kinds, items)])
 
     def complete(self, op_id: str, op: str, kind: str, **fields: Any) -> None:
         assert kind in (OK, FAIL, INFO), kind

@@ -368,11 +368,13 @@ class Nats7567(Fault):
         nemesis.step(self.name, f"restarted {c}")
         for node_id in paused:
             nemesis.cluster.resume(node_id)
+        leader_possible_t = time.monotonic()  # a majority runs again (history times are monotonic)
         nemesis.step(self.name, f"SIGCONT {', '.join(paused)}")
         nemesis.cluster.pause(c)
         nemesis.history.event("nemesis", proc="nemesis", phase="step", fault=self.name, message=f"SIGSTOP {c}")
         # Only when c led must a new leader come (a paused leader resumes its office).
-        return {"nodes": ids[:3], "stopped": c, "paused_first": paused, "leader": leader, "deposes_leader": c == leader}
+        return {"nodes": ids[:3], "stopped": c, "paused_first": paused, "leader": leader, "deposes_leader": c == leader,
+                "leader_possible_t": leader_possible_t}
 
     def stop(self, nemesis, detail):
         nemesis.cluster.resume(detail["stopped"])

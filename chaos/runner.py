@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from chaos import checker
 from chaos.history import HistoryWriter, merge, read_history_dir
+from chaos.load_metrics import LoadSampler
 from chaos.nemesis import FAULTS, Nemesis, Timing
 from chaos.schedule_probe import EVERY_S as SCHEDULE_EVERY_S, ScheduleProbe
 from chaos.topology import ToxiproxyFaults, ToxiproxyServerHandle, Topology
@@ -65,6 +66,10 @@ class RunConfig:
     #: all the time and a follower cut off for one fault catches up through InstallSnapshot.
     snapshot_every: int = 100
     compact_keep: int = 10
+    #: The nodes keep finished jobs and idempotency keys this long (not the SPEC's hour), so that
+    #: the state, and every snapshot of it, stays the size of a minute of load. Longer than any
+    #: client retry (the workload's deadline, 10 s), so a retried submit still finds its key.
+    retention_s: float = 60.0
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def validate(self) -> None:
@@ -79,8 +84,10 @@ class RunConfig:
             raise ValueError("durations must be positive")
 
     def replay_command(self) -> str:
+        w = self.workload
         return (f"python -m chaos --duration {self.duration_s:g} --seed {self.seed} --faults {','.join(self.faults)} "
-                f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g} "
+                f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g} --rate {w.rate:g} "
+                f"--batch {w.submit_batch} --prefetch {w.prefetch} --producers {w.producers} --workers {w.workers} "
                 f"--snapshot-every {self.snapshot_every} --compact-keep {self.compact_keep}")
 
 
@@ -114,16 +121,17 @@ def run(config: RunConfig) -> RunOutcome:
     workload = config.workload
     history.event("meta", seed=config.seed, nodes=config.nodes, faults=config.faults, lease_s=workload.lease_s,
                   duration_s=config.duration_s, tick_s=config.tick_s, worker_timeout_s=config.worker_timeout_s,
-                  rate=workload.rate)
+                  rate=workload.rate, submit_batch=workload.submit_batch, prefetch=workload.prefetch)
     started = time.monotonic()
     server = ToxiproxyServerHandle.start(os.path.join(out_dir, "toxiproxy.log"))
     log.info("toxiproxy: %s on %s:%d", server.kind, server.host, server.port)
     faults = ToxiproxyFaults(server.host, server.port)
     needs_marker = any(FAULTS[name].needs_fsync_marker for name in config.faults)
     node_args = ("--tick", str(config.tick_s), "--worker-timeout", str(config.worker_timeout_s),
-                 "--snapshot-every", str(config.snapshot_every), "--compact-keep", str(config.compact_keep))
+                 "--snapshot-every", str(config.snapshot_every), "--compact-keep", str(config.compact_keep),
+                 "--retention", str(config.retention_s), "--idempotency-window", str(config.retention_s))
     topo = Topology(out_dir, faults, size=config.nodes, node_args=node_args, fsync_marker=needs_marker)
-    monitor = workers = producers = None
+    monitor = workers = producers = sampler = None
     timing = Timing(hold_s=config.hold_s, election_timeout_s=20 * config.tick_s,
                     worker_timeout_s=config.worker_timeout_s)
     schedule: list[str] = []
@@ -136,6 +144,8 @@ def run(config: RunConfig) -> RunOutcome:
         log.info("cluster up, leader %s; client proxies %s", leader, ", ".join(topo.client_urls))
         monitor = Monitor(topo.cluster, history)
         monitor.start()
+        sampler = LoadSampler(topo.cluster, history)
+        sampler.start()
         probe = ScheduleProbe(topo.client_urls, wall_clocks_true="clock-skew" not in config.faults)
         probe.start()
         workers = WorkerPool(topo.client_urls, history_dir, out_dir, workload, config.seed)
@@ -180,6 +190,8 @@ def run(config: RunConfig) -> RunOutcome:
             workers.stop()
         if monitor is not None:
             monitor.stop()
+        if sampler is not None:
+            sampler.stop()
         topo.stop()
         server.stop()
         history.close()

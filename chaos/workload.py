@@ -8,12 +8,14 @@ reused on its own retries) and is recorded in the history (`chaos.history`) with
           may still have committed: "did not commit in time" is a 503), or the process died
 
 Producers are threads of the runner, each offering a steady rate of unique values
-("p<i>-<seq>", also the idempotency key); every tenth is submitted with a delay, at the top
-priority, for the checker's timing check. Workers are separate processes (`python -m
-chaos.workload --worker ...`) so that the nemesis can SIGKILL and SIGSTOP them; each leases a
-few jobs at a time, heartbeats the ones it holds, and for each job (seeded choice) acks it,
-fails it (retry soon), stalls past its lease and then acks (the ack must be refused), or drops
-it (the lease runs out). The monitor polls every node's /v1/cluster directly (one thread per
+("p<i>-<seq>", also the idempotency key) in requests of `submit_batch` jobs (`--batch`); every
+tenth request is submitted with a delay, at the top priority, for the checker's timing check.
+Workers are separate processes (`python -m chaos.workload --worker ...`) so that the nemesis can
+SIGKILL and SIGSTOP them; each leases up to `prefetch` jobs per request, heartbeats the ones it
+holds, and for each job (seeded choice) acks it, fails it (retry soon), stalls past its lease and
+then acks (the ack must be refused), or drops it (the lease runs out). Acks go back in one
+request per fetched batch, FAILs in another; stalled jobs wait in a list (the worker goes on
+fetching) and their late acks go back together once their leases have run out. The monitor polls every node's /v1/cluster directly (one thread per
 node) and records each change of role, term, leader or serving.
 """
 
@@ -58,8 +60,12 @@ class WorkloadConfig:
     p_fail: float = 0.08
     p_stall: float = 0.03
     p_drop: float = 0.02
-    #: jobs one fetch may take
-    batch: int = 3
+    #: jobs per submit request (one log entry per request)
+    submit_batch: int = 1
+    #: jobs one fetch may take; all of them are worked at once and acked in one request
+    prefetch: int = 3
+    #: the "work" of one fetched batch: a uniform wait in this range, seconds
+    work_s: tuple[float, float] = (0.02, 0.15)
     #: every delay_every-th submit of a producer carries delay_s, for the checker's timing check
     #: (leasable no earlier than the delay, and not much later); 0 = none. They run at the top
     #: priority, so that a backlog of ready jobs (workers slower than the offered rate on a
@@ -102,7 +108,7 @@ class Producer(threading.Thread):
         c = self.config
         client = Client(self.urls, timeout=c.timeout_s, deadline=c.deadline_s)
         next_at = time.monotonic()
-        seq = 0
+        seq = requests = 0
         try:
             while not self.stop_event.is_set():
                 now = time.monotonic()
@@ -110,29 +116,36 @@ class Producer(threading.Thread):
                     self.stop_event.wait(next_at - now)  # pacing, not waiting for a condition
                     continue
                 next_at = max(next_at + self.interval_s, now)  # after a slow call, no burst to catch up
-                value = f"{self.proc}-{seq}"
-                delay_s = c.delay_s if c.delay_every and seq % c.delay_every == c.delay_every - 1 else None
-                seq += 1
-                op_id = self.history.invoke("submit", proc=self.proc, value=value,
-                                            **({"delay_s": delay_s} if delay_s else {}))
-                try:
-                    job = client.submit(c.queue, {"v": value}, idempotency_key=f"{self.run_tag}-{value}",
-                                        lease_s=c.lease_s, max_attempts=c.max_attempts, delay_s=delay_s,
-                                        priority=c.timing_priority if delay_s else None)
-                except errors.RaftqError as exc:
-                    self.history.complete(op_id, "submit", outcome_of(exc), **_error_fields(exc))
-                except Exception as exc:  # a client bug must not stop the run; the outcome is unknown
-                    self.history.complete(op_id, "submit", INFO, **_error_fields(exc))
-                else:
-                    self.history.complete(op_id, "submit", OK, job=job)
+                values = [f"{self.proc}-{seq + i}" for i in range(c.submit_batch)]
+                seq += c.submit_batch
+                delayed = c.delay_every and requests % c.delay_every == c.delay_every - 1
+                requests += 1
+                self.submit(client, values, c.delay_s if delayed else None)
         finally:
             client.close()
+
+    def submit(self, client: Client, values: list[str], delay_s: float | None) -> None:
+        """One submit request for values, recorded as one op per value (same request, same times)."""
+        c = self.config
+        op_ids = self.history.invoke_many("submit", [{"value": value, **({"delay_s": delay_s} if delay_s else {})}
+                                                     for value in values], proc=self.proc)
+        try:
+            jobs = client.submit_many(c.queue, [{"v": value} for value in values],
+                                      idempotency_keys=[f"{self.run_tag}-{value}" for value in values],
+                                      lease_s=c.lease_s, max_attempts=c.max_attempts, delay_s=delay_s,
+                                      priority=c.timing_priority if delay_s else None)
+        except errors.RaftqError as exc:
+            self.history.complete_many(op_ids, "submit", outcome_of(exc), [_error_fields(exc)] * len(op_ids))
+        except Exception as exc:  # a client bug must not stop the run; the outcome is unknown
+            self.history.complete_many(op_ids, "submit", INFO, [_error_fields(exc)] * len(op_ids))
+        else:
+            self.history.complete_many(op_ids, "submit", OK, [{"job": job} for job in jobs])
 
 
 class Producers:
     def __init__(self, urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter, run_tag: str) -> None:
         self.stop_event = threading.Event()
-        rate = config.rate / config.producers
+        rate = config.rate / config.producers / config.submit_batch  # requests per second per producer
         self.threads = [Producer(i, urls, config, history, self.stop_event, rate, run_tag)
                         for i in range(config.producers)]
 
@@ -180,45 +193,31 @@ def recorded_fetch(client: Client, history: HistoryWriter, proc: str, worker: st
     return jobs
 
 
-def recorded_report(client: Client, history: HistoryWriter, proc: str, worker: str, job, kind: str) -> str:
-    """Acks (kind "ack") or FAILs with a quick retry (kind "nack") one job; returns the outcome type."""
-    value = job.payload.get("v") if isinstance(job.payload, dict) else None
-    op_id = history.invoke(kind, proc=proc, worker=worker, job=job.id, lease=job.lease, value=value)
+def recorded_reports(client: Client, history: HistoryWriter, proc: str, worker: str, jobs, kind: str) -> None:
+    """Acks (kind "ack") or FAILs with a quick retry (kind "nack") jobs in one request, recorded as
+    one op per job (same request, same times, each with its own outcome)."""
+    if not jobs:
+        return
+    op_ids = history.invoke_many(kind, [{"worker": worker, "job": j.id, "lease": j.lease,
+                                         "value": j.payload.get("v") if isinstance(j.payload, dict) else None}
+                                        for j in jobs], proc=proc)
     try:
         if kind == "ack":
-            client.ack(worker, job.id, job.lease)
+            outcomes = client.ack_many(worker, [(j.id, j.lease, None) for j in jobs])
         else:
-            client.fail(worker, job.id, job.lease, "chaos: planned failure", retry=True, delay_s=0.1)
+            outcomes = client.fail_many(worker, [(j.id, j.lease, "chaos: planned failure", True, 0.1) for j in jobs])
     except errors.RaftqError as exc:
-        outcome = outcome_of(exc)
-        history.complete(op_id, kind, outcome, **_error_fields(exc))
-        return outcome
+        history.complete_many(op_ids, kind, outcome_of(exc), [_error_fields(exc)] * len(op_ids))
+        return
     except Exception as exc:
-        history.complete(op_id, kind, INFO, **_error_fields(exc))
-        return INFO
-    history.complete(op_id, kind, OK)
-    return OK
+        history.complete_many(op_ids, kind, INFO, [_error_fields(exc)] * len(op_ids))
+        return
+    history.complete_many(op_ids, kind, [OK if outcome is None else outcome_of(outcome) for outcome in outcomes],
+                          [{} if outcome is None else _error_fields(outcome) for outcome in outcomes])
 
 
 def recorded_ack_many(client: Client, history: HistoryWriter, proc: str, worker: str, jobs) -> None:
-    """One ack request for many jobs, recorded as one op per job (same request, same times)."""
-    op_ids = [history.invoke("ack", proc=proc, worker=worker, job=j.id, lease=j.lease,
-                             value=j.payload.get("v") if isinstance(j.payload, dict) else None) for j in jobs]
-    try:
-        outcomes = client.ack_many(worker, [(j.id, j.lease, None) for j in jobs])
-    except errors.RaftqError as exc:
-        for op_id in op_ids:
-            history.complete(op_id, "ack", outcome_of(exc), **_error_fields(exc))
-        return
-    except Exception as exc:
-        for op_id in op_ids:
-            history.complete(op_id, "ack", INFO, **_error_fields(exc))
-        return
-    for op_id, outcome in zip(op_ids, outcomes):
-        if outcome is None:
-            history.complete(op_id, "ack", OK)
-        else:
-            history.complete(op_id, "ack", outcome_of(outcome), **_error_fields(outcome))
+    recorded_reports(client, history, proc, worker, jobs, "ack")
 
 
 # ---------------------------------------------------------------------------- the worker process
@@ -238,7 +237,8 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--p-fail", type=float, default=WorkloadConfig.p_fail)
     p.add_argument("--p-stall", type=float, default=WorkloadConfig.p_stall)
     p.add_argument("--p-drop", type=float, default=WorkloadConfig.p_drop)
-    p.add_argument("--batch", type=int, default=WorkloadConfig.batch)
+    p.add_argument("--prefetch", type=int, default=WorkloadConfig.prefetch)
+    p.add_argument("--work-s", type=float, nargs=2, default=WorkloadConfig.work_s)
     args = p.parse_args(argv)
 
     stop = threading.Event()
@@ -261,39 +261,45 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
     threading.Thread(target=heartbeats, name="heartbeat", daemon=True).start()
     proc = args.worker
+    stalled: list[tuple[float, object]] = []  # (when its late ack goes, job), in fetch order
     while not stop.is_set():
-        jobs = recorded_fetch(client, history, proc, args.worker, args.queue, args.batch, 1.0)
+        now = time.time()
+        due = [job for at, job in stalled if at <= now]
+        if due:
+            stalled = [(at, job) for at, job in stalled if at > now]
+            recorded_reports(client, history, proc, args.worker, due, "ack")  # too late: each must be refused
+            with held_lock:
+                for job in due:
+                    held.pop(job.id, None)
+        jobs = recorded_fetch(client, history, proc, args.worker, args.queue, args.prefetch,
+                              min(1.0, max(0.05, min(at for at, _ in stalled) - now)) if stalled else 1.0)
+        if not jobs:
+            continue
         answered_wall = time.time()
         with held_lock:
             held.update({j.id: j.lease for j in jobs})
-        # Draw each job's fate first; stalls go last, so that a stall never makes the rest of its
-        # batch expire too (their refusals would be the workload's doing, not the cluster's).
-        plan = []
+        fates: dict[str, list] = {"ack": [], "nack": [], "stall": [], "drop": []}
         for job in jobs:
             draw = rng.random()
             if draw < args.p_fail:
-                plan.append((job, "nack"))
+                fates["nack"].append(job)
             elif draw < args.p_fail + args.p_stall:
-                plan.append((job, "stall"))
+                fates["stall"].append(job)
             elif draw < args.p_fail + args.p_stall + args.p_drop:
-                plan.append((job, "drop"))
+                fates["drop"].append(job)
             else:
-                plan.append((job, "ack"))
-        plan.sort(key=lambda item: item[1] == "stall")
-        for job, action in plan:
-            if stop.is_set():
-                break
-            stop.wait(rng.uniform(0.02, 0.15))  # the "work"
-            if action == "stall":
-                history.event("stall", proc=proc, job=job.id, lease=job.lease)
-                if stop.wait(max(0.0, lease_end_wall(job, answered_wall) - time.time()) + 1.5):
-                    break
-                action = "ack"  # too late: the ack must be refused
-            if action == "drop":
-                history.event("drop", proc=proc, job=job.id, lease=job.lease)
-            else:
-                recorded_report(client, history, proc, args.worker, job, action)
-            with held_lock:
+                fates["ack"].append(job)
+        if stop.wait(rng.uniform(*args.work_s)):  # the "work" of the batch
+            break
+        for job in fates["stall"]:
+            history.event("stall", proc=proc, job=job.id, lease=job.lease)
+            stalled.append((lease_end_wall(job, answered_wall) + 1.5, job))
+        for job in fates["drop"]:
+            history.event("drop", proc=proc, job=job.id, lease=job.lease)
+        recorded_reports(client, history, proc, args.worker, fates["ack"], "ack")
+        recorded_reports(client, history, proc, args.worker, fates["nack"], "nack")
+        with held_lock:
+            for job in fates["ack"] + fates["nack"] + fates["drop"]:
                 held.pop(job.id, None)
     client.close()
     history.close()
@@ -331,7 +337,8 @@ class WorkerPool:
                 "--history", os.path.join(self.history_dir, f"{worker_id}.jsonl"), "--seed", str(self.seed),
                 "--queue", c.queue, "--lease-s", str(c.lease_s), "--timeout-s", str(c.timeout_s),
                 "--deadline-s", str(c.deadline_s), "--p-fail", str(c.p_fail), "--p-stall", str(c.p_stall),
-                "--p-drop", str(c.p_drop), "--batch", str(c.batch)]
+                "--p-drop", str(c.p_drop), "--prefetch", str(c.prefetch),
+                "--work-s", *(str(x) for x in c.work_s)]
         out = open(os.path.join(self.log_dir, f"{worker_id}.log"), "ab")
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=python_env())
@@ -392,13 +399,16 @@ def record_final_states(urls: Sequence[str], config: WorkloadConfig, history: Hi
     """Records a `final_states` event: the cluster's state of each job in job_ids (after the drain).
 
     For the jobs whose ack went unanswered: the checker cannot tell from the history alone whether
-    such an ack was applied, and the cluster can.
+    such an ack was applied, and the cluster can. A job the cluster no longer knows ("gone") was
+    finished and its record's retention is over: the state forgets only finished jobs.
     """
     states: dict[str, str] = {}
     with Client(urls, timeout=config.timeout_s, deadline=config.deadline_s) as client:
         for job_id in sorted(job_ids):
             try:
                 states[job_id] = str(client.get(job_id).get("state"))
+            except errors.JobNotFound:
+                states[job_id] = "gone"
             except errors.RaftqError as exc:
                 states[job_id] = f"unknown: {type(exc).__name__}"
     history.event("final_states", proc="drain", jobs=states)

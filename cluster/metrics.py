@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cluster.node_view import NodeView
+from cluster.transport.http import PEER_QUEUE_COUNT_MAX
 
 #: State machine counter events -> exported counter names (all by queue).
 _JOB_COUNTERS = {
@@ -42,6 +43,8 @@ class NodeMetrics:
     def __init__(self, node: NodeView) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(node))
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (from /proc on Linux)
+        ProcessCollector(registry=self.registry)
         self.wal_fsync_seconds = Histogram(
             "raftq_wal_fsync_seconds", "Time to write and fsync one batch of log entries.",
             buckets=_FSYNC_BUCKETS, registry=self.registry,
@@ -172,6 +175,10 @@ def _leader_families(node: NodeView) -> Iterator:
     alive = GaugeMetricFamily("raftq_workers_alive", "Workers heard from within the heartbeat timeout (leader only).")
     alive.add_metric([], node.workers_alive_count())
     yield alive
+    pending = GaugeMetricFamily("raftq_proposals_pending",
+                                "Proposals waiting for their entry to commit (leader only; 503 past the limit).")
+    pending.add_metric([], node.pending_proposals_count)
+    yield pending
     raft = node.raft
     if raft is None:
         return
@@ -205,6 +212,12 @@ def _raft_families(node: NodeView) -> Iterator:
     changes = CounterMetricFamily("raftq_raft_leader_changes", "Times this node saw a new leader.")
     changes.add_metric([], node.leader_changes_count)
     yield changes
+    send_queue = GaugeMetricFamily("raftq_peer_send_queue_messages",
+                                   f"Raft messages queued for a peer, not yet sent (the oldest drop past {PEER_QUEUE_COUNT_MAX}).",
+                                   labels=["peer"])
+    for peer, count in sorted(node.peer_send_queue_counts().items()):
+        send_queue.add_metric([peer], count)
+    yield send_queue
     if node.wal_bytes is not None:
         wal_bytes = GaugeMetricFamily("raftq_wal_bytes", "Bytes of log segments on disk.")
         wal_bytes.add_metric([], node.wal_bytes)

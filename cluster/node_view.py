@@ -32,6 +32,9 @@ class _NodeParts(Protocol):
     snapshot_sender: Any
     housekeeping: Any
     leader_changes_count: int
+    pending_proposals_count: int
+
+    def peer_send_queue_counts(self) -> dict[str, int]: ...
 
     @property
     def role(self) -> Role | None: ...
@@ -96,6 +99,13 @@ class NodeView:
         """(delivered, failed) transfers this node sent; None on a cluster of one."""
         sender = self._node.snapshot_sender
         return None if sender is None else (sender.sent_total, sender.failed_total)
+
+    @property
+    def pending_proposals_count(self) -> int:
+        return self._node.pending_proposals_count
+
+    def peer_send_queue_counts(self) -> dict[str, int]:
+        return self._node.peer_send_queue_counts()
 
     def workers_alive_count(self) -> int:
         return self._node.housekeeping.workers_alive_count()

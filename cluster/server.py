@@ -254,6 +254,16 @@ class Node:
         return self.config.public_urls.get(self._leader_id) or self.config.peers.get(self._leader_id)
 
     @property
+    def pending_proposals_count(self) -> int:
+        """Proposals waiting for their entry to commit (bounded by `pending_proposals_max`)."""
+        return len(self._pending) + len(self._proposals)
+
+    def peer_send_queue_counts(self) -> dict[str, int]:
+        """Raft messages queued per peer, when the transport tells (the HTTP one does)."""
+        queued_counts = getattr(self.transport, "queued_counts", None)
+        return queued_counts() if queued_counts is not None else {}
+
+    @property
     def is_serving(self) -> bool:
         """Leads and has applied every entry before its own term's no-op (the core's rule)."""
         return self.is_leader and self.raft is not None and self.raft.ready_to_serve(self.queue.last_applied)

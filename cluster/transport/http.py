@@ -65,6 +65,10 @@ class HttpTransport:
             await self._session.close()
             self._session = None
 
+    def queued_counts(self) -> dict[str, int]:
+        """Messages waiting to be sent, per peer (what `raftq_peer_send_queue_messages` exports)."""
+        return {peer_id: queue.qsize() for peer_id, queue in self._queues.items()}
+
     def send(self, messages: Sequence[Message]) -> None:
         for message in messages:
             queue = self._queues.get(message.to_id)

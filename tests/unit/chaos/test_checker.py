@@ -35,9 +35,9 @@ class History:
             self.records.append(self._at(at + took, proc=proc, op=op, type=outcome, op_id=op_id, **done))
 
     def submit(self, value: str, job: str | None = None, *, at: float, outcome: str | None = "ok",
-               delay_s: float | None = None) -> "History":
+               delay_s: float | None = None, took: float = 0.1) -> "History":
         invoke = {"value": value, **({"delay_s": delay_s} if delay_s else {})}
-        self._op("p0", "submit", at, outcome, invoke, {"job": job} if outcome == "ok" else {"error": "x"})
+        self._op("p0", "submit", at, outcome, invoke, {"job": job} if outcome == "ok" else {"error": "x"}, took)
         return self
 
     def lease(self, worker: str, jobs: list[tuple[str, str, int]], *, at: float, outcome: str = "ok") -> "History":
@@ -217,6 +217,19 @@ def test_an_unanswered_ack_counts_as_completed_only_when_the_cluster_says_the_jo
         assert violation.job == "j1", state
 
 
+def test_an_unanswered_ack_of_a_job_the_cluster_forgot_counts_as_completed_unless_it_is_dead():
+    # The cluster forgets only finished jobs, once their retention is over ("gone").
+    def history(dead: list[str]) -> History:
+        return (History().submit("a", "j1", at=1).lease("w1", [("j1", "a", 1)], at=2)
+                .ack("w1", "j1", 1, at=3, outcome=None)
+                .event("dead", at=9, jobs=dead).event("drained", at=10, complete=True)
+                .event("final_states", at=11, jobs={"j1": "gone"}))
+
+    assert history([]).check().valid
+    assert history([]).check().counts["completed"] == 1
+    assert history(["j1"]).check().counts["completed"] == 0
+
+
 def test_different_digests_after_the_heal_and_liveness_events_are_violations():
     h = (healthy().event("converged", at=12, digests={"n1": "d", "n2": "e"}, equal=False)
          .event("liveness", at=13, message="no leader 60 s after healing kill-all"))
@@ -249,6 +262,32 @@ def test_time_to_new_leader_failover_step_down_and_availability_per_fault():
     row = stats["faults"]["isolate-leader"]
     assert row["runs"] == 1 and row["submits"] == 2 and row["availability_pct"] == 50.0 and row["elections"] == 1
     assert row["goodput_pct"] == pytest.approx(100 * 1 / (10 * 6), abs=0.1)
+
+
+def test_failover_counts_from_when_the_fault_let_a_leader_be_elected_again():
+    # nats-7567 keeps the majority paused for its first steps: no election is possible until then.
+    h = (History()
+         .event("status", at=0.5, node="n1", role="leader", term=2, leader="n1", serving=True)
+         .event("nemesis", at=10, phase="start", fault="nats-7567", instance=1, deposes_leader=False, term=2)
+         .event("nemesis", at=10.01, phase="detail", fault="nats-7567", instance=1,
+                detail={"stopped": "n1", "leader": "n1", "deposes_leader": True, "leader_possible_t": 13.0})
+         .submit("a", at=10.5, took=4.0)  # waited out the outage: answered at 14.5
+         .event("status", at=14.2, node="n2", role="leader", term=3, leader="n2", serving=True)
+         .event("nemesis", at=16, phase="stop", fault="nats-7567", instance=1))
+    row = h.check().stats["faults"]["nats-7567"]
+    assert row["to_leader_p99_s"] == pytest.approx(1.2) and row["failover_p99_s"] == pytest.approx(1.5)
+
+
+def test_load_peaks_take_the_leader_s_pending_and_rss_and_any_node_s_send_queue_per_fault():
+    h = (History()
+         .event("load", at=1, node="n1", role="leader", pending=7, send_queue=3, rss_bytes=100 * 2**20)
+         .event("load", at=1, node="n2", role="follower", pending=0, send_queue=9, rss_bytes=300 * 2**20)
+         .event("nemesis", at=10, phase="start", fault="kill-follower", instance=1)
+         .event("load", at=11, node="n1", role="leader", pending=40, send_queue=500, rss_bytes=120 * 2**20)
+         .event("nemesis", at=16, phase="stop", fault="kill-follower", instance=1))
+    load = h.check().stats["load"]
+    assert load["run"] == {"samples": 3, "pending_max": 40, "send_queue_max": 500, "leader_rss_mib_max": 120.0}
+    assert load["faults"]["kill-follower"]["samples"] == 1
 
 
 @pytest.mark.parametrize("values, q, expected", [([], 50, None), ([3.0], 99, 3.0), ([1, 2, 3, 4], 50, 2),
