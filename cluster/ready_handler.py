@@ -17,6 +17,7 @@ in both, and the simulator, which crashes nodes between any two actions, finds i
 The order (Raft §5.1, etcd `Ready`; each step only once the one before is done):
 
     InstallSnapshot   a follower makes the snapshot it received its state, before anything else
+    UseMembership     connect to the members of a new membership (before sending to them)
     Send              only if `ready.send_before_persist` (a leader with no new term or vote)
     Persist           hard state and entries, synced when `must_sync`: before any vote or reply
     Send              otherwise: after the disk has what the messages promise
@@ -33,10 +34,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Union
 
+from cluster.raft.membership import Membership
 from cluster.raft.messages import Entry, HardState, Message, SnapshotPoint
 from cluster.raft.node import Ready
 
-__all__ = ["Action", "Advance", "Apply", "InstallSnapshot", "Persist", "Send", "ServeReads", "handle_ready"]
+__all__ = ["Action", "Advance", "Apply", "InstallSnapshot", "Persist", "Send", "ServeReads", "UseMembership",
+           "handle_ready"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,13 @@ class InstallSnapshot:
     """Restore the state machine from the stored snapshot at `point`; reset the log to empty after it."""
 
     point: SnapshotPoint
+
+
+@dataclass(frozen=True, slots=True)
+class UseMembership:
+    """The membership in effect changed: reach its members at their URLs from now on."""
+
+    membership: Membership
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +93,7 @@ class Advance:
     ready: Ready
 
 
-Action = Union[InstallSnapshot, Persist, Send, Apply, ServeReads, Advance]
+Action = Union[InstallSnapshot, UseMembership, Persist, Send, Apply, ServeReads, Advance]
 
 
 def handle_ready(ready: Ready) -> Iterator[Action]:
@@ -97,6 +107,8 @@ def handle_ready(ready: Ready) -> Iterator[Action]:
     """
     if ready.snapshot is not None:
         yield InstallSnapshot(ready.snapshot)
+    if ready.membership is not None:
+        yield UseMembership(ready.membership)
     if ready.send_before_persist and ready.messages:
         yield Send(ready.messages)
     if ready.hard_state is not None or ready.entries:

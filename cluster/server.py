@@ -63,9 +63,10 @@ from cluster.leader_clock import LeaderClock
 from cluster.node_view import NodeView
 from cluster.queue.state_machine import QueueStateMachine
 from cluster.raft.errors import NotLeader, ProposalDropped
+from cluster.raft.membership import Membership
 from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
-from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
+from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership, handle_ready
 from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
 from cluster.snapshotting import Snapshotting, StartupError
 from cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
@@ -450,6 +451,8 @@ class Node:
             if isinstance(action, InstallSnapshot):
                 self.queue = await self.snapshotting.install(action.point)
                 self._notify_jobs_changed()
+            elif isinstance(action, UseMembership):
+                self._use_membership(action.membership)
             elif isinstance(action, Persist):
                 started = time.perf_counter()
                 await asyncio.to_thread(self._persist, action)
@@ -467,6 +470,12 @@ class Node:
             else:
                 raft.advance(action.ready)
                 self._settle_applied_waiters()
+
+    def _use_membership(self, membership: Membership) -> None:
+        """A new membership is in effect (appended, truncated or restored): reach its members."""
+        log.info("membership: voters %s, learners %s%s", ",".join(membership.voters) or "none",
+                 ",".join(membership.learners) or "none",
+                 "" if membership.get(self.config.node_id) else " (this node is not a member)")
 
     def _send(self, messages: Sequence[Message]) -> None:
         if self.transport is None:

@@ -115,11 +115,14 @@ PRIORITY_LEVELS = cmds.PRIORITY_MAX + 1
 COMPACT_SLACK = 4096
 #: Keys of the snapshot map, in the sorted order the canonical encoding writes them.
 SNAPSHOT_KEYS: tuple[str, ...] = (
-    "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "queues", "rotation", "schedules", "seq",
-    "version",
+    "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "membership", "queues", "rotation",
+    "schedules", "seq", "version",
 )
+#: Keys a snapshot may lack: "membership" is written only once a CONFIG entry was applied, so the
+#: snapshots of a cluster whose membership never changed are what they were before it existed.
+SNAPSHOT_KEYS_OPTIONAL: tuple[str, ...] = ("membership",)
 #: Keys a version-1 snapshot has (no schedules).
-SNAPSHOT_KEYS_V1: tuple[str, ...] = tuple(key for key in SNAPSHOT_KEYS if key != "schedules")
+SNAPSHOT_KEYS_V1: tuple[str, ...] = tuple(key for key in SNAPSHOT_KEYS if key not in ("schedules", "membership"))
 assert list(SNAPSHOT_KEYS) == sorted(SNAPSHOT_KEYS)
 #: Rows per msgpack call and per `write` when writing a snapshot: a few milliseconds of work,
 #: after which a worker thread can hand the GIL back to the event loop.
@@ -194,6 +197,8 @@ class SnapshotCapture:
             max_running_per_key, fifo), bucket (level, at_ms), turns (lane ids in order)) per
             queue, in any order.
         schedules: one `schedule_row` per schedule, in any order.
+        membership: the data of the last CONFIG entry applied (an encoded cluster membership,
+            opaque here), or None when none was.
         jobs: one `Job.to_row()` row per job, in any order. A list, because `list(map())`
             builds a million rows faster than `tuple(map())`; no one changes it after capture.
     """
@@ -207,6 +212,7 @@ class SnapshotCapture:
     queues: tuple[tuple, ...]
     jobs: list[tuple]
     schedules: tuple[tuple, ...] = ()
+    membership: bytes | None = None
 
 
 class QueueStateMachine:
@@ -259,6 +265,9 @@ class QueueStateMachine:
         self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
         self._finished: deque[tuple[int, Job]] = deque()
         self._schedules: dict[str, Schedule] = {}
+        #: The data of the last CONFIG entry applied (the Raft core's encoded membership, opaque
+        #: here): snapshots carry it, so a node restored from one knows its cluster's members.
+        self.membership: bytes | None = None
         #: Observations for metrics and logs, (kind, queue, value): "job_latency" (submit -> ack, ms),
         #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
@@ -280,6 +289,9 @@ class QueueStateMachine:
         )
         self.last_applied = entry.index
         if entry.kind == EntryKind.NOOP:
+            return None
+        if entry.kind == EntryKind.CONFIG:
+            self.membership = entry.data
             return None
         try:
             command = decode_command(entry.data)
@@ -1213,6 +1225,7 @@ class QueueStateMachine:
             ),
             jobs=list(map(job_row, self._jobs.values())),  # a list: builds faster than a tuple
             schedules=tuple(map(schedule_row, self._schedules.values())),
+            membership=self.membership,
         )
 
     def snapshot(self) -> bytes:
@@ -1284,6 +1297,9 @@ class QueueStateMachine:
         self._lease_counter = fields["lease_counter"]
         self._seq = fields["seq"]
         self._rotation = fields["rotation"]
+        if fields["membership"] is not None and type(fields["membership"]) is not bytes:
+            raise TypeError(f"membership is {fields['membership']!r}, not bytes")
+        self.membership = fields["membership"]
         turns: dict[str, tuple[str, ...]] = {}
         for name, max_depth, events, settings, bucket, queue_turns in fields["queues"]:
             if len(events) not in (len(EVENTS), EVENTS_COUNT_BEFORE_RELEASE):
@@ -1474,6 +1490,11 @@ def write_snapshot(
         "seq": capture.seq,
         "version": SNAPSHOT_VERSION,
     }
+    keys = SNAPSHOT_KEYS
+    if capture.membership is not None:
+        scalars["membership"] = capture.membership
+    else:
+        keys = tuple(key for key in SNAPSHOT_KEYS if key != "membership")
     # Generators: each array is sorted only when its turn comes.
     arrays: dict[str, tuple[int, Iterator[tuple]]] = {
         "idempotency": (
@@ -1485,9 +1506,9 @@ def write_snapshot(
         "queues": (len(capture.queues), _sorted_by_first(capture.queues)),
         "schedules": (len(capture.schedules), _sorted_by_first(capture.schedules)),
     }
-    assert scalars.keys() | arrays.keys() == set(SNAPSHOT_KEYS)
-    write(packer.pack_map_header(len(SNAPSHOT_KEYS)))
-    for key in SNAPSHOT_KEYS:
+    assert scalars.keys() | arrays.keys() == set(keys)
+    write(packer.pack_map_header(len(keys)))
+    for key in keys:
         if key in scalars:
             write(pack(key) + pack(scalars[key]))
             continue
@@ -1573,6 +1594,8 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
         fields["schedules"] = ()
         fields["queues"] = tuple(tuple(row) + ((None, None, None, False), (0, 0), None) for row in fields["queues"]
                                  if type(row) is tuple)
+    for key in SNAPSHOT_KEYS_OPTIONAL:
+        fields.setdefault(key, None)
     missing = [key for key in SNAPSHOT_KEYS if key not in fields]
     if missing:
         raise ValueError(f"queue snapshot lacks {', '.join(missing)}")

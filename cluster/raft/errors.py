@@ -4,7 +4,9 @@
 RaftError
 ├── RaftConfigError    local misuse: a RaftConfig that cannot work
 ├── NotLeader          local request on a node that is not the leader (carries the leader hint)
-├── ProposalDropped    local request refused for backpressure (uncommitted bytes bound)
+├── ProposalDropped    local request refused for backpressure (uncommitted bytes bound) or
+│                      while leadership is being transferred
+├── ChangeRefused      local request: a membership change or transfer that may not happen now
 ├── StepRejected       remote misbehaviour: a peer message that is malformed or misaddressed
 └── CodecError         remote misbehaviour: bytes that do not decode to messages
 ```
@@ -37,6 +39,20 @@ class NotLeader(RaftError):
 
 class ProposalDropped(RaftError):
     """Raised when the leader refuses a proposal because too many bytes are uncommitted."""
+
+
+class ChangeRefused(RaftError):
+    """Raised when a membership change or a leadership transfer is refused.
+
+    Attributes:
+        retryable: True when the same request may succeed shortly (a change or transfer is under
+            way, the new leader has not committed its first entry yet); False when it never will
+            as asked (an unknown or removed id, removing the leader itself).
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StepRejected(RaftError):

@@ -16,6 +16,8 @@ class EntryKind(enum.IntEnum):
 
     NORMAL = 0  #: An encoded queue command.
     NOOP = 1  #: The empty entry a new leader appends to commit its term (Raft §5.4.2).
+    #: A whole new membership (membership.py), in effect on each node as soon as it is appended.
+    CONFIG = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,9 @@ class MessageType(enum.IntEnum):
     #: in chunks and the follower's shell steps this message into its core once the whole file
     #: is on its disk and verified. The follower answers with an APP_RESP.
     SNAP = 9
+    #: Leadership transfer (thesis §3.10): the leader tells an up-to-date voter to campaign now,
+    #: without waiting for its election timeout and without a pre-vote.
+    TIMEOUT_NOW = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,8 @@ class Message:
     first index of that term there; `hint_term` 0 means the follower's log is shorter and
     `reject_hint` is its last index. The leader uses both to skip a whole term per round trip.
     A successful APP_RESP carries the follower's commit index in `commit`.
+    A VOTE whose `context` is TRANSFER_CONTEXT belongs to a campaign a leader asked for
+    (TIMEOUT_NOW): voters grant it even while they still hear that leader.
     """
 
     type: MessageType
@@ -88,6 +95,10 @@ class Message:
     reject_hint: int = 0
     hint_term: int = 0
     context: int | None = None  # ReadIndex request id carried by heartbeats and their answers
+
+
+#: The `context` of a VOTE sent by a candidate that campaigns because its leader asked it to.
+TRANSFER_CONTEXT = 1
 
 
 def snapshot_stored(leader_id: str, node_id: str, term: int, point: SnapshotPoint) -> Message:

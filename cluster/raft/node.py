@@ -74,9 +74,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from cluster.raft.errors import RaftConfigError, NotLeader, ProposalDropped, StepRejected
+from cluster.raft.errors import ChangeRefused, RaftConfigError, NotLeader, ProposalDropped, StepRejected
 from cluster.raft.log import RaftLog, entry_payload_bytes
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
+from cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
+from cluster.raft.messages import (
+    TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint,
+)
 from cluster.raft.progress import Progress, ProgressState, ProgressView
 
 __all__ = ["Compaction", "RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
@@ -102,7 +105,8 @@ class RaftConfig:
 
     #: This node's id, e.g. "n1".
     node_id: str
-    #: The other voters. An empty tuple is a single-node cluster. Intended sizes: 1, 3 or 5 voters.
+    #: The other voters of a cluster bootstrapped from a peer list, used when RaftNode gets no
+    #: `membership`. An empty tuple is a single-node cluster. Intended sizes: 1, 3 or 5 voters.
     peer_ids: tuple[str, ...]
     #: Election timeout base: a follower campaigns after a random [election_ticks, 2*election_ticks)
     #: ticks without a leader; a leader checks its quorum every election_ticks.
@@ -122,6 +126,9 @@ class RaftConfig:
     max_inflight_appends: int = 64
     #: Data bytes the leader accepts uncommitted before propose raises ProposalDropped; 0 = no bound.
     max_uncommitted_bytes: int = 64 << 20
+    #: The leader promotes a learner to voter once the learner has matched its log (REPLICATE)
+    #: and is at most this many entries behind the leader's last index (thesis §4.2.1's bound).
+    learner_catch_up_entries: int = 64
 
     def validate(self) -> None:
         """Check the configuration.
@@ -142,6 +149,8 @@ class RaftConfig:
         for name in ("max_entries_per_append", "max_append_bytes", "max_inflight_appends"):
             if getattr(self, name) < 1:
                 raise RaftConfigError(f"{name} must be at least 1")
+        if self.learner_catch_up_entries < 0:
+            raise RaftConfigError("learner_catch_up_entries must not be negative")
         if self.max_uncommitted_bytes < 0:
             raise RaftConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
 
@@ -172,6 +181,10 @@ class Ready:
     must_sync: bool
     snapshot: SnapshotPoint | None = None
     send_before_persist: bool = False
+    #: The membership now in effect, when it changed since the last Ready (a CONFIG entry was
+    #: appended or truncated, or a snapshot's membership restored): the shell connects to the
+    #: members' URLs before it sends this Ready's messages.
+    membership: Membership | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +204,15 @@ class _ReadRequest:
 
 
 _VOTE_REQUESTS = (MessageType.VOTE, MessageType.PRE_VOTE)
-_FROM_LEADER = (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP)
+_FROM_LEADER = (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP, MessageType.TIMEOUT_NOW)
 
 
 class RaftNode:
     """One Raft voter. See the module docstring."""
 
     def __init__(self, config: RaftConfig, *, hard_state: HardState, entries: list[Entry],
-                 rng: RandomSource, snapshot: SnapshotPoint = SnapshotPoint()) -> None:
+                 rng: RandomSource, snapshot: SnapshotPoint = SnapshotPoint(),
+                 membership: Membership | None = None) -> None:
         """Restart as a follower from persisted state.
 
         Args:
@@ -209,6 +223,11 @@ class RaftNode:
             rng: the random source for election timeouts, e.g. random.Random(seed).
             snapshot: the point of the newest durable snapshot, which the shell has already
                 restored into its state machine; commit_index and applied_index start there.
+            membership: the membership in effect at the snapshot (the one its state machine
+                recorded); None: the bootstrap one, this node and `config.peer_ids`, all voters.
+                A node that joins an existing cluster passes Membership() (it is nobody's
+                voter, so it never campaigns) and learns the real one from the leader.
+                CONFIG entries in `entries` take effect on top of it.
 
         Raises:
             RaftConfigError: the configuration is invalid.
@@ -216,9 +235,17 @@ class RaftNode:
         config.validate()
         self._config = config
         self._rng = rng
-        self._peers = frozenset(config.peer_ids)
-        self._quorum = (len(config.peer_ids) + 1) // 2 + 1
         self._log = RaftLog(entries, snapshot)
+        self._bootstrap_membership = Membership(
+            tuple(Member(node_id, "", True) for node_id in sorted((config.node_id, *config.peer_ids))))
+        # (index, term, membership) of the snapshot's membership, then of each CONFIG entry held;
+        # the last one is in effect (thesis §4.1: on append, not on commit).
+        self._configs: list[tuple[int, int, Membership]] = [
+            (snapshot.index, snapshot.term, membership if membership is not None else self._bootstrap_membership)]
+        self._take_configs(entries)
+        self._handed_membership = self.membership
+        self._transfer_target: str | None = None
+        self._transfer_elapsed = 0
         self._snapshot_to_install: SnapshotPoint | None = None
         self._term = hard_state.term
         self._voted_for = hard_state.voted_for
@@ -286,6 +313,21 @@ class RaftNode:
         return self._log.snapshot
 
     @property
+    def membership(self) -> Membership:
+        """The membership in effect: the newest CONFIG entry in the log (committed or not)."""
+        return self._configs[-1][2]
+
+    @property
+    def membership_pending(self) -> bool:
+        """Whether the newest CONFIG entry is not yet known committed (a change is under way)."""
+        return self._configs[-1][0] > self._log.commit_index
+
+    @property
+    def transfer_target(self) -> str | None:
+        """Leader: the voter leadership is being handed to, if a transfer is under way."""
+        return self._transfer_target
+
+    @property
     def progress(self) -> dict[str, int]:
         """Leader: {peer: match_index}; empty on other roles."""
         return {peer: pr.match_index for peer, pr in self._progress.items()}
@@ -346,6 +388,9 @@ class RaftNode:
         """
         if self._role is not Role.LEADER:
             raise NotLeader(self._leader_id)
+        if self._transfer_target is not None:
+            # etcd and hashicorp/raft refuse too: the target must catch up to a log that stops growing.
+            raise ProposalDropped(f"leadership is being transferred to {self._transfer_target}")
         size_max = self._config.max_uncommitted_bytes
         if size_max and self._uncommitted_bytes > 0 and self._uncommitted_bytes + len(data) > size_max:
             raise ProposalDropped(f"{self._uncommitted_bytes} bytes uncommitted (bound {size_max})")
@@ -371,6 +416,171 @@ class RaftNode:
             return
         self._register_read(context)
 
+    # ------------------------------------------------------------------ membership (thesis §4)
+
+    def add_learner(self, node_id: str, url: str) -> tuple[int, int]:
+        """Append a CONFIG entry that adds node_id as a non-voting learner; the leader promotes
+        it to voter on its own once it has caught up (RaftConfig.learner_catch_up_entries).
+
+        Returns:
+            (index, term) of the CONFIG entry: the change is done when that entry commits.
+
+        Raises:
+            NotLeader: this node is not the leader.
+            ChangeRefused: see _check_change_allowed; or the id is, or was, a member.
+        """
+        self._check_change_allowed()
+        membership = self.membership
+        if membership.get(node_id) is not None:
+            raise ChangeRefused(f"{node_id} is already a member", retryable=False)
+        if node_id in membership.removed:
+            raise ChangeRefused(f"{node_id} was removed and ids are never reused: start the node "
+                                f"with a new id and an empty data directory", retryable=False)
+        return self._append_config(membership.with_learner(node_id, url))
+
+    def remove_member(self, node_id: str) -> tuple[int, int]:
+        """Append a CONFIG entry that removes node_id (voter or learner) for good. It stops
+        counting toward any majority as soon as the entry is appended.
+
+        Returns:
+            (index, term) of the CONFIG entry.
+
+        Raises:
+            NotLeader: this node is not the leader.
+            ChangeRefused: see _check_change_allowed; or node_id is not a member, or it is this
+                leader (transfer leadership first, thesis §4.2.2).
+        """
+        self._check_change_allowed()
+        if self.membership.get(node_id) is None:
+            raise ChangeRefused(f"{node_id} is not a member", retryable=False)
+        if node_id == self.node_id:
+            raise ChangeRefused("the leader does not remove itself: transfer leadership first", retryable=False)
+        return self._append_config(self.membership.without(node_id))
+
+    def transfer_leadership(self, to: str | None = None) -> str:
+        """Hand leadership to voter `to`, or to the most caught-up other voter (thesis §3.10).
+
+        Proposals are refused (ProposalDropped) until the transfer ends; once the target's log
+        matches the leader's, it gets TIMEOUT_NOW and campaigns at once. A transfer that has not
+        ended within an election timeout is abandoned and this node leads on.
+
+        Returns:
+            The target's id.
+
+        Raises:
+            NotLeader: this node is not the leader.
+            ChangeRefused: a transfer is under way, or the target is not another voter.
+        """
+        if self._role is not Role.LEADER:
+            raise NotLeader(self._leader_id)
+        if self._transfer_target is not None:
+            raise ChangeRefused(f"leadership is already being transferred to {self._transfer_target}",
+                                retryable=True)
+        others = [v for v in self.membership.voters if v != self.node_id]
+        if to is None:
+            if not others:
+                raise ChangeRefused("there is no other voter to take over", retryable=False)
+            to = max(others, key=lambda voter: self._progress[voter].match_index)  # first of equals
+        elif to == self.node_id:
+            raise ChangeRefused(f"{to} leads already", retryable=False)
+        elif to not in others:
+            raise ChangeRefused(f"{to} is not a voter", retryable=False)
+        self._transfer_target = to
+        self._transfer_elapsed = 0
+        self._maybe_send_timeout_now()
+        return to
+
+    def restore_membership(self, membership: Membership | None) -> None:
+        """After installing a snapshot received from the leader: the membership its state
+        machine recorded (None: it recorded none, so the bootstrap membership holds)."""
+        index, term, _ = self._configs[0]
+        self._configs[0] = (index, term, membership if membership is not None else self._bootstrap_membership)
+
+    def _check_change_allowed(self) -> None:
+        if self._role is not Role.LEADER:
+            raise NotLeader(self._leader_id)
+        if self._transfer_target is not None:
+            raise ChangeRefused(f"leadership is being transferred to {self._transfer_target}", retryable=True)
+        if self._log.commit_index < self._term_start_index:
+            # The 2015 single-server-change bug (OPERATIONS.md §1): a leader may change the
+            # membership only once an entry of its own term has committed.
+            raise ChangeRefused("this leader has not committed an entry of its term yet", retryable=True)
+        if self.membership_pending:
+            raise ChangeRefused("another membership change is not committed yet", retryable=True)
+
+    def _append_config(self, membership: Membership) -> tuple[int, int]:
+        entry = Entry(index=self._log.last_index + 1, term=self._term, kind=EntryKind.CONFIG,
+                      data=membership.encode())
+        self._log.append([entry])
+        self._note_configs([entry])
+        self._want_replicate_all(send_if_empty=False)
+        return entry.index, entry.term
+
+    def _note_configs(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """Put CONFIG entries the log now holds into effect, after dropping those a conflicting
+        append truncated (a node falls back to the membership before them, thesis §4.1)."""
+        before = self.membership
+        log = self._log
+        while len(self._configs) > 1:
+            index, term, _ = self._configs[-1]
+            if index <= log.last_index and (index <= log.offset or log.term(index) == term):
+                break
+            self._configs.pop()
+        self._take_configs(entries)
+        if self.membership != before:
+            self._membership_changed()
+
+    def _take_configs(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        for entry in entries:
+            if entry.kind is EntryKind.CONFIG and entry.index > self._configs[-1][0]:
+                self._configs.append((entry.index, entry.term, Membership.decode(entry.data)))
+
+    def _membership_changed(self) -> None:
+        """A new membership is in effect: a leader replicates to new members and forgets removed ones."""
+        membership = self.membership
+        if self._role is not Role.LEADER:
+            return
+        for node_id in membership.ids:
+            if node_id != self.node_id and node_id not in self._progress:
+                self._progress[node_id] = Progress(self._log.last_index + 1, self._config.max_inflight_appends)
+                self._want_replicate(node_id, send_if_empty=True)
+        for node_id in [p for p in self._progress if membership.get(p) is None]:
+            del self._progress[node_id]
+            self._replicate_pending.pop(node_id, None)
+        if self._transfer_target is not None and not membership.is_voter(self._transfer_target):
+            self._transfer_target = None
+        if self._maybe_commit():  # a removed voter no longer holds back the majority
+            self._want_replicate_all(send_if_empty=True)
+
+    def _maybe_promote_learner(self) -> None:
+        """Leader: promote the first learner that has caught up, when a change may start."""
+        learners = self.membership.learners
+        if not learners or self._transfer_target is not None or self.membership_pending \
+                or self._log.commit_index < self._term_start_index:
+            return
+        for node_id in learners:
+            pr = self._progress[node_id]
+            if pr.state is ProgressState.REPLICATE and \
+                    pr.match_index >= self._log.last_index - self._config.learner_catch_up_entries:
+                self._append_config(self.membership.with_voter(node_id))
+                return
+
+    def _maybe_send_timeout_now(self) -> None:
+        target = self._transfer_target
+        if target is None:
+            return
+        if self._progress[target].match_index == self._log.last_index:
+            self._send(MessageType.TIMEOUT_NOW, target)
+        else:
+            self._want_replicate(target, send_if_empty=True)
+
+    def _promotable(self) -> bool:
+        """Whether this node may campaign: only a voter of the membership in effect may."""
+        return self.membership.is_voter(self.node_id)
+
+    def _quorum(self) -> int:
+        return quorum_size(len(self.membership.voters))
+
     def compact(self, snapshot: SnapshotPoint, upto_index: int) -> int:
         """Record a durable snapshot of the applied state and drop log entries it covers.
 
@@ -385,6 +595,7 @@ class RaftNode:
         """
         self._log.snapshot_taken(snapshot)
         dropped = self._log.compact(upto_index)
+        self._forget_compacted_configs()
         self._log.check_invariants()
         return dropped
 
@@ -402,8 +613,14 @@ class RaftNode:
         if keep_bytes is not None:
             upto = max(upto, self.compaction_point(keep_entries, keep_bytes))
         dropped = self._log.compact(upto)
+        self._forget_compacted_configs()
         self._log.check_invariants()
         return Compaction(upto, dropped)
+
+    def _forget_compacted_configs(self) -> None:
+        """Keep one membership at or before the compacted part (the one in effect there)."""
+        while len(self._configs) > 1 and self._configs[1][0] <= self._log.offset:
+            del self._configs[0]
 
     def compaction_point(self, keep_entries: int, keep_bytes: int) -> int:
         """Where to compact after the newest snapshot so that at most keep_entries entries and
@@ -437,6 +654,7 @@ class RaftNode:
             self._outbox or self._read_states or self._hard_state() != self._handed_hard_state
             or self._log.has_unstable_entries() or self._log.has_committed_entries()
             or self._snapshot_to_install is not None or self._replication_due()
+            or self.membership != self._handed_membership
         )
 
     def ready_to_serve(self, applied_index: int) -> bool:
@@ -460,6 +678,9 @@ class RaftNode:
         self._handed_hard_state = hard_state
         entries = self._log.take_unstable_entries()
         snapshot, self._snapshot_to_install = self._snapshot_to_install, None
+        membership = self.membership
+        membership_changed = membership != self._handed_membership
+        self._handed_membership = membership
         ready = Ready(
             hard_state=changed,
             entries=entries,
@@ -469,6 +690,7 @@ class RaftNode:
             must_sync=changed is not None or bool(entries) or snapshot is not None,
             snapshot=snapshot,
             send_before_persist=changed is None and snapshot is None and self._role is Role.LEADER,
+            membership=membership if membership_changed else None,
         )
         self._outbox.clear()
         self._read_states.clear()
@@ -501,13 +723,14 @@ class RaftNode:
         # A single voter cannot split a vote, so it needs no randomization (and the contract
         # promises it elects itself within one election timeout).
         et = self._config.election_ticks
-        self._election_timeout_ticks = self._rng.randrange(et, 2 * et) if self._peers else et
+        self._election_timeout_ticks = self._rng.randrange(et, 2 * et) if len(self.membership.voters) > 1 else et
         self._votes = {}
         self._progress = {}
         self._replicate_pending = {}
         self._read_requests = []
         self._reads_before_commit = []
         self._uncommitted_bytes = 0
+        self._transfer_target = None
 
     def _become_follower(self, term: int, leader_id: str | None) -> None:
         self._reset(term)
@@ -540,7 +763,9 @@ class RaftNode:
         self._step = self._step_leader
         self._tick = self._tick_leader
         next_index = self._log.last_index + 1
-        for peer in self._config.peer_ids:
+        for peer in self.membership.ids:
+            if peer == self.node_id:
+                continue
             self._progress[peer] = Progress(next_index, self._config.max_inflight_appends)
             # An answer to our vote request was heard in this term: it counts for check-quorum.
             self._progress[peer].recent_active = peer in voters_heard
@@ -561,31 +786,38 @@ class RaftNode:
         self._votes[self.node_id] = True
         if self._tally_votes():
             return
-        for peer in self._config.peer_ids:
+        for peer in self._other_voters():
             self._send(MessageType.PRE_VOTE, peer, term=self._term + 1, log_term=self._log.last_term,
                        index=self._log.last_index)
 
+    def _other_voters(self) -> list[str]:
+        return [voter for voter in self.membership.voters if voter != self.node_id]
+
     def _tally_votes(self) -> bool:
-        """Act on the votes so far; returns True when the campaign is decided."""
-        granted = sum(1 for vote in self._votes.values() if vote)
-        if granted >= self._quorum:
+        """Act on the votes so far (only voters' count); returns True when the campaign is decided."""
+        membership = self.membership
+        votes = [vote for voter, vote in self._votes.items() if membership.is_voter(voter)]
+        granted = sum(1 for vote in votes if vote)
+        quorum = self._quorum()
+        if granted >= quorum:
             if self._role is Role.PRE_CANDIDATE:
                 self._campaign_election()
             else:
                 self._become_leader()
             return True
-        if len(self._votes) - granted >= self._quorum:
+        if len(votes) - granted >= quorum:
             self._become_follower(self._term, None)
             return True
         return False
 
-    def _campaign_election(self) -> None:
+    def _campaign_election(self, *, transfer: bool = False) -> None:
         self._become_candidate()
         self._votes[self.node_id] = True
         if self._tally_votes():
             return
-        for peer in self._config.peer_ids:
-            self._send(MessageType.VOTE, peer, log_term=self._log.last_term, index=self._log.last_index)
+        for peer in self._other_voters():
+            self._send(MessageType.VOTE, peer, log_term=self._log.last_term, index=self._log.last_index,
+                       context=TRANSFER_CONTEXT if transfer else None)
 
     # ------------------------------------------------------------------ ticks
 
@@ -593,11 +825,17 @@ class RaftNode:
         self._election_elapsed += 1
         if self._election_elapsed >= self._election_timeout_ticks:
             self._election_elapsed = 0
-            self._campaign()
+            if self._promotable():  # a learner, a removed node or one not yet added waits
+                self._campaign()
 
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
+        if self._transfer_target is not None:
+            self._transfer_elapsed += 1
+            if self._transfer_elapsed >= self._config.election_ticks:
+                self._transfer_target = None  # the target did not take over in time: lead on
+        self._maybe_promote_learner()
         if self._election_elapsed >= self._config.election_ticks:
             self._election_elapsed = 0
             if self._config.check_quorum and not self._quorum_active():
@@ -610,15 +848,20 @@ class RaftNode:
             self._bcast_heartbeat()
 
     def _quorum_active(self) -> bool:
-        return 1 + sum(1 for pr in self._progress.values() if pr.recent_active) >= self._quorum
+        membership = self.membership
+        active = sum(1 for voter in membership.voters
+                     if voter == self.node_id or (voter in self._progress and self._progress[voter].recent_active))
+        return active >= self._quorum()
 
     # ------------------------------------------------------------------ step: any role
 
     def _step_check(self, m: Message) -> None:
         if m.to_id != self.node_id:
             raise StepRejected(f"message for {m.to_id!r} reached {self.node_id!r}")
-        if m.from_id not in self._peers:
-            raise StepRejected(f"message from unknown peer {m.from_id!r}")
+        if m.from_id == self.node_id:
+            raise StepRejected(f"message from {m.from_id!r} to itself")
+        # A sender outside the membership is not refused here: a learner hears the leader before
+        # it knows the membership that added it. Votes are what such a sender must not get.
         if not isinstance(m.type, MessageType):
             raise StepRejected(f"unknown message type {m.type!r}")
         if m.entries and m.type is not MessageType.APP:
@@ -627,14 +870,22 @@ class RaftNode:
         for offset, entry in enumerate(m.entries):
             if entry.index != m.index + 1 + offset or not previous_term <= entry.term <= m.term:
                 raise StepRejected(f"append from {m.from_id} has inconsistent entry {entry.index}/{entry.term}")
+            if entry.kind is EntryKind.CONFIG:
+                try:
+                    Membership.decode(entry.data)
+                except MembershipDecodeError as exc:
+                    raise StepRejected(f"append from {m.from_id}: entry {entry.index}: {exc}") from None
             previous_term = entry.term
 
     def _step_higher_term(self, m: Message) -> bool:
         """A message from a newer term; returns whether to go on handling it."""
         if m.type in _VOTE_REQUESTS:
+            if not self.membership.is_voter(m.from_id):
+                return False  # a removed or not-yet-promoted node must not raise our term
+            transfer = m.type is MessageType.VOTE and m.context == TRANSFER_CONTEXT
             in_lease = (self._config.check_quorum and self._leader_id is not None
                         and self._election_elapsed < self._config.election_ticks)
-            if in_lease:
+            if in_lease and not transfer:
                 return False  # a leader was heard recently: do not let the requester disrupt it
             if m.type is MessageType.PRE_VOTE:
                 return True  # a pre-vote never changes our term
@@ -654,7 +905,7 @@ class RaftNode:
 
     def _handle_vote_request(self, m: Message) -> None:
         response_type = MessageType.VOTE_RESP if m.type is MessageType.VOTE else MessageType.PRE_VOTE_RESP
-        can_vote = (
+        can_vote = self.membership.is_voter(m.from_id) and (
             self._voted_for == m.from_id
             or (self._voted_for is None and self._leader_id is None)
             or (m.type is MessageType.PRE_VOTE and m.term > self._term)
@@ -682,6 +933,10 @@ class RaftNode:
             self._election_elapsed = 0
             self._leader_id = m.from_id
             self._handle_snapshot(m)
+        elif m.type is MessageType.TIMEOUT_NOW:
+            self._leader_id = m.from_id
+            if self._promotable():
+                self._campaign_election(transfer=True)  # thesis §3.10: no pre-vote, no waiting
         # Answers to requests this node made in an earlier role of this term are stale.
 
     def _step_candidate(self, m: Message) -> None:
@@ -699,7 +954,9 @@ class RaftNode:
         self._tally_votes()
 
     def _step_leader(self, m: Message) -> None:
-        pr = self._progress[m.from_id]
+        pr = self._progress.get(m.from_id)
+        if pr is None:
+            return  # an answer from a node removed since
         if m.type is MessageType.APP_RESP:
             if m.index > self._log.last_index:
                 raise StepRejected(f"{m.from_id} answered for index {m.index} past our last index")
@@ -720,6 +977,8 @@ class RaftNode:
             self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
             return
         last_new_index = self._log.maybe_append(m.index, m.log_term, m.entries)
+        if last_new_index is not None:
+            self._note_configs(m.entries)
         if last_new_index is None:
             if m.index > self._log.last_index:
                 hint_index, hint_term = self._log.last_index, 0
@@ -742,6 +1001,9 @@ class RaftNode:
             self._log.commit_to(point.index)
         else:
             self._log.restore(point)
+            # Until the shell restores the snapshot's own membership (restore_membership, right
+            # after the install), the newest one known stands in.
+            self._configs = [(point.index, point.term, self.membership)]
             self._snapshot_to_install = point
         self._send(MessageType.APP_RESP, m.from_id, index=self._log.commit_index, commit=self._log.commit_index)
 
@@ -763,6 +1025,9 @@ class RaftNode:
                 pr.become_replicate()
             if self._maybe_commit():
                 self._want_replicate_all(send_if_empty=True)
+            if m.from_id == self._transfer_target:
+                self._maybe_send_timeout_now()
+            self._maybe_promote_learner()
         # The answer carries the follower's commit index: if it lags behind what the follower
         # could know, an (empty) append tells it now rather than at the next heartbeat.
         lagging = m.commit < min(pr.match_index, self._log.commit_index)
@@ -779,9 +1044,12 @@ class RaftNode:
 
     def _maybe_commit(self) -> bool:
         """Commit the highest index held by a majority, if it is of this term (Raft §5.4.2)."""
-        matches = sorted([self._log.persisted_index, *(pr.match_index for pr in self._progress.values())],
-                         reverse=True)
-        index = matches[self._quorum - 1]
+        voters = self.membership.voters
+        if not voters:
+            return False
+        matches = sorted((self._log.persisted_index if voter == self.node_id else self._progress[voter].match_index
+                          for voter in voters), reverse=True)
+        index = matches[self._quorum() - 1]
         if index <= self._log.commit_index or self._log.term(index) != self._term:
             return False
         old_commit = self._log.commit_index
@@ -799,7 +1067,7 @@ class RaftNode:
         self._replicate_pending[peer] = self._replicate_pending.get(peer, False) or send_if_empty
 
     def _want_replicate_all(self, *, send_if_empty: bool) -> None:
-        for peer in self._config.peer_ids:
+        for peer in self._progress:
             self._want_replicate(peer, send_if_empty=send_if_empty)
 
     def _flush_replication(self) -> None:
@@ -809,7 +1077,7 @@ class RaftNode:
         pending, self._replicate_pending = self._replicate_pending, {}
         if self._role is not Role.LEADER:
             return
-        for peer in self._config.peer_ids:
+        for peer in list(self._progress):
             if peer in pending:
                 self._send_appends(peer, send_if_empty=pending[peer])
 
@@ -818,8 +1086,8 @@ class RaftNode:
         if self._role is not Role.LEADER:
             return False
         for peer, send_if_empty in self._replicate_pending.items():
-            pr = self._progress[peer]
-            if pr.is_paused():
+            pr = self._progress.get(peer)
+            if pr is None or pr.is_paused():
                 continue
             if send_if_empty or pr.next_index <= self._log.last_index:
                 return True
@@ -863,7 +1131,7 @@ class RaftNode:
     # ------------------------------------------------------------------ reads (Raft §6.4)
 
     def _register_read(self, context: int) -> None:
-        if not self._peers:
+        if self.membership.voters == (self.node_id,):
             self._read_states.append((context, self._log.commit_index))
             return
         self._read_requests.append(_ReadRequest(context, self._log.commit_index, {self.node_id}))
@@ -875,8 +1143,10 @@ class RaftNode:
                 continue
             # The first request with this context: an ack can only confirm requests that were
             # registered before the heartbeat it answers was sent.
+            if not self.membership.is_voter(peer):
+                return  # a learner's answer confirms nothing
             request.acks.add(peer)
-            if len(request.acks) >= self._quorum:
+            if sum(1 for voter in request.acks if self.membership.is_voter(voter)) >= self._quorum():
                 # Leadership confirmed after every earlier request arrived too: release them all.
                 for done in self._read_requests[: position + 1]:
                     self._read_states.append((done.context, done.index))

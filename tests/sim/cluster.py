@@ -69,7 +69,7 @@ from cluster.raft.errors import StepRejected
 from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
 from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from cluster import ready_handler
-from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads
+from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership
 
 from .faults import FINAL_FAULTS, Nemesis
 from .invariants import Checker, Violation, describe_entry
@@ -451,6 +451,8 @@ class Simulation:
             if isinstance(action, InstallSnapshot):
                 if not self._install_snapshot(node, action.point):
                     return False
+            elif isinstance(action, UseMembership):
+                pass  # the simulated network routes by node id: there are no URLs to connect to
             elif isinstance(action, Persist):
                 if point == "before_write":
                     self._crash(node, point)

@@ -49,7 +49,7 @@ def commit_previous_term() -> Iterator[None]:
             return True
         log = self._log
         matches = sorted([log.persisted_index, *(pr.match_index for pr in self._progress.values())], reverse=True)
-        index = matches[self._quorum - 1]
+        index = matches[self._quorum() - 1]
         return log.commit_to(index) if index > log.commit_index else False
 
     with mock.patch.object(RaftNode, "_maybe_commit", maybe_commit):

@@ -121,7 +121,8 @@ def test_written_pieces_are_the_canonical_snapshot(rows_per_chunk):
     # The map header, one piece per key (with its scalar or array header), then the rows in
     # pieces of rows_per_chunk: no msgpack call covers more.
     arrays = (m.sm.job_count(), len(m.sm._idempotency), len(m.sm._queues), m.sm.schedule_count())
-    assert len(pieces) == 1 + len(SNAPSHOT_KEYS) + sum(-(-rows // rows_per_chunk) for rows in arrays)
+    keys_written = len(SNAPSHOT_KEYS) - (m.sm.membership is None)  # written once a CONFIG entry applied
+    assert len(pieces) == 1 + keys_written + sum(-(-rows // rows_per_chunk) for rows in arrays)
 
 
 def test_merged_sorted_runs_give_the_same_bytes(monkeypatch):
@@ -136,7 +137,7 @@ def test_merged_sorted_runs_give_the_same_bytes(monkeypatch):
 def test_empty_machine_snapshot_is_canonical():
     sm = QueueStateMachine()
     assert sm.snapshot() == reference_snapshot(sm)
-    assert list(msgpack.unpackb(sm.snapshot(), raw=False)) == list(SNAPSHOT_KEYS)
+    assert list(msgpack.unpackb(sm.snapshot(), raw=False)) == [key for key in SNAPSHOT_KEYS if key != "membership"]
 
 
 def test_capture_shares_nothing_mutable():
@@ -319,3 +320,19 @@ def test_every_truncation_is_refused_and_changes_nothing():
         with pytest.raises(ValueError):
             target.restore_from(io.BytesIO(data[:size]))
     assert target.digest() == before
+
+
+def test_the_membership_of_the_last_config_entry_travels_in_the_snapshot():
+    from cluster.raft.messages import Entry, EntryKind
+
+    m = QueueStateMachine()
+    without = m.snapshot()
+    assert m.apply(Entry(1, 1, EntryKind.CONFIG, b"members-1")) is None
+    assert m.apply(Entry(2, 1, EntryKind.CONFIG, b"members-2")) is None
+    restored = QueueStateMachine()
+    restored.restore(m.snapshot())
+    assert restored.membership == b"members-2" and restored.last_applied == 2
+    assert restored.digest() == m.digest() != QueueStateMachine().digest()
+    old = QueueStateMachine()
+    old.restore(without)  # a snapshot from before memberships were recorded
+    assert old.membership is None

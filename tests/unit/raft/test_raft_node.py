@@ -409,8 +409,9 @@ def test_read_index_needs_leadership_and_a_heartbeat_quorum() -> None:
 
 
 @pytest.mark.parametrize("message", [
-    msg(T.APP, "n9", term=1),
+    msg(T.APP, "n1", term=1),  # from itself (a sender outside the membership is allowed: a new learner)
     msg(T.APP, "n2", "n3", term=1),
+    msg(T.APP, "n2", term=1, index=0, entries=(Entry(1, 1, EntryKind.CONFIG, b"not a membership"),)),
     msg(T.VOTE, "n2", term=1, entries=tuple(entries_of(1))),
     msg(T.APP, "n2", term=1, index=0, entries=(Entry(2, 1, EntryKind.NORMAL, b""),)),
     msg(T.APP, "n2", term=1, index=0, entries=(Entry(1, 2, EntryKind.NORMAL, b""),)),
