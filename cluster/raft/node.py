@@ -57,6 +57,23 @@ commits an entry it has not been shown to share with the leader.
 Check-quorum. A leader that has not heard from a majority within an election timeout steps down
 (Raft thesis §6.2), so an isolated leader stops accepting proposals it cannot commit.
 
+Membership (thesis §4, membership.py). The members are a value carried whole in CONFIG log
+entries; each node uses the newest one in its log, committed or not, and falls back when a
+conflicting append truncates it. One server at a time: add_learner(), then the leader promotes
+the learner by itself once it has matched the log (REPLICATE) within learner_catch_up_entries of
+the last index; remove_member() drops a voter or learner, which stops counting toward commit,
+check-quorum and reads at once. A leader refuses a change while another is uncommitted and until
+an entry of its own term has committed (the 2015 single-server-change bug). It never removes
+itself: the shell transfers leadership first. Only voters campaign, and votes go only to voters
+of the receiver's membership, so a removed node, a learner or a node not yet added can neither
+win nor raise anyone's term; pre-vote and the check-quorum lease keep even a voter that was cut
+off from disrupting a healthy leader. Messages from outside the membership are otherwise handled
+(a new learner hears its leader before it knows the membership that added it).
+
+Leadership transfer (thesis §3.10). transfer_leadership() stops proposals, catches the target up
+and sends it TIMEOUT_NOW; the target campaigns at once, skipping pre-vote, with a VOTE marked as
+a transfer that voters grant despite the lease. Not done within an election timeout: abandoned.
+
 Reads. read_index() (Raft §6.4) records the commit index, then confirms leadership with a
 heartbeat round whose answers echo the request's context; when a majority answered, the read is
 released in Ready.read_states as (context, read_index), to be served once applied >= read_index.
