@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"workers the leader tracks; the longest silent go first (default {c.KNOWN_WORKERS_MAX})")
     p.add_argument("--queues-max", type=int, default=int(_env("QUEUES_MAX", str(c.QUEUES_MAX))),
                    help=f"queues the cluster may hold; writes to new ones past it get 409 (default {c.QUEUES_MAX})")
+    p.add_argument("--restore", metavar="FILE", default=None,
+                   help="start a new cluster of one from a backup (`raftq admin backup FILE`) in an empty "
+                        "--data-dir; add the other nodes afterwards")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -243,10 +246,11 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
 
 async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     """Runs the node until SIGTERM/SIGINT (returns 0) or until it stops on a storage failure (1)."""
-    from cluster import tls
+    from cluster import backup, tls
     from cluster.api.app import init_app
     from cluster.api.keys import CONNECTION_GUARD, NODE
 
+    backup.remove_leftovers(config.data_dir)
     app = init_app(config)
     node = app[NODE]
     if fields is not None:
@@ -283,6 +287,22 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     return 1 if failed else 0
 
 
+def restore(backup_path: str, config: NodeConfig) -> None:
+    """`--restore FILE`: the data directory starts from the backup (cluster/backup.py).
+
+    Raises:
+        ConfigError: the node has peers, its data directory holds state, or the file is damaged.
+    """
+    from cluster.backup import restore_data_dir
+
+    if config.peers:
+        raise ConfigError("--restore starts a new cluster of one: leave out --peers and add the other nodes "
+                          "once it runs")
+    meta = restore_data_dir(backup_path, config.data_dir, wal_segment_bytes=config.wal_segment_bytes)
+    print(f"raftq node: restored {backup_path} (index {meta.index}, term {meta.term}, {meta.size_bytes} bytes) "
+          f"into {config.data_dir}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -290,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cluster import tls
 
         tls.server_context(config), tls.peer_client_context(config)  # unreadable files stop us here
+        if args.restore:
+            restore(args.restore, config)
     except ConfigError as exc:
         print(f"raftq node: {exc}", file=sys.stderr)
         return 2

@@ -140,8 +140,9 @@ class Snapshotting:
                 os.replace(path, path + ".damaged")
                 log.warning("set the damaged snapshot aside as %s.damaged", path)
             if not self._log_continues(meta):
-                log.warning("log entries %d..%d do not continue snapshot %d (term %d): dropped, not committed",
-                            wal.first_index, wal.last_index, meta.index, meta.term)
+                if wal.first_index:  # an empty log (a restored backup) drops nothing
+                        log.warning("log entries %d..%d do not continue snapshot %d (term %d): dropped, not committed",
+                                wal.first_index, wal.last_index, meta.index, meta.term)
                 wal.reset_after(meta.index, meta.term)
             self.applied_term = meta.term
             first = max(wal.first_index, meta.index + 1 - self.config.compact_keep_entries, 1)

@@ -13,11 +13,13 @@ DELEGATED = {
     "node": ("cluster.main", "run a broker node"),
     "bench": ("bench.main", "the benchmark"),
     "chaos": ("chaos.__main__", "the fault-injection suite"),
+    "admin": ("raftq.admin", "operator commands: backup"),
 }
 #: Client options that take a value; they may come before the command.
 _GLOBAL_VALUED = ("--nodes", "--token", "--timeout")
-#: Client options `bench` takes too: given before `bench`, they are passed on to it.
+#: Client options `bench` and `admin` take too: given before the command, they are passed on to it.
 _BENCH_GLOBALS = ("--nodes", "--token")
+_PASSED_ON_TO = ("bench", "admin")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +47,7 @@ def split_delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
         elif token == "--json" or token.startswith(tuple(f"{flag}=" for flag in _GLOBAL_VALUED)):
             step = 1
         elif token in DELEGATED:
-            return token, (passed_on if token == "bench" else []) + list(argv[index + 1:])
+            return token, (passed_on if token in _PASSED_ON_TO else []) + list(argv[index + 1:])
         else:
             return None
         if token.split("=")[0] in _BENCH_GLOBALS:

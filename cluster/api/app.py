@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from cluster import backup
 from cluster import constants as c
 from cluster import tls
 from cluster.api import dashboard, raft_views, views
@@ -57,6 +58,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/schedules/{name}/resume", views.resume_schedule)
     r.add_get("/v1/cluster", views.cluster_status)
     r.add_get("/v1/overview", views.overview)
+    r.add_get(backup.BACKUP_PATH, backup.backup_view)
     r.add_get("/metrics", views.metrics)
     r.add_get("/", dashboard.dashboard)
     r.add_post("/raft/messages", raft_views.raft_messages)

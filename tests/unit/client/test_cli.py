@@ -176,7 +176,7 @@ def test_client_commands_go_to_the_client_and_help_lists_the_others(monkeypatch)
     monkeypatch.setattr(command.client_cli, "main", lambda argv, other_commands: seen.append((argv, other_commands)) or 3)
     assert command.main(["--nodes", "http://a:1", "status"]) == 3
     (argv, others), = seen
-    assert argv == ["--nodes", "http://a:1", "status"] and sorted(others) == ["bench", "chaos", "node"]
+    assert argv == ["--nodes", "http://a:1", "status"] and sorted(others) == ["admin", "bench", "chaos", "node"]
     help_text = cli.build_parser(others).format_help()
     assert "node" in help_text and "bench" in help_text and "submit" in help_text
 
@@ -322,3 +322,8 @@ def test_worker_target_errors_are_clear(capsys, monkeypatch, tmp_path):
                             ("cli_not_a_target:thing", "expected a raftq App or a dict")]:
         code, _, err = run_cli(capsys, "worker", target)
         assert code == 2 and message in err and "Traceback" not in err, (target, err)
+
+
+def test_admin_takes_the_nodes_and_token_given_before_it():
+    assert command.split_delegated(["--nodes", "http://a:1", "--token", "t", "admin", "backup", "f"]) == (
+        "admin", ["--nodes", "http://a:1", "--token", "t", "backup", "f"])
