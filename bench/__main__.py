@@ -1,7 +1,7 @@
-"""`python -m bench`: the same as `raftq bench`."""
+"""`python -m raftq.bench`: the same as `raftq bench`."""
 
 import sys
 
-from bench.main import main
+from raftq.bench.main import main
 
 sys.exit(main())

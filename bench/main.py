@@ -18,14 +18,14 @@ from array import array
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
-from bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesystem_of, find_leader,
+from raftq.bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesystem_of, find_leader,
                            machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
                            wal_figures)
-from bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
-from bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
+from raftq.bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
+from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
                          producer_main, worker_main)
-from client import Client
-from client._progress import ProgressBar
+from raftq import Client
+from raftq.client._progress import ProgressBar
 
 SCENARIOS = ("submit", "drain", "e2e")
 #: The server takes at most 1000 jobs per submit and per ack request.
@@ -404,7 +404,7 @@ def _target_for_run(settings: Settings, name: str) -> Iterator[_Target]:
     if settings.nodes:
         yield _Target(settings.nodes, settings.token, None)
         return
-    from cluster.localcluster import LocalCluster
+    from raftq.cluster.localcluster import LocalCluster
 
     directory = os.path.join(settings.data_dir, name)
     cluster = LocalCluster(directory, size=CLUSTER_SIZE)

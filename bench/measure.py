@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.localcluster import http_json
+from raftq.cluster.localcluster import http_json
 
 #: Seconds a metrics or status request may take; a node under load answers slowly, not never.
 PROBE_TIMEOUT_S = 10.0

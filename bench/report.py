@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Sequence
 
-from client.cli import format_table
+from raftq.client.cli import format_table
 
 
 def format_header(facts: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from client import AsyncClient, Client
+from raftq import AsyncClient, Client
 
 #: Seconds one request may take; a benchmark under load must not give up early.
 REQUEST_TIMEOUT_S = 30.0
@@ -477,7 +477,7 @@ def _warmup_queue(config: RoleConfig, index: int) -> str:
 
 
 def _runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
-    from client.worker import Worker
+    from raftq.client.worker import Worker
 
     warmup_queue = _warmup_queue(config, index)
     handler = handler_for(config.kind, config.cpu_loops)
@@ -510,7 +510,7 @@ def _runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
 
 
 async def _async_runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
-    from client.worker import Worker
+    from raftq.client.worker import Worker
 
     warmup_queue = _warmup_queue(config, index)
     handler = handler_for(config.kind, config.cpu_loops, asynchronous=True)

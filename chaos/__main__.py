@@ -1,9 +1,9 @@
-"""`python -m chaos` (also `raftq chaos`): run the chaos suite once and check the history.
+"""`python -m raftq.chaos` (also `raftq chaos`): run the chaos suite once and check the history.
 
-    python -m chaos --duration 600 --seed 7                 # every fault kind, 10 minutes
-    python -m chaos --duration 60 --seed 1 --faults isolate-leader,kill-all --nodes 5
-    python -m chaos --duration 600 --seed 7 --rate 1000 --batch 50   # the same under load
-    python -m chaos --list                                  # the fault kinds and their goals
+    python -m raftq.chaos --duration 600 --seed 7                 # every fault kind, 10 minutes
+    python -m raftq.chaos --duration 60 --seed 1 --faults isolate-leader,kill-all --nodes 5
+    python -m raftq.chaos --duration 600 --seed 7 --rate 1000 --batch 50   # the same under load
+    python -m raftq.chaos --list                                  # the fault kinds and their goals
 
 Exit status: 0 when the checker finds no violation, 1 when it finds one (the summary names the
 job and the history lines), 2 when the run itself could not be carried out.
@@ -17,9 +17,9 @@ import random
 import sys
 from typing import Sequence
 
-from chaos.nemesis import FAULTS
-from chaos.runner import RunConfig, run
-from chaos.workload import WorkloadConfig
+from raftq.chaos.nemesis import FAULTS
+from raftq.chaos.runner import RunConfig, run
+from raftq.chaos.workload import WorkloadConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

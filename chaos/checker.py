@@ -71,8 +71,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from chaos.history import FAIL, INFO, OK, numbered
-from chaos.load_metrics import INTERVAL_S as LOAD_INTERVAL_S
+from raftq.chaos.history import FAIL, INFO, OK, numbered
+from raftq.chaos.load_metrics import INTERVAL_S as LOAD_INTERVAL_S
 
 #: Seconds added to the window in which a leader change may have renewed a lease (monitor lag).
 RENEW_TOLERANCE_S = 2.0

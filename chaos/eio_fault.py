@@ -1,6 +1,6 @@
 """Test-only node mode for a failing disk: the WAL's fdatasync fails with EIO once a file appears.
 
-`RAFTQ_EIO_TRIGGER=<path> python -m chaos.eio_fault <node flags>` runs the ordinary node
+`RAFTQ_EIO_TRIGGER=<path> python -m raftq.chaos.eio_fault <node flags>` runs the ordinary node
 (`cluster.main.main`) with one hook: while `<path>` does not exist, the WAL's fdatasync is the
 real one; once it exists, every WAL fdatasync raises `OSError(EIO)`, as a dying disk does.
 
@@ -22,7 +22,7 @@ TRIGGER_ENV = "RAFTQ_EIO_TRIGGER"
 
 def install(trigger_path: str) -> None:
     """Replaces the WAL's fdatasync in this process with one that fails once trigger_path exists."""
-    from cluster.storage import wal
+    from raftq.cluster.storage import wal
 
     assert hasattr(wal, "_fdatasync"), "cluster.storage.wal._fdatasync is gone; update chaos/eio_fault.py"
     real = wal._fdatasync
@@ -37,7 +37,7 @@ def install(trigger_path: str) -> None:
 
 def main() -> int:
     install(os.environ[TRIGGER_ENV])
-    from cluster.main import main as node_main
+    from raftq.cluster.main import main as node_main
 
     return node_main(sys.argv[1:])
 

@@ -1,6 +1,6 @@
 """Test-only node mode for "loss of unsynced writes": the WAL records what it has fsynced.
 
-`python -m chaos.fsync_marker <node flags>` runs the ordinary node (`cluster.main.main`) with one
+`python -m raftq.chaos.fsync_marker <node flags>` runs the ordinary node (`cluster.main.main`) with one
 hook installed: after every `WriteAheadLog.sync()` (and after a durable conflict truncation, a
 reset after an installed snapshot, and after recovery at open) the WAL writes `fsynced.json` beside its segments, mapping each segment
 file name to the number of its bytes known to be on disk. The marker is replaced atomically
@@ -48,7 +48,7 @@ def _write_marker(wal, sizes: dict[str, int]) -> None:
 
 def install() -> None:
     """Wraps WriteAheadLog.open / sync / _truncate_from / reset_after in this process (idempotent)."""
-    from cluster.storage.wal import WriteAheadLog, _Segment
+    from raftq.cluster.storage.wal import WriteAheadLog, _Segment
 
     if getattr(WriteAheadLog, "_chaos_marker_installed", False):
         return
@@ -118,7 +118,7 @@ def cut_to_marker(wal_dir: str) -> dict:
 
 def main() -> int:
     install()
-    from cluster.main import main as node_main
+    from raftq.cluster.main import main as node_main
 
     return node_main()
 

@@ -21,7 +21,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from chaos.history import HistoryWriter
+from raftq.chaos.history import HistoryWriter
 
 #: Seconds between two scrapes of one node.
 INTERVAL_S = 0.5

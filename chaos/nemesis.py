@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from chaos import disk_damage, faketime, fsync_marker
-from chaos.faketime import SkewedClock
-from chaos.history import HistoryWriter
-from chaos.topology import Topology, client_proxy, peer_proxy
-from chaos.workload import WorkerPool
+from raftq.chaos import disk_damage, faketime, fsync_marker
+from raftq.chaos.faketime import SkewedClock
+from raftq.chaos.history import HistoryWriter
+from raftq.chaos.topology import Topology, client_proxy, peer_proxy
+from raftq.chaos.workload import WorkerPool
 
 log = logging.getLogger("chaos.nemesis")
 
@@ -548,7 +548,7 @@ class Nemesis:
         live = self.workers.live()
         if not live:
             return None, []
-        from client import Client, errors
+        from raftq import Client, errors
 
         deadline = time.monotonic() + timeout_s
         with Client(self.cluster.urls, timeout=2.0, deadline=2.0) as client:

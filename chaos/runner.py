@@ -27,14 +27,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from chaos import checker
-from chaos.history import HistoryWriter, merge, read_history_dir
-from chaos.load_metrics import LoadSampler
-from chaos.nemesis import FAULTS, Nemesis, Timing
-from chaos.schedule_probe import EVERY_S as SCHEDULE_EVERY_S, ScheduleProbe
-from chaos.topology import ToxiproxyFaults, ToxiproxyServerHandle, Topology
-from chaos.workload import Monitor, Producers, WorkerPool, WorkloadConfig, drain, record_final_states
-from cluster.localcluster import wait_until
+from raftq.chaos import checker
+from raftq.chaos.history import HistoryWriter, merge, read_history_dir
+from raftq.chaos.load_metrics import LoadSampler
+from raftq.chaos.nemesis import FAULTS, Nemesis, Timing
+from raftq.chaos.schedule_probe import EVERY_S as SCHEDULE_EVERY_S, ScheduleProbe
+from raftq.chaos.topology import ToxiproxyFaults, ToxiproxyServerHandle, Topology
+from raftq.chaos.workload import Monitor, Producers, WorkerPool, WorkloadConfig, drain, record_final_states
+from raftq.cluster.localcluster import wait_until
 
 log = logging.getLogger("chaos.runner")
 
@@ -85,7 +85,7 @@ class RunConfig:
 
     def replay_command(self) -> str:
         w = self.workload
-        return (f"python -m chaos --duration {self.duration_s:g} --seed {self.seed} --faults {','.join(self.faults)} "
+        return (f"python -m raftq.chaos --duration {self.duration_s:g} --seed {self.seed} --faults {','.join(self.faults)} "
                 f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g} --rate {w.rate:g} "
                 f"--batch {w.submit_batch} --prefetch {w.prefetch} --producers {w.producers} --workers {w.workers} "
                 f"--snapshot-every {self.snapshot_every} --compact-keep {self.compact_keep}")

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from chaos.checker import Violation, percentile
-from client import Client, errors
-from cluster.schedules import fire_job_id
+from raftq.chaos.checker import Violation, percentile
+from raftq import Client, errors
+from raftq.cluster.schedules import fire_job_id
 
 log = logging.getLogger("chaos.schedule")
 

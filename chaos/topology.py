@@ -34,7 +34,7 @@ import subprocess
 import urllib.request
 from typing import Protocol
 
-from cluster.localcluster import LocalCluster, free_ports, wait_until
+from raftq.cluster.localcluster import LocalCluster, free_ports, wait_until
 
 log = logging.getLogger("chaos.topology")
 
@@ -61,7 +61,7 @@ class FaultProxy(Protocol):
 
 
 class ToxiproxyServerHandle:
-    """A running Toxiproxy-API server: a real `toxiproxy-server` or `python -m chaos.toxiproxy`."""
+    """A running Toxiproxy-API server: a real `toxiproxy-server` or `python -m raftq.chaos.toxiproxy`."""
 
     def __init__(self, host: str, port: int, stop, kind: str) -> None:
         self.host = host
@@ -102,7 +102,7 @@ class ToxiproxyServerHandle:
                 stop()
                 raise
             return cls(host, port, stop, f"toxiproxy-server {binary}")
-        from chaos.toxiproxy import ToxiproxyProcess
+        from raftq.chaos.toxiproxy import ToxiproxyProcess
 
         # The project's server logs to the stderr it inherits; point fd 2 at the run's log file
         # while it is spawned, so its warnings (refused upstreams during kills) land there.
@@ -197,7 +197,7 @@ class Topology:
             public = ",".join(f"{other}={self.client_url(other)}" for other in ids if other != node_id)
             args[args.index("--public-urls") + 1] = public
             if fsync_marker:  # same flags, run through the test-only WAL hook
-                args[args.index("-m") + 1] = "chaos.fsync_marker"
+                args[args.index("-m") + 1] = "raftq.chaos.fsync_marker"
         self.fsync_marker = fsync_marker
 
     def client_url(self, node_id: str) -> str:

@@ -10,7 +10,7 @@ reused on its own retries) and is recorded in the history (`chaos.history`) with
 Producers are threads of the runner, each offering a steady rate of unique values
 ("p<i>-<seq>", also the idempotency key) in requests of `submit_batch` jobs (`--batch`); every
 tenth request is submitted with a delay, at the top priority, for the checker's timing check.
-Workers are separate processes (`python -m chaos.workload --worker ...`) so that the nemesis can
+Workers are separate processes (`python -m raftq.chaos.workload --worker ...`) so that the nemesis can
 SIGKILL and SIGSTOP them; each leases up to `prefetch` jobs per request, heartbeats the ones it
 holds, and for each job (seeded choice) acks it, fails it (retry soon), stalls past its lease and
 then acks (the ack must be refused), or drops it (the lease runs out). Acks go back in one
@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from chaos.history import FAIL, INFO, OK, HistoryWriter
-from chaos.topology import python_env
-from client import Client, errors
+from raftq.chaos.history import FAIL, INFO, OK, HistoryWriter
+from raftq.chaos.topology import python_env
+from raftq import Client, errors
 
 log = logging.getLogger("chaos.workload")
 
@@ -224,8 +224,8 @@ def recorded_ack_many(client: Client, history: HistoryWriter, proc: str, worker:
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m chaos.workload --worker ID ...`: one lean worker process recording its history."""
-    p = argparse.ArgumentParser(prog="python -m chaos.workload")
+    """`python -m raftq.chaos.workload --worker ID ...`: one lean worker process recording its history."""
+    p = argparse.ArgumentParser(prog="python -m raftq.chaos.workload")
     p.add_argument("--worker", required=True)
     p.add_argument("--nodes", required=True, help="comma-separated client URLs")
     p.add_argument("--history", required=True)
@@ -333,7 +333,7 @@ class WorkerPool:
         worker_id = f"w{self._next}"
         self._next += 1
         c = self.config
-        args = [sys.executable, "-m", "chaos.workload", "--worker", worker_id, "--nodes", ",".join(self.urls),
+        args = [sys.executable, "-m", "raftq.chaos.workload", "--worker", worker_id, "--nodes", ",".join(self.urls),
                 "--history", os.path.join(self.history_dir, f"{worker_id}.jsonl"), "--seed", str(self.seed),
                 "--queue", c.queue, "--lease-s", str(c.lease_s), "--timeout-s", str(c.timeout_s),
                 "--deadline-s", str(c.deadline_s), "--p-fail", str(c.p_fail), "--p-stall", str(c.p_stall),

@@ -1,6 +1,6 @@
 """raftq client library: `Client` (sync) and `AsyncClient` (asyncio), twins with the same calls.
 
-    from client import Client, AsyncClient, LeasedJob, errors
+    from raftq import Client, AsyncClient, LeasedJob, errors
 
     with Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"]) as client:
         job_id = client.submit("emails", {"to": "a@example.com"})
@@ -11,17 +11,17 @@
 `JobHandle` (what `App` tasks' `submit`/`delay` return) is a job id with `.state` and `.result(timeout=)`.
 
 `MockTransport(handler)` answers requests in tests, for either twin; `Request`/`Response` are
-the tiny pair it passes. `RetryPolicy` tunes backoff. Errors live in `client.errors`. The worker
+the tiny pair it passes. `RetryPolicy` tunes backoff. Errors live in `raftq.errors`. The worker
 runtime (`Worker`, `Retry`, ...) and the task API (`App`) are re-exported from their modules.
 """
 
-from client import errors
-from client._async_client import AiohttpTransport, AsyncClient
-from client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
-from client._client import Client, JobHandle
-from client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
-from client.app import App
-from client.worker import (Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, SoftTimeLimitExceeded,
+from raftq.client import errors
+from raftq.client._async_client import AiohttpTransport, AsyncClient
+from raftq.client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
+from raftq.client._client import Client, JobHandle
+from raftq.client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
+from raftq.client.app import App
+from raftq.client.worker import (Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, SoftTimeLimitExceeded,
                            TimeLimitExceeded, Worker)
 
 __all__ = [

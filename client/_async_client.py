@@ -16,11 +16,11 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 
-from client import errors
-from client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
+from raftq.client import errors
+from raftq.client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
                           result_of, schedule_spec, single)
-from client._client import Client
-from client._transports import AsyncBaseTransport, Request, Response, base_url, tls_context, transport_error
+from raftq.client._client import Client
+from raftq.client._transports import AsyncBaseTransport, Request, Response, base_url, tls_context, transport_error
 
 #: Connections the aiohttp session keeps open in all (aiohttp's default is 100 as well).
 CONNECTIONS_MAX = 100

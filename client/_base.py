@@ -63,8 +63,8 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import msgpack
 
-from client import errors
-from client._transports import MSGPACK, Request, Response, base_url
+from raftq.client import errors
+from raftq.client._transports import MSGPACK, Request, Response, base_url
 # Jobs per submit request and items per ack/fail/extend request (one batch is one log entry;
 # bigger requests are refused with 413): the client splits larger calls into chunks of this.
 from raftq.protocol import BATCH_COUNT_MAX, JOB_WAIT_S_MAX, LEADER_HEADER

@@ -9,10 +9,10 @@ import random
 import time
 from typing import Any, Callable, Sequence
 
-from client import errors
-from client._base import (FINAL_STATES, Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options,
+from raftq.client import errors
+from raftq.client._base import (FINAL_STATES, Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options,
                           queue_settings, result_of, schedule_spec, single)
-from client._transports import BaseTransport, HTTPTransport, tls_context
+from raftq.client._transports import BaseTransport, HTTPTransport, tls_context
 
 
 class Client(_BaseClient):

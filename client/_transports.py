@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import msgpack
 
-from client import errors
+from raftq.client import errors
 from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
 
 #: Idle connections kept per node. A worker overlaps at most a long-poll fetch, a report and a

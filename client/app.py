@@ -38,9 +38,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 
-from client._client import JobHandle
-from client.worker import Reject, Worker
-from client.worker.limits import TimeLimits, check_limit
+from raftq.client._client import JobHandle
+from raftq.client.worker import Reject, Worker
+from raftq.client.worker.limits import TimeLimits, check_limit
 # The bounds of the per-job options a task may fix: the server's, checked here at registration.
 from raftq.protocol import (LEASE_S_MAX, LEASE_S_MIN, MAX_ATTEMPTS_MAX, MAX_ATTEMPTS_MIN, PRIORITY_MAX,
                             PRIORITY_MIN)
@@ -76,7 +76,7 @@ class App:
         """The `client.Client` submits go through (made on first use)."""
         with self._client_lock:
             if self._client is None:
-                from client import Client
+                from raftq.client import Client
 
                 self._client = Client(self.nodes, token=self.token, ca_file=self.ca_file, verify=self.verify)
             return self._client
@@ -171,7 +171,7 @@ class App:
             self.declare_schedules()  # declared schedules win over stale ones of the same name
         if client is None:
             if pool == "asyncio":
-                from client import AsyncClient
+                from raftq.client import AsyncClient
 
                 client = AsyncClient(self.nodes, token=self.token, ca_file=self.ca_file, verify=self.verify)
             else:

@@ -29,8 +29,8 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from client._progress import ProgressBar
-from client.errors import RaftqError, TransportError
+from raftq.client._progress import ProgressBar
+from raftq.client.errors import RaftqError, TransportError
 
 DEFAULT_NODES = "http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003"
 #: Seconds a command keeps trying (across nodes and retries) before it reports that no node answered.
@@ -261,8 +261,8 @@ def _print_ids(args: argparse.Namespace, ids: list[str]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from client.app import App
-    from client.worker import PrometheusMiddleware, Worker
+    from raftq.client.app import App
+    from raftq.client.worker import PrometheusMiddleware, Worker
 
     target = _import_target(args.target)
     if not isinstance(target, (App, dict)):
@@ -508,7 +508,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _make_client(nodes: str | Sequence[str], token: str | None, timeout_s: float, *, tls: dict[str, Any],
                  asynchronous: bool = False) -> Any:
-    from client import AsyncClient, Client
+    from raftq.client import AsyncClient, Client
 
     nodes = _split(nodes) if isinstance(nodes, str) else list(nodes)
     kind = AsyncClient if asynchronous else Client

@@ -1,5 +1,5 @@
 import sys
 
-from cluster.main import main
+from raftq.cluster.main import main
 
 sys.exit(main())

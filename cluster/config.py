@@ -7,8 +7,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from cluster import constants
-from cluster.errors import ConfigError
+from raftq.cluster import constants
+from raftq.cluster.errors import ConfigError
 
 _NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Listen addresses that mean "every interface": they name no address a client could use.

@@ -34,12 +34,12 @@ import random
 import time
 from typing import Any, Protocol
 
-from cluster import schedules as sched
-from cluster.config import NodeConfig
-from cluster.constants import HOUSEKEEPING_INTERVAL_S
-from cluster.errors import NotLeaderError, ProposalLost, Unavailable
-from cluster.queue import commands as cmds
-from cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster import schedules as sched
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.constants import HOUSEKEEPING_INTERVAL_S
+from raftq.cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue.state_machine import QueueStateMachine
 
 log = logging.getLogger("raftq.node")
 

@@ -1,6 +1,6 @@
 """Real node processes on loopback, for tests, the chaos suite and the benchmark.
 
-`LocalCluster` starts `python -m cluster` once per node with its own data directory and log file,
+`LocalCluster` starts `python -m raftq.cluster` once per node with its own data directory and log file,
 and offers the faults a test needs: SIGKILL, SIGSTOP/SIGCONT, restart. Every wait polls with a
 deadline; a timeout says what it waited for and what it saw.
 """
@@ -146,7 +146,7 @@ class LocalCluster:
             peers = ",".join(f"{other}={route(node_id, other, p)}" for other, p in zip(ids, ports) if other != node_id)
             data_dir = os.path.join(self.base_dir, node_id)
             public = ",".join(f"{other}={scheme}://127.0.0.1:{p}" for other, p in zip(ids, ports) if other != node_id)
-            args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port),
+            args = [sys.executable, "-m", "raftq.cluster", "--id", node_id, "--port", str(port),
                     "--data-dir", data_dir, "--peers", peers, "--public-urls", public,
                     "--cluster-secret-file", self.secret_path, *self.extra_args]
             if self.tls_dir:

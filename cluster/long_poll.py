@@ -19,8 +19,8 @@ import asyncio
 import time
 from typing import Any, Protocol
 
-from cluster.queue import commands as cmds
-from cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue.state_machine import QueueStateMachine
 
 
 class _Node(Protocol):

@@ -23,10 +23,10 @@ from typing import Sequence
 
 from aiohttp import web
 
-from cluster import constants as c
-from cluster.config import NodeConfig
-from cluster.errors import ConfigError
-from cluster.storage.errors import DiskWriteError, storage_failure_line
+from raftq.cluster import constants as c
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.errors import ConfigError
+from raftq.cluster.storage.errors import DiskWriteError, storage_failure_line
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -246,9 +246,9 @@ def setup_logging(config: NodeConfig) -> _NodeFields:
 
 async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     """Runs the node until SIGTERM/SIGINT (returns 0) or until it stops on a storage failure (1)."""
-    from cluster import backup, tls
-    from cluster.api.app import init_app
-    from cluster.api.keys import CONNECTION_GUARD, NODE
+    from raftq.cluster import backup, tls
+    from raftq.cluster.api.app import init_app
+    from raftq.cluster.api.keys import CONNECTION_GUARD, NODE
 
     backup.remove_leftovers(config.data_dir)
     app = init_app(config)
@@ -293,13 +293,12 @@ def restore(backup_path: str, config: NodeConfig) -> None:
     Raises:
         ConfigError: the node has peers, its data directory holds state, or the file is damaged.
     """
-    from cluster.backup import restore_data_dir
+    from raftq.cluster.backup import restore_data_dir
 
     if config.peers:
         raise ConfigError("--restore starts a new cluster of one: leave out --peers and add the other nodes "
                           "once it runs")
-    meta = restore_data_dir(backup_path, config.data_dir, node_id=config.node_id, url=config.url,
-                            wal_segment_bytes=config.wal_segment_bytes)
+    meta = restore_data_dir(backup_path, config.data_dir, wal_segment_bytes=config.wal_segment_bytes)
     print(f"raftq node: restored {backup_path} (index {meta.index}, term {meta.term}, {meta.size_bytes} bytes) "
           f"into {config.data_dir}", file=sys.stderr)
 
@@ -308,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        from cluster import tls
+        from raftq.cluster import tls
 
         tls.server_context(config), tls.peer_client_context(config)  # unreadable files stop us here
         if args.restore:

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cluster.node_view import NodeView
-from cluster.transport.http import PEER_QUEUE_COUNT_MAX
+from raftq.cluster.node_view import NodeView
+from raftq.cluster.transport.http import PEER_QUEUE_COUNT_MAX
 
 #: State machine counter events -> exported counter names (all by queue).
 _JOB_COUNTERS = {

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-from cluster.config import NodeConfig
-from cluster.queue.state_machine import QueueStateMachine, capture_digest
-from cluster.raft.node import RaftNode, Role
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.queue.state_machine import QueueStateMachine, capture_digest
+from raftq.cluster.raft.node import RaftNode, Role
 
 
 class _NodeParts(Protocol):

@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from cluster.raft.membership import Membership
-from cluster.raft.messages import Entry, HardState, Message, SnapshotPoint
-from cluster.raft.node import Ready
+from raftq.cluster.raft.membership import Membership
+from raftq.cluster.raft.messages import Entry, HardState, Message, SnapshotPoint
+from raftq.cluster.raft.node import Ready
 
 __all__ = ["Action", "Advance", "Apply", "InstallSnapshot", "Persist", "Send", "ServeReads", "UseMembership",
            "handle_ready"]

@@ -53,27 +53,27 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cluster import metrics as node_metrics
-from cluster.config import NodeConfig
-from cluster.errors import NotLeaderError, ProposalLost, Unavailable
-from cluster.queue import commands as cmds
-from cluster.queue.results import Rejected, Released, Ticked
-from cluster.housekeeping import LeaderHousekeeping
-from cluster.leader_clock import LeaderClock
-from cluster.node_view import NodeView
-from cluster.queue.state_machine import QueueStateMachine
-from cluster.raft.errors import NotLeader, ProposalDropped
-from cluster.raft.membership import Membership
-from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
-from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
-from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership, handle_ready
-from cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
-from cluster.snapshotting import Snapshotting, StartupError
-from cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
-from cluster.storage.node_storage import NodeStorage
-from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
-from cluster.transport.interfaces import Transport
-from cluster.storage.wal import WriteAheadLog
+from raftq.cluster import metrics as node_metrics
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue.results import Rejected, Released, Ticked
+from raftq.cluster.housekeeping import LeaderHousekeeping
+from raftq.cluster.leader_clock import LeaderClock
+from raftq.cluster.node_view import NodeView
+from raftq.cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster.raft.errors import NotLeader, ProposalDropped
+from raftq.cluster.raft.membership import Membership
+from raftq.cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from raftq.cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership, handle_ready
+from raftq.cluster.snapshot_transfer import SnapshotReceiver, SnapshotSender
+from raftq.cluster.snapshotting import Snapshotting, StartupError
+from raftq.cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
+from raftq.cluster.storage.node_storage import NodeStorage
+from raftq.cluster.storage.snapshots import SnapshotMeta, SnapshotStore
+from raftq.cluster.transport.interfaces import Transport
+from raftq.cluster.storage.wal import WriteAheadLog
 
 log = logging.getLogger("raftq.node")
 
@@ -196,8 +196,8 @@ class Node:
         self.snapshot_receiver = SnapshotReceiver(
             self.snapshots, installed=self._snapshot_received)
         if self.config.peers:
-            from cluster import tls
-            from cluster.transport.http import HttpTransport
+            from raftq.cluster import tls
+            from raftq.cluster.transport.http import HttpTransport
 
             peer_tls = tls.peer_client_context(self.config)
             if self.transport is None:

@@ -36,9 +36,9 @@ from typing import Callable
 
 import aiohttp
 
-from cluster.storage.errors import SnapshotCorruptionError
-from cluster.storage.snapshots import IncomingSnapshot, OffsetMismatch, SnapshotMeta, SnapshotStore, file_digest
-from cluster.transport.http import SECRET_HEADER
+from raftq.cluster.storage.errors import SnapshotCorruptionError
+from raftq.cluster.storage.snapshots import IncomingSnapshot, OffsetMismatch, SnapshotMeta, SnapshotStore, file_digest
+from raftq.cluster.transport.http import SECRET_HEADER
 
 log = logging.getLogger("raftq.snapshot")
 

@@ -28,13 +28,13 @@ import os
 import time
 from typing import Protocol, Sequence
 
-from cluster.config import NodeConfig
-from cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
-from cluster.raft.messages import Entry, SnapshotPoint
-from cluster.raft.node import RaftNode
-from cluster.storage.errors import CompactedError, DiskWriteError, SnapshotCorruptionError, StorageError
-from cluster.storage.snapshots import SnapshotMeta, SnapshotStore
-from cluster.storage.wal import WriteAheadLog
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
+from raftq.cluster.raft.messages import Entry, SnapshotPoint
+from raftq.cluster.raft.node import RaftNode
+from raftq.cluster.storage.errors import CompactedError, DiskWriteError, SnapshotCorruptionError, StorageError
+from raftq.cluster.storage.snapshots import SnapshotMeta, SnapshotStore
+from raftq.cluster.storage.wal import WriteAheadLog
 
 log = logging.getLogger("raftq.node")
 

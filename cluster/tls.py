@@ -19,8 +19,8 @@ import ssl
 
 from aiohttp import web
 
-from cluster.config import NodeConfig
-from cluster.errors import ConfigError
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.errors import ConfigError
 
 
 def server_context(config: NodeConfig) -> ssl.SSLContext | None:

@@ -27,8 +27,8 @@ import threading
 import time
 import urllib.request
 
-from client import Client
-from cluster.localcluster import LocalCluster, wait_until
+from raftq import Client
+from raftq.cluster.localcluster import LocalCluster, wait_until
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

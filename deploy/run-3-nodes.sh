@@ -71,7 +71,7 @@ start() {
         tls_args=()
         [ "$tls" = "--tls" ] && tls_args=(--tls-cert "$TLS_DIR/$id.pem" --tls-key "$TLS_DIR/$id.key"
                                           --tls-ca "$TLS_DIR/ca.pem" --tls-peer-certs)
-        nohup "$RAFTQ_PY" -m cluster --id "$id" --port "$(port_of "$id")" \
+        nohup "$RAFTQ_PY" -m raftq.cluster --id "$id" --port "$(port_of "$id")" \
             --data-dir "$HOME_DIR/$id" --peers "$(peers_of "$id")" \
             --cluster-secret-file "$secret_file" ${tls_args[@]+"${tls_args[@]}"} \
             >> "$HOME_DIR/$id.log" 2>&1 < /dev/null &

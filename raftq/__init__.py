@@ -1,16 +1,60 @@
-"""The `raftq` command: one entry point that dispatches to each package's own `main`.
+"""raftq: a replicated job queue for Python.
 
-Theory of operation
--------------------
-The packages import downward only: `client/` (library, worker runtime, the client commands)
-imports nothing of the broker, the chaos suite or the benchmark, so a client-only program never
-loads them. The one place that knows all of them is this dispatcher, at the top:
+    from raftq import App, Client, AsyncClient
 
-    raftq node ...     -> cluster.main.main      (a broker process)
-    raftq chaos ...    -> chaos.__main__.main    (the fault-injection suite)
-    raftq bench ...    -> bench.main.main        (the benchmark)
-    raftq anything     -> client.cli.main        (submit, worker, status, queues, job, dlq, ...)
+Everything the project ships lives under this one namespace, so nothing clashes with a user's own
+modules: `raftq.client` (the client library and worker runtime), `raftq.cluster` (the broker node),
+`raftq.chaos` (the fault-injection suite), `raftq.bench` (the benchmark), `raftq.protocol` (the wire
+facts both sides share) and `raftq.command` (the `raftq` command). In the repository these are the
+top-level folders `client/`, `cluster/`, `chaos/`, `bench/` and `raftq/`; pyproject.toml maps them.
 
-Global options written before the command (`raftq --nodes URL bench`) belong to the client
-commands; `bench` takes `--nodes` and `--token` itself, so those are passed on to it.
+The client's public names are re-exported here lazily, on first use, so that a broker process
+importing `raftq.protocol` does not load the client library.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: The public client API, importable as `from raftq import <name>`.
+__all__ = [
+    "AiohttpTransport",
+    "App",
+    "AsyncBaseTransport",
+    "AsyncClient",
+    "BaseTransport",
+    "Client",
+    "HTTPTransport",
+    "JobHandle",
+    "LeasedJob",
+    "Middleware",
+    "MockTransport",
+    "NonRetryable",
+    "PrometheusMiddleware",
+    "Reject",
+    "Request",
+    "Response",
+    "Retry",
+    "RetryPolicy",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "Worker",
+    "errors",
+]
+
+if TYPE_CHECKING:
+    from raftq.client import (AiohttpTransport, App, AsyncBaseTransport, AsyncClient, BaseTransport, Client,
+                              HTTPTransport, JobHandle, LeasedJob, Middleware, MockTransport, NonRetryable,
+                              PrometheusMiddleware, Reject, Request, Response, Retry, RetryPolicy,
+                              SoftTimeLimitExceeded, TimeLimitExceeded, Worker, errors)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("raftq.client"), name)
+    raise AttributeError(f"module 'raftq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

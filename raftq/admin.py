@@ -20,11 +20,11 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-from client import Client
-from client.cli import DEFAULT_NODES
-from client.errors import RaftqError
-from cluster.backup import BACKUP_PATH, INDEX_HEADER, verify_backup
-from cluster.storage.errors import SnapshotCorruptionError
+from raftq.client import Client
+from raftq.client.cli import DEFAULT_NODES
+from raftq.client.errors import RaftqError
+from raftq.cluster.backup import BACKUP_PATH, INDEX_HEADER, verify_backup
+from raftq.cluster.storage.errors import SnapshotCorruptionError
 
 #: Seconds `backup` keeps trying to find a leader that answers (an election may be under way).
 LEADER_WAIT_S = 30.0

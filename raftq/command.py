@@ -1,4 +1,19 @@
-"""`raftq`: dispatches to the package that owns the command (see the package docstring)."""
+"""The `raftq` command: one entry point that dispatches to each package's own `main`.
+
+Theory of operation
+-------------------
+The packages import downward only: `raftq.client` (library, worker runtime, the client commands)
+imports nothing of the broker, the chaos suite or the benchmark, so a client-only program never
+loads them. The one place that knows all of them is this dispatcher, at the top:
+
+    raftq node ...     -> raftq.cluster.main.main      (a broker process)
+    raftq chaos ...    -> raftq.chaos.__main__.main    (the fault-injection suite)
+    raftq bench ...    -> raftq.bench.main.main        (the benchmark)
+    raftq anything     -> raftq.client.cli.main        (submit, worker, status, queues, job, dlq, ...)
+
+Global options written before the command (`raftq --nodes URL bench`) belong to the client
+commands; `bench` takes `--nodes` and `--token` itself, so those are passed on to it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +21,13 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from client import cli as client_cli
+from raftq.client import cli as client_cli
 
 #: Commands owned by another package: (module, what `raftq --help` says of it).
 DELEGATED = {
-    "node": ("cluster.main", "run a broker node"),
-    "bench": ("bench.main", "the benchmark"),
-    "chaos": ("chaos.__main__", "the fault-injection suite"),
+    "node": ("raftq.cluster.main", "run a broker node"),
+    "bench": ("raftq.bench.main", "the benchmark"),
+    "chaos": ("raftq.chaos.__main__", "the fault-injection suite"),
     "admin": ("raftq.admin", "operator commands: backup"),
 }
 #: Client options that take a value; they may come before the command.

@@ -11,7 +11,7 @@ Theory of operation
 * ``server.py`` — the HTTP API (aiohttp) over a dict of proxies, one lock for changes, and
   three ways to run it: ``ToxiproxyServer`` (``async with``), ``ToxiproxyThread`` (a
   background thread for synchronous tests) and ``ToxiproxyProcess`` (a child process polled
-  on ``GET /version``). ``python -m chaos.toxiproxy`` is the command line.
+  on ``GET /version``). ``python -m raftq.chaos.toxiproxy`` is the command line.
 * ``proxy.py`` — a proxy is a listener; each accepted client opens one upstream connection
   and gets two links, ``upstream`` (client -> server) and ``downstream`` (server -> client).
 * ``toxics.py`` — a link is a chain of asyncio tasks joined by small bounded pipes:

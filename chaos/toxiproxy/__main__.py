@@ -1,4 +1,4 @@
-"""``python -m chaos.toxiproxy``: the toxiproxy-server command line.
+"""``python -m raftq.chaos.toxiproxy``: the toxiproxy-server command line.
 
 Flags follow the real ``toxiproxy-server``: ``--host`` (default localhost), ``--port`` (default
 8474), ``--config`` (a JSON list of proxies to create at start), ``--seed`` (for the toxics'
@@ -29,7 +29,7 @@ _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m chaos.toxiproxy",
+    parser = argparse.ArgumentParser(prog="python -m raftq.chaos.toxiproxy",
                                      description="Toxiproxy-compatible TCP fault injection server.")
     parser.add_argument("--host", default="localhost", help="host for the API to listen on (default localhost)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,

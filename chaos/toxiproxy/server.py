@@ -12,7 +12,7 @@ consistent state anyway.
 ``ToxiproxyServer`` binds the API socket itself (so that ``port=0`` works and the real port
 is known), runs the aiohttp app on it and stops every proxy on close. ``ToxiproxyThread``
 runs one in a background thread for synchronous code (toxiproxy-python is built on
-``requests``); ``ToxiproxyProcess`` runs ``python -m chaos.toxiproxy`` and waits until
+``requests``); ``ToxiproxyProcess`` runs ``python -m raftq.chaos.toxiproxy`` and waits until
 ``GET /version`` answers, which is how a chaos suite starts it.
 """
 
@@ -392,7 +392,7 @@ class ToxiproxyThread:
 
 
 class ToxiproxyProcess:
-    """``python -m chaos.toxiproxy`` as a child process, started and polled until it answers."""
+    """``python -m raftq.chaos.toxiproxy`` as a child process, started and polled until it answers."""
 
     def __init__(self, proc: subprocess.Popen[str], host: str, port: int, stdout_reader: threading.Thread) -> None:
         self.proc = proc
@@ -409,7 +409,7 @@ class ToxiproxyProcess:
               extra_args: tuple[str, ...] = ()) -> ToxiproxyProcess:
         root = pathlib.Path(__file__).resolve().parents[2]  # the directory holding `chaos/`
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.Popen([sys.executable, "-m", "chaos.toxiproxy", "--host", host, "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "raftq.chaos.toxiproxy", "--host", host, "--port", str(port),
                                  *extra_args], stdout=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + timeout_s
         lines: queue.Queue[str | None] = queue.Queue()

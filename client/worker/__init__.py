@@ -9,11 +9,11 @@ Users need `Worker`, what handlers raise (`Retry`, `Reject`, `NonRetryable`), wh
 raise in them (`SoftTimeLimitExceeded`, `TimeLimitExceeded`) and the middleware.
 """
 
-from client.worker.core import (CONCURRENCY_MAX, ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX,
+from raftq.client.worker.core import (CONCURRENCY_MAX, ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX,
                                 PREFETCH_DEFAULT_MAX, PREFETCH_HORIZON_S, REPORT_BYTES_MAX, NonRetryable, Reject, Retry,
                                 WorkerCore, WorkerStats, default_prefetch, error_text, outcome_of)
-from client.worker.limits import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits
-from client.worker.runtime import POOLS, Job, Middleware, PrometheusMiddleware, Worker, default_worker_id
+from raftq.client.worker.limits import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits
+from raftq.client.worker.runtime import POOLS, Job, Middleware, PrometheusMiddleware, Worker, default_worker_id
 
 __all__ = [
     "CONCURRENCY_MAX", "ERROR_TEXT_BYTES_MAX", "Job", "LEASE_START_MARGIN_S", "Middleware", "NonRetryable", "POOLS",

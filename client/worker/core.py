@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
-from client.errors import JobError
+from raftq.client.errors import JobError
 from raftq.protocol import (BATCH_COUNT_MAX, DELAY_S_MAX, ERROR_TEXT_BYTES_MAX, FETCH_COUNT_MAX, LEASE_S_MAX,
                             RESULT_BYTES_MAX)
 

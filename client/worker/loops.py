@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
-from client.errors import RaftqError, ServerError, TransportError
+from raftq.client.errors import RaftqError, ServerError, TransportError
 from raftq.protocol import LEASE_S_MIN
 
 #: The loops take the `client.worker.runtime.Worker` they serve; it imports this module, so the

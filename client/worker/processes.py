@@ -36,7 +36,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
-from client.worker.limits import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits, hard_message, soft_message
+from raftq.client.worker.limits import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits, hard_message, soft_message
 
 log = logging.getLogger("raftq.worker")
 

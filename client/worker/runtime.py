@@ -74,12 +74,12 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
-from client._base import LeasedJob
-from client.worker import loops
-from client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
+from raftq.client._base import LeasedJob
+from raftq.client.worker import loops
+from raftq.client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
                                 WorkerStats, default_prefetch, outcome, outcome_of)
-from client.worker.limits import NO_LIMITS, TimeLimits, await_with_limits, call_with_limits, check_limit
-from client.worker.processes import ChildProcess
+from raftq.client.worker.limits import NO_LIMITS, TimeLimits, await_with_limits, call_with_limits, check_limit
+from raftq.client.worker.processes import ChildProcess
 from raftq.protocol import FETCH_WAIT_S_MAX, LEASE_S_MAX, LEASE_S_MIN
 
 log = logging.getLogger("raftq.worker")

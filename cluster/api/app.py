@@ -11,18 +11,18 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from cluster import backup
-from cluster import constants as c
-from cluster import tls
-from cluster.api import dashboard, raft_views, views
-from cluster.api.connections import ConnectionGuard
-from cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
-from cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
-from cluster.config import NodeConfig
-from cluster.errors import NotLeaderError, ProposalLost, Unavailable
-from cluster.server import Node
+from raftq.cluster import backup
+from raftq.cluster import constants as c
+from raftq.cluster import tls
+from raftq.cluster.api import dashboard, raft_views, views
+from raftq.cluster.api.connections import ConnectionGuard
+from raftq.cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
+from raftq.cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from raftq.cluster.server import Node
 from raftq.protocol import LEADER_HEADER
-from cluster.transport.http import SECRET_HEADER
+from raftq.cluster.transport.http import SECRET_HEADER
 
 log = logging.getLogger("raftq.api")
 

@@ -21,7 +21,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from cluster.api.keys import NODE
+from raftq.cluster.api.keys import NODE
 
 _PAGE_NAME = "dashboard.html"
 _INLINE_BLOCK = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
@@ -36,7 +36,7 @@ class _Page:
 
 @lru_cache(maxsize=1)
 def _page() -> _Page:
-    body = resources.files("cluster.api").joinpath(_PAGE_NAME).read_bytes()
+    body = resources.files(__package__).joinpath(_PAGE_NAME).read_bytes()
     hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
     for kind, content in _INLINE_BLOCK.findall(body):
         digest = base64.b64encode(hashlib.sha256(content).digest()).decode()

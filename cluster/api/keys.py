@@ -3,8 +3,8 @@
 import aiohttp
 from aiohttp import web
 
-from cluster.api.connections import ConnectionGuard
-from cluster.server import Node
+from raftq.cluster.api.connections import ConnectionGuard
+from raftq.cluster.server import Node
 
 NODE = web.AppKey("node", Node)
 #: An HTTP client session for the few views that ask peers (the dashboard overview).

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cluster.api.keys import NODE
-from cluster.api.wire import ApiError
-from cluster.raft.codec import decode_messages
-from cluster.raft.messages import MessageType
-from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
-from cluster.storage.errors import SnapshotCorruptionError
+from raftq.cluster.api.keys import NODE
+from raftq.cluster.api.wire import ApiError
+from raftq.cluster.raft.codec import decode_messages
+from raftq.cluster.raft.messages import MessageType
+from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
+from raftq.cluster.storage.errors import SnapshotCorruptionError
 
 
 async def raft_messages(request: web.Request) -> web.Response:

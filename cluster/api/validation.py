@@ -12,11 +12,11 @@ import random
 import reprlib
 from typing import Any
 
-from cluster import constants as c
-from cluster import schedules as sched
-from cluster.api.wire import ApiError, check_storable, invalid, pack_payload
-from cluster.queue import commands as cmds
-from cluster.queue import schedules as sched_records
+from raftq.cluster import constants as c
+from raftq.cluster import schedules as sched
+from raftq.cluster.api.wire import ApiError, check_storable, invalid, pack_payload
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue import schedules as sched_records
 
 _MISSING = object()
 

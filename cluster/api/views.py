@@ -13,14 +13,14 @@ from typing import Any, Sequence
 
 from aiohttp import web
 
-from cluster import constants as c
-from cluster import schedules as sched
-from cluster import long_poll
-from cluster.api import validation as v
-from cluster.api.keys import NODE, PEER_SESSION
-from cluster.api.wire import ApiError, read_body, respond, unpack_payload
-from cluster.queue import commands as cmds
-from cluster.queue import results
+from raftq.cluster import constants as c
+from raftq.cluster import schedules as sched
+from raftq.cluster import long_poll
+from raftq.cluster.api import validation as v
+from raftq.cluster.api.keys import NODE, PEER_SESSION
+from raftq.cluster.api.wire import ApiError, read_body, respond, unpack_payload
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue import results
 
 
 def _now_ms(request: web.Request) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from cluster import constants as c
+from raftq.cluster import constants as c
 from raftq.protocol import CONTENT_TYPE_JSON as JSON
 from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
 from raftq.protocol import CONTENT_TYPE_MSGPACK_ALIASES as MSGPACK_ALIASES

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from cluster.queue.jobs import READY, Job
+from raftq.cluster.queue.jobs import READY, Job
 
 #: Lane of the jobs with neither key nor group. Keyed and grouped lanes are "k:" + key and
 #: "g:" + group, so the three kinds never collide.

@@ -74,22 +74,22 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
-from cluster.queue import commands as cmds
-from cluster.queue.commands import CommandDecodeError, decode_command
-from cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
-from cluster.queue.jobs import (
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue.commands import CommandDecodeError, decode_command
+from raftq.cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
+from raftq.cluster.queue.jobs import (
     ACTIVE_STATES, CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
     ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, job_row,
 )
-from cluster.queue.results import (  # re-exported: the API maps these to HTTP
+from raftq.cluster.queue.results import (  # re-exported: the API maps these to HTTP
     CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
     Leased, JobGrant, Ok, Outcome, Purged, QueueFull, Redriven, Rejected, Released, Renewed, ScheduleFired,
     Submitted, Ticked,
 )
-from cluster.queue.schedules import (
+from raftq.cluster.queue.schedules import (
     CREATED, SKIPPED_CATCH_UP, SKIPPED_FULL, SKIPPED_OVERLAP, STALE, Schedule, schedule_row,
 )
-from cluster.raft.messages import Entry, EntryKind
+from raftq.cluster.raft.messages import Entry, EntryKind
 
 __all__ = [
     "QueueStateMachine", "SnapshotCapture", "write_snapshot", "EVENTS", "SNAPSHOT_VERSION",

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import msgpack
 
-from cluster.raft.errors import CodecError
-from cluster.raft.messages import Entry, EntryKind, Message, MessageType
+from raftq.cluster.raft.errors import CodecError
+from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType
 
 #: First element of an encoded batch; lets a future format change be detected instead of misread.
 BATCH_TAG = "raftq.msgs/1"

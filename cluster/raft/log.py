@@ -30,7 +30,7 @@ import bisect
 import operator
 from typing import Sequence
 
-from cluster.raft.messages import Entry, SnapshotPoint
+from raftq.cluster.raft.messages import Entry, SnapshotPoint
 
 _entry_term = operator.attrgetter("term")
 

@@ -91,13 +91,13 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from cluster.raft.errors import ChangeRefused, RaftConfigError, NotLeader, ProposalDropped, StepRejected
-from cluster.raft.log import RaftLog, entry_payload_bytes
-from cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
-from cluster.raft.messages import (
+from raftq.cluster.raft.errors import ChangeRefused, RaftConfigError, NotLeader, ProposalDropped, StepRejected
+from raftq.cluster.raft.log import RaftLog, entry_payload_bytes
+from raftq.cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
+from raftq.cluster.raft.messages import (
     TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint,
 )
-from cluster.raft.progress import Progress, ProgressState, ProgressView
+from raftq.cluster.raft.progress import Progress, ProgressState, ProgressView
 
 __all__ = ["Compaction", "RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
 

@@ -17,8 +17,8 @@ import zlib
 
 import msgpack
 
-from cluster.raft.messages import HardState
-from cluster.storage.errors import HardStateCorruptionError
+from raftq.cluster.raft.messages import HardState
+from raftq.cluster.storage.errors import HardStateCorruptionError
 
 #: Name of the hard state file inside the WAL directory.
 HARD_STATE_FILE_NAME = "hardstate"

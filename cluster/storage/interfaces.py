@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
 
-from cluster.raft.messages import Entry, HardState
+from raftq.cluster.raft.messages import Entry, HardState
 
 
 @runtime_checkable

@@ -12,8 +12,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from cluster.storage.snapshots import SnapshotStore
-from cluster.storage.wal import WriteAheadLog
+from raftq.cluster.storage.snapshots import SnapshotStore
+from raftq.cluster.storage.wal import WriteAheadLog
 
 
 @dataclass

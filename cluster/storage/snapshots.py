@@ -52,8 +52,8 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
-from cluster.storage.errors import SnapshotCorruptionError, StorageError
-from cluster.storage.hard_state import fsync_directory
+from raftq.cluster.storage.errors import SnapshotCorruptionError, StorageError
+from raftq.cluster.storage.hard_state import fsync_directory
 
 _TRAILER: Final = struct.Struct("<QQQ32s8s")
 #: Bytes of the trailer at the end of every snapshot file.

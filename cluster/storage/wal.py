@@ -79,9 +79,9 @@ from typing import BinaryIO, Final, Iterator, Sequence
 
 import msgpack
 
-from cluster.raft.messages import Entry, EntryKind, HardState
-from cluster.storage import hard_state as hard_state_file
-from cluster.storage.errors import CompactedError, DiskWriteError, WalCorruptionError, WalFailedError
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState
+from raftq.cluster.storage import hard_state as hard_state_file
+from raftq.cluster.storage.errors import CompactedError, DiskWriteError, WalCorruptionError, WalFailedError
 
 _HEADER: Final = struct.Struct("<II")
 #: Bytes of `length | crc32` before each payload.

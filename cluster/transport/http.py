@@ -15,8 +15,8 @@ from typing import Sequence
 
 import aiohttp
 
-from cluster.raft.codec import encode_messages
-from cluster.raft.messages import Message
+from raftq.cluster.raft.codec import encode_messages
+from raftq.cluster.raft.messages import Message
 from raftq.protocol import CONTENT_TYPE_MSGPACK
 
 log = logging.getLogger("raftq.transport")

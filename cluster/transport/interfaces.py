@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from cluster.raft.messages import Message
+from raftq.cluster.raft.messages import Message
 
 
 class Transport(Protocol):

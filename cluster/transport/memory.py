@@ -13,7 +13,7 @@ import asyncio
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from cluster.raft.messages import Message
+from raftq.cluster.raft.messages import Message
 
 #: What a node exposes to receive: Node.deliver (False when its inbox is full).
 Deliver = Callable[[Sequence[Message]], bool]

@@ -20,10 +20,10 @@ import os
 
 import pytest
 
-from chaos import checker
-from chaos.history import read_records
-from chaos.nemesis import FAULTS
-from chaos.runner import RunConfig, run
+from raftq.chaos import checker
+from raftq.chaos.history import read_records
+from raftq.chaos.nemesis import FAULTS
+from raftq.chaos.runner import RunConfig, run
 
 pytestmark = pytest.mark.chaos
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.localcluster import LocalCluster
+from raftq.cluster.localcluster import LocalCluster
 
 
 def _dump_logs_on_failure(request: pytest.FixtureRequest, cluster: LocalCluster) -> None:

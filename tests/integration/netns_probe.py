@@ -21,8 +21,8 @@ import time
 import urllib.error
 import urllib.request
 
-from client import Client
-from client.worker.runtime import Worker
+from raftq import Client
+from raftq.client.worker.runtime import Worker
 
 QUEUE = "hosts"
 DEADLINE_S = 30.0

@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 
-from client import Client
-from cluster.localcluster import LocalCluster, http_json
+from raftq import Client
+from raftq.cluster.localcluster import LocalCluster, http_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUEUE = "backed-up"
@@ -153,7 +153,7 @@ def test_a_restore_refuses_a_data_directory_with_state_and_a_damaged_file(tmp_pa
     data_dir = single_node.nodes["n1"].data_dir
 
     def restore(path: str, into: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cluster", "--restore", path, "--id", "n1", "--data-dir", into,
+        return subprocess.run([sys.executable, "-m", "raftq.cluster", "--restore", path, "--id", "n1", "--data-dir", into,
                                "--port", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
     held = restore(backup_file, data_dir)

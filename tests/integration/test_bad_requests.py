@@ -11,7 +11,7 @@ import urllib.request
 import msgpack
 import pytest
 
-from cluster.localcluster import http_json
+from raftq.cluster.localcluster import http_json
 
 BIG = "x" * (1 << 20)
 

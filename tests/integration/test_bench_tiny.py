@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from bench import main as bench
+from raftq.bench import main as bench
 
 TINY_JOBS = 300
 

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from cluster.localcluster import LocalCluster, http_json, wait_until
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 
 HEADER_TIMEOUT_S = 2.0
 CONNECTIONS_MAX = 20

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from chaos.faketime import FaketimeUnavailable, SkewedClock, library_path
-from cluster.localcluster import LocalCluster, http_json, wait_until
+from raftq.chaos.faketime import FaketimeUnavailable, SkewedClock, library_path
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 
 #: slack on every timing check: the leader's housekeeping beat (0.25 s), a commit round, our
 #: polling interval, and a loaded 2-core machine

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 
-from client import Client, errors
-from cluster.localcluster import wait_until
+from raftq import Client, errors
+from raftq.cluster.localcluster import wait_until
 
 JOB_COUNT = 1000
 

@@ -30,8 +30,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import Client
-from cluster.localcluster import LocalCluster
+from raftq import Client
+from raftq.cluster.localcluster import LocalCluster
 
 CHROMIUM_PATH = "/usr/bin/chromium"
 REPO_ROOT = Path(__file__).resolve().parents[2]

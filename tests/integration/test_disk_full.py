@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from client import Client
-from cluster.localcluster import LocalCluster, wait_until
+from raftq import Client
+from raftq.cluster.localcluster import LocalCluster, wait_until
 
 TMPFS_BYTES = 8 << 20
 #: room left on the leader's disk once the filler is written: some batches fit, then one does not
@@ -216,7 +216,7 @@ def test_fsync_eio_stops_the_leader_and_another_takes_over(tmp_path):
     cluster = LocalCluster(str(tmp_path / "cluster"), size=3, extra_args=["--worker-timeout", "60"])
     trigger = str(tmp_path / "n1.eio")
     n1 = cluster.nodes["n1"]
-    n1.args[n1.args.index("-m") + 1] = "chaos.eio_fault"
+    n1.args[n1.args.index("-m") + 1] = "raftq.chaos.eio_fault"
     n1.env = {"RAFTQ_EIO_TRIGGER": trigger}
     with cluster:
         try:

@@ -15,8 +15,8 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-from client import Client, errors
-from cluster.localcluster import wait_until
+from raftq import Client, errors
+from raftq.cluster.localcluster import wait_until
 
 LEASE_S = 30.0
 #: The issue's figures: 50 leases a second, bursts of 10, 8 workers, a leader kill midway; 20 s in
@@ -252,7 +252,7 @@ def test_long_polls_wake_when_a_limit_frees_up(single_node):
 
 
 def test_held_back_jobs_and_schedule_fires_in_metrics_and_the_overview(single_node):
-    from cluster.localcluster import http_json
+    from raftq.cluster.localcluster import http_json
     from tests.integration.test_metrics import scrape, value
 
     url = single_node.urls[0]

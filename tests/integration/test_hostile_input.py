@@ -30,11 +30,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cluster.localcluster import LocalCluster, http_json
-from cluster.raft.codec import encode_messages
-from cluster.raft.messages import Entry, EntryKind, Message, MessageType
-from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
-from cluster.transport.http import SECRET_HEADER
+from raftq.cluster.localcluster import LocalCluster, http_json
+from raftq.cluster.raft.codec import encode_messages
+from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType
+from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
+from raftq.cluster.transport.http import SECRET_HEADER
 
 TOKEN = "fuzz-token-0123456789"
 JSON_TYPE = "application/json"

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from client import Client, errors
-from cluster.localcluster import http_json, wait_until
+from raftq import Client, errors
+from raftq.cluster.localcluster import http_json, wait_until
 
 
 def digest(url: str) -> str:

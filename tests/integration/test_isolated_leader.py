@@ -11,9 +11,9 @@ import time
 
 from toxiproxy import Toxiproxy
 
-from chaos.toxiproxy import ToxiproxyThread
-from client import Client, errors
-from cluster.localcluster import LocalCluster, wait_until
+from raftq.chaos.toxiproxy import ToxiproxyThread
+from raftq import Client, errors
+from raftq.cluster.localcluster import LocalCluster, wait_until
 
 #: The nodes' election timeout is 10-20 ticks of 0.1 s; check-quorum steps down after one timeout.
 ELECTION_TIMEOUT_S = 2.0

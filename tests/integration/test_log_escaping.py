@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from cluster.localcluster import LocalCluster, http_json, wait_until
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 
 INJECTED = "/v1/jobs/x%0d%0a2026-01-01%2000:00:00,000%20ERROR%20node=n1%20FORGED%00line%E2%80%A8more"
 

@@ -10,8 +10,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import Client
-from cluster.localcluster import wait_until
+from raftq import Client
+from raftq.cluster.localcluster import wait_until
 
 QUEUE = "metered"
 

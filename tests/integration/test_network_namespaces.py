@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from chaos.hosts import HostNetwork, unavailable_reason
+from raftq.chaos.hosts import HostNetwork, unavailable_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netns_probe.py")
@@ -60,7 +60,7 @@ def test_three_hosts_serve_a_client_on_a_fourth(hosts, tmp_path):
     argv = {}
     for node_id in NODE_IDS:
         peers = ",".join(f"{other}={url[other]}" for other in NODE_IDS if other != node_id)
-        argv[node_id] = [sys.executable, "-m", "cluster", "--id", node_id, "--host", hosts.addresses[node_id],
+        argv[node_id] = [sys.executable, "-m", "raftq.cluster", "--id", node_id, "--host", hosts.addresses[node_id],
                          "--port", str(PORT), "--data-dir", str(tmp_path / node_id), "--peers", peers,
                          "--token-file", str(token_file), "--cluster-secret-file", str(secret_file),
                          "--tls-cert", f"{certs}/{node_id}.pem", "--tls-key", f"{certs}/{node_id}.key",

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import urllib.request
 
-from cluster.localcluster import free_ports, http_json
-from cluster.raft.codec import encode_messages
-from cluster.raft.messages import Message, MessageType
-from cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
-from cluster.transport.http import SECRET_HEADER
+from raftq.cluster.localcluster import free_ports, http_json
+from raftq.cluster.raft.codec import encode_messages
+from raftq.cluster.raft.messages import Message, MessageType
+from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
+from raftq.cluster.transport.http import SECRET_HEADER
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -73,7 +73,7 @@ def test_raft_paths_refuse_requests_without_the_secret_and_nothing_moves(three_n
 
 def test_a_node_with_peers_does_not_start_without_a_secret(tmp_path):
     port, peer = free_ports(2)
-    args = [sys.executable, "-m", "cluster", "--id", "n1", "--port", str(port), "--data-dir", str(tmp_path / "n1"),
+    args = [sys.executable, "-m", "raftq.cluster", "--id", "n1", "--port", str(port), "--data-dir", str(tmp_path / "n1"),
             "--peers", f"n2=http://127.0.0.1:{peer},n3=http://127.0.0.1:{peer + 1}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTQ_")}
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
@@ -94,7 +94,7 @@ def test_each_node_logs_one_security_warning_naming_what_is_open(three_nodes):
 
 def test_a_network_address_without_token_or_tls_is_refused(tmp_path):
     port = free_ports(1)[0]
-    args = [sys.executable, "-m", "cluster", "--id", "n1", "--host", "0.0.0.0", "--port", str(port),
+    args = [sys.executable, "-m", "raftq.cluster", "--id", "n1", "--host", "0.0.0.0", "--port", str(port),
             "--data-dir", str(tmp_path / "n1")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTQ_")}
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from client import Client, errors
-from cluster.localcluster import http_json, wait_until
+from raftq import Client, errors
+from raftq.cluster.localcluster import http_json, wait_until
 
 
 def test_a_follower_redirects_to_the_leader(three_nodes):

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from client import App, AsyncClient, Client, Worker, errors
-from cluster.localcluster import http_json
+from raftq import App, AsyncClient, Client, Worker, errors
+from raftq.cluster.localcluster import http_json
 
 #: The long poll answers within this much of the event it waits for on a loaded 2-core machine.
 ANSWER_SLACK_S = 3.0
@@ -157,7 +157,7 @@ async def test_async_client_waits_and_gets_results(single_node):
 
 
 def test_local_cluster_with_a_token_reads_its_own_status(tmp_path):
-    from cluster.localcluster import LocalCluster
+    from raftq.cluster.localcluster import LocalCluster
 
     with LocalCluster(str(tmp_path / "cluster"), size=1, token="s3cret-token") as cluster:
         leader = cluster.wait_for_leader()

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from client import Client, errors
-from cluster.localcluster import http_json, wait_until
-from cluster.schedules import MISSED_AFTER_MS, fire_job_id
+from raftq import Client, errors
+from raftq.cluster.localcluster import http_json, wait_until
+from raftq.cluster.schedules import MISSED_AFTER_MS, fire_job_id
 
 EVERY_S = 2.0
 RUN_S = float(os.environ.get("RAFTQ_SCHEDULE_TEST_S", "40"))
@@ -231,7 +231,7 @@ def _has_job(client: Client, name: str, fire_ms: int) -> bool:
 
 
 def test_an_apps_periodic_task_runs_on_the_clusters_schedule(single_node):
-    from client import App
+    from raftq import App
 
     app = App(single_node.urls)
     runs: list[float] = []

@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-from client import Client
-from cluster.localcluster import LocalCluster, wait_until
+from raftq import Client
+from raftq.cluster.localcluster import LocalCluster, wait_until
 
 JOBS_TOTAL = 200_000
 BATCH = 1000

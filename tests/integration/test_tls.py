@@ -17,9 +17,9 @@ import urllib.request
 
 import pytest
 
-from client import Client, errors
-from cluster.localcluster import LocalCluster, http_json
-from cluster.transport.http import SECRET_HEADER
+from raftq import Client, errors
+from raftq.cluster.localcluster import LocalCluster, http_json
+from raftq.cluster.transport.http import SECRET_HEADER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from client import Client, errors
-from cluster.localcluster import wait_until
+from raftq import Client, errors
+from raftq.cluster.localcluster import wait_until
 
 
 def segments(cluster) -> list[str]:

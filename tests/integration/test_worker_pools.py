@@ -17,9 +17,9 @@ import threading
 
 import pytest
 
-from client import AsyncClient, Client, Worker
-from client.app import AsyncDispatch, Dispatch
-from cluster.localcluster import wait_until
+from raftq import AsyncClient, Client, Worker
+from raftq.client.app import AsyncDispatch, Dispatch
+from raftq.cluster.localcluster import wait_until
 from tests.integration import worker_apps
 
 POOLS = ["threads", "processes", "asyncio"]

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from client import Client, Worker, errors
-from client.worker import LEASE_START_MARGIN_S
-from cluster.localcluster import wait_until
+from raftq import Client, Worker, errors
+from raftq.client.worker import LEASE_START_MARGIN_S
+from raftq.cluster.localcluster import wait_until
 
 MAX_ATTEMPTS = 4
 BACKOFF_BASE_S = 1.0  # the default policy: base 1 s, x2 per attempt, full jitter
@@ -70,7 +70,7 @@ def test_killed_worker_jobs_are_requeued_after_heartbeat_timeout(single_node):
                              lease_s=3600) for n in range(3)]
         env = {**os.environ, "RAFTQ_NODES": ",".join(single_node.urls)}
         worker = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "--nodes", ",".join(single_node.urls), "worker",
+            [sys.executable, "-m", "raftq.client.cli", "--nodes", ",".join(single_node.urls), "worker",
              "tests.integration.worker_apps:app", "--concurrency", "3"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from client import App, SoftTimeLimitExceeded
+from raftq import App, SoftTimeLimitExceeded
 
 app = App(os.environ.get("RAFTQ_NODES", "http://127.0.0.1:7001").split(","))
 

@@ -63,13 +63,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.queue.state_machine import QueueStateMachine
-from cluster.raft.codec import decode_message, encode_message
-from cluster.raft.errors import StepRejected
-from cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
-from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
-from cluster import ready_handler
-from cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership
+from raftq.cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster.raft.codec import decode_message, encode_message
+from raftq.cluster.raft.errors import StepRejected
+from raftq.cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from raftq.cluster import ready_handler
+from raftq.cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership
 
 from .faults import FINAL_FAULTS, Nemesis
 from .invariants import Checker, Violation, describe_entry

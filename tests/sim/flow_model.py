@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from cluster.queue import commands as cmds
-from cluster.queue import results as res
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue import results as res
 
 from .invariants import Violation
 

@@ -42,10 +42,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from cluster.queue import commands as cmds
-from cluster.queue.commands import CommandDecodeError, decode_command
-from cluster.queue import results as res
-from cluster.raft.messages import Entry, EntryKind
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue.commands import CommandDecodeError, decode_command
+from raftq.cluster.queue import results as res
+from raftq.cluster.raft.messages import Entry, EntryKind
 
 from .storage import ChainedLog, SimStorage, StoredSnapshot, agreement, log_continues
 

@@ -17,14 +17,14 @@ import dataclasses
 from typing import Callable, Iterator
 from unittest import mock
 
-from cluster.queue.jobs import LEASED
-from cluster.queue.results import LEASE_MISMATCH, NOT_FOUND, ItemError
-from cluster.queue.state_machine import QueueStateMachine
-from cluster.raft.log import RaftLog
-from cluster.raft.messages import HardState, Message, MessageType, SnapshotPoint
-from cluster import ready_handler
-from cluster.raft.node import RaftNode, Ready
-from cluster.ready_handler import Action, Send
+from raftq.cluster.queue.jobs import LEASED
+from raftq.cluster.queue.results import LEASE_MISMATCH, NOT_FOUND, ItemError
+from raftq.cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster.raft.log import RaftLog
+from raftq.cluster.raft.messages import HardState, Message, MessageType, SnapshotPoint
+from raftq.cluster import ready_handler
+from raftq.cluster.raft.node import RaftNode, Ready
+from raftq.cluster.ready_handler import Action, Send
 
 from .cluster import SimNode, Simulation
 from .storage import StoredSnapshot

@@ -39,7 +39,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from cluster.raft.messages import Entry, HardState
+from raftq.cluster.raft.messages import Entry, HardState
 
 __all__ = ["ChainedLog", "SimStorage", "StoredSnapshot", "CrashReport", "entry_hash", "agreement", "log_continues"]
 

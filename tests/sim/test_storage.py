@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from cluster.raft.messages import Entry, EntryKind, HardState
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState
 
 from tests.sim.storage import ChainedLog, SimStorage, StoredSnapshot, agreement, log_continues
 

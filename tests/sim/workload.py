@@ -33,11 +33,11 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from cluster.queue import commands as cmds
-from cluster.queue import results as res
-from cluster.queue.commands import encode_command
-from cluster.raft.errors import NotLeader, ProposalDropped
-from cluster.raft.messages import Entry
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue import results as res
+from raftq.cluster.queue.commands import encode_command
+from raftq.cluster.raft.errors import NotLeader, ProposalDropped
+from raftq.cluster.raft.messages import Entry
 
 from .invariants import Violation, describe_command
 

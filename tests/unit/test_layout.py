@@ -9,13 +9,17 @@ import of the module `a.b` when that is a module, else of `a`.
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("bench", "chaos", "client", "cluster", "raftq")
+#: The repository's package folders; each installs as `raftq.<folder>` (pyproject's package-dir).
+SUBPACKAGES = ("bench", "chaos", "client", "cluster")
+PACKAGES = SUBPACKAGES + ("raftq",)
 #: Leaf modules every package may import: the wire facts both sides share (they import nothing).
 SHARED = ("raftq.protocol",)
-#: What each package may never import (its import points downward only).
+#: What each package may never import (its import points downward only). "raftq" is the top
+#: package's own modules (the command dispatcher), not its subpackages.
 FORBIDDEN = {
     "client": ("cluster", "chaos", "bench", "raftq"),
     "cluster": ("client", "chaos", "bench", "raftq"),
@@ -26,7 +30,15 @@ def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
+    if parts[0] in SUBPACKAGES:
+        parts.insert(0, "raftq")
     return ".".join(parts)
+
+
+def _package_of(module: str) -> str:
+    """The repository folder a module lives in: raftq.cluster.server -> cluster, raftq.command -> raftq."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else parts[0]
 
 
 def project_modules() -> dict[str, Path]:
@@ -104,7 +116,7 @@ def test_packages_import_downward_only():
         for target in sorted(targets):
             if target in SHARED:
                 continue
-            if target.split(".")[0] in FORBIDDEN.get(name.split(".")[0], ()):
+            if _package_of(target) in FORBIDDEN.get(_package_of(name), ()):
                 wrong.append(f"{name} imports {target}")
     assert not wrong, "\n".join(wrong)
 
@@ -114,5 +126,30 @@ def test_the_checks_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     graph = import_graph()
-    assert "client.worker" in graph["bench.roles"], "imports inside functions must count"
+    assert "raftq.client.worker" in graph["raftq.bench.roles"], "imports inside functions must count"
     assert graph["raftq.protocol"] == set(), "the shared protocol module imports nothing of the project"
+
+
+def test_every_import_goes_through_the_raftq_namespace():
+    """`from cluster.x import y` would import a second copy of the module from the repository
+    folder (or nothing, once installed): the project is `raftq.cluster`, `raftq.client`, ..."""
+    bare = []
+    files = [p for folder in PACKAGES + ("tests",) for p in sorted((ROOT / folder).rglob("*.py"))]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            bare += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                     for name in names if name.split(".")[0] in SUBPACKAGES]
+    assert not bare, "\n".join(bare)
+
+
+def test_pyproject_installs_every_package_folder():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    on_disk = sorted(_module_name(init.parent / "__init__.py") for folder in PACKAGES
+                     for init in (ROOT / folder).rglob("__init__.py"))
+    assert sorted(declared) == on_disk

@@ -90,7 +90,7 @@ def test_the_restatement_check_can_fail(tmp_path):
 
 
 def _submit(**spec):
-    from cluster.api import validation as v
+    from raftq.cluster.api import validation as v
 
     return v.submit({"jobs": [{"payload": 1, **spec}]}, "q", now_ms=1, payload_bytes_max=protocol.PAYLOAD_BYTES_MAX)
 
@@ -104,8 +104,8 @@ def _submit(**spec):
     ("lease_s", protocol.LEASE_S_MIN, protocol.LEASE_S_MIN - 0.5),
 ])
 def test_server_and_client_take_the_bound_and_refuse_past_it(field, at_bound, past_bound):
-    from client import App
-    from cluster.api.wire import ApiError
+    from raftq import App
+    from raftq.cluster.api.wire import ApiError
 
     _submit(**{field: at_bound})
     with pytest.raises(ApiError) as refused:
@@ -119,9 +119,9 @@ def test_server_and_client_take_the_bound_and_refuse_past_it(field, at_bound, pa
 
 
 def test_batch_and_fetch_bounds():
-    from client._base import chunks
-    from cluster.api import validation as v
-    from cluster.api.wire import ApiError
+    from raftq.client._base import chunks
+    from raftq.cluster.api import validation as v
+    from raftq.cluster.api.wire import ApiError
 
     jobs = [{"payload": i} for i in range(protocol.BATCH_COUNT_MAX + 1)]
     with pytest.raises(ApiError) as refused:

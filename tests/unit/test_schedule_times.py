@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from cluster import schedules as s
+from raftq.cluster import schedules as s
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

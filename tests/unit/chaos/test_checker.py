@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 
-from chaos import checker
-from chaos.history import numbered
+from raftq.chaos import checker
+from raftq.chaos.history import numbered
 
 LEASE_S = 5.0
 WALL0 = 1_000_000.0  # wall clock at t=0 in these histories

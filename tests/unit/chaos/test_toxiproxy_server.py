@@ -25,7 +25,7 @@ import requests
 from toxiproxy import Toxiproxy
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
-from chaos.toxiproxy import VERSION, ToxiproxyProcess, ToxiproxyServer, ToxiproxyThread
+from raftq.chaos.toxiproxy import VERSION, ToxiproxyProcess, ToxiproxyServer, ToxiproxyThread
 
 DEADLINE_S = 15.0      # generous: a 2-core shared machine
 SOCK_TIMEOUT_S = 10.0
@@ -582,7 +582,7 @@ def test_cli_subprocess_answers_version_and_stops_cleanly(echo: str) -> None:
             round_trip(sock)
         assert proc.stop() == 0  # SIGTERM: clean exit
 
-    out = subprocess.run([sys.executable, "-m", "chaos.toxiproxy", "--version"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "raftq.chaos.toxiproxy", "--version"], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == f"toxiproxy-server version {VERSION}"
 

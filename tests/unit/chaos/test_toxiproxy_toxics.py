@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chaos.toxiproxy.errors import ApiError
-from chaos.toxiproxy.proxy import Link, split_host_port
-from chaos.toxiproxy.toxics import (TOXIC_TYPES, Chunk, End, Pipe, Slicer, Stage, Toxic, apply_update,
+from raftq.chaos.toxiproxy.errors import ApiError
+from raftq.chaos.toxiproxy.proxy import Link, split_host_port
+from raftq.chaos.toxiproxy.toxics import (TOXIC_TYPES, Chunk, End, Pipe, Slicer, Stage, Toxic, apply_update,
                                     toxic_from_json)
 
 DEADLINE_S = 10.0

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import msgpack
 from aiohttp import web
 
-from client import Client, LeasedJob, MockTransport, Request, Response, errors
+from raftq import Client, LeasedJob, MockTransport, Request, Response, errors
 
 #: Node URLs of the scripted clusters (FakeNodes).
 A, B, C, D = "http://a:7001", "http://b:7002", "http://c:7003", "http://d:7004"

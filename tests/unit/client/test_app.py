@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 
-from client.app import App, Dispatch, Task
-from client.worker import Reject, TimeLimits
-from client import LeasedJob
+from raftq.client.app import App, Dispatch, Task
+from raftq.client.worker import Reject, TimeLimits
+from raftq import LeasedJob
 from tests.unit.client.fakes import AsyncFake, FakeCluster
 
 app = App("http://127.0.0.1:7001, http://127.0.0.1:7002", default_queue="jobs")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from client import AsyncClient, ClientState, LeasedJob, MockTransport, Request, Response, errors
+from raftq.client import AsyncClient, ClientState, LeasedJob, MockTransport, Request, Response, errors
 from tests.unit.client.fakes import A, B, C, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer
 from tests.unit.client.test_client import ERROR_CASES, batch_answer
 
@@ -129,7 +129,7 @@ async def test_use_after_close_raises(clock):
 
 
 def test_a_sync_client_refuses_an_async_handler(clock):
-    from client import Client
+    from raftq import Client
 
     async def handler(request: Request) -> Response:
         return default_answer(request)

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from aiohttp import web
 
-from client import cli
+from raftq.client import cli
 from raftq import command
 from tests.unit.client.fakes import ApiServer, FakeCluster
 
@@ -145,10 +145,10 @@ def test_worker_prefetch_flag_is_checked(capsys, monkeypatch):
 
 
 def test_node_forwards_the_rest_of_the_command_line(monkeypatch):
-    import cluster.main
+    from raftq.cluster import main as node_main
 
     seen = []
-    monkeypatch.setattr(cluster.main, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(node_main, "main", lambda argv: seen.append(argv) or 7)
     assert command.main(["--json", "node", "--id", "n2", "--port", "7002", "--json"]) == 7
     assert seen == [["--id", "n2", "--port", "7002", "--json"]]
 

@@ -16,8 +16,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from client import Client, LeasedJob, MockTransport, Request, Response, RetryPolicy, errors
-from client._base import BATCH_COUNT_MAX
+from raftq import Client, LeasedJob, MockTransport, Request, Response, RetryPolicy, errors
+from raftq.client._base import BATCH_COUNT_MAX
 from tests.unit.client.fakes import (A, B, C, D, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer,
                                       leased, make_client)
 

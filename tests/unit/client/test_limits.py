@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from client.worker import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits
-from client.worker.limits import await_with_limits, call_with_limits
+from raftq.client.worker import SoftTimeLimitExceeded, TimeLimitExceeded, TimeLimits
+from raftq.client.worker.limits import await_with_limits, call_with_limits
 
 
 def spin(job):

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from client import AsyncClient, Client, LeasedJob, errors
-from client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX, PREFETCH_DEFAULT_MAX,
+from raftq import AsyncClient, Client, LeasedJob, errors
+from raftq.client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX, PREFETCH_DEFAULT_MAX,
                            Middleware,
                            NonRetryable, PrometheusMiddleware, Reject, Retry, Worker, error_text, outcome_of)
 from tests.unit.client.fakes import DEADLINE_S, AsyncFake, FakeCluster, wait_until
@@ -97,7 +97,7 @@ def test_jobs_finishing_together_are_acked_in_one_request():
     cluster = FakeCluster()
     worker = make_worker(cluster, {"q": square})
     flights = worker._take([LeasedJob(f"j{n}", "q", {"n": n}, 1, n, time.time() + 30) for n in range(3)])
-    from client.worker.core import Outcome as _Outcome
+    from raftq.client.worker.core import Outcome as _Outcome
 
     batch = [(flights[0], _Outcome("ok", result=1)), (flights[1], _Outcome("failed", error="boom")),
              (flights[2], _Outcome("ok", result=None))]
@@ -579,7 +579,7 @@ def test_heartbeat_names_only_buffered_and_running_jobs():
     """A finished job whose ack is in flight is left out, so the server cannot call it lost."""
     from types import SimpleNamespace
 
-    from client.worker.core import BUFFERED, REPORTING, RUNNING, Flight as _Flight
+    from raftq.client.worker.core import BUFFERED, REPORTING, RUNNING, Flight as _Flight
 
     worker = Worker(object(), {"q": lambda job: None})
     running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0, state=RUNNING)
@@ -820,7 +820,7 @@ def test_a_refused_ack_in_a_batch_counts_for_that_job_alone(caplog):
 
 
 def test_report_requests_stay_within_the_body_bound():
-    from client.worker.core import REPORT_BYTES_MAX, Outcome as _Outcome
+    from raftq.client.worker.core import REPORT_BYTES_MAX, Outcome as _Outcome
 
     worker = make_worker(FakeCluster(), {"q": square})
     flights = worker._take([LeasedJob(f"j{n}", "q", {}, 1, n, time.time() + 30) for n in range(100)])

@@ -11,9 +11,9 @@ import pathlib
 
 import pytest
 
-from client import LeasedJob, errors
-from client.worker import core as wc
-from client.worker.core import BUFFERED, RELEASED, REPORTING, RUNNING, Outcome, WorkerCore
+from raftq import LeasedJob, errors
+from raftq.client.worker import core as wc
+from raftq.client.worker.core import BUFFERED, RELEASED, REPORTING, RUNNING, Outcome, WorkerCore
 
 WALL_T0 = 1_700_000_000.0  # unix time of the scripted start; monotonic time starts at 0
 LEASE_S = 30.0
@@ -154,7 +154,7 @@ def test_extension_comes_before_expiry_and_a_failed_one_is_retried():
 
 
 def test_leases_due_within_a_beat_are_extended_in_one_request():
-    from client.worker.loops import extend_window_s
+    from raftq.client.worker.loops import extend_window_s
 
     core, _ = make_core(concurrency=1, prefetch=8)
     # Fetched one after another over 1.5 s: each lease due at its own half-life ...

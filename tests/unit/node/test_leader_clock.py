@@ -1,6 +1,6 @@
 """LeaderClock: the applied clock plus the leader's monotonic time, never behind the applied clock."""
 
-from cluster.leader_clock import LeaderClock
+from raftq.cluster.leader_clock import LeaderClock
 
 
 class Monotonic:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.errors import ConfigError
-from cluster.main import build_parser, config_from_args
+from raftq.cluster.errors import ConfigError
+from raftq.cluster.main import build_parser, config_from_args
 
 PEERS = ["--peers", "n2=http://127.0.0.1:7002,n3=http://127.0.0.1:7003"]
 
@@ -87,7 +87,7 @@ def test_the_start_up_warning_names_each_gap(monkeypatch):
 def test_text_log_lines_escape_whatever_the_message_holds():
     import logging
 
-    from cluster.main import _TextFormatter
+    from raftq.cluster.main import _TextFormatter
 
     record = logging.LogRecord("raftq.api", logging.INFO, __file__, 1, "refused %s", ("a\r\nFAKE\x00\u2028b",), None)
     line = _TextFormatter("%(levelname)s %(message)s").format(record)

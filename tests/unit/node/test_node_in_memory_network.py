@@ -12,11 +12,11 @@ import asyncio
 import logging
 import time
 
-from cluster.config import NodeConfig
-from cluster.queue import commands as cmds
-from cluster.server import Node
-from cluster.storage.node_storage import NodeStorage
-from cluster.transport.memory import MemoryNetwork
+from raftq.cluster.config import NodeConfig
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.server import Node
+from raftq.cluster.storage.node_storage import NodeStorage
+from raftq.cluster.transport.memory import MemoryNetwork
 
 NODE_IDS = ("n1", "n2", "n3")
 DEADLINE_S = 30.0

@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from cluster.queue import commands as cmds
-from cluster.queue import results as res
-from cluster.queue.commands import encode_command
-from cluster.raft.messages import Entry, EntryKind, HardState
+from raftq.cluster.queue import commands as cmds
+from raftq.cluster.queue import results as res
+from raftq.cluster.queue.commands import encode_command
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState
 from tests.sim.invariants import Checker, LeaseModel, Violation
 from tests.sim.network import NetworkConfig, SimNetwork
 from tests.sim.storage import ChainedLog, SimStorage, agreement

@@ -8,8 +8,8 @@ import pathlib
 import msgpack
 import pytest
 
-from cluster.queue import commands as c
-from cluster.queue.jobs import backoff_delay_ms, splitmix64
+from raftq.cluster.queue import commands as c
+from raftq.cluster.queue.jobs import backoff_delay_ms, splitmix64
 
 QUEUE_PACKAGE = pathlib.Path(__file__).resolve().parents[3] / "cluster" / "queue"
 

@@ -9,11 +9,11 @@ import pathlib
 import msgpack
 import pytest
 
-from cluster.queue import commands as c
-from cluster.queue import results as r
-from cluster.queue.jobs import TRANSITIONS_MAX, backoff_delay_ms
-from cluster.queue.state_machine import EVENTS, QueueStateMachine
-from cluster.raft.messages import Entry, EntryKind
+from raftq.cluster.queue import commands as c
+from raftq.cluster.queue import results as r
+from raftq.cluster.queue.jobs import TRANSITIONS_MAX, backoff_delay_ms
+from raftq.cluster.queue.state_machine import EVENTS, QueueStateMachine
+from raftq.cluster.raft.messages import Entry, EntryKind
 
 T0 = 1_000_000  # an arbitrary start of the replicated clock, in ms
 LEASE_MS = 30_000

@@ -13,11 +13,11 @@ import random
 
 import pytest
 
-from cluster.queue import commands as c
-from cluster.queue import results as r
-from cluster.queue.jobs import LEASED, STATES
-from cluster.queue.state_machine import QueueStateMachine
-from cluster.raft.messages import Entry, EntryKind
+from raftq.cluster.queue import commands as c
+from raftq.cluster.queue import results as r
+from raftq.cluster.queue.jobs import LEASED, STATES
+from raftq.cluster.queue.state_machine import QueueStateMachine
+from raftq.cluster.raft.messages import Entry, EntryKind
 
 SEEDS = range(120)
 STEPS = 250

@@ -14,11 +14,11 @@ import io
 import msgpack
 import pytest
 
-from cluster.queue import commands as c
-from cluster.queue import state_machine
-from cluster.queue.jobs import TRANSITIONS_MAX
-from cluster.queue.schedules import schedule_row
-from cluster.queue.state_machine import (
+from raftq.cluster.queue import commands as c
+from raftq.cluster.queue import state_machine
+from raftq.cluster.queue.jobs import TRANSITIONS_MAX
+from raftq.cluster.queue.schedules import schedule_row
+from raftq.cluster.queue.state_machine import (
     EVENTS, SNAPSHOT_KEYS, SNAPSHOT_VERSION, QueueStateMachine, SnapshotCapture, write_snapshot,
 )
 from tests.unit.queue.test_state_machine import T0, Machine, _dead, _to_state, job
@@ -323,7 +323,7 @@ def test_every_truncation_is_refused_and_changes_nothing():
 
 
 def test_the_membership_of_the_last_config_entry_travels_in_the_snapshot():
-    from cluster.raft.messages import Entry, EntryKind
+    from raftq.cluster.raft.messages import Entry, EntryKind
 
     m = QueueStateMachine()
     without = m.snapshot()

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.raft.codec import BATCH_TAG, decode_message, decode_messages, encode_message, encode_messages
-from cluster.raft.errors import CodecError
-from cluster.raft.messages import Entry, EntryKind, Message, MessageType
+from raftq.cluster.raft.codec import BATCH_TAG, decode_message, decode_messages, encode_message, encode_messages
+from raftq.cluster.raft.errors import CodecError
+from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType
 
 E1 = Entry(index=4, term=2, kind=EntryKind.NORMAL, data=b"\x00\xffcmd")
 E2 = Entry(index=5, term=3, kind=EntryKind.NOOP, data=b"")

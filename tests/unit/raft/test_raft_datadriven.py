@@ -19,9 +19,9 @@ from typing import Callable
 
 import pytest
 
-from cluster.raft.errors import RaftError
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
-from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from raftq.cluster.raft.errors import RaftError
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from tests.datadriven import TestCase, run_file
 
 TESTDATA = Path(__file__).resolve().parents[2] / "testdata" / "raft"

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from cluster.raft.errors import ChangeRefused, NotLeader, ProposalDropped, RaftError
-from cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
-from cluster.raft.messages import TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType
-from cluster.raft.node import RaftConfig, RaftNode, Role
-from cluster.raft.progress import ProgressState
+from raftq.cluster.raft.errors import ChangeRefused, NotLeader, ProposalDropped, RaftError
+from raftq.cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
+from raftq.cluster.raft.messages import TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Role
+from raftq.cluster.raft.progress import ProgressState
 from tests.unit.raft.test_raft_node import accept, drain, make, make_leader, msg, sent
 
 T = MessageType

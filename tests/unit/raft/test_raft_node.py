@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from cluster.raft.errors import RaftConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
-from cluster.raft.node import RaftConfig, RaftNode, Ready, Role
-from cluster.raft.progress import ProgressState
+from raftq.cluster.raft.errors import RaftConfigError, NotLeader, ProposalDropped, RaftError, StepRejected
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
+from raftq.cluster.raft.progress import ProgressState
 
 T = MessageType
 

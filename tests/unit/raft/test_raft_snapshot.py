@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-from cluster.raft.log import Compacted, RaftLog
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
-from cluster.raft.node import RaftConfig, RaftNode, Role
-from cluster.raft.progress import ProgressState
+from raftq.cluster.raft.log import Compacted, RaftLog
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
+from raftq.cluster.raft.node import RaftConfig, RaftNode, Role
+from raftq.cluster.raft.progress import ProgressState
 
 from tests.unit.raft.test_raft_node import accept, drain, entries_of, make, make_leader, msg, sent
 

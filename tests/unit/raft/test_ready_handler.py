@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
-from cluster.raft.node import Ready, Role
-from cluster.ready_handler import Advance, Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint
+from raftq.cluster.raft.node import Ready, Role
+from raftq.cluster.ready_handler import Advance, Apply, InstallSnapshot, Persist, Send, ServeReads, handle_ready
 
 from tests.unit.raft.test_raft_node import accept, drain, make, make_leader, msg
 

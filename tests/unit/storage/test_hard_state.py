@@ -9,9 +9,9 @@ import zlib
 import msgpack
 import pytest
 
-from cluster.raft.messages import HardState
-from cluster.storage import HardStateCorruptionError, WalCorruptionError, WriteAheadLog
-from cluster.storage.hard_state import (
+from raftq.cluster.raft.messages import HardState
+from raftq.cluster.storage import HardStateCorruptionError, WalCorruptionError, WriteAheadLog
+from raftq.cluster.storage.hard_state import (
     HARD_STATE_FILE_NAME, decode_hard_state, encode_hard_state, load_hard_state, save_hard_state,
 )
 

@@ -14,8 +14,8 @@ import struct
 
 import pytest
 
-from cluster.storage.errors import SnapshotCorruptionError, StorageError
-from cluster.storage.snapshots import (
+from raftq.cluster.storage.errors import SnapshotCorruptionError, StorageError
+from raftq.cluster.storage.snapshots import (
     MAGIC, TRAILER_BYTES, IncomingSnapshot, OffsetMismatch, SnapshotMeta, SnapshotStore, file_digest,
     snapshot_file_name,
 )

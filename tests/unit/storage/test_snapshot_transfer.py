@@ -13,13 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cluster.snapshot_transfer import (
+from raftq.cluster.snapshot_transfer import (
     CHUNK_BYTES, FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer, SnapshotReceiver,
     SnapshotSender,
 )
-from cluster.storage.errors import SnapshotCorruptionError
-from cluster.storage.snapshots import SnapshotStore
-from cluster.transport.http import SECRET_HEADER
+from raftq.cluster.storage.errors import SnapshotCorruptionError
+from raftq.cluster.storage.snapshots import SnapshotStore
+from raftq.cluster.transport.http import SECRET_HEADER
 
 
 def write_snapshot_file(store: SnapshotStore, index: int, term: int, size: int) -> bytes:

@@ -15,10 +15,10 @@ import zlib
 import msgpack
 import pytest
 
-from cluster.raft.messages import Entry, EntryKind, HardState
-from cluster.storage import CompactedError, DurableLog, WalCorruptionError, WalFailedError, WriteAheadLog
-from cluster.storage import wal as wal_module
-from cluster.storage.wal import (
+from raftq.cluster.raft.messages import Entry, EntryKind, HardState
+from raftq.cluster.storage import CompactedError, DurableLog, WalCorruptionError, WalFailedError, WriteAheadLog
+from raftq.cluster.storage import wal as wal_module
+from raftq.cluster.storage.wal import (
     HEADER_BYTES, NEED_DATA, RECORD_BYTES_MAX, BadRecord, RecordDecoder, decode_record, encode_record,
 )
 
