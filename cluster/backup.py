@@ -17,7 +17,8 @@ below that index. A backup costs one snapshot's disk space and time while it is 
 **Restoring one** (`raftq node --restore FILE --id n1 --data-dir DIR`). The file is checked whole
 (trailer, size, sha256) and copied into the empty data directory as its only snapshot; the hard
 state starts at the snapshot's term, so the node's first election term is past every entry the
-snapshot covers. The node then starts as a cluster of one from that snapshot: a new cluster
+snapshot covers. A backup that records a membership (the cluster's had changed) is rewritten with
+this node as its only voter. The node then starts as a cluster of one from that snapshot: a new cluster
 whose state is the backup's. Other nodes join it afterwards as new, empty members; a restore
 never joins an existing cluster, and it refuses a data directory that holds any state.
 """
@@ -37,7 +38,8 @@ from aiohttp import web
 
 from raftq.cluster.api.keys import NODE
 from raftq.cluster.errors import ConfigError
-from raftq.cluster.queue.state_machine import write_snapshot
+from raftq.cluster.queue.state_machine import QueueStateMachine, write_snapshot
+from raftq.cluster.raft.membership import Member, Membership
 from raftq.cluster.raft.messages import HardState
 from raftq.cluster.storage.errors import SnapshotCorruptionError
 from raftq.cluster.storage.hard_state import fsync_directory
@@ -131,7 +133,27 @@ def verify_backup(path: str) -> tuple[int, int]:
     return index, term
 
 
-def restore_data_dir(backup_path: str, data_dir: str, *, wal_segment_bytes: int) -> SnapshotMeta:
+def _as_cluster_of_one(store: SnapshotStore, meta: SnapshotMeta, node_id: str, url: str) -> SnapshotMeta:
+    """The snapshot, rewritten so that its membership (if it records one) is this node alone.
+
+    A backup of a cluster whose membership changed records its voters; restored as they are, the
+    new node would wait for votes from the old cluster's boxes. Ids the old cluster removed for
+    good stay removed.
+    """
+    queue = QueueStateMachine()
+    with store.open_body(meta) as body:
+        queue.restore_from(body)
+    if queue.membership is None:  # never changed: the node's flags say who votes
+        return meta
+    removed = Membership.decode(queue.membership).removed
+    queue.membership = Membership((Member(node_id, url, True),), tuple(r for r in removed if r != node_id)).encode()
+    with store.writer(meta.index, meta.term) as writer:  # replaces the file under the same name
+        write_snapshot(queue.capture(), writer.write)
+        return writer.commit()
+
+
+def restore_data_dir(backup_path: str, data_dir: str, *, node_id: str, url: str,
+                     wal_segment_bytes: int) -> SnapshotMeta:
     """Makes `data_dir` (empty or missing) start from the backup; see the module docstring.
 
     Raises:
@@ -165,6 +187,6 @@ def restore_data_dir(backup_path: str, data_dir: str, *, wal_segment_bytes: int)
             storage.snapshots.remove(meta)
             storage.log.save_hard_state(HardState())
             raise ConfigError(f"not restoring: the copy is damaged: {exc}") from None
-        return meta
+        return _as_cluster_of_one(storage.snapshots, meta, node_id, url)
     finally:
         storage.close()
