@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from raftq.cluster import constants
 from raftq.cluster.errors import ConfigError
 
-_NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Listen addresses that mean "every interface": they name no address a client could use.
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -30,6 +30,11 @@ class NodeConfig:
     advertise_url: str = ""
     #: The other voters: node id -> base URL. Empty = a cluster of one.
     peers: dict[str, str] = field(default_factory=dict)
+    #: A node joining a running cluster: the URL of one of its nodes. The node starts as nobody's
+    #: member (it never campaigns) and learns the membership from the leader once added
+    #: (`POST /v1/cluster/members`). Only checked at the first start: afterwards the data
+    #: directory holds the membership.
+    join_url: str = ""
     #: URLs clients should be sent to for each peer (redirects, status), when they differ from the
     #: peer links above (e.g. peer traffic through a proxy). Missing ids fall back to `peers`.
     public_urls: dict[str, str] = field(default_factory=dict)
@@ -121,20 +126,24 @@ class NodeConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
-        if not _NODE_ID_PATTERN.fullmatch(self.node_id):
-            raise ConfigError(f"node id {self.node_id!r} must match {_NODE_ID_PATTERN.pattern}")
+        if not NODE_ID_PATTERN.fullmatch(self.node_id):
+            raise ConfigError(f"node id {self.node_id!r} must match {NODE_ID_PATTERN.pattern}")
         if self.node_id in self.peers:
             raise ConfigError(f"node {self.node_id} lists itself among its peers")
         for peer_id, url in self.peers.items():
-            if not _NODE_ID_PATTERN.fullmatch(peer_id):
-                raise ConfigError(f"peer id {peer_id!r} must match {_NODE_ID_PATTERN.pattern}")
+            if not NODE_ID_PATTERN.fullmatch(peer_id):
+                raise ConfigError(f"peer id {peer_id!r} must match {NODE_ID_PATTERN.pattern}")
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"peer {peer_id} url {url!r} must start with http:// or https://")
         if len(self.peers) + 1 not in (1, 3, 5):
             raise ConfigError(f"a cluster has 1, 3 or 5 voters, got {len(self.peers) + 1}")
         if self.cluster_secret is not None and len(self.cluster_secret) < constants.CLUSTER_SECRET_CHARS_MIN:
             raise ConfigError(f"the cluster secret must be at least {constants.CLUSTER_SECRET_CHARS_MIN} characters")
-        if self.peers and self.cluster_secret is None and not self.insecure_no_cluster_secret:
+        if self.join_url and self.peers:
+            raise ConfigError("--join and --peers exclude each other: a joining node learns its peers from the cluster")
+        if self.join_url and not self.join_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--join url {self.join_url!r} must start with http:// or https://")
+        if (self.peers or self.join_url) and self.cluster_secret is None and not self.insecure_no_cluster_secret:
             raise ConfigError(
                 "a node with peers needs a cluster secret (--cluster-secret-file PATH or RAFTQ_CLUSTER_SECRET), "
                 "the same on every node; without one anyone who reaches this port can speak Raft to it. "

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=_env("DATA_DIR"), help="where the log lives (default ./var/<id>)")
     p.add_argument("--peers", default=_env("PEERS", ""),
                    help="other voters as id=url,id=url (empty: a cluster of one)")
+    p.add_argument("--join", default=_env("JOIN", ""), metavar="URL",
+                   help="start empty and wait to be added to the cluster that URL belongs to "
+                        "(raftq cluster add ID URL); the data directory then remembers the membership")
     p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
                    help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
     p.add_argument("--tls-cert", default=_env("TLS_CERT"),
@@ -146,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         port=args.port,
         advertise_url=args.advertise_url,
         peers=parse_peers(args.peers),
+        join_url=args.join.rstrip("/"),
         public_urls=parse_peers(args.public_urls),
         allowed_hosts=tuple(filter(None, (name.strip() for name in args.allowed_hosts.split(",")))),
         client_token=read_secret(args.token_file, "TOKEN", "client token"),

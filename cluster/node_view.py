@@ -50,6 +50,8 @@ class _NodeParts(Protocol):
 
     def leader_url(self) -> str | None: ...
 
+    def member_url(self, node_id: str) -> str | None: ...
+
     def now_ms(self) -> int: ...
 
 
@@ -118,14 +120,20 @@ class NodeView:
         """The `/v1/cluster` answer: this node's view of the cluster."""
         node, config = self._node, self._node.config
         raft = node.raft
-        nodes = [{"id": config.node_id, "url": config.url}]
-        nodes += [{"id": peer_id, "url": config.public_urls.get(peer_id, url)}
-                  for peer_id, url in sorted(config.peers.items())]
+        # The membership in effect here (its newest CONFIG entry); match_index as the leader
+        # knows it (this node's own: its last index), null where this node cannot know.
+        if raft is not None:
+            members = [(m.node_id, m.voter) for m in raft.membership.members]
+        else:
+            members = [(node_id, True) for node_id in sorted((config.node_id, *config.peers))]
         progress = raft.progress if raft is not None and node.is_leader else {}
-        for entry in nodes:
-            entry["leader"] = entry["id"] == node.leader_id
-            if entry["id"] in progress:
-                entry["match_index"] = progress[entry["id"]]
+        nodes = []
+        for node_id, voter in members:
+            match_index = progress.get(node_id)
+            if node_id == config.node_id and raft is not None:
+                match_index = raft.last_index
+            nodes.append({"id": node_id, "url": node.member_url(node_id), "voter": voter,
+                          "leader": node_id == node.leader_id, "match_index": match_index})
         return {
             "node": config.node_id,
             "role": raft.role.name.lower() if raft is not None else "starting",
@@ -139,6 +147,8 @@ class NodeView:
             "snapshot_index": raft.snapshot.index if raft is not None else 0,
             "first_index": raft.first_index if raft is not None else 1,
             "nodes": nodes,
+            "member": any(entry["id"] == config.node_id for entry in nodes),
+            "membership_pending": raft.membership_pending if raft is not None else False,
         }
 
     async def status_with_digest(self) -> dict:

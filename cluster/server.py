@@ -51,7 +51,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from raftq.cluster import metrics as node_metrics
 from raftq.cluster.config import NodeConfig
@@ -62,7 +62,7 @@ from raftq.cluster.housekeeping import LeaderHousekeeping
 from raftq.cluster.leader_clock import LeaderClock
 from raftq.cluster.node_view import NodeView
 from raftq.cluster.queue.state_machine import QueueStateMachine
-from raftq.cluster.raft.errors import NotLeader, ProposalDropped
+from raftq.cluster.raft.errors import ChangeRefused, NotLeader, ProposalDropped
 from raftq.cluster.raft.membership import Membership
 from raftq.cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
 from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
@@ -84,6 +84,8 @@ DRIVE_BATCH_MAX = 4096
 #: rather than fail its first append (and a few pages of headroom let that append through).
 DISK_PROBE_BYTES = 64 << 10
 DISK_PROBE_FILE_NAME = "disk-probe"
+#: URLs remembered for peer senders outside the membership (see Node.learn_peer_url).
+LEARNED_URLS_MAX = 16
 
 
 __all__ = ["Node", "StartupError"]
@@ -145,6 +147,11 @@ class Node:
         self.snapshot_receiver: SnapshotReceiver | None = None
         self._inbox: list[Message] = []
         self._proposals: list[tuple[bytes, asyncio.Future]] = []
+        #: membership changes and transfers for the drive loop: (call on the core, future, wait for commit)
+        self._changes: list[tuple[Callable[[RaftNode], Any], asyncio.Future, bool]] = []
+        #: URLs senders outside the membership gave for themselves (a leader replicating to this
+        #: node before it knows the membership that added it); bounded
+        self._learned_urls: dict[str, str] = {}
         self._reads: list[asyncio.Future] = []
         self._pending: dict[int, _Pending] = {}
         self._read_waiters: dict[int, asyncio.Future] = {}
@@ -186,8 +193,13 @@ class Node:
             heartbeat_ticks=self.config.heartbeat_ticks,
         )
         self.raft = RaftNode(
-            raft_config, hard_state=self.wal.hard_state, entries=entries, rng=random.Random(), snapshot=snapshot
+            raft_config, hard_state=self.wal.hard_state, entries=entries, rng=random.Random(), snapshot=snapshot,
+            membership=self._membership_at_snapshot(),
         )
+        membership = self.raft.membership
+        if self.config.peers and set(self.config.peers) | {self.config.node_id} != set(membership.ids):
+            log.warning("the data directory's membership (%s) differs from --peers (%s): using the data "
+                        "directory's", ",".join(membership.ids), ",".join(sorted(self.config.peers)))
         log.info(
             "node started in %.2f s: snapshot at %d, %d log entries after it, term %d, data dir %s",
             time.monotonic() - started, snapshot.index, self.wal.last_index - snapshot.index,
@@ -195,20 +207,22 @@ class Node:
         )
         self.snapshot_receiver = SnapshotReceiver(
             self.snapshots, installed=self._snapshot_received)
-        if self.config.peers:
-            from raftq.cluster import tls
-            from raftq.cluster.transport.http import HttpTransport
+        # Every node gets a transport, even a cluster of one: members may be added to it later.
+        from raftq.cluster import tls
+        from raftq.cluster.transport.http import HttpTransport
 
-            peer_tls = tls.peer_client_context(self.config)
-            if self.transport is None:
-                self.transport = HttpTransport(
-                    self.config.node_id, self.config.peers, secret=self.config.cluster_secret, ssl_context=peer_tls
-                )
-            await self.transport.start()
-            self.snapshot_sender = SnapshotSender(
-                self.config.node_id, self.config.peers, self.snapshots, secret=self.config.cluster_secret,
-                current_term=lambda: self.raft.term if self.raft is not None else 0,
-                report=self.snapshotting.transfer_reported, ssl_context=peer_tls)
+        peer_tls = tls.peer_client_context(self.config)
+        peers = self._peer_urls(membership)
+        if self.transport is None:
+            self.transport = HttpTransport(self.config.node_id, peers, secret=self.config.cluster_secret,
+                                           ssl_context=peer_tls, own_url=self.config.url)
+        else:
+            self.transport.set_peers(peers)
+        await self.transport.start()
+        self.snapshot_sender = SnapshotSender(
+            self.config.node_id, peers, self.snapshots, secret=self.config.cluster_secret,
+            current_term=lambda: self.raft.term if self.raft is not None else 0,
+            report=self.snapshotting.transfer_reported, ssl_context=peer_tls)
         self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
         self._tasks.append(asyncio.create_task(self.housekeeping.run(lambda: self._stopping),
@@ -250,9 +264,16 @@ class Node:
     def leader_url(self) -> str | None:
         if self._leader_id is None:
             return None
-        if self._leader_id == self.config.node_id:
+        return self.member_url(self._leader_id)
+
+    def member_url(self, node_id: str) -> str | None:
+        """Where clients reach node_id: this node's URL, a --public-urls entry, the membership's."""
+        if node_id == self.config.node_id:
             return self.config.url
-        return self.config.public_urls.get(self._leader_id) or self.config.peers.get(self._leader_id)
+        url = self.config.public_urls.get(node_id)
+        member = self.raft.membership.get(node_id) if self.raft is not None else None
+        return url or (member.url if member is not None and member.url else None) \
+            or self.config.peers.get(node_id) or self._learned_urls.get(node_id)
 
     @property
     def pending_proposals_count(self) -> int:
@@ -314,6 +335,34 @@ class Node:
         self._reads.append(future)
         self._wakeup.set()
         await self._await(future, "could not confirm leadership in time")
+
+    async def add_member(self, node_id: str, url: str) -> None:
+        """Adds node_id as a learner (the leader promotes it once caught up); returns once the
+        change is committed and applied here.
+
+        Raises:
+            NotLeaderError, Unavailable: as propose().
+            ChangeRefused: the core refused (retryable or not, see its attribute).
+        """
+        await self._change(lambda raft: raft.add_learner(node_id, url))
+
+    async def remove_member(self, node_id: str) -> None:
+        """Removes node_id (not this leader: transfer first); returns once committed and applied."""
+        await self._change(lambda raft: raft.remove_member(node_id))
+
+    async def transfer_leadership(self, to: str | None) -> str:
+        """Starts handing leadership to `to` (None: the most caught-up voter); returns the target.
+        The transfer ends when the target wins its election, or is abandoned after an election
+        timeout (the caller watches `leader_id`)."""
+        return await self._change(lambda raft: raft.transfer_leadership(to), wait_for_commit=False)
+
+    async def _change(self, change: Callable[[RaftNode], Any], *, wait_for_commit: bool = True) -> Any:
+        if not self.is_leader:
+            raise NotLeaderError(self._leader_id, self.leader_url())
+        future = asyncio.get_running_loop().create_future()
+        self._changes.append((change, future, wait_for_commit))
+        self._wakeup.set()
+        return await self._await(future, "the membership change did not commit in time")
 
     def deliver(self, messages: Sequence[Message]) -> bool:
         """Hands peer messages to the drive loop; False when the inbox is full (the peer resends)."""
@@ -433,6 +482,23 @@ class Node:
                 future.set_exception(Unavailable("replication is behind; too much uncommitted data"))
                 continue
             self._pending[index] = _Pending(term, future)
+        changes, self._changes = self._changes, []
+        for change, future, wait_for_commit in changes:
+            if future.done():
+                continue
+            try:
+                outcome = change(raft)
+            except NotLeader as exc:
+                future.set_exception(NotLeaderError(exc.leader_id, self.leader_url()))
+                continue
+            except ChangeRefused as exc:
+                future.set_exception(exc)
+                continue
+            if wait_for_commit:
+                index, term = outcome
+                self._pending[index] = _Pending(term, future)
+            else:
+                future.set_result(outcome)
         reads, self._reads = self._reads, []
         for future in reads:
             if future.done():
@@ -450,6 +516,8 @@ class Node:
         for action in handle_ready(ready):
             if isinstance(action, InstallSnapshot):
                 self.queue = await self.snapshotting.install(action.point)
+                raft.restore_membership(
+                    Membership.decode(self.queue.membership) if self.queue.membership is not None else None)
                 self._notify_jobs_changed()
             elif isinstance(action, UseMembership):
                 self._use_membership(action.membership)
@@ -471,8 +539,45 @@ class Node:
                 raft.advance(action.ready)
                 self._settle_applied_waiters()
 
+    def _membership_at_snapshot(self) -> Membership:
+        """The membership the recovered snapshot recorded; else, for a node joining a cluster,
+        none (it waits to be added); else the one --peers bootstraps (all voters)."""
+        if self.queue.membership is not None:
+            return Membership.decode(self.queue.membership)
+        if self.config.join_url:
+            return Membership()
+        return Membership.of_voters({self.config.node_id: self.config.url, **self.config.peers})
+
+    def _peer_urls(self, membership: Membership) -> dict[str, str]:
+        """Where to send to each member but this node (learned URLs for senders outside it)."""
+        urls = {node_id: url for node_id, url in self._learned_urls.items() if membership.get(node_id) is None}
+        for member in membership.members:
+            if member.node_id != self.config.node_id:
+                urls[member.node_id] = member.url or self.config.peers.get(member.node_id, "")
+        return {node_id: url for node_id, url in urls.items() if url}
+
+    def learn_peer_url(self, node_id: str, url: str) -> None:
+        """A peer request named its sender's URL: remember it for a sender outside the membership
+        (see `_learned_urls`). The cluster secret has authenticated the request already."""
+        raft = self.raft
+        if raft is None or node_id == self.config.node_id or raft.membership.get(node_id) is not None \
+                or self._learned_urls.get(node_id) == url or not url.startswith(("http://", "https://")):
+            return
+        if len(self._learned_urls) >= LEARNED_URLS_MAX:
+            self._learned_urls.pop(next(iter(self._learned_urls)))
+        self._learned_urls[node_id] = url
+        self._use_peers(raft.membership)
+
+    def _use_peers(self, membership: Membership) -> None:
+        peers = self._peer_urls(membership)
+        if self.transport is not None:
+            self.transport.set_peers(peers)
+        if self.snapshot_sender is not None:
+            self.snapshot_sender.set_peers(peers)
+
     def _use_membership(self, membership: Membership) -> None:
         """A new membership is in effect (appended, truncated or restored): reach its members."""
+        self._use_peers(membership)
         log.info("membership: voters %s, learners %s%s", ",".join(membership.voters) or "none",
                  ",".join(membership.learners) or "none",
                  "" if membership.get(self.config.node_id) else " (this node is not a member)")

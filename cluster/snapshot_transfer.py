@@ -38,7 +38,7 @@ import aiohttp
 
 from raftq.cluster.storage.errors import SnapshotCorruptionError
 from raftq.cluster.storage.snapshots import IncomingSnapshot, OffsetMismatch, SnapshotMeta, SnapshotStore, file_digest
-from raftq.cluster.transport.http import SECRET_HEADER
+from raftq.cluster.transport.http import FROM_HEADER, SECRET_HEADER
 
 log = logging.getLogger("raftq.snapshot")
 
@@ -53,7 +53,6 @@ RETRY_DELAY_S = 1.0
 SNAPSHOT_HEADER = "X-Raftq-Snapshot"
 OFFSET_HEADER = "X-Raftq-Offset"
 TERM_HEADER = "X-Raftq-Term"
-FROM_HEADER = "X-Raftq-From"
 _SNAPSHOT_ID = re.compile(r"(\d{1,19})-(\d{1,19})-(\d{1,19})-([0-9a-f]{64})")
 
 
@@ -109,6 +108,10 @@ class SnapshotSender:
         self.sent_total = 0
         self.failed_total = 0
         self.bytes_sent_total = 0
+
+    def set_peers(self, peers: dict[str, str]) -> None:
+        """The membership changed: these followers (id -> base URL) may be sent snapshots."""
+        self._peers = dict(peers)
 
     def request(self, peer: str) -> None:
         """The core asked for a snapshot to go to peer; starts a transfer unless one is running."""

@@ -14,7 +14,7 @@ from aiohttp import web
 from raftq.cluster import backup
 from raftq.cluster import constants as c
 from raftq.cluster import tls
-from raftq.cluster.api import dashboard, raft_views, views
+from raftq.cluster.api import cluster_views, dashboard, raft_views, views
 from raftq.cluster.api.connections import ConnectionGuard
 from raftq.cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
 from raftq.cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
@@ -57,6 +57,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/v1/schedules/{name}/pause", views.pause_schedule)
     r.add_post("/v1/schedules/{name}/resume", views.resume_schedule)
     r.add_get("/v1/cluster", views.cluster_status)
+    r.add_post("/v1/cluster/members", cluster_views.add_member)
+    r.add_delete("/v1/cluster/members/{node_id}", cluster_views.remove_member)
+    r.add_post("/v1/cluster/transfer", cluster_views.transfer)
     r.add_get("/v1/overview", views.overview)
     r.add_get(backup.BACKUP_PATH, backup.backup_view)
     r.add_get("/metrics", views.metrics)

@@ -11,10 +11,16 @@ from aiohttp import web
 
 from raftq.cluster.api.keys import NODE
 from raftq.cluster.api.wire import ApiError
+from raftq.cluster.config import NODE_ID_PATTERN
 from raftq.cluster.raft.codec import decode_messages
 from raftq.cluster.raft.messages import MessageType
 from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
+from raftq.cluster.transport.http import FROM_URL_HEADER
 from raftq.cluster.storage.errors import SnapshotCorruptionError
+
+
+#: Longest sender URL remembered from a peer request.
+URL_CHARS_MAX = 2048
 
 
 async def raft_messages(request: web.Request) -> web.Response:
@@ -27,6 +33,9 @@ async def raft_messages(request: web.Request) -> web.Response:
     if any(m.type is MessageType.SNAP for m in messages):
         # A SNAP message is only true once its file is on our disk: it comes from /raft/snapshot.
         raise ApiError(400, "invalid", "snapshots travel through /raft/snapshot, not as messages")
+    sender, url = request.headers.get(FROM_HEADER, ""), request.headers.get(FROM_URL_HEADER, "")
+    if sender and url and len(url) <= URL_CHARS_MAX and all(m.from_id == sender for m in messages):
+        node.learn_peer_url(sender, url)
     if not node.deliver(messages):
         raise ApiError(503, "overloaded", "inbox full", headers={"Retry-After": "1"})
     return web.Response(status=204)
@@ -45,8 +54,10 @@ async def raft_snapshot(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(400, "invalid", f"bad snapshot transfer headers: {exc}") from None
     leader = request.headers.get(FROM_HEADER, "")
-    if leader not in node.config.peers:
-        raise ApiError(400, "invalid", f"{FROM_HEADER} {leader[:64]!r} is not a peer")
+    # Any node id: a learner receives its first snapshot from a leader it does not know yet (the
+    # cluster secret has authenticated the sender already).
+    if not NODE_ID_PATTERN.fullmatch(leader):
+        raise ApiError(400, "invalid", f"{FROM_HEADER} {leader[:64]!r} is not a node id")
     if offer.size_bytes > node.config.snapshot_file_bytes_max:
         raise ApiError(413, "too_large", f"a snapshot of {offer.size_bytes} bytes exceeds this node's limit "
                                          f"of {node.config.snapshot_file_bytes_max}")

@@ -509,9 +509,12 @@ class RaftNode:
 
     def restore_membership(self, membership: Membership | None) -> None:
         """After installing a snapshot received from the leader: the membership its state
-        machine recorded (None: it recorded none, so the bootstrap membership holds)."""
-        index, term, _ = self._configs[0]
-        self._configs[0] = (index, term, membership if membership is not None else self._bootstrap_membership)
+        machine recorded. None (it recorded none: the cluster's membership never changed before
+        it) keeps the membership this node had, never a bootstrap one: a node that joined with
+        none must not become a cluster of its own."""
+        if membership is not None:
+            index, term, _ = self._configs[0]
+            self._configs[0] = (index, term, membership)
 
     def _check_change_allowed(self) -> None:
         if self._role is not Role.LEADER:

@@ -16,6 +16,9 @@ class Transport(Protocol):
     def send(self, messages: Sequence[Message]) -> None:
         """Queue messages for their peers; returns at once. Unknown peers and full queues drop."""
 
+    def set_peers(self, peers: dict[str, str]) -> None:
+        """The membership changed: send to these peers (id -> base URL) from now on."""
+
     async def start(self) -> None:
         """Start background senders."""
 

@@ -56,6 +56,9 @@ class MemoryTransport:
         for to_id, batch in by_peer.items():
             loop.call_soon(self._network._deliver, self._node_id, to_id, batch)
 
+    def set_peers(self, peers: dict[str, str]) -> None:
+        return None  # the network reaches every attached node by id
+
     async def start(self) -> None:
         return None
 
