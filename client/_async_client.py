@@ -256,6 +256,15 @@ class AsyncClient(_BaseClient):
     async def cluster(self) -> dict:
         return await self._send(self._cluster_call())
 
+    async def add_member(self, node_id: str, url: str) -> dict:
+        return await self._send(self._add_member_call(node_id, url))
+
+    async def remove_member(self, node_id: str) -> dict:
+        return await self._send(self._remove_member_call(node_id))
+
+    async def transfer_leadership(self, to: str | None = None) -> dict:
+        return await self._send(self._transfer_call(to))
+
     async def workers(self) -> list[dict]:
         return await self._send(self._workers_call())
 

@@ -575,6 +575,16 @@ class _BaseClient:
     def _cluster_call(self) -> Call:
         return self._call("GET", "/v1/cluster", _mapping, any_node=True)
 
+    def _add_member_call(self, node_id: str, url: str) -> Call:
+        return self._call("POST", "/v1/cluster/members", _mapping, body={"id": node_id, "url": url}, has_body=True)
+
+    def _remove_member_call(self, node_id: str) -> Call:
+        return self._call("DELETE", f"/v1/cluster/members/{segment(node_id)}", _mapping)
+
+    def _transfer_call(self, to: str | None) -> Call:
+        return self._call("POST", "/v1/cluster/transfer", _mapping, body={} if to is None else {"to": to},
+                          has_body=True)
+
     def _workers_call(self) -> Call:
         return self._call("GET", "/v1/workers", _field("workers", list))
 

@@ -468,6 +468,25 @@ class Client(_BaseClient):
         leader, leader_url, commit_index, applied_index, nodes."""
         return self._send(self._cluster_call())
 
+    def add_member(self, node_id: str, url: str) -> dict:
+        """Adds a node, started empty with `--join`, as a learner; the leader promotes it to voter
+        once it has caught up. Returns once the change is committed, with the members.
+
+        Raises:
+            errors.Conflict: the id is, or was, a member (ids are never reused).
+        """
+        return self._send(self._add_member_call(node_id, url))
+
+    def remove_member(self, node_id: str) -> dict:
+        """Removes a member for good (the leader itself: it hands leadership on first).
+        Returns once the change is committed, with the members left."""
+        return self._send(self._remove_member_call(node_id))
+
+    def transfer_leadership(self, to: str | None = None) -> dict:
+        """Moves leadership to voter `to`, or to the most caught-up one; returns once another
+        node leads: {"previous", "leader", "leader_url"}."""
+        return self._send(self._transfer_call(to))
+
     def workers(self) -> list[dict]:
         """The workers the leader knows, with their last heartbeat and leased jobs."""
         return self._send(self._workers_call())

@@ -8,6 +8,10 @@
     queues                        depth of every queue, by state
     job ID / cancel ID            show / cancel one job
     dlq list|redrive|purge QUEUE  the dead-letter queue
+    cluster members               the members: voter or learner, how far each has replicated
+    cluster add ID URL            add a node started empty with --join (promoted once caught up)
+    cluster remove ID             remove a member for good
+    cluster transfer [ID]         move leadership to ID, or to the most caught-up voter
 
 `raftq node`, `raftq bench` and `raftq chaos` belong to other packages: the `raftq` command
 (raftq/command.py) dispatches them before this module sees the command line.
@@ -114,6 +118,10 @@ def build_parser(other_commands: dict[str, str] | None = None) -> argparse.Argum
     configure.add_argument("--burst", type=int, help="leases the bucket holds (default: one second's worth)")
     configure.add_argument("--max-running-per-key", type=int, help="leased jobs of one key at a time")
     configure.add_argument("--fifo", action="store_true", help="one job per group at a time, in submit order")
+    cluster = command("cluster", cmd_cluster, "List the members, add or remove one, or move leadership.")
+    cluster.add_argument("action", choices=("members", "add", "remove", "transfer"))
+    cluster.add_argument("id", nargs="?", help="add, remove: the node's id; transfer: the new leader (optional)")
+    cluster.add_argument("url", nargs="?", help="add: the URL the node is reached at")
     schedules = command("schedules", cmd_schedules, "List schedules, or pause, resume or delete one.")
     schedules.add_argument("action", nargs="?", default="list", choices=("list", "pause", "resume", "delete"))
     schedules.add_argument("name", nargs="?")
@@ -463,6 +471,41 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         else:
             count = client.purge_dead(args.queue)
             _print_json({"purged": count}) if args.json else print(f"purged {count} dead job(s) from {args.queue}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.action in ("add", "remove") and not args.id:
+        raise UsageError(f"`cluster {args.action}` needs the node's id")
+    if (args.action == "add") != bool(args.url):
+        raise UsageError("a URL goes with `cluster add ID URL` only")
+    if args.action == "members" and args.id:
+        raise UsageError("`cluster members` takes no id")
+    with _client(args) as client:
+        if args.action == "members":
+            view = client.cluster()
+            # A follower's view has no match indexes: ask the leader for them when one is known.
+            if view.get("leader_url") and view.get("leader") != view.get("node"):
+                with _make_client([view["leader_url"]], _token(args), _timeout(args), tls=_tls(args)) as leader:
+                    view = leader.cluster()
+            if args.json:
+                _print_json({"nodes": view.get("nodes", []), "leader": view.get("leader")})
+            else:
+                rows = [[n.get("id"), n.get("url"), "voter" if n.get("voter") else "learner",
+                         "leader" if n.get("leader") else "", "-" if n.get("match_index") is None else n["match_index"]]
+                        for n in view.get("nodes", [])]
+                print(format_table(["ID", "URL", "ROLE", "", "MATCH"], rows))
+            return 0
+        if args.action == "add":
+            answer = client.add_member(args.id, args.url)
+            message = f"added {args.id} as a learner; it becomes a voter once it has caught up"
+        elif args.action == "remove":
+            answer = client.remove_member(args.id)
+            message = f"removed {args.id}"
+        else:
+            answer = client.transfer_leadership(args.id)
+            message = f"leadership moved from {answer.get('previous')} to {answer.get('leader')}"
+    _print_json(answer) if args.json else print(message)
     return 0
 
 

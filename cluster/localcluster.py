@@ -194,6 +194,25 @@ class LocalCluster:
         node.paused = False
         log.close()
 
+    def add_joining_node(self, node_id: str) -> NodeProcess:
+        """A new node, started empty with `--join` (nobody's member until `POST
+        /v1/cluster/members` adds it); not started yet: `start_node(node_id)` starts it."""
+        assert node_id not in self.nodes, f"{node_id} exists"
+        template = next(iter(self.nodes.values()))
+        (port,) = free_ports(1)
+        data_dir = os.path.join(self.base_dir, node_id)
+        args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port), "--data-dir", data_dir,
+                "--join", template.url, "--cluster-secret-file", self.secret_path, *self.extra_args]
+        if self.tls_dir:
+            args += ["--tls-cert", os.path.join(self.tls_dir, f"{node_id}.pem"),
+                     "--tls-key", os.path.join(self.tls_dir, f"{node_id}.key"),
+                     "--tls-ca", os.path.join(self.tls_dir, "ca.pem"), "--tls-peer-certs"]
+        self.ports[node_id] = port
+        node = NodeProcess(node_id, port, data_dir, os.path.join(self.base_dir, f"{node_id}.log"), args,
+                           scheme=template.scheme)
+        self.nodes[node_id] = node
+        return node
+
     def kill(self, node_id: str) -> None:
         """SIGKILL: no shutdown code runs; unsynced page cache survives (this is not a power cut)."""
         node = self.nodes[node_id]
