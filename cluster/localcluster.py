@@ -201,7 +201,7 @@ class LocalCluster:
         template = next(iter(self.nodes.values()))
         (port,) = free_ports(1)
         data_dir = os.path.join(self.base_dir, node_id)
-        args = [sys.executable, "-m", "cluster", "--id", node_id, "--port", str(port), "--data-dir", data_dir,
+        args = [sys.executable, "-m", "raftq.cluster", "--id", node_id, "--port", str(port), "--data-dir", data_dir,
                 "--join", template.url, "--cluster-secret-file", self.secret_path, *self.extra_args]
         if self.tls_dir:
             args += ["--tls-cert", os.path.join(self.tls_dir, f"{node_id}.pem"),

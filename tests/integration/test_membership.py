@@ -12,8 +12,8 @@ import shutil
 import threading
 import time
 
-from client import Client, errors
-from cluster.localcluster import LocalCluster, http_json, wait_until
+from raftq.client import Client, errors
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 
 
 def _members(cluster: LocalCluster, node_id: str) -> dict[str, dict]:
