@@ -5,6 +5,7 @@
      └── ServiceError         a request cannot be served now; the API maps it to an HTTP answer
           ├── NotLeaderError  this node does not lead (307 to the leader, or 503 when none is known)
           ├── Unavailable     overloaded, shutting down, or the entry did not commit in time (503)
+          │    └── NotServingYet  a new leader still applying its predecessors' entries (held, then 307)
           └── ProposalLost    the entry was overwritten by a new leader (503; the client retries)
 
 The Raft core, the queue state machine and the WAL have their own errors modules; this one holds
@@ -37,6 +38,10 @@ class NotLeaderError(ServiceError):
 
 class Unavailable(ServiceError):
     """Raised when the node is overloaded, stopping, or a proposal did not commit in time."""
+
+
+class NotServingYet(Unavailable):
+    """Raised when this node leads but has not applied its own term's no-op entry yet."""
 
 
 class ProposalLost(ServiceError):

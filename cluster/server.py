@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 from raftq.cluster import metrics as node_metrics
 from raftq.cluster.config import NodeConfig
-from raftq.cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
 from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue.results import Rejected, Released, Ticked
 from raftq.cluster.housekeeping import LeaderHousekeeping
@@ -157,6 +157,12 @@ class Node:
         self._read_waiters: dict[int, asyncio.Future] = {}
         self._read_ids = itertools.count(1)
         self._applied_waiters: list[tuple[int, asyncio.Future]] = []
+        #: requests held while no leader is known (`wait_for_leader`), woken by any change
+        self._leader_waiters: list[asyncio.Future] = []
+        #: stepped down without knowing a new leader, and heard of none since (see wait_for_leader)
+        self._deposed_alone = False
+        #: the WAL write in flight in its thread, if any (stop waits for it)
+        self._persisting: asyncio.Future | None = None
         self._wakeup = asyncio.Event()
         self.snapshotting = Snapshotting(config, self._wakeup)
         self._jobs_changed: asyncio.Future | None = None
@@ -236,6 +242,8 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._persisting is not None:
+            await asyncio.gather(self._persisting, return_exceptions=True)
         self._fail_waiters(Unavailable("node is shutting down"))
         await self.snapshotting.close()
         if self.snapshot_sender is not None:
@@ -298,12 +306,56 @@ class Node:
 
         Raises:
             NotLeaderError: this node does not lead.
-            Unavailable: it leads but is still applying earlier entries.
+            NotServingYet: it leads but is still applying earlier entries (an Unavailable).
         """
         if not self.is_leader:
             raise NotLeaderError(self._leader_id, self.leader_url())
         if not self.is_serving:
-            raise Unavailable("new leader is applying earlier entries; retry shortly")
+            raise NotServingYet("new leader is applying earlier entries; retry shortly")
+
+    @property
+    def leader_hold_s(self) -> float:
+        """How long a request that finds no leader is held for one: the election timeout's lower
+        bound (most elections end within it; see `wait_for_leader`)."""
+        return self.config.election_ticks * self.config.tick_interval_s
+
+    async def wait_for_leader(self, timeout_s: float) -> bool:
+        """Waits up to timeout_s until a leader that can answer is known: another node, or this
+        one serving. True when one is.
+
+        Why (hashicorp/consul's RPC hold, etcd's proposal forwarding do the same): without it, a
+        node in an election answers 503 + Retry-After at once, so a client failing over waits out
+        a whole Retry-After (1 s) after the election ended; held, it is redirected the moment the
+        new leader is known. Raft never waits on this: it only reads what the drive loop set.
+        A leader that stepped down for want of a majority (check-quorum: it is cut off or alone)
+        does not hold until it hears of a leader again: its clients are better off elsewhere now.
+        """
+        if self._deposed_alone:
+            return False  # it stepped down unable to reach a majority: it would hold in vain
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._leader_answers():
+            remaining_s = deadline - loop.time()
+            if remaining_s <= 0 or self._stopping:
+                return False
+            waiter = loop.create_future()
+            self._leader_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining_s)
+            except asyncio.TimeoutError:
+                return self._leader_answers()
+        return True
+
+    def _leader_answers(self) -> bool:
+        if self._leader_id is None:
+            return False
+        return self._leader_id != self.config.node_id or self.is_serving
+
+    def _wake_leader_waiters(self) -> None:
+        waiters, self._leader_waiters = self._leader_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def propose(self, command: cmds.Command) -> Any:
         """Replicates one command and returns its apply result once it is applied here.
@@ -523,13 +575,18 @@ class Node:
                 self._use_membership(action.membership)
             elif isinstance(action, Persist):
                 started = time.perf_counter()
-                await asyncio.to_thread(self._persist, action)
+                # Shielded: stop() cancels this loop, but the write in its thread runs on; stop()
+                # waits for it before the storage is closed under it.
+                self._persisting = asyncio.ensure_future(asyncio.to_thread(self._persist, action))
+                await asyncio.shield(self._persisting)
                 self.metrics.observe_persist(time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):
                 self._send(action.messages)
             elif isinstance(action, Apply):
                 self._apply(action.entries)
                 self.snapshotting.maybe_start(raft, self.queue)
+                if self._leader_waiters and self.is_serving:  # a new leader applied its no-op
+                    self._wake_leader_waiters()
             elif isinstance(action, ServeReads):
                 for read_id, read_index in action.read_states:
                     future = self._read_waiters.pop(read_id, None)
@@ -671,8 +728,13 @@ class Node:
         was_leader = self._role == Role.LEADER
         if leader_id != self._leader_id and leader_id is not None:
             self.leader_changes_count += 1
+        if was_leader and role != Role.LEADER:
+            self._deposed_alone = leader_id is None
+        elif leader_id is not None:
+            self._deposed_alone = False
         self._role, self._leader_id = role, leader_id
         log.info("role %s, term %d, leader %s", role.name.lower(), raft.term, leader_id or "unknown")
+        self._wake_leader_waiters()
         if was_leader and role != Role.LEADER:
             self._fail_waiters(NotLeaderError(leader_id, self.leader_url()))
         if role == Role.LEADER and not was_leader:

@@ -19,7 +19,7 @@ from raftq.cluster.api.connections import ConnectionGuard
 from raftq.cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
 from raftq.cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
 from raftq.cluster.config import NodeConfig
-from raftq.cluster.errors import NotLeaderError, ProposalLost, Unavailable
+from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
 from raftq.cluster.server import Node
 from raftq.protocol import LEADER_HEADER
 from raftq.cluster.transport.http import SECRET_HEADER
@@ -89,7 +89,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.info("refused %s %r: %s %r", request.method, request.path, exc.status, exc.message)
         return error_response(request, exc)
     except NotLeaderError as exc:
-        return _not_leader(request, exc)
+        return await _not_leader(request, exc)
+    except NotServingYet as exc:
+        return await _not_leader(request, NotLeaderError(None, None), unavailable=exc)
     except (Unavailable, ProposalLost) as exc:
         return error_response(request, ApiError(503, "unavailable", str(exc), headers=_retry_after()))
     except web.HTTPException as exc:
@@ -101,13 +103,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, ApiError(500, "internal", "internal error; see the node's log"))
 
 
-def _not_leader(request: web.Request, exc: NotLeaderError) -> web.StreamResponse:
-    if exc.leader_url is None:
+async def _not_leader(request: web.Request, exc: NotLeaderError,
+                      unavailable: NotServingYet | None = None) -> web.StreamResponse:
+    leader_id, leader_url = exc.leader_id, exc.leader_url
+    if leader_url is None:
+        # In an election, or a new leader not serving yet: hold the request until a leader that
+        # answers is known (at most the election timeout's lower bound), then redirect, rather
+        # than make the client back off for a whole Retry-After (see Node.wait_for_leader).
+        # Nothing was done for the request yet.
+        node = request.app[NODE]
+        if await node.wait_for_leader(node.leader_hold_s):
+            leader_id, leader_url = node.leader_id, node.leader_url()
+    if leader_url is None:
+        if unavailable is not None:
+            return error_response(request, ApiError(503, "unavailable", str(unavailable), headers=_retry_after()))
         return error_response(request, ApiError(503, "no_leader", "no leader is known yet; retry shortly",
                                                 headers=_retry_after()))
-    location = exc.leader_url.rstrip("/") + request.path_qs
-    body = ApiError(307, "not_leader", f"node {exc.leader_id} leads; retry at {location}",
-                    headers={"Location": location, LEADER_HEADER: exc.leader_id or ""})
+    if leader_id == request.app[NODE].config.node_id:
+        location = request.path_qs  # this node won: again here, at the address the client used
+    else:
+        location = leader_url.rstrip("/") + request.path_qs
+    body = ApiError(307, "not_leader", f"node {leader_id} leads; retry at {location}",
+                    headers={"Location": location, LEADER_HEADER: leader_id or ""})
     return error_response(request, body)
 
 

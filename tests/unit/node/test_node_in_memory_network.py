@@ -90,3 +90,45 @@ async def test_three_nodes_on_an_in_memory_network_replicate(tmp_path):
             await node.stop()
         for storage in storages.values():
             storage.close()
+
+
+async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path):
+    """`wait_for_leader` (the API holds a request on it in an election): with every node cut off
+    it gives up after its timeout; started while no leader is known, it returns as soon as a
+    leader that answers exists (another node, or this one once it serves)."""
+    network = MemoryNetwork()
+    storages = {n: NodeStorage.open(str(tmp_path / n), wal_segment_bytes=1 << 20, logger=logging.getLogger("test"))
+                for n in NODE_IDS}
+    nodes = {n: Node(_config(n, tmp_path), storage=storages[n], transport=network.transport(n)) for n in NODE_IDS}
+    for node_id, node in nodes.items():
+        network.attach(node_id, node.deliver)
+    for node in nodes.values():
+        await node.start()
+    try:
+        def leaders():
+            return {n: node.leader_id for n, node in nodes.items()}
+
+        leader_id = await _poll(lambda: next((n for n, node in nodes.items() if node.is_serving), None),
+                                "a leader that serves", leaders)
+        network.cut.update(NODE_IDS)  # nobody hears anybody: every node loses its leader
+        await _poll(lambda: all(node.leader_id is None for node in nodes.values()), "no leader anywhere", leaders)
+        # The old leader stepped down unable to reach a majority: it does not hold at all.
+        assert await nodes[leader_id].wait_for_leader(DEADLINE_S) is False
+        follower_id = next(n for n in NODE_IDS if n != leader_id)
+        node = nodes[follower_id]
+        started = time.monotonic()
+        assert await node.wait_for_leader(0.3) is False
+        assert time.monotonic() - started >= 0.3
+
+        held = asyncio.create_task(node.wait_for_leader(DEADLINE_S))
+        await asyncio.sleep(0)  # let it start waiting
+        assert not held.done(), "returned although no leader is known"
+        network.cut.clear()
+        assert await held is True
+        assert node.leader_id is not None
+        assert node.leader_id != follower_id or node.is_serving, "held until this node serves, not just until it leads"
+    finally:
+        for node in nodes.values():
+            await node.stop()
+        for storage in storages.values():
+            storage.close()
