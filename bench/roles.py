@@ -350,7 +350,7 @@ def _lean_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
                     continue
                 for job in jobs:
                     handler(job)
-                results = client.ack_many(worker_id, [(job.id, job.lease, None) for job in jobs])
+                results = client.ack_many(worker_id, [(job.id, job.lease_token, None) for job in jobs])
                 tally.record([_submitted_at(job) for job in jobs], results)
         except BaseException as exc:
             failures.append(exc)

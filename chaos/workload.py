@@ -174,7 +174,7 @@ def lease_end_wall(job, answered_wall: float) -> float:
 
 
 def jobs_record(jobs, answered_wall: float) -> list[dict]:
-    return [{"id": j.id, "value": j.payload.get("v") if isinstance(j.payload, dict) else None, "lease": j.lease,
+    return [{"id": j.id, "value": j.payload.get("v") if isinstance(j.payload, dict) else None, "lease": j.lease_token,
              "expires": lease_end_wall(j, answered_wall), "attempt": j.attempt} for j in jobs]
 
 
@@ -198,14 +198,14 @@ def recorded_reports(client: Client, history: HistoryWriter, proc: str, worker: 
     one op per job (same request, same times, each with its own outcome)."""
     if not jobs:
         return
-    op_ids = history.invoke_many(kind, [{"worker": worker, "job": j.id, "lease": j.lease,
+    op_ids = history.invoke_many(kind, [{"worker": worker, "job": j.id, "lease": j.lease_token,
                                          "value": j.payload.get("v") if isinstance(j.payload, dict) else None}
                                         for j in jobs], proc=proc)
     try:
         if kind == "ack":
-            outcomes = client.ack_many(worker, [(j.id, j.lease, None) for j in jobs])
+            outcomes = client.ack_many(worker, [(j.id, j.lease_token, None) for j in jobs])
         else:
-            outcomes = client.fail_many(worker, [(j.id, j.lease, "chaos: planned failure", True, 0.1) for j in jobs])
+            outcomes = client.fail_many(worker, [(j.id, j.lease_token, "chaos: planned failure", True, 0.1) for j in jobs])
     except errors.RaftqError as exc:
         history.complete_many(op_ids, kind, outcome_of(exc), [_error_fields(exc)] * len(op_ids))
         return
@@ -277,7 +277,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             continue
         answered_wall = time.time()
         with held_lock:
-            held.update({j.id: j.lease for j in jobs})
+            held.update({j.id: j.lease_token for j in jobs})
         fates: dict[str, list] = {"ack": [], "nack": [], "stall": [], "drop": []}
         for job in jobs:
             draw = rng.random()
@@ -292,10 +292,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         if stop.wait(rng.uniform(*args.work_s)):  # the "work" of the batch
             break
         for job in fates["stall"]:
-            history.event("stall", proc=proc, job=job.id, lease=job.lease)
+            history.event("stall", proc=proc, job=job.id, lease=job.lease_token)
             stalled.append((lease_end_wall(job, answered_wall) + 1.5, job))
         for job in fates["drop"]:
-            history.event("drop", proc=proc, job=job.id, lease=job.lease)
+            history.event("drop", proc=proc, job=job.id, lease=job.lease_token)
         recorded_reports(client, history, proc, args.worker, fates["ack"], "ack")
         recorded_reports(client, history, proc, args.worker, fates["nack"], "nack")
         with held_lock:

@@ -5,7 +5,7 @@
     with Client(["http://127.0.0.1:7001", "http://127.0.0.1:7002", "http://127.0.0.1:7003"]) as client:
         job_id = client.submit("emails", {"to": "a@example.com"})
         for job in client.fetch("worker-1", ["emails"], max_jobs=10, wait_s=5):
-            client.ack("worker-1", job.id, job.lease)
+            client.ack("worker-1", job.id, job.lease_token)
         client.wait(job_id, timeout=10)["state"]     # "done": a long poll, answered at the final state
 
 `JobHandle` (what `App` tasks' `submit`/`delay` return) is a job id with `.state` and `.result(timeout=)`.

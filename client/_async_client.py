@@ -153,22 +153,22 @@ class AsyncClient(_BaseClient):
                     wait_s: float = 0.0) -> list[LeasedJob]:
         return await self._send(self._fetch_call(worker, queues, max_jobs, wait_s))
 
-    async def ack(self, worker: str, job_id: str, lease: int, result: Any = None) -> None:
-        single(await self._send(self._ack_calls(worker, [(job_id, lease, result)])[0]))
+    async def ack(self, worker: str, job_id: str, lease_token: int, result: Any = None) -> None:
+        single(await self._send(self._ack_calls(worker, [(job_id, lease_token, result)])[0]))
 
     async def ack_many(self, worker: str, items: Sequence[tuple[str, int, Any]]) -> list[None | errors.RaftqError]:
         return [outcome for call in self._ack_calls(worker, items) for outcome in await self._send(call)]
 
-    async def fail(self, worker: str, job_id: str, lease: int, error: str, *, retry: bool = True,
+    async def fail(self, worker: str, job_id: str, lease_token: int, error: str, *, retry: bool = True,
                    delay_s: float | None = None) -> None:
-        single(await self._send(self._fail_calls(worker, [(job_id, lease, error, retry, delay_s)])[0]))
+        single(await self._send(self._fail_calls(worker, [(job_id, lease_token, error, retry, delay_s)])[0]))
 
     async def fail_many(self, worker: str, items: Sequence[tuple[str, int, str, bool, float | None]]
                         ) -> list[None | errors.RaftqError]:
         return [outcome for call in self._fail_calls(worker, items) for outcome in await self._send(call)]
 
-    async def extend(self, worker: str, job_id: str, lease: int, lease_s: float) -> float:
-        return single(await self._send(self._extend_calls(worker, [(job_id, lease, lease_s)])[0]))
+    async def extend(self, worker: str, job_id: str, lease_token: int, lease_s: float) -> float:
+        return single(await self._send(self._extend_calls(worker, [(job_id, lease_token, lease_s)])[0]))
 
     async def extend_many(self, worker: str, items: Sequence[tuple[str, int, float]]
                           ) -> list[float | errors.RaftqError]:

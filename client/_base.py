@@ -128,22 +128,25 @@ class LeasedJob:
         queue: the queue it came from.
         payload: the submitted value, decoded from msgpack.
         attempt: 1 on the first delivery, 2 on the second, ...
-        lease: the fencing token that ack, fail and extend must present.
+        lease_token: the fencing token that ack, fail and extend must present (`lease` on the wire).
         lease_expires_at: when the lease runs out unless extended, on the cluster's clock (unix
             seconds; close to real time, but no machine's wall clock need agree with it).
         lease_expires_in_s: how long the lease had left when the server answered (None from a
             server before it was reported): what to plan extends with, whatever the clocks say.
         priority: 0-9, 9 runs first.
+        lease_s: the job's own lease length (set on submit): a worker extends the lease by this
+            much each time (None from a server before it was reported).
     """
 
     id: str
     queue: str
     payload: Any
     attempt: int
-    lease: int
+    lease_token: int
     lease_expires_at: float
     priority: int = 0
     lease_expires_in_s: float | None = None
+    lease_s: float | None = None
 
 
 # ---------------------------------------------------------------------------- plan steps
@@ -718,10 +721,11 @@ def _parse_ids(body: Any, node: str, *, count: int) -> list[str]:
 
 def _parse_jobs(body: Any, node: str) -> list[LeasedJob]:
     return [LeasedJob(id=job["id"], queue=job["queue"], payload=job.get("payload"), attempt=int(job["attempt"]),
-                      lease=int(job["lease"]), lease_expires_at=float(job["lease_expires_at"]),
+                      lease_token=int(job["lease"]), lease_expires_at=float(job["lease_expires_at"]),
                       priority=int(job.get("priority", 0)),
                       lease_expires_in_s=None if job.get("lease_expires_in_s") is None
-                      else float(job["lease_expires_in_s"]))
+                      else float(job["lease_expires_in_s"]),
+                      lease_s=None if job.get("lease_s") is None else float(job["lease_s"]))
             for job in body["jobs"]]
 
 

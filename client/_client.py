@@ -179,13 +179,13 @@ class Client(_BaseClient):
         """
         return self._send(self._fetch_call(worker, queues, max_jobs, wait_s))
 
-    def ack(self, worker: str, job_id: str, lease: int, result: Any = None) -> None:
-        """Marks a leased job done. Repeating an accepted ack with the same lease is fine.
+    def ack(self, worker: str, job_id: str, lease_token: int, result: Any = None) -> None:
+        """Marks a leased job done. Repeating an accepted ack with the same lease token is fine.
 
         Args:
             worker: the worker holding the lease.
             job_id: the job.
-            lease: the token `fetch` gave (LeasedJob.lease).
+            lease_token: the token `fetch` gave (LeasedJob.lease_token).
             result: an optional msgpack value kept with the job (at most 64 KiB).
 
         Raises:
@@ -194,14 +194,14 @@ class Client(_BaseClient):
             errors.JobNotFound: no such job.
             errors.TransportError, errors.ServerError: no node could serve it before the deadline.
         """
-        single(self._send(self._ack_calls(worker, [(job_id, lease, result)])[0]))
+        single(self._send(self._ack_calls(worker, [(job_id, lease_token, result)])[0]))
 
     def ack_many(self, worker: str, items: Sequence[tuple[str, int, Any]]) -> list[None | errors.RaftqError]:
         """Acks many jobs; one refused item does not fail the others.
 
         Args:
             worker: the worker holding the leases.
-            items: (job_id, lease, result or None) per job.
+            items: (job_id, lease_token, result or None) per job.
 
         Returns:
             Per item, in order: None when acked, else its error (LeaseError, JobNotFound).
@@ -211,14 +211,14 @@ class Client(_BaseClient):
         """
         return [outcome for call in self._ack_calls(worker, items) for outcome in self._send(call)]
 
-    def fail(self, worker: str, job_id: str, lease: int, error: str, *, retry: bool = True,
+    def fail(self, worker: str, job_id: str, lease_token: int, error: str, *, retry: bool = True,
              delay_s: float | None = None) -> None:
         """Reports a failed attempt; the job is retried with backoff, or dead-lettered.
 
         Args:
             worker: the worker holding the lease.
             job_id: the job.
-            lease: the token `fetch` gave.
+            lease_token: the token `fetch` gave.
             error: what went wrong (kept as the job's last error, cut to 8 KiB).
             retry: False dead-letters the job at once.
             delay_s: retry after exactly this many seconds instead of the job's backoff.
@@ -227,7 +227,7 @@ class Client(_BaseClient):
             errors.LeaseError, errors.JobNotFound: as for `ack`.
             errors.TransportError, errors.ServerError: no node could serve it before the deadline.
         """
-        single(self._send(self._fail_calls(worker, [(job_id, lease, error, retry, delay_s)])[0]))
+        single(self._send(self._fail_calls(worker, [(job_id, lease_token, error, retry, delay_s)])[0]))
 
     def fail_many(self, worker: str, items: Sequence[tuple[str, int, str, bool, float | None]]
                   ) -> list[None | errors.RaftqError]:
@@ -235,7 +235,7 @@ class Client(_BaseClient):
 
         Args:
             worker: the worker holding the leases.
-            items: (job_id, lease, error, retry, delay_s or None) per job.
+            items: (job_id, lease_token, error, retry, delay_s or None) per job.
 
         Returns:
             Per item, in order: None when recorded, else its error.
@@ -245,13 +245,13 @@ class Client(_BaseClient):
         """
         return [outcome for call in self._fail_calls(worker, items) for outcome in self._send(call)]
 
-    def extend(self, worker: str, job_id: str, lease: int, lease_s: float) -> float:
+    def extend(self, worker: str, job_id: str, lease_token: int, lease_s: float) -> float:
         """Extends a lease to `lease_s` seconds from now.
 
         Args:
             worker: the worker holding the lease.
             job_id: the job.
-            lease: the token `fetch` gave (it stays the same).
+            lease_token: the token `fetch` gave (it stays the same).
             lease_s: the new lease length, seconds (1 s - 12 h).
 
         Returns:
@@ -261,14 +261,14 @@ class Client(_BaseClient):
             errors.LeaseError, errors.JobNotFound: as for `ack`.
             errors.TransportError, errors.ServerError: no node could serve it before the deadline.
         """
-        return single(self._send(self._extend_calls(worker, [(job_id, lease, lease_s)])[0]))
+        return single(self._send(self._extend_calls(worker, [(job_id, lease_token, lease_s)])[0]))
 
     def extend_many(self, worker: str, items: Sequence[tuple[str, int, float]]) -> list[float | errors.RaftqError]:
         """Extends many leases.
 
         Args:
             worker: the worker holding the leases.
-            items: (job_id, lease, lease_s) per job.
+            items: (job_id, lease_token, lease_s) per job.
 
         Returns:
             Per item, in order: the new expiry (unix s), else its error.
@@ -283,7 +283,7 @@ class Client(_BaseClient):
 
         Args:
             worker: the worker holding the leases.
-            items: (job_id, lease) per job.
+            items: (job_id, lease_token) per job.
 
         Returns:
             Per item, in order: None when handed back, else its error (LeaseError, JobNotFound).

@@ -172,7 +172,6 @@ def _add_worker(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--pool", choices=("threads", "processes", "asyncio"), default="threads")
     sub.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     sub.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown (default 30)")
-    sub.add_argument("--lease", type=float, default=30.0, help="seconds each lease extension lasts (default 30)")
     sub.add_argument("--wait", type=float, default=5.0, help="long-poll seconds per fetch (default 5)")
     sub.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats (default 2)")
     sub.add_argument("--time-limit", type=float, help="hard seconds per job, for tasks that set none (processes: "
@@ -285,7 +284,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     client = _make_client(nodes, token, _timeout(args), tls=_tls(args), asynchronous=args.pool == "asyncio")  # connects lazily
     metrics = PrometheusMiddleware() if args.metrics_port is not None else None
     options = dict(concurrency=args.concurrency, prefetch=args.prefetch, pool=args.pool, queues=_split(args.queues) or None,
-                   burst=args.burst, grace_s=args.grace, lease_s=args.lease, wait_s=args.wait,
+                   burst=args.burst, grace_s=args.grace, wait_s=args.wait,
                    heartbeat_s=args.heartbeat, middleware=[metrics] if metrics else [], time_limit=args.time_limit,
                    soft_time_limit=args.soft_time_limit)
     try:

@@ -51,7 +51,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import msgpack
 
 from raftq.client.errors import JobError
-from raftq.protocol import (BATCH_COUNT_MAX, DELAY_S_MAX, ERROR_TEXT_BYTES_MAX, FETCH_COUNT_MAX, LEASE_S_MAX,
+from raftq.protocol import (BATCH_COUNT_MAX, DELAY_S_MAX, ERROR_TEXT_BYTES_MAX, FETCH_COUNT_MAX, LEASE_S_DEFAULT,
+                            LEASE_S_MAX, LEASE_S_MIN,
                             RESULT_BYTES_MAX)
 
 log = logging.getLogger("raftq.worker")
@@ -198,6 +199,7 @@ class Flight:
     """One job this worker holds a lease on, from fetch until its outcome is answered."""
 
     job: Any
+    lease_s: float  # the job's own lease length: each extension renews the lease by this much
     extend_at: float  # monotonic time at which to extend the lease next
     expires_at: float = float("inf")  # monotonic time at which the lease runs out, as reckoned here
     state: str = BUFFERED
@@ -220,17 +222,15 @@ class WorkerCore:
         concurrency: handlers at once.
         prefetch: the buffer's bound in jobs (for "auto", PREFETCH_DEFAULT_MAX or less).
         paced: "auto": the bound shrinks to PREFETCH_HORIZON_S of measured work and PREFETCH_BYTES_MAX.
-        lease_s: the length of each lease extension.
         ack_batch_max, ack_linger_s: when waiting outcomes go out (`flush_due`).
         on_change: called (with the caller's lock held) when a waiter's condition may have turned true.
     """
 
-    def __init__(self, *, concurrency: int, prefetch: int, paced: bool, lease_s: float, ack_batch_max: int,
+    def __init__(self, *, concurrency: int, prefetch: int, paced: bool, ack_batch_max: int,
                  ack_linger_s: float, on_change: Callable[[], None] = lambda: None) -> None:
         self.concurrency = concurrency
         self.prefetch = prefetch
         self.paced = paced
-        self.lease_s = lease_s
         self.ack_batch_max = ack_batch_max
         self.ack_linger_s = ack_linger_s
         self.on_change = on_change
@@ -275,14 +275,18 @@ class WorkerCore:
 
         `now` is monotonic, `now_wall` unix time. A job's lease span is the time it had left as
         the server answered (`lease_expires_in_s`): no clock has to agree. An older server gives
-        only the end on the cluster's clock, read against `now_wall`."""
+        only the end on the cluster's clock, read against `now_wall`. Extensions renew a lease by
+        the job's own lease length (`lease_s`, as submitted), never by a length of the worker's."""
         flights = []
         for job in jobs:
             in_s = getattr(job, "lease_expires_in_s", None)
             span_s = in_s if in_s is not None else job.lease_expires_at - now_wall
-            if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the cluster's: trust our own setting
-                span_s = self.lease_s
-            flight = Flight(job, extend_at=now + span_s / 2, expires_at=now + span_s, state=state)
+            own_s = getattr(job, "lease_s", None)
+            if own_s is None or not LEASE_S_MIN <= own_s <= LEASE_S_MAX:  # an older server
+                own_s = span_s if LEASE_S_MIN <= span_s <= LEASE_S_MAX else LEASE_S_DEFAULT
+            if not 0 < span_s <= LEASE_S_MAX:  # a clock far off the cluster's
+                span_s = own_s
+            flight = Flight(job, own_s, extend_at=now + span_s / 2, expires_at=now + span_s, state=state)
             self.flights[job.id] = flight
             flights.append(flight)
             if self.paced:
@@ -409,11 +413,11 @@ class WorkerCore:
         fails = [(f, o) for f, o in batch if o.kind not in ("ok", "released")]
         requests: list[ReportRequest] = []
         for pairs in chunks_by_size(releases, REPORT_BYTES_MAX):
-            requests.append(("release_many", pairs, [(f.job.id, f.job.lease) for f, _ in pairs]))
+            requests.append(("release_many", pairs, [(f.job.id, f.job.lease_token) for f, _ in pairs]))
         for pairs in chunks_by_size(acks, REPORT_BYTES_MAX):
-            requests.append(("ack_many", pairs, [(f.job.id, f.job.lease, o.result) for f, o in pairs]))
+            requests.append(("ack_many", pairs, [(f.job.id, f.job.lease_token, o.result) for f, o in pairs]))
         for pairs in chunks_by_size(fails, REPORT_BYTES_MAX):
-            requests.append(("fail_many", pairs, [(f.job.id, f.job.lease, o.error, o.kind != "rejected", o.delay_s)
+            requests.append(("fail_many", pairs, [(f.job.id, f.job.lease_token, o.error, o.kind != "rejected", o.delay_s)
                                                   for f, o in pairs]))
         return requests
 
@@ -479,9 +483,9 @@ class WorkerCore:
             elif isinstance(result, BaseException):
                 flight.extend_at = now + EXTEND_RETRY_S
             else:
-                flight.extend_at = now + self.lease_s / 2
+                flight.extend_at = now + flight.lease_s / 2
                 # The server started the new lease after the request left: this end is on the safe side.
-                flight.expires_at = asked_at + self.lease_s
+                flight.expires_at = asked_at + flight.lease_s
         if lost:
             self.mark_lost(lost, "lease extension refused")
 
@@ -489,6 +493,10 @@ class WorkerCore:
         """The whole extend request failed (no answer): try again soon."""
         for flight in flights:
             flight.extend_at = now + EXTEND_RETRY_S
+
+    def shortest_lease_s(self) -> float:
+        """The shortest own lease among the held jobs (LEASE_S_MAX when none)."""
+        return min((f.lease_s for f in self.flights.values()), default=LEASE_S_MAX)
 
     def next_extension(self) -> float:
         """When the next lease is due for extension (monotonic s; inf when none)."""

@@ -171,11 +171,11 @@ def beat_loop(w: Worker) -> Loop:
                 w._mark_lost(lost, "the server says this worker no longer holds it")
         # Every lease due within the next window goes in this one request: with leases fetched
         # one after another, extending each exactly when due would send a request per few jobs.
-        due = w._due_extensions(time.monotonic() + extend_window_s(w.heartbeat_s, w.lease_s))
+        due = w._due_extensions(time.monotonic() + extend_window_s(w.heartbeat_s, w._shortest_lease_s()))
         if due:
             asked_at = time.monotonic()
             try:
-                results = yield Call("extend_many", (w.worker_id, [(f.job.id, f.job.lease, w.lease_s) for f in due]))
+                results = yield Call("extend_many", (w.worker_id, [(f.job.id, f.job.lease_token, f.lease_s) for f in due]))
             except RaftqError as exc:
                 w._extend_failed(due, exc)
             else:

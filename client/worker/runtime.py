@@ -23,7 +23,7 @@ With the sync pools ("threads", "processes") four roles run on their own threads
                soon), whichever comes first. Under load outcomes also gather while a request is out.
     beater     a heartbeat every `heartbeat_s` naming the jobs buffered and running, from a thread
                of its own so a busy handler cannot starve it (FEATURES.md pain point 7); it also
-               extends every lease that has run past about half its span.
+               extends every lease that has run past about half its span, by the job's own lease length.
 
 Process pool: each runner owns one pool process (client/worker/processes.py) and hands it a
 batch in one message: the next buffered job plus as many more as make about PROCESS_BATCH_S of
@@ -80,7 +80,7 @@ from raftq.client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight,
                                 WorkerStats, default_prefetch, outcome, outcome_of)
 from raftq.client.worker.limits import NO_LIMITS, TimeLimits, await_with_limits, call_with_limits, check_limit
 from raftq.client.worker.processes import ChildProcess
-from raftq.protocol import FETCH_WAIT_S_MAX, LEASE_S_MAX, LEASE_S_MIN
+from raftq.protocol import FETCH_WAIT_S_MAX
 
 log = logging.getLogger("raftq.worker")
 
@@ -98,7 +98,7 @@ FETCH_JOIN_S = 15.0
 
 POOLS = ("threads", "processes", "asyncio")
 
-#: What a handler receives: the job as fetched (.id, .queue, .payload, .attempt, .lease,
+#: What a handler receives: the job as fetched (.id, .queue, .payload, .attempt, .lease_token,
 #: .lease_expires_at, .priority). Frozen and picklable, so it crosses a process pool as is.
 Job = LeasedJob
 
@@ -178,7 +178,7 @@ class Worker:
         client: a `client.Client` (pools "threads" and "processes") or `client.AsyncClient`
             (pool "asyncio"). The worker does not close it.
         handlers: {queue name: callable(job)}; `job` is a `Job` with .id, .queue, .payload,
-            .attempt, .lease and .lease_expires_at (unix s, as fetched). The return value
+            .attempt, .lease_token, .lease_s and .lease_expires_at (unix s, as fetched). The return value
             (msgpack data, at most 64 KiB) is kept as the job's result. With pool="asyncio"
             handlers are `async def` (a plain function runs in a thread); with pool="processes"
             they must be importable top-level functions, and job and result must pickle.
@@ -192,8 +192,6 @@ class Worker:
             Leases held are at most `concurrency + prefetch` buffered or running, plus as many
             again whose ack is on its way.
         pool: "threads", "processes" or "asyncio".
-        lease_s: how long each lease extension lasts; a job (buffered or running) is extended
-            when it has held its lease for about half its span.
         heartbeat_s: seconds between heartbeats (the server requeues a silent worker's jobs).
         wait_s: long-poll wait of a fetch made with nothing buffered, up to 20 s.
         burst: stop once a fetch comes back empty with nothing in flight.
@@ -217,7 +215,7 @@ class Worker:
 
     def __init__(self, client: Any, handlers: Mapping[str, Callable[[Any], Any]], *,
                  queues: Sequence[str] | None = None, concurrency: int = 4, prefetch: int | str = "auto",
-                 pool: str = "threads", lease_s: float = 30.0, heartbeat_s: float = 2.0, wait_s: float = 5.0,
+                 pool: str = "threads", heartbeat_s: float = 2.0, wait_s: float = 5.0,
                  burst: bool = False, grace_s: float = 30.0, ack_batch_max: int = ACK_BATCH_MAX_DEFAULT,
                  ack_linger_s: float = ACK_LINGER_S_DEFAULT, worker_id: str | None = None,
                  middleware: Iterable[Middleware] = (), time_limit: float | None = None,
@@ -229,7 +227,6 @@ class Worker:
         paced = prefetch == "auto"
         self.prefetch = default_prefetch(concurrency) if paced else prefetch  # the buffer's bound
         self.pool = pool
-        self.lease_s = lease_s
         self.heartbeat_s = heartbeat_s
         self.wait_s = wait_s
         self.burst = burst
@@ -247,7 +244,7 @@ class Worker:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._report_cond = threading.Condition(self._lock)
-        self.core = WorkerCore(concurrency=self.concurrency, prefetch=self.prefetch, paced=paced, lease_s=self.lease_s,
+        self.core = WorkerCore(concurrency=self.concurrency, prefetch=self.prefetch, paced=paced,
                                ack_batch_max=self.ack_batch_max, ack_linger_s=self.ack_linger_s,
                                on_change=self._changed)
         self.stats = self.core.stats
@@ -273,8 +270,6 @@ class Worker:
         missing = [name for name in self.queues if name not in self.handlers]
         if missing:
             raise ValueError(f"no handler for queue(s) {', '.join(missing)}")
-        if not LEASE_S_MIN <= self.lease_s <= LEASE_S_MAX:
-            raise ValueError(f"lease_s must be within [{LEASE_S_MIN:g}, {LEASE_S_MAX:g}], got {self.lease_s!r}")
         if not 0 < self.heartbeat_s:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s!r}")
         if not 0 <= self.wait_s <= WAIT_S_MAX:
@@ -548,6 +543,10 @@ class Worker:
     def _drop_expiring(self, now: float) -> None:
         with self._lock:
             self.core.drop_expiring(now)
+
+    def _shortest_lease_s(self) -> float:
+        with self._lock:
+            return self.core.shortest_lease_s()
 
     def _due_extensions(self, now: float) -> list[Flight]:
         with self._lock:

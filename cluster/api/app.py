@@ -35,7 +35,7 @@ _OPEN_PREFIXES = ("/metrics", "/raft/")
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/queues/{queue}/jobs", views.submit)
-    r.add_post("/v1/lease", views.lease)
+    r.add_post("/v1/lease", views.fetch)
     r.add_post("/v1/ack", views.ack)
     r.add_post("/v1/fail", views.fail)
     r.add_post("/v1/extend", views.extend)

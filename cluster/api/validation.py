@@ -167,7 +167,7 @@ def _new_job(spec: Any, position: int, *, now_ms: int, payload_bytes_max: int) -
         raise
 
 
-def lease(body: Any) -> tuple[str, tuple[str, ...], int, float]:
+def fetch(body: Any) -> tuple[str, tuple[str, ...], int, float]:
     """Returns (worker, queues, max_jobs, wait_s)."""
     body = mapping(body)
     worker = worker_id(body.get("worker"))
@@ -190,7 +190,7 @@ def ack(body: Any, *, now_ms: int) -> cmds.Ack:
             packed = _storable(outcome, f"acks[{position}]: result")
             if len(packed) > c.RESULT_BYTES_MAX:
                 raise ApiError(413, "too_large", f"acks[{position}]: result exceeds {c.RESULT_BYTES_MAX} bytes")
-        result.append(cmds.AckItem(id=job_id(item.get("id")), lease=lease_token(item), result=packed))
+        result.append(cmds.AckItem(id=job_id(item.get("id")), lease_token=lease_token(item), result=packed))
     return cmds.Ack(now_ms=now_ms, worker=worker, items=tuple(result))
 
 
@@ -205,7 +205,7 @@ def fail(body: Any, *, now_ms: int, entropy: int) -> cmds.Fail:
             raise invalid(f"fails[{position}]: field 'error' must be a string")
         delay = body_delay(item, position)
         result.append(cmds.FailItem(
-            id=job_id(item.get("id")), lease=lease_token(item),
+            id=job_id(item.get("id")), lease_token=lease_token(item),
             error=error.encode()[: c.ERROR_TEXT_BYTES_MAX].decode(errors="ignore"),
             retry=boolean(item, "retry", default=True), delay_ms=delay,
         ))
@@ -229,7 +229,7 @@ def extend(body: Any, *, now_ms: int) -> cmds.Extend:
     for position, item in enumerate(items(body, "leases", count_max=c.BATCH_COUNT_MAX)):
         item = mapping(item, f"leases[{position}]")
         lease_ms = seconds_as_ms(item, "lease_s", low_ms=c.LEASE_MS_MIN, high_ms=c.LEASE_MS_MAX)
-        result.append(cmds.ExtendItem(id=job_id(item.get("id")), lease=lease_token(item), lease_ms=lease_ms))
+        result.append(cmds.ExtendItem(id=job_id(item.get("id")), lease_token=lease_token(item), lease_ms=lease_ms))
     return cmds.Extend(now_ms=now_ms, worker=worker, items=tuple(result))
 
 
@@ -239,7 +239,7 @@ def release(body: Any, *, now_ms: int) -> cmds.Release:
     result = []
     for position, item in enumerate(items(body, "leases", count_max=c.BATCH_COUNT_MAX)):
         item = mapping(item, f"leases[{position}]")
-        result.append(cmds.ReleaseItem(id=job_id(item.get("id")), lease=lease_token(item)))
+        result.append(cmds.ReleaseItem(id=job_id(item.get("id")), lease_token=lease_token(item)))
     return cmds.Release(now_ms=now_ms, worker=worker, items=tuple(result))
 
 

@@ -52,9 +52,9 @@ async def submit(request: web.Request) -> web.Response:
     return respond(request, {"ids": list(result.ids)}, status=201)
 
 
-async def lease(request: web.Request) -> web.Response:
+async def fetch(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    worker, queues, max_jobs, wait_s = v.lease(await _body(request))
+    worker, queues, max_jobs, wait_s = v.fetch(await _body(request))
     node.require_leader()
     node.touch_worker(worker)
     jobs = await long_poll.fetch(node, worker, queues, max_jobs=max_jobs, wait_s=wait_s)
@@ -67,7 +67,8 @@ def _leased_job(node: Any, job: Any) -> dict:
         "queue": job.queue,
         "payload": unpack_payload(job.payload),
         "attempt": job.attempt,
-        "lease": job.lease,
+        "lease": job.lease_token,
+        "lease_s": job.lease_ms / 1000,
         **_lease_end(node, job.lease_expires_at_ms),
         "priority": job.priority,
     }

@@ -61,14 +61,14 @@ class NewJob:
 @dataclass(frozen=True, slots=True)
 class AckItem:
     id: str
-    lease: int  # the fencing token the lease answer gave
+    lease_token: int  # the fencing token the lease answer gave
     result: bytes | None  # msgpack encoding of the job's result, if any
 
 
 @dataclass(frozen=True, slots=True)
 class FailItem:
     id: str
-    lease: int
+    lease_token: int
     error: str
     retry: bool  # False: dead-letter at once
     delay_ms: int | None  # None: exponential backoff with full jitter
@@ -77,13 +77,13 @@ class FailItem:
 @dataclass(frozen=True, slots=True)
 class ReleaseItem:
     id: str
-    lease: int
+    lease_token: int
 
 
 @dataclass(frozen=True, slots=True)
 class ExtendItem:
     id: str
-    lease: int
+    lease_token: int
     lease_ms: int  # the lease now ends at now + lease_ms
 
 

@@ -52,7 +52,7 @@ class Job:
     __slots__ = (
         "id", "queue", "state", "payload", "priority", "attempts", "max_attempts", "lease_ms",
         "backoff_base_ms", "backoff_cap_ms", "idempotency_key", "created_at_ms", "ready_at_ms",
-        "leased_at_ms", "lease", "lease_expires_at_ms", "worker", "finished_at_ms", "last_error",
+        "leased_at_ms", "lease_token", "lease_expires_at_ms", "worker", "finished_at_ms", "last_error",
         "result", "transitions", "seq", "key", "group", "order",
     )
 
@@ -77,7 +77,7 @@ class Job:
         # The current lease, or the most recent one once it ended: an ack repeated with the token
         # of the lease that completed the job is answered OK again.
         self.leased_at_ms: int | None = None
-        self.lease: int | None = None
+        self.lease_token: int | None = None
         self.lease_expires_at_ms: int | None = None
         self.worker: str | None = None
         self.finished_at_ms: int | None = None
@@ -112,7 +112,7 @@ class Job:
             "created_at_ms": self.created_at_ms,
             "ready_at_ms": self.ready_at_ms,
             "leased_at_ms": self.leased_at_ms,
-            "lease": self.lease,
+            "lease": self.lease_token,
             "lease_expires_at_ms": self.lease_expires_at_ms,
             "worker": self.worker,
             "finished_at_ms": self.finished_at_ms,
@@ -152,7 +152,7 @@ class Job:
         (
             job.id, job.queue, state, job.payload, job.priority, job.attempts, job.max_attempts, job.lease_ms,
             job.backoff_base_ms, job.backoff_cap_ms, job.idempotency_key, job.created_at_ms, job.ready_at_ms,
-            job.leased_at_ms, job.lease, job.lease_expires_at_ms, job.worker, job.finished_at_ms, job.last_error,
+            job.leased_at_ms, job.lease_token, job.lease_expires_at_ms, job.worker, job.finished_at_ms, job.last_error,
             job.result, transitions, job.seq, job.key, job.group, job.order,
         ) = row
         interned = _INTERNED_STATES

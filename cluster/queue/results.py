@@ -82,9 +82,10 @@ class JobGrant:
     queue: str
     payload: bytes
     attempt: int  # 1 for the first lease
-    lease: int  # fencing token to present on ack, fail and extend
+    lease_token: int  # fencing token to present on ack, fail and extend
     lease_expires_at_ms: int
     priority: int
+    lease_ms: int  # the job's own lease length: what each extension renews it by
 
 
 @dataclass(frozen=True, slots=True)

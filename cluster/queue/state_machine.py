@@ -491,7 +491,7 @@ class QueueStateMachine:
         job.attempts += 1
         if job.attempts == 1:
             self.metric_samples.append(("queue_wait", job.queue, now - job.created_at_ms))
-        job.lease = token
+        job.lease_token = token
         job.leased_at_ms = now
         job.lease_expires_at_ms = expires_at
         job.worker = worker
@@ -505,7 +505,7 @@ class QueueStateMachine:
         if job.key is not None:
             queue.running[job.key] = queue.running.get(job.key, 0) + 1
         self._refresh_turn(queue, lane_of(job))
-        return JobGrant(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority)
+        return JobGrant(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority, job.lease_ms)
 
     # ------------------------------------------------------------------ ack, fail, extend
 
@@ -514,11 +514,11 @@ class QueueStateMachine:
         outcomes: list[Outcome] = []
         for item in command.items:
             job = self._jobs.get(item.id)
-            if job is not None and job.state == DONE and job.lease == item.lease:
+            if job is not None and job.state == DONE and job.lease_token == item.lease_token:
                 # The client retries an ack whose answer it lost: same answer, no change.
                 outcomes.append(OK)
                 continue
-            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            error = self._lease_error(job, item.id, item.lease_token, command.worker, now)
             if error is not None:
                 outcomes.append(error)
                 continue
@@ -538,7 +538,7 @@ class QueueStateMachine:
         outcomes: list[Outcome] = []
         for position, item in enumerate(command.items):
             job = self._jobs.get(item.id)
-            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            error = self._lease_error(job, item.id, item.lease_token, command.worker, now)
             if error is not None:
                 outcomes.append(error)
                 continue
@@ -558,14 +558,14 @@ class QueueStateMachine:
         outcomes: list[Outcome] = []
         for item in command.items:
             job = self._jobs.get(item.id)
-            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            error = self._lease_error(job, item.id, item.lease_token, command.worker, now)
             if error is not None:
                 outcomes.append(error)
                 continue
             expires_at = now + item.lease_ms
             job.lease_expires_at_ms = expires_at
             # The old heap entry goes stale (its expiry no longer matches the job's).
-            heapq.heappush(self._leases, (expires_at, job.lease, job))
+            heapq.heappush(self._leases, (expires_at, job.lease_token, job))
             outcomes.append(Extended(expires_at))
         return ItemOutcomes(tuple(outcomes))
 
@@ -576,7 +576,7 @@ class QueueStateMachine:
         outcomes: list[Outcome] = []
         for item in command.items:
             job = self._jobs.get(item.id)
-            error = self._lease_error(job, item.id, item.lease, command.worker, now)
+            error = self._lease_error(job, item.id, item.lease_token, command.worker, now)
             if error is not None:
                 outcomes.append(error)
                 continue
@@ -603,7 +603,7 @@ class QueueStateMachine:
             return ItemError(NOT_FOUND, f"no job {job_id}")
         if job.state != LEASED:
             return ItemError(LEASE_MISMATCH, f"job {job_id} is {job.state}; lease {lease} is not held")
-        if job.lease != lease or job.worker != worker:
+        if job.lease_token != lease or job.worker != worker:
             return ItemError(
                 LEASE_MISMATCH, f"lease {lease} of worker {worker} is not the current lease of job {job_id}"
             )
@@ -651,7 +651,7 @@ class QueueStateMachine:
                 target = now + job.lease_ms
                 if target > job.lease_expires_at_ms:
                     job.lease_expires_at_ms = target
-                    heapq.heappush(self._leases, (target, job.lease, job))
+                    heapq.heappush(self._leases, (target, job.lease_token, job))
                     renewed += 1
         return Renewed(renewed)
 
@@ -660,7 +660,7 @@ class QueueStateMachine:
         expired = 0
         while heap and heap[0][0] <= now:
             expires_at, token, job = heapq.heappop(heap)
-            if job.state != LEASED or job.lease != token or job.lease_expires_at_ms != expires_at:
+            if job.state != LEASED or job.lease_token != token or job.lease_expires_at_ms != expires_at:
                 continue  # stale: acked, failed, extended or renewed since
             queue = self._queues[job.queue]
             if self._end_attempt(queue, job, now, "lease expired", retry=True, delay_ms=None,
@@ -1158,10 +1158,10 @@ class QueueStateMachine:
         outcomes: list[Outcome | None] = []
         for item in command.items:
             job = self._jobs.get(item.id)
-            if isinstance(command, cmds.Ack) and job is not None and job.state == DONE and job.lease == item.lease:
+            if isinstance(command, cmds.Ack) and job is not None and job.state == DONE and job.lease_token == item.lease_token:
                 outcomes.append(OK)
                 continue
-            outcomes.append(self._lease_error(job, item.id, item.lease, command.worker, now))
+            outcomes.append(self._lease_error(job, item.id, item.lease_token, command.worker, now))
         return outcomes
 
     def oldest_ready_ms(self) -> dict[str, int]:
@@ -1181,7 +1181,7 @@ class QueueStateMachine:
         job = self._jobs.get(job_id)
         if job is None or job.state != LEASED:
             return None
-        return job.worker, job.lease, job.lease_expires_at_ms
+        return job.worker, job.lease_token, job.lease_expires_at_ms
 
     @property
     def counters(self) -> dict[tuple[str, str], int]:
@@ -1360,7 +1360,7 @@ class QueueStateMachine:
             lane.push(job)
         heapq.heapify(self._delayed)
         for job in sorted(leased, key=_lease_token):
-            self._leases.append((job.lease_expires_at_ms, job.lease, job))
+            self._leases.append((job.lease_expires_at_ms, job.lease_token, job))
             self._worker_jobs.setdefault(job.worker, {})[job.id] = job
             if job.key is not None:
                 running = self._queues[job.queue].running
@@ -1392,10 +1392,10 @@ class QueueStateMachine:
             counts[job.queue][job.state] += 1
             assert job.lease_ms >= 0 and job.attempts >= 0, f"job {job_id} negative lease_ms / attempts"
             if job.state == LEASED:
-                assert job.lease not in tokens, f"lease {job.lease} held by {job_id} and {tokens.get(job.lease)}"
-                tokens[job.lease] = job_id
+                assert job.lease_token not in tokens, f"lease {job.lease_token} held by {job_id} and {tokens.get(job.lease_token)}"
+                tokens[job.lease_token] = job_id
                 assert self._worker_jobs.get(job.worker, {}).get(job_id) is job, f"job {job_id} not indexed"
-                assert job.lease <= self._lease_counter, f"job {job_id} lease token from the future"
+                assert job.lease_token <= self._lease_counter, f"job {job_id} lease token from the future"
             assert (job.state == DEAD) == (self._queues[job.queue].dead.get(job_id) is job), f"job {job_id} dead index"
             # A tuple: captured rows share it (see jobs.py), so it must never change in place.
             assert type(job.transitions) is tuple and len(job.transitions) <= TRANSITIONS_MAX, (
@@ -1605,7 +1605,7 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
 
 
 def _lease_token(job: Job) -> int:
-    return job.lease
+    return job.lease_token
 
 
 def _job_id(job: Job) -> str:
@@ -1618,7 +1618,7 @@ def _job_seq(job: Job) -> int:
 
 def _lease_entry_live(entry: tuple[int, int, Job]) -> bool:
     expires_at, token, job = entry
-    return job.state == LEASED and job.lease == token and job.lease_expires_at_ms == expires_at
+    return job.state == LEASED and job.lease_token == token and job.lease_expires_at_ms == expires_at
 
 
 def _delayed_entry_live(entry: tuple[int, int, Job]) -> bool:

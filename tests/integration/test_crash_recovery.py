@@ -35,7 +35,7 @@ def test_kill_9_mid_work_then_restart(single_node):
                     for job in jobs:
                         delivered_before.append(job.id)
                         attempted.add(job.id)
-                        worker.ack("w-before", job.id, job.lease)
+                        worker.ack("w-before", job.id, job.lease_token)
                         acked.add(job.id)  # only after the 2xx
                 except errors.RaftqError:
                     return  # the node is gone
@@ -56,7 +56,7 @@ def test_kill_9_mid_work_then_restart(single_node):
         def drained() -> bool:
             for job in client.fetch("w-after", ["crash"], max_jobs=100, wait_s=1):
                 delivered_after[job.id] = delivered_after.get(job.id, 0) + 1
-                client.ack("w-after", job.id, job.lease)
+                client.ack("w-after", job.id, job.lease_token)
             return client.queues()["crash"].get("done") == JOB_COUNT
 
         wait_until(drained, timeout_s=120, what="every unacked job delivered again",

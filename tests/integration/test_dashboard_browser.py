@@ -360,7 +360,7 @@ def _make_dead_jobs(client: Client) -> list[str]:
         leased += client.fetch("mailer-1", [DLQ_QUEUE], max_jobs=len(ids) - len(leased), wait_s=2.0)
     assert sorted(job.id for job in leased) == sorted(ids)
     for job in leased:
-        client.fail("mailer-1", job.id, job.lease, errors[ids.index(job.id)], retry=False)
+        client.fail("mailer-1", job.id, job.lease_token, errors[ids.index(job.id)], retry=False)
     for job_id in ids:
         assert client.get(job_id)["state"] == "dead"
     return ids
@@ -375,8 +375,8 @@ async def _run_traffic(client: Client, browser: Browser, *, polls: int) -> None:
         keep = jobs[:1] if worker == "worker-2" and i < 6 else []
         done = [job for job in jobs if job not in keep]
         if done:
-            client.ack_many(worker, [(job.id, job.lease, None) for job in done[1:]])
-            client.fail(worker, done[0].id, done[0].lease, "ConnectionResetError: upstream closed", delay_s=30)
+            client.ack_many(worker, [(job.id, job.lease_token, None) for job in done[1:]])
+            client.fail(worker, done[0].id, done[0].lease_token, "ConnectionResetError: upstream closed", delay_s=30)
         client.heartbeat("worker-1", [])
 
     for i in range(polls):
@@ -394,7 +394,7 @@ def test_grafana_dashboard_queries_exported_metrics(cluster: LocalCluster) -> No
     with Client(cluster.urls, deadline=20.0) as client:  # one job through every step: every family shows up
         client.submit(WORK_QUEUE, {"n": 1})
         [job] = client.fetch("worker-1", [WORK_QUEUE], max_jobs=1, wait_s=5.0)
-        client.ack("worker-1", job.id, job.lease)
+        client.ack("worker-1", job.id, job.lease_token)
         client.heartbeat("worker-1", [])
     exported: set[str] = set()
     for url in cluster.urls:  # what only the leader knows is on the leader's page alone

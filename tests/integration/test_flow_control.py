@@ -74,7 +74,7 @@ def test_rate_limit_holds_across_workers_and_a_leader_kill(three_nodes):
         with lock:
             grants.append(_leased_at_ms(job))
         try:
-            client.ack(worker, job.id, job.lease)
+            client.ack(worker, job.id, job.lease_token)
         except errors.RaftqError:
             pass  # a lost ack only means a redelivery later, which is a lease like any other
 
@@ -159,7 +159,7 @@ def test_per_key_concurrency_with_every_key_progressing(three_nodes):
 
     def handle(client, worker, job):
         time.sleep(0.02)  # some work, so that leases overlap
-        client.ack(worker, job.id, job.lease)
+        client.ack(worker, job.id, job.lease_token)
         with lock:
             done_order.append(job.payload["key"])
 
@@ -192,9 +192,9 @@ def test_fifo_groups_ack_in_submit_order_one_at_a_time(three_nodes):
     def handle(client, worker, job):
         # About one attempt in seven fails (deterministically by id and attempt), with a retry.
         if zlib.crc32(f"{job.id}/{job.attempt}".encode()) % 7 == 0:
-            client.fail(worker, job.id, job.lease, "flaky downstream", delay_s=0.05)
+            client.fail(worker, job.id, job.lease_token, "flaky downstream", delay_s=0.05)
             return
-        client.ack(worker, job.id, job.lease)
+        client.ack(worker, job.id, job.lease_token)
         with lock:
             acked[job.payload["group"]].append(job.id)
 
@@ -236,7 +236,7 @@ def test_long_polls_wake_when_a_limit_frees_up(single_node):
             waiter.start()
             time.sleep(0.5)  # the waiter is parked on the held-back job (nothing to poll for)
             acked_at = time.monotonic()
-            client.ack("w1", first.id, first.lease)
+            client.ack("w1", first.id, first.lease_token)
             waiter.join(timeout=30)
         (woke_at, jobs), = answered
         assert [job.payload for job in jobs] == ["second"]

@@ -61,11 +61,11 @@ def test_metrics_follow_the_applied_log_on_every_node(three_nodes):
         jobs = []
         while len(jobs) < 90:
             jobs += client.fetch("w1", [QUEUE], max_jobs=90 - len(jobs), wait_s=1)
-        outcomes = client.ack_many("w1", [(j.id, j.lease, None) for j in jobs[:60]])
+        outcomes = client.ack_many("w1", [(j.id, j.lease_token, None) for j in jobs[:60]])
         assert outcomes == [None] * 60
         # Retryable fails wait up to 300 s of backoff here: far longer than the test, so they stay put.
-        client.fail_many("w1", [(j.id, j.lease, "try later", True, 300.0) for j in jobs[60:80]])
-        client.fail_many("w1", [(j.id, j.lease, "poison", False, None) for j in jobs[80:90]])
+        client.fail_many("w1", [(j.id, j.lease_token, "try later", True, 300.0) for j in jobs[60:80]])
+        client.fail_many("w1", [(j.id, j.lease_token, "poison", False, None) for j in jobs[80:90]])
         leader = three_nodes.wait_for_leader()
 
     def all_right() -> bool:

@@ -91,7 +91,7 @@ def test_kill_the_leader_ten_times_under_load(three_nodes):
                     for job in client.fetch("w1", ["load"], max_jobs=20, wait_s=0.5):
                         deliveries[job.id] = deliveries.get(job.id, 0) + 1
                         try:
-                            client.ack("w1", job.id, job.lease)
+                            client.ack("w1", job.id, job.lease_token)
                             acked.add(job.id)
                         except errors.JobError:
                             pass
@@ -120,7 +120,7 @@ def test_kill_the_leader_ten_times_under_load(three_nodes):
         def drained() -> bool:
             for job in client.fetch("w2", ["load"], max_jobs=200, wait_s=1):
                 deliveries[job.id] = deliveries.get(job.id, 0) + 1
-                client.ack("w2", job.id, job.lease)
+                client.ack("w2", job.id, job.lease_token)
                 acked.add(job.id)
             depth = client.queues().get("load", {})
             return not any(depth.get(s) for s in ("ready", "leased", "retry_wait", "scheduled"))

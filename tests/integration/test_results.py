@@ -34,7 +34,7 @@ def test_wait_answers_when_the_job_is_acked_not_at_the_timeout(single_node):
         poller.start()
         time.sleep(0.5)  # the poll is waiting (nothing to poll for: the test shows it does not answer early)
         assert poller.is_alive(), f"the long poll answered before the job finished: {answer}"
-        client.ack("w1", job.id, job.lease, result={"sum": 3})
+        client.ack("w1", job.id, job.lease_token, result={"sum": 3})
         poller.join(timeout=30)
         assert answer["status"] == 200 and answer["body"]["state"] == "done", answer
         assert answer["body"]["result"] == {"sum": 3}
@@ -150,7 +150,7 @@ async def test_async_client_waits_and_gets_results(single_node):
         job_id = await client.submit("async-results", {"n": 5})
         waiter = asyncio.ensure_future(client.result(job_id, timeout=30))
         (job,) = await client.fetch("aw", ["async-results"], max_jobs=1, wait_s=5)
-        await client.ack("aw", job.id, job.lease, result=25)
+        await client.ack("aw", job.id, job.lease_token, result=25)
         assert await asyncio.wait_for(waiter, 30) == 25
         with pytest.raises(errors.JobNotFound):
             await client.wait("no-such-job", timeout=1)

@@ -32,7 +32,7 @@ def push_jobs_through(client: Client, count: int, queue: str = "bulk") -> None:
             continue
         jobs = client.fetch("bulk-worker", [queue], max_jobs=BATCH, wait_s=1)
         if jobs:
-            client.ack_many("bulk-worker", [(job.id, job.lease, None) for job in jobs])
+            client.ack_many("bulk-worker", [(job.id, job.lease_token, None) for job in jobs])
             acked += len(jobs)
 
 

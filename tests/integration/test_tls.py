@@ -45,7 +45,7 @@ def test_the_cluster_runs_over_tls_and_a_client_with_its_ca_works(tls_cluster):
         job_id = client.submit("tls", {"over": "tls"})
         (job,) = client.fetch("w1", ["tls"], wait_s=5)
         assert job.id == job_id and job.payload == {"over": "tls"}
-        client.ack("w1", job.id, job.lease)
+        client.ack("w1", job.id, job.lease_token)
         assert client.get(job_id)["state"] == "done"
         status = client.cluster()
     assert all(node["url"].startswith("https://") for node in status["nodes"]), status

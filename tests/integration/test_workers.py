@@ -183,7 +183,7 @@ def test_a_buffered_job_never_runs_on_an_expired_lease(single_node, extends_fail
             runs.append((job.id, job.attempt, job.lease_expires_at - time.time()))
             time.sleep(0.4)  # a slow job, against a 1 s lease
 
-        worker = Worker(recording, {"tiny": handler}, concurrency=1, prefetch=2, lease_s=1.0, wait_s=0.5,
+        worker = Worker(recording, {"tiny": handler}, concurrency=1, prefetch=2, wait_s=0.5,
                         heartbeat_s=0.2)
         thread = _start(worker)
         try:

@@ -78,7 +78,7 @@ def describe_command(command: Any) -> str:
     if isinstance(command, cmds.Lease):
         return f"Lease({command.worker} {','.join(command.queues)} max={command.max_jobs} now={command.now_ms})"
     if isinstance(command, (cmds.Ack, cmds.Fail, cmds.Extend)):
-        items = ",".join(f"{i.id}#{i.lease}" for i in command.items)
+        items = ",".join(f"{i.id}#{i.lease_token}" for i in command.items)
         return f"{name}({command.worker} {items} now={command.now_ms})"
     if isinstance(command, cmds.WorkerLost):
         return f"WorkerLost({command.worker} now={command.now_ms})"
@@ -138,15 +138,15 @@ class LeaseModel:
 
     def _grant(self, index: int, command: cmds.Lease, job: res.JobGrant, clock_ms: int) -> None:
         self.grants_count += 1
-        if job.lease <= self.last_token:
-            raise Violation("fencing tokens increase", f"index {index} granted token {job.lease} "
+        if job.lease_token <= self.last_token:
+            raise Violation("fencing tokens increase", f"index {index} granted token {job.lease_token} "
                             f"for {job.id} after token {self.last_token}")
-        self.last_token = job.lease
+        self.last_token = job.lease_token
         held = self.holds.get(job.id)
         if held is not None:
             raise Violation(
                 "at most one live lease per job",
-                f"index {index} leased {job.id} to {command.worker} (token {job.lease}, clock {clock_ms}) "
+                f"index {index} leased {job.id} to {command.worker} (token {job.lease_token}, clock {clock_ms}) "
                 f"while token {held.token} of {held.worker} (granted at index {held.index}) lives until "
                 f"{held.expires_at_ms} and was never acked, failed, expired by a Tick or released",
             )
@@ -157,22 +157,22 @@ class LeaseModel:
         # A job the model saw no Submit of (a schedule created it) tells its lease length at its
         # first grant; RenewLeases renews by it.
         self.lease_ms.setdefault(job.id, job.lease_expires_at_ms - clock_ms)
-        self.holds[job.id] = _Hold(job.lease, command.worker, job.lease_expires_at_ms, index)
+        self.holds[job.id] = _Hold(job.lease_token, command.worker, job.lease_expires_at_ms, index)
 
     def _accepted(self, index: int, command: Any, item: Any, outcome: Any, clock_ms: int) -> None:
         name = type(command).__name__
-        if isinstance(command, cmds.Ack) and self.done_token.get(item.id) == item.lease:
+        if isinstance(command, cmds.Ack) and self.done_token.get(item.id) == item.lease_token:
             return  # a repeated ack of the lease that finished the job: answered OK, no change
         held = self.holds.get(item.id)
-        if held is None or held.token != item.lease or held.worker != command.worker:
+        if held is None or held.token != item.lease_token or held.worker != command.worker:
             raise Violation(
                 "no ack on a foreign lease",
-                f"index {index} accepted {name} of {item.id} with token {item.lease} from {command.worker}; "
+                f"index {index} accepted {name} of {item.id} with token {item.lease_token} from {command.worker}; "
                 f"the live lease is {held}",
             )
         if clock_ms >= held.expires_at_ms:
             raise Violation("no ack on an expired lease", f"index {index} accepted {name} of {item.id} "
-                            f"token {item.lease} at clock {clock_ms} >= expiry {held.expires_at_ms}")
+                            f"token {item.lease_token} at clock {clock_ms} >= expiry {held.expires_at_ms}")
         if isinstance(command, cmds.Extend):
             if not isinstance(outcome, res.Extended) or outcome.expires_at_ms != clock_ms + item.lease_ms:
                 raise Violation("lease expiry", f"index {index} extend of {item.id} answered {outcome}, "
@@ -181,7 +181,7 @@ class LeaseModel:
             return
         del self.holds[item.id]
         if isinstance(command, cmds.Ack):
-            self.done_token[item.id] = item.lease
+            self.done_token[item.id] = item.lease_token
 
 
 # ---------------------------------------------------------------------- the checker

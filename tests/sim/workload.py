@@ -398,7 +398,7 @@ class Workload:
         elif pending.kind == "lease" and isinstance(result, res.Leased):
             self.stats["leases_acked"] += len(result.jobs)
             for job in result.jobs:
-                self.held[pending.meta][job.id] = (job.lease, job.lease_expires_at_ms)
+                self.held[pending.meta][job.id] = (job.lease_token, job.lease_expires_at_ms)
         elif pending.kind == "extend" and isinstance(result, res.ItemOutcomes):
             worker, items = pending.meta
             for (job_id, token), outcome in zip(items, result.outcomes):

@@ -130,7 +130,7 @@ def test_batch_and_fetch_bounds():
     assert [len(chunk) for chunk in chunks(jobs)] == [protocol.BATCH_COUNT_MAX, 1]
 
     fetch = {"worker": "w", "queues": ["q"], "max_jobs": protocol.FETCH_COUNT_MAX, "wait_s": protocol.FETCH_WAIT_S_MAX}
-    assert v.lease(fetch)[2:] == (protocol.FETCH_COUNT_MAX, protocol.FETCH_WAIT_S_MAX)
+    assert v.fetch(fetch)[2:] == (protocol.FETCH_COUNT_MAX, protocol.FETCH_WAIT_S_MAX)
     for past in ({"max_jobs": protocol.FETCH_COUNT_MAX + 1}, {"wait_s": protocol.FETCH_WAIT_S_MAX + 1}):
         with pytest.raises(ApiError):
-            v.lease(fetch | past)
+            v.fetch(fetch | past)

@@ -51,7 +51,7 @@ class FakeJob:
     attempts: int = 0
     state: str = "ready"
     ready_at: float = 0.0
-    lease: int = 0
+    lease_token: int = 0
     holder: str | None = None
 
 
@@ -110,10 +110,11 @@ class FakeCluster:
             now = time.time()
             out = []
             for job in ready[:max_jobs]:
-                job.state, job.holder, job.lease = "leased", worker, next(self.tokens)
+                job.state, job.holder, job.lease_token = "leased", worker, next(self.tokens)
                 job.attempts += 1
                 out.append(LeasedJob(id=job.id, queue=job.queue, payload=job.payload, attempt=job.attempts,
-                                     lease=job.lease, lease_expires_at=now + job.lease_s, priority=0))
+                                     lease_token=job.lease_token, lease_expires_at=now + job.lease_s, priority=0,
+                                     lease_s=job.lease_s))
             self.held_max = max(self.held_max, self.held(worker))
             return out
 
@@ -123,7 +124,7 @@ class FakeCluster:
 
     def _holds(self, worker, job_id, lease) -> bool:
         job = self.jobs.get(job_id)
-        return job is not None and job.state == "leased" and job.holder == worker and job.lease == lease
+        return job is not None and job.state == "leased" and job.holder == worker and job.lease_token == lease
 
     def ack_many(self, worker, items):
         with self.lock:
@@ -197,7 +198,7 @@ class FakeCluster:
         """Another worker now holds the job (as after a lease expiry)."""
         with self.lock:
             self.jobs[job_id].holder = "someone-else"
-            self.jobs[job_id].lease = next(self.tokens)
+            self.jobs[job_id].lease_token = next(self.tokens)
 
 
 class AsyncFake:
@@ -235,7 +236,7 @@ class ApiServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/v1/lease", self.lease)
+        router.add_post("/v1/lease", self.fetch)
         router.add_post("/v1/ack", self.ack)
         router.add_post("/v1/fail", self.fail)
         router.add_post("/v1/extend", self.extend)
@@ -278,10 +279,17 @@ class ApiServer:
             return {"error": {"code": result.code, "message": str(result)}}
         return "ok" if result is None else {"ok": True, "lease_expires_at": result}
 
-    async def lease(self, request):
+    async def fetch(self, request):
         body = await self.body(request)
         jobs = self.cluster.fetch(body["worker"], body["queues"], max_jobs=body["max_jobs"], wait_s=body["wait_s"])
-        return self.respond(request, {"jobs": [dataclasses.asdict(job) for job in jobs]})
+        return self.respond(request, {"jobs": [self.leased_wire(job) for job in jobs]})
+
+    @staticmethod
+    def leased_wire(job: LeasedJob) -> dict:
+        """A LeasedJob as the server's lease answer spells it (the token's wire name is `lease`)."""
+        wire = dataclasses.asdict(job)
+        wire["lease"] = wire.pop("lease_token")
+        return wire
 
     async def ack(self, request):
         body = await self.body(request)
@@ -421,7 +429,7 @@ class RealNodes:
     async def start(self) -> None:
         leader = web.Application()
         leader.router.add_post("/v1/queues/{queue}/jobs", self.submit)
-        leader.router.add_post("/v1/lease", self.lease)
+        leader.router.add_post("/v1/lease", self.fetch)
         leader.router.add_get("/v1/jobs/{id}", self.job)
         follower = web.Application()
         follower.router.add_get("/v1/cluster", self.listing)
@@ -460,7 +468,7 @@ class RealNodes:
         body = msgpack.unpackb(await request.read(), raw=False)
         return self.msgpack({"ids": [f"id{n}" for n, _ in enumerate(body["jobs"])]}, 201)
 
-    async def lease(self, request: web.Request) -> web.Response:
+    async def fetch(self, request: web.Request) -> web.Response:
         self.seen.append(("leader", request.method, request.path))
         body = msgpack.unpackb(await request.read(), raw=False)
         return self.msgpack({"jobs": [leased("j1", body["queues"][0], {"blob": b"\x00\xff", "text": "é"})]})

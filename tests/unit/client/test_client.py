@@ -460,7 +460,7 @@ def test_real_http_redirect_failover_and_msgpack(real_nodes):
         assert client.submit_many("emails", [{"to": "a"}, {"to": "b"}]) == ["id0", "id1"]
         assert client.leader_url == real_nodes.leader_url and client.leader == "n1"
         (job,) = client.fetch("w1", ["emails"], wait_s=0.1)
-        assert job.payload == {"blob": b"\x00\xff", "text": "é"} and job.lease == 7
+        assert job.payload == {"blob": b"\x00\xff", "text": "é"} and job.lease_token == 7
         with pytest.raises(errors.JobNotFound, match="no job nope"):
             client.get("nope")
     assert real_nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"), ("follower", "GET", "/v1/cluster"),

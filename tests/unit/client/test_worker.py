@@ -227,7 +227,7 @@ def test_long_job_gets_its_lease_extended():
         return "done"
 
     # Heartbeats are rare here: the extension must come from the lease clock, at about half the lease.
-    stats = make_worker(cluster, {"q": handler}, lease_s=1.0, heartbeat_s=30.0).run()
+    stats = make_worker(cluster, {"q": handler}, heartbeat_s=30.0).run()
     assert stats.succeeded == 1 and cluster.acks == [(job_id, "done")]
     assert cluster.extends[0] == (job_id, 1, 1.0)
 
@@ -382,7 +382,7 @@ def test_worker_through_the_real_client_over_http(api):
         return {"id": job.id, "attempt": job.attempt}
 
     with Client(api.url, timeout=5.0, deadline=5.0) as client:
-        stats = make_worker(client, {"q": handler}, lease_s=1.0).run()
+        stats = make_worker(client, {"q": handler}).run()
     assert sorted(cluster.acks) == sorted([(ok, {"id": ok, "attempt": 1}), (long_one, {"id": long_one, "attempt": 1})])
     assert {job_id: (retry, delay_s) for job_id, _, retry, delay_s in cluster.fails} == \
         {later: (True, 60), broken: (True, None)}
@@ -582,10 +582,10 @@ def test_heartbeat_names_only_buffered_and_running_jobs():
     from raftq.client.worker.core import BUFFERED, REPORTING, RUNNING, Flight as _Flight
 
     worker = Worker(object(), {"q": lambda job: None})
-    running = _Flight(job=SimpleNamespace(id="running"), extend_at=0.0, state=RUNNING)
-    buffered = _Flight(job=SimpleNamespace(id="buffered"), extend_at=0.0, state=BUFFERED)
-    acking = _Flight(job=SimpleNamespace(id="acking"), extend_at=0.0, state=REPORTING)
-    gone = _Flight(job=SimpleNamespace(id="gone"), extend_at=0.0, state=RUNNING, lost=True)
+    running = _Flight(job=SimpleNamespace(id="running"), lease_s=30.0, extend_at=0.0, state=RUNNING)
+    buffered = _Flight(job=SimpleNamespace(id="buffered"), lease_s=30.0, extend_at=0.0, state=BUFFERED)
+    acking = _Flight(job=SimpleNamespace(id="acking"), lease_s=30.0, extend_at=0.0, state=REPORTING)
+    gone = _Flight(job=SimpleNamespace(id="gone"), lease_s=30.0, extend_at=0.0, state=RUNNING, lost=True)
     worker.core.flights.update({"running": running, "buffered": buffered, "acking": acking, "gone": gone})
     assert worker._heartbeat_ids() == ["running", "buffered"]
 
@@ -674,7 +674,7 @@ def test_a_buffered_job_whose_lease_runs_out_is_dropped_not_run(pool, caplog):
         if job.payload["first"]:
             time.sleep(0.9)  # a slow job: the buffered ones' leases run out meanwhile
 
-    worker = make_worker(pool_client(cluster, pool), {"q": handler}, pool=pool, concurrency=1, prefetch=2, lease_s=1.0)
+    worker = make_worker(pool_client(cluster, pool), {"q": handler}, pool=pool, concurrency=1, prefetch=2)
     with caplog.at_level(logging.WARNING, logger="raftq.worker"):
         stats = worker.run()
     assert [job_id for job_id, _ in started] == [first]
@@ -709,7 +709,7 @@ def test_buffered_jobs_keep_their_leases_while_they_wait():
     def handler(job):
         time.sleep(0.6)  # the third job waits 1.2 s in the buffer: longer than its first lease
 
-    stats = make_worker(cluster, {"q": handler}, concurrency=1, prefetch=2, lease_s=1.0, heartbeat_s=30.0).run()
+    stats = make_worker(cluster, {"q": handler}, concurrency=1, prefetch=2, heartbeat_s=30.0).run()
     assert (stats.succeeded, stats.dropped, stats.lost) == (3, 0, 0)
     assert sorted(job_id for job_id, _ in cluster.acks) == sorted(ids)
     assert ids[2] in [job_id for job_id, _, _ in cluster.extends]

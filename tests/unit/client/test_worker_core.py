@@ -20,7 +20,8 @@ LEASE_S = 30.0
 
 
 def jobs(count: int, *, lease_s: float = LEASE_S, payload=None, start: int = 0) -> list[LeasedJob]:
-    return [LeasedJob(f"j{n}", "q", payload if payload is not None else {"n": n}, 1, 100 + n, WALL_T0 + lease_s)
+    return [LeasedJob(f"j{n}", "q", payload if payload is not None else {"n": n}, 1, 100 + n, WALL_T0 + lease_s,
+                      lease_s=lease_s)
             for n in range(start, start + count)]
 
 
@@ -28,7 +29,7 @@ def make_core(*, concurrency: int = 4, prefetch: int | str = "auto", **options) 
     changes: list[int] = []
     paced = prefetch == "auto"
     core = WorkerCore(concurrency=concurrency, prefetch=wc.default_prefetch(concurrency) if paced else prefetch,
-                      paced=paced, lease_s=LEASE_S, ack_batch_max=options.pop("ack_batch_max", 100),
+                      paced=paced, ack_batch_max=options.pop("ack_batch_max", 100),
                       ack_linger_s=options.pop("ack_linger_s", 0.002), on_change=lambda: changes.append(1))
     return core, changes
 
@@ -98,7 +99,7 @@ def test_stop_releases_the_buffer_and_abandons_only_what_outlives_grace():
     assert [f for f, _ in released] == flights[1:] and {o.kind for _, o in released} == {"released"}
     assert core.buffered == 0 and changes  # the fetcher and shutdown are woken
     (method, pairs, items), = core.report_requests(released)
-    assert method == "release_many" and items == [(j.job.id, j.job.lease) for j in flights[1:]]
+    assert method == "release_many" and items == [(j.job.id, j.job.lease_token) for j in flights[1:]]
     core.settle(method, pairs, [None] * 4)
     assert core.stats.released == 4 and set(core.flights) == {"j0"}
     assert not core.start(flights[1], 0.0)  # a released job is never started
@@ -151,6 +152,30 @@ def test_extension_comes_before_expiry_and_a_failed_one_is_retried():
     core.drop_expiring(45.0 - wc.LEASE_START_MARGIN_S / 2)
     assert buffered.job.id not in core.flights and core.stats.dropped == 1
     assert not core.start(buffered, 45.0)
+
+
+def test_each_lease_is_extended_by_its_own_jobs_lease_length():
+    """A job submitted with an hour's lease keeps an hour per extension, a 2 s one 2 s: the worker
+    has no lease length of its own that could shorten (or stretch) a job's."""
+    core, _ = make_core(concurrency=2, prefetch=0)
+    long_job, short_job = core.take(jobs(1, lease_s=3600.0) + jobs(1, lease_s=2.0, start=1), now=0.0,
+                                    now_wall=WALL_T0)
+    assert (long_job.lease_s, short_job.lease_s) == (3600.0, 2.0)
+    assert core.shortest_lease_s() == 2.0
+    assert core.due_extensions(1.0) == [short_job]
+    core.extended([short_job], [WALL_T0 + 3.0], asked_at=1.0, now=1.01)
+    assert short_job.expires_at == pytest.approx(3.0) and short_job.extend_at == pytest.approx(2.01)
+    assert core.due_extensions(1800.0)[:1] == [long_job]
+    core.extended([long_job], [WALL_T0 + 5400.0], asked_at=1800.0, now=1800.01)
+    assert long_job.expires_at == pytest.approx(5400.0)
+
+
+def test_a_server_that_does_not_say_the_jobs_lease_length_gives_the_time_left():
+    core, _ = make_core(concurrency=1, prefetch=0)
+    job = jobs(1, lease_s=20.0)[0]
+    old_server = LeasedJob(job.id, job.queue, job.payload, 1, job.lease_token, WALL_T0 + 20.0, lease_expires_in_s=19.5)
+    (flight,) = core.take([old_server], now=0.0, now_wall=WALL_T0)
+    assert flight.lease_s == 19.5 and flight.expires_at == 19.5
 
 
 def test_leases_due_within_a_beat_are_extended_in_one_request():

@@ -238,7 +238,7 @@ def _submit(model: LeaseModel, index: int, job_id: str, lease_ms: int = 1000) ->
 
 
 def _grant(model: LeaseModel, index: int, job_id: str, token: int, worker: str, now: int, lease_ms: int = 1000) -> None:
-    leased = res.Leased((res.JobGrant(job_id, "q", b"", 1, token, now + lease_ms, 0),))
+    leased = res.Leased((res.JobGrant(job_id, "q", b"", 1, token, now + lease_ms, 0, lease_ms),))
     model.apply(index, cmds.Lease(now, worker, ("q",), 1), leased, now)
 
 
@@ -295,9 +295,9 @@ def test_checker_replays_commands_from_the_ledger() -> None:
     job = cmds.NewJob("j1", b"", 0, 0, 3, 1000, None, 100, 1000)
     checker.on_apply("n1", entry(1, 1, encode_command(cmds.Submit(0, "q", (job,)))),
                      res.Submitted(("j1",), (True,)), 0, term_bound=1)
-    leased = res.Leased((res.JobGrant("j1", "q", b"", 1, 1, 1000, 0),))
+    leased = res.Leased((res.JobGrant("j1", "q", b"", 1, 1, 1000, 0, 500),))
     checker.on_apply("n1", entry(2, 1, encode_command(cmds.Lease(0, "w1", ("q",), 1))), leased, 0, term_bound=1)
-    leased_again = res.Leased((res.JobGrant("j1", "q", b"", 2, 2, 1500, 0),))
+    leased_again = res.Leased((res.JobGrant("j1", "q", b"", 2, 2, 1500, 0, 500),))
     with pytest.raises(Violation, match="at most one live lease"):
         checker.on_apply("n1", entry(3, 1, encode_command(cmds.Lease(500, "w2", ("q",), 1))), leased_again, 500,
                          term_bound=1)

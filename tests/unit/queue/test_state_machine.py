@@ -208,7 +208,7 @@ def test_queue_full_counts_only_unfinished_and_new_jobs(m):
     m(c.SetQueueConfig(T0, "q", 2))
     m.submit(job("a", idempotency_key="k"), job("b"))
     lease = m.lease_one()
-    m.ack(lease.id, lease.lease)  # done: no longer counts
+    m.ack(lease.id, lease.lease_token)  # done: no longer counts
     assert m.submit(job("a2", idempotency_key="k"), job("c")) == r.Submitted(("a", "c"), (False, True))
     assert isinstance(m.submit(job("d")), r.QueueFull)
     assert m.submit(job("a3", idempotency_key="k")).ids == ("a",)  # a duplicate creates nothing
@@ -260,9 +260,9 @@ def test_round_robin_start_rotates(m):
 def test_lease_grants_fencing_tokens_and_counts_attempts(m):
     m.submit(job("a", lease_ms=10_000), job("b"))
     leases = m.lease(max_jobs=2, now=T0 + 5)
-    assert [j.lease for j in leases] == [1, 2]
+    assert [j.lease_token for j in leases] == [1, 2]
     first = leases[0]
-    assert first == r.JobGrant("a", "q", b"\x91\x01", 1, 1, T0 + 10_005, 0)
+    assert first == r.JobGrant("a", "q", b"\x91\x01", 1, 1, T0 + 10_005, 0, 10_000)
     record = m.sm.get_job("a")
     assert record["state"] == "leased" and record["worker"] == "w1" and record["leased_at_ms"] == T0 + 5
     assert m.sm.lease_holder("a") == ("w1", 1, T0 + 10_005)
@@ -327,7 +327,7 @@ LEASE_ERROR_CASES = [
 def test_stale_or_foreign_lease_is_refused_and_changes_nothing(m, operation, name, token, worker, offset, code):
     leased = _leased(m)
     before = m.logical_state()
-    outcome = operation(m, token(leased.lease), worker=worker, now=T0 + offset)
+    outcome = operation(m, token(leased.lease_token), worker=worker, now=T0 + offset)
     assert isinstance(outcome, r.ItemError) and outcome.code == code, outcome
     assert m.logical_state() == before
 
@@ -349,10 +349,10 @@ def test_lease_after_expiry_requeue_is_refused(m, operation):
     leased = _leased(m)
     m.tick(T0 + LEASE_MS)
     assert m.state("a") in ("ready", "retry_wait")
-    assert operation(m, leased.lease, now=T0 + LEASE_MS).code == r.LEASE_MISMATCH
+    assert operation(m, leased.lease_token, now=T0 + LEASE_MS).code == r.LEASE_MISMATCH
     nxt = m.lease_one(now=T0 + LEASE_MS + 400_000)  # the next holder
-    assert operation(m, leased.lease, now=T0 + LEASE_MS + 400_000).code == r.LEASE_MISMATCH
-    assert m.sm.lease_holder("a") == ("w1", nxt.lease, nxt.lease_expires_at_ms)
+    assert operation(m, leased.lease_token, now=T0 + LEASE_MS + 400_000).code == r.LEASE_MISMATCH
+    assert m.sm.lease_holder("a") == ("w1", nxt.lease_token, nxt.lease_expires_at_ms)
 
 
 # ---------------------------------------------------------------------- release
@@ -362,7 +362,7 @@ def test_release_requeues_without_counting_the_attempt(m):
     m.submit(job("a", max_attempts=1), job("b"))
     first = m.lease_one(now=T0)
     assert first.id == "a" and first.attempt == 1
-    assert m.release("a", first.lease, now=T0 + 5) is r.OK
+    assert m.release("a", first.lease_token, now=T0 + 5) is r.OK
     record = m.sm.get_job("a")
     assert (record["state"], record["attempts"]) == ("ready", 0)
     assert m.sm.lease_holder("a") is None
@@ -378,7 +378,7 @@ def test_released_job_on_its_last_attempt_is_not_dead_lettered(m):
     for round_ in range(3):
         leased = m.lease_one(now=T0 + round_)
         assert leased.attempt == 1
-        assert m.release("a", leased.lease, now=T0 + round_) is r.OK
+        assert m.release("a", leased.lease_token, now=T0 + round_) is r.OK
     assert m.state("a") == "ready"
 
 
@@ -386,7 +386,7 @@ def test_stale_release_changes_nothing_and_neighbours_still_go_back(m):
     m.submit(job("a"), job("b"))
     a, b = m.lease(max_jobs=2)
     before_b = m.sm.get_job("b")["attempts"]
-    outcomes = m(c.Release(T0, "w1", (c.ReleaseItem("a", a.lease + 99), c.ReleaseItem("b", b.lease)))).outcomes
+    outcomes = m(c.Release(T0, "w1", (c.ReleaseItem("a", a.lease_token + 99), c.ReleaseItem("b", b.lease_token)))).outcomes
     assert outcomes[0].code == r.LEASE_MISMATCH and outcomes[1] is r.OK
     assert m.state("a") == "leased" and m.state("b") == "ready"
     assert m.sm.get_job("b")["attempts"] == before_b - 1
@@ -398,7 +398,7 @@ def test_release_frees_a_key_slot_and_keeps_a_fifo_group_in_order(m):
     first = {j.id: j for j in m.lease(max_jobs=4)}
     assert set(first) == {"k1", "g1"}  # one per key at a time; a FIFO group one at a time
     for job_id in ("k1", "g1"):
-        assert m.release(job_id, first[job_id].lease) is r.OK
+        assert m.release(job_id, first[job_id].lease_token) is r.OK
     again = [j.id for j in m.lease(max_jobs=4, worker="w2", now=T0 + 1)]
     assert sorted(again) == ["g1", "k1"] or sorted(again) == ["g1", "k2"], again  # the group's head first, still
     assert "g2" not in again
@@ -406,8 +406,8 @@ def test_release_frees_a_key_slot_and_keeps_a_fifo_group_in_order(m):
 
 def test_released_lease_cannot_be_acked(m):
     leased = _leased(m)
-    m.release("a", leased.lease)
-    assert m.ack("a", leased.lease).code == r.LEASE_MISMATCH
+    m.release("a", leased.lease_token)
+    assert m.ack("a", leased.lease_token).code == r.LEASE_MISMATCH
 
 
 # ---------------------------------------------------------------------- ack
@@ -415,7 +415,7 @@ def test_released_lease_cannot_be_acked(m):
 
 def test_ack_finishes_job(m):
     leased = _leased(m)
-    assert m.ack("a", leased.lease, now=T0 + 10, result=b"\x2a") is r.OK
+    assert m.ack("a", leased.lease_token, now=T0 + 10, result=b"\x2a") is r.OK
     record = m.sm.get_job("a")
     assert record["state"] == "done" and record["result"] == b"\x2a" and record["finished_at_ms"] == T0 + 10
     assert [s for s, _ in record["transitions"]] == ["ready", "leased", "done"]
@@ -425,15 +425,15 @@ def test_ack_finishes_job(m):
 
 def test_repeated_ack_is_ok_and_changes_nothing(m):
     leased = _leased(m)
-    m.ack("a", leased.lease)
-    assert assert_unchanged(m, c.Ack(T0 + 1, "w1", (c.AckItem("a", leased.lease, b"\x01"),))).outcomes == (r.OK,)
-    assert m.ack("a", leased.lease + 1).code == r.LEASE_MISMATCH
+    m.ack("a", leased.lease_token)
+    assert assert_unchanged(m, c.Ack(T0 + 1, "w1", (c.AckItem("a", leased.lease_token, b"\x01"),))).outcomes == (r.OK,)
+    assert m.ack("a", leased.lease_token + 1).code == r.LEASE_MISMATCH
 
 
 def test_ack_batch_outcome_per_item(m):
     m.submit(job("a"), job("b"))
     a, b = m.lease(max_jobs=2)
-    result = m(c.Ack(T0, "w1", (c.AckItem("a", a.lease, None), c.AckItem("b", 999, None), c.AckItem("x", 1, None))))
+    result = m(c.Ack(T0, "w1", (c.AckItem("a", a.lease_token, None), c.AckItem("b", 999, None), c.AckItem("x", 1, None))))
     assert [getattr(o, "code", "ok") for o in result.outcomes] == ["ok", r.LEASE_MISMATCH, r.NOT_FOUND]
     assert m.state("a") == "done" and m.state("b") == "leased"
 
@@ -443,19 +443,19 @@ def test_ack_batch_outcome_per_item(m):
 
 def test_fail_with_explicit_delay_waits_then_retries(m):
     leased = _leased(m)
-    assert m.fail("a", leased.lease, "oops", delay_ms=5_000, now=T0 + 100) is r.OK
+    assert m.fail("a", leased.lease_token, "oops", delay_ms=5_000, now=T0 + 100) is r.OK
     record = m.sm.get_job("a")
     assert record["state"] == "retry_wait" and record["ready_at_ms"] == T0 + 5_100 and record["last_error"] == "oops"
     assert m.lease(now=T0 + 5_099) == ()
     assert m.tick(T0 + 5_100).promoted == 1
     again = m.lease_one(now=T0 + 5_100)
-    assert again.attempt == 2 and again.lease > leased.lease
+    assert again.attempt == 2 and again.lease_token > leased.lease_token
     assert m.sm.counters[("failed", "q")] == 1 and m.sm.counters[("retried", "q")] == 1
 
 
 def test_fail_with_zero_delay_is_ready_at_once(m):
     leased = _leased(m)
-    m.fail("a", leased.lease, delay_ms=0)
+    m.fail("a", leased.lease_token, delay_ms=0)
     assert m.state("a") == "ready"
 
 
@@ -465,7 +465,7 @@ def test_backoff_grows_within_full_jitter_bounds(m):
     now = T0
     for attempt in range(1, 8):
         entropy = 1_000 + attempt
-        m.fail("a", leased.lease, now=now, entropy=entropy)
+        m.fail("a", leased.lease_token, now=now, entropy=entropy)
         delay = m.sm.get_job("a")["ready_at_ms"] - now
         bound = min(cap, base * 2 ** (attempt - 1))
         assert 0 <= delay < bound
@@ -477,7 +477,7 @@ def test_backoff_grows_within_full_jitter_bounds(m):
 
 def test_fail_without_retry_dead_letters_at_once(m):
     leased = _leased(m)
-    m.fail("a", leased.lease, "bad input", retry=False)
+    m.fail("a", leased.lease_token, "bad input", retry=False)
     record = m.sm.get_job("a")
     assert record["state"] == "dead" and record["last_error"] == "bad input" and record["attempts"] == 1
     assert m.sm.counters[("dead_lettered", "q")] == 1 and m.sm.counters[("retried", "q")] == 0
@@ -485,8 +485,8 @@ def test_fail_without_retry_dead_letters_at_once(m):
 
 def test_dead_letter_after_max_attempts_with_last_error(m):
     m.submit(job("a", max_attempts=2))
-    m.fail("a", m.lease_one().lease, "first", delay_ms=0)
-    m.fail("a", m.lease_one().lease, "second", delay_ms=0)
+    m.fail("a", m.lease_one().lease_token, "first", delay_ms=0)
+    m.fail("a", m.lease_one().lease_token, "second", delay_ms=0)
     assert m.state("a") == "dead"
     [dead] = m.sm.dead_jobs("q", 10)
     assert dead["id"] == "a" and dead["attempts"] == 2 and dead["last_error"] == "second"
@@ -497,7 +497,7 @@ def test_fail_batch_uses_entropy_per_position(m):
     m.submit(job("a", backoff_base_ms=10_000, backoff_cap_ms=10_000), job("b", backoff_base_ms=10_000,
                                                                            backoff_cap_ms=10_000))
     a, b = m.lease(max_jobs=2)
-    m(c.Fail(T0, "w1", 99, (c.FailItem("a", a.lease, "e", True, None), c.FailItem("b", b.lease, "e", True, None))))
+    m(c.Fail(T0, "w1", 99, (c.FailItem("a", a.lease_token, "e", True, None), c.FailItem("b", b.lease_token, "e", True, None))))
     assert m.sm.get_job("a")["ready_at_ms"] - T0 == backoff_delay_ms(10_000, 10_000, 1, 99, 0)
     assert m.sm.get_job("b")["ready_at_ms"] - T0 == backoff_delay_ms(10_000, 10_000, 1, 99, 1)
 
@@ -507,15 +507,15 @@ def test_fail_batch_uses_entropy_per_position(m):
 
 def test_extend_moves_expiry(m):
     leased = _leased(m)
-    assert m.extend("a", leased.lease, 60_000, now=T0 + 20_000) == r.Extended(T0 + 80_000)
-    assert m.sm.lease_holder("a") == ("w1", leased.lease, T0 + 80_000)
+    assert m.extend("a", leased.lease_token, 60_000, now=T0 + 20_000) == r.Extended(T0 + 80_000)
+    assert m.sm.lease_holder("a") == ("w1", leased.lease_token, T0 + 80_000)
     assert m.tick(T0 + LEASE_MS).expired == 0  # the old expiry is stale
-    assert m.ack("a", leased.lease, now=T0 + 79_999) is r.OK
+    assert m.ack("a", leased.lease_token, now=T0 + 79_999) is r.OK
 
 
 def test_extended_lease_expires_at_new_time(m):
     leased = _leased(m)
-    m.extend("a", leased.lease, 60_000, now=T0)
+    m.extend("a", leased.lease_token, 60_000, now=T0)
     assert m.sm.next_due_ms() == T0 + 60_000
     assert m.tick(T0 + 60_000).expired == 1
 
@@ -543,7 +543,7 @@ def test_lease_expiry_requeues_and_counts_attempt(m):
 
 def test_finished_records_dropped_after_retention(m):
     leased = _leased(m)
-    m.ack("a", leased.lease, now=T0 + 10)
+    m.ack("a", leased.lease_token, now=T0 + 10)
     m.submit(job("b"), now=T0 + 10)
     m(c.Cancel(T0 + 20, "b"))
     retention = m.sm.retention_ms
@@ -559,7 +559,7 @@ def test_finished_records_dropped_after_retention(m):
 
 def test_dead_jobs_are_kept_past_retention(m):
     leased = _leased(m)
-    m.fail("a", leased.lease, retry=False)
+    m.fail("a", leased.lease_token, retry=False)
     m.tick(T0 + 10 * m.sm.retention_ms)
     assert m.state("a") == "dead"
 
@@ -567,7 +567,7 @@ def test_dead_jobs_are_kept_past_retention(m):
 def test_short_retention_and_window_options():
     m = Machine(retention_ms=100, idempotency_window_ms=50)
     m.submit(job("a", idempotency_key="k"))
-    m.ack("a", m.lease_one().lease)
+    m.ack("a", m.lease_one().lease_token)
     assert m.tick(T0 + 100) == r.Ticked(expired=0, promoted=0, dropped=1, keys_dropped=1)
 
 
@@ -592,7 +592,7 @@ def test_worker_lost_requeues_only_its_jobs(m):
 def test_renew_leases_gives_every_lease_a_full_period(m):
     m.submit(job("short", lease_ms=1_000), job("long", lease_ms=100_000))
     short, long = m.lease(max_jobs=2)
-    m.extend("long", long.lease, 500_000)
+    m.extend("long", long.lease_token, 500_000)
     result = m(c.RenewLeases(T0 + 900))
     assert result == r.Renewed(1)
     assert m.sm.lease_holder("short")[2] == T0 + 1_900
@@ -614,11 +614,11 @@ def _to_state(m: Machine, state: str, job_id: str = "a", queue: str = "q") -> No
     if state == "leased":
         return
     if state == "retry_wait":
-        m.fail(job_id, leased.lease, delay_ms=5_000)
+        m.fail(job_id, leased.lease_token, delay_ms=5_000)
     elif state == "dead":
-        m.fail(job_id, leased.lease, retry=False)
+        m.fail(job_id, leased.lease_token, retry=False)
     elif state == "done":
-        m.ack(job_id, leased.lease)
+        m.ack(job_id, leased.lease_token)
     elif state == "cancelled":
         m(c.Cancel(T0, job_id))
 
@@ -661,7 +661,7 @@ def test_cancel_unknown_is_not_found(m):
 def test_cancelled_leased_job_refuses_its_holder(m):
     leased = _leased(m)
     m(c.Cancel(T0, "a"))
-    assert m.ack("a", leased.lease).code == r.LEASE_MISMATCH
+    assert m.ack("a", leased.lease_token).code == r.LEASE_MISMATCH
 
 
 def test_many_cancels_are_compacted_out_of_the_ready_fifo(m):
@@ -680,7 +680,7 @@ def test_many_cancels_are_compacted_out_of_the_ready_fifo(m):
 def _dead(m: Machine, *ids: str, queue: str = "q") -> None:
     m.submit(*(job(i) for i in ids), queue=queue)
     for leased in m.lease(queues=(queue,), max_jobs=len(ids)):
-        m.fail(leased.id, leased.lease, "gave up", retry=False)
+        m.fail(leased.id, leased.lease_token, "gave up", retry=False)
 
 
 def test_redrive_all(m):
@@ -761,7 +761,7 @@ def test_counters_cover_every_event_of_every_queue(m):
 def test_transitions_are_bounded_and_keep_the_submission(m):
     m.submit(job("a", max_attempts=100))
     for cycle in range(1, 21):
-        m.fail("a", m.lease_one(now=T0 + 2 * cycle).lease, delay_ms=0, now=T0 + 2 * cycle + 1)
+        m.fail("a", m.lease_one(now=T0 + 2 * cycle).lease_token, delay_ms=0, now=T0 + 2 * cycle + 1)
     transitions = m.sm.get_job("a")["transitions"]
     assert len(transitions) == TRANSITIONS_MAX
     # The submission, then the newest ones: every lease and its failure (straight back to ready).
@@ -883,7 +883,7 @@ class _Story:
     def do_lease(self, a: dict) -> list[str]:
         result = self.m(c.Lease(self.now, a.get("worker", "w1"), tuple(a.get("queues", "q").split(",")),
                                 self._int(a, "max", 1)))
-        return [f"Leased({j.id} queue={j.queue} attempt={j.attempt} lease={j.lease} expires={j.lease_expires_at_ms})"
+        return [f"Leased({j.id} queue={j.queue} attempt={j.attempt} lease={j.lease_token} expires={j.lease_expires_at_ms})"
                 for j in result.jobs] or ["Leased()"]
 
     def _outcomes(self, result: r.ItemOutcomes) -> list[str]:
@@ -1005,7 +1005,7 @@ def test_a_forced_delete_cancels_everything_and_forgets_the_queue(m):
     m(c.SetQueueConfig(T0, "q", 5))
     assert m(c.DeleteQueue(T0, "q", True)) is r.OK
     assert "q" not in m.sm.queue_stats() and [m.state(i) for i in "abc"] == [None, None, None]
-    assert m.ack(leased.id, leased.lease).code in (r.LEASE_MISMATCH, r.NOT_FOUND)
+    assert m.ack(leased.id, leased.lease_token).code in (r.LEASE_MISMATCH, r.NOT_FOUND)
     m.tick(T0 + 3_600_000 * 2)  # the retention and idempotency FIFOs skip what is gone
     ids = m.submit(job("d", idempotency_key="k")).ids
     assert ids == ("d",), "the deleted queue's idempotency keys are gone with it"
@@ -1018,7 +1018,7 @@ def test_an_empty_unconfigured_queue_leaves_the_state(m):
     assert m.sm.has_queue("limited") and m.sm.queue_count() == 1
     m.submit(job("a"), queue="done-soon")
     leased = m.lease_one(queues=("done-soon",))
-    m.ack(leased.id, leased.lease)
+    m.ack(leased.id, leased.lease_token)
     assert m.sm.has_queue("done-soon")
     m.tick(T0 + m.sm.retention_ms + 1)
     assert not m.sm.has_queue("done-soon"), "its last record left with retention, so does the queue"

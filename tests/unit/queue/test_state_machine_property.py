@@ -144,9 +144,9 @@ def expected_lease_outcome(sm: QueueStateMachine, command) -> str:
     record = sm.get_job(item.id)
     if record is None:
         return r.NOT_FOUND
-    if isinstance(command, c.Ack) and record["state"] == "done" and record["lease"] == item.lease:
+    if isinstance(command, c.Ack) and record["state"] == "done" and record["lease"] == item.lease_token:
         return "ok"  # a repeated ack
-    if sm.lease_holder(item.id) != (command.worker, item.lease, record["lease_expires_at_ms"]):
+    if sm.lease_holder(item.id) != (command.worker, item.lease_token, record["lease_expires_at_ms"]):
         return r.LEASE_MISMATCH
     clock_ms = max(sm.clock_ms, command.now_ms)
     return r.LEASE_EXPIRED if clock_ms >= record["lease_expires_at_ms"] else "ok"
@@ -180,7 +180,7 @@ def run(seed: int, steps: int = STEPS) -> None:
         if isinstance(command, bytes):
             assert isinstance(result, r.Rejected) or isinstance(c.decode_command(command), c.COMMAND_TYPES)
         if isinstance(result, r.Leased):
-            scenario.grants.extend((job.id, job.lease, command.worker) for job in result.jobs)
+            scenario.grants.extend((job.id, job.lease_token, command.worker) for job in result.jobs)
             assert len({job.id for job in result.jobs}) == len(result.jobs)
         if isinstance(command, c.Tick):
             due = live.next_due_ms()
@@ -216,7 +216,7 @@ def test_scenarios_reach_every_state_and_outcome():
             command = scenario.command()
             result = sm.apply(entry_for(index, command))
             if isinstance(result, r.Leased):
-                scenario.grants.extend((job.id, job.lease, command.worker) for job in result.jobs)
+                scenario.grants.extend((job.id, job.lease_token, command.worker) for job in result.jobs)
             outcomes = result.outcomes if isinstance(result, r.ItemOutcomes) else (result,)
             for outcome in outcomes:
                 seen_results.add(getattr(outcome, "code", type(outcome).__name__))

@@ -63,7 +63,7 @@ def busy_machine() -> Machine:
     m.submit(job("bouncer", max_attempts=100), queue="bouncy")
     for _ in range(TRANSITIONS_MAX + 3):  # past the bound: the oldest after the submission go
         leased = m.lease_one(queues=("bouncy",))
-        m.fail("bouncer", leased.lease, delay_ms=0)
+        m.fail("bouncer", leased.lease_token, delay_ms=0)
     # Flow control: a rate-limited fifo queue with keys and groups, some held back by a limit.
     m(c.SetQueueConfig(T0, "flow", None, 2_000, 3, 1, True))
     m.submit(job("g1", group="A"), job("g2", group="A"), job("g3", group="B", delay_ms=5_000),
@@ -82,9 +82,9 @@ def some_commands(m: Machine) -> None:
     m.submit(job("new-1"), job("new-2", idempotency_key="key-3"), queue="other", now=T0 + 10)
     for leased in m.lease(queues=("q", "other", "third", "bouncy"), max_jobs=10, worker="w2", now=T0 + 20):
         if leased.id.endswith("2"):
-            m.ack(leased.id, leased.lease, worker="w2", now=T0 + 30, result=b"\xa2ok")
+            m.ack(leased.id, leased.lease_token, worker="w2", now=T0 + 30, result=b"\xa2ok")
         else:
-            m.extend(leased.id, leased.lease, 90_000, worker="w2", now=T0 + 30)
+            m.extend(leased.id, leased.lease_token, 90_000, worker="w2", now=T0 + 30)
     m(c.Redrive(T0 + 40, "third", None))
     m(c.Cancel(T0 + 40, "ready-a"))
     m(c.WorkerLost(T0 + 50, "w1", 99))
