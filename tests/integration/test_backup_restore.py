@@ -67,7 +67,7 @@ class _Load:
     def _work(self, client: Client) -> None:
         while not self.stopping.is_set():
             for job in client.fetch("load-worker", [QUEUE], max_jobs=10, wait_s=0.2):
-                client.ack("load-worker", job.id, job.lease)
+                client.ack("load-worker", job.id, job.lease_token)
                 with self.lock:
                     self.acked.append(job.id)
 
@@ -131,7 +131,7 @@ def test_backup_under_load_then_restore_into_a_new_cluster(tmp_path):
                     assert job.id not in acked_before, f"acked job {job.id} handed out again after the restore"
                     drained.add(job.id)
                 if jobs:
-                    outcomes = client.ack_many("drainer", [(job.id, job.lease, None) for job in jobs])
+                    outcomes = client.ack_many("drainer", [(job.id, job.lease_token, None) for job in jobs])
                     assert outcomes == [None] * len(jobs), outcomes
                 if jobs:
                     idle_since = time.monotonic()
