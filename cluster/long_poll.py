@@ -9,8 +9,13 @@ until a rate limit lets the next job go. Then it proposes a `Lease` like any com
 the worker's only once that entry is applied, so a deposed leader never hands one out. If another
 worker took the jobs first, it waits for the next change rather than spin on proposals.
 
-Every waiter wakes on every change today; this is where "one ready job wakes one waiter" belongs
-(200 waiting long-polls and one submit write 201 log entries now).
+One ready job wakes one fetch, not all of them. Every applied entry wakes every waiter, but a
+waiter proposes a Lease only while the queues hold more ready jobs than the Lease proposals
+already in flight may take (`FetchGate.reserved`, counted per job); the rest look again when those
+proposals are applied. Without the gate 200 waiting long polls and one submit wrote 201 log
+entries (200 Leases, 199 of them empty); with it, two. The count is over all queues at once, so a
+waiter on another queue may wait one commit longer than it had to: never a lost wakeup, since a
+waiter the gate held back is woken when the proposals before it end.
 """
 
 from __future__ import annotations
@@ -23,8 +28,20 @@ from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue.state_machine import QueueStateMachine
 
 
+class FetchGate:
+    """Per node: the jobs Lease proposals in flight may take, and whether a waiter held back for them."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+        self.held_back = False
+        self.waiting = 0  # long polls waiting now (a metric)
+
+
 class _Node(Protocol):
     queue: QueueStateMachine
+    fetch_gate: FetchGate
+
+    def wake_fetchers(self) -> None: ...
 
     def require_leader(self) -> None: ...
 
@@ -52,9 +69,23 @@ async def fetch(node: _Node, worker: str, queues: tuple[str, ...], *, max_jobs: 
         # entry applies (a submit, an ack freeing a key's slot or a group's next job).
         wait_ms = node.queue.lease_wait_ms(queues, now_ms)
         if wait_ms == 0:
-            result = await node.propose(cmds.Lease(now_ms=now_ms, worker=worker, queues=queues, max_jobs=max_jobs))
-            if result.jobs:
-                return result.jobs
+            gate = node.fetch_gate
+            unclaimed = node.queue.ready_count(queues) - gate.reserved
+            if unclaimed > 0:
+                claim = min(max_jobs, unclaimed)
+                gate.reserved += claim
+                try:
+                    result = await node.propose(
+                        cmds.Lease(now_ms=now_ms, worker=worker, queues=queues, max_jobs=max_jobs))
+                finally:
+                    gate.reserved -= claim
+                    if gate.held_back:
+                        gate.held_back = False
+                        node.wake_fetchers()
+                if result.jobs:
+                    return result.jobs
+            else:
+                gate.held_back = True  # the proposals in flight may take every ready job
             # Another worker took them first: wait for the next change rather than spin on proposals.
             wait_ms = None
         remaining = deadline - time.monotonic()
@@ -62,7 +93,11 @@ async def fetch(node: _Node, worker: str, queues: tuple[str, ...], *, max_jobs: 
             return ()
         try:
             timeout_s = remaining if wait_ms is None else min(remaining, wait_ms / 1000)
-            await asyncio.wait_for(asyncio.shield(changed), timeout_s)
+            node.fetch_gate.waiting += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(changed), timeout_s)
+            finally:
+                node.fetch_gate.waiting -= 1
         except asyncio.TimeoutError:
             if wait_ms is None or remaining <= wait_ms / 1000:
                 return ()

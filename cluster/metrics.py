@@ -179,6 +179,9 @@ def _leader_families(node: NodeView) -> Iterator:
                                 "Proposals waiting for their entry to commit (leader only; 503 past the limit).")
     pending.add_metric([], node.pending_proposals_count)
     yield pending
+    waiting = GaugeMetricFamily("raftq_fetches_waiting", "Fetch long polls waiting for a job now (leader only).")
+    waiting.add_metric([], node.fetches_waiting())
+    yield waiting
     raft = node.raft
     if raft is None:
         return

@@ -31,6 +31,7 @@ class _NodeParts(Protocol):
     snapshotting: Any
     snapshot_sender: Any
     housekeeping: Any
+    fetch_gate: Any
     leader_changes_count: int
     pending_proposals_count: int
 
@@ -111,6 +112,10 @@ class NodeView:
 
     def workers_alive_count(self) -> int:
         return self._node.housekeeping.workers_alive_count()
+
+    def fetches_waiting(self) -> int:
+        """Fetch long polls waiting for a job now."""
+        return self._node.fetch_gate.waiting
 
     def now_ms(self) -> int:
         """The cluster's clock now (cluster/leader_clock.py); off the leader, the applied clock."""

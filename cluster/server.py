@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from raftq.cluster import long_poll
 from raftq.cluster import metrics as node_metrics
 from raftq.cluster.config import NodeConfig
 from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
@@ -166,6 +167,7 @@ class Node:
         self._wakeup = asyncio.Event()
         self.snapshotting = Snapshotting(config, self._wakeup)
         self._jobs_changed: asyncio.Future | None = None
+        self.fetch_gate = long_poll.FetchGate()  # Lease proposals in flight: one ready job wakes one fetch
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._role: Role | None = None
@@ -423,6 +425,10 @@ class Node:
         self._inbox.extend(messages)
         self._wakeup.set()
         return True
+
+    def wake_fetchers(self) -> None:
+        """Wakes every long poll now (one the fetch gate held back looks again)."""
+        self._notify_jobs_changed()
 
     def jobs_changed(self) -> asyncio.Future:
         """A future resolved the next time jobs may have become leasable (long-poll wakeup)."""

@@ -1084,6 +1084,10 @@ class QueueStateMachine:
             wait = queue_wait if wait is None else min(wait, queue_wait)
         return wait
 
+    def ready_count(self, queues: Iterable[str]) -> int:
+        """READY jobs in `queues`: at most what one Lease could grant now (limits may hold some back)."""
+        return sum(queue.counts[READY] for name in queues if (queue := self._queues.get(name)) is not None)
+
     def held_back(self, name: str, now_ms: int) -> dict[str, int]:
         """READY jobs of queue `name` that a limit holds back now, by limit: "key" (their key has
         max_running_per_key leases), "fifo" (waiting behind their group's head), "rate" (the
