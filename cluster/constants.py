@@ -98,6 +98,9 @@ CONNECTIONS_MAX = 1024
 HEADER_TIMEOUT_S = 10.0
 #: Idle keep-alive connections are closed after this (aiohttp's default is an hour).
 KEEPALIVE_TIMEOUT_S = 75.0
+#: At SIGTERM, requests in flight get this long to finish before their connections are cut. A
+#: commit takes milliseconds and long polls answer at once; systemd waits 90 s, Kubernetes 30 s.
+SHUTDOWN_GRACE_S = 10.0
 #: Queues a cluster holds (a configured queue or one holding job records counts; an empty queue
 #: with default settings leaves the state). Each costs metric series and a little state; a
 #: misbehaving client writing to ever-new names is refused (409) past it instead.

@@ -42,6 +42,7 @@ class _Node(Protocol):
     fetch_gate: FetchGate
 
     def wake_fetchers(self) -> None: ...
+    draining: bool
 
     def require_leader(self) -> None: ...
 
@@ -89,7 +90,7 @@ async def fetch(node: _Node, worker: str, queues: tuple[str, ...], *, max_jobs: 
             # Another worker took them first: wait for the next change rather than spin on proposals.
             wait_ms = None
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or node.draining:  # a stopping node answers now: the worker asks another
             return ()
         try:
             timeout_s = remaining if wait_ms is None else min(remaining, wait_ms / 1000)

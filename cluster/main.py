@@ -259,7 +259,8 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     node = app[NODE]
     if fields is not None:
         fields.node = node
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=c.KEEPALIVE_TIMEOUT_S)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=c.KEEPALIVE_TIMEOUT_S,
+                           shutdown_timeout=c.SHUTDOWN_GRACE_S)
     await runner.setup()
     assert runner.server is not None
     # Our own listener rather than web.TCPSite: every connection goes through the guard's limit
@@ -285,9 +286,15 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     await asyncio.wait([stopped, node.failure], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     failed = node.failure.done()
-    logging.getLogger("raftq.node").info("shutting down%s", " after the storage failure above" if failed else "")
+    logging.getLogger("raftq.node").info("shutting down%s", " after the storage failure above" if failed else
+                                         ": no new connections; requests in flight finish, long polls answer now")
+    # Graceful stop (SIGTERM): the node keeps replicating while the requests in flight finish
+    # (up to SHUTDOWN_GRACE_S; a submit's commit, a lease's grant), long polls answer at once,
+    # idle keep-alive connections close; the node itself stops last, in the app's cleanup.
+    node.drain()
     listener.close()
     await runner.cleanup()
+    logging.getLogger("raftq.node").info("stopped")
     return 1 if failed else 0
 
 

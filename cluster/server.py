@@ -170,6 +170,8 @@ class Node:
         self.fetch_gate = long_poll.FetchGate()  # Lease proposals in flight: one ready job wakes one fetch
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        #: Set at SIGTERM (`drain`): long polls answer at once with what they have.
+        self.draining = False
         self._role: Role | None = None
         self._leader_id: str | None = None
         self.leader_changes_count = 0
@@ -428,6 +430,11 @@ class Node:
 
     def wake_fetchers(self) -> None:
         """Wakes every long poll now (one the fetch gate held back looks again)."""
+        self._notify_jobs_changed()
+
+    def drain(self) -> None:
+        """The process is stopping: long polls answer now; requests in flight finish as usual."""
+        self.draining = True
         self._notify_jobs_changed()
 
     def jobs_changed(self) -> asyncio.Future:

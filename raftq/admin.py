@@ -1,19 +1,33 @@
 """`raftq admin`: operator commands that need both the client and the broker's file formats.
 
     raftq [--nodes URL,...] [--token T] [--ca FILE] admin backup FILE
+    raftq [--nodes URL,...] [--token T] [--ca FILE] admin restart-node ID --restart-command CMD
+    raftq [--nodes URL,...] [--token T] [--ca FILE] admin rolling-restart --restart-command CMD
 
 `backup` asks the cluster who leads, streams `GET /v1/admin/backup` from the leader into
 FILE.part, checks it whole (the snapshot trailer's length and sha256, cluster/backup.py) and only
 then renames it to FILE; it prints the backup's index and term. A new cluster starts from the file
 with `raftq node --restore FILE --id n1 --data-dir DIR`. The token and CA come from the flags or
 RAFTQ_TOKEN / RAFTQ_CA, the nodes from --nodes or RAFTQ_NODES, as for the client commands.
+
+`restart-node` restarts one node without losing availability (OPERATIONS anchors §4: Consul,
+etcd, RabbitMQ): it refuses unless every other voter answers and follows the same leader (the
+restart must not cost the quorum); if the node leads, it asks it to hand leadership on
+(`POST /v1/cluster/transfer`; without that endpoint the stop costs one election); it runs the
+restart command (`{id}` in it is replaced by the node id; e.g. `systemctl restart raftq@{id}`,
+which stops the node with SIGTERM: requests in flight finish, long polls answer at once); then it
+waits until the node follows the leader in the leader's term and has applied everything the
+leader had committed when the node came back. `rolling-restart` does that for every node,
+followers first and the leader last, so the cluster sees at most one leadership change.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -43,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser("backup", help="stream a consistent snapshot from the leader into FILE")
     backup.add_argument("file")
+    for name, text in (("restart-node", "restart one node: transfer leadership away, restart, wait until caught up"),
+                       ("rolling-restart", "restart every node in turn, followers first, the leader last")):
+        sub = commands.add_parser(name, help=text)
+        if name == "restart-node":
+            sub.add_argument("id")
+        sub.add_argument("--restart-command", required=True,
+                         help="shell command that restarts the node ({id} is replaced), e.g. "
+                              "'systemctl restart raftq@{id}'")
+        sub.add_argument("--catch-up-timeout", type=float, default=300.0,
+                         help="seconds to wait for the restarted node to catch up (default 300)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("restart-node", "rolling-restart"):
+        return _restart_command(args)
     try:
         index, term, size = backup(args.file, nodes=args.nodes, token=args.token, ca_file=args.ca,
                                    timeout_s=args.timeout)
@@ -114,3 +140,155 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, *args, **kwargs):
         return None
+
+
+# ---------------------------------------------------------------------------- restarts
+
+
+class RestartRefused(RuntimeError):
+    """Raised when restarting the node now would cost the cluster its quorum, or it did not come back."""
+
+
+class ClusterView:
+    """Asks the nodes for their `/v1/cluster` answers (the token goes only to the nodes given and
+    to those the cluster names)."""
+
+    def __init__(self, nodes: str | Sequence[str], *, token: str | None, ca_file: str | None) -> None:
+        self.urls = [u.strip().rstrip("/") for u in (nodes.split(",") if isinstance(nodes, str) else nodes)
+                     if u.strip()]
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        self.opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
+
+    def request(self, url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
+        headers = dict(self.headers, **({"Content-Type": "application/json"} if method != "GET" else {}))
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with self.opener.open(request, timeout=5) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            try:
+                return exc.code, json.loads(exc.read() or b"{}")
+            except ValueError:
+                return exc.code, {}
+
+    def status(self, url: str) -> dict | None:
+        try:
+            code, body = self.request(url + "/v1/cluster")
+        except OSError:
+            return None
+        return body if code == 200 else None
+
+    def members(self) -> dict[str, str]:
+        """{node id: url} as the first node that answers lists them."""
+        for url in self.urls:
+            status = self.status(url)
+            if status is not None:
+                found = {entry["id"]: entry["url"].rstrip("/") for entry in status.get("nodes", [])}
+                self.urls = list(dict.fromkeys([*self.urls, *found.values()]))
+                return found
+        raise RestartRefused(f"no node answered (tried {', '.join(self.urls)})")
+
+    def leader(self, members: dict[str, str]) -> tuple[str, dict] | None:
+        """(leader id, its status) when a serving leader answers."""
+        for node_id, url in members.items():
+            status = self.status(url)
+            if status and status.get("role") == "leader" and status.get("serving"):
+                return node_id, status
+        return None
+
+
+def _wait(what: str, check, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise RestartRefused(f"waited {timeout_s:g} s for {what}")
+        time.sleep(0.1)
+
+
+def restart_node(node_id: str, view: ClusterView, restart, *, catch_up_timeout_s: float = 300.0,
+                 say=print) -> dict:
+    """Restarts one node as the module docstring says; `restart()` stops and starts its process.
+
+    Returns:
+        What happened: {"was_leader", "transferred", "term_before", "term_after", "down_s"}.
+
+    Raises:
+        RestartRefused: a peer is unhealthy (nothing was done), or the node did not come back.
+    """
+    members = view.members()
+    if node_id not in members:
+        raise RestartRefused(f"{node_id} is not a member (members: {', '.join(sorted(members))})")
+    found = _wait("a leader", lambda: view.leader(members), 30.0)
+    leader, leader_status = found
+    for other, url in members.items():
+        if other == node_id:
+            continue
+        status = view.status(url)
+        if status is None or status.get("leader") != leader:
+            raise RestartRefused(f"not restarting {node_id}: {other} does not follow leader {leader} "
+                                 f"({'no answer' if status is None else status.get('role')}); the quorum "
+                                 "would rest on one node fewer than it has")
+    term_before, transferred = leader_status["term"], False
+    if leader == node_id:
+        code, body = view.request(members[node_id] + "/v1/cluster/transfer", "POST", b"{}")
+        if code == 200:
+            transferred = True
+            leader, _ = _wait(f"{node_id} to hand leadership on",
+                              lambda: (found := view.leader(members)) and found[0] != node_id and found, 10.0)
+            say(f"{node_id} handed leadership to {leader}")
+        else:
+            say(f"{node_id} leads and could not hand leadership on ({code}: {body.get('error', body)}); "
+                "the cluster elects a new leader after the stop")
+    started = time.monotonic()
+    restart()
+
+    def caught_up() -> dict | None:
+        current = view.leader(members)
+        status = view.status(members[node_id])  # asked after the leader: its applied index is the newer
+        if current is None or status is None:
+            return None
+        leader_id, leader_view = current
+        if status.get("leader") != leader_id or status["term"] != leader_view["term"]:
+            return None
+        return status if status["applied_index"] >= leader_view["commit_index"] else None
+
+    _wait(f"{node_id} to follow the leader and catch up", caught_up, catch_up_timeout_s)
+    down_s = time.monotonic() - started
+    term_after = view.leader(members)
+    report = {"was_leader": leader_status["node"] == node_id, "transferred": transferred,
+              "term_before": term_before, "term_after": term_after[1]["term"] if term_after else None,
+              "down_s": round(down_s, 2)}
+    say(f"{node_id} restarted and caught up in {down_s:.1f} s (term {term_before} -> {report['term_after']})")
+    return report
+
+
+def rolling_restart(view: ClusterView, restart_one, *, catch_up_timeout_s: float = 300.0, say=print) -> list[dict]:
+    """Restarts every member in turn, followers first and the leader last; `restart_one(id)`."""
+    members = view.members()
+    leader, _ = _wait("a leader", lambda: view.leader(members), 30.0)
+    order = [node_id for node_id in sorted(members) if node_id != leader] + [leader]
+    return [restart_node(node_id, view, lambda node_id=node_id: restart_one(node_id),
+                         catch_up_timeout_s=catch_up_timeout_s, say=say) for node_id in order]
+
+
+def _restart_command(args: argparse.Namespace) -> int:
+    view = ClusterView(args.nodes, token=args.token, ca_file=args.ca)
+
+    def run(node_id: str) -> None:
+        command = args.restart_command.replace("{id}", node_id)
+        print(f"$ {command}", flush=True)
+        subprocess.run(command, shell=True, check=True)
+
+    try:
+        if args.command == "restart-node":
+            restart_node(args.id, view, lambda: run(args.id), catch_up_timeout_s=args.catch_up_timeout)
+        else:
+            rolling_restart(view, run, catch_up_timeout_s=args.catch_up_timeout)
+    except (RestartRefused, subprocess.CalledProcessError) as exc:
+        print(f"raftq admin {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -177,7 +177,7 @@ async def _wait_until_final(node: Any, job_id: str, wait_s: float) -> None:
         changed = node.jobs_changed()
         state = node.queue.job_state(job_id)
         remaining = deadline - time.monotonic()
-        if state is None or state in FINAL_STATES or remaining <= 0:
+        if state is None or state in FINAL_STATES or remaining <= 0 or node.draining:
             return
         try:
             await asyncio.wait_for(asyncio.shield(changed), remaining)
