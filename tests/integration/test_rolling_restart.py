@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 
-from client import Client
-from cluster.localcluster import LocalCluster, http_json, wait_until
+from raftq.client import Client
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 from raftq.admin import ClusterView, rolling_restart
 
 QUEUE = "rolling"
@@ -72,7 +72,7 @@ class _Load:
             self.stopping.wait(0.02)
 
     def _work(self, client: Client) -> None:
-        from client.worker.runtime import Worker
+        from raftq.client.worker.runtime import Worker
 
         self.worker = Worker(client, {QUEUE: lambda job: self.done.append(job.id)}, concurrency=4, wait_s=1.0,
                              grace_s=5)
