@@ -60,7 +60,7 @@ class _Load:
                     for job in client.fetch("w1", ["load"], max_jobs=20, wait_s=0.5):
                         self.delivered.add(job.id)
                         try:
-                            client.ack("w1", job.id, job.lease)
+                            client.ack("w1", job.id, job.lease_token)
                         except errors.JobError:
                             pass
                 except errors.RaftqError:
@@ -107,7 +107,7 @@ def test_replace_a_dead_box_then_lose_an_original(three_nodes):
         def drained() -> bool:
             for job in client.fetch("w2", ["load"], max_jobs=500, wait_s=0.5):
                 load.delivered.add(job.id)
-                client.ack("w2", job.id, job.lease)
+                client.ack("w2", job.id, job.lease_token)
             depth = client.queues().get("load", {})
             return not any(depth.get(state) for state in ("ready", "leased", "retry_wait", "scheduled"))
 
