@@ -22,7 +22,7 @@ from raftq.cluster.config import NodeConfig
 from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
 from raftq.cluster.server import Node
 from raftq.protocol import LEADER_HEADER
-from raftq.cluster.transport.http import SECRET_HEADER
+from raftq.cluster.transport.http import SECRET_HEADER, STREAM_PATH
 
 log = logging.getLogger("raftq.api")
 
@@ -65,6 +65,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/metrics", views.metrics)
     r.add_get("/", dashboard.dashboard)
     r.add_post("/raft/messages", raft_views.raft_messages)
+    r.add_get(STREAM_PATH, raft_views.raft_stream)
     r.add_post("/raft/snapshot", raft_views.raft_snapshot)
 
 
@@ -206,6 +207,10 @@ def _check_peer(request: web.Request, secret: str | None, *, open_to_all: bool) 
             raise ApiError(403, "forbidden", "wrong cluster secret")
     elif not open_to_all:
         raise ApiError(403, "forbidden", "this node has no peers and takes no peer traffic")
+    if request.path == STREAM_PATH and "Origin" in request.headers:
+        # Browsers open WebSockets cross-site without a preflight, and always say where from;
+        # peers never do. This keeps web pages off /raft on a node without a secret too.
+        raise ApiError(403, "forbidden", "peer streams are not opened from web pages")
     wanted = _PEER_CONTENT_TYPES.get(request.path)
     if wanted is not None and request.content_type != wanted:
         raise ApiError(415, "unsupported_media_type", f"{request.path} takes {wanted}")

@@ -1,4 +1,5 @@
-"""The peers' endpoints, `/raft/*`: Raft messages and InstallSnapshot chunks.
+"""The peers' endpoints, `/raft/*`: Raft messages (a WebSocket stream, or one POST for a peer of
+an older release during a rolling upgrade) and InstallSnapshot chunks.
 
 Peers present the cluster secret, not a client token: `app.auth_middleware` checks it (and the
 content type) before a view runs or a byte of the body is read. Messages go to the node's inbox (`Node.deliver`), never straight into the core: the drive
@@ -7,7 +8,9 @@ loop steps them. A SNAP message arrives only through `/raft/snapshot`, once its 
 
 from __future__ import annotations
 
-from aiohttp import web
+import logging
+
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from raftq.cluster.api.keys import NODE
 from raftq.cluster.api.wire import ApiError
@@ -15,9 +18,10 @@ from raftq.cluster.config import NODE_ID_PATTERN
 from raftq.cluster.raft.codec import decode_messages
 from raftq.cluster.raft.messages import MessageType
 from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
-from raftq.cluster.transport.http import FROM_URL_HEADER
+from raftq.cluster.transport.http import FROM_URL_HEADER, PING_INTERVAL_S
 from raftq.cluster.storage.errors import SnapshotCorruptionError
 
+log = logging.getLogger("raftq.api")
 
 #: Longest sender URL remembered from a peer request.
 URL_CHARS_MAX = 2048
@@ -33,12 +37,48 @@ async def raft_messages(request: web.Request) -> web.Response:
     if any(m.type is MessageType.SNAP for m in messages):
         # A SNAP message is only true once its file is on our disk: it comes from /raft/snapshot.
         raise ApiError(400, "invalid", "snapshots travel through /raft/snapshot, not as messages")
-    sender, url = request.headers.get(FROM_HEADER, ""), request.headers.get(FROM_URL_HEADER, "")
-    if sender and url and len(url) <= URL_CHARS_MAX and all(m.from_id == sender for m in messages):
-        node.learn_peer_url(sender, url)
+    _learn_sender_url(request, messages)
     if not node.deliver(messages):
         raise ApiError(503, "overloaded", "inbox full", headers={"Retry-After": "1"})
     return web.Response(status=204)
+
+
+async def raft_stream(request: web.Request) -> web.StreamResponse:
+    """A peer's lane (cluster/transport/http.py): binary frames, each a batch of messages.
+
+    The connection is closed on the first frame that is not a valid batch, or that carries a SNAP
+    message; the peer reconnects and Raft repairs whatever was lost. A full inbox drops the frame
+    (a dropped request, as for POST /raft/messages).
+    """
+    node = request.app[NODE]
+    ws = web.WebSocketResponse(max_msg_size=node.config.body_bytes_max, heartbeat=PING_INTERVAL_S)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "invalid", "/raft/stream takes a WebSocket upgrade")
+    await ws.prepare(request)
+    peer = request.headers.get(FROM_HEADER, "?")[:64]
+    async for frame in ws:
+        if frame.type is not WSMsgType.BINARY:
+            await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames only")
+            break
+        try:
+            messages = decode_messages(frame.data)
+        except Exception as exc:  # the codec's own error types vary; a bad frame is the peer's fault
+            log.warning("closing the raft stream from %r: undecodable frame: %s", peer, str(exc)[:200])
+            await ws.close(code=WSCloseCode.INVALID_TEXT, message=b"undecodable raft messages")
+            break
+        if any(m.type is MessageType.SNAP for m in messages):
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"snapshots travel through /raft/snapshot")
+            break
+        _learn_sender_url(request, messages)
+        node.deliver(messages)
+    return ws
+
+
+def _learn_sender_url(request: web.Request, messages: list) -> None:
+    """A node not yet told the membership answers a leader through the URL the leader names."""
+    sender, url = request.headers.get(FROM_HEADER, ""), request.headers.get(FROM_URL_HEADER, "")
+    if sender and url and len(url) <= URL_CHARS_MAX and all(m.from_id == sender for m in messages):
+        request.app[NODE].learn_peer_url(sender, url)
 
 
 async def raft_snapshot(request: web.Request) -> web.Response:

@@ -47,7 +47,8 @@ everything before it.
 Replication. The leader keeps a Progress per follower (progress.py: PROBE / REPLICATE). A
 rejected append carries the follower's hint (its last index, or the conflicting term and the
 first index of that term), so a divergent tail is skipped a term at a time. Appends are batched
-(max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends per follower).
+(max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends and
+max_inflight_bytes per follower).
 Proposals only mark followers as needing an append; the appends are built when the shell next
 calls ready(), so every proposal made between two Readys travels in one append (has_ready() only
 checks whether ready() would build one).
@@ -92,7 +93,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from raftq.cluster.raft.errors import ChangeRefused, RaftConfigError, NotLeader, ProposalDropped, StepRejected
-from raftq.cluster.raft.log import RaftLog, entry_payload_bytes
+from raftq.cluster.raft.log import RaftLog, entry_payload_bytes, entry_size_bytes
 from raftq.cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
 from raftq.cluster.raft.messages import (
     TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint,
@@ -141,6 +142,10 @@ class RaftConfig:
     max_append_bytes: int = 1 << 20
     #: Unanswered appends per follower in REPLICATE state.
     max_inflight_appends: int = 64
+    #: Unanswered entry bytes per follower in REPLICATE state (at least one append always goes);
+    #: 0 = no bound. 8 MiB keeps a slow follower's share of the leader's send buffers and of its
+    #: own inbox to a few full appends, while 20 MiB/s still fits a 400 ms round trip.
+    max_inflight_bytes: int = 8 << 20
     #: Data bytes the leader accepts uncommitted before propose raises ProposalDropped; 0 = no bound.
     max_uncommitted_bytes: int = 64 << 20
     #: The leader promotes a learner to voter once the learner has matched its log (REPLICATE)
@@ -168,6 +173,8 @@ class RaftConfig:
                 raise RaftConfigError(f"{name} must be at least 1")
         if self.learner_catch_up_entries < 0:
             raise RaftConfigError("learner_catch_up_entries must not be negative")
+        if self.max_inflight_bytes < 0:
+            raise RaftConfigError("max_inflight_bytes must not be negative (0 = no bound)")
         if self.max_uncommitted_bytes < 0:
             raise RaftConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
 
@@ -562,7 +569,8 @@ class RaftNode:
             return
         for node_id in membership.ids:
             if node_id != self.node_id and node_id not in self._progress:
-                self._progress[node_id] = Progress(self._log.last_index + 1, self._config.max_inflight_appends)
+                self._progress[node_id] = Progress(self._log.last_index + 1, self._config.max_inflight_appends,
+                                                   self._config.max_inflight_bytes)
                 self._want_replicate(node_id, send_if_empty=True)
         for node_id in [p for p in self._progress if membership.get(p) is None]:
             del self._progress[node_id]
@@ -786,7 +794,8 @@ class RaftNode:
         for peer in self.membership.ids:
             if peer == self.node_id:
                 continue
-            self._progress[peer] = Progress(next_index, self._config.max_inflight_appends)
+            self._progress[peer] = Progress(next_index, self._config.max_inflight_appends,
+                                            self._config.max_inflight_bytes)
             # An answer to our vote request was heard in this term: it counts for check-quorum.
             self._progress[peer].recent_active = peer in voters_heard
         # Raft §5.4.2 / §8: an entry of the new term lets the leader commit (and learn the
@@ -1129,7 +1138,7 @@ class RaftNode:
             previous_index = pr.next_index - 1
             self._send(MessageType.APP, peer, index=previous_index, log_term=self._log.term(previous_index),
                        entries=entries, commit=self._log.commit_index)
-            pr.sent_append(previous_index + len(entries), len(entries))
+            pr.sent_append(previous_index + len(entries), len(entries), sum(map(entry_size_bytes, entries)))
             if not entries:
                 return
             send_if_empty = False

@@ -6,7 +6,9 @@ A follower is in one of three states:
   time (from `next_index`) and waits for the answer, or for the next heartbeat answer, before
   sending another. A rejection moves `next_index` back using the follower's hint.
 - REPLICATE: the last append matched, so the leader streams appends optimistically, moving
-  `next_index` past what it sent, with at most `inflight_count_max` appends unanswered.
+  `next_index` past what it sent, with at most `inflight_count_max` appends and
+  `inflight_bytes_max` bytes of entries unanswered (etcd's MaxInflightMsgs / MaxInflightBytes:
+  the count bounds the follower's inbox, the bytes bound what a slow link holds in buffers).
   A rejection (a lost or reordered append) drops back to PROBE from `match_index + 1`.
 - SNAPSHOT: the entries the follower needs next were compacted away, so the leader's shell is
   sending it a snapshot ending at `pending_snapshot`. Nothing else is sent until the follower
@@ -38,23 +40,27 @@ class ProgressView:
     state: ProgressState
     inflight_count: int
     recent_active: bool
+    inflight_bytes: int = 0
 
 
 class Progress:
     """Replication progress of one follower, kept by the leader. See the module docstring."""
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "inflight_count_max",
-                 "recent_active", "pending_snapshot")
+                 "inflight_bytes", "inflight_bytes_max", "recent_active", "pending_snapshot")
 
-    def __init__(self, next_index: int, inflight_count_max: int) -> None:
+    def __init__(self, next_index: int, inflight_count_max: int, inflight_bytes_max: int = 0) -> None:
         self.match_index = 0
         self.next_index = next_index
         self.state = ProgressState.PROBE
         #: PROBE only: an append is out; send no other until an answer or heartbeat answer.
         self.probe_sent = False
-        #: REPLICATE only: last index of each unanswered append, oldest first.
-        self.inflight: collections.deque[int] = collections.deque()
+        #: REPLICATE only: (last index, entry bytes) of each unanswered append, oldest first.
+        self.inflight: collections.deque[tuple[int, int]] = collections.deque()
         self.inflight_count_max = inflight_count_max
+        #: Sum of the entry bytes in `inflight`; 0 in inflight_bytes_max means no byte bound.
+        self.inflight_bytes = 0
+        self.inflight_bytes_max = inflight_bytes_max
         #: Heard from within the current check-quorum window.
         self.recent_active = False
         #: SNAPSHOT only: the last index of the snapshot being sent.
@@ -65,13 +71,23 @@ class Progress:
             return self.probe_sent
         if self.state is ProgressState.SNAPSHOT:
             return True
-        return len(self.inflight) >= self.inflight_count_max
+        if len(self.inflight) >= self.inflight_count_max:
+            return True
+        return 0 < self.inflight_bytes_max <= self.inflight_bytes
+
+    def _forget_inflight(self) -> None:
+        self.inflight.clear()
+        self.inflight_bytes = 0
+
+    def _forget_oldest_inflight(self) -> None:
+        _, size_bytes = self.inflight.popleft()
+        self.inflight_bytes -= size_bytes
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
         self.next_index = self.match_index + 1
         self.probe_sent = False
-        self.inflight.clear()
+        self._forget_inflight()
         self.pending_snapshot = 0
 
     def snapshot_finished(self, delivered: bool) -> None:
@@ -86,21 +102,22 @@ class Progress:
         self.state = ProgressState.SNAPSHOT
         self.pending_snapshot = snapshot_index
         self.probe_sent = False
-        self.inflight.clear()
+        self._forget_inflight()
 
     def become_replicate(self) -> None:
         self.state = ProgressState.REPLICATE
         self.next_index = self.match_index + 1
         self.probe_sent = False
-        self.inflight.clear()
+        self._forget_inflight()
         self.pending_snapshot = 0
 
-    def sent_append(self, last_index: int, entries_count: int) -> None:
-        """Record an append just sent whose entries end at last_index."""
+    def sent_append(self, last_index: int, entries_count: int, size_bytes: int = 0) -> None:
+        """Record an append just sent whose entries (size_bytes of them) end at last_index."""
         if self.state is ProgressState.REPLICATE:
             if entries_count:
                 self.next_index = last_index + 1
-                self.inflight.append(last_index)
+                self.inflight.append((last_index, size_bytes))
+                self.inflight_bytes += size_bytes
         else:
             self.probe_sent = True
 
@@ -111,8 +128,8 @@ class Progress:
         self.match_index = index
         self.next_index = max(self.next_index, index + 1)
         self.probe_sent = False
-        while self.inflight and self.inflight[0] <= index:
-            self.inflight.popleft()
+        while self.inflight and self.inflight[0][0] <= index:
+            self._forget_oldest_inflight()
         return True
 
     def maybe_decrease(self, rejected_index: int, next_index_hint: int) -> bool:
@@ -146,8 +163,9 @@ class Progress:
         """
         self.recent_active = True
         self.probe_sent = False
-        if self.state is ProgressState.REPLICATE and self.is_paused():
-            self.inflight.popleft()
+        if self.state is ProgressState.REPLICATE and self.is_paused() and self.inflight:
+            self._forget_oldest_inflight()
 
     def view(self) -> ProgressView:
-        return ProgressView(self.match_index, self.next_index, self.state, len(self.inflight), self.recent_active)
+        return ProgressView(self.match_index, self.next_index, self.state, len(self.inflight), self.recent_active,
+                            self.inflight_bytes)

@@ -1,12 +1,35 @@
-"""Raft messages between peers over HTTP: POST /raft/messages with a msgpack list of messages.
+"""Raft messages between peers: long-lived WebSocket streams, two per peer, one way each.
 
-One sender task per peer drains that peer's queue and posts everything queued as one request, so a
-burst of appends and heartbeats costs one round trip, and requests to one peer never overlap (they
-arrive in order on a healthy link). Requests are never retried: Raft's own heartbeats and append
-retries are the retry policy, and a transport retry could deliver a stale append after a newer one.
+Theory of operation
+-------------------
+Each node opens, to each peer, two WebSocket connections on `GET /raft/stream` (an HTTP upgrade,
+so the cluster secret, the TLS client certificate and the connection limits are checked by the
+same middleware as any `/raft` request, before the connection is upgraded):
 
-The peers change with the membership (`set_peers`): a sender starts for each new member and stops
-for each removed one. Every request names its sender (`FROM_HEADER`) and the sender's own URL
+- the *control lane* carries heartbeats, votes, answers and empty appends: small messages that
+  must not wait;
+- the *data lane* carries appends with entries, which may be a MiB each.
+
+A heartbeat therefore never queues behind a large append in a socket buffer (the two lanes are
+two TCP connections). Each lane has one task that writes every queued message as binary frames
+without waiting for any answer: the answers come back as Raft messages on the peer's own lanes
+to us. So the number of appends in flight to a follower is bounded by the Raft core's flow
+control (`max_inflight_appends`, `max_inflight_bytes`, etcd's MaxInflightMsgs/Bytes), not by
+round trips: under a 400 ms round trip the leader keeps sending while earlier appends travel.
+
+Why WebSocket, not a chunked POST or a raw framed socket: aiohttp already speaks it (no new
+dependency), the upgrade is an ordinary HTTP request (one auth path, one port, TLS as for the
+rest), frames carry their own length and the server refuses one past `max_msg_size` before
+buffering it, and ping/pong tells a dead connection (a black-holed link) from an idle one.
+
+Loss. Nothing is retried: a frame lost with its connection is like a dropped request, which Raft
+repairs with its next heartbeat or append (messages carry their term and log position, and the
+core tolerates loss, duplication and reordering, including between the two lanes). A lane that
+cannot connect drops what is queued for it; a full lane queue drops its oldest message.
+
+Membership. The peers change with the membership (`set_peers`): lanes start for each new member
+and stop for each removed one; a lane reads its peer's URL at each connection (a member's URL may
+change). The upgrade request names the sender (`FROM_HEADER`) and its own URL
 (`FROM_URL_HEADER`), so a node that has just been added, and does not know the membership yet,
 can answer the leader that is replicating to it.
 """
@@ -14,6 +37,7 @@ can answer the leader that is replicating to it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 from typing import Sequence
@@ -21,112 +45,190 @@ from typing import Sequence
 import aiohttp
 
 from raftq.cluster.raft.codec import encode_messages
-from raftq.cluster.raft.messages import Message
-from raftq.protocol import CONTENT_TYPE_MSGPACK
+from raftq.cluster.raft.messages import Message, MessageType
 
 log = logging.getLogger("raftq.transport")
 
-#: Messages queued for one peer; a peer that is down or slow loses the oldest traffic rather than
-#: growing memory (Raft resends what matters).
-PEER_QUEUE_COUNT_MAX = 4096
-#: Messages in one HTTP request; keeps a request body near a few MiB at most with 512-entry appends.
-REQUEST_MESSAGES_MAX = 256
-#: A peer that does not answer within this is treated as gone for this request.
-REQUEST_TIMEOUT_S = 5.0
+#: Path of the peer stream (a WebSocket upgrade).
+STREAM_PATH = "/raft/stream"
 #: Header carrying the cluster secret.
 SECRET_HEADER = "X-Raftq-Cluster-Secret"
 #: Headers naming the sending node and the URL it is reached at.
 FROM_HEADER = "X-Raftq-From"
 FROM_URL_HEADER = "X-Raftq-From-Url"
+#: Messages queued for one lane of one peer; a peer that is down or slow loses the oldest
+#: traffic rather than growing memory (Raft resends what matters).
+LANE_QUEUE_COUNT_MAX = 4096
+#: Messages in one control-lane frame (the codec's batch bound is higher).
+FRAME_MESSAGES_MAX = 256
+#: A connection attempt (TCP, TLS, upgrade) that takes longer is abandoned.
+CONNECT_TIMEOUT_S = 5.0
+#: A frame that cannot be written within this (the peer stopped reading) ends the connection.
+SEND_TIMEOUT_S = 5.0
+#: Ping interval on both ends; no pong within half of it closes the connection. Above twice the
+#: chaos suite's worst peer latency (350 ms each way), far below an election timeout's worth of
+#: silence that check-quorum would notice anyway.
+PING_INTERVAL_S = 2.0
+#: Wait before reconnecting after a failure, doubled per failure up to the max.
+RECONNECT_DELAY_S = 0.05
+RECONNECT_DELAY_S_MAX = 1.0
+
+
+def is_data(message: Message) -> bool:
+    """Whether a message travels on the data lane (an append carrying entries)."""
+    return message.type is MessageType.APP and bool(message.entries)
 
 
 class HttpTransport:
-    """Sends Raft messages to peers; see the module docstring."""
+    """Sends Raft messages to peers over WebSocket lanes; see the module docstring."""
 
     def __init__(self, node_id: str, peers: dict[str, str], *, secret: str | None,
                  ssl_context: ssl.SSLContext | None = None, own_url: str = "") -> None:
         self._node_id = node_id
-        self._own_url = own_url
         self._ssl_context = ssl_context  # for https:// peers (cluster/tls.py); None: default checks
         self._peers = dict(peers)
-        self._secret = secret
-        self._queues: dict[str, asyncio.Queue[Message]] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
+        self._headers = {FROM_HEADER: node_id}
+        if own_url:
+            self._headers[FROM_URL_HEADER] = own_url
+        if secret:
+            self._headers[SECRET_HEADER] = secret
+        self._lanes: dict[tuple[str, bool], _Lane] = {}
         self._session: aiohttp.ClientSession | None = None
         self.dropped_count = 0
-        self.failed_requests_count = 0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit_per_host=2, force_close=False, ssl=self._ssl_context or True)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-        )
-        self._start_senders()
+        connector = aiohttp.TCPConnector(ssl=self._ssl_context or True)
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._start_lanes()
 
     def set_peers(self, peers: dict[str, str]) -> None:
-        """The peers are now these (id -> base URL): senders start and stop to match."""
+        """The peers are now these (id -> base URL): lanes start and stop to match."""
         self._peers = dict(peers)
         if self._session is None:
             return  # start() starts them
-        for peer_id in [p for p in self._queues if p not in self._peers]:
-            self._tasks.pop(peer_id).cancel()
-            del self._queues[peer_id]
-        self._start_senders()
+        for key in [key for key in self._lanes if key[0] not in self._peers]:
+            self._lanes.pop(key).task.cancel()
+        self._start_lanes()
 
-    def _start_senders(self) -> None:
+    def _start_lanes(self) -> None:
         for peer_id in sorted(self._peers):
-            if peer_id not in self._queues:
-                self._queues[peer_id] = asyncio.Queue(maxsize=PEER_QUEUE_COUNT_MAX)
-                self._tasks[peer_id] = asyncio.create_task(self._sender(peer_id), name=f"raft-send-{peer_id}")
+            for data in (False, True):
+                if (peer_id, data) not in self._lanes:
+                    self._lanes[peer_id, data] = _Lane(self, peer_id, "data" if data else "control")
+
+    def peer_url(self, peer_id: str) -> str:
+        return self._peers[peer_id].rstrip("/") + STREAM_PATH
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        self._queues.clear()
+        lanes = list(self._lanes.values())
+        self._lanes.clear()
+        for lane in lanes:
+            lane.task.cancel()
+        await asyncio.gather(*(lane.task for lane in lanes), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def queued_counts(self) -> dict[str, int]:
         """Messages waiting to be sent, per peer (what `raftq_peer_send_queue_messages` exports)."""
-        return {peer_id: queue.qsize() for peer_id, queue in self._queues.items()}
+        counts: dict[str, int] = {}
+        for (peer_id, _), lane in self._lanes.items():
+            counts[peer_id] = counts.get(peer_id, 0) + lane.queued_count
+        return counts
 
     def send(self, messages: Sequence[Message]) -> None:
         for message in messages:
-            queue = self._queues.get(message.to_id)
-            if queue is None:
-                continue
-            if queue.full():
-                # Drop the oldest: newer messages carry newer terms and commit indexes.
-                queue.get_nowait()
-                self.dropped_count += 1
-            queue.put_nowait(message)
+            lane = self._lanes.get((message.to_id, is_data(message)))
+            if lane is not None:
+                lane.put(message)
 
-    async def _sender(self, peer_id: str) -> None:
-        queue = self._queues[peer_id]
-        headers = {"Content-Type": CONTENT_TYPE_MSGPACK, FROM_HEADER: self._node_id}
-        if self._own_url:
-            headers[FROM_URL_HEADER] = self._own_url
-        if self._secret:
-            headers[SECRET_HEADER] = self._secret
+
+class _Lane:
+    """One WebSocket connection to one peer and the queue that feeds it."""
+
+    def __init__(self, transport: HttpTransport, peer_id: str, name: str) -> None:
+        self._transport = transport
+        self._peer_id = peer_id
+        self._name = name
+        self._queue: collections.deque[Message] = collections.deque()
+        self._queued = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"raft-{name}-{peer_id}")
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    def put(self, message: Message) -> None:
+        if len(self._queue) >= LANE_QUEUE_COUNT_MAX:
+            # Drop the oldest: newer messages carry newer terms and commit indexes.
+            self._queue.popleft()
+            self._transport.dropped_count += 1
+        self._queue.append(message)
+        self._queued.set()
+
+    def _drop_queued(self) -> None:
+        self._transport.dropped_count += len(self._queue)
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        delay_s = RECONNECT_DELAY_S
         while True:
-            batch = [await queue.get()]
-            while not queue.empty() and len(batch) < REQUEST_MESSAGES_MAX:
-                batch.append(queue.get_nowait())
-            url = self._peers[peer_id].rstrip("/") + "/raft/messages"  # a member's URL may change
-            await self._post(peer_id, url, headers, encode_messages(batch))
+            await self._queued.wait()  # connect on first use: an idle peer costs no connection
+            try:
+                ws = await asyncio.wait_for(self._connect(), CONNECT_TIMEOUT_S)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                log.debug("peer %s %s lane: cannot connect: %s", self._peer_id, self._name, exc)
+                self._drop_queued()  # stale by the time a connection exists; Raft resends
+                self._queued.clear()
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECONNECT_DELAY_S_MAX)
+                continue
+            delay_s = RECONNECT_DELAY_S
+            try:
+                await self._pump(ws)
+            finally:
+                await ws.close()
+            await asyncio.sleep(RECONNECT_DELAY_S)  # a peer that closes at once is not hammered
 
-    async def _post(self, peer_id: str, url: str, headers: dict, body: bytes) -> None:
-        assert self._session is not None
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        transport = self._transport
+        assert transport._session is not None
+        return await transport._session.ws_connect(
+            transport.peer_url(self._peer_id), headers=transport._headers, heartbeat=PING_INTERVAL_S,
+            autoclose=True, autoping=True, max_msg_size=1 << 16)
+
+    async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Writes queued messages until the connection fails; reads only pongs and the close."""
+        reader = asyncio.create_task(_drain_incoming(ws))
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
-                await response.read()
-                if response.status != 204:
-                    self.failed_requests_count += 1
-                    log.debug("peer %s answered %s", peer_id, response.status)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self.failed_requests_count += 1
-            log.debug("peer %s unreachable: %s", peer_id, exc)
+            while not reader.done():
+                if not self._queue:
+                    self._queued.clear()
+                    queued = asyncio.ensure_future(self._queued.wait())
+                    await asyncio.wait((queued, reader), return_when=asyncio.FIRST_COMPLETED)
+                    queued.cancel()
+                    continue
+                frame = self._next_frame()
+                try:
+                    await asyncio.wait_for(ws.send_bytes(encode_messages(frame)), SEND_TIMEOUT_S)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+                    log.debug("peer %s %s lane: send failed: %s", self._peer_id, self._name, exc)
+                    return
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _next_frame(self) -> list[Message]:
+        """The oldest queued message, plus more on the control lane (appends go one per frame,
+        which keeps a frame within the receiver's size limit)."""
+        frame = [self._queue.popleft()]
+        if self._name == "control":
+            while self._queue and len(frame) < FRAME_MESSAGES_MAX:
+                frame.append(self._queue.popleft())
+        return frame
+
+
+async def _drain_incoming(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Runs the client's side of ping/pong and notices the close; peers send nothing else here."""
+    async for _ in ws:
+        pass

@@ -8,17 +8,20 @@ state digests are equal and no part file was written.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import subprocess
 import sys
 import urllib.request
 
+import aiohttp
+
 from raftq.cluster.localcluster import free_ports, http_json
 from raftq.cluster.raft.codec import encode_messages
 from raftq.cluster.raft.messages import Message, MessageType
 from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
-from raftq.cluster.transport.http import SECRET_HEADER
+from raftq.cluster.transport.http import SECRET_HEADER, STREAM_PATH
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -28,6 +31,22 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> int:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def open_stream(url: str, headers: dict[str, str], frames: list[bytes] = ()) -> tuple[int, int | None]:
+    """Opens a peer stream and sends frames; returns (HTTP status, close code the node sent)."""
+    async def run() -> tuple[int, int | None]:
+        async with aiohttp.ClientSession() as session:
+            try:
+                ws = await session.ws_connect(url + STREAM_PATH, headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=10))
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status, None
+            for frame in frames:
+                await ws.send_bytes(frame)
+            closed = await ws.receive(timeout=10) if frames else None
+            await ws.close()
+            return 101, (ws.close_code if closed is not None and closed.type is aiohttp.WSMsgType.CLOSE else None)
+    return asyncio.run(run())
 
 
 def forged_heartbeat(leader: str, term: int) -> bytes:
@@ -63,6 +82,15 @@ def test_raft_paths_refuse_requests_without_the_secret_and_nothing_moves(three_n
     assert post(url + "/raft/messages", heartbeat, {"Content-Type": "text/plain", **secret}) == 415
     follower = next(n for n in cluster.nodes if n != leader)
     assert post(cluster.nodes[follower].url + "/raft/snapshot", b"\0" * 1024, {**snapshot, **secret}) == 413
+
+    # The peer stream (a WebSocket upgrade) is refused the same way before the upgrade; a web page
+    # (which always sends Origin) is refused even with the secret; a peer's bad frame closes it.
+    stream = {name: open_stream(url, headers, [heartbeat]) for name, headers in [
+        ("no secret", {}), ("wrong secret", {SECRET_HEADER: "x" * 43}),
+        ("web page with the secret", {**secret, "Origin": "http://evil.example"})]}
+    assert stream == {"no secret": (401, None), "wrong secret": (403, None),
+                      "web page with the secret": (403, None)}, stream
+    assert open_stream(url, secret, [b"\xc1 not msgpack"]) == (101, aiohttp.WSCloseCode.INVALID_TEXT)
 
     after = cluster.wait_converged()
     assert after == before, f"digests moved: {before} -> {after}"

@@ -67,6 +67,7 @@ def accept(node: RaftNode, peer: str, index: int) -> None:
     (dict(election_ticks=1, heartbeat_ticks=1), "election_ticks"),
     (dict(heartbeat_ticks=0), "heartbeat_ticks"),
     (dict(max_inflight_appends=0), "max_inflight_appends"),
+    (dict(max_inflight_bytes=-1), "max_inflight_bytes"),
     (dict(max_entries_per_append=0), "max_entries_per_append"),
     (dict(max_uncommitted_bytes=-1), "max_uncommitted_bytes"),
     (dict(peer_ids=("n2", "n2")), "repeat"),
@@ -352,6 +353,23 @@ def test_inflight_appends_are_bounded() -> None:
     accept(leader, "n2", 2)
     to_n2 = [m for m in sent(leader) if m.to_id == "n2" and m.type is T.APP]
     assert [[e.index for e in m.entries] for m in to_n2] == [[4]]
+
+
+def test_inflight_bytes_are_bounded_but_one_append_always_goes() -> None:
+    # Each entry counts its data + 16 bytes of framing: 116 bytes, so a 200-byte bound lets a
+    # second append out (116 < 200) and holds the third (232 >= 200) until an answer comes.
+    leader = make_leader(max_entries_per_append=1, max_inflight_appends=64, max_inflight_bytes=200)
+    accept(leader, "n2", 1)
+    sent(leader)
+    for data in (b"a" * 100, b"b" * 100, b"c" * 100, b"d" * 1000):
+        leader.propose(data)
+    to_n2 = [m for m in sent(leader) if m.to_id == "n2" and m.type is T.APP]
+    assert [[e.index for e in m.entries] for m in to_n2] == [[2], [3]]
+    assert leader.progress_details["n2"].inflight_bytes == 232
+    accept(leader, "n2", 3)
+    to_n2 = [m for m in sent(leader) if m.to_id == "n2" and m.type is T.APP]
+    assert [[e.index for e in m.entries] for m in to_n2] == [[4], [5]]  # 1016 bytes: over, but alone
+    assert leader.progress_details["n2"].inflight_bytes == 116 + 1016
 
 
 def test_appends_respect_the_byte_bound_but_carry_at_least_one_entry() -> None:
