@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from raftq.cluster.node_view import NodeView
-from raftq.cluster.transport.http import PEER_QUEUE_COUNT_MAX
+from raftq.cluster.transport.http import LANE_QUEUE_COUNT_MAX
 
 #: State machine counter events -> exported counter names (all by queue).
 _JOB_COUNTERS = {
@@ -216,7 +216,8 @@ def _raft_families(node: NodeView) -> Iterator:
     changes.add_metric([], node.leader_changes_count)
     yield changes
     send_queue = GaugeMetricFamily("raftq_peer_send_queue_messages",
-                                   f"Raft messages queued for a peer, not yet sent (the oldest drop past {PEER_QUEUE_COUNT_MAX}).",
+                                   f"Raft messages queued for a peer, not yet sent (each of its two lanes drops "
+                                   f"its oldest past {LANE_QUEUE_COUNT_MAX}).",
                                    labels=["peer"])
     for peer, count in sorted(node.peer_send_queue_counts().items()):
         send_queue.add_metric([peer], count)
