@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join", default=_env("JOIN", ""), metavar="URL",
                    help="start empty and wait to be added to the cluster that URL belongs to "
                         "(raftq cluster add ID URL); the data directory then remembers the membership")
+    p.add_argument("--members", default=_env("MEMBERS", ""),
+                   help="every voter as id=url,..., this node included: the same list on every node (a "
+                        "StatefulSet, one config file), instead of --peers and --advertise-url")
     p.add_argument("--public-urls", default=_env("PUBLIC_URLS", ""),
                    help="id=url,... where clients reach each peer, when peer links go elsewhere (proxies)")
     p.add_argument("--tls-cert", default=_env("TLS_CERT"),
@@ -134,21 +137,45 @@ def read_secret(path: str | None, env_name: str, what: str) -> str | None:
             raise ConfigError(f"cannot read the {what} from {path!r}: {exc}") from None
         if not value:
             raise ConfigError(f"the {what} file {path!r} is empty")
-        if os.stat(path).st_mode & 0o077:
+        if _readable_by_others(os.stat(path)):
             logging.getLogger("raftq.node").warning("the %s file %r is readable by other users (chmod 600)",
                                                     what, path)
         return value
     return _env(env_name) or None
 
 
+def peers_and_url(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """(peers, advertised URL) from --peers and --advertise-url, or from --members.
+
+    Raises:
+        ConfigError: both --members and --peers, or --members without this node.
+    """
+    if not args.members:
+        return parse_peers(args.peers), args.advertise_url
+    if args.peers:
+        raise ConfigError("give --members (every voter, this node included) or --peers (the others), not both")
+    members = parse_peers(args.members)
+    if args.id not in members:
+        raise ConfigError(f"--members does not list this node ({args.id}): {', '.join(sorted(members))}")
+    return {k: v for k, v in members.items() if k != args.id}, args.advertise_url or members[args.id]
+
+
+def _readable_by_others(st: os.stat_result) -> bool:
+    """Whether users other than this process's may read the file: any "other" bit, or group bits
+    for a group that is not the process's own (a secret mounted 0440 with the service's own group,
+    as Kubernetes mounts one for fsGroup, or root:raftq 0640 on a box, stays private)."""
+    return bool(st.st_mode & 0o007 or (st.st_mode & 0o070 and st.st_gid != os.getegid()))
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    peers, advertise_url = peers_and_url(args)
     config = NodeConfig(
         node_id=args.id,
         data_dir=args.data_dir or os.path.join("var", args.id),
         host=args.host,
         port=args.port,
-        advertise_url=args.advertise_url,
-        peers=parse_peers(args.peers),
+        advertise_url=advertise_url,
+        peers=peers,
         join_url=args.join.rstrip("/"),
         public_urls=parse_peers(args.public_urls),
         allowed_hosts=tuple(filter(None, (name.strip() for name in args.allowed_hosts.split(",")))),

@@ -3,12 +3,18 @@
     raftq [--nodes URL,...] [--token T] [--ca FILE] admin backup FILE
     raftq [--nodes URL,...] [--token T] [--ca FILE] admin restart-node ID --restart-command CMD
     raftq [--nodes URL,...] [--token T] [--ca FILE] admin rolling-restart --restart-command CMD
+    raftq [--nodes URL] [--ca FILE] admin probe [--ready]
 
 `backup` asks the cluster who leads, streams `GET /v1/admin/backup` from the leader into
 FILE.part, checks it whole (the snapshot trailer's length and sha256, cluster/backup.py) and only
 then renames it to FILE; it prints the backup's index and term. A new cluster starts from the file
 with `raftq node --restore FILE --id n1 --data-dir DIR`. The token and CA come from the flags or
 RAFTQ_TOKEN / RAFTQ_CA, the nodes from --nodes or RAFTQ_NODES, as for the client commands.
+
+`probe` is a service manager's health check of one node (Kubernetes exec probes): it asks the
+first of --nodes for `GET /v1/cluster` and exits 0 when it answers (alive), with --ready only
+when it also knows a leader (and, if it leads, serves). The token comes from RAFTQ_TOKEN or the
+file RAFTQ_TOKEN_FILE names, the one the node reads, so the probe needs no secret of its own.
 
 `restart-node` restarts one node without losing availability (OPERATIONS anchors §4: Consul,
 etcd, RabbitMQ): it refuses unless every other voter answers and follows the same leader (the
@@ -57,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     backup = commands.add_parser("backup", help="stream a consistent snapshot from the leader into FILE")
     backup.add_argument("file")
+    probe = commands.add_parser("probe", help="exit 0 when the first node answers GET /v1/cluster")
+    probe.add_argument("--ready", action="store_true", help="... and knows a leader")
     for name, text in (("restart-node", "restart one node: transfer leadership away, restart, wait until caught up"),
                        ("rolling-restart", "restart every node in turn, followers first, the leader last")):
         sub = commands.add_parser(name, help=text)
@@ -74,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("restart-node", "rolling-restart"):
         return _restart_command(args)
+    if args.command == "probe":
+        return probe(args)
     try:
         index, term, size = backup(args.file, nodes=args.nodes, token=args.token, ca_file=args.ca,
                                    timeout_s=args.timeout)
@@ -290,5 +300,31 @@ def _restart_command(args: argparse.Namespace) -> int:
             rolling_restart(view, run, catch_up_timeout_s=args.catch_up_timeout)
     except (RestartRefused, subprocess.CalledProcessError) as exc:
         print(f"raftq admin {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- health probe
+
+
+def probe(args: argparse.Namespace) -> int:
+    """`raftq admin probe [--ready]`: see the module docstring. Prints why when it fails."""
+    token = args.token
+    token_file = os.environ.get("RAFTQ_TOKEN_FILE")
+    if not token and token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    view = ClusterView(args.nodes.split(",")[:1], token=token, ca_file=args.ca)
+    url = view.urls[0]
+    try:
+        code, status = view.request(url + "/v1/cluster")
+    except OSError as exc:
+        print(f"{url}: no answer: {exc}", file=sys.stderr)
+        return 1
+    if code != 200:
+        print(f"{url}: {code} {status.get('error', status)}", file=sys.stderr)
+        return 1
+    if args.ready and (not status.get("leader") or status.get("role") == "leader" and not status.get("serving")):
+        print(f"{url}: {status.get('role')} in term {status.get('term')}, no leader serving yet", file=sys.stderr)
         return 1
     return 0

@@ -115,3 +115,20 @@ def test_rolling_restart_under_load_fails_no_request_and_loses_nothing(tmp_path)
             assert report["term_after"] == report["term_before"], f"a follower's restart caused an election: {report}"
         assert reports[2]["term_after"] - reports[2]["term_before"] <= 1, f"more than one election: {reports[2]}"
         cluster.wait_converged()
+
+
+def test_the_probe_command_answers_for_a_live_node_and_fails_for_a_stopped_one(single_node, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def probe(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTQ_")}
+        return subprocess.run([sys.executable, "-m", "raftq", "admin", "--nodes", single_node.urls[0], "probe", *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    single_node.wait_for_leader()
+    assert probe().returncode == 0 and probe("--ready").returncode == 0
+    single_node.terminate("n1")
+    stopped = probe("--ready")
+    assert stopped.returncode == 1 and "no answer" in stopped.stderr, stopped

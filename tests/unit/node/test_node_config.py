@@ -92,3 +92,33 @@ def test_text_log_lines_escape_whatever_the_message_holds():
     record = logging.LogRecord("raftq.api", logging.INFO, __file__, 1, "refused %s", ("a\r\nFAKE\x00\u2028b",), None)
     line = _TextFormatter("%(levelname)s %(message)s").format(record)
     assert line == "INFO refused a\\r\\nFAKE\\x00\\u2028b" and len(line.splitlines()) == 1
+
+
+def test_members_is_one_list_for_every_node(monkeypatch):
+    members = ["--members", "a=https://a.example:7001,b=https://b.example:7001,c=https://c.example:7001",
+               "--insecure-no-cluster-secret"]
+    node = config(["--id", "b", *members], monkeypatch)
+    assert node.peers == {"a": "https://a.example:7001", "c": "https://c.example:7001"}
+    assert node.url == "https://b.example:7001"
+    with pytest.raises(ConfigError, match="does not list this node"):
+        config(["--id", "d", *members], monkeypatch)
+    with pytest.raises(ConfigError, match="not both"):
+        config(["--id", "b", *members, "--peers", "a=https://a.example:7001"], monkeypatch)
+
+
+def test_a_secret_readable_by_other_users_is_warned_about(tmp_path, monkeypatch, caplog):
+    import os
+
+    secret = tmp_path / "token"
+    secret.write_text("s" * 20)
+    for mode, warned in ((0o600, False), (0o440, False), (0o644, True), (0o604, True)):
+        secret.chmod(mode)  # the group is ours (the test's egid made the file)
+        caplog.clear()
+        config(["--token-file", str(secret)], monkeypatch)
+        assert ("readable by other users" in caplog.text) is warned, (oct(mode), caplog.text)
+    if os.geteuid() == 0:
+        os.chown(secret, -1, os.getegid() + 1)  # a group the process is not in
+        secret.chmod(0o640)
+        caplog.clear()
+        config(["--token-file", str(secret)], monkeypatch)
+        assert "readable by other users" in caplog.text
