@@ -4,16 +4,20 @@ Theory of operation
 -------------------
 Each runner thread of the worker owns one `ChildProcess` for the worker's life (a "spawn"
 child: forking a process that already runs threads can copy a held lock into the child). The
-runner hands its child a batch of jobs in one message; the child runs them in turn and answers
-each job with one message as it finishes: (result, exception, traceback text, run seconds).
-One answer per job is what lets the parent time every job: job i+1 started when job i's answer
-came (or when the batch went out), so its hard deadline is known without a clock in the child.
+runner hands its child a batch of jobs in one message; the child runs them in turn and sends
+their answers back, (result, exception, traceback text, run seconds) per job, several to a
+message: at the end of the batch, and also just before and just after a job that has a hard
+limit. So the parent can time every limited job without a clock in the child: it started when
+the message before it arrived (or when the batch went out). Jobs without a hard limit cost one
+message per batch each way (a round trip costs about as much as a 1 ms job).
 
 The parent waits for each answer until that job's hard deadline. Past it, the parent kills the
 child (SIGKILL: a handler stuck in C cannot be interrupted any other way), starts a new one, fails
 the job with TimeLimitExceeded and sends the rest of the batch to the new child. A child that
-dies on its own (os._exit, a segfault, the OOM killer) is handled the same way, with an error
-naming its exit code. No other child, and no job of another runner, is touched: this is what
+dies on its own (os._exit, a segfault, the OOM killer) is replaced the same way; every job of
+its batch not answered yet fails with an error naming the exit code (which one killed it is not
+known; failing counts an attempt, so a job that kills its child every time reaches the
+dead-letter queue). No other child, and no job of another runner, is touched: this is what
 `concurrent.futures.ProcessPoolExecutor` cannot do (killing one of its children breaks the pool).
 
 The soft limit is the child's: it arms `setitimer(ITIMER_REAL)` for each job, and the SIGALRM
@@ -94,30 +98,33 @@ class ChildProcess:
         started = time.monotonic()
         while done < len(calls):
             limits = calls[done][2]
+            # The child flushes its answers just before a limited job: `started` is that job's start.
             timeout = None if limits.hard_s is None else max(0.0, started + limits.hard_s - time.monotonic())
             try:
                 ready = self.conn.poll(timeout)
                 data = self.conn.recv_bytes() if ready else None
             except (EOFError, OSError):
                 ready, data = True, None
-            if data is None:
-                if ready:  # the child exited before answering
-                    self.process.join(1.0)
-                    error: BaseException = PoolProcessDied(
-                        f"{self.name} exited with code {self.process.exitcode} while running this job")
-                    log.error("%s; starting a new pool process", error)
-                    answer: Answer = (None, error, None)
-                else:
-                    answer = (None, TimeLimitExceeded(hard_message(
-                        limits, "its pool process was killed and replaced")), limits.hard_s)
-                    log.warning("%s: job %s ran past its hard time limit (%g s); killing the process",
-                                self.name, getattr(calls[done][1], "id", "?"), limits.hard_s)
+            if data is None and ready:  # the child exited before answering
+                self.process.join(1.0)
+                error = PoolProcessDied(f"{self.name} exited with code {self.process.exitcode} while running this "
+                                        f"job or one before it in its batch")
+                log.error("%s; starting a new pool process", error)
                 self._replace()
-                on_answer(done, answer)
+                for index in range(done, len(calls)):  # which one it was is not known: all unanswered fail
+                    on_answer(index, (None, error, None))
+                return len(calls)
+            if data is None:  # past the hard limit of calls[done]; the answers before it came already
+                log.warning("%s: job %s ran past its hard time limit (%g s); killing the process",
+                            self.name, getattr(calls[done][1], "id", "?"), limits.hard_s)
+                self._replace()
+                on_answer(done, (None, TimeLimitExceeded(hard_message(
+                    limits, "its pool process was killed and replaced")), limits.hard_s))
                 return done + 1
-            on_answer(done, _loads_answer(data))
-            done += 1
             started = time.monotonic()
+            for answer in _loads_answers(data, len(calls) - done):
+                on_answer(done, answer)
+                done += 1
         return done
 
     def _replace(self) -> None:
@@ -152,17 +159,23 @@ class ChildProcess:
 def _dumps_batch(calls: Sequence[Call]) -> bytes:
     # The job count, then one pickle for the batch: the handler, the same object for every job,
     # is written once. The count lets a child that cannot unpickle the batch still answer each job.
-    return len(calls).to_bytes(4, "big") + pickle.dumps([(handler, job, limits.soft_s) for handler, job, limits in calls])
+    return len(calls).to_bytes(4, "big") + pickle.dumps([(handler, job, limits) for handler, job, limits in calls])
 
 
-def _loads_answer(data: bytes) -> Answer:
+def _loads_answers(data: bytes, left: int) -> list[Answer]:
+    """The answers in one message from a child (its first 4 bytes: how many)."""
+    count = min(int.from_bytes(data[:4], "big"), left)
     try:
-        result, exc, tb_text, run_s = pickle.loads(data)
+        answers = pickle.loads(data[4:])
     except Exception as error:  # e.g. an exception class whose __init__ wants other arguments
-        return None, RuntimeError(f"the handler's answer cannot be read back from the pool process: {error!r}"), None
-    if exc is not None and tb_text:
-        exc.__cause__ = ChildTraceback(tb_text)
-    return result, exc, run_s
+        error = RuntimeError(f"the handler's answer cannot be read back from the pool process: {error!r}")
+        return [(None, error, None)] * count
+    read = []
+    for result, exc, tb_text, run_s in answers[:count]:
+        if exc is not None and tb_text:
+            exc.__cause__ = ChildTraceback(tb_text)
+        read.append((result, exc, run_s))
+    return read
 
 
 class ChildTraceback(Exception):
@@ -175,7 +188,7 @@ class ChildTraceback(Exception):
 # ---------------------------------------------------------------------------- in the child
 
 
-_soft_limit = TimeLimits()  # the limits of the job running in this child, for the SIGALRM handler
+_soft_limit = TimeLimits()  # the limits of the job running in this child, for the SIGALRM handler's message
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -199,33 +212,55 @@ def _child_main(conn: Connection) -> None:
             batch = pickle.loads(data[4:])
         except BaseException as exc:  # a handler's module fails to import here, say: each job gets the error
             text = "".join(traceback.format_exception(exc))
-            for _ in range(count):
-                conn.send_bytes(_dumps_answer((None, exc, text, None)))
+            if not _send_answers(conn, [(None, exc, text, None)] * count):
+                return
             continue
-        for handler, job, soft_s in batch:
-            _soft_limit = TimeLimits(soft_s=soft_s)
+        answers: list[tuple[Any, Any, str, float | None]] = []
+        for handler, job, limits in batch:
+            if limits.hard_s is not None and answers:  # the parent times this job from this message
+                if not _send_answers(conn, answers):
+                    return
+                answers = []
+            _soft_limit = limits
             started = time.perf_counter()
             try:
-                if soft_s is not None:
-                    signal.setitimer(signal.ITIMER_REAL, soft_s)
+                if limits.soft_s is not None:
+                    signal.setitimer(signal.ITIMER_REAL, limits.soft_s)
                 try:
                     answer = (handler(job), None, "")
                 finally:
-                    if soft_s is not None:
+                    if limits.soft_s is not None:
                         signal.setitimer(signal.ITIMER_REAL, 0)
             except BaseException as exc:  # a handler's failure, even SystemExit, is the job's outcome
                 answer = (None, exc, "".join(traceback.format_exception(exc)))
-            try:
-                conn.send_bytes(_dumps_answer((*answer, time.perf_counter() - started)))
-            except (OSError, ValueError):
-                return
+            answers.append((*answer, time.perf_counter() - started))
+            if limits.hard_s is not None:  # and the next job's start from this one
+                if not _send_answers(conn, answers):
+                    return
+                answers = []
+        if answers and not _send_answers(conn, answers):
+            return
 
 
-def _dumps_answer(answer: tuple[Any, Any, str, float | None]) -> bytes:
+def _send_answers(conn: Connection, answers: list[tuple[Any, Any, str, float | None]]) -> bool:
+    """Sends answers to the parent in one message; False when the parent is gone."""
     try:
-        return pickle.dumps(answer)
+        data = pickle.dumps(answers)
+    except Exception:
+        data = pickle.dumps([_picklable(answer) for answer in answers])
+    try:
+        conn.send_bytes(len(answers).to_bytes(4, "big") + data)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _picklable(answer: tuple[Any, Any, str, float | None]) -> tuple[Any, Any, str, float | None]:
+    try:
+        pickle.dumps(answer)
+        return answer
     except Exception as exc:
         result, error, tb_text, run_s = answer
         what = "result" if error is None else f"exception {type(error).__name__}: {error}"
-        return pickle.dumps((None, RuntimeError(f"the handler's {what} cannot be sent back from the pool process: "
-                                                f"{exc}"), tb_text, run_s))
+        return None, RuntimeError(f"the handler's {what} cannot be sent back from the pool process: {exc}"), \
+            tb_text, run_s
