@@ -46,6 +46,9 @@ log = logging.getLogger("raftq.worker")
 
 #: How long `close()` waits for an idle child to exit before killing it.
 CHILD_EXIT_S = 5.0
+#: How long a new child may take to start and import the handlers' modules before the worker
+#: goes on without waiting (its first batch then waits behind the imports).
+CHILD_READY_S = 120.0
 
 #: One job for a child: the handler, the job, its limits.
 Call = tuple[Callable[[Any], Any], Any, TimeLimits]
@@ -60,18 +63,36 @@ class PoolProcessDied(Exception):
 class ChildProcess:
     """One pool process, driven by one runner thread at a time (see the module docstring)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, handlers: Sequence[Callable[[Any], Any]]) -> None:
         self.name = name
+        self._preload = pickle.dumps(list(handlers))
         self._context = multiprocessing.get_context("spawn")
         self._closed = False
         self._start()
 
     def _start(self) -> None:
+        """Starts a child and hands it the handlers, so that it imports their modules before any
+        job: a job's hard limit must not pay for a new child's imports. See `wait_ready`."""
         parent_end, child_end = self._context.Pipe(duplex=True)
         self.process = self._context.Process(target=_child_main, args=(child_end,), name=self.name, daemon=True)
         self.process.start()
         child_end.close()
         self.conn: Connection = parent_end
+        self.conn.send_bytes(self._preload)
+
+    def wait_ready(self) -> None:
+        """Waits until the child has imported the handlers (it answers with an empty message, or
+        with the import error as text, which is logged: its jobs will then fail with it)."""
+        try:
+            if not self.conn.poll(CHILD_READY_S):
+                log.warning("%s: not ready after %g s; going on", self.name, CHILD_READY_S)
+                return
+            answer = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            log.error("%s exited with code %s while starting", self.name, self.process.exitcode)
+            return
+        if answer:
+            log.error("%s cannot load the handlers: %s", self.name, answer.decode(errors="replace"))
 
     def run(self, calls: Sequence[Call], on_answer: Callable[[int, Answer], None]) -> None:
         """Runs the calls in the child in order; `on_answer(index, answer)` as each one finishes.
@@ -131,6 +152,7 @@ class ChildProcess:
         self._kill()
         if not self._closed:
             self._start()
+            self.wait_ready()
 
     def _kill(self) -> None:
         if self.process.is_alive():
@@ -200,6 +222,13 @@ def _child_main(conn: Connection) -> None:
     global _soft_limit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        pickle.loads(conn.recv_bytes())  # the handlers: imports their modules now, not in the first job
+        conn.send_bytes(b"")
+    except (EOFError, OSError):
+        return
+    except BaseException as exc:
+        conn.send_bytes("".join(traceback.format_exception(exc)).encode())
     while True:
         try:
             data = conn.recv_bytes()

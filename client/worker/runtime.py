@@ -675,7 +675,10 @@ class _ThreadRuntime:
     def start(self) -> None:
         w = self.w
         if w.pool == "processes":
-            self.children = [ChildProcess(f"raftq-pool-{i}") for i in range(w.concurrency)]
+            # Started together, then waited for: no job is leased before the pool can run it.
+            self.children = [ChildProcess(f"raftq-pool-{i}", list(w.handlers.values())) for i in range(w.concurrency)]
+            for child in self.children:
+                child.wait_ready()
         roles = [("fetch", lambda: self._drive(loops.fetch_loop(w, self._deliver))),
                  ("report", lambda: self._drive(loops.report_loop(w))),
                  ("beat", lambda: self._drive(loops.beat_loop(w), stop=self.beats_stop))]
