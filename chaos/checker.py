@@ -53,6 +53,9 @@ Violations (each names the job and the history lines that show it):
                               naming the damaged file (SPEC guarantee 7)
     damage_ignored            a node started on damaged durable data (a bit flipped mid-WAL or in
                               the hard state) instead of refusing
+    disk_full_ignored         a node whose data filesystem the nemesis filled was still running when
+                              the fault ended (it must fail-stop: no more votes or heartbeats)
+    disk_full_unnamed         ... it stopped without the ERROR line naming the file and ENOSPC
     digest_mismatch           the nodes' state digests differed after the final heal
     liveness                  the harness saw the cluster fail to recover (no leader after a heal,
                               drain never finished): recorded by the runner as `liveness` events
@@ -424,6 +427,17 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
             violations.append(Violation(
                 "damage_ignored", f"{e.get('node')} started although {e.get('kind')} damage to {e.get('file')} "
                                   f"hit durable data (line {e['line']})", lines=[e["line"]]))
+    for e in events:
+        if e["op"] != "disk_full":
+            continue
+        if not e.get("stopped"):
+            violations.append(Violation(
+                "disk_full_ignored", f"{e.get('node')} kept running with its data filesystem full (line {e['line']}): "
+                                     "a node that cannot persist must stop", lines=[e["line"]]))
+        elif not e.get("named"):
+            violations.append(Violation(
+                "disk_full_unnamed", f"{e.get('node')} stopped on a full disk without the ERROR line naming the file "
+                                     f"and ENOSPC (line {e['line']})", lines=[e["line"]]))
 
     # ---------------------------------------------------------------- completion after the drain
     drained = next((e for e in events if e["op"] == "drained"), None)

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from raftq.chaos import disk_damage, faketime, fsync_marker
+from raftq.chaos import data_disks, disk_damage, faketime, fsync_marker
 from raftq.chaos.faketime import SkewedClock
 from raftq.chaos.history import HistoryWriter
 from raftq.chaos.topology import Topology, client_proxy, peer_proxy
@@ -55,6 +55,8 @@ class Fault:
     expects_step_down: ClassVar[bool] = False
     #: needs the nodes to run with the fsync marker hook
     needs_fsync_marker: ClassVar[bool] = False
+    #: needs each node's data directory on a small filesystem of its own (chaos.data_disks)
+    needs_data_disks: ClassVar[bool] = False
 
     def hold_s(self, timing: Timing) -> float:
         return timing.hold_s
@@ -501,10 +503,40 @@ class DiskDamage(Fault):
             nemesis.ensure_running(node_id)
 
 
+class DiskFull(Fault):
+    name = "disk-full"
+    goal = ("fill the leader's data filesystem (each node has a small one of its own): it must stop at once (one "
+            "ERROR line naming the file and ENOSPC, exit non-zero), another node leads, nothing acknowledged is "
+            "lost; then free the space and restart it: it catches up")
+    deposes_leader = True
+    needs_data_disks = True
+
+    def start(self, nemesis):
+        node_id = nemesis.leader()
+        node = nemesis.cluster.nodes[node_id]
+        log_offset = os.path.getsize(node.log_path) if os.path.exists(node.log_path) else 0
+        filler = data_disks.fill(node.data_dir)
+        return {"nodes": [node_id], "leader": node_id, "filler": filler, "log_offset": log_offset}
+
+    def stop(self, nemesis, detail):
+        node_id = detail["nodes"][0]
+        node = nemesis.cluster.nodes[node_id]
+        # Judged by the checker: a node that cannot write must stop (fail-stop), saying which file.
+        stopped = node.process is not None and node.process.poll() is not None
+        text = nemesis.cluster.log_text(node_id)[detail["log_offset"]:]
+        named = "cannot write to disk: [Errno 28]" in text
+        nemesis.history.event("disk_full", proc="nemesis", node=node_id, stopped=stopped,
+                              exit_code=node.process.returncode if stopped else None, named=named)
+        data_disks.free(detail["filler"])
+        if not stopped:
+            nemesis.cluster.kill(node_id)  # still running on a full disk: the checker reports it
+        nemesis.ensure_running(node_id)
+
+
 FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in (
     IsolateLeader, IsolateFollower, RandomHalves, Bridge, OneWay, BlackHole, Latency, Bandwidth, Slicer, LimitData,
     ResetPeer, KillLeader, KillFollower, KillAll, PauseLeader, PauseFollower, Nats7567, LoseUnsynced,
-    LoseUnsyncedAll, WorkerKill, WorkerPause, ClockSkew, DiskDamage)}
+    LoseUnsyncedAll, WorkerKill, WorkerPause, ClockSkew, DiskDamage, DiskFull)}
 
 
 # ---------------------------------------------------------------------------- the nemesis

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from raftq.chaos import checker
+from raftq.chaos import checker, data_disks
 from raftq.chaos.history import HistoryWriter, merge, read_history_dir
 from raftq.chaos.load_metrics import LoadSampler
 from raftq.chaos.nemesis import FAULTS, Nemesis, Timing
@@ -82,6 +82,10 @@ class RunConfig:
             raise ValueError(f"--nodes must be 3 or 5, got {self.nodes}")
         if self.duration_s < 0 or self.hold_s <= 0 or self.heal_s < 0:
             raise ValueError("durations must be positive")
+        needing_disks = [f for f in self.faults if FAULTS[f].needs_data_disks]
+        reason = data_disks.unavailable_reason() if needing_disks else None
+        if reason:
+            raise ValueError(f"{', '.join(needing_disks)} cannot run here ({reason}); leave it out with --faults")
 
     def replay_command(self) -> str:
         w = self.workload
@@ -127,10 +131,12 @@ def run(config: RunConfig) -> RunOutcome:
     log.info("toxiproxy: %s on %s:%d", server.kind, server.host, server.port)
     faults = ToxiproxyFaults(server.host, server.port)
     needs_marker = any(FAULTS[name].needs_fsync_marker for name in config.faults)
+    needs_disks = any(FAULTS[name].needs_data_disks for name in config.faults)
     node_args = ("--tick", str(config.tick_s), "--worker-timeout", str(config.worker_timeout_s),
                  "--snapshot-every", str(config.snapshot_every), "--compact-keep", str(config.compact_keep),
                  "--retention", str(config.retention_s), "--idempotency-window", str(config.retention_s))
-    topo = Topology(out_dir, faults, size=config.nodes, node_args=node_args, fsync_marker=needs_marker)
+    topo = Topology(out_dir, faults, size=config.nodes, node_args=node_args, fsync_marker=needs_marker,
+                    data_disks=needs_disks)
     monitor = workers = producers = sampler = None
     timing = Timing(hold_s=config.hold_s, election_timeout_s=20 * config.tick_s,
                     worker_timeout_s=config.worker_timeout_s)

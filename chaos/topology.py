@@ -34,6 +34,7 @@ import subprocess
 import urllib.request
 from typing import Protocol
 
+from raftq.chaos import data_disks
 from raftq.cluster.localcluster import LocalCluster, free_ports, wait_until
 
 log = logging.getLogger("chaos.topology")
@@ -179,8 +180,12 @@ class Topology:
     """
 
     def __init__(self, base_dir: str, faults: ToxiproxyFaults, *, size: int = 3, node_args: tuple[str, ...] = (),
-                 fsync_marker: bool = False) -> None:
+                 fsync_marker: bool = False, data_disks: bool = False) -> None:
         self.faults = faults
+        self.base_dir = base_dir
+        #: each node's data directory on a small filesystem of its own (chaos.data_disks)
+        self.data_disks = data_disks
+        self._mounted: list[str] = []
         self.size = size
         ids = [f"n{i + 1}" for i in range(size)]
         pairs = [(a, b) for a in ids for b in ids if a != b]
@@ -231,11 +236,17 @@ class Topology:
             self.faults.create(peer_proxy(source, target), f"127.0.0.1:{listen}", f"127.0.0.1:{ports[target]}")
         for node_id, listen in self.client_ports.items():
             self.faults.create(client_proxy(node_id), f"127.0.0.1:{listen}", f"127.0.0.1:{ports[node_id]}")
+        if self.data_disks:
+            for node_id, node in self.cluster.nodes.items():
+                data_disks.mount(node.data_dir, os.path.join(self.base_dir, f"{node_id}-disk.img"))
+                self._mounted.append(node.data_dir)
         self.cluster.start(wait=False)
         return self.cluster.wait_for_leader(timeout_s)
 
     def stop(self) -> None:
         self.cluster.stop()
+        while self._mounted:
+            data_disks.unmount(self._mounted.pop())
 
     def wal_dir(self, node_id: str) -> str:
         return os.path.join(self.cluster.nodes[node_id].data_dir, "wal")

@@ -401,3 +401,13 @@ def test_a_delayed_job_may_come_late_after_a_lease_whose_answer_was_lost():
                .lease("w1", [("j1", "a", 1)], at=late).ack("w1", "j1", 1, at=late + 0.5))
     assert not history.check().violations_of("delay_late")
     assert [v.kind for v in delayed(late).check().violations] == ["delay_late"]
+
+
+@pytest.mark.parametrize("fields, kinds", [
+    ({"stopped": True, "named": True, "exit_code": 1}, []),
+    ({"stopped": True, "named": False, "exit_code": 1}, ["disk_full_unnamed"]),
+    ({"stopped": False, "named": False, "exit_code": None}, ["disk_full_ignored"]),
+])
+def test_a_node_on_a_full_disk_must_stop_and_say_why(fields, kinds):
+    result = healthy().event("disk_full", at=5, node="n1", **fields).check()
+    assert [v.kind for v in result.violations] == kinds
