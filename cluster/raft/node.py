@@ -65,10 +65,10 @@ the learner by itself once it has matched the log (REPLICATE) within learner_cat
 the last index; remove_member() drops a voter or learner, which stops counting toward commit,
 check-quorum and reads at once. A leader refuses a change while another is uncommitted and until
 an entry of its own term has committed (the 2015 single-server-change bug). It never removes
-itself: the shell transfers leadership first. Only voters campaign, and votes go only to voters
-of the receiver's membership, so a removed node, a learner or a node not yet added can neither
-win nor raise anyone's term; pre-vote and the check-quorum lease keep even a voter that was cut
-off from disrupting a healthy leader. Messages from outside the membership are otherwise handled
+itself: the shell transfers leadership first. Only voters campaign (a node being added, a
+learner or one that knows it was removed never does); a vote request from a node whose removal
+has committed is ignored, so it cannot raise anyone's term; and pre-vote and the check-quorum
+lease keep any other node that was cut off, removed or not, from disrupting a healthy leader. Messages from outside the membership are otherwise handled
 (a new learner hears its leader before it knows the membership that added it).
 
 Leadership transfer (thesis §3.10). transfer_leadership() stops proposals, catches the target up
@@ -602,6 +602,21 @@ class RaftNode:
         else:
             self._want_replicate(target, send_if_empty=True)
 
+    def _may_vote_for(self, candidate: str) -> bool:
+        """Whether a vote request from candidate is considered at all: not when a committed
+        membership removed it (ids are never reused, so it can never be a voter again).
+
+        Any other sender is answered as Raft says, whatever this node's own membership (thesis
+        §4.1): a node whose log is behind may not know yet that the candidate was added or
+        promoted, and refusing it could leave the voters short of a majority for good (the
+        simulator found both: a new node that knew no membership, and a voter whose log was
+        empty). A removed node that does not know it was removed lacks the CONFIG entry that
+        removed it, so its log is behind the majority that committed it: it cannot win.
+        """
+        index = self._log.commit_index
+        committed = next(m for i, _, m in reversed(self._configs) if i <= index or i == self._configs[0][0])
+        return candidate not in committed.removed
+
     def _promotable(self) -> bool:
         """Whether this node may campaign: only a voter of the membership in effect may."""
         return self.membership.is_voter(self.node_id)
@@ -852,10 +867,11 @@ class RaftNode:
 
     def _tick_election(self) -> None:
         self._election_elapsed += 1
-        if self._election_elapsed >= self._election_timeout_ticks:
+        # A learner, a removed node or one not yet added never campaigns; its count keeps
+        # growing, so that its check-quorum lease runs out and it can vote for a candidate.
+        if self._election_elapsed >= self._election_timeout_ticks and self._promotable():
             self._election_elapsed = 0
-            if self._promotable():  # a learner, a removed node or one not yet added waits
-                self._campaign()
+            self._campaign()
 
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
@@ -909,8 +925,8 @@ class RaftNode:
     def _step_higher_term(self, m: Message) -> bool:
         """A message from a newer term; returns whether to go on handling it."""
         if m.type in _VOTE_REQUESTS:
-            if not self.membership.is_voter(m.from_id):
-                return False  # a removed or not-yet-promoted node must not raise our term
+            if not self._may_vote_for(m.from_id):
+                return False  # a removed node, or one never added, must not raise our term
             transfer = m.type is MessageType.VOTE and m.context == TRANSFER_CONTEXT
             in_lease = (self._config.check_quorum and self._leader_id is not None
                         and self._election_elapsed < self._config.election_ticks)
@@ -934,7 +950,7 @@ class RaftNode:
 
     def _handle_vote_request(self, m: Message) -> None:
         response_type = MessageType.VOTE_RESP if m.type is MessageType.VOTE else MessageType.PRE_VOTE_RESP
-        can_vote = self.membership.is_voter(m.from_id) and (
+        can_vote = self._may_vote_for(m.from_id) and (
             self._voted_for == m.from_id
             or (self._voted_for is None and self._leader_id is None)
             or (m.type is MessageType.PRE_VOTE and m.term > self._term)

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{totals['log_resets']}), transfers {totals['transfers']} ({totals['transfers_failed']} failed), entries "
           f"compacted on disk {totals['entries_compacted']}, crashes amid a snapshot "
           f"{totals['nemesis_snapshot_faults']}; seeds with an install {totals['seeds_with_install']}")
+    if totals["members_added"] or totals["leader_transfers"]:
+        print(f"  membership: {totals['members_added']} learners added, {totals['members_promoted']} promoted, "
+              f"{totals['members_removed']} members removed, {totals['leader_transfers']} leadership transfers "
+              f"started, {totals['changes_refused']} changes refused (one at a time, own term not committed, "
+              f"transfer under way)")
     print(f"  worst ticks to a new commit after the faults stopped: {worst['liveness_ticks']}; "
           f"to converge: {worst['converge_ticks']}")
     if failed:

@@ -65,8 +65,9 @@ from typing import Any
 
 from raftq.cluster.queue.state_machine import QueueStateMachine
 from raftq.cluster.raft.codec import decode_message, encode_message
-from raftq.cluster.raft.errors import StepRejected
-from raftq.cluster.raft.messages import Entry, Message, MessageType, SnapshotPoint, snapshot_stored
+from raftq.cluster.raft.errors import RaftError, StepRejected
+from raftq.cluster.raft.membership import Membership
+from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType, SnapshotPoint, snapshot_stored
 from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
 from raftq.cluster import ready_handler
 from raftq.cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership
@@ -113,6 +114,11 @@ class SimConfig:
     snapshot_write_ticks: int | None = None  #: ticks until a snapshot file is durable (0 = before the next Ready)
     transfer_failure_ticks_max: int | None = None  #: a failed snapshot transfer is reported within this
     snapshot_fault_probability: float | None = None  #: per snapshot received or installed: crash in the middle
+    #: Nodes beyond `nodes` that start outside the membership, waiting to be added (0: a fixed
+    #: membership, the runs of before membership changes existed, seed for seed).
+    spare_nodes: int = 0
+    #: With spare nodes: per tick, the leader tries a membership change or a transfer.
+    membership_change_probability: float | None = None
 
     def defaults_changed(self) -> dict[str, Any]:
         base = SimConfig()
@@ -156,6 +162,7 @@ class Knobs:
     snapshot_write_ticks: int
     transfer_failure_ticks_max: int
     snapshot_fault_probability: float
+    membership_change_probability: float = 0.0
 
     @classmethod
     def draw(cls, config: SimConfig, rng: random.Random) -> "Knobs":
@@ -186,6 +193,9 @@ class Knobs:
             transfer_failure_ticks_max=_pick(config.transfer_failure_ticks_max, rng.choice((1, 4, 12))),
             snapshot_fault_probability=_pick(config.snapshot_fault_probability, rng.choice((0.0, 0.1, 0.3))),
         )
+        if config.spare_nodes:  # drawn only then: runs without spare nodes stay as they were
+            knobs["membership_change_probability"] = _pick(config.membership_change_probability,
+                                                           rng.choice((0.05, 0.1, 0.25)))
         return cls(pre_vote=pre_vote, check_quorum=check_quorum, final_fault=final_fault, wire_codec=wire_codec,
                    **knobs)
 
@@ -257,14 +267,16 @@ class Simulation:
         self.trace_lines: list[str] | None = [] if trace else None
         log = self._log if trace else None
         self.tick = 0
-        self.node_ids = tuple(f"n{i}" for i in range(1, config.nodes + 1))
+        self.node_ids = tuple(f"n{i}" for i in range(1, config.nodes + config.spare_nodes + 1))
+        #: the voters a fixed membership has; spare nodes start outside it, waiting to be added
+        self.founders = self.node_ids[:config.nodes]
         self.knobs = knobs = Knobs.draw(config, rng)
         self.config = config
         self.liveness_ticks_max = config.liveness_ticks_max or 10 * config.election_ticks
         self.nodes: dict[str, SimNode] = {}
         for node_id in self.node_ids:
             raft_config = RaftConfig(
-                node_id=node_id, peer_ids=tuple(p for p in self.node_ids if p != node_id),
+                node_id=node_id, peer_ids=tuple(p for p in self.founders if p != node_id) if node_id in self.founders else (),
                 election_ticks=config.election_ticks, heartbeat_ticks=config.heartbeat_ticks,
                 pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum,
                 max_entries_per_append=knobs.max_entries_per_append,
@@ -281,11 +293,15 @@ class Simulation:
         # Failed transfers the leaders' shells will notice: (tick, order, transfer).
         self._transfer_failures: list[tuple[int, int, Transfer]] = []
         self._transfer_seq = 0
+        self._written_configs: dict[tuple[int, int], Membership] = {}  # (index, term) -> membership
         self.stats: dict[str, Any] = {
             "step_rejected": 0, "codec_messages": 0, "snapshots_taken": 0, "snapshots_lost": 0,
             "snapshots_installed": 0, "snapshots_received": 0, "snapshot_restarts": 0, "log_resets": 0,
             "transfers": 0, "transfers_failed": 0, "entries_compacted": 0,
         }
+        if config.spare_nodes:
+            self.stats.update({"members_added": 0, "members_removed": 0, "leader_transfers": 0,
+                               "changes_refused": 0})
         self._log(f"seed={seed} nodes={config.nodes} {knobs}")
         for node_id in self.node_ids:
             self.restart(node_id)
@@ -330,8 +346,14 @@ class Simulation:
             entries = log.entries[first - log.base - 1 :]
             point = SnapshotPoint(snapshot.index, snapshot.term)
             self.stats["snapshot_restarts"] += 1
+        # As the server's `_membership_at_snapshot`: the snapshot's, else none for a node that
+        # joins, else the founders' (the core's bootstrap from peer_ids).
+        if sm.membership is not None:
+            membership = Membership.decode(sm.membership)
+        else:
+            membership = None if node_id in self.founders else Membership()
         node.raft = RaftNode(node.raft_config, hard_state=hard_state, entries=entries,
-                             rng=random.Random(self.rng.getrandbits(64)), snapshot=point)
+                             rng=random.Random(self.rng.getrandbits(64)), snapshot=point, membership=membership)
         node.sm = sm
         node.applied_term = point.term
         node.last_commit = 0
@@ -410,6 +432,8 @@ class Simulation:
         self._observe_roles()
         self.workload.act(self.tick)
         self.workload.drop_expired_holds()
+        if self.knobs.membership_change_probability and faults:
+            self._change_membership()
         for node_id in order:
             node = self.nodes[node_id]
             if node.is_up:
@@ -418,6 +442,61 @@ class Simulation:
                 self._crash(node, f"{node.crash_point} (no Ready this step)")
         self._observe_roles()
         self._check()
+
+    def _could_commit(self, leader: SimNode) -> bool:
+        """Whether a majority of the leader's voters are still at its term or below (a node that
+        is down counts: it may come back at its term)."""
+        voters = leader.raft.membership.voters
+        term = leader.raft.term
+        willing = sum(1 for v in voters if self.nodes[v].raft is None or self.nodes[v].raft.term <= term)
+        return willing >= len(voters) // 2 + 1
+
+    def _note_config_entries(self, entries: tuple[Entry, ...]) -> None:
+        """Remembers every membership some node wrote: a leader counts a membership from the
+        moment it appends it, so an entry may be committed under one that never commits."""
+        for entry in entries:
+            if entry.kind is EntryKind.CONFIG:
+                self._written_configs[(entry.index, entry.term)] = Membership.decode(entry.data)
+
+    def _change_membership(self) -> None:
+        """Now and then the leader adds a spare node, removes a member or hands leadership on, as
+        an operator would, while the nemesis keeps crashing and cutting nodes. At most five
+        members, and a voter is removed only from four, so that three voters are left to survive
+        the final fault."""
+        if self.rng.random() >= self.knobs.membership_change_probability:
+            return
+        leader_id = self.current_leader_id()
+        if leader_id is None:
+            return
+        raft = self.nodes[leader_id].raft
+        membership = raft.membership
+        action = self.rng.choice(("add", "remove", "transfer"))
+        try:
+            if action == "add":
+                candidates = [n for n in self.node_ids if membership.get(n) is None and n not in membership.removed]
+                if not candidates or len(membership.members) >= 5:
+                    return
+                node_id = self.rng.choice(candidates)
+                raft.add_learner(node_id, f"sim://{node_id}")
+                self.stats["members_added"] += 1
+            elif action == "remove":
+                candidates = [n for n in membership.ids if n != leader_id
+                              and (not membership.is_voter(n) or len(membership.voters) >= 4)]
+                if not candidates:
+                    return
+                node_id = self.rng.choice(candidates)
+                raft.remove_member(node_id)
+                self.stats["members_removed"] += 1
+            else:
+                node_id = self.rng.choice([None, *[v for v in membership.voters if v != leader_id]])
+                node_id = raft.transfer_leadership(node_id)
+                self.stats["leader_transfers"] += 1
+        except RaftError as exc:
+            self.stats["changes_refused"] += 1
+            self._log(f"{leader_id} {action} refused: {exc}")
+            return
+        self._log(f"{leader_id} {action} {node_id}: membership now voters={raft.membership.voters} "
+                  f"learners={raft.membership.learners}")
 
     def _observe_roles(self) -> None:
         for node_id in self.node_ids:
@@ -458,6 +537,8 @@ class Simulation:
                     self._crash(node, point)
                     return False
                 node.storage.write(action.hard_state, action.entries)
+                if self.config.spare_nodes:
+                    self._note_config_entries(action.entries)
                 if self.trace_lines is not None:
                     hs = action.hard_state
                     self._log(f"{node.node_id} write hs={None if hs is None else (hs.term, hs.voted_for)} "
@@ -649,6 +730,8 @@ class Simulation:
         if self._snapshot_fault(node, f"before installing snapshot {stored.describe()}"):
             return False
         self._restore_installed(node, stored)
+        node.raft.restore_membership(
+            Membership.decode(node.sm.membership) if node.sm.membership is not None else None)
         if self.nemesis.snapshot_fault(node.node_id):
             end = node.storage.reset_log_interrupted(self.rng)
             self._crash(node, f"snapshot: resetting the log for {stored.describe()}, old log left up to {end}")
@@ -697,7 +780,19 @@ class Simulation:
             else:
                 self.checker.forget_leader(node_id)
         storages = {node_id: self.nodes[node_id].storage for node_id in self.node_ids}
-        self.checker.check_logs(views, commits, storages)
+        voter_sets = None
+        if self.config.spare_nodes:
+            # A committed entry is durable on a majority of the voters it was committed under: the
+            # committed membership, or one a leader appended since (in effect on append).
+            # A stale leader whose voters have mostly moved to a later term cannot commit any
+            # more (its appends are refused): only leaders that still could are compared.
+            leaders = [self.nodes[n] for n in self.node_ids
+                       if self.nodes[n].is_leader and self._could_commit(self.nodes[n])]
+            self.checker.check_leader_memberships({n.node_id: n.raft.membership for n in leaders})
+            committed_index = self.checker.memberships[-1][0] if self.checker.memberships else 0
+            voter_sets = [self.checker.committed_membership(self.founders).voters]
+            voter_sets += [m.voters for (index, _), m in sorted(self._written_configs.items()) if index > committed_index]
+        self.checker.check_logs(views, commits, storages, voter_sets=voter_sets)
 
     # ------------------------------------------------------------------ a whole run
 
@@ -747,13 +842,17 @@ class Simulation:
         if leader_id is None:
             return None, []
         net = self.network
-        core = [self.nodes[n] for n in self.node_ids
+        members = self.nodes[leader_id].raft.membership.ids
+        core = [self.nodes[n] for n in members
                 if n == leader_id or (self.nodes[n].is_up and not net.is_cut(leader_id, n) and not net.is_cut(n, leader_id))]
         return self.nodes[leader_id], core
 
     def _converged(self) -> bool:
         leader, core = self._core()
-        if leader is None or len(core) < len(self.node_ids) // 2 + 1 or self.workload.unsettled_count():
+        if leader is None or self.workload.unsettled_count():
+            return False
+        voters = leader.raft.membership.voters
+        if sum(1 for node in core if node.node_id in voters) < len(voters) // 2 + 1:
             return False
         commit = leader.raft.commit_index
         if commit != leader.raft.last_index:
@@ -809,6 +908,10 @@ class Simulation:
         stats["terms_with_leader"] = len(self.checker.leaders_by_term)
         stats["committed"] = self.checker.ledger.last_index
         stats["lease_grants"] = self.checker.leases.grants_count
+        if self.config.spare_nodes:
+            memberships = [m for _, m in self.checker.memberships]
+            stats["members_promoted"] = sum(1 for before, after in zip(memberships, memberships[1:])
+                                            if len(after.voters) > len(before.voters))
         stats.update({f"flow_{k}": v for k, v in self.checker.flow.checked.items()})
         stats.update({f"net_{k}": v for k, v in self.network.stats.items()})
         stats.update({f"nemesis_{k}": v for k, v in self.nemesis.stats.items()})

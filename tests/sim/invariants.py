@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue.commands import CommandDecodeError, decode_command
 from raftq.cluster.queue import results as res
+from raftq.cluster.raft.membership import Membership
 from raftq.cluster.raft.messages import Entry, EntryKind
 
 from .storage import ChainedLog, SimStorage, StoredSnapshot, agreement, log_continues
@@ -213,8 +214,26 @@ class Checker:
         self.term_bounds: list[int] = []
         self._completeness_checked: dict[tuple[str, int], None] = {}  # (node, term) already checked
         self._leader_commits: dict[str, tuple[int, int, int]] = {}  # node -> (incarnation, term, commit)
+        #: (index, membership) of each CONFIG entry in the ledger, in order
+        self.memberships: list[tuple[int, Membership]] = []
 
     # ------------------------------------------------------------------ election safety
+
+    def committed_membership(self, founders: Sequence[str]) -> Membership:
+        """The membership of the newest CONFIG entry applied anywhere (the founders before one)."""
+        return self.memberships[-1][1] if self.memberships else Membership.of_voters({n: "" for n in founders})
+
+    @staticmethod
+    def check_leader_memberships(memberships: dict[str, Membership]) -> None:
+        """Nodes that lead at the same time (in different terms) must have overlapping majorities:
+        two disjoint majorities could commit different entries at one index."""
+        names = sorted(memberships)
+        for position, a in enumerate(names):
+            for b in names[position + 1:]:
+                if disjoint_majorities_possible(memberships[a].voters, memberships[b].voters):
+                    raise Violation("no two disjoint majorities",
+                                    f"leaders {a} (voters {memberships[a].voters}) and {b} (voters "
+                                    f"{memberships[b].voters}) could each commit with a majority of its own")
 
     def observe_leader(self, node_id: str, term: int) -> bool:
         """Records that node_id is leader of term. Returns True the first time for that term."""
@@ -262,7 +281,9 @@ class Checker:
         self.results.append(result)
         self.clocks.append(clock_ms)
         self.term_bounds.append(max(term_bound, self.term_bounds[-1] if self.term_bounds else 0))
-        if entry.kind != EntryKind.NOOP:
+        if entry.kind == EntryKind.CONFIG:
+            self._on_config(entry)
+        elif entry.kind != EntryKind.NOOP:
             try:
                 command = decode_command(entry.data)
             except CommandDecodeError:
@@ -272,6 +293,22 @@ class Checker:
                 self.commands_count[name] = self.commands_count.get(name, 0) + 1
                 self.flow.apply(index, command, result, clock_ms, self.leases.holds)
                 self.leases.apply(index, command, result, clock_ms)
+
+    def _on_config(self, entry: Entry) -> None:
+        """One server at a time (thesis §4.1): a committed membership differs from the one before
+        it by at most one voter, and ids removed stay removed."""
+        membership = Membership.decode(entry.data)
+        if self.memberships:
+            before = self.memberships[-1][1]
+            changed = set(before.voters) ^ set(membership.voters)
+            if len(changed) > 1 or len(set(before.ids) ^ set(membership.ids)) > 1:
+                raise Violation("one server at a time",
+                                f"entry {entry.index}: voters {before.voters} -> {membership.voters}, "
+                                f"members {before.ids} -> {membership.ids}")
+            if set(before.removed) - set(membership.removed) or set(membership.ids) & set(before.removed):
+                raise Violation("removed ids stay removed", f"entry {entry.index}: {before} -> {membership}")
+        self.memberships.append((entry.index, membership))
+
 
     def on_applied_batch(self, node_id: str, last_applied: int, digest: str) -> None:
         """A node finished applying a Ready's committed entries; its state digest at last_applied."""
@@ -350,13 +387,16 @@ class Checker:
     # ------------------------------------------------------------------ logs
 
     def check_logs(self, views: dict[str, ChainedLog], commits: dict[str, int],
-                   storages: dict[str, SimStorage]) -> None:
+                   storages: dict[str, SimStorage], *, voter_sets: list[tuple[str, ...]] | None = None) -> None:
         """Log matching between live logs, committed prefixes, and durability of the ledger.
 
         Args:
             views: node -> its written log, for nodes that are up (the core's log after its Readys).
             commits: node -> its core's commit index, for nodes that are up.
             storages: node -> its disk, for every node (up or down): synced log and snapshots.
+            voter_sets: with membership changes, the voter sets the newest committed entry may
+                have been committed under (it must be durable on a majority of one of them);
+                None: every node votes.
         """
         names = sorted(views)
         for position, a in enumerate(names):
@@ -372,7 +412,9 @@ class Checker:
         if not ledger.last_index:
             return
         prefixes = {n: self._durable_prefix(n, storages[n]) for n in self.node_ids}
-        durable_majority = sorted(prefixes.values(), reverse=True)[self.quorum - 1]
+        durable_majority = max(
+            sorted((prefixes[n] for n in voters), reverse=True)[len(voters) // 2]
+            for voters in (voter_sets or [self.node_ids]) if voters)
         if durable_majority < ledger.last_index:
             holders = [n for n in self.node_ids if prefixes[n] > durable_majority]
             raise Violation(
@@ -429,6 +471,12 @@ class Checker:
                     f"{a} and {b} both hold term {term} at index {index} but differ at or before index "
                     f"{agree + 1}: {_describe_at(log_a, agree + 1)} vs {_describe_at(log_b, agree + 1)}",
                 )
+
+
+def disjoint_majorities_possible(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether a majority of voters a and a majority of voters b can have no member in common."""
+    only_a, only_b, shared = set(a) - set(b), set(b) - set(a), set(a) & set(b)
+    return max(0, len(a) // 2 + 1 - len(only_a)) + max(0, len(b) // 2 + 1 - len(only_b)) <= len(shared)
 
 
 def _describe_at(log: ChainedLog, index: int) -> str:

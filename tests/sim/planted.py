@@ -23,7 +23,8 @@ from raftq.cluster.queue.state_machine import QueueStateMachine
 from raftq.cluster.raft.log import RaftLog
 from raftq.cluster.raft.messages import HardState, Message, MessageType, SnapshotPoint
 from raftq.cluster import ready_handler
-from raftq.cluster.raft.node import RaftNode, Ready
+from raftq.cluster.raft.errors import NotLeader
+from raftq.cluster.raft.node import RaftNode, Ready, Role
 from raftq.cluster.ready_handler import Action, Send
 
 from .cluster import SimNode, Simulation
@@ -179,6 +180,18 @@ def send_before_persisting_term() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def membership_changes_at_once() -> Iterator[None]:
+    """A leader changes the membership without waiting for the change before it to commit, nor for
+    its own term's first entry (the 2015 single-server-change bug and worse)."""
+    def check_change_allowed(self: RaftNode) -> None:
+        if self._role is not Role.LEADER:
+            raise NotLeader(self._leader_id)
+
+    with mock.patch.object(RaftNode, "_check_change_allowed", check_change_allowed):
+        yield
+
+
 #: name -> context manager that plants it.
 PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "vote_without_log_check": vote_without_log_check,
@@ -191,6 +204,7 @@ PLANTED_BUGS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] =
     "install_without_restore": install_without_restore,
     "send_before_persist": send_before_persist,
     "send_before_persisting_term": send_before_persisting_term,
+    "membership_changes_at_once": membership_changes_at_once,
 }
 
 

@@ -39,6 +39,11 @@ LEASES = {"at most one live lease per job", "no ack on a foreign lease", "no ack
 #: `snapshot_replaces_matching_log` (planted.py) is left out: it needs a follower that acked
 #: appends past a snapshot's index, then receives that snapshot before the commit index covering
 #: it, about 1 seed in 70 (`python -m tests.sim --plant snapshot_replaces_matching_log --seeds 300`).
+#:
+#: `membership_changes_at_once` (a leader that changes the membership before the previous change
+#: and its own first entry commit) is left out for its cost: caught at seed 175, "committed entries
+#: are durable on a majority" (`python -m tests.sim --plant membership_changes_at_once --seeds 400
+#: --set spare_nodes=2 --set membership_change_probability=0.25`).
 CASES = [
     ("commit_previous_term", 40, SAFETY, SimConfig()),
     ("vote_without_log_check", 40, SAFETY, SimConfig()),

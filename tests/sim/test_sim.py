@@ -5,6 +5,7 @@ delay, duplication and reordering, with invariants checked after every step, the
 checks liveness, convergence and that no acknowledged submit was lost (see tests/sim/cluster.py).
 
     RAFTQ_SIM_SEEDS=2000 RAFTQ_SIM_START=10000 python -m pytest tests/sim/test_sim.py -q
+    python -m tests.sim --seeds 10000 --set spare_nodes=2 --jobs 2    # membership changes
 
 A failure names `seed=N`, the invariant, the one-line replay command and the end of the trace.
 """
@@ -59,6 +60,25 @@ def test_liveness_with_a_permanent_minority_fault(seed: int, final_fault: str) -
     can send but not receive, an isolated follower, a bridge); the majority must still elect a
     leader, commit, and converge."""
     check_seed(seed, SimConfig(final_fault=final_fault, pre_vote=True, check_quorum=True))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS_START, SEEDS_START + max(1, SEEDS_COUNT // 10)))
+def test_membership_changes(seed: int) -> None:
+    """Two spare nodes wait outside the membership; the leader adds, promotes (by itself),
+    removes and hands leadership on while nodes crash and the network cuts them, checking at
+    every step one server at a time, no two leaders whose majorities could be disjoint, and
+    committed entries durable on a majority of the voters they were committed under."""
+    check_seed(seed, SimConfig(spare_nodes=2))
+
+
+def test_membership_changes_are_exercised() -> None:
+    totals: dict[str, int] = {}
+    for seed in range(SEEDS_START, SEEDS_START + 20):
+        for key, value in run_seed(seed, SimConfig(spare_nodes=2)).stats.items():
+            if key in ("members_added", "members_promoted", "members_removed", "leader_transfers"):
+                totals[key] = totals.get(key, 0) + value
+    assert all(totals.get(key, 0) >= 5 for key in
+               ("members_added", "members_promoted", "members_removed", "leader_transfers")), totals
 
 
 def test_network_faults_only_never_lose_an_acknowledged_submit() -> None:

@@ -163,15 +163,28 @@ def test_a_truncated_config_entry_takes_its_membership_with_it() -> None:
 
 # ---------------------------------------------------------------------- disruption guards
 
-def test_a_node_outside_the_membership_cannot_raise_the_term_or_win_votes() -> None:
-    voter = make()
-    voter.step(msg(T.HEARTBEAT, "n2", term=3))
-    for _ in range(30):  # long past the lease: only membership keeps the stranger out
+def test_a_node_whose_removal_committed_cannot_raise_the_term_or_win_votes() -> None:
+    voter = make(pre_vote=False)
+    removal = Membership.of_voters({"n1": "", "n2": "", "n3": ""}).without("n3")
+    voter.step(msg(T.APP, "n2", term=3, index=0, commit=1,
+                   entries=(Entry(1, 3, EntryKind.CONFIG, removal.encode()),)))
+    drain(voter)
+    assert voter.commit_index == 1
+    for _ in range(30):  # long past the lease: only the committed removal keeps n3 out
         voter.tick()
-    voter.step(msg(T.VOTE, "n9", term=7, index=99, log_term=6))
-    voter.step(msg(T.PRE_VOTE, "n9", term=8, index=99, log_term=6))
-    assert voter.term >= 3 and voter.voted_for in (None, "n1")
-    assert not [m for m in (drain(voter).messages if voter.has_ready() else ()) if m.to_id == "n9" and not m.reject]
+    voter.step(msg(T.VOTE, "n3", term=7, index=99, log_term=6))
+    voter.step(msg(T.PRE_VOTE, "n3", term=8, index=99, log_term=6))
+    assert voter.term < 7
+    assert not [m for m in (drain(voter).messages if voter.has_ready() else ()) if m.to_id == "n3"]
+
+
+def test_a_node_that_knows_no_membership_yet_still_votes() -> None:
+    """A node being added whose log is behind may be needed for a majority (the simulator found
+    a cluster stuck when it refused every candidate it did not know)."""
+    joiner = RaftNode(RaftConfig(node_id="n5", peer_ids=()), hard_state=HardState(), entries=[],
+                      rng=random.Random(1), membership=Membership())
+    joiner.step(msg(T.VOTE, "n1", "n5", term=4, index=9, log_term=3))
+    assert [(m.type, m.reject) for m in drain(joiner).messages] == [(T.VOTE_RESP, False)]
 
 
 def test_a_node_waiting_to_join_never_campaigns() -> None:
@@ -190,10 +203,11 @@ def test_a_node_waiting_to_join_never_campaigns() -> None:
     assert joiner.role is Role.FOLLOWER, "a learner does not campaign"
 
 
-def test_a_removed_leader_candidate_is_ignored_by_voters_that_hear_the_leader() -> None:
+def test_a_removed_candidate_is_ignored_even_when_it_claims_a_transfer() -> None:
     follower = make()
     removal = Membership.of_voters({"n1": "", "n2": "", "n3": ""}).without("n3")
-    follower.step(msg(T.APP, "n2", term=2, index=0, entries=(Entry(1, 2, EntryKind.CONFIG, removal.encode()),)))
+    follower.step(msg(T.APP, "n2", term=2, index=0, commit=1,
+                      entries=(Entry(1, 2, EntryKind.CONFIG, removal.encode()),)))
     drain(follower)
     follower.step(msg(T.PRE_VOTE, "n3", term=3, index=5, log_term=2))
     follower.step(msg(T.VOTE, "n3", term=3, index=5, log_term=2, context=TRANSFER_CONTEXT))
