@@ -75,9 +75,9 @@ def forget_vote_on_restart() -> Iterator[None]:
     original = RaftNode.__init__
 
     def init(self: RaftNode, config, *, hard_state: HardState, entries, rng,  # type: ignore[no-untyped-def]
-             snapshot: SnapshotPoint = SnapshotPoint()) -> None:
+             snapshot: SnapshotPoint = SnapshotPoint(), membership=None) -> None:
         original(self, config, hard_state=HardState(hard_state.term, None), entries=entries, rng=rng,
-                 snapshot=snapshot)
+                 snapshot=snapshot, membership=membership)
 
     with mock.patch.object(RaftNode, "__init__", init):
         yield
