@@ -333,9 +333,9 @@ def restore(backup_path: str, config: NodeConfig) -> None:
     """
     from raftq.cluster.backup import restore_data_dir
 
-    if config.peers:
-        raise ConfigError("--restore starts a new cluster of one: leave out --peers and add the other nodes "
-                          "once it runs")
+    if config.peers or config.join_url:
+        raise ConfigError("--restore starts a new cluster of one: leave out --peers and --join, and add the "
+                          "other nodes (started empty with --join) once it runs")
     meta = restore_data_dir(backup_path, config.data_dir, node_id=config.node_id, url=config.url,
                             wal_segment_bytes=config.wal_segment_bytes)
     print(f"raftq node: restored {backup_path} (index {meta.index}, term {meta.term}, {meta.size_bytes} bytes) "

@@ -2,7 +2,8 @@
 
 A three-node cluster with a client token runs a producer and a worker (submit, fetch, ack) while
 `raftq admin backup FILE` streams a backup from the leader. Then every node is stopped and every
-data directory deleted, and `raftq node --restore FILE` starts a new cluster of one from the file.
+data directory deleted, `raftq node --restore FILE` starts a new cluster of one from the file, and
+two empty nodes join it (`--join`, `POST /v1/cluster/members`) until it has three voters again.
 Everything acknowledged before the backup was asked for must be there: each submitted job exists,
 each acked job is done and is never handed out again, and the rest drains.
 """
@@ -17,7 +18,7 @@ import threading
 import time
 
 from raftq import Client
-from raftq.cluster.localcluster import LocalCluster, http_json
+from raftq.cluster.localcluster import LocalCluster, http_json, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUEUE = "backed-up"
@@ -119,8 +120,16 @@ def test_backup_under_load_then_restore_into_a_new_cluster(tmp_path):
     with LocalCluster(str(tmp_path / "new"), size=1, token=TOKEN,
                       extra_args=["--worker-timeout", "2", "--restore", backup_file]) as new:
         assert "restored" in new.log_text("n1"), new.log_text("n1")
+        new.extra_args = ["--worker-timeout", "2"]  # restored once; the nodes that join start empty
         with Client(new.urls, token=TOKEN, timeout=5, deadline=30) as client:
             assert new.status("n1")["applied_index"] > backup_index  # the new leader's entries follow it
+            # Back to three voters: two empty nodes join and catch up from the restored one.
+            for node_id in ("n2", "n3"):
+                joining = new.add_joining_node(node_id)
+                new.start_node(node_id)
+                client.add_member(node_id, joining.url)
+            wait_until(lambda: sum(1 for m in (new.status("n1") or {}).get("nodes", []) if m.get("voter")) == 3,
+                       timeout_s=60, what="three voters", seen=lambda: new.status("n1"))
             for job_id in sorted(acked_before):
                 assert client.get(job_id)["state"] == "done", client.get(job_id)
             drained: set[str] = set()
@@ -144,6 +153,7 @@ def test_backup_under_load_then_restore_into_a_new_cluster(tmp_path):
             assert not lost, f"{len(lost)} jobs acknowledged before the backup are not there: {list(lost.items())[:5]}"
             depths = client.queues()
         assert all(count == 0 for state, count in depths[QUEUE].items() if state != "done"), depths
+        new.wait_converged()
         print(f"restored and drained {len(drained)} jobs; {time.monotonic() - started:.1f} s in all")
 
 
