@@ -6,6 +6,10 @@
 #                                   peers require each other's certificate; stop before switching.
 #   deploy/run-3-nodes.sh stop      stop all nodes (SIGTERM, then SIGKILL after 10 s)
 #   deploy/run-3-nodes.sh status    show each node's process and role
+#   deploy/run-3-nodes.sh join ID   start one more node, empty, on the next port (n4: 7004), and add
+#                                   it to the running cluster (`raftq cluster add`); the leader
+#                                   promotes it to voter once it has caught up. `stop` and `status`
+#                                   include it; remove a node with `raftq cluster remove ID`.
 # Data and logs go under $RAFTQ_HOME (default: var/local-cluster in the repository), with the
 # cluster secret the nodes present to each other: $RAFTQ_HOME/cluster-secret, made on first start
 # (random, mode 0600).
@@ -22,7 +26,8 @@ if ! [[ "$COUNT" =~ ^[135]$ ]]; then
     exit 2
 fi
 
-node_ids() { seq 1 "$COUNT" | sed 's/^/n/'; }
+JOINED_FILE="$HOME_DIR/joined"  # ids started with `join`, one a line
+node_ids() { seq 1 "$COUNT" | sed 's/^/n/'; cat "$JOINED_FILE" 2>/dev/null || true; }
 port_of() { echo $((BASE_PORT + ${1#n} - 1)); }
 SCHEME_FILE="$HOME_DIR/scheme"   # "https" while the nodes run with --tls, so status knows
 TLS_DIR="$HOME_DIR/tls"
@@ -48,6 +53,39 @@ running_pid() {
 }
 
 all_urls() { local id; for id in $(node_ids); do printf '%s ' "$(url_of "$id")"; done; }
+
+join() {
+    local id="${1:-}" url pid secret_file="$HOME_DIR/cluster-secret" tls_args=() urls
+    if ! [[ "$id" =~ ^n[0-9]+$ ]]; then
+        echo "usage: $0 join nN (the node's id; its port is $BASE_PORT + N - 1)" >&2
+        exit 2
+    fi
+    if node_ids | grep -qx "$id" && ! grep -qx "$id" "$JOINED_FILE" 2>/dev/null; then
+        echo "$id is one of the first $COUNT nodes; start it with $0 start" >&2
+        exit 2
+    fi
+    raftq_ensure_venv
+    if pid="$(running_pid "$id")"; then
+        echo "$id already running (pid $pid)"
+        return
+    fi
+    [ -f "$secret_file" ] || { echo "no cluster here yet: run $0 start first" >&2; exit 2; }
+    url="$(url_of "$id")"
+    urls="$(all_urls)"; urls="${urls% }"
+    if [ "$(scheme)" = https ]; then
+        "$RAFTQ_ROOT/deploy/make-certs.sh" "$TLS_DIR" "$id"
+        export RAFTQ_CA="$TLS_DIR/ca.pem"
+        tls_args=(--tls-cert "$TLS_DIR/$id.pem" --tls-key "$TLS_DIR/$id.key" --tls-ca "$TLS_DIR/ca.pem" --tls-peer-certs)
+    fi
+    nohup "$RAFTQ_PY" -m raftq.cluster --id "$id" --port "$(port_of "$id")" --data-dir "$HOME_DIR/$id" \
+        --join "$(url_of n1)" --cluster-secret-file "$secret_file" ${tls_args[@]+"${tls_args[@]}"} \
+        >> "$HOME_DIR/$id.log" 2>&1 < /dev/null &
+    echo $! > "$HOME_DIR/$id.pid"
+    grep -qx "$id" "$JOINED_FILE" 2>/dev/null || echo "$id" >> "$JOINED_FILE"
+    echo "$id started (pid $!, log $HOME_DIR/$id.log); adding it to the cluster"
+    "$RAFTQ_PY" -m raftq --nodes "${urls// /,}" cluster add "$id" "$url"
+    "$RAFTQ_PY" -m raftq --nodes "${urls// /,}" cluster members
+}
 
 start() {
     local tls="${1:-}"
@@ -117,5 +155,6 @@ case "${1:-start}" in
     --tls) start --tls ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 [start [--tls]|--tls|stop|status]" >&2; exit 2 ;;
+    join) join "${2:-}" ;;
+    *) echo "usage: $0 [start [--tls]|--tls|stop|status|join ID]" >&2; exit 2 ;;
 esac
