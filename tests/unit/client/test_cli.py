@@ -327,3 +327,14 @@ def test_worker_target_errors_are_clear(capsys, monkeypatch, tmp_path):
 def test_admin_takes_the_nodes_and_token_given_before_it():
     assert command.split_delegated(["--nodes", "http://a:1", "--token", "t", "admin", "backup", "f"]) == (
         "admin", ["--nodes", "http://a:1", "--token", "t", "backup", "f"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("cluster", "add", "n4"), "a URL goes with `cluster add ID URL` only"),
+    (("cluster", "remove"), "`cluster remove` needs the node's id"),
+    (("cluster", "transfer", "n2", "http://x"), "a URL goes with `cluster add ID URL` only"),
+    (("cluster", "members", "n2"), "`cluster members` takes no id"),
+])
+def test_cluster_command_usage_errors(capsys, argv, message):
+    code, out, err = run_cli(capsys, "--nodes", "http://127.0.0.1:9", *argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
