@@ -194,8 +194,11 @@ class Knobs:
             snapshot_fault_probability=_pick(config.snapshot_fault_probability, rng.choice((0.0, 0.1, 0.3))),
         )
         if config.spare_nodes:  # drawn only then: runs without spare nodes stay as they were
-            knobs["membership_change_probability"] = _pick(config.membership_change_probability,
-                                                           rng.choice((0.05, 0.1, 0.25)))
+            drawn = _pick(config.membership_change_probability, rng.choice((0.05, 0.1, 0.25)))
+            # Without pre-vote and check-quorum (which the node always runs), a removed node that
+            # never heard of its removal may disrupt elections forever, and a removed leader may
+            # lead on alone (thesis §4.2.3): membership changes need both.
+            knobs["membership_change_probability"] = drawn if pre_vote and check_quorum else 0.0
         return cls(pre_vote=pre_vote, check_quorum=check_quorum, final_fault=final_fault, wire_codec=wire_codec,
                    **knobs)
 
@@ -445,10 +448,14 @@ class Simulation:
 
     def _could_commit(self, leader: SimNode) -> bool:
         """Whether a majority of the leader's voters are still at its term or below (a node that
-        is down counts: it may come back at its term)."""
+        is down by the term on its disk: it comes back with it)."""
         voters = leader.raft.membership.voters
         term = leader.raft.term
-        willing = sum(1 for v in voters if self.nodes[v].raft is None or self.nodes[v].raft.term <= term)
+
+        def node_term(node: SimNode) -> int:
+            return node.raft.term if node.raft is not None else node.storage.durable_hard_state.term
+
+        willing = sum(1 for v in voters if node_term(self.nodes[v]) <= term)
         return willing >= len(voters) // 2 + 1
 
     def _note_config_entries(self, entries: tuple[Entry, ...]) -> None:
