@@ -2,7 +2,7 @@
 
     python -m raftq.chaos --duration 600 --seed 7                 # every fault kind, 10 minutes
     python -m raftq.chaos --duration 60 --seed 1 --faults isolate-leader,kill-all --nodes 5
-    python -m raftq.chaos --duration 600 --seed 7 --rate 1000 --batch 50   # the same under load
+    python -m raftq.chaos --duration 600 --seed 7 --rate 1000     # the same under load (batches of 50)
     python -m raftq.chaos --list                                  # the fault kinds and their goals
 
 Exit status: 0 when the checker finds no violation, 1 when it finds one (the summary names the
@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold", type=float, default=6.0, help="seconds each fault stays on (default 6)")
     p.add_argument("--heal", type=float, default=3.0, help="healthy seconds after each heal (default 3)")
     p.add_argument("--rate", type=float, default=20.0, help="jobs offered per second, all producers (default 20)")
-    p.add_argument("--batch", type=int, default=1,
-                   help="jobs per submit request (default 1; the rate is then rate/batch requests per second)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="jobs per submit request (default: 1 up to --rate 100, else rate/20, so each producer sends "
+                        "5 requests a second: 50 at --rate 1000)")
     p.add_argument("--prefetch", type=int, default=None,
                    help="jobs a worker leases per request, worked at once and acked in one request "
                         "(default 3, or 4 x --batch up to 200 when --batch is above 1)")
@@ -57,7 +58,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = [f.strip() for f in args.faults.split(",") if f.strip()]
     faults = list(FAULTS) if names in ([], ["all"]) else names
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    batch = max(1, args.batch)
+    batch = max(1, args.batch if args.batch is not None else (1 if args.rate <= 100 else round(args.rate / 20)))
     prefetch = args.prefetch if args.prefetch is not None else (3 if batch == 1 else min(200, 4 * batch))
     # Under load a batch is worked in a few milliseconds; at the default rate the old pace stays.
     work_s = WorkloadConfig.work_s if batch == 1 else (0.002, 0.02)
