@@ -296,6 +296,7 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
 
     # ---------------------------------------------------------------- ack finality and leases
     elections = _elections(events)
+    election_walls = _SortedTimes(e["wall"] for e in elections)
     for ack in acks_ok:
         job, token = str(ack.invoke["job"]), int(ack.invoke["lease"])
         for d in by_job.get(job, []):
@@ -320,11 +321,11 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
         if own is None or own.expires is None:
             continue
         expires = float(own.expires)
-        renewed = [e for e in elections if own.op.start_wall <= e["wall"] <= ack.end_wall + renew_tolerance_s]
+        renewed = election_walls.between(own.op.start_wall, ack.end_wall + renew_tolerance_s)
         if renewed:
             if lease_s is None:
                 continue
-            expires = max(expires, max(e["wall"] for e in renewed) + float(lease_s))
+            expires = max(expires, renewed[-1] + float(lease_s))
         if ack.start_wall > expires + EXPIRY_SLACK_S:
             violations.append(Violation(
                 "stale_lease_ack", f"job {job}: an ack with lease {token} was accepted (history line "
@@ -343,18 +344,20 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
     # A lease's answer can be lost: the op ends unanswered, or, inside a fault, the client's own
     # retry on another node hides a first attempt that did commit (a lease is not idempotent).
     fault_spans = [(w["start_t"], w["stop_t"]) for w in _fault_windows(events)]
-    unanswered_leases = [o for o in ops if o.op == "lease" and (
-        o.type == INFO or any(a <= o.end_t and b >= o.start_t for a, b in fault_spans))]
+    unanswered_leases = sorted((o for o in ops if o.op == "lease" and (
+        o.type == INFO or any(a <= o.end_t and b >= o.start_t for a, b in fault_spans))), key=lambda o: o.start_t)
+    unanswered_starts = [o.start_t for o in unanswered_leases]
 
     def lost_answer_allowance(since_t: float, until_t: float, since_wall: float, until_wall: float) -> float:
         """A lease whose answer was lost may have taken the job meanwhile: then it came out only once
         that lease ran out (renewed at each leader change) and its requeue backoff passed. Returns the
         latest such time, or -inf."""
         latest = -math.inf
-        for o in unanswered_leases:
-            if since_t <= o.start_t <= until_t:
-                renewals = sum(1 for x in elections if o.start_wall <= x["wall"] <= until_wall)
-                latest = max(latest, o.start_t + float(lease_s or 0) * (1 + renewals) + 2.0)
+        first = bisect.bisect_left(unanswered_starts, since_t)
+        last = bisect.bisect_right(unanswered_starts, until_t)
+        for o in unanswered_leases[first:last]:
+            renewals = len(election_walls.between(o.start_wall, until_wall))
+            latest = max(latest, o.start_t + float(lease_s or 0) * (1 + renewals) + 2.0)
         return latest
 
     for value, op in acked.items():
@@ -395,7 +398,7 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
             # Judged in quiet stretches only, where a healthy worker's heartbeats arrive.
             disturbed = (after.op.proc == "drain"
                          or any(w["start_t"] <= after.op.end_t and w["stop_t"] >= held.op.start_t for w in windows)
-                         or any(held.op.start_wall <= x["wall"] <= after.op.end_wall for x in elections))
+                         or bool(election_walls.between(held.op.start_wall, after.op.end_wall)))
             if early_s > TIMING_SLACK_S and not disturbed:
                 violations.append(Violation(
                     "lease_early", f"job {job}: lease {token} (line {held.op.done['line']}) was let run out by its worker "
@@ -403,7 +406,7 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
                                    f"(line {after.op.done['line']})", job=job, value=held.value,
                     lines=held.op.lines + after.op.lines))
             # Each leader change renews live leases by lease_s; a requeue waits its backoff.
-            renewals = sum(1 for x in elections if held.op.start_wall <= x["wall"] <= after.op.end_wall)
+            renewals = len(election_walls.between(held.op.start_wall, after.op.end_wall))
             backoff_s = min(BACKOFF_CAP_S, 2.0 ** (held.attempt or 1))
             due_t = max(held.op.end_t + float(lease_s) * (1 + renewals) + backoff_s,
                         lost_answer_allowance(held.op.end_t, after.op.start_t, held.op.end_wall, after.op.end_wall))
@@ -545,6 +548,16 @@ def _fate(d: Delivery, reports: dict[tuple[str, str, int], list[Op]], planned: d
     if acks or nacks:
         return "report_unknown"
     return "lease_ran_out"  # never reported: a lost lease answer, or a worker that stopped
+
+
+class _SortedTimes:
+    """Times kept sorted, for "which of them fall in [a, b]" in log time (histories of a million jobs)."""
+
+    def __init__(self, times: Iterable[float]) -> None:
+        self._times = sorted(t for t in times if not math.isnan(t))
+
+    def between(self, low: float, high: float) -> list[float]:
+        return self._times[bisect.bisect_left(self._times, low):bisect.bisect_right(self._times, high)]
 
 
 def _elections(events: list[dict]) -> list[dict]:
