@@ -122,3 +122,15 @@ def test_a_secret_readable_by_other_users_is_warned_about(tmp_path, monkeypatch,
         caplog.clear()
         config(["--token-file", str(secret)], monkeypatch)
         assert "readable by other users" in caplog.text
+
+
+def test_join_needs_a_secret_a_url_and_no_peer_list(monkeypatch):
+    secret = {"RAFTQ_CLUSTER_SECRET": "s" * 24}
+    made = config(["--join", "http://127.0.0.1:7001/"], monkeypatch, **secret)
+    assert made.join_url == "http://127.0.0.1:7001" and made.peers == {}
+    with pytest.raises(ConfigError, match="needs a cluster secret"):
+        config(["--join", "http://127.0.0.1:7001"], monkeypatch)
+    with pytest.raises(ConfigError, match="--join and --peers exclude each other"):
+        config(["--join", "http://127.0.0.1:7001", *PEERS], monkeypatch, **secret)
+    with pytest.raises(ConfigError, match="must start with http"):
+        config(["--join", "127.0.0.1:7001"], monkeypatch, **secret)
