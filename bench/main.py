@@ -155,13 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4,
                    help="per worker: Worker slots, or lanes of the single pool (default 4)")
     p.add_argument("--pool", choices=BENCH_POOLS, default="single",
-                   help="single: lean batched fetch/ack loop; threads|processes|asyncio: the Worker runtime")
+                   help="single: lean batched fetch/ack loop; threads|processes|asyncio: the Worker runtime; "
+                        "cli: `raftq worker` as a process of its own, default flags but --concurrency and --prefetch")
     p.add_argument("--prefetch", type=_prefetch_list,
                    help="with a Worker pool: jobs it buffers ahead of free slots (default: the Worker's default, "
                         "auto; 0: fetch only for free slots); a comma list such as default,0 runs the scenario "
                         "once per value, back to back")
     p.add_argument("--kind", choices=KINDS, default="noop",
-                   help="job: noop, io (sleep 1 ms) or cpu (about 1 ms of pure Python) (default noop)")
+                   help="job: noop, io (sleep 1 ms), cpu (about 1 ms of pure Python) or echo (one request and reply "
+                        "over loopback TCP, as a Redis INCR) (default noop)")
     p.add_argument("--payload-bytes", type=int, default=100, help="encoded payload size (default 100)")
     p.add_argument("--rate", type=float, help="submit at this many jobs/s in total (submit, e2e)")
     p.add_argument("--runs", type=int, default=3, help="runs per scenario; the report gives the median (default 3)")
@@ -216,7 +218,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (all(value is None or 0 <= value <= 1000 - args.concurrency for value in args.prefetch or []),
          "--prefetch must be within [0, 1000 - concurrency]"),
         (args.prefetch is None or args.pool != "single",
-         "--prefetch goes with a Worker pool (threads, processes, asyncio)"),
+         "--prefetch goes with a Worker pool (threads, processes, asyncio, cli)"),
+        (args.kind != "echo" or args.pool != "asyncio", "--kind echo goes with a pool that runs plain functions"),
         (args.runs >= 1, "--runs must be at least 1"),
     ]
     for ok, message in checks:

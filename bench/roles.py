@@ -18,7 +18,7 @@ long once encoded. The worker that acks it records `ack answered - t`: its end-t
 submit to durable ack, including the time it waited in the queue. Producers record the latency
 of each submit request. Both travel to the parent once, at the end, as packed doubles.
 
-Workers come in two shapes:
+Workers come in three shapes:
 
     lean ("single" pool)   no Worker runtime: `concurrency` lanes (threads sharing one client),
                            each fetching `batch` jobs, running them in order, and acking them all
@@ -27,6 +27,15 @@ Workers come in two shapes:
                            client wrapper that notes fetch and ack times. Before the clock starts
                            each runs one warm-up job from a queue of its own, so that process
                            pools are spawned and connections open outside the measured time.
+    cli                    `raftq worker` itself, a process of its own started by the worker role
+                           with default flags (but --concurrency, and --prefetch when given),
+                           handlers from `raftq.bench.cli_worker`. The role cannot see its acks:
+                           it counts the queue's done jobs every CLI_POLL_S (so no end-to-end
+                           latencies), after one warm-up job went through the same way.
+
+Job kinds: noop; io, a 1 ms sleep (a quick database call); cpu, about 1 ms of pure Python; echo,
+one request and its reply over loopback TCP to an echo server that the worker role runs (the
+peers' shape: one Redis INCR per job), one connection per worker thread.
 """
 
 from __future__ import annotations
@@ -35,6 +44,12 @@ import asyncio
 import functools
 import logging
 import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -59,8 +74,18 @@ WARMUP_S_MAX = 60.0
 #: The I/O-bound job: a sleep this long (a quick database or HTTP call).
 IO_JOB_S = 0.001
 
-KINDS = ("noop", "io", "cpu")
-BENCH_POOLS = ("single", "threads", "processes", "asyncio")
+KINDS = ("noop", "io", "cpu", "echo")
+BENCH_POOLS = ("single", "threads", "processes", "asyncio", "cli")
+#: pool "cli": how often the worker role counts the queue's done jobs.
+CLI_POLL_S = 0.02
+#: pool "cli": how long `raftq worker` may take to stop after SIGTERM before it is killed.
+CLI_STOP_S = 30.0
+#: The environment of a `raftq worker` started by the bench (read by raftq.bench.cli_worker),
+#: and of every process that runs "echo" jobs.
+CLI_QUEUES_ENV = "RAFTQ_BENCH_QUEUES"
+CLI_KIND_ENV = "RAFTQ_BENCH_KIND"
+CLI_CPU_LOOPS_ENV = "RAFTQ_BENCH_CPU_LOOPS"
+ECHO_ADDRESS_ENV = "RAFTQ_BENCH_ECHO"
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,40 @@ def run_cpu(loops: int, job: Any) -> None:
     cpu_work(loops)
 
 
+_echo_connections = threading.local()
+
+
+def run_echo(job: Any) -> None:
+    """One small request and its reply over loopback TCP, on this thread's connection."""
+    connection = getattr(_echo_connections, "socket", None)
+    if connection is None:
+        host, port = os.environ[ECHO_ADDRESS_ENV].rsplit(":", 1)
+        connection = socket.create_connection((host, int(port)))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _echo_connections.socket = connection
+    connection.sendall(b"INCR bench\r\n")
+    if not connection.recv(64):
+        raise ConnectionError("the bench's echo server closed the connection")
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := self.request.recv(64):
+            self.request.sendall(data)
+
+
+def start_echo_server() -> str:
+    """An echo server on a thread of this process, one thread per connection; its "host:port"
+    is also put in this process's environment, for the handlers and the processes it starts."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="bench-echo", daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    os.environ[ECHO_ADDRESS_ENV] = address
+    return address
+
+
 async def arun_noop(job: Any) -> None:
     return None
 
@@ -165,6 +224,8 @@ def handler_for(kind: str, cpu_loops: int, *, asynchronous: bool = False) -> Cal
         return arun_io if asynchronous else run_io
     if kind == "cpu":
         return functools.partial(arun_cpu if asynchronous else run_cpu, cpu_loops)
+    if kind == "echo" and not asynchronous:
+        return run_echo
     raise ValueError(f"unknown job kind {kind!r}")
 
 
@@ -316,6 +377,14 @@ class _Tally:
             with self._acked_counter.get_lock():
                 self._acked_counter.value += ok
 
+    def count(self, done: int) -> None:
+        """Notes `done` more jobs finished, seen from outside the worker (no latencies)."""
+        with self._lock:
+            self.acked += done
+            self.last_ack_at = time.time()
+        with self._acked_counter.get_lock():
+            self._acked_counter.value += done
+
     def result(self, **extra: Any) -> dict:
         with self._lock:
             return {"acked": self.acked, "refused": self.refused, "failed": self.failed,
@@ -326,8 +395,12 @@ def worker_main(index: int, config: RoleConfig, channels: Channels) -> None:
     """Works on `config.queue` until the parent sets `stop`; reports acks and latencies."""
     try:
         warnings = _tally_warnings()
+        if config.kind == "echo":
+            start_echo_server()
         if config.pool == "single":
             result = _lean_worker(index, config, channels)
+        elif config.pool == "cli":
+            result = _cli_worker(index, config, channels)
         elif config.pool == "asyncio":
             result = asyncio.run(_async_runtime_worker(index, config, channels))
         else:
@@ -370,6 +443,56 @@ def _lean_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
     if failures:
         raise failures[0]
     return tally.result(rss_peak_kib=peak_rss_kib(), children_rss_peak_kib=0)
+
+
+def _cli_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
+    """Pool "cli": runs `raftq worker` as a process of its own and counts the jobs it finishes."""
+    warmup_queue = _warmup_queue(config, index)
+    env = {**os.environ, "RAFTQ_NODES": ",".join(config.nodes), CLI_QUEUES_ENV: f"{config.queue},{warmup_queue}",
+           CLI_KIND_ENV: config.kind, CLI_CPU_LOOPS_ENV: str(config.cpu_loops)}
+    if config.token:
+        env["RAFTQ_TOKEN"] = config.token
+    command = [sys.executable, "-m", "raftq", "worker", "raftq.bench.cli_worker:handlers",
+               "--concurrency", str(config.concurrency)]
+    if config.prefetch is not None:
+        command += ["--prefetch", str(config.prefetch)]
+    tally = _Tally(channels.acked)
+    rss_kib = None
+    with tempfile.TemporaryFile() as log_file, config.client() as client:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+
+        def done(queue: str) -> int:
+            if process.poll() is not None:
+                log_file.seek(0)
+                tail = log_file.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"raftq worker exited with code {process.returncode}:\n{tail}")
+            return client.queues().get(queue, {}).get("done", 0)
+
+        try:
+            client.submit(warmup_queue, {"t": time.time(), "pad": ""})
+            deadline = time.monotonic() + WARMUP_S_MAX
+            while done(warmup_queue) < 1:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"raftq worker did not finish its warm-up job within {WARMUP_S_MAX:g} s")
+                time.sleep(CLI_POLL_S)
+            channels.results.put(("ready", "worker", index))
+            channels.start.wait()
+            counted = 0
+            while not channels.stop.is_set():
+                now_done = done(config.queue)
+                if now_done > counted:
+                    tally.count(now_done - counted)
+                    counted = now_done
+                channels.stop.wait(CLI_POLL_S)
+            rss_kib = peak_rss_kib(process.pid)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(CLI_STOP_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return tally.result(rss_peak_kib=rss_kib, children_rss_peak_kib=0)
 
 
 def _submitted_at(job: Any) -> float | None:

@@ -49,6 +49,22 @@ def test_tiny_e2e_scenario_writes_a_complete_json_report(tmp_path, capsys):
     assert "fsync on majority before every 2xx" in printed.out  # the header
 
 
+def test_cli_pool_runs_raftq_worker_as_a_process_and_counts_every_job(tmp_path, capsys):
+    """--pool cli: `raftq worker` with its default flags, jobs of one loopback request each."""
+    report_path = tmp_path / "bench.json"
+    exit_code = bench.main([
+        "--scenario", "e2e", "--jobs", "200", "--batch", "100", "--pool", "cli", "--concurrency", "2",
+        "--kind", "echo", "--runs", "1", "--no-progress", "--json", str(report_path),
+        "--data-dir", str(tmp_path / "data"),
+    ])
+    assert exit_code == 0, capsys.readouterr().err
+    (scenario,) = json.loads(report_path.read_text())["scenarios"]
+    assert scenario["error"] is None and scenario["accounted"] is True, scenario
+    (run,) = scenario["runs"]
+    assert (run["acked"], run["queue_depth"]["done"]) == (200, 200), run
+    assert run["worker_rss_peak_mib"] > 0  # the raftq worker process's own
+
+
 def test_default_set_is_listed_without_running_anything(capsys):
     assert bench.main(["--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
