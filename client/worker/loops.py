@@ -38,6 +38,11 @@ Worker = Any
 
 log = logging.getLogger("raftq.worker")
 
+#: At shutdown, how long reporting may keep retrying a transient error after the grace period.
+FLUSH_S_MAX = 10.0
+#: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
+FETCH_JOIN_S = 15.0
+
 #: Pause after a transient error: doubles from the minimum to the cap, with jitter so that many
 #: workers do not hit a newly elected leader in step.
 BACKOFF_S_MIN = 0.1

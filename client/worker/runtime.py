@@ -5,10 +5,13 @@ Theory of operation
 A `Worker` runs at most `concurrency` handlers at a time and keeps a bounded, paced buffer of
 leased jobs ahead of them (on by default, SPEC "Backpressure"). What to fetch and when, which job
 may start, which leases to extend, what to report and what each answer means is decided by the
-sans-IO `WorkerCore` (client/worker/core.py, with its theory of operation); this module drives
-it with threads or an event loop and does the I/O, holding `Worker._lock` around every call into
-the core. The fetcher asks for what the core allows. It long-polls only when the buffer is empty:
-with work in hand, a refill that finds the queue dry waits for the buffer to drain instead, so
+sans-IO `WorkerCore` (client/worker/core.py, with its theory of operation); `Worker` (here)
+holds the options, the life cycle and `Worker._lock`, held around every call into the core, and
+runs one handler; the runtimes that drive the core and do the I/O are client/worker/threads.py
+(pools "threads" and "processes") and client/worker/async_runtime.py (pool "asyncio").
+
+The fetcher asks for what the core allows. It long-polls only when the buffer is empty: with
+work in hand, a refill that finds the queue dry waits for the buffer to drain instead, so
 that the fetch in flight at shutdown is never a long poll while jobs sit in the buffer.
 
 With the sync pools ("threads", "processes") four roles run on their own threads:
@@ -56,14 +59,11 @@ now.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
 import inspect
 import logging
 import os
 import pickle
-import queue
 import random
 import re
 import signal
@@ -75,11 +75,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 from raftq.client._base import LeasedJob
-from raftq.client.worker import loops
 from raftq.client.worker.core import (CONCURRENCY_MAX, REPORT_BATCH_MAX, Flight, Outcome, Reject, ReportRequest, WorkerCore,
-                                WorkerStats, default_prefetch, outcome, outcome_of)
+                                WorkerStats, default_prefetch, outcome)
 from raftq.client.worker.limits import NO_LIMITS, TimeLimits, await_with_limits, call_with_limits, check_limit
-from raftq.client.worker.processes import ChildProcess
+from raftq.client.worker.async_runtime import AsyncRuntime
+from raftq.client.worker.loops import FLUSH_S_MAX
+from raftq.client.worker.middleware import Middleware
+from raftq.client.worker.threads import ThreadRuntime
 from raftq.protocol import FETCH_WAIT_S_MAX
 
 log = logging.getLogger("raftq.worker")
@@ -91,81 +93,12 @@ ACK_LINGER_S_DEFAULT = 0.002
 ACK_LINGER_S_MAX = 1.0
 #: SPEC (raftq.protocol): leases run 1 s – 12 h; the long poll waits at most 20 s.
 WAIT_S_MAX = FETCH_WAIT_S_MAX
-#: At shutdown, how long reporting may keep retrying a transient error after the grace period.
-FLUSH_S_MAX = 10.0
-#: How long shutdown waits for a fetch still in its long poll, beyond `wait_s`.
-FETCH_JOIN_S = 15.0
 
 POOLS = ("threads", "processes", "asyncio")
 
 #: What a handler receives: the job as fetched (.id, .queue, .payload, .attempt, .lease_token,
 #: .lease_expires_at, .priority). Frozen and picklable, so it crosses a process pool as is.
 Job = LeasedJob
-
-
-# ---------------------------------------------------------------------------- middleware
-
-
-class Middleware:
-    """Hooks around the worker loop; every method is a no-op to override (dramatiq's shape).
-
-    Hooks run on the worker's threads (on the event loop with pool="asyncio"), so keep them quick.
-    An exception in a hook is logged and ignored: a broken metric must not stop the work.
-    """
-
-    def before_fetch(self, worker: "Worker") -> None:
-        """Called before each fetch request."""
-
-    def after_fetch(self, worker: "Worker", jobs: Sequence[Any]) -> None:
-        """Called with the jobs a fetch returned (possibly none)."""
-
-    def before_process(self, worker: "Worker", job: Any) -> None:
-        """Called just before the handler runs."""
-
-    def after_process(self, worker: "Worker", job: Any, result: Any, exc: BaseException | None) -> None:
-        """Called when the handler returned `result` (exc is None) or raised `exc`."""
-
-    def on_shutdown(self, worker: "Worker") -> None:
-        """Called once, when the worker has stopped."""
-
-
-class PrometheusMiddleware(Middleware):
-    """Prometheus metrics for a worker.
-
-    raftq_worker_jobs_processed_total{queue,outcome} counts handler runs by outcome (see
-    `outcome_of`); raftq_worker_job_duration_seconds{queue} is the handler's run time.
-
-    Args:
-        registry: a prometheus_client CollectorRegistry (default: the global one).
-    """
-
-    def __init__(self, registry: Any = None) -> None:
-        import prometheus_client as prom
-
-        self.registry = registry if registry is not None else prom.REGISTRY
-        self.processed = prom.Counter("raftq_worker_jobs_processed_total", "Jobs run by this worker, by outcome.",
-                                      ["queue", "outcome"], registry=self.registry)
-        self.duration = prom.Histogram("raftq_worker_job_duration_seconds", "Handler run time.", ["queue"],
-                                       registry=self.registry)
-        self._started: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve /metrics over HTTP on `addr:port` from a daemon thread."""
-        import prometheus_client as prom
-
-        prom.start_http_server(port, addr=addr, registry=self.registry)
-
-    def before_process(self, worker: "Worker", job: Any) -> None:
-        with self._lock:
-            self._started[job.id] = time.perf_counter()
-
-    def after_process(self, worker: "Worker", job: Any, result: Any, exc: BaseException | None) -> None:
-        with self._lock:
-            started = self._started.pop(job.id, None)
-        self.processed.labels(job.queue, outcome_of(exc)).inc()
-        if started is not None:
-            self.duration.labels(job.queue).observe(time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -304,7 +237,7 @@ class Worker:
         if self.pool == "asyncio":
             return asyncio.run(self.arun())
         self._begin()
-        runtime = _ThreadRuntime(self)
+        runtime = ThreadRuntime(self)
         with self._signal_handlers():
             try:
                 runtime.start()
@@ -324,7 +257,7 @@ class Worker:
             raise RuntimeError(f"arun() is for pool='asyncio'; this worker's pool is {self.pool!r}: call run()")
         self._begin()
         loop = asyncio.get_running_loop()
-        runtime = _AsyncRuntime(self, loop)
+        runtime = AsyncRuntime(self, loop)
         installed = self._install_loop_signals(loop)
         try:
             await runtime.run()
@@ -618,396 +551,6 @@ class Worker:
             exc = error
         self._hooks("after_process", job, result, exc)
         return outcome(job, result, exc)
-
-
-# ---------------------------------------------------------------------------- the sync runtime
-
-
-class _Outbox:
-    """The thread runtime's finished outcomes, waiting for the reporter (guarded by the worker's lock)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        self.items: list[tuple[Flight, Outcome]] = []
-        self.oldest_at = 0.0
-        self.closed = False
-
-    def put(self, item: tuple[Flight, Outcome]) -> None:
-        w = self.w
-        with w._lock:
-            self.items.append(item)
-            if len(self.items) == 1:
-                self.oldest_at = time.monotonic()
-                w._report_cond.notify()
-            elif len(self.items) == w.ack_batch_max or w._idle_slots():
-                w._report_cond.notify()
-
-    def close(self) -> None:
-        with self.w._lock:
-            self.closed = True
-            self.w._report_cond.notify()
-
-    def take(self) -> tuple[list[tuple[Flight, Outcome]], bool]:
-        """The next batch to report (blocks until there is one), and whether it is the last."""
-        w = self.w
-        with w._lock:
-            w._report_cond.wait_for(lambda: self.items or self.closed)
-            while not self.closed and not w._flush_due(len(self.items), self.oldest_at):
-                w._report_cond.wait(max(0.0, self.oldest_at + w.ack_linger_s - time.monotonic()))
-            batch = self.items[:w.ack_batch_max]
-            del self.items[:w.ack_batch_max]
-            if self.items:
-                self.oldest_at = time.monotonic()
-            return batch, self.closed and not self.items
-
-
-class _ThreadRuntime:
-    """Pools "threads" and "processes": the fetcher, runners, reporter and beater threads."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        self.work: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()  # the buffer, in fetch order
-        self.outbox = _Outbox(worker)
-        self.beats_stop = threading.Event()
-        self.children: list[ChildProcess] = []  # pool="processes": runner i drives children[i]
-        self.threads: dict[str, threading.Thread] = {}
-
-    def start(self) -> None:
-        w = self.w
-        if w.pool == "processes":
-            # Started together, then waited for: no job is leased before the pool can run it.
-            self.children = [ChildProcess(f"raftq-pool-{i}", list(w.handlers.values())) for i in range(w.concurrency)]
-            for child in self.children:
-                child.wait_ready()
-        roles = [("fetch", lambda: self._drive(loops.fetch_loop(w, self._deliver))),
-                 ("report", lambda: self._drive(loops.report_loop(w))),
-                 ("beat", lambda: self._drive(loops.beat_loop(w), stop=self.beats_stop))]
-        roles += [(f"run-{i}", functools.partial(self._run_loop, i)) for i in range(w.concurrency)]
-        for role, target in roles:
-            # Daemon threads: a handler still stuck after the grace period must not keep the process alive.
-            thread = threading.Thread(target=self.w._guarded, args=(role, target), name=f"raftq-{role}", daemon=True)
-            self.threads[role] = thread
-            thread.start()
-
-    def shutdown(self) -> None:
-        w = self.w
-        w.stop(w._stop_reason or "stop requested")
-        # The fetch in flight ends first: otherwise it could lease again the very jobs handed back
-        # below (ready at once) and hand them back a second time, an attempt each. It is a long
-        # poll only when nothing is buffered, so buffered jobs go back within a round trip.
-        self._join("fetch", w.wait_s + FETCH_JOIN_S)
-        w._release_buffered(self.outbox.put)
-        with w._lock:
-            w._cond.wait_for(lambda: w._running == 0, timeout=w._grace_left_s())
-        leftovers = w._abandon_running(self.outbox.put)
-        for _ in range(w.concurrency):
-            self.work.put(None)
-        self.outbox.close()
-        self._join("report", w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
-        self.beats_stop.set()
-        self._join("beat", FETCH_JOIN_S)
-        for child in self.children:
-            # Forced when a handler outlived the grace period: its job is already handed back.
-            child.close(force=bool(leftovers))
-
-    def _join(self, role: str, timeout: float) -> None:
-        thread = self.threads.get(role)
-        if thread is None:  # start() failed before it got there
-            return
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("worker %s: the %s thread did not stop within %g s; leaving it",
-                        self.w.worker_id, role, timeout)
-
-    # ------------------------------------------------------------------------ the loops' steps
-
-    def _drive(self, loop: loops.Loop, stop: threading.Event | None = None) -> None:
-        """Carries out a loop's steps (client/worker/loops.py) with blocking calls on this thread."""
-        w = self.w
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = loop.throw(error) if error is not None else loop.send(reply)
-            except StopIteration:
-                return
-            reply, error = None, None
-            if isinstance(step, loops.Call):
-                try:
-                    reply = getattr(w.client, step.method)(*step.args, **(step.kwargs or {}))
-                except Exception as exc:  # the loop decides: retry, give up, or let it end the role
-                    error = exc
-            elif isinstance(step, loops.WaitFor):
-                with w._lock:
-                    w._fetch_waiting = w._fetch_waiting or step.fetcher
-                    try:
-                        w._cond.wait_for(lambda: w._stopping.is_set() or step.predicate(), timeout=step.timeout_s)
-                    finally:
-                        if step.fetcher:
-                            w._fetch_waiting = False
-            elif isinstance(step, loops.Sleep):
-                if stop is None:
-                    time.sleep(step.seconds)
-                elif stop.wait(step.seconds):
-                    loop.close()
-                    return
-            else:
-                reply = self.outbox.take()
-
-    def _deliver(self, jobs: list[Any]) -> bool:
-        """Fetched jobs into the runners' queue; True (and handed back) when the worker is stopping."""
-        w = self.w
-        with w._lock:  # atomic with shutdown's hand-back: a job is either released here or seen there
-            if w._stopping.is_set():
-                w._release(jobs, self.outbox.put)
-                return True
-            for flight in w._take(jobs):
-                self.work.put(flight)
-        return False
-
-    # ------------------------------------------------------------------------ runners
-
-    def _run_loop(self, index: int) -> None:
-        if self.children:
-            return self._run_batches_loop(self.children[index])
-        w = self.w
-        while (flight := self.work.get()) is not None:
-            if not w._start(flight):
-                continue
-            w._finish(flight, w._process(flight.job), self.outbox.put)
-
-    def _run_batches_loop(self, child: ChildProcess) -> None:
-        """pool="processes": each runner hands its pool process a batch of buffered jobs in one
-        message and finishes each job as its answer comes back (module docstring, "Process pool")."""
-        w = self.w
-        last = False
-        while not last:
-            flight = self.work.get()
-            if flight is None:
-                return
-            batch = [flight]
-            size = w._process_batch_size(self.work.qsize())
-            while len(batch) < size:
-                try:
-                    extra = self.work.get_nowait()
-                except queue.Empty:
-                    break
-                if extra is None:  # shutdown's sentinel: run what was taken, then stop
-                    last = True
-                    break
-                batch.append(extra)
-            started = [f for f in batch if w._start(f)]
-            if started:
-                self._run_batch(child, started)
-
-    def _run_batch(self, child: ChildProcess, flights: list[Flight]) -> None:
-        w = self.w
-        calls, sent = [], []
-        for flight in flights:
-            w._hooks("before_process", flight.job)
-            try:
-                handler = w._handler_for(flight.job)
-                calls.append((handler, flight.job, w._limits_for(handler, flight.job)))
-                sent.append(flight)
-            except Exception as exc:  # no handler for its queue, or limits it cannot have
-                self._finish_one(flight, (None, exc, 0.0))
-
-        def on_answer(index: int, answer: tuple[Any, BaseException | None, float | None]) -> None:
-            self._finish_one(sent[index], answer)
-
-        if calls:
-            child.run(calls, on_answer)
-
-    def _finish_one(self, flight: Flight, answer: tuple[Any, BaseException | None, float | None]) -> None:
-        result, exc, run_s = answer
-        self.w._hooks("after_process", flight.job, result, exc)
-        self.w._finish(flight, outcome(flight.job, result, exc), self.outbox.put, run_s=run_s)
-
-
-# ---------------------------------------------------------------------------- the asyncio runtime
-
-
-class _AsyncOutbox:
-    """`_Outbox` for the event loop: `put` runs on the loop, the reporter awaits `take`."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        self.items: list[tuple[Flight, Outcome]] = []
-        self.oldest_at = 0.0
-        self.closed = False
-        self.event = asyncio.Event()  # set when the reporter should look again
-
-    def put(self, item: tuple[Flight, Outcome]) -> None:
-        self.items.append(item)
-        if len(self.items) == 1:
-            self.oldest_at = time.monotonic()
-            self.event.set()
-        elif len(self.items) == self.w.ack_batch_max or self.w._idle_slots():
-            self.event.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.event.set()
-
-    async def take(self) -> tuple[list[tuple[Flight, Outcome]], bool]:
-        w = self.w
-        while not self.items and not self.closed:
-            self.event.clear()
-            await self.event.wait()
-        while not self.closed and not w._flush_due(len(self.items), self.oldest_at):
-            self.event.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.event.wait(), max(0.0, self.oldest_at + w.ack_linger_s - time.monotonic()))
-        batch = self.items[:w.ack_batch_max]
-        del self.items[:w.ack_batch_max]
-        if self.items:
-            self.oldest_at = time.monotonic()
-        return batch, self.closed and not self.items
-
-
-class _AsyncRuntime:
-    """Pool "asyncio": the same roles as `_ThreadRuntime`, as tasks on one event loop.
-
-    A slot is a task that runs buffered jobs one after another until the buffer is empty; the
-    fetcher starts slots (up to `concurrency`) when it brings jobs.
-    """
-
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
-        self.w = worker
-        self.loop = loop
-        self.outbox = _AsyncOutbox(worker)
-        self.buffer: collections.deque[Flight] = collections.deque()
-        self.slot_tasks: set[asyncio.Task] = set()
-        self.slots = 0  # slot tasks alive (the set drops a task only in a later loop step)
-        self.handler_tasks: dict[Flight, asyncio.Task] = {}
-        self.waiters: set[asyncio.Future] = set()
-
-    async def run(self) -> None:
-        w = self.w
-        loop_thread = threading.get_ident()
-
-        def wake() -> None:
-            if threading.get_ident() == loop_thread:
-                self._wake_all()
-            else:
-                self.loop.call_soon_threadsafe(self._wake_all)
-
-        w._wake = wake
-        roles = (("fetch", loops.fetch_loop(w, self._deliver)), ("report", loops.report_loop(w)),
-                 ("beat", loops.beat_loop(w)))
-        fetcher, reporter, beater = (asyncio.create_task(w._aguarded(role, functools.partial(self._drive, loop)),
-                                                         name=f"raftq-{role}") for role, loop in roles)
-        try:
-            await self._until(w._stopping.is_set)
-        finally:
-            w.stop(w._stop_reason or "stop requested")
-            await self._shutdown(fetcher, reporter, beater)
-
-    async def _shutdown(self, fetcher: asyncio.Task, reporter: asyncio.Task, beater: asyncio.Task) -> None:
-        w = self.w
-        await _bounded(fetcher, w.wait_s + FETCH_JOIN_S)  # first, as in _ThreadRuntime.shutdown
-        w._release_buffered(self.outbox.put)
-        await self._until(lambda: w._running_count() == 0, timeout=w._grace_left_s())
-        for flight in w._abandon_running(self.outbox.put):
-            task = self.handler_tasks.pop(flight, None)
-            if task is not None:
-                task.cancel()
-        self.outbox.close()
-        await _bounded(reporter, w.grace_s + FLUSH_S_MAX + FETCH_JOIN_S)
-        beater.cancel()
-        await asyncio.gather(beater, *self.slot_tasks, return_exceptions=True)
-
-    def _wake_all(self) -> None:
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
-        """Waits until `predicate()` holds (re-checked at every change) or `timeout` passes."""
-        deadline = None if timeout is None else self.loop.time() + timeout
-        while not predicate():
-            remaining = None if deadline is None else deadline - self.loop.time()
-            if remaining is not None and remaining <= 0:
-                return False
-            waiter = self.loop.create_future()
-            self.waiters.add(waiter)
-            try:
-                await asyncio.wait([waiter], timeout=remaining)
-            finally:
-                self.waiters.discard(waiter)
-        return True
-
-    async def _drive(self, loop: loops.Loop) -> None:
-        """Carries out a loop's steps (client/worker/loops.py) with `await` on this event loop."""
-        w = self.w
-        reply: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = loop.throw(error) if error is not None else loop.send(reply)
-            except StopIteration:
-                return
-            reply, error = None, None
-            if isinstance(step, loops.Call):
-                try:
-                    reply = await getattr(w.client, step.method)(*step.args, **(step.kwargs or {}))
-                except Exception as exc:  # the loop decides: retry, give up, or let it end the role
-                    error = exc
-            elif isinstance(step, loops.WaitFor):
-                w._fetch_waiting = w._fetch_waiting or step.fetcher
-                try:
-                    await self._until(lambda: w._stopping.is_set() or step.predicate(), timeout=step.timeout_s)
-                finally:
-                    if step.fetcher:
-                        w._fetch_waiting = False
-            elif isinstance(step, loops.Sleep):
-                await asyncio.sleep(step.seconds)
-            else:
-                reply = await self.outbox.take()
-
-    def _deliver(self, jobs: list[Any]) -> bool:
-        """Fetched jobs into the buffer, with slot tasks to run them; True (and handed back) when stopping."""
-        w = self.w
-        if w._stopping.is_set():
-            w._release(jobs, self.outbox.put)
-            return True
-        if jobs:
-            self.buffer.extend(w._take(jobs))
-            self._start_slots()
-        return False
-
-    def _start_slots(self) -> None:
-        # A live slot may be about to take the next job itself; a slot started for nothing ends at once.
-        for _ in range(min(self.w.concurrency - self.slots, len(self.buffer))):
-            self.slots += 1
-            task = asyncio.create_task(self._slot_loop())
-            self.slot_tasks.add(task)
-            task.add_done_callback(self.slot_tasks.discard)
-
-    async def _slot_loop(self) -> None:
-        w = self.w
-        try:
-            while self.buffer:
-                flight = self.buffer.popleft()
-                if not w._start(flight):
-                    continue
-                self.handler_tasks[flight] = asyncio.current_task()
-                try:
-                    outcome = await w._process_async(flight.job)
-                finally:
-                    self.handler_tasks.pop(flight, None)
-                w._finish(flight, outcome, self.outbox.put)
-                await asyncio.sleep(0)  # a handler that never suspends must not starve the fetcher and reporter
-        finally:
-            self.slots -= 1
-
-async def _bounded(task: asyncio.Task, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(asyncio.shield(task), timeout)
-    except asyncio.TimeoutError:
-        log.warning("%s did not stop within %g s; cancelled", task.get_name(), timeout)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------- pure helpers
