@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from raftq.cluster import long_poll
+from raftq.cluster import long_poll, recovery
 from raftq.cluster import metrics as node_metrics
 from raftq.cluster.config import NodeConfig
 from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
@@ -612,11 +612,8 @@ class Node:
     def _membership_at_snapshot(self) -> Membership:
         """The membership the recovered snapshot recorded; else, for a node joining a cluster,
         none (it waits to be added); else the one --peers bootstraps (all voters)."""
-        if self.queue.membership is not None:
-            return Membership.decode(self.queue.membership)
-        if self.config.join_url:
-            return Membership()
-        return Membership.of_voters({self.config.node_id: self.config.url, **self.config.peers})
+        return recovery.membership_at_start(self.queue.membership, joining=bool(self.config.join_url),
+                                            founders={self.config.node_id: self.config.url, **self.config.peers})
 
     def _peer_urls(self, membership: Membership) -> dict[str, str]:
         """Where to send to each member but this node (learned URLs for senders outside it)."""

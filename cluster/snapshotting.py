@@ -28,6 +28,7 @@ import os
 import time
 from typing import Protocol, Sequence
 
+from raftq.cluster import recovery
 from raftq.cluster.config import NodeConfig
 from raftq.cluster.queue.state_machine import QueueStateMachine, SnapshotCapture, write_snapshot
 from raftq.cluster.raft.messages import Entry, SnapshotPoint
@@ -126,11 +127,11 @@ class Snapshotting:
                 damaged.append(str(exc))
                 damaged_paths.append(meta.path)
                 continue
-            if wal.first_index > meta.index + 1:
-                raise StartupError(
-                    f"snapshot {meta.path} ends at index {meta.index} but the log in {wal.directory} starts at "
-                    f"{wal.first_index}: the entries between are gone"
-                    + (f"; damaged newer snapshots: {'; '.join(damaged)}" if damaged else ""))
+            try:
+                recovery.check_log_reaches(meta.index, wal.first_index)
+            except recovery.RecoveryRefused as exc:
+                raise StartupError(f"{exc} (snapshot {meta.path}, log in {wal.directory})"
+                                   + (f"; damaged newer snapshots: {'; '.join(damaged)}" if damaged else "")) from None
             with store.open_body(meta) as body:
                 queue.restore_from(body)
             assert queue.last_applied == meta.index, (meta.path, queue.last_applied)
@@ -139,32 +140,31 @@ class Snapshotting:
                 # one of the two kept, or the log would be compacted up to a file no one can read.
                 os.replace(path, path + ".damaged")
                 log.warning("set the damaged snapshot aside as %s.damaged", path)
-            if not self._log_continues(meta):
+            if not recovery.log_continues(SnapshotPoint(meta.index, meta.term), wal.first_index, wal.last_index,
+                                          self._wal_term):
                 if wal.first_index:  # an empty log (a restored backup) drops nothing
                         log.warning("log entries %d..%d do not continue snapshot %d (term %d): dropped, not committed",
                                 wal.first_index, wal.last_index, meta.index, meta.term)
                 wal.reset_after(meta.index, meta.term)
             self.applied_term = meta.term
-            first = max(wal.first_index, meta.index + 1 - self.config.compact_keep_entries, 1)
+            first = recovery.first_entry_to_load(meta.index, wal.first_index, self.config.compact_keep_entries)
             return SnapshotPoint(meta.index, meta.term), wal.entries(first) if wal.first_index else []
-        if wal.first_index > 1:
-            raise StartupError(
-                f"the log in {wal.directory} starts at {wal.first_index} and no valid snapshot covers the entries "
-                f"before it" + (f"; damaged snapshots: {'; '.join(damaged)}" if damaged else ""))
+        try:
+            recovery.check_log_reaches(None, wal.first_index)
+        except recovery.RecoveryRefused as exc:
+            raise StartupError(f"{exc} (log in {wal.directory})"
+                               + (f"; damaged snapshots: {'; '.join(damaged)}" if damaged else "")) from None
         if damaged:
             log.warning("no valid snapshot; replaying the whole log from index 1")
         return SnapshotPoint(), wal.entries()
 
-    def _log_continues(self, meta: SnapshotMeta) -> bool:
-        """Whether the WAL holds the snapshot's last entry (same term), or starts right after it."""
-        wal = self.wal
-        assert wal is not None
-        if wal.last_index < meta.index or wal.first_index == 0:
-            return False
+    def _wal_term(self, index: int) -> int | None:
+        """The WAL's term at `index`, None where compaction dropped it."""
+        assert self.wal is not None
         try:
-            return wal.term(meta.index) == meta.term
+            return self.wal.term(index)
         except CompactedError:
-            return wal.first_index == meta.index + 1  # compacted at the snapshot itself
+            return None
 
     # ------------------------------------------------------------------ taking one
 

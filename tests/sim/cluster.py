@@ -69,13 +69,13 @@ from raftq.cluster.raft.errors import RaftError, StepRejected
 from raftq.cluster.raft.membership import Membership
 from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType, SnapshotPoint, snapshot_stored
 from raftq.cluster.raft.node import RaftConfig, RaftNode, Ready, Role
-from raftq.cluster import ready_handler
+from raftq.cluster import ready_handler, recovery
 from raftq.cluster.ready_handler import Apply, InstallSnapshot, Persist, Send, ServeReads, UseMembership
 
 from .faults import FINAL_FAULTS, Nemesis
 from .invariants import Checker, Violation, describe_entry
 from .network import CALM, NetworkConfig, SimNetwork, random_config
-from .storage import SimStorage, StoredSnapshot, log_continues
+from .storage import SimStorage, StoredSnapshot, log_continues, log_first_index
 from .workload import Workload
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "SimNode", "Transfer", "run_seed", "replay_command"]
@@ -318,43 +318,38 @@ class Simulation:
     # ------------------------------------------------------------------ node life
 
     def restart(self, node_id: str) -> None:
-        """Starts a node from its disk, as the server's `_recover` does: the newest snapshot
-        restored into the state machine, the log dropped if it does not continue that snapshot
-        (what follows a point it does not hold is not committed past it), and the core given the
-        snapshot point and the log from `compact_keep_entries` before it."""
+        """Starts a node from its disk by the node's own rules (cluster/recovery.py): the newest
+        snapshot restored into the state machine, the log dropped if it does not continue that
+        snapshot, the core given the snapshot point and the log from `compact_keep_entries`
+        before it, and the membership the snapshot recorded."""
         node = self.nodes[node_id]
         assert not node.is_up
         hard_state, snapshot, log = node.storage.recovered_state()
         node.incarnation += 1
         sm = QueueStateMachine()
         point = SnapshotPoint()
+        try:  # the server refuses to start (StartupError): committed entries are gone
+            recovery.check_log_reaches(None if snapshot is None else snapshot.index, log_first_index(log))
+        except recovery.RecoveryRefused as exc:
+            raise Violation("the log on disk reaches back to the newest snapshot", f"{node_id}: {exc}") from None
         if snapshot is None:
-            if log.base:
-                raise Violation("a compacted log has a snapshot", f"{node_id}'s log starts at {log.base + 1}")
             entries = list(log.entries)
         else:
-            if log.base > snapshot.index:  # the server refuses to start (StartupError): entries are gone
-                raise Violation("the log on disk reaches back to the newest snapshot",
-                                f"{node_id}'s log starts at {log.base + 1}, its newest snapshot is "
-                                f"{snapshot.describe()}")
             sm.restore(snapshot.data)
             self.checker.check_restored(node_id, snapshot.index, sm.digest(), "restarted from its snapshot")
+            snapshot_point = SnapshotPoint(snapshot.index, snapshot.term)
             if not log_continues(log, snapshot):
                 self._log(f"{node_id} log {log.base + 1}..{log.last_index} does not continue snapshot "
                           f"{snapshot.describe()}: dropped")
                 node.storage.reset_log(snapshot)
                 self.stats["log_resets"] += 1
                 log = node.storage.durable
-            first = max(log.base + 1, snapshot.index + 1 - self.knobs.compact_keep_entries, 1)
+            first = recovery.first_entry_to_load(snapshot.index, log.base + 1, self.knobs.compact_keep_entries)
             entries = log.entries[first - log.base - 1 :]
-            point = SnapshotPoint(snapshot.index, snapshot.term)
+            point = snapshot_point
             self.stats["snapshot_restarts"] += 1
-        # As the server's `_membership_at_snapshot`: the snapshot's, else none for a node that
-        # joins, else the founders' (the core's bootstrap from peer_ids).
-        if sm.membership is not None:
-            membership = Membership.decode(sm.membership)
-        else:
-            membership = None if node_id in self.founders else Membership()
+        # Founders bootstrap from the core's peer ids (the simulator has no URLs).
+        membership = recovery.membership_at_start(sm.membership, joining=node_id not in self.founders, founders=None)
         node.raft = RaftNode(node.raft_config, hard_state=hard_state, entries=entries,
                              rng=random.Random(self.rng.getrandbits(64)), snapshot=point, membership=membership)
         node.sm = sm

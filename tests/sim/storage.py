@@ -21,7 +21,7 @@ up to an index (the WAL deleting whole segments, durable at once), and `reset_lo
 whole log by an empty one after an installed snapshot (`WriteAheadLog.reset_after`). A crash in
 the middle of a reset keeps a prefix of the old log (`reset_log_interrupted`: segments are
 deleted newest first); the restart then finds a log that does not continue the snapshot and
-drops it (`log_continues`, the real node's `_log_continues`).
+drops it (`log_continues`, the node's own rule from cluster/recovery.py).
 
 Each log (view and durable) keeps a chain of 8-byte hashes, `chain(i) = H(chain(i-1), entry i)`,
 so that two logs agree on their entries up to i exactly when their chains agree at i. A log that
@@ -39,7 +39,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from raftq.cluster.raft.messages import Entry, HardState
+from raftq.cluster import recovery
+from raftq.cluster.raft.messages import Entry, HardState, SnapshotPoint
 
 __all__ = ["ChainedLog", "SimStorage", "StoredSnapshot", "CrashReport", "entry_hash", "agreement", "log_continues"]
 
@@ -187,12 +188,17 @@ class StoredSnapshot:
         return f"{self.index}/{self.term} ({len(self.data)} bytes)"
 
 
+def log_first_index(log: ChainedLog) -> int:
+    """The log's first held index as the WAL reports it: 0 for an empty, never compacted log."""
+    return log.base + 1 if log.entries or log.base else 0
+
+
 def log_continues(log: ChainedLog, snapshot: StoredSnapshot) -> bool:
-    """Whether a restart keeps `log` after `snapshot` (the real node's `_log_continues`): the log
-    holds the snapshot's last entry with the same term, or starts right after it."""
-    if log.last_index < snapshot.index or log.base > snapshot.index:
+    """Whether a restart keeps `log` after `snapshot`: the node's own rule (cluster/recovery.py)."""
+    if log.base > snapshot.index:  # the log does not know the snapshot's term (the node refuses to start)
         return False
-    return log.term(snapshot.index) == snapshot.term
+    return recovery.log_continues(SnapshotPoint(snapshot.index, snapshot.term), log_first_index(log),
+                                  log.last_index, log.term)
 
 
 @dataclass(frozen=True)
