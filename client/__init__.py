@@ -13,6 +13,23 @@
 `MockTransport(handler)` answers requests in tests, for either twin; `Request`/`Response` are
 the tiny pair it passes. `RetryPolicy` tunes backoff. Errors live in `raftq.errors`. The worker
 runtime (`Worker`, `Retry`, ...) and the task API (`App`) are re-exported from their modules.
+
+Theory of operation
+-------------------
+The package is only a client: it imports nothing of the broker, the chaos suite or the benchmark
+(tests/unit/test_layout.py), and it shares the wire facts with the server through
+`raftq.protocol` alone. Three layers, each policy written once and driven by thin I/O loops:
+
+    _base.py     every call as a sans-IO plan (send this, sleep that): leader redirects, failover
+                 across nodes, backoff within a deadline, msgpack on the wire. `Client` and
+                 `AsyncClient` each drive the same plans with their own transport.
+    worker/      `WorkerCore`, the worker's policy as a state machine (what to fetch and when, the
+                 paced buffer, lease extensions, batched acks, hand-back on stop); the thread,
+                 process and asyncio runtimes drive it.
+    app.py       the task layer (`App`, `@app.task`, handles you can wait on), on top of both.
+
+Nothing a worker holds is trusted to its own clock: leases are planned with the time the server
+said was left (`lease_expires_in_s`), and every report presents the lease's fencing token.
 """
 
 from raftq.client import errors
