@@ -519,6 +519,31 @@ def test_processes_pool_shutdown_terminates_a_stuck_child():
     assert cluster.fails == [(job_id, ABANDONED, True, 0.0)]
 
 
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_worker_time_limits_apply_to_plain_handlers(pool):
+    # pool="processes" is covered against a real node (tests/integration/test_worker_pools.py).
+    cluster = FakeCluster()
+    soft = cluster.add("q", {"limit": "soft"}, max_attempts=1)
+    hard = cluster.add("q", {"limit": "hard"}, max_attempts=1)
+
+    def spins_until_told(job):
+        try:
+            while True:
+                time.sleep(0.005)
+        except Exception:
+            if job.payload["limit"] == "soft":
+                raise
+            while True:  # caught the soft limit and went on: the hard one follows
+                time.sleep(0.005)
+
+    client = AsyncFake(cluster) if pool == "asyncio" else cluster
+    make_worker(client, {"q": spins_until_told}, pool=pool, concurrency=2, soft_time_limit=0.1,
+                time_limit=0.4).run()
+    errors_by_id = {job_id: error for job_id, error, retry, _ in cluster.fails}
+    assert errors_by_id[soft].startswith("SoftTimeLimitExceeded: soft time limit of 0.1 s exceeded"), errors_by_id
+    assert errors_by_id[hard].startswith("TimeLimitExceeded: hard time limit of 0.4 s exceeded"), errors_by_id
+
+
 def test_options_are_checked():
     cluster = FakeCluster()
     with pytest.raises(ValueError, match="pool"):
@@ -529,6 +554,8 @@ def test_options_are_checked():
         Worker(cluster, {"q": lambda job: None}, pool="processes")
     with pytest.raises(ValueError, match="concurrency"):
         Worker(cluster, {"q": square}, concurrency=0)
+    with pytest.raises(ValueError, match="time_limit must be a positive number"):
+        Worker(cluster, {"q": square}, time_limit=-1)
 
 
 # ---------------------------------------------------------------------------- middleware
