@@ -315,14 +315,37 @@ async def serve(config: NodeConfig, fields: _NodeFields | None = None) -> int:
     failed = node.failure.done()
     logging.getLogger("raftq.node").info("shutting down%s", " after the storage failure above" if failed else
                                          ": no new connections; requests in flight finish, long polls answer now")
-    # Graceful stop (SIGTERM): the node keeps replicating while the requests in flight finish
-    # (up to SHUTDOWN_GRACE_S; a submit's commit, a lease's grant), long polls answer at once,
-    # idle keep-alive connections close; the node itself stops last, in the app's cleanup.
+    # Graceful stop (SIGTERM): long polls answer at once; a leader hands leadership on (etcd's
+    # Stop does too), so that stopping it costs no election timeout; the node keeps replicating
+    # while the requests in flight finish (up to SHUTDOWN_GRACE_S: a submit's commit, a lease's
+    # grant), idle keep-alive connections close; the node itself stops last, in the app's cleanup.
     node.drain()
+    if not failed:
+        await hand_leadership_on(node)
     listener.close()
     await runner.cleanup()
     logging.getLogger("raftq.node").info("stopped")
     return 1 if failed else 0
+
+
+async def hand_leadership_on(node) -> None:
+    """At a graceful stop, a leader with other voters transfers leadership (to the most caught-up
+    voter) and waits until another node leads, for two election timeouts at most; whatever the
+    outcome, the stop goes on."""
+    log = logging.getLogger("raftq.node")
+    voters = [member for member in node.status()["nodes"] if member.get("voter", True)]
+    if not node.is_leader or len(voters) < 2:
+        return
+    config = node.config
+    try:
+        async with asyncio.timeout(2 * config.election_ticks * config.tick_interval_s):
+            target = await node.transfer_leadership(None)
+            while node.leader_id in (None, config.node_id):
+                await asyncio.sleep(config.tick_interval_s / 2)
+        log.info("handed leadership to %s before stopping", node.leader_id or target)
+    except Exception as exc:  # refused, timed out, lost: the others elect a leader after the stop
+        log.warning("could not hand leadership on before stopping (%s); the others will elect one",
+                    exc or type(exc).__name__)
 
 
 def restore(backup_path: str, config: NodeConfig) -> None:

@@ -115,6 +115,14 @@ def test_rolling_restart_under_load_fails_no_request_and_loses_nothing(tmp_path)
             assert report["term_after"] == report["term_before"], f"a follower's restart caused an election: {report}"
         assert reports[2]["term_after"] - reports[2]["term_before"] <= 1, f"more than one election: {reports[2]}"
         cluster.wait_converged()
+        # A leader stopped with a bare SIGTERM (as Kubernetes and `systemctl stop` send) hands
+        # leadership on first: one election, with no election timeout to wait out.
+        leader = cluster.wait_for_leader()
+        term = cluster.status(leader)["term"]
+        cluster.terminate(leader)
+        assert "handed leadership to" in cluster.log_text(leader), cluster.log_text(leader)[-2000:]
+        successor = cluster.wait_for_leader(exclude=leader)
+        assert cluster.status(successor)["term"] == term + 1
 
 
 def test_the_probe_command_answers_for_a_live_node_and_fails_for_a_stopped_one(single_node, tmp_path):
