@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -16,7 +17,7 @@ from raftq.cluster import constants as c
 from raftq.cluster import tls
 from raftq.cluster.api import cluster_views, dashboard, raft_views, views
 from raftq.cluster.api.connections import ConnectionGuard
-from raftq.cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION
+from raftq.cluster.api.keys import CONNECTION_GUARD, NODE, PEER_SESSION, PEER_STREAMS
 from raftq.cluster.api.wire import JSON, MSGPACK, MSGPACK_ALIASES, ApiError, error_response
 from raftq.cluster.config import NodeConfig
 from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
@@ -278,9 +279,24 @@ def init_app(config: NodeConfig) -> web.Application:
     )
     app[NODE] = node
     app[CONNECTION_GUARD] = guard
+    app[PEER_STREAMS] = set()
     setup_routes(app)
     app.cleanup_ctx.append(_node_lifecycle)
+    app.on_shutdown.append(_close_peer_streams)
     return app
+
+
+async def _close_peer_streams(app: web.Application) -> None:
+    """At a graceful stop, peer streams stay open while proposals in flight still need the
+    followers' answers (they arrive on those streams), then close, so that the server does not
+    wait out its grace period on connections that never end by themselves."""
+    node = app[NODE]
+    deadline = time.monotonic() + c.SHUTDOWN_GRACE_S
+    while node.pending_proposals_count() and time.monotonic() < deadline:
+        await asyncio.sleep(node.config.tick_interval_s)  # pacing a shutdown, not a test wait
+    streams = list(app[PEER_STREAMS])
+    await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
+                           for ws in streams), return_exceptions=True)
 
 
 async def _node_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -11,3 +11,5 @@ NODE = web.AppKey("node", Node)
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 #: The connection limit and header-read deadline (`main.serve` builds the listener with it).
 CONNECTION_GUARD = web.AppKey("connection_guard", ConnectionGuard)
+#: The peers' open `/raft/stream` WebSockets, closed at shutdown once nothing waits on replication.
+PEER_STREAMS = web.AppKey("peer_streams", set)

@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from raftq.cluster.api.keys import NODE
+from raftq.cluster.api.keys import NODE, PEER_STREAMS
 from raftq.cluster.api.wire import ApiError
 from raftq.cluster.config import NODE_ID_PATTERN
 from raftq.cluster.raft.codec import decode_messages
@@ -56,6 +56,16 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid", "/raft/stream takes a WebSocket upgrade")
     await ws.prepare(request)
     peer = request.headers.get(FROM_HEADER, "?")[:64]
+    streams = request.app[PEER_STREAMS]
+    streams.add(ws)
+    try:
+        await _receive_frames(node, request, ws, peer)
+    finally:
+        streams.discard(ws)
+    return ws
+
+
+async def _receive_frames(node, request: web.Request, ws: web.WebSocketResponse, peer: str) -> None:
     async for frame in ws:
         if frame.type is not WSMsgType.BINARY:
             await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames only")
@@ -71,7 +81,6 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
             break
         _learn_sender_url(request, messages)
         node.deliver(messages)
-    return ws
 
 
 def _learn_sender_url(request: web.Request, messages: list) -> None:
