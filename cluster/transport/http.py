@@ -200,17 +200,21 @@ class _Lane:
     async def _pump(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Writes queued messages until the connection fails; reads only pongs and the close."""
         reader = asyncio.create_task(_drain_incoming(ws))
+        # The pump waits on one event only (a put, or the connection's end), so a message queued
+        # while it waits is written after a single task switch: this is on every commit's path.
+        reader.add_done_callback(lambda _: self._queued.set())
         try:
             while not reader.done():
                 if not self._queue:
                     self._queued.clear()
-                    queued = asyncio.ensure_future(self._queued.wait())
-                    await asyncio.wait((queued, reader), return_when=asyncio.FIRST_COMPLETED)
-                    queued.cancel()
+                    await self._queued.wait()
                     continue
                 frame = self._next_frame()
                 try:
-                    await asyncio.wait_for(ws.send_bytes(encode_messages(frame)), SEND_TIMEOUT_S)
+                    # A context timeout, not wait_for: no task per frame, so the bytes reach the
+                    # socket in this step (send_bytes only awaits when the buffer is over its limit).
+                    async with asyncio.timeout(SEND_TIMEOUT_S):
+                        await ws.send_bytes(encode_messages(frame))
                 except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
                     log.debug("peer %s %s lane: send failed: %s", self._peer_id, self._name, exc)
                     return
