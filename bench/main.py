@@ -236,9 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 when every scenario ran, 1 when one failed, 2 bad usage, 130 interrupted.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["nats"]:  # the same figures on NATS JetStream, for a side-by-side table
+        from raftq.bench import nats_peer
+        return nats_peer.main(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and bad usage; hand back its code
         return int(exc.code or 0)
     try:
