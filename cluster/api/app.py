@@ -292,7 +292,7 @@ async def _close_peer_streams(app: web.Application) -> None:
     wait out its grace period on connections that never end by themselves."""
     node = app[NODE]
     deadline = time.monotonic() + c.SHUTDOWN_GRACE_S
-    while node.pending_proposals_count() and time.monotonic() < deadline:
+    while node.pending_proposals_count and time.monotonic() < deadline:
         await asyncio.sleep(node.config.tick_interval_s)  # pacing a shutdown, not a test wait
     streams = list(app[PEER_STREAMS])
     await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"node stopping")
