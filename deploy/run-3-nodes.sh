@@ -92,7 +92,7 @@ start() {
     raftq_ensure_venv
     mkdir -p "$HOME_DIR"
     local id secret_file="$HOME_DIR/cluster-secret" tls_args=()
-    "$RAFTQ_PY" -c 'import sys; from cluster.localcluster import ensure_secret_file; ensure_secret_file(sys.argv[1])' \
+    "$RAFTQ_PY" -c 'import sys; from raftq.cluster.localcluster import ensure_secret_file; ensure_secret_file(sys.argv[1])' \
         "$secret_file"
     if [ "$tls" = "--tls" ]; then
         "$RAFTQ_ROOT/deploy/make-certs.sh" "$TLS_DIR" $(node_ids)
