@@ -162,8 +162,6 @@ class Node:
         self._leader_waiters: list[asyncio.Future] = []
         #: stepped down without knowing a new leader, and heard of none since (see wait_for_leader)
         self._deposed_alone = False
-        #: the WAL write in flight in its thread, if any (stop waits for it)
-        self._persisting: asyncio.Future | None = None
         self._wakeup = asyncio.Event()
         self.snapshotting = Snapshotting(config, self._wakeup)
         self._jobs_changed: asyncio.Future | None = None
@@ -246,8 +244,6 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._persisting is not None:
-            await asyncio.gather(self._persisting, return_exceptions=True)
         self._fail_waiters(Unavailable("node is shutting down"))
         await self.snapshotting.close()
         if self.snapshot_sender is not None:
@@ -588,10 +584,7 @@ class Node:
                 self._use_membership(action.membership)
             elif isinstance(action, Persist):
                 started = time.perf_counter()
-                # Shielded: stop() cancels this loop, but the write in its thread runs on; stop()
-                # waits for it before the storage is closed under it.
-                self._persisting = asyncio.ensure_future(asyncio.to_thread(self._persist, action))
-                await asyncio.shield(self._persisting)
+                await asyncio.to_thread(self._persist, action)
                 self.metrics.observe_persist(time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):
                 self._send(action.messages)

@@ -127,6 +127,16 @@ async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path
         assert await held is True
         assert node.leader_id is not None
         assert node.leader_id != follower_id or node.is_serving, "held until this node serves, not just until it leads"
+
+        # Let the new leader's entries settle everywhere before the teardown: a node stopped while
+        # a WAL write runs in its thread would have its storage closed under that write.
+        def applied():
+            return {n: (other.queue.last_applied, other.raft.last_index if other.raft else None)
+                    for n, other in nodes.items()}
+
+        await _poll(lambda: len({a for a, _ in applied().values()} | {i for _, i in applied().values()}) == 1
+                    and any(other.is_serving for other in nodes.values()), "every node to apply the same index",
+                    applied)
     finally:
         for node in nodes.values():
             await node.stop()
