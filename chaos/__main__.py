@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs a worker leases per request, worked at once and acked in one request "
                         "(default 3, or 4 x --batch up to 200 when --batch is above 1)")
     p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--inflight", type=int, default=WorkloadConfig.inflight_max,
+                   help="submit requests one producer may have unanswered; one that comes due past this is not "
+                        "sent and counts against goodput (open loop; default %(default)s)")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--tick", type=float, default=0.1, help="the nodes' Raft tick in seconds (default 0.1)")
     p.add_argument("--snapshot-every", type=int, default=None,
@@ -62,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     prefetch = args.prefetch if args.prefetch is not None else (3 if batch == 1 else min(200, 4 * batch))
     # Under load a batch is worked in a few milliseconds; at the default rate the old pace stays.
     work_s = WorkloadConfig.work_s if batch == 1 else (0.002, 0.02)
-    workload = WorkloadConfig(rate=args.rate, producers=args.producers, workers=args.workers, submit_batch=batch,
+    workload = WorkloadConfig(rate=args.rate, producers=args.producers, inflight_max=args.inflight,
+                              workers=args.workers, submit_batch=batch,
                               prefetch=prefetch, work_s=work_s)
     snapshot_every = args.snapshot_every if args.snapshot_every is not None else (100 if args.rate <= 100 else 1000)
     return RunConfig(duration_s=args.duration, seed=seed, faults=faults, nodes=args.nodes, out_dir=args.out,

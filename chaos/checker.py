@@ -63,7 +63,11 @@ Violations (each names the job and the history lines that show it):
 Timings from the nemesis and monitor events: elections, time to a new leader after each fault
 that deposes the leader, the old leader's step-down time, client failover (fault start -> a
 producer's first 2xx submit sent after it), and availability (% of submits sent during a fault
-answered 2xx) per fault kind.
+answered 2xx) per fault kind. Goodput (`Goodput`): jobs acknowledged over jobs offered, overall
+and during each fault kind's windows, where offered counts every job the producers' open-loop
+schedules made due (sent or kept back by the in-flight bound), with the submit latency measured
+from each request's scheduled start (wrk2's rule, so a stall is not hidden by the requests that
+were never sent during it).
 """
 
 from __future__ import annotations
@@ -511,7 +515,7 @@ def check(records: Iterable[dict], *, lease_s: float | None = None,
                  "not_completed", "digest_mismatch", "liveness"):
         counts[kind] = sum(1 for v in violations if v.kind == kind)
     stats = {"duplicate_causes": {k: v for k, v in sorted(causes.items()) if k != "retry"}}
-    stats.update(_timings(ops, events, elections, meta.get("rate")))
+    stats.update(_timings(ops, events, elections, meta))
     return CheckResult(valid=not violations, counts=counts, violations=violations, stats=stats)
 
 
@@ -572,16 +576,84 @@ def _elections(events: list[dict]) -> list[dict]:
     return sorted(seen.values(), key=lambda e: e["t"])
 
 
-def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: float | None) -> dict:
+class _Counter:
+    """Weighted times, sorted, for "how many fall in [low, high)" (histories of a million jobs)."""
+
+    def __init__(self, items: Iterable[tuple[float, int]]) -> None:
+        pairs = sorted(items)
+        self._times = [t for t, _ in pairs]
+        self._sums = [0]
+        for _, weight in pairs:
+            self._sums.append(self._sums[-1] + weight)
+
+    def count(self, low: float = -math.inf, high: float = math.inf) -> int:
+        return self._sums[bisect.bisect_left(self._times, high)] - self._sums[bisect.bisect_left(self._times, low)]
+
+
+def scheduled_t(op: Op) -> float:
+    """When a submit was due on its producer's open-loop schedule (when it was sent, in a history
+    from closed-loop producers, which recorded no schedule)."""
+    return op.invoke.get("scheduled_t", op.start_t)
+
+
+def goodput_pct(acked: int, offered: float) -> float | None:
+    """Acknowledged jobs as a percentage of offered jobs (over the same stretch of time, so this is
+    also acknowledged per second over offered per second); None when nothing was offered."""
+    return round(100.0 * acked / offered, 1) if offered > 0 else None
+
+
+class Goodput:
+    """Offered and acknowledged jobs over any stretch of the run.
+
+    Offered: every job the producers' schedules made due, at its due time: those sent (each submit
+    op) and those the in-flight bound kept back (`unsent` events). A history from closed-loop
+    producers (no `inflight_max` in its meta event) records only what was sent, which falls when the
+    cluster slows down; its offered load is the nominal rate times the stretch's length.
+    Acknowledged: submits answered 2xx, at the time the answer came.
+    """
+
+    def __init__(self, submits: list[Op], events: list[dict], meta: dict) -> None:
+        self.open_loop = meta.get("inflight_max") is not None
+        self.rate = float(meta.get("rate") or 0.0)
+        self.acked = _Counter((op.end_t, 1) for op in submits if op.type == OK)
+        unsent = [(float(e["scheduled_t"]), int(e.get("jobs", 1))) for e in events if e["op"] == "unsent"]
+        self.unsent = _Counter(unsent)
+        self.offered_jobs = _Counter([(scheduled_t(op), 1) for op in submits] + unsent)
+        starts = [scheduled_t(op) for op in submits] + [t for t, _ in unsent]
+        self.span = (min(starts), max(starts)) if starts else (0.0, 0.0)
+
+    def offered(self, low: float, high: float) -> float:
+        if self.open_loop:
+            return self.offered_jobs.count(low, high)
+        return self.rate * (high - low)
+
+    def overall(self) -> dict:
+        """The whole run: every job acknowledged (whenever) over every job offered."""
+        acked = self.acked.count()
+        offered = self.offered_jobs.count() if self.open_loop else self.rate * (self.span[1] - self.span[0])
+        return {"offered": round(offered), "acked": acked, "unsent": self.unsent.count(),
+                "pct": goodput_pct(acked, offered)}
+
+
+def _latencies(submits: list[Op]) -> dict:
+    """p50/p90/p99 seconds from each 2xx submit's due time to its answer (wrk2's measure: a submit
+    that waited for the one before it, or for a free slot, counts the wait)."""
+    values = [op.end_t - scheduled_t(op) for op in submits if op.type == OK]
+    return {"n": len(values), **{f"p{q}": _round(percentile(values, q)) for q in (50, 90, 99)}}
+
+
+def _timings(ops: list[Op], events: list[dict], elections: list[dict], meta: dict) -> dict:
     faults = _fault_windows(events)
     submits = sorted((op for op in ops if op.op == "submit"), key=lambda op: op.start_t)
+    goodput = Goodput(submits, events, meta)
+    by_due = sorted(submits, key=scheduled_t)
+    due_times = [scheduled_t(op) for op in by_due]
     submit_starts = [op.start_t for op in submits]
     ok_by_proc: dict[str, list[Op]] = defaultdict(list)  # each producer's 2xx submits by start time
     for op in submits:
         if op.type == OK:
             ok_by_proc[op.proc].append(op)
     ok_starts = {proc: [op.start_t for op in proc_ops] for proc, proc_ops in ok_by_proc.items()}
-    ok_ends = sorted(op.end_t for op in submits if op.type == OK)
     per_kind: dict[str, dict] = {}
     to_leader: list[float] = []
     failovers: list[float] = []
@@ -591,11 +663,14 @@ def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: flo
         until = faults[i + 1]["start_t"] if i + 1 < len(faults) else math.inf
         kind = per_kind.setdefault(window["fault"], {"runs": 0, "submits": 0, "submits_ok": 0, "elections": 0,
                                                      "to_leader_s": [], "failover_s": [], "step_down_s": [],
-                                                     "seconds": 0.0, "completed_ok": 0})
+                                                     "offered": 0.0, "completed_ok": 0, "unsent": 0,
+                                                     "latency": []})
         kind["runs"] += 1
         if stop < math.inf:
-            kind["seconds"] += stop - start
-            kind["completed_ok"] += bisect.bisect_left(ok_ends, stop) - bisect.bisect_left(ok_ends, start)
+            kind["offered"] += goodput.offered(start, stop)
+            kind["completed_ok"] += goodput.acked.count(start, stop)
+            kind["unsent"] += goodput.unsent.count(start, stop)
+            kind["latency"].extend(by_due[bisect.bisect_left(due_times, start):bisect.bisect_left(due_times, stop)])
         during = submits[bisect.bisect_left(submit_starts, start):bisect.bisect_left(submit_starts, stop)]
         kind["submits"] += len(during)
         kind["submits_ok"] += sum(1 for op in during if op.type == OK)
@@ -616,7 +691,10 @@ def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: flo
                 to_leader.append(max(0.0, new["t"] - since))
             for proc, proc_ops in ok_by_proc.items():
                 j = bisect.bisect_left(ok_starts[proc], start)
-                first = next((op for op in proc_ops[j:j + 10_000] if op.end_t >= since), None)
+                # The earliest 2xx answer, not the first sent: an open-loop producer has several
+                # submits in flight, and one stuck on the old leader may be answered after later ones.
+                first = min((op for op in proc_ops[j:j + 10_000] if op.end_t >= since), key=lambda op: op.end_t,
+                            default=None)
                 if first is not None and first.end_t < until:
                     kind["failover_s"].append(first.end_t - since)
                     failovers.append(first.end_t - since)
@@ -640,8 +718,10 @@ def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: flo
             "runs": kind["runs"],
             "submits": kind["submits"],
             "availability_pct": round(100.0 * kind["submits_ok"] / kind["submits"], 1) if kind["submits"] else None,
-            "goodput_pct": round(100.0 * kind["completed_ok"] / (rate * kind["seconds"]), 1)
-            if rate and kind["seconds"] else None,
+            "goodput_pct": goodput_pct(kind["completed_ok"], kind["offered"]),
+            "offered": round(kind["offered"]),
+            "unsent": kind["unsent"],
+            "latency_s": _latencies(kind["latency"]),
             "elections": kind["elections"],
             "to_leader_n": len(kind["to_leader_s"]),
             "to_leader_p50_s": _round(percentile(kind["to_leader_s"], 50)),
@@ -668,6 +748,7 @@ def _timings(ops: list[Op], events: list[dict], elections: list[dict], rate: flo
                                "p99": _round(percentile(failover_but_all, 99))},
         "step_down_s": {"n": len(step_downs), "p50": _round(percentile(step_downs, 50)),
                         "p99": _round(percentile(step_downs, 99))},
+        "goodput": {**goodput.overall(), "open_loop": goodput.open_loop, "latency_s": _latencies(submits)},
         "healthy": {"submits": len(healthy),
                     "availability_pct": round(100.0 * healthy_ok / len(healthy), 1) if healthy else None},
         "faults": table,
@@ -744,6 +825,13 @@ def summarize(result: CheckResult, *, header: list[str] | None = None) -> str:
                  f"p50={_fmt(but_all_leader['p50'])} p99={_fmt(but_all_leader['p99'])} (n={but_all_leader['n']}); "
                  f"client_failover p50={_fmt(but_all_failover['p50'])} p99={_fmt(but_all_failover['p99'])} "
                  f"(n={but_all_failover['n']})")
+    g = t["goodput"]
+    lat = g["latency_s"]
+    how = ("open loop: every job due on the producers' schedules, sent or not" if g["open_loop"]
+           else "closed-loop producers: the nominal rate")
+    lines.append(f"goodput overall: {_pct(g['pct'])} ({g['acked']} jobs acknowledged of {g['offered']} offered; "
+                 f"{how}; {g['unsent']} not sent, the in-flight bound reached); submit latency from the scheduled "
+                 f"start p50={_fmt(lat['p50'])} p90={_fmt(lat['p90'])} p99={_fmt(lat['p99'])} s")
     healthy = t["healthy"]
     lines.append(f"availability outside faults: {_pct(healthy['availability_pct'])} of {healthy['submits']} submits")
     load = t["load"]["run"]
@@ -752,16 +840,21 @@ def summarize(result: CheckResult, *, header: list[str] | None = None) -> str:
                      f"proposals {load['pending_max']}, peer send queue {load['send_queue_max']} messages, leader "
                      f"RSS {load['leader_rss_mib_max']} MiB")
     if t["faults"]:
-        lines.append("per fault kind: avail = % of submits sent during the fault answered 2xx; goodput = 2xx "
-                     "submits completed during it / offered rate; times are p50/p99 seconds from the fault's start; "
-                     "pend/sendq/rss = peaks of the load samples during it")
-        lines.append(f"{'fault':<18} {'runs':>4} {'submits':>7} {'avail':>7} {'goodput':>7} {'elect':>5} "
+        lines.append("per fault kind: avail = % of submits sent during the fault answered 2xx; goodput = jobs "
+                     "acknowledged during it / jobs offered during it; unsent = jobs not sent (in-flight bound); "
+                     "latency = p50/p99 seconds from a 2xx submit's scheduled start to its answer, for those due "
+                     "during it; leader/failover/stepdown = p50/p99 seconds from the fault's start; pend/sendq/rss "
+                     "= peaks of the load samples during it")
+        lines.append(f"{'fault':<18} {'runs':>4} {'submits':>7} {'avail':>7} {'goodput':>7} {'unsent':>6} "
+                     f"{'latency':>9} {'elect':>5} "
                      f"{'leader p50/p99':>14} {'failover p50/p99':>16} {'stepdown':>8} {'pend':>5} {'sendq':>5} "
                      f"{'rss':>5}")
         for name, row in t["faults"].items():
             peak = t["load"]["faults"].get(name, {})
+            latency = row["latency_s"]
             lines.append(f"{name:<18} {row['runs']:>4} {row['submits']:>7} {_pct(row['availability_pct']):>7} "
-                         f"{_pct(row['goodput_pct']):>7} {row['elections']:>5} "
+                         f"{_pct(row['goodput_pct']):>7} {row['unsent']:>6} "
+                         f"{_fmt(latency['p50']) + '/' + _fmt(latency['p99']):>9} {row['elections']:>5} "
                          f"{_fmt(row['to_leader_p50_s']) + '/' + _fmt(row['to_leader_p99_s']):>14} "
                          f"{_fmt(row['failover_p50_s']) + '/' + _fmt(row['failover_p99_s']):>16} "
                          f"{_fmt(row['step_down_p50_s']):>8} {_num(peak.get('pending_max')):>5} "

@@ -11,12 +11,14 @@ Every record carries `proc` (who: p0, w3, drain, nemesis, monitor, runner), `op`
 and `wall` (time.time(): comparable with the lease expiry times the nodes hand out).
 
     op        invoke fields                    ok fields
-    submit    value                            job
+    submit    value, scheduled_t (when the open-loop schedule made it due), [delay_s]   job
     lease     worker                           jobs: [{id, value, lease, expires, attempt}]
     ack       worker, job, lease, value        -
     nack      worker, job, lease, value        -            (a worker's FAIL of a job)
     events:   meta {lease_s, seed, ...}, nemesis {phase, fault, ...}, status {node, role, term,
-              leader, serving}, converged {digests, equal}, dead {jobs}, liveness {message}
+              leader, serving}, converged {digests, equal}, dead {jobs}, liveness {message},
+              unsent {scheduled_t, jobs} (a submit request that came due while its producer had
+              the most allowed in flight: offered, never sent)
 
 Each process writes its own JSON-lines file (one write + flush per record, so a SIGKILLed worker
 leaves every record it finished); `merge()` sorts them all by time into one `history.jsonl`

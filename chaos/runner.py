@@ -82,6 +82,10 @@ class RunConfig:
             raise ValueError(f"--nodes must be 3 or 5, got {self.nodes}")
         if self.duration_s < 0 or self.hold_s <= 0 or self.heal_s < 0:
             raise ValueError("durations must be positive")
+        w = self.workload
+        if w.rate <= 0 or w.producers < 1 or w.inflight_max < 1:
+            raise ValueError(f"--rate must be positive, --producers and --inflight at least 1 "
+                             f"(got {w.rate:g}, {w.producers}, {w.inflight_max})")
         needing_disks = [f for f in self.faults if FAULTS[f].needs_data_disks]
         reason = data_disks.unavailable_reason() if needing_disks else None
         if reason:
@@ -91,7 +95,8 @@ class RunConfig:
         w = self.workload
         return (f"python -m raftq.chaos --duration {self.duration_s:g} --seed {self.seed} --faults {','.join(self.faults)} "
                 f"--nodes {self.nodes} --hold {self.hold_s:g} --heal {self.heal_s:g} --rate {w.rate:g} "
-                f"--batch {w.submit_batch} --prefetch {w.prefetch} --producers {w.producers} --workers {w.workers} "
+                f"--batch {w.submit_batch} --prefetch {w.prefetch} --producers {w.producers} --inflight {w.inflight_max} "
+                f"--workers {w.workers} "
                 f"--snapshot-every {self.snapshot_every} --compact-keep {self.compact_keep}")
 
 
@@ -125,7 +130,8 @@ def run(config: RunConfig) -> RunOutcome:
     workload = config.workload
     history.event("meta", seed=config.seed, nodes=config.nodes, faults=config.faults, lease_s=workload.lease_s,
                   duration_s=config.duration_s, tick_s=config.tick_s, worker_timeout_s=config.worker_timeout_s,
-                  rate=workload.rate, submit_batch=workload.submit_batch, prefetch=workload.prefetch)
+                  rate=workload.rate, submit_batch=workload.submit_batch, prefetch=workload.prefetch,
+                  producers=workload.producers, inflight_max=workload.inflight_max)
     started = time.monotonic()
     server = ToxiproxyServerHandle.start(os.path.join(out_dir, "toxiproxy.log"))
     log.info("toxiproxy: %s on %s:%d", server.kind, server.host, server.port)

@@ -7,9 +7,14 @@ reused on its own retries) and is recorded in the history (`chaos.history`) with
     info  no usable answer: a transport failure or a 5xx after the client's retries (a submit
           may still have committed: "did not commit in time" is a 503), or the process died
 
-Producers are threads of the runner, each offering a steady rate of unique values
-("p<i>-<seq>", also the idempotency key) in requests of `submit_batch` jobs (`--batch`); every
-tenth request is submitted with a delay, at the top priority, for the checker's timing check.
+Producers are tasks of one event loop in a thread of the runner (`AsyncClient`), each offering
+a steady rate of unique values ("p<i>-<seq>", also the idempotency key) in requests of
+`submit_batch` jobs (`--batch`), open loop (`chaos.open_loop`): a request is sent when it is due,
+whether or not the ones before were answered, at most `inflight_max` unanswered per producer; one
+that comes due past that bound is recorded as an `unsent` event (offered, not served). Each submit
+records the time it was due (`scheduled_t`), so latency counts from the schedule, not from the
+send. Every tenth request is submitted with a delay, at the top priority, for the checker's timing
+check.
 Workers are separate processes (`python -m raftq.chaos.workload --worker ...`) so that the nemesis can
 SIGKILL and SIGSTOP them; each leases up to `prefetch` jobs per request, heartbeats the ones it
 holds, and for each job (seeded choice) acks it, fails it (retry soon), stalls past its lease and
@@ -22,6 +27,7 @@ node) and records each change of role, term, leader or serving.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import random
@@ -34,8 +40,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from raftq.chaos.history import FAIL, INFO, OK, HistoryWriter
+from raftq.chaos.open_loop import OpenLoop
 from raftq.chaos.topology import python_env
-from raftq import Client, errors
+from raftq import AsyncClient, Client, errors
 
 log = logging.getLogger("chaos.workload")
 
@@ -48,6 +55,10 @@ class WorkloadConfig:
     #: submits per second offered by all producers together
     rate: float = 20.0
     producers: int = 4
+    #: submit requests one producer may have unanswered at once (open loop: one that comes due
+    #: past this is not sent and counts as offered, not served). 16 at 5 requests a second rides
+    #: out 3 s of commit latency; a longer stall (an election, kill-all) shows as unsent requests.
+    inflight_max: int = 16
     workers: int = 3
     #: every job's lease; a stalled worker sleeps past it
     lease_s: float = 5.0
@@ -90,50 +101,62 @@ def _error_fields(exc: BaseException) -> dict:
 # ---------------------------------------------------------------------------- producers
 
 
-class Producer(threading.Thread):
-    """Submits unique values at a steady rate until stopped."""
+class Producer:
+    """One producer: submit requests of unique values on an open-loop schedule (`chaos.open_loop`),
+    each awaited concurrently, at most `inflight_max` unanswered at once."""
 
     def __init__(self, index: int, urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter,
-                 stop: threading.Event, rate: float, run_tag: str) -> None:
-        super().__init__(name=f"producer-{index}", daemon=True)
+                 rate: float, run_tag: str) -> None:
         self.proc = f"p{index}"
         self.urls = list(urls)
         self.config = config
         self.history = history
-        self.stop_event = stop
         self.interval_s = 1.0 / rate
         self.run_tag = run_tag
 
-    def run(self) -> None:
+    async def run(self, stopping: asyncio.Event, drain_s: float) -> None:
+        """Sends on schedule until stopping is set, then waits up to drain_s for the requests in flight."""
         c = self.config
-        client = Client(self.urls, timeout=c.timeout_s, deadline=c.deadline_s)
-        next_at = time.monotonic()
+        client = AsyncClient(self.urls, timeout=c.timeout_s, deadline=c.deadline_s)
+        schedule = OpenLoop(time.monotonic(), self.interval_s, c.inflight_max)
+        inflight: set[asyncio.Task] = set()
         seq = requests = 0
         try:
-            while not self.stop_event.is_set():
-                now = time.monotonic()
-                if now < next_at:
-                    self.stop_event.wait(next_at - now)  # pacing, not waiting for a condition
-                    continue
-                next_at = max(next_at + self.interval_s, now)  # after a slow call, no burst to catch up
-                values = [f"{self.proc}-{seq + i}" for i in range(c.submit_batch)]
-                seq += c.submit_batch
-                delayed = c.delay_every and requests % c.delay_every == c.delay_every - 1
-                requests += 1
-                self.submit(client, values, c.delay_s if delayed else None)
+            while not stopping.is_set():
+                for due in schedule.take(time.monotonic(), len(inflight)):
+                    values = [f"{self.proc}-{seq + i}" for i in range(c.submit_batch)]
+                    seq += c.submit_batch
+                    delayed = c.delay_every and requests % c.delay_every == c.delay_every - 1
+                    requests += 1
+                    if not due.send:  # offered, not served: the checker counts it against goodput
+                        self.history.event("unsent", proc=self.proc, scheduled_t=due.at, jobs=len(values))
+                        continue
+                    task = asyncio.create_task(self.submit(client, values, c.delay_s if delayed else None, due.at))
+                    inflight.add(task)
+                    task.add_done_callback(inflight.discard)
+                try:
+                    async with asyncio.timeout(max(0.0, schedule.next_at - time.monotonic())):
+                        await stopping.wait()  # pacing until the next request is due, or the stop
+                except TimeoutError:
+                    pass
+            if inflight:
+                await asyncio.wait(inflight, timeout=drain_s)
         finally:
-            client.close()
+            for task in inflight:
+                task.cancel()  # never completed: the checker counts them as unknown
+            await client.aclose()
 
-    def submit(self, client: Client, values: list[str], delay_s: float | None) -> None:
+    async def submit(self, client: AsyncClient, values: list[str], delay_s: float | None, scheduled_t: float) -> None:
         """One submit request for values, recorded as one op per value (same request, same times)."""
         c = self.config
-        op_ids = self.history.invoke_many("submit", [{"value": value, **({"delay_s": delay_s} if delay_s else {})}
+        op_ids = self.history.invoke_many("submit", [{"value": value, "scheduled_t": scheduled_t,
+                                                      **({"delay_s": delay_s} if delay_s else {})}
                                                      for value in values], proc=self.proc)
         try:
-            jobs = client.submit_many(c.queue, [{"v": value} for value in values],
-                                      idempotency_keys=[f"{self.run_tag}-{value}" for value in values],
-                                      lease_s=c.lease_s, max_attempts=c.max_attempts, delay_s=delay_s,
-                                      priority=c.timing_priority if delay_s else None)
+            jobs = await client.submit_many(c.queue, [{"v": value} for value in values],
+                                            idempotency_keys=[f"{self.run_tag}-{value}" for value in values],
+                                            lease_s=c.lease_s, max_attempts=c.max_attempts, delay_s=delay_s,
+                                            priority=c.timing_priority if delay_s else None)
         except errors.RaftqError as exc:
             self.history.complete_many(op_ids, "submit", outcome_of(exc), [_error_fields(exc)] * len(op_ids))
         except Exception as exc:  # a client bug must not stop the run; the outcome is unknown
@@ -143,21 +166,37 @@ class Producer(threading.Thread):
 
 
 class Producers:
+    """Every producer as a task of one event loop, in a thread of the runner."""
+
     def __init__(self, urls: Sequence[str], config: WorkloadConfig, history: HistoryWriter, run_tag: str) -> None:
-        self.stop_event = threading.Event()
         rate = config.rate / config.producers / config.submit_batch  # requests per second per producer
-        self.threads = [Producer(i, urls, config, history, self.stop_event, rate, run_tag)
-                        for i in range(config.producers)]
+        self.producers = [Producer(i, urls, config, history, rate, run_tag) for i in range(config.producers)]
+        self.thread = threading.Thread(target=self._main, name="producers", daemon=True)
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._drain_s = config.deadline_s + config.timeout_s
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        self.thread.start()
+        self._started.wait(10)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+            self._started.set()
+            await asyncio.gather(*(p.run(self._stopping, self._drain_s) for p in self.producers))
+
+        asyncio.run(main())
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        self.stop_event.set()
-        deadline = time.monotonic() + timeout_s
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        """No request is due any more; waits (up to timeout_s) for those in flight to be answered."""
+        if self._loop is not None and self.thread.is_alive():
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:  # the loop has just finished
+                pass
+        self.thread.join(timeout_s)
 
 
 # ---------------------------------------------------------------------------- lease / report ops

@@ -35,8 +35,10 @@ class History:
             self.records.append(self._at(at + took, proc=proc, op=op, type=outcome, op_id=op_id, **done))
 
     def submit(self, value: str, job: str | None = None, *, at: float, outcome: str | None = "ok",
-               delay_s: float | None = None, took: float = 0.1) -> "History":
-        invoke = {"value": value, **({"delay_s": delay_s} if delay_s else {})}
+               delay_s: float | None = None, took: float = 0.1, due: float | None = None) -> "History":
+        """due: when the open-loop schedule made it due (`scheduled_t`); at: when it was sent."""
+        invoke = {"value": value, **({"delay_s": delay_s} if delay_s else {}),
+                  **({"scheduled_t": due} if due is not None else {})}
         self._op("p0", "submit", at, outcome, invoke, {"job": job} if outcome == "ok" else {"error": "x"}, took)
         return self
 
@@ -411,3 +413,72 @@ def test_a_delayed_job_may_come_late_after_a_lease_whose_answer_was_lost():
 def test_a_node_on_a_full_disk_must_stop_and_say_why(fields, kinds):
     result = healthy().event("disk_full", at=5, node="n1", **fields).check()
     assert [v.kind for v in result.violations] == kinds
+
+
+# ---------------------------------------------------------------------------- goodput (open loop)
+
+
+def open_loop() -> History:
+    """A history from open-loop producers: the meta event names the in-flight bound."""
+    h = History()
+    h.records[0]["inflight_max"] = 2
+    return h
+
+
+def test_goodput_counts_every_job_due_on_the_schedule_including_those_never_sent():
+    # Offered during the fault [10, 16): 4 submits due in it (one answered 4xx, one never answered)
+    # and 2 jobs kept back by the in-flight bound: 6. Acknowledged during it: 2 (one of them due
+    # before the fault). The one due at 15.8 is answered after the fault: it does not count here.
+    h = (open_loop()
+         .submit("a", "j1", at=9.9, due=9.9, took=0.3)
+         .event("nemesis", at=10, phase="start", fault="latency", instance=1)
+         .submit("b", "j2", at=11, due=11, took=0.5)
+         .submit("c", at=12, due=12, outcome="fail")
+         .submit("d", at=13, due=13, outcome=None)
+         .event("unsent", at=14, scheduled_t=14, jobs=2)
+         .submit("e", "j5", at=15.8, due=15.8, took=0.5)
+         .event("nemesis", at=16, phase="stop", fault="latency", instance=1))
+    stats = h.check().stats
+    row = stats["faults"]["latency"]
+    assert (row["offered"], row["unsent"], row["goodput_pct"]) == (6, 2, pytest.approx(100 * 2 / 6, abs=0.1))
+    overall = stats["goodput"]
+    assert overall["open_loop"] is True
+    assert (overall["offered"], overall["acked"], overall["unsent"]) == (7, 3, 2)
+    assert overall["pct"] == pytest.approx(100 * 3 / 7, abs=0.1)
+
+
+def test_submit_latency_counts_from_the_scheduled_start_not_from_the_send():
+    # Due at 1.0 but sent at 1.4 (its producer was busy): 0.1 s on the wire is 0.5 s of latency.
+    h = open_loop().submit("a", "j1", at=1.4, due=1.0, took=0.1).submit("b", "j2", at=2.0, due=2.0, took=0.2)
+    latency = h.check().stats["goodput"]["latency_s"]
+    assert latency["n"] == 2
+    assert latency["p50"] == pytest.approx(0.2) and latency["p99"] == pytest.approx(0.5)
+
+
+def test_goodput_of_a_closed_loop_history_is_against_the_nominal_rate():
+    # No in-flight bound in the meta event: what was sent is not what was offered; 10 jobs/s was.
+    h = History().submit("a", "j1", at=1).submit("b", "j2", at=2).submit("c", "j3", at=3)
+    overall = h.check().stats["goodput"]
+    assert overall["open_loop"] is False
+    assert (overall["offered"], overall["acked"]) == (20, 3)
+
+
+def test_goodput_arithmetic():
+    assert checker.goodput_pct(8, 10) == 80.0
+    assert checker.goodput_pct(0, 10) == 0.0
+    assert checker.goodput_pct(3, 0) is None
+    counter = checker._Counter([(1.0, 1), (2.0, 50), (2.0, 1), (3.0, 1)])
+    assert counter.count() == 53
+    assert counter.count(2.0, 3.0) == 51  # [low, high)
+    assert counter.count(3.5) == 0
+
+
+def test_overlapping_submits_of_one_producer_are_each_checked_for_loss():
+    # Open loop: one producer's submits overlap; each acknowledged one must still come out.
+    h = (open_loop()
+         .submit("a", "j1", at=1.0, due=1.0, took=2.0)
+         .submit("b", "j2", at=1.2, due=1.2, took=0.1)
+         .lease("w1", [("j2", "b", 1)], at=4)
+         .ack("w1", "j2", 1, at=5))
+    result = h.check()
+    assert [v.job for v in result.violations_of("lost")] == ["j1"]
