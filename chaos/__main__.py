@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import sys
 from typing import Sequence
@@ -20,6 +21,10 @@ from typing import Sequence
 from raftq.chaos.nemesis import FAULTS
 from raftq.chaos.runner import RunConfig, run
 from raftq.chaos.workload import WorkloadConfig
+
+#: By default a producer may have this many seconds of its submit requests unanswered (at least
+#: WorkloadConfig.inflight_max): a fault that holds every answer back for longer shows as unsent.
+INFLIGHT_WINDOW_S = 3.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs a worker leases per request, worked at once and acked in one request "
                         "(default 3, or 4 x --batch up to 200 when --batch is above 1)")
     p.add_argument("--producers", type=int, default=4)
-    p.add_argument("--inflight", type=int, default=WorkloadConfig.inflight_max,
+    p.add_argument("--inflight", type=int, default=None,
                    help="submit requests one producer may have unanswered; one that comes due past this is not "
-                        "sent and counts against goodput (open loop; default %(default)s)")
+                        f"sent and counts against goodput (open loop; default: {INFLIGHT_WINDOW_S:g} s of its "
+                        f"requests, at least {WorkloadConfig.inflight_max})")
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--tick", type=float, default=0.1, help="the nodes' Raft tick in seconds (default 0.1)")
     p.add_argument("--snapshot-every", type=int, default=None,
@@ -65,7 +71,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     prefetch = args.prefetch if args.prefetch is not None else (3 if batch == 1 else min(200, 4 * batch))
     # Under load a batch is worked in a few milliseconds; at the default rate the old pace stays.
     work_s = WorkloadConfig.work_s if batch == 1 else (0.002, 0.02)
-    workload = WorkloadConfig(rate=args.rate, producers=args.producers, inflight_max=args.inflight,
+    requests_per_s = args.rate / max(1, args.producers) / batch  # per producer
+    inflight = args.inflight if args.inflight is not None else max(
+        WorkloadConfig.inflight_max, math.ceil(INFLIGHT_WINDOW_S * requests_per_s))
+    workload = WorkloadConfig(rate=args.rate, producers=args.producers, inflight_max=inflight,
                               workers=args.workers, submit_batch=batch,
                               prefetch=prefetch, work_s=work_s)
     snapshot_every = args.snapshot_every if args.snapshot_every is not None else (100 if args.rate <= 100 else 1000)

@@ -45,3 +45,16 @@ def test_several_due_at_once_fill_the_free_slots_in_order():
 def test_bad_settings_are_refused(interval_s, inflight_max):
     with pytest.raises(ValueError):
         OpenLoop(start=0.0, interval_s=interval_s, inflight_max=inflight_max)
+
+
+def _workload(*argv: str):
+    from raftq.chaos.__main__ import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(["--seed", "1", *argv])).workload
+
+
+def test_the_command_s_in_flight_bound_covers_a_few_seconds_of_each_producer_s_requests():
+    assert _workload().inflight_max == 16                  # 20 jobs/s: 5 requests/s per producer
+    assert _workload("--rate", "100").inflight_max == 75   # one job per request: 25/s per producer, 3 s
+    assert _workload("--rate", "1000").inflight_max == 16  # batches of 50: 5 requests/s per producer again
+    assert _workload("--inflight", "4").inflight_max == 4
