@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from operator import attrgetter
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, NamedTuple, Union
 
 import msgpack
 
@@ -38,9 +38,14 @@ class CommandDecodeError(ValueError):
 # ---------------------------------------------------------------------- items
 
 
-@dataclass(frozen=True, slots=True)
-class NewJob:
-    """One job of a Submit, with every default already resolved at the API edge."""
+class NewJob(NamedTuple):
+    """One job of a Submit, with every default already resolved at the API edge.
+
+    A named tuple rather than a frozen dataclass like the other items: a batched submit builds
+    one per job at the edge and again on every replica's decode, and a frozen dataclass's
+    `__init__` (one `object.__setattr__` per field) cost several times a tuple's construction;
+    a tuple is also its own wire form (an array of the fields in order). Immutable all the same.
+    """
 
     id: str
     payload: bytes  # msgpack encoding of the user's value; opaque here
@@ -324,6 +329,11 @@ def _opt_strings(value: Any, where: str) -> tuple[str, ...] | None:
 
 
 def _new_job(values: tuple, where: str) -> NewJob:
+    # The common case in one step: an array of the current shape whose field types are one of
+    # the accepted combinations (see _NEW_JOB_TYPES); anything else takes the field-by-field path.
+    if type(values) is tuple and tuple(map(type, values)) in _NEW_JOB_TYPES and \
+            PRIORITY_MIN <= values[2] <= PRIORITY_MAX:
+        return tuple.__new__(NewJob, values)
     job = _build(NewJob, _NEW_JOB_SCHEMA, values, where)
     if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
         raise CommandDecodeError(f"{where}: priority {job.priority} out of range")
@@ -344,6 +354,13 @@ def _item(cls: type, schema: _Schema) -> Callable[[tuple, str], Any]:
 
 
 _NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT, _INT, _OPT_STR, _OPT_STR)
+#: The exact field types of a NewJob array that _NEW_JOB_SCHEMA accepts as they are (no bool for an
+#: int: msgpack decodes `true` as bool, which the schema's isinstance would also take, so such an
+#: array goes the slow path and decodes as before).
+_NEW_JOB_TYPES = frozenset(
+    (str, bytes, int, int, int, int, idempotency_key, int, int, key, group)
+    for idempotency_key in (str, type(None)) for key in (str, type(None)) for group in (str, type(None))
+)
 _ACK_ITEM = _item(AckItem, (_STR, _INT, _OPT_BYTES))
 _FAIL_ITEM = _item(FailItem, (_STR, _INT, _STR, _BOOL, _OPT_INT))
 _EXTEND_ITEM = _item(ExtendItem, (_STR, _INT, _INT))
@@ -402,7 +419,6 @@ def _getter(cls: type) -> attrgetter:
     return attrgetter(*(f.name for f in fields(cls)))
 
 
-_NEW_JOB_FIELDS = _getter(NewJob)
 _ITEM_FIELDS = {AckItem: _getter(AckItem), FailItem: _getter(FailItem), ExtendItem: _getter(ExtendItem),
                 ReleaseItem: _getter(ReleaseItem)}
 _SCALAR_FIELDS = {cls: _getter(cls) for cls in COMMAND_TYPES}
@@ -419,7 +435,7 @@ def encode_command(command: Command) -> bytes:
     cls = type(command)
     assert cls in _SCALAR_FIELDS, f"not a queue command: {cls.__name__}"
     if cls is Submit:
-        values: tuple = (command.now_ms, command.queue, tuple(map(_NEW_JOB_FIELDS, command.jobs)))
+        values: tuple = (command.now_ms, command.queue, command.jobs)  # each NewJob packs as its array
     else:
         values = _SCALAR_FIELDS[cls](command)
         if len(_COMMAND_SCHEMAS[cls.TAG][1]) == 1:

@@ -167,3 +167,15 @@ def test_queue_package_is_pure(path):
             continue
         for name in names:
             assert name.split(".")[0] not in FORBIDDEN_IMPORTS, f"{path.name}:{node.lineno} imports {name}"
+
+
+def test_a_submit_decodes_the_same_by_the_one_step_path_and_field_by_field():
+    """Jobs of the current shape decode in one step; other arrays take the checked path, with the
+    same outcome either way (a bool where an int goes was accepted before and still is)."""
+    fast = c.Submit(now_ms=1, queue="q", jobs=(NEW_JOB, NEW_JOB._replace(idempotency_key=None, key="k")))
+    assert c.decode_command(c.encode_command(fast)) == fast
+    with_bool = msgpack.packb((c.Submit.TAG, 1, "q", (("j1", b"", True, 0, 1, 1_000, None, 0, 0, None, None),)))
+    assert c.decode_command(with_bool).jobs[0].priority is True
+    for bad in (("j1", b"", 10, 0, 1, 1_000, None, 0, 0, None, None), ("j1", "", 0, 0, 1, 1_000, None, 0, 0, None, None)):
+        with pytest.raises(c.CommandDecodeError):
+            c.decode_command(msgpack.packb((c.Submit.TAG, 1, "q", (bad,))))
