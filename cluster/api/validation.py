@@ -14,7 +14,7 @@ from typing import Any
 
 from raftq.cluster import constants as c
 from raftq.cluster import schedules as sched
-from raftq.cluster.api.wire import ApiError, check_storable, invalid, pack_payload
+from raftq.cluster.api.wire import ApiError, Packed, check_storable, invalid, pack_payload
 from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue import schedules as sched_records
 
@@ -401,11 +401,17 @@ def number(body: dict, key: str, *, low: float, high: float) -> float | None:
 
 
 def _storable(value: Any, what: str) -> bytes:
-    """The msgpack encoding of a value the node keeps and sends back later; 400 when it cannot be."""
-    try:
-        packed = pack_payload(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise invalid(f"{what} cannot be encoded: {exc}") from None
+    """The msgpack encoding of a value the node keeps and sends back later; 400 when it cannot be.
+
+    A `Packed` value (a payload of a msgpack body) is checked and kept as the bytes it came in.
+    """
+    if type(value) is Packed:
+        packed, value = value.data, value.value
+    else:
+        try:
+            packed = pack_payload(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise invalid(f"{what} cannot be encoded: {exc}") from None
     try:
         check_storable(value, packed)
     except ApiError as exc:

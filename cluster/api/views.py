@@ -18,7 +18,7 @@ from raftq.cluster import schedules as sched
 from raftq.cluster import long_poll
 from raftq.cluster.api import validation as v
 from raftq.cluster.api.keys import NODE, PEER_SESSION
-from raftq.cluster.api.wire import ApiError, read_body, respond, unpack_payload
+from raftq.cluster.api.wire import ApiError, Packed, read_body, respond
 from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue import results
 
@@ -40,7 +40,7 @@ async def submit(request: web.Request) -> web.Response:
     node = request.app[NODE]
     started = time.perf_counter()
     queue = v.queue_name(request.match_info["queue"])
-    body = await _body(request)
+    body = await read_body(request, node.config.body_bytes_max, submit=True)
     node.require_leader()
     _check_queue_limit(node, queue)
     command = v.submit(body, queue, now_ms=_now_ms(request), payload_bytes_max=node.config.payload_bytes_max)
@@ -65,7 +65,7 @@ def _leased_job(node: Any, job: Any) -> dict:
     return {
         "id": job.id,
         "queue": job.queue,
-        "payload": unpack_payload(job.payload),
+        "payload": Packed(job.payload),  # the stored bytes, as they came (wire.pack_answer)
         "attempt": job.attempt,
         "lease": job.lease_token,
         "lease_s": job.lease_ms / 1000,
@@ -188,11 +188,11 @@ async def _wait_until_final(node: Any, job_id: str, wait_s: float) -> None:
 
 def job_record(record: dict) -> dict:
     """The wire form of a job: times in seconds (points in time on the cluster's clock), payload
-    and result decoded."""
+    and result as their stored msgpack (decoded only for a JSON answer)."""
     out: dict[str, Any] = {}
     for key, value in record.items():
         if key in ("payload", "result") and isinstance(value, (bytes, bytearray)):
-            out[key] = unpack_payload(value)
+            out[key] = Packed(bytes(value))
         elif key.endswith("_ms"):
             out[key[:-3] + ("_s" if not key.endswith("_at_ms") else "")] = None if value is None else value / 1000
         elif key == "transitions":
@@ -350,11 +350,11 @@ def _known_schedule(node: Any, name: str) -> dict:
 
 
 def schedule_record(record: dict) -> dict:
-    """The wire form of a schedule: times in seconds (and ISO for people), payload decoded."""
+    """The wire form of a schedule: times in seconds (and ISO for people), payload as stored."""
     return {
         "name": record["name"],
         "queue": record["queue"],
-        "payload": unpack_payload(record["payload"]),
+        "payload": Packed(record["payload"]),
         "cron": record["cron"],
         "every_s": None if record["every_ms"] is None else record["every_ms"] / 1000,
         "timezone": record["timezone"],

@@ -10,6 +10,14 @@ within msgpack's range, no lone UTF-16 surrogates in strings. A body nests at mo
 msgpack unpacks (1024 levels; Python's JSON parser stops a little earlier), and a value the node
 stores and sends back later (a payload, a result) passes `check_storable`: at most
 NESTING_DEPTH_MAX levels, map keys that are strings or integers. Breaking any of it is a 400.
+
+Payloads pass through. A msgpack submit body is scanned rather than decoded whole
+(`decode_submit`): each job's payload stays the bytes it arrived as (a `Packed`), which the node
+checks, stores in the log entry, replicates and later writes into a msgpack lease answer as they
+are (`respond` splices them in). The checks still read the payload's decoded value (msgpack's C
+decoder builds it while the scan steps over it; it is dropped after the checks): what is dropped
+is the re-encoding. A JSON body's payloads are encoded once, and a JSON answer decodes a stored
+payload once: each conversion happens at the edge, once.
 """
 
 from __future__ import annotations
@@ -44,8 +52,28 @@ def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid", message)
 
 
-async def read_body(request: web.Request, body_bytes_max: int) -> Any:
+class Packed:
+    """A value carried as its msgpack encoding `data`.
+
+    `respond` writes it into a msgpack answer as these bytes and decodes it only for a JSON one.
+    `value` is its decoded value when it came from a request body (the checks read that), else
+    unset.
+    """
+
+    __slots__ = ("data", "value")
+
+    def __init__(self, data: bytes, value: Any = None) -> None:
+        self.data = data
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Packed({self.data[:40]!r}{'...' if len(self.data) > 40 else ''})"
+
+
+async def read_body(request: web.Request, body_bytes_max: int, *, submit: bool = False) -> Any:
     """Decodes the request body; an empty body is an empty map.
+
+    With `submit`, a msgpack body's job payloads stay as they arrived (`decode_submit`).
 
     Raises:
         ApiError: 413 when larger than body_bytes_max, 400 when the bytes do not decode.
@@ -56,14 +84,78 @@ async def read_body(request: web.Request, body_bytes_max: int) -> Any:
     if not raw:
         return {}
     if request.content_type in MSGPACK_ALIASES:
-        try:
-            # Strict UTF-8 (no surrogates), integers within 64 bits, StackError past 1024 levels.
-            return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise invalid(f"body is not valid msgpack: {exc!r}"[:300]) from None
+        return decode_submit(raw) if submit else decode_msgpack(raw)
     # Anything else is read as JSON, so that `curl -d '{...}'` works without a Content-Type
     # (the API's middleware refuses other types on the writes a browser could forge).
     return decode_json(raw)
+
+
+def decode_msgpack(raw: bytes) -> Any:
+    """The whole body decoded.
+
+    Raises:
+        ApiError: 400 when the bytes are not one msgpack value.
+    """
+    try:
+        # Strict UTF-8 (no surrogates), integers within 64 bits, StackError past 1024 levels.
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise invalid(f"body is not valid msgpack: {exc!r}"[:300]) from None
+
+
+def decode_submit(raw: bytes) -> Any:
+    """A msgpack submit body, decoded but for each job's payload, which is a `Packed` of its bytes.
+
+    The scan takes the shape `{"jobs": [{"payload": ANY, NAME: SCALAR, ...}, ...], NAME: SCALAR,
+    ...}` with msgpack's streaming Unpacker: map and array headers are read one at a time, and
+    `tell()` before and after a payload gives its byte range. Every other value is decoded as
+    `unpackb` would. A body of any other shape (a field holding a container where the validation
+    wants a scalar, a job that is not a map, ...) or that is not msgpack at all is decoded whole
+    by `decode_msgpack` instead, so the validation sees and refuses it exactly as before. Holding
+    the non-payload values to scalars also keeps the body's depth where a whole decode would
+    have it: three levels above a payload, whose own depth the checks bound.
+
+    Raises:
+        ApiError: 400 when the bytes are not one msgpack value.
+    """
+    try:
+        return _scan_submit(raw)
+    except Exception:  # not this shape, or not msgpack (several unrelated types): see above
+        return decode_msgpack(raw)
+
+
+def _scan_submit(raw: bytes) -> dict:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(raw))
+    unpacker.feed(raw)
+    body = {}
+    for _ in range(unpacker.read_map_header()):  # ValueError when the body is not a map
+        key = unpacker.unpack()
+        if key == "jobs" and raw[unpacker.tell()] in _ARRAY_MARKERS:
+            body[key] = [_scan_job(unpacker, raw) for _ in range(unpacker.read_array_header())]
+        else:
+            body[key] = _scalar(unpacker, raw)
+    if unpacker.tell() != len(raw):
+        raise ValueError("bytes after the body")
+    return body
+
+
+def _scan_job(unpacker: msgpack.Unpacker, raw: bytes) -> dict:
+    spec = {}
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if key == "payload":
+            start = unpacker.tell()
+            value = unpacker.unpack()
+            spec[key] = Packed(raw[start:unpacker.tell()], value)
+        else:
+            spec[key] = _scalar(unpacker, raw)
+    return spec
+
+
+def _scalar(unpacker: msgpack.Unpacker, raw: bytes) -> Any:
+    if raw[unpacker.tell()] in _CONTAINER_MARKERS:
+        raise ValueError("a container where the scan takes only scalars")
+    return unpacker.unpack()
 
 
 def decode_json(raw: bytes) -> Any:
@@ -89,11 +181,14 @@ def check_storable(value: Any, packed: bytes) -> None:
 
     Most payloads are maps of short strings and small integers: their encoding holds no float,
     bin or ext marker and few container headers, which `bytes.translate` finds without walking
-    the value in Python. Anything else is walked.
+    the value in Python. Anything else is walked; so is a map whose encoding holds a nil or a
+    boolean, either of which could be a key. `packed` is any msgpack encoding of `value`, also a
+    client's own (a wider integer or string header than needed changes no marker family).
     """
     marks = packed.translate(None, _PLAIN_BYTES)
     if len(marks) <= c.NESTING_DEPTH_MAX and not marks.translate(None, _CONTAINER_BYTES):
-        return
+        if not marks.translate(None, _ARRAY_BYTES) or not packed.translate(None, _NOT_NIL_OR_BOOL_BYTES):
+            return
     _walk(value, check_text=False, depth_max=c.NESTING_DEPTH_MAX)
 
 
@@ -163,6 +258,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _CONTAINER_BYTES = bytes([*range(0x80, 0xA0), *range(0xDC, 0xE0)])
 _SPECIAL_BYTES = bytes([*range(0xC4, 0xCC), *range(0xD4, 0xD9)])
 _PLAIN_BYTES = bytes(b for b in range(256) if b not in _CONTAINER_BYTES + _SPECIAL_BYTES)
+_ARRAY_BYTES = bytes([*range(0x90, 0xA0), 0xDC, 0xDD])
+_NOT_NIL_OR_BOOL_BYTES = bytes(b for b in range(256) if b not in (0xC0, 0xC2, 0xC3))
+_CONTAINER_MARKERS = frozenset(_CONTAINER_BYTES)
+_ARRAY_MARKERS = frozenset(_ARRAY_BYTES)
 
 
 async def _read_limited(request: web.Request, body_bytes_max: int) -> bytes:
@@ -186,8 +285,9 @@ def wants_msgpack(request: web.Request) -> bool:
 
 
 def respond(request: web.Request, body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Answers with `body` in the wire the request wants; a `Packed` inside it travels as its bytes."""
     if wants_msgpack(request):
-        data = msgpack.packb(body, use_bin_type=True)
+        data = pack_answer(body)
         return web.Response(body=data, status=status, headers=headers, content_type=MSGPACK)
     data = json.dumps(body, default=_json_default, separators=(",", ":")).encode()
     return web.Response(body=data, status=status, headers=headers, content_type=JSON)
@@ -198,11 +298,55 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
     return respond(request, body, status=error.status, headers=error.headers)
 
 
+def pack_answer(body: Any) -> bytes:
+    """The msgpack encoding of `body`, with each `Packed` inside it written as its bytes.
+
+    msgpack's C encoder packs the whole body in one call, each Packed standing in as a
+    placeholder (an empty ext value of type 127, three bytes that overlap no other occurrence of
+    themselves); the stored bytes then take the placeholders' places. Should those three bytes
+    also occur inside some other value of the answer (a float's or an integer's bytes), the
+    placeholders cannot be told apart and the answer is packed with the values decoded instead.
+    """
+    spliced: list[bytes] = []
+
+    def stand_in(value: Any) -> Any:
+        if type(value) is not Packed:
+            raise TypeError(f"cannot encode {type(value).__name__} as msgpack")
+        spliced.append(value.data)
+        return _PLACEHOLDER
+
+    packed = msgpack.packb(body, use_bin_type=True, default=stand_in)
+    if not spliced:
+        return packed
+    pieces = packed.split(_PLACEHOLDER_BYTES)
+    if len(pieces) != len(spliced) + 1:
+        return msgpack.packb(body, use_bin_type=True, default=_decoded)
+    parts = [pieces[0]]
+    for data, piece in zip(spliced, pieces[1:]):
+        parts.append(data)
+        parts.append(piece)
+    return b"".join(parts)
+
+
+_PLACEHOLDER = msgpack.ExtType(127, b"")
+_PLACEHOLDER_BYTES = msgpack.packb(_PLACEHOLDER)
+
+
+def _decoded(value: Any) -> Any:
+    if type(value) is not Packed:
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    return unpack_payload(value.data)
+
+
 def _json_default(value: Any) -> Any:
+    if type(value) is Packed:
+        return unpack_payload(value.data)  # json encodes the result, bytes inside it included
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, msgpack.ExtType):
         return {"$ext": value.code, "$bytes": base64.b64encode(value.data).decode()}
+    if isinstance(value, msgpack.Timestamp):  # msgpack's ext type -1, which the decoder turns into this
+        return {"$ext": -1, "$bytes": base64.b64encode(value.to_bytes()).decode()}
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 

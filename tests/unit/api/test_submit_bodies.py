@@ -1,18 +1,26 @@
 """Submit bodies at the API edge: what `validation.submit` builds from them, fast paths included.
 
-The common job spec (a payload and an idempotency key, what the client libraries send) skips the
-per-field lookups; these tests hold it equal to the field-by-field path for every spec it takes.
+A msgpack body is scanned (`wire.decode_submit`), its payloads kept as the bytes they came in;
+the property tests hold the scan to the whole decode it replaces, on good and hostile bodies:
+the same values, the same command, the same refusal. The common job spec (a payload and an
+idempotency key, what the client libraries send) skips the per-field lookups; it is held equal
+to the field-by-field path. And an answer splices stored payload bytes in (`wire.pack_answer`)
+to the same value a decode and encode would give.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+
+import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from raftq import protocol
 from raftq.cluster.api import validation as v
-from raftq.cluster.api.wire import ApiError
+from raftq.cluster.api.wire import ApiError, Packed, decode_msgpack, decode_submit, pack_answer
 from raftq.cluster.queue import commands as cmds
 
 NOW_MS = 1_765_000_000_000
@@ -60,3 +68,155 @@ def test_a_bad_key_in_a_plain_spec_names_its_job():
     with pytest.raises(ApiError) as refused:
         submit({"jobs": [{"payload": 1}, {"payload": 2, "idempotency_key": 7}]})
     assert refused.value.status == 400 and refused.value.message.startswith("jobs[1]: field 'idempotency_key'")
+
+
+# ---------------------------------------------------------------------- the scan of a msgpack body
+
+#: Values a hostile client may put anywhere: what both wires refuse (NaN, deep nesting, keys that
+#: are not strings or integers) next to what they take.
+hostile_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+                   | st.text(max_size=8) | st.binary(max_size=4)
+                   | st.sampled_from([msgpack.ExtType(5, b"x"), "payload", "jobs", "idempotency_key"]))
+hostile_keys = st.text(max_size=6) | st.integers(-3, 3) | st.none() | st.booleans() | st.binary(max_size=2) \
+    | st.floats(allow_nan=False) | st.sampled_from(["payload", "jobs", "priority", "idempotency_key"])
+hostile_values = st.recursive(hostile_scalars, lambda inner: st.lists(inner, max_size=3)
+                              | st.dictionaries(hostile_keys, inner, max_size=3), max_leaves=15)
+job_specs = st.dictionaries(st.sampled_from(["payload", "idempotency_key", "priority", "lease_s", "key", "x"])
+                            | hostile_keys, hostile_values, max_size=4)
+submit_bodies = st.dictionaries(st.just("jobs") | hostile_keys,
+                                st.lists(job_specs | hostile_values, max_size=4) | hostile_values, max_size=3)
+
+
+def deep(levels: int):
+    value = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def pack(body) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unwrap(value):
+    """The scan's result with every Packed replaced by its value (what a whole decode gives)."""
+    if type(value) is Packed:
+        assert msgpack.unpackb(value.data, raw=False, strict_map_key=False) == value.value
+        return value.value
+    if type(value) is dict:
+        return {key: unwrap(item) for key, item in value.items()}
+    if type(value) is list:
+        return [unwrap(item) for item in value]
+    return value
+
+
+def decoded_or_refused(decode, raw: bytes):
+    try:
+        return decode(raw)
+    except ApiError as exc:
+        return exc.status
+
+
+def same(a, b) -> bool:
+    """Equality that takes NaN as equal to itself (a body may carry one; the check refuses it later)."""
+    return pack(a) == pack(b) if a != a or b != b else a == b or repr(a) == repr(b)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=submit_bodies)
+@example(body={"jobs": [{"payload": deep(150)}]})
+@example(body={"jobs": [{"payload": {None: 1}}, {"payload": {True: 1}}, {"payload": {b"k": 1}}]})
+@example(body={"jobs": [{"payload": float("nan")}], "jobs2": [1]})
+@example(body={"jobs": [{"payload": 1, "priority": [1]}]})
+@example(body={"jobs": "x", "x": {"y": 1}})
+def test_the_scan_equals_the_whole_decode_and_builds_the_same_command(body):
+    raw = pack(body)
+    scanned = decode_submit(raw)
+    whole = decode_msgpack(raw)
+    assert same(unwrap(scanned), whole)
+    for spec in scanned.get("jobs", []) if isinstance(scanned, dict) and isinstance(scanned.get("jobs"), list) else []:
+        if isinstance(spec, dict) and type(spec.get("payload")) is Packed:
+            # The stored bytes are the client's own; a canonical encoder sent what a re-encode gives.
+            assert spec["payload"].data == pack(spec["payload"].value)
+    assert outcome(scanned) == outcome(whole)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=40) | submit_bodies.map(pack).flatmap(
+    lambda raw: st.integers(0, len(raw)).map(lambda cut: raw[:cut]) | st.just(raw + b"\x01")))
+def test_bytes_that_are_not_one_msgpack_value_get_the_same_answer(raw):
+    scanned, whole = decoded_or_refused(decode_submit, raw), decoded_or_refused(decode_msgpack, raw)
+    assert same(unwrap(scanned), whole)
+    if whole == 400:
+        assert scanned == 400
+
+
+def test_a_payload_keeps_its_own_encoding():
+    """Wider headers than needed (str16 for a short string, uint32 for 1, float32): stored as sent."""
+    payload = b"\x82" + b"\xda\x00\x01a" + b"\xce\x00\x00\x00\x01" + b"\xa1f" + b"\xca" + struct.pack(">f", 1.5)
+    raw = b"\x81\xa4jobs\x91\x82\xa7payload" + payload + b"\xafidempotency_key\xa1k"
+    command = submit(decode_submit(raw))
+    assert command.jobs[0].payload == payload
+    assert command.jobs[0].idempotency_key == "k"
+    assert msgpack.unpackb(command.jobs[0].payload) == {"a": 1, "f": 1.5}
+
+
+@pytest.mark.parametrize("payload, status", [
+    (float("nan"), 400), (float("-inf"), 400), ({"a": [1, float("inf")]}, 400), (deep(101), 400), (deep(100), None),
+    ({None: 1}, 400), ({True: 1}, 400), ({b"k": 1}, 400), ({1.5: 1}, 400), ({1: "a", "b": None}, None),
+    ("x" * protocol.PAYLOAD_BYTES_MAX, 413),
+])
+def test_the_payload_checks_hold_for_passed_through_bytes(payload, status):
+    for body in ({"jobs": [{"payload": payload}]}, {"jobs": [{"payload": 1}, {"payload": payload, "idempotency_key": "k"}]}):
+        raw = pack(body)
+        assert type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed
+        if status is None:
+            assert submit(decode_submit(raw)).jobs[-1].payload == pack(payload)
+        else:
+            with pytest.raises(ApiError) as refused:
+                submit(decode_submit(raw))
+            assert refused.value.status == status
+            assert outcome(decode_msgpack(raw))[0] == status  # the whole decode refuses it the same way
+
+
+def test_a_body_too_deep_for_a_whole_decode_is_refused():
+    raw = b"\x81\xa4jobs\x91\x81\xa7payload" + b"\x91" * 2000 + b"\xc0"
+    with pytest.raises(ApiError) as refused:
+        decode_submit(raw)
+    assert refused.value.status == 400
+
+
+# ---------------------------------------------------------------------- answers with stored bytes
+
+answer_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+                             | st.text(max_size=8) | st.binary(max_size=8),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                          max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(jobs=st.lists(st.tuples(answer_values, answer_values), max_size=5))
+@example(jobs=[(struct.unpack(">d", b"\x40\xc7\x00\x7f\x00\x00\x00\x00")[0], {"a": 1})])  # holds the placeholder
+def test_an_answer_splices_stored_bytes_to_the_value_a_decode_would_give(jobs):
+    spliced = {"jobs": [{"id": "j", "lease_s": other, "payload": Packed(pack(payload)), "n": 1} for other, payload in jobs]}
+    decoded = {"jobs": [{"id": "j", "lease_s": other, "payload": payload, "n": 1} for other, payload in jobs]}
+    assert msgpack.unpackb(pack_answer(spliced), raw=False) == decoded
+    if not any(b"\xc7\x00\x7f" in pack(other) for other, _ in jobs):
+        assert pack_answer(spliced) == pack(decoded)  # the same bytes, key order included
+
+
+def test_an_answer_carries_the_stored_bytes_as_they_are():
+    stored = b"\xda\x00\x01a"  # "a" with a wider header than needed: passed on untouched
+    assert pack_answer({"payload": Packed(stored)}) == b"\x81\xa7payload" + stored
+    assert not math.isnan(msgpack.unpackb(pack_answer([Packed(pack(1.5))]))[0])
+
+
+def test_a_json_answer_decodes_stored_bytes_once_bin_ext_and_timestamp_included():
+    import json
+
+    from raftq.cluster.api.wire import _json_default
+
+    stored = pack([b"\x01", msgpack.ExtType(5, b"x"), msgpack.Timestamp(1, 0)])
+    # An ExtType is a named tuple, which json writes as an array before asking the default hook.
+    assert json.loads(json.dumps({"payload": Packed(stored)}, default=_json_default)) == {"payload": [
+        {"$bytes": "AQ=="}, [5, {"$bytes": "eA=="}], {"$ext": -1, "$bytes": "AAAAAQ=="}]}
