@@ -405,7 +405,8 @@ def _storable(value: Any, what: str) -> bytes:
 
     A `Packed` value (a payload of a msgpack body) is checked and kept as the bytes it came in.
     """
-    if type(value) is Packed:
+    text_keys = type(value) is Packed
+    if text_keys:
         packed, value = value.data, value.value
     else:
         try:
@@ -413,7 +414,7 @@ def _storable(value: Any, what: str) -> bytes:
         except (TypeError, ValueError, OverflowError) as exc:
             raise invalid(f"{what} cannot be encoded: {exc}") from None
     try:
-        check_storable(value, packed)
+        check_storable(value, packed, text_keys=text_keys)
     except ApiError as exc:
         exc.message = f"{what}: {exc.message}"
         raise

@@ -56,8 +56,8 @@ class Packed:
     """A value carried as its msgpack encoding `data`.
 
     `respond` writes it into a msgpack answer as these bytes and decodes it only for a JSON one.
-    `value` is its decoded value when it came from a request body (the checks read that), else
-    unset.
+    `value` is its decoded value when it came from a request body (the checks read that; its
+    map keys are strings or bytes, see `decode_submit`), else unset.
     """
 
     __slots__ = ("data", "value")
@@ -111,7 +111,8 @@ def decode_submit(raw: bytes) -> Any:
     `tell()` before and after a payload gives its byte range. Every other value is decoded as
     `unpackb` would. A body of any other shape (a field holding a container where the validation
     wants a scalar, a job that is not a map, ...) or that is not msgpack at all is decoded whole
-    by `decode_msgpack` instead, so the validation sees and refuses it exactly as before. Holding
+    by `decode_msgpack` instead, so the validation sees and refuses it exactly as before; so is
+    a body with a map key that is neither a string nor bytes (msgpack's strict_map_key). Holding
     the non-payload values to scalars also keeps the body's depth where a whole decode would
     have it: three levels above a payload, whose own depth the checks bound.
 
@@ -125,37 +126,38 @@ def decode_submit(raw: bytes) -> Any:
 
 
 def _scan_submit(raw: bytes) -> dict:
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(raw))
+    # strict_map_key: every key a string or bytes (check_storable's text_keys); a body with
+    # another key (an integer key in a payload) takes the whole decode.
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(raw))
     unpacker.feed(raw)
+    unpack, tell, map_header = unpacker.unpack, unpacker.tell, unpacker.read_map_header  # once per job each
     body = {}
-    for _ in range(unpacker.read_map_header()):  # ValueError when the body is not a map
-        key = unpacker.unpack()
-        if key == "jobs" and raw[unpacker.tell()] in _ARRAY_MARKERS:
-            body[key] = [_scan_job(unpacker, raw) for _ in range(unpacker.read_array_header())]
-        else:
-            body[key] = _scalar(unpacker, raw)
-    if unpacker.tell() != len(raw):
+    for _ in range(map_header()):  # ValueError when the body is not a map
+        key = unpack()
+        if key != "jobs" or raw[tell()] not in _ARRAY_MARKERS:
+            body[key] = _scalar(unpack())
+            continue
+        jobs = body[key] = []
+        for _ in range(unpacker.read_array_header()):
+            spec = {}
+            for _ in range(map_header()):  # ValueError when a job is not a map
+                key = unpack()
+                if key == "payload":
+                    start = tell()
+                    value = unpack()
+                    spec[key] = Packed(raw[start:tell()], value)
+                else:
+                    spec[key] = _scalar(unpack())
+            jobs.append(spec)
+    if tell() != len(raw):
         raise ValueError("bytes after the body")
     return body
 
 
-def _scan_job(unpacker: msgpack.Unpacker, raw: bytes) -> dict:
-    spec = {}
-    for _ in range(unpacker.read_map_header()):
-        key = unpacker.unpack()
-        if key == "payload":
-            start = unpacker.tell()
-            value = unpacker.unpack()
-            spec[key] = Packed(raw[start:unpacker.tell()], value)
-        else:
-            spec[key] = _scalar(unpacker, raw)
-    return spec
-
-
-def _scalar(unpacker: msgpack.Unpacker, raw: bytes) -> Any:
-    if raw[unpacker.tell()] in _CONTAINER_MARKERS:
+def _scalar(value: Any) -> Any:
+    if type(value) is list or type(value) is dict:
         raise ValueError("a container where the scan takes only scalars")
-    return unpacker.unpack()
+    return value
 
 
 def decode_json(raw: bytes) -> Any:
@@ -176,18 +178,26 @@ def decode_json(raw: bytes) -> Any:
     return body
 
 
-def check_storable(value: Any, packed: bytes) -> None:
+def check_storable(value: Any, packed: bytes, *, text_keys: bool = False) -> None:
     """Raises a 400 unless `value` (whose msgpack encoding is `packed`) can travel both wires.
 
-    Most payloads are maps of short strings and small integers: their encoding holds no float,
-    bin or ext marker and few container headers, which `bytes.translate` finds without walking
-    the value in Python. Anything else is walked; so is a map whose encoding holds a nil or a
-    boolean, either of which could be a key. `packed` is any msgpack encoding of `value`, also a
-    client's own (a wider integer or string header than needed changes no marker family).
+    Most payloads are maps of short strings and numbers: their encoding holds few container
+    headers, no bin or ext marker and no float whose exponent bits are all ones (NaN, Infinity),
+    which `bytes.translate` and one regex find without walking the value in Python (a marker
+    byte inside a string only sends the value to the walk). Map keys are the one thing bytes
+    cannot show: with `text_keys` (msgpack decoded the value with its keys held to strings and
+    bytes, and bytes keys would need a bin marker) they are known good; else a value holding a
+    float, or a map along with a nil or boolean, is walked too. `packed` is any msgpack encoding
+    of `value`, also a client's own (a wider header than needed changes no marker family).
     """
-    marks = packed.translate(None, _PLAIN_BYTES)
-    if len(marks) <= c.NESTING_DEPTH_MAX and not marks.translate(None, _CONTAINER_BYTES):
-        if not marks.translate(None, _ARRAY_BYTES) or not packed.translate(None, _NOT_NIL_OR_BOOL_BYTES):
+    marks = packed.translate(None, _PLAIN_BYTES)  # container, float, bin and ext markers
+    if len(marks) <= c.NESTING_DEPTH_MAX:
+        special = marks.translate(None, _CONTAINER_BYTES)  # float, bin and ext markers
+        if text_keys:
+            if not special or (not special.translate(None, _FLOAT_BYTES) and _NON_FINITE_FLOAT.search(packed) is None):
+                return
+        elif not special and (not marks.translate(None, _ARRAY_BYTES)
+                              or not packed.translate(None, _NOT_NIL_OR_BOOL_BYTES)):
             return
     _walk(value, check_text=False, depth_max=c.NESTING_DEPTH_MAX)
 
@@ -259,8 +269,10 @@ _CONTAINER_BYTES = bytes([*range(0x80, 0xA0), *range(0xDC, 0xE0)])
 _SPECIAL_BYTES = bytes([*range(0xC4, 0xCC), *range(0xD4, 0xD9)])
 _PLAIN_BYTES = bytes(b for b in range(256) if b not in _CONTAINER_BYTES + _SPECIAL_BYTES)
 _ARRAY_BYTES = bytes([*range(0x90, 0xA0), 0xDC, 0xDD])
+_FLOAT_BYTES = b"\xca\xcb"
+#: A float32 (0xca) or float64 (0xcb) marker followed by a sign bit and an exponent of all ones.
+_NON_FINITE_FLOAT = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]|\xca[\x7f\xff][\x80-\xff]")
 _NOT_NIL_OR_BOOL_BYTES = bytes(b for b in range(256) if b not in (0xC0, 0xC2, 0xC3))
-_CONTAINER_MARKERS = frozenset(_CONTAINER_BYTES)
 _ARRAY_MARKERS = frozenset(_ARRAY_BYTES)
 
 

@@ -163,13 +163,15 @@ def test_a_payload_keeps_its_own_encoding():
 
 @pytest.mark.parametrize("payload, status", [
     (float("nan"), 400), (float("-inf"), 400), ({"a": [1, float("inf")]}, 400), (deep(101), 400), (deep(100), None),
-    ({None: 1}, 400), ({True: 1}, 400), ({b"k": 1}, 400), ({1.5: 1}, 400), ({1: "a", "b": None}, None),
+    ({None: 1}, 400), ({True: 1}, 400), ({b"k": 1}, 400), ({"a": [None, True], "b": 2.5}, None),
+    ("\xcb\x7f\xf0", None), ({"t": 1.5, "x": "\u00ca\u007f\u0080"}, None),  # NaN-like bytes inside text
     ("x" * protocol.PAYLOAD_BYTES_MAX, 413),
 ])
 def test_the_payload_checks_hold_for_passed_through_bytes(payload, status):
     for body in ({"jobs": [{"payload": payload}]}, {"jobs": [{"payload": 1}, {"payload": payload, "idempotency_key": "k"}]}):
         raw = pack(body)
-        assert type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed
+        # A key neither text nor bytes sends the body to the whole decode (strict_map_key).
+        assert (type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed) == (repr(payload)[:2] not in ("{N", "{T"))
         if status is None:
             assert submit(decode_submit(raw)).jobs[-1].payload == pack(payload)
         else:
@@ -177,6 +179,30 @@ def test_the_payload_checks_hold_for_passed_through_bytes(payload, status):
                 submit(decode_submit(raw))
             assert refused.value.status == status
             assert outcome(decode_msgpack(raw))[0] == status  # the whole decode refuses it the same way
+
+
+@pytest.mark.parametrize("payload_bytes, status", [
+    (b"\xca\x7f\xc0\x00\x00", 400),  # float32 NaN
+    (b"\xca\xff\x80\x00\x00", 400),  # float32 -Infinity
+    (b"\xcb\x7f\xf0" + b"\x00" * 6, 400),  # float64 Infinity
+    (b"\xca\x7f\x7f\xff\xff", None),  # the largest finite float32
+    (b"\x81\xa1k\xcb\xff\xef" + b"\xff" * 6, None),  # the most negative finite float64
+])
+def test_non_finite_floats_of_either_width_are_found_in_the_bytes(payload_bytes, status):
+    raw = b"\x81\xa4jobs\x91\x81\xa7payload" + payload_bytes
+    assert outcome(decode_msgpack(raw))[0] == status if status else not isinstance(outcome(decode_msgpack(raw)), tuple)
+    if status is None:
+        assert submit(decode_submit(raw)).jobs[0].payload == payload_bytes
+    else:
+        with pytest.raises(ApiError) as refused:
+            submit(decode_submit(raw))
+        assert refused.value.status == status
+
+
+def test_a_payload_with_integer_keys_takes_the_whole_decode_and_is_stored():
+    raw = pack({"jobs": [{"payload": {1: "a", "b": {2: None}}}]})
+    assert type(decode_submit(raw)["jobs"][0]["payload"]) is dict
+    assert msgpack.unpackb(submit(decode_submit(raw)).jobs[0].payload, strict_map_key=False) == {1: "a", "b": {2: None}}
 
 
 def test_a_body_too_deep_for_a_whole_decode_is_refused():
