@@ -41,8 +41,8 @@ not name is never contacted, and counts as a failure of the node that named it. 
 compromised, misconfigured, or impersonated on a plain-HTTP path cannot collect the token by
 answering 307 with a Location of its choosing.
 
-Retrying is safe for every call: submit carries an idempotency key per job (uuid4 hex unless
-given), made once per call and sent unchanged on every attempt, so a submit whose answer was lost
+Retrying is safe for every call: submit carries an idempotency key per job (32 random hex digits
+unless given), made once per call and sent unchanged on every attempt, so a submit whose answer was lost
 is not applied twice (SPEC guarantee 5); a repeated ack with the same lease is accepted; extend
 and heartbeat only restate; a repeated release is refused (409) once the first went through, and
 changes nothing; GETs change nothing. One consequence to know: a fetch whose answer was
@@ -54,9 +54,9 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import os
 import random
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 from urllib.parse import quote, urlencode, urljoin, urlsplit
@@ -486,7 +486,8 @@ class _BaseClient:
     def _submit_calls(self, queue: str, payloads: Sequence[Any], keys: Sequence[str | None],
                       options: dict[str, Any]) -> list[Call]:
         """One call per chunk of at most BATCH_COUNT_MAX jobs; each job carries an idempotency key."""
-        jobs = [{"payload": payload, "idempotency_key": key or uuid.uuid4().hex, **options}
+        fresh = iter(fresh_keys(sum(key is None for key in keys)))
+        jobs = [{"payload": payload, "idempotency_key": next(fresh) if key is None else key, **options}
                 for payload, key in zip(payloads, keys, strict=True)]
         path = f"/v1/queues/{segment(queue)}/jobs"
         return [self._call("POST", path, functools.partial(_parse_ids, count=len(chunk)), body={"jobs": chunk},
@@ -663,6 +664,14 @@ def parse_nodes(nodes: str | Sequence[str]) -> list[str]:
 def segment(value: str) -> str:
     """One URL path segment, escaped (job ids are free text)."""
     return quote(str(value), safe="")
+
+
+def fresh_keys(count: int) -> list[str]:
+    """`count` idempotency keys of 32 random hex digits each (as many random bits as a uuid4 hex),
+    from one system call: a uuid4 per job cost a 100-job submit about 0.2 ms of the client's time,
+    as much as the node's checks of the whole batch."""
+    digits = os.urandom(16 * count).hex()
+    return [digits[start:start + 32] for start in range(0, 32 * count, 32)]
 
 
 def chunks(items: list, size: int = BATCH_COUNT_MAX) -> list[list]:
