@@ -28,7 +28,6 @@ so that the cluster can quiesce and be compared.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -287,7 +286,7 @@ class Workload:
         self._job_seq += 1
         job_id = f"j{self._job_seq}r"
         entry.ids.append(job_id)
-        job = dataclasses.replace(entry.template, id=job_id)
+        job = entry.template._replace(id=job_id)
         self._send_submit(node, cmds.Submit(self.now_ms(node.node_id), entry.queue, (job,)), [key])
 
     def _send_submit(self, node: "SimNode", command: cmds.Submit, keys: list[str]) -> None:
