@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from raftq.cluster import long_poll, recovery
+from raftq.cluster import constants, long_poll, recovery
 from raftq.cluster import metrics as node_metrics
 from raftq.cluster.config import NodeConfig
 from raftq.cluster.errors import NotLeaderError, NotServingYet, ProposalLost, Unavailable
@@ -471,9 +471,15 @@ class Node:
         return self.housekeeping.entropy()
 
     async def _await(self, future: asyncio.Future, timeout_message: str) -> Any:
+        # Awaited directly in a context timeout (not wait_for around a shield, three loop turns):
+        # the request resumes in the loop turn after the drive loop resolves the future, which is
+        # what lets it answer before the drive loop's next sends (`_handle_ready`). A request
+        # that gives up cancels its future; the drive loop skips a cancelled one (not proposed
+        # yet) and ignores it when its entry applies.
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.config.proposal_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.proposal_timeout_s):
+                return await future
+        except TimeoutError:
             raise Unavailable(timeout_message) from None
 
     # ------------------------------------------------------------------ the drive loop
@@ -507,9 +513,12 @@ class Node:
         while not self._stopping:
             timeout = max(0.0, next_tick - time.monotonic())
             if not self._wakeup.is_set():
+                # A context timeout, not wait_for (which wraps the wait in a task of its own): a
+                # wakeup then resumes this loop in one task switch; every commit passes here.
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup.wait()
+                except TimeoutError:
                     pass
             self._wakeup.clear()
             self._drive_inputs(raft)
@@ -574,6 +583,7 @@ class Node:
 
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
         """Carries out one Ready in the order `ready_handler` gives (the simulator's too)."""
+        answered = False  # this Ready applied entries, which answers the requests waiting on them
         for action in handle_ready(ready):
             if isinstance(action, InstallSnapshot):
                 self.queue = await self.snapshotting.install(action.point)
@@ -584,12 +594,21 @@ class Node:
                 self._use_membership(action.membership)
             elif isinstance(action, Persist):
                 started = time.perf_counter()
-                await asyncio.to_thread(self._persist, action)
+                if action.hard_state is None and \
+                        sum(len(entry.data) for entry in action.entries) <= constants.PERSIST_INLINE_BYTES_MAX:
+                    self._persist(action)  # the drive loop waits for the disk either way
+                else:
+                    await asyncio.to_thread(self._persist, action)
                 self.metrics.observe_persist(time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):
+                if answered:
+                    # A Send after Apply only tells followers the commit index: let the requests
+                    # just answered write their responses first (one loop turn, no timer).
+                    await asyncio.sleep(0)
                 self._send(action.messages)
             elif isinstance(action, Apply):
                 self._apply(action.entries)
+                answered = True
                 self.snapshotting.maybe_start(raft, self.queue)
                 if self._leader_waiters and self.is_serving:  # a new leader applied its no-op
                     self._wake_leader_waiters()
@@ -661,8 +680,9 @@ class Node:
         self._wakeup.set()
 
     def _persist(self, persist: Persist) -> None:
-        """Runs in a worker thread: the only code touching the WAL after start. The hard state is
-        durable when save_hard_state returns; entries are synced whenever there are any."""
+        """The only code touching the WAL after start, one call at a time: on the loop for a
+        small Ready, else in a worker thread (constants.PERSIST_INLINE_BYTES_MAX). The hard state
+        is durable when save_hard_state returns; entries are synced whenever there are any."""
         wal = self.wal
         assert wal is not None
         if persist.hard_state is not None:

@@ -13,7 +13,11 @@ same middleware as any `/raft` request, before the connection is upgraded):
 A heartbeat therefore never queues behind a large append in a socket buffer (the two lanes are
 two TCP connections). Each lane has one task that writes every queued message as binary frames
 without waiting for any answer: the answers come back as Raft messages on the peer's own lanes
-to us. So the number of appends in flight to a follower is bounded by the Raft core's flow
+to us. When a lane is connected, idle and its socket not backed up, `send()` writes the frame
+itself, with no task switch: this is on every commit's path, twice (the leader's append, the
+follower's answer). A frame that finds the socket backed up is still written whole (aiohttp
+writes before it waits for the buffer to drain), and the lane's task takes over from then on, so
+what waits in a lane's socket buffer stays bounded by aiohttp's writer limit plus one frame. So the number of appends in flight to a follower is bounded by the Raft core's flow
 control (`max_inflight_appends`, `max_inflight_bytes`, etcd's MaxInflightMsgs/Bytes), not by
 round trips: under a 400 ms round trip the leader keeps sending while earlier appends travel.
 
@@ -137,10 +141,13 @@ class HttpTransport:
         return counts
 
     def send(self, messages: Sequence[Message]) -> None:
+        by_lane: dict[_Lane, list[Message]] = {}
         for message in messages:
             lane = self._lanes.get((message.to_id, is_data(message)))
             if lane is not None:
-                lane.put(message)
+                by_lane.setdefault(lane, []).append(message)
+        for lane, batch in by_lane.items():
+            lane.put(batch)
 
 
 class _Lane:
@@ -152,19 +159,58 @@ class _Lane:
         self._name = name
         self._queue: collections.deque[Message] = collections.deque()
         self._queued = asyncio.Event()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None  # while the pump runs on it
+        self._pump_writing = False  # the pump is inside a send (it may be waiting for the socket)
+        self._backed_up = False  # a direct write found the socket backed up: leave it to the pump
         self.task = asyncio.create_task(self._run(), name=f"raft-{name}-{peer_id}")
 
     @property
     def queued_count(self) -> int:
         return len(self._queue)
 
-    def put(self, message: Message) -> None:
-        if len(self._queue) >= LANE_QUEUE_COUNT_MAX:
-            # Drop the oldest: newer messages carry newer terms and commit indexes.
-            self._queue.popleft()
-            self._transport.dropped_count += 1
-        self._queue.append(message)
+    def put(self, messages: list[Message]) -> None:
+        """Sends messages now when the lane is connected and its pump not busy (no task switch),
+        else leaves them queued for the pump."""
+        for message in messages:
+            if len(self._queue) >= LANE_QUEUE_COUNT_MAX:
+                # Drop the oldest: newer messages carry newer terms and commit indexes.
+                self._queue.popleft()
+                self._transport.dropped_count += 1
+            self._queue.append(message)
+        ws = self._ws
+        if ws is not None and not self._pump_writing and not self._backed_up:
+            # From the head of the queue: frames leave in the order they were put.
+            while self._queue and self._write_now(ws, self._next_frame()):
+                pass
+            if not self._queue:
+                return
         self._queued.set()
+
+    def _write_now(self, ws: aiohttp.ClientWebSocketResponse, frame: list[Message]) -> bool:
+        """Writes frame from the caller's step by running send_bytes by hand; False when the socket
+        is backed up (the frame is written; the pump then waits for the drain before the next).
+
+        aiohttp's send_bytes writes the frame to the transport synchronously and only then, when
+        its writer is over its limit and the transport paused, awaits the drain: that await is the
+        only place it can suspend, so a suspension means "written, now wait", and closing the
+        coroutine there drops only the wait.
+        """
+        send = ws.send_bytes(encode_messages(frame))
+        try:
+            send.send(None)
+        except StopIteration:
+            return True
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            # The connection is ending: the frame is lost with it (as a frame the pump was sending);
+            # the pump sees the end through its reader and reconnects.
+            log.debug("peer %s %s lane: send failed: %s", self._peer_id, self._name, exc)
+            return True
+        except Exception:  # this runs in the node's drive loop, which must not stop for a peer's link
+            log.warning("peer %s %s lane: send failed", self._peer_id, self._name, exc_info=True)
+            return True
+        send.close()
+        self._backed_up = True
+        return False
 
     def _drop_queued(self) -> None:
         self._transport.dropped_count += len(self._queue)
@@ -201,8 +247,9 @@ class _Lane:
         """Writes queued messages until the connection fails; reads only pongs and the close."""
         reader = asyncio.create_task(_drain_incoming(ws))
         # The pump waits on one event only (a put, or the connection's end), so a message queued
-        # while it waits is written after a single task switch: this is on every commit's path.
+        # while it waits is written after a single task switch (when put() could not write it).
         reader.add_done_callback(lambda _: self._queued.set())
+        self._ws = ws  # put() may write directly from now on
         try:
             while not reader.done():
                 if not self._queue:
@@ -210,6 +257,7 @@ class _Lane:
                     await self._queued.wait()
                     continue
                 frame = self._next_frame()
+                self._pump_writing = True
                 try:
                     # A context timeout, not wait_for: no task per frame, so the bytes reach the
                     # socket in this step (send_bytes only awaits when the buffer is over its limit).
@@ -218,7 +266,12 @@ class _Lane:
                 except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
                     log.debug("peer %s %s lane: send failed: %s", self._peer_id, self._name, exc)
                     return
+                finally:
+                    self._pump_writing = False
+                self._backed_up = False  # this send waited for the drain, if the socket needed one
         finally:
+            self._ws = None
+            self._backed_up = False
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 

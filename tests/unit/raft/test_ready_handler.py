@@ -34,6 +34,16 @@ def kinds(r: Ready) -> list[str]:
     (ready(entries=(ENTRY,), messages=(MESSAGE,), must_sync=True), ["Persist", "Send", "Advance"]),
     (ready(entries=(ENTRY,), messages=(MESSAGE,), must_sync=True, send_before_persist=True),
      ["Send", "Persist", "Advance"]),
+    # A leader's commit: nothing to persist, so it applies (answers clients) before it sends.
+    (ready(committed_entries=(ENTRY,), messages=(MESSAGE,), send_before_persist=True),
+     ["Apply", "Send", "Advance"]),
+    (ready(entries=(ENTRY,), committed_entries=(ENTRY,), messages=(MESSAGE,), must_sync=True,
+           send_before_persist=True),
+     ["Send", "Persist", "Apply", "Advance"]),
+    # A follower's answers wait for the disk but never for its apply.
+    (ready(entries=(ENTRY,), committed_entries=(ENTRY,), messages=(MESSAGE,), must_sync=True),
+     ["Persist", "Send", "Apply", "Advance"]),
+    (ready(committed_entries=(ENTRY,), messages=(MESSAGE,)), ["Send", "Apply", "Advance"]),
     (ready(snapshot=SnapshotPoint(4, 1), entries=(ENTRY,), committed_entries=(ENTRY,), read_states=((1, 5),),
            messages=(MESSAGE,), must_sync=True),
      ["InstallSnapshot", "Persist", "Send", "Apply", "ServeReads", "Advance"]),
