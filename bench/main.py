@@ -22,7 +22,7 @@ from raftq.bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, f
                            machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
                            wal_figures)
 from raftq.bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
-from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib,
+from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib, rss_kib,
                          producer_main, worker_main)
 from raftq import Client
 from raftq.client._progress import ProgressBar
@@ -371,7 +371,8 @@ def _summary(scenario: Scenario, runs: list[dict], *, error: str | None = None) 
         "spread_pct": (max(rates) - min(rates)) / rate * 100 if rates and rate else None,
         "submit_latency_ms": combine_percentiles([run["submit_latency_ms"] for run in runs]),
         "e2e_latency_ms": combine_percentiles([run["e2e_latency_ms"] for run in runs]),
-        "node_rss_peak_mib": _max_by_key([run["node_rss_peak_mib"] for run in runs]),
+        "node_rss_peak_mib": _median_by_key([run["node_rss_peak_mib"] for run in runs]),
+        "leader_memory_mib": _median_by_key([run["leader_memory_mib"] for run in runs]),
         "worker_rss_peak_mib": _max_or_none(run["worker_rss_peak_mib"] for run in runs),
         "wal_bytes_per_job": median([run["wal_bytes_per_job"] for run in runs]),
         "entries_per_fsync": median([run["entries_per_fsync"] for run in runs]),
@@ -386,11 +387,11 @@ def _max_or_none(values: Any) -> float | None:
     return max(present) if present else None
 
 
-def _max_by_key(maps: list[dict | None]) -> dict | None:
+def _median_by_key(maps: list[dict | None]) -> dict | None:
     present = [m for m in maps if m]
     if not present:
         return None
-    return {key: _max_or_none(m.get(key) for m in present) for key in present[0]}
+    return {key: median([m.get(key) for m in present]) for key in present[0]}
 
 
 # ---------------------------------------------------------------------------- one run
@@ -457,8 +458,13 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
         raise RunError("no node knows a leader")
     leader_id, leader_url = found
     urls = [leader_url] + [url for url in target.urls if url != leader_url]  # clients start at the leader
+    leader_pid = (target.pids or {}).get(leader_id)
+    leader_memory = None
     if scenario.scenario == "drain":
+        idle = _mib(rss_kib(leader_pid)) if leader_pid else None
         _prefill(urls, target.token, queue, scenario.jobs, settings.payload_bytes)
+        if leader_pid:
+            leader_memory = {"idle": idle, "queued": _mib(rss_kib(leader_pid)), "queued_peak": _mib(peak_rss_kib(leader_pid))}
     wal_before = _scrape(leader_url, target.token)
     for pid in (target.pids or {}).values():
         reset_peak_rss(pid)
@@ -467,6 +473,8 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
     node_rss = None
     if target.pids is not None:
         node_rss = {node_id: _mib(peak_rss_kib(pid)) for node_id, pid in target.pids.items()}
+    if leader_memory is not None:
+        leader_memory["drained"] = _mib(rss_kib(leader_pid))
     still_leader = find_leader(target.urls, target.token)
     wal_per_job, entries_per_fsync = wal_figures(wal_before, wal_after, scenario.jobs)
     leader_changed = still_leader is None or still_leader[0] != leader_id
@@ -475,6 +483,7 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
     figures = _run_figures(scenario, reports, started_at, urls, target.token, queue, leader_id, node_rss,
                            wal_per_job, entries_per_fsync)
     figures["leader_changed"] = leader_changed
+    figures["leader_memory_mib"] = leader_memory
     return figures
 
 
@@ -682,7 +691,9 @@ def _by_role(node_rss: dict[str, float | None] | None, leader_id: str) -> dict |
     if node_rss is None:
         return None
     followers = [value for node_id, value in node_rss.items() if node_id != leader_id and value is not None]
-    return {"leader": node_rss.get(leader_id), "follower_max": max(followers) if followers else None}
+    every = [value for value in node_rss.values() if value is not None]
+    return {"leader": node_rss.get(leader_id), "follower_max": max(followers) if followers else None,
+            "all_nodes": round(sum(every), 1) if len(every) == len(node_rss) else None}
 
 
 def _unpack(chunks: list[bytes]) -> array:

@@ -16,8 +16,9 @@ drives it from this process with the `nats-py` client on asyncio:
               bench --scenario submit --batch 1 --producers 1`).
     batched   one producer keeps 256 publishes in flight (raftq: `--scenario submit --batch 100`).
     through   N messages published (256 in flight), then pulled in batches of 100 and each acked;
-              the figure is the sum of the three servers' peak RSS (VmHWM), like raftq bench's
-              RSS columns (raftq: `--scenario e2e`).
+              the figure is the sum of the three servers' peak RSS (VmHWM) from the moment the
+              stream is ready to the last ack, measured as raftq bench's RSS columns are (the peak
+              is reset once the cluster is up; raftq: `--scenario e2e`, column RSS 3 NODES).
 
 `nats-server` (2.10 or later, for `sync_interval`) and `nats-py` are benchmark-only: neither is a
 dependency of raftq. The server is taken from beside this Python (where the PyPI package
@@ -35,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
+from raftq.bench.measure import reset_peak_rss
 from raftq.bench.roles import peak_rss_kib
 from raftq.cluster.localcluster import free_ports
 
@@ -106,6 +108,10 @@ class NatsCluster:
                 process.kill()
                 process.wait(10)
 
+    def reset_peak_rss(self) -> None:
+        for process in self.processes:
+            reset_peak_rss(process.pid)
+
     def rss_peak_mib(self) -> float:
         return sum(peak_rss_kib(process.pid) or 0 for process in self.processes) / 1024
 
@@ -134,8 +140,9 @@ async def _stream_ready(urls: list[str]):
             await asyncio.sleep(0.5)  # the cluster is still forming; pacing, not a test wait
 
 
-async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes) -> dict:
+async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, on_ready: Callable[[], None]) -> dict:
     nc, js = await _stream_ready(urls)
+    on_ready()
     try:
         latencies: list[float] = []
         started = time.perf_counter()
@@ -172,7 +179,7 @@ def run_once(binary: str, figure: str, jobs: int, payload_bytes: int) -> dict:
         cluster = NatsCluster(binary, base_dir)
         cluster.start()
         try:
-            result = asyncio.run(_run_figure(figure, cluster.urls, jobs, b"x" * payload_bytes))
+            result = asyncio.run(_run_figure(figure, cluster.urls, jobs, b"x" * payload_bytes, cluster.reset_peak_rss))
             result["rss_mib_all_nodes"] = cluster.rss_peak_mib()
             return result
         finally:

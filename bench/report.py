@@ -53,19 +53,28 @@ def format_tables(results: Sequence[dict]) -> str:
                            _latency(result["submit_latency_ms"]), _latency(result["e2e_latency_ms"]), flag])
         nodes = result.get("node_rss_peak_mib") or {}
         resource_rows.append([name, _number(nodes.get("leader")), _number(nodes.get("follower_max")),
+                              _number(nodes.get("all_nodes")),
                               _number(result.get("worker_rss_peak_mib")), _number(result.get("wal_bytes_per_job")),
                               _number(result.get("entries_per_fsync"), digits=1)])
     speed = format_table(["SCENARIO", "JOBS/S", "SPREAD", "SUBMIT MS p50/p90/p99/max", "E2E MS p50/p90/p99/max",
                           "ALL JOBS SEEN"], speed_rows)
-    resources = format_table(["SCENARIO", "RSS LEADER MiB", "RSS FOLLOWER MiB", "RSS WORKER MiB", "WAL B/JOB",
-                              "ENTRIES/FSYNC"], resource_rows)
-    return f"{speed}\n\n{resources}\n\n{_legend()}"
+    resources = format_table(["SCENARIO", "RSS LEADER MiB", "RSS FOLLOWER MiB", "RSS 3 NODES MiB", "RSS WORKER MiB",
+                              "WAL B/JOB", "ENTRIES/FSYNC"], resource_rows)
+    memory_rows = [[result["name"], *(_number(memory.get(key)) for key in ("idle", "queued", "queued_peak", "drained"))]
+                   for result in results if (memory := result.get("leader_memory_mib"))]
+    memory = ""
+    if memory_rows:
+        memory = "\n\n" + format_table(["SCENARIO", "LEADER RSS MiB: IDLE", "QUEUED", "PEAK SUBMITTING", "DRAINED"],
+                                        memory_rows)
+    return f"{speed}\n\n{resources}{memory}\n\n{_legend()}"
 
 
 def _legend() -> str:
     return ("Scenario: kind, jobs, b = jobs per request, p = producers, w = worker processes, c = concurrency, pool, "
             "job kind.\nSUBMIT MS: per submit request. E2E MS: submit call to ack answer, per job. RSS: peak "
-            "(VmHWM) during the run; n/a for --nodes.\nWAL B/JOB and ENTRIES/FSYNC: from the leader's /metrics "
+            "(VmHWM) during the run, median of the runs; 3 NODES: their sum; n/a for --nodes.\nLEADER RSS (drain): "
+            "VmRSS before the jobs are queued, once all are queued (before any lease), its peak while they were "
+            "submitted, and once the last ack is in.\nWAL B/JOB and ENTRIES/FSYNC: from the leader's /metrics "
             "(raftq_wal_bytes, raftq_wal_entries_per_fsync).")
 
 

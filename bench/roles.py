@@ -234,10 +234,19 @@ def handler_for(kind: str, cpu_loops: int, *, asynchronous: bool = False) -> Cal
 
 def peak_rss_kib(pid: int | str = "self") -> int | None:
     """VmHWM (peak resident set) of a process in KiB, from /proc; None where that is not readable."""
+    return _status_kib(pid, "VmHWM:")
+
+
+def rss_kib(pid: int | str = "self") -> int | None:
+    """VmRSS (resident set now) of a process in KiB, from /proc; None where that is not readable."""
+    return _status_kib(pid, "VmRSS:")
+
+
+def _status_kib(pid: int | str, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None

@@ -60,6 +60,7 @@ class Job:
         self, id: str, queue: str, state: str, payload: bytes, priority: int, max_attempts: int,
         lease_ms: int, backoff_base_ms: int, backoff_cap_ms: int, idempotency_key: str | None,
         created_at_ms: int, ready_at_ms: int, key: str | None = None, group: str | None = None,
+        transitions: tuple[tuple[str, int], ...] | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
@@ -83,8 +84,10 @@ class Job:
         self.finished_at_ms: int | None = None
         self.last_error: str | None = None
         self.result: bytes | None = None
-        # (state, at_ms) pairs, oldest first; replaced by `with_transition`, never mutated.
-        self.transitions: tuple[tuple[str, int], ...] = ((state, created_at_ms),)
+        # (state, at_ms) pairs, oldest first; replaced by `with_transition`, never mutated. The
+        # caller may pass ((state, created_at_ms),) built once for all the jobs of one command.
+        self.transitions: tuple[tuple[str, int], ...] = (
+            ((state, created_at_ms),) if transitions is None else transitions)
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
         # and lets restore() rebuild both structures in the order the live machine holds them.
         self.seq = 0
@@ -123,17 +126,18 @@ class Job:
             "group": self.group,
         }
 
-    def with_transition(self, state: str, at_ms: int) -> None:
-        """Records entering `state` at `at_ms` (the caller sets `state` itself).
+    def with_transition(self, transition: tuple[str, int]) -> None:
+        """Records a (state, at_ms) transition (the caller sets `state` itself; the pair may be
+        shared by every job one command moves, since tuples are never mutated).
 
         Builds a new tuple rather than appending, so rows captured earlier keep the old one.
         Past TRANSITIONS_MAX the submission stays and the oldest transition after it goes.
         """
         transitions = self.transitions
         if len(transitions) < TRANSITIONS_MAX:
-            self.transitions = (*transitions, (state, at_ms))
+            self.transitions = (*transitions, transition)
         else:
-            self.transitions = (transitions[0], *transitions[2:], (state, at_ms))
+            self.transitions = (transitions[0], *transitions[2:], transition)
 
     def to_row(self) -> tuple:
         """Every field, in __slots__ order, for the canonical snapshot (msgpack packs the

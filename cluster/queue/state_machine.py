@@ -40,7 +40,7 @@ is not derivable from them: each queue's turn order and token bucket, and the sc
 * `_leases`: a heap of (expires_at_ms, token, job) for LEASED jobs.
 * `_worker_jobs`: worker -> {id: job} of the jobs it holds (WorkerLost, heartbeats).
 * `_idempotency`: (queue, key) -> (job id, expires_at_ms), expired via a FIFO by time.
-* `_finished`: a FIFO of (finished_at_ms, job) of DONE and CANCELLED jobs, dropped after
+* `_finished`: a FIFO of the DONE and CANCELLED jobs by finished_at_ms, dropped after
   `retention_ms`.
 
 The deques and heaps use lazy deletion: cancelling a ready job only flips its state, and the
@@ -113,6 +113,8 @@ PRIORITY_LEVELS = cmds.PRIORITY_MAX + 1
 #: Stale entries tolerated in a heap or a queue's FIFOs beyond the number of live ones before
 #: they are swept out: the sweep is O(size), so letting this many pile up keeps it amortised O(1).
 COMPACT_SLACK = 4096
+#: Distinct values `_shared` keeps before it starts afresh (a memory bound, not a behaviour).
+SHARED_VALUES_MAX = 4096
 #: Keys of the snapshot map, in the sorted order the canonical encoding writes them.
 SNAPSHOT_KEYS: tuple[str, ...] = (
     "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "membership", "queues", "rotation",
@@ -263,7 +265,7 @@ class QueueStateMachine:
         self._worker_jobs: dict[str, dict[str, Job]] = {}
         self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
-        self._finished: deque[tuple[int, Job]] = deque()
+        self._finished: deque[Job] = deque()
         self._schedules: dict[str, Schedule] = {}
         #: The data of the last CONFIG entry applied (the Raft core's encoded membership, opaque
         #: here): snapshots carry it, so a node restored from one knows its cluster's members.
@@ -272,6 +274,10 @@ class QueueStateMachine:
         #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
         self.metric_samples: list[tuple[str, str, int]] = []
+        #: Memory only, not state: the values many jobs hold alike, one object each (see _shared).
+        self._shared_values: dict[Any, Any] = {}
+        self._transitions_at_ms = -1
+        self._transitions: dict[str, tuple[tuple[str, int], tuple[tuple[str, int]]]] = {}
 
     # ------------------------------------------------------------------ apply
 
@@ -356,10 +362,12 @@ class QueueStateMachine:
 
     def _create_job(self, queue: _Queue, new: cmds.NewJob, now: int) -> None:
         delayed = new.delay_ms > 0
+        state = SCHEDULED if delayed else READY
+        shared = self._shared
         job = Job(
-            new.id, queue.name, SCHEDULED if delayed else READY, new.payload, new.priority, new.max_attempts,
-            new.lease_ms, new.backoff_base_ms, new.backoff_cap_ms, new.idempotency_key, now,
-            now + new.delay_ms if delayed else now, new.key, new.group,
+            new.id, queue.name, state, new.payload, new.priority, new.max_attempts, shared(new.lease_ms),
+            shared(new.backoff_base_ms), shared(new.backoff_cap_ms), new.idempotency_key, now,
+            shared(now + new.delay_ms) if delayed else now, new.key, new.group, self._transition(state, now)[1],
         )
         self._jobs[job.id] = job
         queue.counts[job.state] += 1
@@ -487,7 +495,7 @@ class QueueStateMachine:
         """Leases `job`, already taken out of its lane, to `worker`."""
         self._lease_counter += 1
         token = self._lease_counter
-        expires_at = now + job.lease_ms
+        expires_at = self._shared(now + job.lease_ms)
         job.attempts += 1
         if job.attempts == 1:
             self.metric_samples.append(("queue_wait", job.queue, now - job.created_at_ms))
@@ -687,9 +695,9 @@ class QueueStateMachine:
         fifo = self._finished
         cutoff = now - self.retention_ms
         dropped = 0
-        while fifo and fifo[0][0] <= cutoff:
-            finished_at, job = fifo.popleft()
-            if job.finished_at_ms != finished_at or self._jobs.get(job.id) is not job:
+        while fifo and fifo[0].finished_at_ms <= cutoff:
+            job = fifo.popleft()
+            if self._jobs.get(job.id) is not job:  # deleted with its queue (and perhaps submitted again)
                 continue
             assert job.state in FINISHED_STATES, f"job {job.id} in the finished FIFO is {job.state}"
             del self._jobs[job.id]
@@ -926,13 +934,12 @@ class QueueStateMachine:
             queue = self._queues[name] = _Queue(name)
         return queue
 
-    @staticmethod
-    def _move(queue: _Queue, job: Job, state: str, now: int) -> None:
+    def _move(self, queue: _Queue, job: Job, state: str, now: int) -> None:
         counts = queue.counts
         counts[job.state] -= 1
         counts[state] += 1
         job.state = state
-        job.with_transition(state, now)
+        job.with_transition(self._transition(state, now)[0])
 
     def _push_ready(self, queue: _Queue, job: Job) -> None:
         self._seq += 1
@@ -1003,7 +1010,35 @@ class QueueStateMachine:
     def _finish(self, queue: _Queue, job: Job, state: str, now: int) -> None:
         job.finished_at_ms = now
         self._move(queue, job, state, now)
-        self._finished.append((now, job))
+        self._finished.append(job)  # finished is final: its finished_at_ms never changes again
+
+    # ------------------------------------------------------------------ shared values (memory only)
+
+    def _shared(self, value: Any) -> Any:
+        """`value`, as the one object equal to it that this machine already holds, when it has
+        one: the jobs of a batch carry the same lease and backoff settings and lease expiry, and
+        without this each would hold its own int (32 bytes each; a queued job is about 500).
+        Identity never decides anything, so this changes memory only. The table is bounded: it
+        starts afresh past SHARED_VALUES_MAX."""
+        table = self._shared_values
+        found = table.get(value)
+        if found is None:
+            if len(table) >= SHARED_VALUES_MAX:
+                table.clear()
+            found = table[value] = value
+        return found
+
+    def _transition(self, state: str, now: int) -> tuple[tuple[str, int], tuple[tuple[str, int]]]:
+        """The transition (state, now), and the one-transition history ((state, now),), built once
+        per state for all the jobs that the command being applied moves (56 + 48 bytes a job)."""
+        if now != self._transitions_at_ms:
+            self._transitions_at_ms = now
+            self._transitions = {}
+        found = self._transitions.get(state)
+        if found is None:
+            pair = (state, now)
+            found = self._transitions[state] = (pair, (pair,))
+        return found
 
     # ------------------------------------------------------------------ compaction
 
@@ -1138,7 +1173,7 @@ class QueueStateMachine:
         if self._leases:
             candidates.append(self._leases[0][0])
         if self._finished:
-            candidates.append(self._finished[0][0] + self.retention_ms)
+            candidates.append(self._finished[0].finished_at_ms + self.retention_ms)
         if self._idempotency_fifo:
             candidates.append(self._idempotency_fifo[0][0])
         return min(candidates) if candidates else None
@@ -1378,7 +1413,7 @@ class QueueStateMachine:
             for heap in queue.groups.values():
                 heapq.heapify(heap)
         finished.sort(key=lambda job: (job.finished_at_ms, job.id))
-        self._finished = deque((job.finished_at_ms, job) for job in finished)
+        self._finished = deque(finished)
 
     # ------------------------------------------------------------------ invariants
 

@@ -40,6 +40,8 @@ def test_tiny_e2e_scenario_writes_a_complete_json_report(tmp_path, capsys):
         assert 0 <= figures["p50"] <= figures["p90"] <= figures["p99"] <= figures["max"]
     assert set(run["node_rss_by_node_mib"]) == {"n1", "n2", "n3"}
     assert run["node_rss_peak_mib"]["leader"] > 0
+    assert run["node_rss_peak_mib"]["all_nodes"] == round(sum(run["node_rss_by_node_mib"].values()), 1)
+    assert run["leader_memory_mib"] is None  # the queued / drained figures belong to drain
     assert run["worker_rss_peak_mib"] > 0
     if not run["leader_changed"]:  # the WAL figures come from one leader's log, or not at all
         assert run["wal_bytes_per_job"] > 0
@@ -63,6 +65,23 @@ def test_cli_pool_runs_raftq_worker_as_a_process_and_counts_every_job(tmp_path, 
     (run,) = scenario["runs"]
     assert (run["acked"], run["queue_depth"]["done"]) == (200, 200), run
     assert run["worker_rss_peak_mib"] > 0  # the raftq worker process's own
+
+
+def test_drain_reports_the_leaders_memory_idle_queued_and_drained(tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    exit_code = bench.main([
+        "--scenario", "drain", "--jobs", "200", "--batch", "100", "--runs", "1", "--no-progress",
+        "--json", str(report_path), "--data-dir", str(tmp_path / "data"),
+    ])
+    printed = capsys.readouterr()
+    assert exit_code == 0, printed.err
+    (scenario,) = json.loads(report_path.read_text())["scenarios"]
+    assert scenario["error"] is None and scenario["accounted"] is True, scenario
+    memory = scenario["leader_memory_mib"]
+    assert set(memory) == {"idle", "queued", "queued_peak", "drained"}, memory
+    assert 0 < memory["idle"] and 0 < memory["queued"] <= memory["queued_peak"], memory
+    assert memory["drained"] > 0
+    assert "PEAK SUBMITTING" in printed.out
 
 
 def test_default_set_is_listed_without_running_anything(capsys):

@@ -769,6 +769,19 @@ def test_transitions_are_bounded_and_keep_the_submission(m):
     assert transitions == [["ready", T0]] + newest[-(TRANSITIONS_MAX - 1):]
 
 
+def test_jobs_of_one_command_share_their_equal_values(m):
+    """Memory, checked by structure: a job record has no __dict__, and the jobs one command creates
+    or moves hold one object for the history, the settings and the lease expiry they have alike."""
+    m.submit(job("a"), job("b"))
+    m.lease(max_jobs=2, now=T0 + 5)
+    a, b = m.sm._jobs["a"], m.sm._jobs["b"]
+    assert not hasattr(a, "__dict__")
+    assert a.transitions[0] is b.transitions[0] and a.transitions[1] is b.transitions[1]
+    assert a.lease_ms is b.lease_ms and a.backoff_cap_ms is b.backoff_cap_ms
+    assert a.lease_expires_at_ms is b.lease_expires_at_ms
+    assert m.sm.get_job("a")["transitions"] == [["ready", T0], ["leased", T0 + 5]]
+
+
 def test_queries_change_nothing(m):
     _to_state(m, "leased")
     m.submit(job("b", delay_ms=100))
