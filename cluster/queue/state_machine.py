@@ -378,7 +378,7 @@ class QueueStateMachine:
         else:
             self._push_ready(queue, job)
         if new.idempotency_key is not None:
-            expires_at = now + self.idempotency_window_ms
+            expires_at = self._shared(now + self.idempotency_window_ms)
             key = (queue.name, new.idempotency_key)
             self._idempotency[key] = (job.id, expires_at)
             self._idempotency_fifo.append((expires_at, key))
@@ -1016,7 +1016,7 @@ class QueueStateMachine:
 
     def _shared(self, value: Any) -> Any:
         """`value`, as the one object equal to it that this machine already holds, when it has
-        one: the jobs of a batch carry the same lease and backoff settings and lease expiry, and
+        one: the jobs of a batch carry the same lease and backoff settings, lease and key expiry, and
         without this each would hold its own int (32 bytes each; a queued job is about 500).
         Identity never decides anything, so this changes memory only. The table is bounded: it
         starts afresh past SHARED_VALUES_MAX."""
