@@ -1,7 +1,7 @@
 """The chaos workload: producers, worker processes, the final drain and the status monitor.
 
-Every call goes through the real client (`client.Client`: failover, redirects, idempotency keys
-reused on its own retries) and is recorded in the history (`chaos.history`) with its outcome:
+Every call goes through the real client (`Client`, `AsyncClient` for the producers: failover,
+redirects, idempotency keys reused on its own retries) and is recorded in the history (`chaos.history`) with its outcome:
     ok    2xx
     fail  a definite refusal (4xx: the request was judged and changed nothing)
     info  no usable answer: a transport failure or a 5xx after the client's retries (a submit
@@ -15,6 +15,7 @@ that comes due past that bound is recorded as an `unsent` event (offered, not se
 records the time it was due (`scheduled_t`), so latency counts from the schedule, not from the
 send. Every tenth request is submitted with a delay, at the top priority, for the checker's timing
 check.
+
 Workers are separate processes (`python -m raftq.chaos.workload --worker ...`) so that the nemesis can
 SIGKILL and SIGSTOP them; each leases up to `prefetch` jobs per request, heartbeats the ones it
 holds, and for each job (seeded choice) acks it, fails it (retry soon), stalls past its lease and
