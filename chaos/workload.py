@@ -197,7 +197,8 @@ class Producers:
                 self._loop.call_soon_threadsafe(self._stopping.set)
             except RuntimeError:  # the loop has just finished
                 pass
-        self.thread.join(timeout_s)
+        if self.thread.ident is not None:  # started
+            self.thread.join(timeout_s)
 
 
 # ---------------------------------------------------------------------------- lease / report ops
