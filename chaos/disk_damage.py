@@ -33,6 +33,14 @@ def _segments(data_dir: str) -> list[str]:
     return sorted(os.path.join(wal_dir, n) for n in os.listdir(wal_dir) if n.startswith("wal-") and n.endswith(".log"))
 
 
+def _records_end(path: str) -> int:
+    """Where a segment's records end: the newest segment is preallocated, zeros after its records
+    (cluster/storage/wal.py), and damage there would hit nothing. A record's own trailing zero
+    bytes count as zeros too, which only moves the end a few bytes into the last record."""
+    with open(path, "rb") as f:
+        return len(f.read().rstrip(b"\0"))
+
+
 def _snapshots(data_dir: str) -> list[str]:
     directory = os.path.join(data_dir, "snapshots")
     if not os.path.isdir(directory):
@@ -53,7 +61,7 @@ def _flip_bit(path: str, offset: int, rng: random.Random) -> str:
 
 def damage(data_dir: str, kind: str, rng: random.Random) -> dict:
     """Damages one file of a stopped node; returns {"kind", "file", "what"} (kind may fall back)."""
-    segments = [p for p in _segments(data_dir) if os.path.getsize(p) > 0]
+    segments = [p for p in _segments(data_dir) if _records_end(p) > 0]
     if kind == "snapshot":
         snapshots = _snapshots(data_dir)
         if snapshots:
@@ -68,17 +76,18 @@ def damage(data_dir: str, kind: str, rng: random.Random) -> dict:
     if kind == "wal-middle":
         # A segment big enough that records follow its middle (the last record's damage would
         # look like a torn write, which a single checksum cannot tell apart).
-        big = [p for p in segments if os.path.getsize(p) >= 4096]
+        big = [p for p in segments if _records_end(p) >= 4096]
         if big:
             path = big[len(big) // 2]
-            return {"kind": kind, "file": path, "what": _flip_bit(path, os.path.getsize(path) // 2, rng)}
+            return {"kind": kind, "file": path, "what": _flip_bit(path, _records_end(path) // 2, rng)}
         kind = "wal-tail"
     if not segments:
         return {"kind": "none", "file": None, "what": "no WAL segment to damage yet"}
     path = segments[-1]
-    size = os.path.getsize(path)
+    size = _records_end(path)
     cut = min(TAIL_CUT_BYTES, size)
     with open(path, "r+b") as f:
         f.truncate(size - cut)
         os.fsync(f.fileno())
-    return {"kind": "wal-tail", "file": path, "what": f"cut {cut} bytes off the end ({size} -> {size - cut})"}
+    return {"kind": "wal-tail", "file": path,
+            "what": f"cut {cut} bytes off the last record ({size} -> {size - cut}, the zeros after it too)"}

@@ -18,18 +18,33 @@ anything back, and `entries()` reads exactly the records asked for.
 with one `write()` per segment touched; it does not fsync. `sync()` flushes and fdatasyncs the
 active segment, and fsyncs the directory when a segment file was created. Three orderings keep
 every crash state a valid log (a prefix of what was written, nothing else):
-- Rotation fsyncs the full segment before the next one is created, so only the *last* segment
-  can ever end in a torn record: damage in any earlier one is real damage.
+- Rotation cuts the full segment's preallocated tail off and fsyncs it before the next one is
+  created, so only the *last* segment can ever end in a torn record or in zeros: damage in any
+  earlier one is real damage.
 - A Raft conflict overwrite (entries[0].index <= last_index) deletes later segments newest
   first, fsyncing the directory after each, then truncates the segment holding the conflict at
   that record's start and fsyncs it, all before any new record lands: a crash in between leaves
   a shorter consecutive log, never a gap (truncating conflicting entries is safe, Raft §5.3).
 - `compact()` deletes segments oldest first, one directory fsync each, for the same reason.
 
+**Preallocation.** The active segment's file is grown ahead of its records in steps of
+`preallocate_bytes` (`posix_fallocate`; the step is cut to what the next write needs when the
+disk has no room for a whole step), and records are written over that zeroed space. An fdatasync
+of a file whose size does not change needs no journal commit for the size (ext4 commits one for
+every growing fdatasync, behind every other process's metadata on the same file system): on the
+shared 2-core test machine (ext4), three processes each appending and syncing one 150-byte entry
+at a time took p50 0.29-0.31 / p90 0.41-0.48 ms per append + sync growing the file, and 0.22 /
+0.31-0.33 ms with 1 MiB steps (two rounds each). Disk full
+therefore surfaces when a step is allocated, before a record is written into it, with the same
+fail-stop as a refused write. The last segment ends in zeros after its records: recovery stops
+there without calling it damage (next paragraph).
+
 **Recovery (SPEC guarantee 7).** `open()` reads the segments in index order and checks each
 record's length (1..RECORD_BYTES_MAX), checksum, decoding, index continuity (the first record
 of a segment has the index in its name; each next one is previous + 1) and term order. At the
 first bad or incomplete record, at byte X of a file:
+- In the last segment, if every byte from X to the end is zero, it is the preallocated space
+  (or a write that left nothing): the log ends at X, nothing is cut and nothing is logged.
 - In the last segment, if no *plausible* record starts anywhere after X, it is a torn tail: the
   write a crash interrupted. The file is cut at X, fsynced, and a warning names the file, the
   offset and how many bytes were dropped. A record is plausible when its length, checksum and
@@ -67,6 +82,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -95,6 +111,9 @@ RECORD_BYTES_MAX: Final = 64 << 20
 SEGMENT_BYTES_MAX: Final = 64 << 20
 #: Recovery reads segments in chunks of this size rather than whole, bounding its extra memory.
 READ_CHUNK_BYTES: Final = 1 << 20
+#: The active segment's file grows ahead of its records in steps of this size (module docstring,
+#: Preallocation): one growing fdatasync per MiB of log instead of one per sync.
+PREALLOCATE_BYTES: Final = 1 << 20
 
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 _NON_ZERO = re.compile(rb"[^\x00]")
@@ -232,7 +251,7 @@ class RecordDecoder:
 class WalStats:
     """A snapshot of the WAL's counters for the metrics layer."""
 
-    size_bytes: int  #: bytes on disk across all segments
+    size_bytes: int  #: bytes of records across all segments (not the preallocated zeros)
     segment_count: int
     first_index: int
     last_index: int
@@ -259,11 +278,13 @@ class WriteAheadLog:
     Open with `WriteAheadLog.open(directory)`. Not thread-safe: one call at a time.
     """
 
-    def __init__(self, directory: str, *, segment_bytes_max: int, logger: logging.Logger) -> None:
+    def __init__(self, directory: str, *, segment_bytes_max: int, preallocate_bytes: int,
+                 logger: logging.Logger) -> None:
         """Use open(); this only builds an empty object."""
-        assert segment_bytes_max > 0
+        assert segment_bytes_max > 0 and preallocate_bytes >= 0
         self.directory = directory
         self.segment_bytes_max = segment_bytes_max
+        self.preallocate_bytes = preallocate_bytes
         self._logger = logger
         self._hard_state = HardState()
         # Invariant: _terms[k] is the term of entry _base_index + 1 + k, and the segments hold
@@ -273,7 +294,8 @@ class WriteAheadLog:
         self._base_index = 0  # index just before the first entry held (compacted away, or 0)
         self._base_term: int | None = 0  # its term, when known (None after reopening a compacted log)
         self._segments: list[_Segment] = []
-        self._file: BinaryIO | None = None  # open append handle on the last segment, opened lazily
+        self._file: BinaryIO | None = None  # handle on the last segment at its records' end, opened lazily
+        self._file_bytes = 0  # size of _file's file: its records plus the preallocated zeros after them
         self._file_dirty = False  # bytes written to _file since its last fdatasync
         self._directory_dirty = False  # a segment file was created since the last directory fsync
         self._unsynced_entries = 0
@@ -291,12 +313,14 @@ class WriteAheadLog:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, segment_bytes_max: int = SEGMENT_BYTES_MAX,
-             logger: logging.Logger | None = None) -> "WriteAheadLog":
+             preallocate_bytes: int = PREALLOCATE_BYTES, logger: logging.Logger | None = None) -> "WriteAheadLog":
         """Opens the log in directory (created when missing) and recovers it.
 
         Args:
             directory: holds the segment files and the hard state file.
             segment_bytes_max: a new segment starts once the active one reaches this size.
+            preallocate_bytes: the active segment's file grows in steps of this size; 0 grows it
+                with each write instead.
             logger: where the torn-tail warning goes (default: the "raftq.wal" logger).
 
         Returns:
@@ -312,7 +336,8 @@ class WriteAheadLog:
         if not os.path.isdir(directory):
             os.makedirs(directory)
             hard_state_file.fsync_directory(os.path.dirname(os.path.abspath(directory)))
-        wal = cls(directory, segment_bytes_max=segment_bytes_max, logger=logger or _log)
+        wal = cls(directory, segment_bytes_max=segment_bytes_max, preallocate_bytes=preallocate_bytes,
+                  logger=logger or _log)
         wal._hard_state = hard_state_file.load_hard_state(directory)
         segments = _segment_files(directory)
         if segments:  # the log may start past 1 after compact(); see the module docstring
@@ -368,11 +393,14 @@ class WriteAheadLog:
                                                           f"the previous entry's {self._terms[-1]}")
 
     def _cut_torn_tail(self, segment: _Segment, offset: int, reason: str) -> None:
-        """Cuts the last segment at offset, unless a plausible record follows (then: corruption)."""
+        """Cuts the last segment at offset, unless a plausible record follows (then: corruption)
+        or nothing but zeros does (the preallocated space: the log simply ends at offset)."""
         term_min = self._terms[-1] if self._terms else 0
         with open(segment.path, "r+b") as f:
             f.seek(offset)
             tail = f.read()
+            if _NON_ZERO.search(tail) is None:
+                return  # the records end here; the zeros stay for the next appends to overwrite
             found = _plausible_record_after(tail, 1, segment.next_index, term_min)
             if found is not None:
                 raise WalCorruptionError(segment.path, offset, f"{reason}, yet a valid record follows at byte "
@@ -448,7 +476,8 @@ class WriteAheadLog:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes on disk across all segments (written, whether synced or not)."""
+        """Bytes of records across all segments (written, whether synced or not); the last
+        segment's preallocated zeros (at most PREALLOCATE_BYTES) are not counted."""
         return self._size_bytes
 
     @property
@@ -525,10 +554,32 @@ class WriteAheadLog:
         assert self._file is not None
         if parts:
             self._io_path = segment.path
+            if size_bytes > self._file_bytes:
+                self._preallocate(size_bytes)
             self._file.write(b"".join(parts))
             self._file_dirty = True
         self._size_bytes += size_bytes - segment.size_bytes
         segment.size_bytes = size_bytes
+
+    def _preallocate(self, end: int) -> None:
+        """Grows the active file to hold `end` bytes of records, a whole step ahead when the disk
+        has room for one (never past the segment's size limit), else exactly to `end`."""
+        assert self._file is not None
+        if self.preallocate_bytes == 0:
+            self._file_bytes = end
+            return
+        step = self.preallocate_bytes
+        target = max(end, min(-(-end // step) * step, self.segment_bytes_max))
+        try:
+            os.posix_fallocate(self._file.fileno(), self._file_bytes, target - self._file_bytes)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or target == end:
+                raise
+            # Not a whole step's room: take what this write needs, so that a full disk stops the
+            # node only when a record does not fit (what is left is then smaller than a record).
+            target = end
+            os.posix_fallocate(self._file.fileno(), self._file_bytes, target - self._file_bytes)
+        self._file_bytes = target
 
     def _active_segment(self, index: int) -> _Segment:
         """The last segment, with its file open for appending; creates the first one if needed."""
@@ -537,14 +588,21 @@ class WriteAheadLog:
         segment = self._segments[-1]
         assert segment.next_index == index, f"segment {segment.path} continues at {segment.next_index}, not {index}"
         if self._file is None:
-            self._file = open(segment.path, "ab")
+            self._io_path = segment.path
+            self._file = open(segment.path, "r+b")  # not "ab": records overwrite the preallocated zeros
+            self._file.seek(segment.size_bytes)
+            self._file_bytes = os.fstat(self._file.fileno()).st_size
         return segment
 
     def _rotate(self, index: int) -> _Segment:
-        """Seals the full segment (fsync: only the last segment may ever be torn) and starts the next."""
+        """Seals the full segment (its preallocated zeros cut off, then fsync: only the last segment
+        may ever be torn or end in zeros) and starts the next."""
         assert self._file is not None
-        self._io_path = self._segments[-1].path
+        segment = self._segments[-1]
+        self._io_path = segment.path
         self._file.flush()
+        if self._file_bytes > segment.size_bytes:
+            self._file.truncate(segment.size_bytes)
         _fdatasync(self._file.fileno())
         self._file.close()
         self._file = None
@@ -556,6 +614,7 @@ class WriteAheadLog:
         segment = _Segment(os.path.join(self.directory, f"wal-{index:020d}.log"), index)
         self._io_path = segment.path
         self._file = open(segment.path, "xb")  # "x": never clobber a file recovery did not account for
+        self._file_bytes = 0
         self._segments.append(segment)
         self._directory_dirty = True
         return segment
