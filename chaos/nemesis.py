@@ -27,6 +27,7 @@ from raftq.chaos.faketime import SkewedClock
 from raftq.chaos.history import HistoryWriter
 from raftq.chaos.topology import Topology, client_proxy, peer_proxy
 from raftq.chaos.workload import WorkerPool
+from raftq.cluster.storage.wal import PREALLOCATE_BYTES
 
 log = logging.getLogger("chaos.nemesis")
 
@@ -503,11 +504,16 @@ class DiskDamage(Fault):
             nemesis.ensure_running(node_id)
 
 
+#: Queue of the jobs the disk-full fault submits to make the leader's log grow (no worker takes them).
+DISK_FULL_QUEUE = "chaos-disk-full"
+
+
 class DiskFull(Fault):
     name = "disk-full"
-    goal = ("fill the leader's data filesystem (each node has a small one of its own): it must stop at once (one "
-            "ERROR line naming the file and ENOSPC, exit non-zero), another node leads, nothing acknowledged is "
-            "lost; then free the space and restart it: it catches up")
+    goal = ("fill the leader's data filesystem (each node has a small one of its own), then submit more than the "
+            "room its log reserved ahead (wal.PREALLOCATE_BYTES): it must stop once its log needs room it cannot "
+            "get (one ERROR line naming the file and ENOSPC, exit non-zero), another node leads, nothing "
+            "acknowledged is lost; then free the space and restart it: it catches up")
     deposes_leader = True
     needs_data_disks = True
 
@@ -516,6 +522,7 @@ class DiskFull(Fault):
         node = nemesis.cluster.nodes[node_id]
         log_offset = os.path.getsize(node.log_path) if os.path.exists(node.log_path) else 0
         filler = data_disks.fill(node.data_dir)
+        _outgrow_reserved_log_room(nemesis, node)
         return {"nodes": [node_id], "leader": node_id, "filler": filler, "log_offset": log_offset}
 
     def stop(self, nemesis, detail):
@@ -531,6 +538,24 @@ class DiskFull(Fault):
         if not stopped:
             nemesis.cluster.kill(node_id)  # still running on a full disk: the checker reports it
         nemesis.ensure_running(node_id)
+
+
+def _outgrow_reserved_log_room(nemesis, node) -> None:
+    """Submits, to DISK_FULL_QUEUE, more bytes than the WAL grows its file ahead of its records, so
+    the leader on the full disk must ask it for room; stops once that node has exited."""
+    from raftq import Client, errors
+
+    pad = "x" * (16 << 10)
+    batch = [{"pad": pad}] * 8
+    batches = (PREALLOCATE_BYTES + (256 << 10)) // (len(batch) * len(pad)) + 1
+    with Client(nemesis.cluster.urls, timeout=5.0, deadline=10.0) as client:
+        for _ in range(batches):
+            if node.process is None or node.process.poll() is not None:
+                return
+            try:
+                client.submit_many(DISK_FULL_QUEUE, batch)
+            except errors.RaftqError:
+                return  # no leader answered in time: the fault's judgement says what happened
 
 
 FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in (
