@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import subprocess
+
+from raftq.chaos import debian_packages
 
 #: where Debian's libfaketime package puts the library (multiarch folder varies)
 _LIBRARY_PATTERNS = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1")
@@ -41,17 +41,11 @@ def library_path(*, install: bool = True) -> str:
         return found
     if not install:
         raise FaketimeUnavailable("libfaketime is not installed: `apt-get install -y faketime`")
-    if shutil.which("apt-get") is None:
-        raise FaketimeUnavailable("libfaketime is missing and this system has no apt-get to install Debian's faketime")
-    if os.geteuid() != 0:
-        raise FaketimeUnavailable("libfaketime is missing; installing it needs root: `apt-get install -y faketime`")
-    result = subprocess.run(
-        "apt-get update && apt-get install -y faketime", shell=True, capture_output=True, text=True,
-        timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    failure = debian_packages.install("faketime", present=lambda: _find() is not None)
+    if failure:
+        raise FaketimeUnavailable(failure)
     found = _find()
-    if result.returncode != 0 or not found:
-        raise FaketimeUnavailable(f"installing Debian's faketime failed (exit {result.returncode}):\n"
-                                  f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    assert found is not None
     return found
 
 

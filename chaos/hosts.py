@@ -28,6 +28,7 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 from typing import Sequence
+from raftq.chaos import debian_packages
 
 #: Environment variable whose value starts every namespace and bridge name (default "rq").
 PREFIX_ENV = "RAFTQ_NETNS_PREFIX"
@@ -40,13 +41,9 @@ def unavailable_reason() -> str | None:
     """None when network namespaces can be made here; otherwise why not (the skip reason)."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
-    if shutil.which("ip") is None:
-        if shutil.which("apt-get") is None:
-            return "the ip command (iproute2) is missing and there is no apt-get to install it"
-        result = subprocess.run("apt-get update && apt-get install -y iproute2", shell=True, capture_output=True,
-                                text=True, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if result.returncode != 0 or shutil.which("ip") is None:
-            return f"installing iproute2 failed (exit {result.returncode}): {result.stderr[-500:]}"
+    failure = debian_packages.install("iproute2", present=lambda: shutil.which("ip") is not None)
+    if failure:
+        return failure
     probe = f"{_prefix()}{secrets.token_hex(3)}p"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:

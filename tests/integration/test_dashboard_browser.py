@@ -31,6 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from raftq import Client
+from raftq.chaos import debian_packages
 from raftq.cluster.localcluster import LocalCluster
 
 CHROMIUM_PATH = "/usr/bin/chromium"
@@ -47,20 +48,9 @@ WORK_QUEUE = "work"
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The Chromium binary; installed from Debian's package when missing and we are root."""
-    if os.path.exists(CHROMIUM_PATH):
-        return CHROMIUM_PATH
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM_PATH} is missing and this system has no apt-get to install Debian's chromium")
-    if os.geteuid() != 0:
-        pytest.skip(f"{CHROMIUM_PATH} is missing; installing it needs root: `apt-get install -y chromium`")
-    result = subprocess.run(
-        "apt-get update && apt-get install -y chromium",
-        shell=True, capture_output=True, text=True, timeout=1200,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    if result.returncode != 0 or not os.path.exists(CHROMIUM_PATH):
-        pytest.fail(f"installing Debian's chromium failed (exit {result.returncode}):\n"
-                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    failure = debian_packages.install("chromium", present=lambda: os.path.exists(CHROMIUM_PATH))
+    if failure:
+        pytest.skip(failure)
     return CHROMIUM_PATH
 
 
