@@ -494,6 +494,11 @@ class Node:
         """Stops a node that cannot persist: one ERROR line, no more messages out, `failure` resolved."""
         log.error("%s", storage_failure_line(error))
         self._stopping = True
+        # Lead no more (the core is gone with the drive loop): requests that arrive until the process
+        # exits are refused at once instead of queueing proposals nobody will drive, which held the
+        # exit up for the shutdown grace period while the node still answered as leader.
+        self._role = Role.FOLLOWER
+        self._leader_id = None
         self._fail_waiters(Unavailable("node stopped: it cannot write to its disk"))
         for task in self._tasks:
             if task is not asyncio.current_task():

@@ -34,6 +34,9 @@ BATCH = 10
 PAYLOAD = "x" * 2000
 #: the election timeout is 1-2 s; the rest is the loaded 2-core machine
 NEW_LEADER_S_MAX = 4.0
+#: from the node's ERROR line to its exit: it refuses new requests at once and waits for none (well
+#: under a second here; the rest is the loaded machine)
+EXIT_AFTER_ERROR_S_MAX = 3.0
 
 
 @pytest.fixture
@@ -76,6 +79,7 @@ class _FailoverWatch:
     def __init__(self, cluster: LocalCluster, node_id: str) -> None:
         self.cluster, self.node_id = cluster, node_id
         self.exited_at: float | None = None
+        self.exited_wall: float | None = None  # time.time(), to compare with the node's log lines
         self.leader_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -93,7 +97,7 @@ class _FailoverWatch:
         while not self._stop.wait(0.02):
             if self.exited_at is None:
                 if not node.alive:
-                    self.exited_at = time.monotonic()
+                    self.exited_at, self.exited_wall = time.monotonic(), time.time()
                 continue
             leader = self.cluster.leader()
             if leader is not None and leader != self.node_id:
@@ -104,6 +108,44 @@ class _FailoverWatch:
         wait_until(lambda: self.leader_at is not None, timeout_s=30, what="the watch to see a new leader")
         assert self.exited_at is not None and self.leader_at is not None
         return self.leader_at - self.exited_at
+
+
+class _SideSubmitters:
+    """Threads each submitting one small job at a time to one node only, until stopped."""
+
+    def __init__(self, url: str, threads: int) -> None:
+        self.url = url
+        self.acked: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> "_SideSubmitters":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        with Client([self.url], deadline=2, timeout=15) as client:
+            while not self._stop.is_set():
+                try:
+                    self.acked.append(client.submit("side", {"n": len(self.acked)}))
+                except Exception:  # refused or unreachable once n1 stops: keep knocking until told
+                    self._stop.wait(0.05)
+
+
+def _logged_at(line: str) -> float:
+    """The time.time() of a node's text log line ("2026-12-07 02:20:01,123 ERROR ...", local time)."""
+    stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+    assert stamp, f"no timestamp at the start of: {line}"
+    return time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
 
 
 def _error_lines(text: str) -> list[str]:
@@ -130,7 +172,10 @@ def _run(cluster: LocalCluster, mount_point: str, n1_dir: str) -> None:
     n1 = cluster.nodes["n1"]
     watch = _FailoverWatch(cluster, "n1")
     acked: list[str] = []
-    with watch, Client(cluster.urls, deadline=60, timeout=15) as client:
+    # Requests keep reaching n1 itself while it fails: each must be refused at once, not queued
+    # behind a core that is gone (that held the exit up for the shutdown grace period).
+    side = _SideSubmitters(n1.url, threads=4)
+    with watch, side, Client(cluster.urls, deadline=60, timeout=15) as client:
         batches_after_exit = 0
         for _ in range(2000):
             acked += client.submit_many("full", [{"n": len(acked) + i, "pad": PAYLOAD} for i in range(BATCH)])
@@ -150,9 +195,15 @@ def _run(cluster: LocalCluster, mount_point: str, n1_dir: str) -> None:
         assert "No space left on device" in errors[0] and n1_dir in errors[0], errors[0]
         named = re.search(r"'([^']+)'", errors[0])
         assert named and named.group(1).startswith(n1_dir), f"the ERROR line names no file of n1: {errors[0]}"
+        assert watch.exited_wall is not None
+        exit_s = watch.exited_wall - _logged_at(errors[0])
+        assert exit_s <= EXIT_AFTER_ERROR_S_MAX, f"n1 exited {exit_s:.2f} s after its ERROR line: {errors[0]}"
 
         # Nothing acknowledged is lost: every job is there, on the nodes that are left.
         assert client.queues()["full"]["ready"] == len(acked)
+        side.stop()
+        for job_id in side.acked:
+            assert client.get(job_id)["state"] == "ready", job_id
         for job_id in acked[:: max(1, len(acked) // 40)] + acked[-3:]:
             assert client.get(job_id)["state"] == "ready"
 
