@@ -134,9 +134,9 @@ class Client(_BaseClient):
                     group: str | None = None) -> list[str]:
         """Submits many jobs, one request per chunk of up to 1000 (each chunk is one log entry).
 
-        Every job gets its own idempotency key (32 fresh random hex digits unless given), reused when a chunk
-        is retried. Chunks go one after another, each with its own deadline; when one fails, the
-        earlier chunks are already submitted.
+        Every job gets its own idempotency key (32 fresh random hex digits unless given), reused
+        when a chunk is retried. Chunks go one after another, each with its own deadline; when one
+        fails, the earlier chunks are already submitted.
 
         Args:
             queue: the queue name.

@@ -25,7 +25,8 @@ from raftq.cluster.queue import commands as cmds
 
 NOW_MS = 1_765_000_000_000
 
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=8)
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+           | st.text(max_size=8))
 payloads = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                         | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=12)
 keys = st.none() | st.text(max_size=10) | st.integers() | st.just("k" * (protocol.IDEMPOTENCY_KEY_BYTES_MAX + 1))
@@ -168,7 +169,8 @@ def test_a_payload_keeps_its_own_encoding():
     ("x" * protocol.PAYLOAD_BYTES_MAX, 413),
 ])
 def test_the_payload_checks_hold_for_passed_through_bytes(payload, status):
-    for body in ({"jobs": [{"payload": payload}]}, {"jobs": [{"payload": 1}, {"payload": payload, "idempotency_key": "k"}]}):
+    second = {"payload": payload, "idempotency_key": "k"}
+    for body in ({"jobs": [{"payload": payload}]}, {"jobs": [{"payload": 1}, second]}):
         raw = pack(body)
         # A key neither text nor bytes sends the body to the whole decode (strict_map_key).
         assert (type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed) == (repr(payload)[:2] not in ("{N", "{T"))
@@ -224,7 +226,8 @@ answer_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2
 @given(jobs=st.lists(st.tuples(answer_values, answer_values), max_size=5))
 @example(jobs=[(struct.unpack(">d", b"\x40\xc7\x00\x7f\x00\x00\x00\x00")[0], {"a": 1})])  # holds the placeholder
 def test_an_answer_splices_stored_bytes_to_the_value_a_decode_would_give(jobs):
-    spliced = {"jobs": [{"id": "j", "lease_s": other, "payload": Packed(pack(payload)), "n": 1} for other, payload in jobs]}
+    spliced = {"jobs": [{"id": "j", "lease_s": other, "payload": Packed(pack(payload)), "n": 1}
+                        for other, payload in jobs]}
     decoded = {"jobs": [{"id": "j", "lease_s": other, "payload": payload, "n": 1} for other, payload in jobs]}
     assert msgpack.unpackb(pack_answer(spliced), raw=False) == decoded
     if not any(b"\xc7\x00\x7f" in pack(other) for other, _ in jobs):

@@ -176,6 +176,8 @@ def test_a_submit_decodes_the_same_by_the_one_step_path_and_field_by_field():
     assert c.decode_command(c.encode_command(fast)) == fast
     with_bool = msgpack.packb((c.Submit.TAG, 1, "q", (("j1", b"", True, 0, 1, 1_000, None, 0, 0, None, None),)))
     assert c.decode_command(with_bool).jobs[0].priority is True
-    for bad in (("j1", b"", 10, 0, 1, 1_000, None, 0, 0, None, None), ("j1", "", 0, 0, 1, 1_000, None, 0, 0, None, None)):
+    priority_10 = ("j1", b"", 10, 0, 1, 1_000, None, 0, 0, None, None)
+    text_payload = ("j1", "", 0, 0, 1, 1_000, None, 0, 0, None, None)
+    for bad in (priority_10, text_payload):
         with pytest.raises(c.CommandDecodeError):
             c.decode_command(msgpack.packb((c.Submit.TAG, 1, "q", (bad,))))
