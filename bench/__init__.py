@@ -4,6 +4,8 @@
     raftq bench --scenario e2e --jobs 50000 --batch 100 --workers 1 --concurrency 4
     raftq bench --scenario submit --batch 1 --producers 4 --nodes http://10.0.0.1:7001,...
     raftq bench nats --figure submit1 --jobs 1000    the same figure on NATS JetStream (bench/nats_peer.py)
+    raftq bench snapshot                             a million live jobs: each node's loop pause while it
+                                                     snapshots them (bench/snapshot_pause.py)
 
 Theory of operation
 -------------------
@@ -35,6 +37,7 @@ The fsync policy is not a knob: every 2xx is on disk on a majority of nodes.
 
 Modules: `main` (the command line, the scenarios and the runs), `roles` (the producer and worker
 processes), `measure` (metrics, /proc and machine facts), `report` (tables, JSON, the chart),
-`nats_peer` (the comparison figures on a NATS JetStream cluster). The
+`nats_peer` (the comparison figures on a NATS JetStream cluster), `snapshot_pause` (the loop pause
+of a snapshot of a million live jobs). The
 benchmark imports the client and `cluster.localcluster`; nothing imports the benchmark.
 """

@@ -240,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["nats"]:  # the same figures on NATS JetStream, for a side-by-side table
         from raftq.bench import nats_peer
         return nats_peer.main(argv[1:])
+    if argv[:1] == ["snapshot"]:  # a snapshot of a million live jobs: how long it pauses the nodes' loops
+        from raftq.bench import snapshot_pause
+        return snapshot_pause.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -6,10 +6,10 @@ Theory of operation
 (followers redirect, like every client request). It first passes a read barrier (ReadIndex:
 it confirms with a majority that it still leads, then waits until it has applied everything
 committed before the request), so every write acknowledged before the request is in its state;
-then it captures the state machine at its applied index on the event loop (the same cheap
-capture a snapshot starts with) and writes it in a worker thread as a snapshot file, in the
-snapshot store's format (body, then a trailer with index, term, length, sha256 and magic), into
-a private folder under the node's data directory. The response streams that file and the folder
+then it writes the state machine at its applied index the way its own snapshots are written (a
+forked child, so the event loop pauses only for the fork; or a capture on the loop and a worker
+thread) as a snapshot file, in the snapshot store's format (body, then a trailer with index,
+term, length, sha256 and magic), into a private folder under the node's data directory. The response streams that file and the folder
 is deleted when the response is done, whether the client read it all or not. The answer's
 headers name the backup's index and term; everything acknowledged before the request is at or
 below that index. A backup costs one snapshot's disk space and time while it is taken.
@@ -40,7 +40,7 @@ from raftq.cluster.api.keys import NODE
 from raftq.cluster.errors import ConfigError
 from raftq.cluster.queue.state_machine import QueueStateMachine, write_snapshot
 from raftq.cluster.raft.membership import Member, Membership
-from raftq.cluster.raft.messages import HardState
+from raftq.cluster.raft.messages import HardState, SnapshotPoint
 from raftq.cluster.storage.errors import SnapshotCorruptionError
 from raftq.cluster.storage.hard_state import fsync_directory
 from raftq.cluster.storage.node_storage import NodeStorage
@@ -65,13 +65,14 @@ async def backup_view(request: web.Request) -> web.StreamResponse:
     """`GET /v1/admin/backup`: the leader's state as one snapshot file (see the module docstring)."""
     node: Node = request.app[NODE]
     await node.read_barrier()
-    capture = node.queue.capture()
     index, term = node.queue.last_applied, node.snapshotting.applied_term
     parent = os.path.join(node.config.data_dir, BACKUPS_FOLDER)
     os.makedirs(parent, exist_ok=True)
     folder = tempfile.mkdtemp(dir=parent)
     try:
-        meta = await asyncio.to_thread(_write, folder, capture, index, term)
+        # Nothing awaited between the barrier and here: the state is still the one at `index`.
+        store = SnapshotStore(folder, logger=log)  # an empty folder just made: nothing for open() to clean
+        meta = await node.snapshotting.write_copy(node.queue, store, SnapshotPoint(index, term))
         log.info("backup at %d (term %d): %d bytes, sending it to %s", index, term, meta.size_bytes, request.remote)
         response = web.StreamResponse(headers={
             "Content-Type": "application/octet-stream",
@@ -93,13 +94,6 @@ async def backup_view(request: web.Request) -> web.StreamResponse:
 def remove_leftovers(data_dir: str) -> None:
     """Deletes backups a stopped node was sending (called at start, before any backup runs)."""
     shutil.rmtree(os.path.join(data_dir, BACKUPS_FOLDER), ignore_errors=True)
-
-
-def _write(folder: str, capture, index: int, term: int) -> SnapshotMeta:
-    store = SnapshotStore.open(folder, logger=log)
-    with store.writer(index, term) as writer:
-        write_snapshot(capture, writer.write)
-        return writer.commit()
 
 
 def verify_backup(path: str) -> tuple[int, int]:

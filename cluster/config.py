@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from raftq.cluster import constants
 from raftq.cluster.errors import ConfigError
 
+#: How a node writes its snapshots (NodeConfig.snapshot_writer).
+SNAPSHOT_WRITERS: tuple[str, ...] = ("fork", "thread")
+
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Listen addresses that mean "every interface": they name no address a client could use.
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -73,6 +76,10 @@ class NodeConfig:
     snapshot_every_entries: int = constants.SNAPSHOT_EVERY_ENTRIES
     snapshot_every_bytes: int = constants.SNAPSHOT_EVERY_BYTES
     snapshot_interval_s: float = constants.SNAPSHOT_INTERVAL_S
+    #: "fork": a forked child writes each snapshot (the loop pauses only for the fork); "thread":
+    #: the state is captured on the loop and written by a worker thread. Where fork is not
+    #: available (not Linux), "fork" writes the way "thread" does.
+    snapshot_writer: str = "fork"
     compact_keep_entries: int = constants.COMPACT_KEEP_ENTRIES
     compact_keep_bytes: int = constants.COMPACT_KEEP_BYTES
     wal_segment_bytes: int = constants.WAL_SEGMENT_BYTES
@@ -176,6 +183,8 @@ class NodeConfig:
             raise ConfigError(f"log format must be text or json, got {self.log_format!r}")
         if self.snapshot_every_entries < 1 or self.snapshot_every_bytes < 1 or self.snapshot_interval_s <= 0:
             raise ConfigError("snapshot_every_entries, snapshot_every_bytes and snapshot_interval_s must be positive")
+        if self.snapshot_writer not in SNAPSHOT_WRITERS:
+            raise ConfigError(f"snapshot_writer must be one of {', '.join(SNAPSHOT_WRITERS)}, not {self.snapshot_writer!r}")
         if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
             raise ConfigError("compact_keep_entries and compact_keep_bytes must not be negative")
         if self.wal_segment_bytes < 4096:

@@ -24,7 +24,7 @@ from typing import Sequence
 from aiohttp import web
 
 from raftq.cluster import constants as c
-from raftq.cluster.config import NodeConfig
+from raftq.cluster.config import SNAPSHOT_WRITERS, NodeConfig
 from raftq.cluster.errors import ConfigError
 from raftq.cluster.storage.errors import DiskWriteError, storage_failure_line
 
@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(_env("SNAPSHOT_INTERVAL", str(c.SNAPSHOT_INTERVAL_S))),
                    help=f"... or this many seconds after the last one when anything changed "
                         f"(default {c.SNAPSHOT_INTERVAL_S:g})")
+    p.add_argument("--snapshot-writer", choices=SNAPSHOT_WRITERS, default=_env("SNAPSHOT_WRITER", "fork"),
+                   help="fork: a child process writes each snapshot, the node pauses only for the fork (Linux; "
+                        "needs free memory up to the node's RSS while it runs); thread: the node captures its "
+                        "state on its event loop (0.4-0.8 s at a million jobs) and a thread writes it "
+                        "(default fork)")
     p.add_argument("--compact-keep", type=int, default=int(_env("COMPACT_KEEP", str(c.COMPACT_KEEP_ENTRIES))),
                    help=f"log entries kept behind a snapshot for slow followers (default {c.COMPACT_KEEP_ENTRIES})")
     p.add_argument("--wal-segment-bytes", type=int, default=int(_env("WAL_SEGMENT_BYTES", str(c.WAL_SEGMENT_BYTES))),
@@ -195,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         snapshot_every_entries=args.snapshot_every,
         snapshot_every_bytes=args.snapshot_bytes,
         snapshot_interval_s=args.snapshot_interval,
+        snapshot_writer=args.snapshot_writer,
         compact_keep_entries=args.compact_keep,
         wal_segment_bytes=args.wal_segment_bytes,
         connections_max=args.connections_max,

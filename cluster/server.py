@@ -788,8 +788,9 @@ class Node:
         self._proposals.clear()
 
     async def _watch_loop_lag(self) -> None:
-        interval_s = 0.5
+        interval_s = node_metrics.LOOP_LAG_SAMPLE_S
         while not self._stopping:
             started = time.monotonic()
             await asyncio.sleep(interval_s)
-            self.metrics.event_loop_lag_seconds.set(max(0.0, time.monotonic() - started - interval_s))
+            now = time.monotonic()
+            self.metrics.observe_loop_lag(now, max(0.0, now - started - interval_s))

@@ -222,14 +222,35 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ writing and deleting
 
-    def writer(self, index: int, term: int) -> "SnapshotWriter":
+    def writer(self, index: int, term: int, *, hasher: "hashlib._Hash | None" = None) -> "SnapshotWriter":
         """Starts writing the snapshot at (index, term); see SnapshotWriter.
+
+        Args:
+            hasher: a fresh sha256 to hash the body with (default: one made here). A forked
+                child passes one its parent made, so it never enters OpenSSL's locks.
 
         Raises:
             OSError: the temporary file cannot be created.
         """
         assert index >= 0 and term >= 0, (index, term)
-        return SnapshotWriter(self.directory, index, term)
+        return SnapshotWriter(self.directory, index, term, hasher=hasher)
+
+    def path_of(self, index: int, term: int) -> str:
+        """Where the snapshot at (index, term) is (or would be)."""
+        return os.path.join(self.directory, snapshot_file_name(index, term))
+
+    def remove_unfinished(self, index: int, term: int) -> bool:
+        """Deletes the temporary file of the snapshot at (index, term), if a writer that died left
+        one (open() would delete it at the next start); returns whether there was one.
+
+        Raises:
+            OSError: the file is there and cannot be deleted.
+        """
+        try:
+            os.unlink(self.path_of(index, term) + _TEMPORARY_SUFFIX)
+        except FileNotFoundError:
+            return False
+        return True
 
     def retain(self, keep: int = 2) -> list[str]:
         """Deletes all but the newest `keep` snapshots, oldest first, fsyncing the directory after each.
@@ -328,7 +349,7 @@ class SnapshotWriter:
             meta = writer.commit()
     """
 
-    def __init__(self, directory: str, index: int, term: int) -> None:
+    def __init__(self, directory: str, index: int, term: int, *, hasher: "hashlib._Hash | None" = None) -> None:
         """Use SnapshotStore.writer(); creates `<final name>.tmp` (replacing a stale one)."""
         self.index = index
         self.term = term
@@ -336,7 +357,7 @@ class SnapshotWriter:
         self.path = os.path.join(directory, snapshot_file_name(index, term))
         self._temporary = self.path + _TEMPORARY_SUFFIX
         self._file: BinaryIO | None = open(self._temporary, "wb", buffering=WRITE_BUFFER_BYTES)
-        self._hash = hashlib.sha256()
+        self._hash = hasher if hasher is not None else hashlib.sha256()
         self._body_bytes = 0
         self._committed = False
 
