@@ -5,16 +5,16 @@
 
 Theory of operation
 -------------------
-A fresh 3-node cluster (or with `--size 1` one node) on loopback (`LocalCluster`, data in a temporary folder) is started with
-one snapshot trigger: `--snapshot-interval` of `--snapshot-after` seconds (the entry and byte
-triggers out of reach; ticks count as entries, so no entry count is exact). `--producers`
-threads submit `--jobs` jobs (`--payload-bytes` each) in requests of `--batch` jobs, each request
-one log entry; nobody works on them, so all stay live. Once every node has applied them, the
-bench waits until every node's loop is quiet (the node's own `raftq_event_loop_lag_max_seconds`,
-the largest lag of its last 30 s, below QUIET_LAG_S), then until every node has taken its
-snapshot (the three reach the interval within a tick of each other). Meanwhile it polls each
-node's /metrics and /proc every POLL_S: the loop-lag maximum, the node's RSS and that of any
-child it forked.
+A fresh 3-node cluster (or with `--size 1` one node) on loopback (`LocalCluster`, data in a
+temporary folder) is started with one snapshot trigger: `--snapshot-interval` of `--snapshot-after`
+seconds (the entry and byte triggers out of reach; ticks count as entries, so no entry count is
+exact). `--producers` threads submit `--jobs` jobs (`--payload-bytes` each) in requests of
+`--batch` jobs, each request one log entry; nobody works on them, so all stay live. Once every node
+has applied them, the bench waits until every node's loop is quiet (the node's own
+`raftq_event_loop_lag_max_seconds`, the largest lag of its last 30 s, below QUIET_LAG_S), then
+until every node has taken its snapshot (the three reach the interval within a tick of each other).
+Meanwhile it polls each node's /metrics and /proc every POLL_S: the loop-lag maximum, the node's
+RSS and that of any child it forked.
 
 Per node it prints: the time the snapshot spent on the event loop (`raftq_snapshot_capture_seconds`,
 the node's own timing: the capture on the loop, or the fork), the largest loop lag the node's

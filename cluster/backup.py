@@ -3,16 +3,16 @@
 Theory of operation
 -------------------
 **Taking one** (`GET /v1/admin/backup`, `raftq admin backup FILE`). Only the leader answers
-(followers redirect, like every client request). It first passes a read barrier (ReadIndex:
-it confirms with a majority that it still leads, then waits until it has applied everything
-committed before the request), so every write acknowledged before the request is in its state;
-then it writes the state machine at its applied index the way its own snapshots are written (a
-forked child, so the event loop pauses only for the fork; or a capture on the loop and a worker
-thread) as a snapshot file, in the snapshot store's format (body, then a trailer with index,
-term, length, sha256 and magic), into a private folder under the node's data directory. The response streams that file and the folder
-is deleted when the response is done, whether the client read it all or not. The answer's
-headers name the backup's index and term; everything acknowledged before the request is at or
-below that index. A backup costs one snapshot's disk space and time while it is taken.
+(followers redirect, like every client request). It first passes a read barrier (ReadIndex: it
+confirms with a majority that it still leads, then waits until it has applied everything committed
+before the request), so every write acknowledged before the request is in its state; then it writes
+the state machine at its applied index the way its own snapshots are written (a forked child, so
+the event loop pauses only for the fork; or a capture on the loop and a worker thread) as a
+snapshot file, in the snapshot store's format (body, then a trailer with index, term, length,
+sha256 and magic), into a private folder under the node's data directory. The response streams that
+file and the folder is deleted when the response is done, whether the client read it all or not.
+The answer's headers name the backup's index and term; everything acknowledged before the request
+is at or below that index. A backup costs one snapshot's disk space and time while it is taken.
 
 **Restoring one** (`raftq node --restore FILE --id n1 --data-dir DIR`). The file is checked whole
 (trailer, size, sha256) and copied into the empty data directory as its only snapshot; the hard

@@ -184,7 +184,8 @@ class NodeConfig:
         if self.snapshot_every_entries < 1 or self.snapshot_every_bytes < 1 or self.snapshot_interval_s <= 0:
             raise ConfigError("snapshot_every_entries, snapshot_every_bytes and snapshot_interval_s must be positive")
         if self.snapshot_writer not in SNAPSHOT_WRITERS:
-            raise ConfigError(f"snapshot_writer must be one of {', '.join(SNAPSHOT_WRITERS)}, not {self.snapshot_writer!r}")
+            raise ConfigError(f"snapshot_writer must be one of {', '.join(SNAPSHOT_WRITERS)}, "
+                              f"not {self.snapshot_writer!r}")
         if self.compact_keep_entries < 0 or self.compact_keep_bytes < 0:
             raise ConfigError("compact_keep_entries and compact_keep_bytes must not be negative")
         if self.wal_segment_bytes < 4096:

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-writer", choices=SNAPSHOT_WRITERS, default=_env("SNAPSHOT_WRITER", "fork"),
                    help="fork: a child process writes each snapshot, the node pauses only for the fork (Linux; "
                         "needs free memory up to the node's RSS while it runs); thread: the node captures its "
-                        "state on its event loop (0.4-0.8 s at a million jobs) and a thread writes it "
+                        "state on its event loop (0.4-2.5 s at a million jobs) and a thread writes it "
                         "(default fork)")
     p.add_argument("--compact-keep", type=int, default=int(_env("COMPACT_KEEP", str(c.COMPACT_KEEP_ENTRIES))),
                    help=f"log entries kept behind a snapshot for slow followers (default {c.COMPACT_KEEP_ENTRIES})")

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Redis's BGSAVE model. Capturing a million jobs on the event loop took 0.4-0.8 s (one row per job,
+Redis's BGSAVE model. Capturing a million jobs on the event loop took 0.4-2.5 s (one row per job,
 `QueueStateMachine.capture`), during which the node answered nothing, not even heartbeats. A
 `fork()` gives a child process the whole state as it is at that instant, copy-on-write, for the
 price of copying the parent's page tables (about 10-15 ms per GiB of RSS here): the parent goes
@@ -10,14 +10,15 @@ on applying entries at once, and the child captures, encodes and writes the file
 two calls the in-process path makes (`capture()`, `write_snapshot()`), so the file holds the
 same bytes, then leaves with `os._exit`.
 
-The child is the one thread that called fork; every other thread of the node is gone in it, and
-a lock one of them held stays held there forever. So the child touches only the state machine's
-objects, msgpack, a sha256 object made before the fork (OpenSSL takes internal locks when it
-makes one) and os-level file calls: no logging, no asyncio, no executor. It stops signals from
-reaching the parent's event loop (Python's handlers write to a wakeup fd the two share), runs
-at a lower CPU priority than the node (`CHILD_NICENESS`), asks the kernel to kill it if the node
-dies (`PR_SET_PDEATHSIG`), and reports the outcome through a pipe: the file's size, or the OSError that stopped it (errno, file, message). Its exit status
-tells a child that was killed from one that finished.
+The child is the one thread that called fork; every other thread of the node is gone in it, and a
+lock one of them held stays held there forever. So the child touches only the state machine's
+objects, msgpack, a sha256 object made before the fork (OpenSSL takes internal locks when it makes
+one) and os-level file calls: no logging, no asyncio, no executor. It stops signals from reaching
+the parent's event loop (Python's handlers write to a wakeup fd the two share), runs at a lower CPU
+priority than the node (`CHILD_NICENESS`), asks the kernel to kill it if the node dies
+(`PR_SET_PDEATHSIG`), and reports the outcome through a pipe: the file's size, or the OSError that
+stopped it (errno, file, message). Its exit status tells a child that was killed from one that
+finished.
 
 The parent waits for the child in a worker thread (`os.waitpid`), so the loop never blocks on it.
 A child that failed leaves no snapshot: its writer deletes the temporary file when it can, and

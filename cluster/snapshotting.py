@@ -8,7 +8,7 @@ After `snapshot_every_entries` entries or `snapshot_every_bytes` log bytes since
 By default (`snapshot_writer` "fork", on Linux) it forks a child that writes the state as it was
 at that instant into a snapshot file (tmp, fsync, rename; snapshot_child.py), and a worker thread
 waits for the child: the loop pauses only for the fork. Otherwise (or when the fork fails) it
-captures the state machine on the loop (a copy of immutable rows: 0.4-0.8 s at a million jobs)
+captures the state machine on the loop (a copy of immutable rows: 0.4-2.5 s at a million jobs)
 and a worker thread encodes it into the file. Both write the same bytes. Once durable,
 `handle_events` (called by the drive loop between Readys, when nothing else touches the WAL)
 has the core drop log entries up to the snapshot minus `compact_keep_entries` (and at most
