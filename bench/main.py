@@ -42,6 +42,11 @@ RESULTS_S_MAX = 60.0
 REAP_S_MAX = 15.0
 #: Threads that queue the jobs of a drain run before the clock starts.
 PREFILL_THREADS = 4
+#: With --retention: how long past the retention a drain run waits for its records to be dropped
+#: (the leader's Tick that drops them comes at most a few ticks late).
+RECORDS_DROPPED_WAIT_S = 30.0
+#: ... and how long it then samples the leader's RSS, taking the lowest.
+SETTLE_S = 10.0
 #: How often the parent reads the shared counters (progress bar, stop decision).
 POLL_S = 0.02
 CLUSTER_SIZE = 3
@@ -131,6 +136,7 @@ class Settings:
     data_dir: str
     keep_data: bool
     progress: bool | None  #: None: draw when stderr is a terminal
+    retention_s: float | None = None  #: the nodes' --retention (None: their default)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="draw jobs/s and latency by scenario (needs matplotlib)")
     p.add_argument("--data-dir", help="where the bench's clusters keep their logs (default: a temporary folder)")
     p.add_argument("--keep-data", action="store_true", help="keep the clusters' data and logs afterwards")
+    p.add_argument("--retention", type=float, metavar="SECONDS",
+                   help="the nodes keep finished job records and idempotency keys this long (their --retention "
+                        "and --idempotency-window); with drain, the report adds the leader's RSS once the drained "
+                        "jobs' records are gone")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="print the default scenario set and exit")
     return p
@@ -264,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nodes=[url.strip().rstrip("/") for url in args.nodes.split(",") if url.strip()] if args.nodes else None,
             token=args.token or None, runs=args.runs, payload_bytes=args.payload_bytes,
             cpu_loops=calibrate_cpu_loops(), data_dir=data_dir, keep_data=args.keep_data,
-            progress=False if args.no_progress else None,
+            progress=False if args.no_progress else None, retention_s=args.retention,
         )
         settings.machine = machine_info()
         facts = _header_facts(settings)
@@ -315,6 +325,7 @@ def _header_facts(settings: Settings) -> dict[str, Any]:
         "payload_bytes": settings.payload_bytes,
         "cpu_loops": settings.cpu_loops,
         "runs": settings.runs,
+        "retention_s": settings.retention_s,
     }
 
 
@@ -418,7 +429,9 @@ def _target_for_run(settings: Settings, name: str) -> Iterator[_Target]:
     from raftq.cluster.localcluster import LocalCluster
 
     directory = os.path.join(settings.data_dir, name)
-    cluster = LocalCluster(directory, size=CLUSTER_SIZE)
+    extra_args = () if settings.retention_s is None else (
+        "--retention", str(settings.retention_s), "--idempotency-window", str(settings.retention_s))
+    cluster = LocalCluster(directory, size=CLUSTER_SIZE, extra_args=extra_args)
     try:
         try:
             cluster.start()
@@ -478,6 +491,9 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
         node_rss = {node_id: _mib(peak_rss_kib(pid)) for node_id, pid in target.pids.items()}
     if leader_memory is not None:
         leader_memory["drained"] = _mib(rss_kib(leader_pid))
+        if settings.retention_s is not None:
+            leader_memory["records_dropped"] = _settled_rss_mib(urls, target.token, queue, leader_pid,
+                                                                settings.retention_s)
     still_leader = find_leader(target.urls, target.token)
     wal_per_job, entries_per_fsync = wal_figures(wal_before, wal_after, scenario.jobs)
     leader_changed = still_leader is None or still_leader[0] != leader_id
@@ -488,6 +504,25 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
     figures["leader_changed"] = leader_changed
     figures["leader_memory_mib"] = leader_memory
     return figures
+
+
+def _settled_rss_mib(urls: list[str], token: str | None, queue: str, pid: int, retention_s: float) -> float | None:
+    """The leader's lowest RSS in the SETTLE_S after the run's records were dropped (None if they
+    stay): how much of the burst's memory the node gives back."""
+    deadline = time.monotonic() + retention_s + RECORDS_DROPPED_WAIT_S
+    with Client(urls, token=token, timeout=10.0, deadline=30.0) as client:
+        while client.queues().get(queue, {}).get("done", 0) > 0:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)  # polling the cluster's view with a deadline
+    lowest = None
+    settle_until = time.monotonic() + SETTLE_S
+    while time.monotonic() < settle_until:
+        rss = _mib(rss_kib(pid))
+        if rss is not None and (lowest is None or rss < lowest):
+            lowest = rss
+        time.sleep(0.25)  # sampling the process's RSS while it settles
+    return lowest
 
 
 def _scrape(url: str, token: str | None) -> WalSample | None:

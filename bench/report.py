@@ -60,12 +60,13 @@ def format_tables(results: Sequence[dict]) -> str:
                           "ALL JOBS SEEN"], speed_rows)
     resources = format_table(["SCENARIO", "RSS LEADER MiB", "RSS FOLLOWER MiB", "RSS 3 NODES MiB", "RSS WORKER MiB",
                               "WAL B/JOB", "ENTRIES/FSYNC"], resource_rows)
-    memory_rows = [[result["name"], *(_number(memory.get(key)) for key in ("idle", "queued", "queued_peak", "drained"))]
+    memory_rows = [[result["name"], *(_number(memory.get(key))
+                                      for key in ("idle", "queued", "queued_peak", "drained", "records_dropped"))]
                    for result in results if (memory := result.get("leader_memory_mib"))]
     memory = ""
     if memory_rows:
-        memory = "\n\n" + format_table(["SCENARIO", "LEADER RSS MiB: IDLE", "QUEUED", "PEAK SUBMITTING", "DRAINED"],
-                                        memory_rows)
+        memory = "\n\n" + format_table(["SCENARIO", "LEADER RSS MiB: IDLE", "QUEUED", "PEAK SUBMITTING", "DRAINED",
+                                         "RECORDS DROPPED"], memory_rows)
     return f"{speed}\n\n{resources}{memory}\n\n{_legend()}"
 
 
@@ -74,7 +75,8 @@ def _legend() -> str:
             "job kind.\nSUBMIT MS: per submit request. E2E MS: submit call to ack answer, per job. RSS: peak "
             "(VmHWM) during the run, median of the runs; 3 NODES: their sum; n/a for --nodes.\nLEADER RSS (drain): "
             "VmRSS before the jobs are queued, once all are queued (before any lease), its peak while they were "
-            "submitted, and once the last ack is in.\nWAL B/JOB and ENTRIES/FSYNC: from the leader's /metrics "
+            "submitted, once the last ack is in, and (with --retention) its lowest in the 10 s after those records are "
+            "gone.\nWAL B/JOB and ENTRIES/FSYNC: from the leader's /metrics "
             "(raftq_wal_bytes, raftq_wal_entries_per_fsync).")
 
 

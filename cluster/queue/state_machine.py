@@ -274,10 +274,11 @@ class QueueStateMachine:
         #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
         self.metric_samples: list[tuple[str, str, int]] = []
-        #: Memory only, not state: the values many jobs hold alike, one object each (see _shared).
+        #: Memory only, not state: the values many jobs hold alike, one object each (see _shared
+        #: and _at_now).
         self._shared_values: dict[Any, Any] = {}
-        self._transitions_at_ms = -1
-        self._transitions: dict[str, tuple[tuple[str, int], tuple[tuple[str, int]]]] = {}
+        self._now_values_at_ms = -1
+        self._now_values: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ apply
 
@@ -367,7 +368,8 @@ class QueueStateMachine:
         job = Job(
             new.id, queue.name, state, new.payload, new.priority, new.max_attempts, shared(new.lease_ms),
             shared(new.backoff_base_ms), shared(new.backoff_cap_ms), new.idempotency_key, now,
-            shared(now + new.delay_ms) if delayed else now, new.key, new.group, self._transition(state, now)[1],
+            self._at_now(now, now + new.delay_ms) if delayed else now, new.key, new.group,
+            self._transition(state, now)[1],
         )
         self._jobs[job.id] = job
         queue.counts[job.state] += 1
@@ -378,7 +380,7 @@ class QueueStateMachine:
         else:
             self._push_ready(queue, job)
         if new.idempotency_key is not None:
-            expires_at = self._shared(now + self.idempotency_window_ms)
+            expires_at = self._at_now(now, now + self.idempotency_window_ms)
             key = (queue.name, new.idempotency_key)
             self._idempotency[key] = (job.id, expires_at)
             self._idempotency_fifo.append((expires_at, key))
@@ -495,7 +497,7 @@ class QueueStateMachine:
         """Leases `job`, already taken out of its lane, to `worker`."""
         self._lease_counter += 1
         token = self._lease_counter
-        expires_at = self._shared(now + job.lease_ms)
+        expires_at = self._at_now(now, now + job.lease_ms)
         job.attempts += 1
         if job.attempts == 1:
             self.metric_samples.append(("queue_wait", job.queue, now - job.created_at_ms))
@@ -1015,9 +1017,9 @@ class QueueStateMachine:
     # ------------------------------------------------------------------ shared values (memory only)
 
     def _shared(self, value: Any) -> Any:
-        """`value`, as the one object equal to it that this machine already holds, when it has
-        one: the jobs of a batch carry the same lease and backoff settings, lease and key expiry, and
-        without this each would hold its own int (32 bytes each; a queued job is about 500).
+        """A job setting (lease and backoff times), as the one object equal to it that this
+        machine already holds, when it has one: the jobs of a batch carry the same settings, and
+        without this each would hold its own ints (32 bytes each; a queued job is about 500).
         Identity never decides anything, so this changes memory only. The table is bounded: it
         starts afresh past SHARED_VALUES_MAX."""
         table = self._shared_values
@@ -1028,16 +1030,32 @@ class QueueStateMachine:
             found = table[value] = value
         return found
 
+    def _values_at(self, now: int) -> dict[Any, Any]:
+        """The values built at the clock's `now` for the command being applied: a table emptied
+        whenever the clock moves, so that it keeps nothing of the past alive (objects allocated
+        amid a burst and kept after it would pin the allocator's 1 MiB arenas after the burst)."""
+        if now != self._now_values_at_ms:
+            self._now_values_at_ms = now
+            self._now_values = {}
+        return self._now_values
+
+    def _at_now(self, now: int, time_ms: int) -> int:
+        """A time computed at `now` (a lease or key expiry, a due time), one object for every job
+        of the command that computes the same."""
+        table = self._values_at(now)
+        found = table.get(time_ms)
+        if found is None:
+            found = table[time_ms] = time_ms
+        return found
+
     def _transition(self, state: str, now: int) -> tuple[tuple[str, int], tuple[tuple[str, int]]]:
         """The transition (state, now), and the one-transition history ((state, now),), built once
         per state for all the jobs that the command being applied moves (56 + 48 bytes a job)."""
-        if now != self._transitions_at_ms:
-            self._transitions_at_ms = now
-            self._transitions = {}
-        found = self._transitions.get(state)
+        table = self._values_at(now)
+        found = table.get(state)
         if found is None:
             pair = (state, now)
-            found = self._transitions[state] = (pair, (pair,))
+            found = table[state] = (pair, (pair,))
         return found
 
     # ------------------------------------------------------------------ compaction
