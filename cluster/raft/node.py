@@ -74,6 +74,10 @@ lease keep any other node that was cut off, removed or not, from disrupting a he
 Leadership transfer (thesis §3.10). transfer_leadership() stops proposals, catches the target up
 and sends it TIMEOUT_NOW; the target campaigns at once, skipping pre-vote, with a VOTE marked as
 a transfer that voters grant despite the lease. Not done within an election timeout: abandoned.
+A leader that check-quorum steps down sends TIMEOUT_NOW too, to its most caught-up voter among
+those it has not heard: when only its inbound traffic is cut, the followers still hear it and
+would otherwise wait out an election timeout after its last heartbeat; a lost TIMEOUT_NOW changes
+nothing, and a voter it hears (its own minority side) is never asked to campaign.
 
 Reads. read_index() (Raft §6.4) records the commit index, then confirms leadership with a
 heartbeat round whose answers echo the request's context; when a majority answered, the read is
@@ -884,6 +888,7 @@ class RaftNode:
         if self._election_elapsed >= self._config.election_ticks:
             self._election_elapsed = 0
             if self._config.check_quorum and not self._quorum_active():
+                self._hand_on_when_stepping_down()
                 self._become_follower(self._term, None)  # Raft thesis §6.2: step down
                 return
             for pr in self._progress.values():
@@ -891,6 +896,20 @@ class RaftNode:
         if self._heartbeat_elapsed >= self._config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._bcast_heartbeat()
+
+    def _hand_on_when_stepping_down(self) -> None:
+        """Check-quorum is stepping this leader down: no majority answered it for an election
+        timeout. What it sends may still arrive (its inbound traffic alone is cut), and then the
+        followers, still hearing its heartbeats until now, would wait out an election timeout of
+        their own before electing anyone. TIMEOUT_NOW to the most caught-up voter it has not heard
+        from lets that one campaign at once; its votes are still judged on the logs, and when the
+        message is lost (the cut goes both ways) nothing changes. A voter it did hear is on its own
+        side of a partition, a minority: it could not win, and its campaign (no pre-vote) would
+        only raise its term and disrupt the majority's leader once the partition heals."""
+        unheard = [v for v in self.membership.voters
+                   if v != self.node_id and v in self._progress and not self._progress[v].recent_active]
+        if unheard:
+            self._send(MessageType.TIMEOUT_NOW, max(unheard, key=lambda v: self._progress[v].match_index))
 
     def _quorum_active(self) -> bool:
         membership = self.membership

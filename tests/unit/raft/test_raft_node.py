@@ -252,6 +252,43 @@ def test_check_quorum_leader_steps_down_without_a_majority() -> None:
     assert leader.role is Role.FOLLOWER and leader.term == 1 and leader.leader_id is None
 
 
+def test_a_leader_stepping_down_for_check_quorum_sends_timeout_now_to_the_most_caught_up_voter() -> None:
+    # Its inbound traffic cut (the chaos suite's one-way fault), the leader still reaches the
+    # followers, which hear its heartbeats and would wait out an election timeout of their own
+    # after it stepped down: TIMEOUT_NOW lets the most caught-up one campaign at once.
+    leader = make_leader(election_ticks=10)
+    accept(leader, "n3", 1)
+    drain(leader)
+    messages = []
+    for _ in range(20):
+        leader.tick()
+        messages += sent(leader)
+    assert leader.role is Role.FOLLOWER
+    assert [m.to_id for m in messages if m.type is T.TIMEOUT_NOW] == ["n3"]
+
+
+def test_a_leader_stepping_down_never_asks_a_voter_on_its_own_minority_side_to_campaign() -> None:
+    # Five voters; the leader still hears n4 (the two of them are the minority side of a
+    # partition). n4 is the most caught-up, but could not win: the TIMEOUT_NOW goes elsewhere.
+    leader = make(peers=("n2", "n3", "n4", "n5"), pre_vote=False, election_ticks=10)
+    while leader.role is not Role.CANDIDATE:
+        leader.tick()
+    leader.step(msg(T.VOTE_RESP, "n2", term=leader.term))
+    leader.step(msg(T.VOTE_RESP, "n3", term=leader.term))
+    assert leader.role is Role.LEADER
+    drain(leader)
+    messages = []
+    for _ in range(30):
+        accept(leader, "n4", 1)
+        leader.tick()
+        messages += sent(leader)
+        if leader.role is not Role.LEADER:
+            break
+    assert leader.role is Role.FOLLOWER
+    targets = [m.to_id for m in messages if m.type is T.TIMEOUT_NOW]
+    assert len(targets) == 1 and targets[0] != "n4", targets
+
+
 # ---------------------------------------------------------------------- replication
 
 def test_committed_entries_are_handed_out_only_once_persisted() -> None:
