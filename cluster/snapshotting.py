@@ -345,7 +345,15 @@ class Snapshotting:
             wal.reset_after(point.index, point.term)
 
         started = time.perf_counter()
-        await asyncio.to_thread(install)
+        # The restore makes millions of objects: the collector would walk all of them again and
+        # again, each full pass holding the GIL for most of a second, and the loop waits for it.
+        # Installed state is long-lived, like the state recovered at start: frozen like it.
+        gc.disable()
+        try:
+            await asyncio.to_thread(install)
+        finally:
+            gc.enable()
+        gc.freeze()
         self.applied_term = point.term
         self._bytes_since_snapshot = 0
         self._wal_compacted_to = 0
