@@ -1374,7 +1374,7 @@ class QueueStateMachine:
             self._schedules[schedule.name] = schedule
         for queue_name, key, job_id, expires_at in fields["idempotency"]:
             self._idempotency[(queue_name, key)] = (job_id, expires_at)
-        self._idempotency_fifo = deque(sorted((e, k) for k, (_, e) in self._idempotency.items()))
+        self._idempotency_fifo = deque(_sorted_in_runs([(e, k) for k, (_, e) in self._idempotency.items()]))
         self._restore_jobs(jobs)
         for name, queue_turns in turns.items():
             if queue_turns is None:  # version 1: no limits, so the lanes with a candidate, in order
@@ -1592,6 +1592,16 @@ def _sorted_by_first(rows: Sequence[tuple]) -> Iterator[tuple]:
         return iter(sorted(rows, key=_FIRST))
     runs = [sorted(rows[start:start + SORT_RUN], key=_FIRST) for start in range(0, len(rows), SORT_RUN)]
     return heapq.merge(*runs, key=_FIRST)
+
+
+def _sorted_in_runs(items: list) -> Iterator:
+    """`sorted(items)`, in the same order, in bounded steps: one `sorted()` of a million tuples
+    holds the GIL for most of a second (a follower installing a snapshot in a worker thread made
+    its event loop wait that long), so runs of SORT_RUN are sorted and merged as in
+    `_sorted_by_first`. Items must be unique (the merge of equal items could reorder them)."""
+    if len(items) <= SORT_RUN:
+        return iter(sorted(items))
+    return heapq.merge(*[sorted(items[start:start + SORT_RUN]) for start in range(0, len(items), SORT_RUN)])
 
 
 def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
