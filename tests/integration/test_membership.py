@@ -68,6 +68,21 @@ class _Load:
                 except errors.RaftqError:
                     continue
 
+    def drain_and_check_none_lost(self, urls: list[str]) -> None:
+        """After the load stopped: works off what is left in the queue, then asserts that every
+        acknowledged submit was delivered."""
+        with Client(urls, deadline=60) as client:
+            def drained() -> bool:
+                for job in client.fetch("w2", ["load"], max_jobs=500, wait_s=0.5):
+                    self.delivered.add(job.id)
+                    client.ack("w2", job.id, job.lease_token)
+                depth = client.queues().get("load", {})
+                return not any(depth.get(state) for state in ("ready", "leased", "retry_wait", "scheduled"))
+
+            wait_until(drained, timeout_s=120, what="the queue to drain")
+        lost = self.submitted - self.delivered
+        assert not lost, f"{len(lost)} acknowledged submits never delivered, e.g. {sorted(lost)[:5]}"
+
     def wait_flowing(self, more: int = 50) -> None:
         count = len(self.submitted)
         wait_until(lambda: len(self.submitted) >= count + more, timeout_s=60, what=f"{more} more submits",
@@ -105,17 +120,7 @@ def test_replace_a_dead_box_then_lose_an_original(three_nodes):
         assert last in ("n4", leader, survivor_a) and last != victim
         load.wait_flowing()
     live = [node.url for node_id, node in cluster.nodes.items() if node_id not in (dead, victim)]
-    with Client(live, deadline=60) as client:
-        def drained() -> bool:
-            for job in client.fetch("w2", ["load"], max_jobs=500, wait_s=0.5):
-                load.delivered.add(job.id)
-                client.ack("w2", job.id, job.lease_token)
-            depth = client.queues().get("load", {})
-            return not any(depth.get(state) for state in ("ready", "leased", "retry_wait", "scheduled"))
-
-        wait_until(drained, timeout_s=120, what="the queue to drain")
-    lost = load.submitted - load.delivered
-    assert not lost, f"{len(lost)} acknowledged submits never delivered, e.g. {sorted(lost)[:5]}"
+    load.drain_and_check_none_lost(live)
     digests = cluster.wait_converged(timeout_s=60)
     assert set(digests) == {"n4", *({leader, survivor_a} - {victim})}, digests
     print(f"\nsubmitted={len(load.submitted)} delivered={len(load.delivered)}, survivors {sorted(digests)}")
@@ -173,17 +178,7 @@ def test_transfers_under_load_lose_nothing_and_report_the_time_without_a_leader(
             windows_s.append(time.monotonic() - started)
             assert answer["leader"] != old
             load.wait_flowing(20)
-    with Client(cluster.urls, deadline=60) as client:
-        def drained() -> bool:
-            for job in client.fetch("w2", ["load"], max_jobs=500, wait_s=0.5):
-                load.delivered.add(job.id)
-                client.ack("w2", job.id, job.lease_token)
-            depth = client.queues().get("load", {})
-            return not any(depth.get(state) for state in ("ready", "leased", "retry_wait", "scheduled"))
-
-        wait_until(drained, timeout_s=120, what="the queue to drain")
-    lost = load.submitted - load.delivered
-    assert not lost, f"{len(lost)} acknowledged submits never delivered, e.g. {sorted(lost)[:5]}"
+    load.drain_and_check_none_lost(cluster.urls)
     cluster.wait_converged(timeout_s=60)
     ordered = sorted(windows_s)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
