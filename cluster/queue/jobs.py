@@ -84,8 +84,8 @@ class Job:
         self.finished_at_ms: int | None = None
         self.last_error: str | None = None
         self.result: bytes | None = None
-        # (state, at_ms) pairs, oldest first; replaced by `with_transition`, never mutated. The
-        # caller may pass ((state, created_at_ms),) built once for all the jobs of one command.
+        # (state, at_ms) pairs, oldest first; replaced (by `extended_history`), never mutated, so
+        # the jobs of one command may share one: the caller may pass ((state, created_at_ms),).
         self.transitions: tuple[tuple[str, int], ...] = (
             ((state, created_at_ms),) if transitions is None else transitions)
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
@@ -126,19 +126,6 @@ class Job:
             "group": self.group,
         }
 
-    def with_transition(self, transition: tuple[str, int]) -> None:
-        """Records a (state, at_ms) transition (the caller sets `state` itself; the pair may be
-        shared by every job one command moves, since tuples are never mutated).
-
-        Builds a new tuple rather than appending, so rows captured earlier keep the old one.
-        Past TRANSITIONS_MAX the submission stays and the oldest transition after it goes.
-        """
-        transitions = self.transitions
-        if len(transitions) < TRANSITIONS_MAX:
-            self.transitions = (*transitions, transition)
-        else:
-            self.transitions = (transitions[0], *transitions[2:], transition)
-
     def to_row(self) -> tuple:
         """Every field, in __slots__ order, for the canonical snapshot (msgpack packs the
         transitions' tuples as arrays). Immutable all the way down: see the module docstring."""
@@ -163,6 +150,17 @@ class Job:
         job.state = interned.get(state, state)
         job.transitions = tuple([(interned.get(s, s), at_ms) for s, at_ms in transitions])
         return job
+
+
+def extended_history(
+    transitions: tuple[tuple[str, int], ...], transition: tuple[str, int]
+) -> tuple[tuple[str, int], ...]:
+    """`transitions` followed by a (state, at_ms) transition, as a new tuple (rows captured
+    earlier keep the old one). Past TRANSITIONS_MAX the submission stays and the oldest
+    transition after it goes."""
+    if len(transitions) < TRANSITIONS_MAX:
+        return (*transitions, transition)
+    return (transitions[0], *transitions[2:], transition)
 
 
 #: A job's row (`Job.to_row`) as one C-level call: `map(job_row, jobs)` takes a million rows

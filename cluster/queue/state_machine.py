@@ -39,7 +39,11 @@ is not derivable from them: each queue's turn order and token bucket, and the sc
 * `_delayed`: a heap of (ready_at_ms, seq, job) for SCHEDULED and RETRY_WAIT jobs.
 * `_leases`: a heap of (expires_at_ms, token, job) for LEASED jobs.
 * `_worker_jobs`: worker -> {id: job} of the jobs it holds (WorkerLost, heartbeats).
-* `_idempotency`: (queue, key) -> (job id, expires_at_ms), expired via a FIFO by time.
+* `_idempotency`: queue -> {key: job id} for every key inside its window, and
+  `_idempotency_fifo`, the keys by expiry: one (expires_at_ms, queue, keys, ids) batch per Submit
+  that brought keys (all the keys of one Submit expire together). A key is in exactly one batch,
+  the one that added it; a Submit drops the expired batches before it looks a key up, so every
+  key it finds is inside its window, and a Tick drops them too.
 * `_finished`: a FIFO of the DONE and CANCELLED jobs by finished_at_ms, dropped after
   `retention_ms`.
 
@@ -51,7 +55,7 @@ fresh, unique token, both structures have a total order that `restore` reproduce
 
 Snapshots are taken in two halves, because a state may hold a million jobs and the node serves
 from one asyncio event loop. `capture()` runs on the loop between two applies: one C-level pass
-that copies each job's fields into a tuple (`job_row`), plus the scalars, the idempotency items
+that copies each job's fields into a tuple (`job_row`), plus the scalars, the idempotency batches
 and one row per queue. It is cheap because it shares instead of copying deeply: every field of
 a job holds an immutable value (`jobs.py`), so the rows need no protection from later applies.
 `write_snapshot(capture, write)` then runs anywhere, typically a worker thread: it sorts and
@@ -68,7 +72,7 @@ import hashlib
 import heapq
 import io
 from collections import deque
-from itertools import islice
+from itertools import groupby, islice
 from operator import itemgetter
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
@@ -79,7 +83,7 @@ from raftq.cluster.queue.commands import CommandDecodeError, decode_command
 from raftq.cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
 from raftq.cluster.queue.jobs import (
     ACTIVE_STATES, CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
-    ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, job_row,
+    ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, extended_history, job_row,
 )
 from raftq.cluster.queue.results import (  # re-exported: the API maps these to HTTP
     CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
@@ -135,6 +139,7 @@ SORT_RUN = 16384
 RESTORE_READ_BYTES = 1 << 20
 #: The sort key of every snapshot array: the first field of a row (job id, queue name, key).
 _FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
 
 
 class _Queue:
@@ -194,7 +199,8 @@ class SnapshotCapture:
     Attributes:
         last_applied: index of the last entry applied: the index of the snapshot.
         clock_ms, lease_counter, seq, rotation: the machine's scalar fields.
-        idempotency: ((queue, key), (job id, expires_at_ms)) per idempotency key, in any order.
+        idempotency: the idempotency batches (expires_at_ms, queue, keys, job ids), one per Submit
+            that brought keys, in any order (`write_snapshot` writes one row per key).
         queues: (name, max_depth, counters of EVENTS in that order, settings (rate_per_ks, burst,
             max_running_per_key, fifo), bucket (level, at_ms), turns (lane ids in order)) per
             queue, in any order.
@@ -210,7 +216,7 @@ class SnapshotCapture:
     lease_counter: int
     seq: int
     rotation: int
-    idempotency: tuple[tuple[tuple[str, str], tuple[str, int]], ...]
+    idempotency: tuple[tuple[int, str, tuple[str, ...], tuple[str, ...]], ...]
     queues: tuple[tuple, ...]
     jobs: list[tuple]
     schedules: tuple[tuple, ...] = ()
@@ -263,8 +269,10 @@ class QueueStateMachine:
         self._delayed: list[tuple[int, int, Job]] = []
         self._leases: list[tuple[int, int, Job]] = []
         self._worker_jobs: dict[str, dict[str, Job]] = {}
-        self._idempotency: dict[tuple[str, str], tuple[str, int]] = {}
-        self._idempotency_fifo: deque[tuple[int, tuple[str, str]]] = deque()
+        # Per key: one entry in its queue's dict and two pointers in its batch (about 60 bytes),
+        # not a (queue, key) tuple, a (job id, expiry) tuple and a FIFO tuple (about 240).
+        self._idempotency: dict[str, dict[str, str]] = {}
+        self._idempotency_fifo: deque[tuple[int, str, tuple[str, ...], tuple[str, ...]]] = deque()
         self._finished: deque[Job] = deque()
         self._schedules: dict[str, Schedule] = {}
         #: The data of the last CONFIG entry applied (the Raft core's encoded membership, opaque
@@ -320,6 +328,8 @@ class QueueStateMachine:
         fresh: list[cmds.NewJob] = []
         batch_keys: dict[str, str] = {}  # key -> id of the first job in this batch that used it
         batch_ids: dict[str, None] = {}
+        if self._idempotency_fifo and self._idempotency_fifo[0][0] <= now:
+            self._drop_idempotency_keys(now)  # so that every key found below is inside its window
         for new in command.jobs:
             known = self._known_job_id(name, new, now, batch_keys, batch_ids)
             if known is not None:
@@ -342,6 +352,8 @@ class QueueStateMachine:
             for new in fresh:
                 self._create_job(queue, new, now)
             queue.events["submitted"] += len(fresh)
+            if batch_keys:
+                self._add_idempotency_keys(name, batch_keys, now)
         return Submitted(tuple(ids), tuple(created))
 
     def _known_job_id(
@@ -352,9 +364,10 @@ class QueueStateMachine:
         if key is not None:
             if key in batch_keys:
                 return batch_keys[key]
-            found = self._idempotency.get((queue, key))
-            if found is not None and found[1] > now:  # an expired key not yet dropped is gone
-                return found[0]
+            held = self._idempotency.get(queue)
+            found = None if held is None else held.get(key)
+            if found is not None:  # inside its window: expired keys were dropped first
+                return found
         # Ids are unique by construction at the edge; a repeated id is the same job submitted
         # again, so it is idempotent by id too and never overwrites the first record.
         if new.id in self._jobs or new.id in batch_ids:
@@ -379,11 +392,15 @@ class QueueStateMachine:
             self._push_delayed(job)
         else:
             self._push_ready(queue, job)
-        if new.idempotency_key is not None:
-            expires_at = self._at_now(now, now + self.idempotency_window_ms)
-            key = (queue.name, new.idempotency_key)
-            self._idempotency[key] = (job.id, expires_at)
-            self._idempotency_fifo.append((expires_at, key))
+
+    def _add_idempotency_keys(self, queue: str, keys: dict[str, str], now: int) -> None:
+        """Indexes the keys of the jobs one Submit created ({key: job id}), as one batch that
+        expires a window from now."""
+        held = self._idempotency.get(queue)
+        if held is None:
+            held = self._idempotency[queue] = {}
+        held.update(keys)
+        self._idempotency_fifo.append((now + self.idempotency_window_ms, queue, tuple(keys), tuple(keys.values())))
 
     # ------------------------------------------------------------------ lease
 
@@ -714,11 +731,14 @@ class QueueStateMachine:
         index = self._idempotency
         dropped = 0
         while fifo and fifo[0][0] <= now:
-            expires_at, key = fifo.popleft()
-            found = index.get(key)
-            if found is not None and found[1] == expires_at:  # else the key was reused since
-                del index[key]
-                dropped += 1
+            _, queue, keys, ids = fifo.popleft()
+            held = index[queue]
+            for key, job_id in zip(keys, ids):
+                assert held[key] == job_id, f"idempotency key {key!r} of {queue} moved to {held[key]}, not {job_id}"
+                del held[key]
+            if not held:
+                del index[queue]
+            dropped += len(keys)
         return dropped
 
     # ------------------------------------------------------------------ operator commands
@@ -802,9 +822,8 @@ class QueueStateMachine:
         for job in records:  # every record is finished now; the FIFOs skip the ones gone
             del self._jobs[job.id]
             job.state = PURGED
-        keys = [key for key in self._idempotency if key[0] == command.queue]
-        for key in keys:
-            del self._idempotency[key]
+        if self._idempotency.pop(command.queue, None) is not None:
+            self._idempotency_fifo = deque(batch for batch in self._idempotency_fifo if batch[1] != command.queue)
         del self._queues[command.queue]
         return OK
 
@@ -941,7 +960,7 @@ class QueueStateMachine:
         counts[job.state] -= 1
         counts[state] += 1
         job.state = state
-        job.with_transition(self._transition(state, now)[0])
+        job.transitions = self._history(job.transitions, state, now)
 
     def _push_ready(self, queue: _Queue, job: Job) -> None:
         self._seq += 1
@@ -1056,6 +1075,17 @@ class QueueStateMachine:
         if found is None:
             pair = (state, now)
             found = table[state] = (pair, (pair,))
+        return found
+
+    def _history(self, transitions: tuple[tuple[str, int], ...], state: str, now: int) -> tuple[tuple[str, int], ...]:
+        """`transitions` followed by (state, now), one tuple for all the jobs of the command being
+        applied that move from equal histories: the jobs a Submit created together are leased
+        together and acked together, and each would otherwise keep its own (64 bytes a job)."""
+        table = self._values_at(now)
+        key = (transitions, state)
+        found = table.get(key)
+        if found is None:
+            found = table[key] = extended_history(transitions, self._transition(state, now)[0])
         return found
 
     # ------------------------------------------------------------------ compaction
@@ -1250,8 +1280,12 @@ class QueueStateMachine:
         }
 
     def idempotency_key_count(self) -> int:
-        """Idempotency keys held (each until its window is over)."""
-        return len(self._idempotency)
+        """Idempotency keys held (each until its window is over); O(queues)."""
+        return sum(map(len, self._idempotency.values()))
+
+    def idempotency_keys(self) -> list[tuple[tuple[str, str], tuple[str, int]]]:
+        """((queue, key), (job id, expires_at_ms)) of every key held, sorted; O(keys)."""
+        return sorted(_idempotency_rows(tuple(self._idempotency_fifo)))
 
     def job_count(self) -> int:
         """Jobs with a record (every state, finished ones until dropped)."""
@@ -1274,7 +1308,7 @@ class QueueStateMachine:
             lease_counter=self._lease_counter,
             seq=self._seq,
             rotation=self._rotation,
-            idempotency=tuple(self._idempotency.items()),
+            idempotency=tuple(self._idempotency_fifo),
             queues=tuple(
                 (name, queue.max_depth, tuple(map(queue.events.__getitem__, EVENTS)), queue.settings(),
                  (queue.bucket_level, queue.bucket_at_ms), tuple(queue.turns))
@@ -1372,15 +1406,35 @@ class QueueStateMachine:
         for row in fields["schedules"]:
             schedule = Schedule.from_row(row)
             self._schedules[schedule.name] = schedule
-        for queue_name, key, job_id, expires_at in fields["idempotency"]:
-            self._idempotency[(queue_name, key)] = (job_id, expires_at)
-        self._idempotency_fifo = deque(_sorted_in_runs([(e, k) for k, (_, e) in self._idempotency.items()]))
+        self._restore_idempotency(fields["idempotency"])
         self._restore_jobs(jobs)
         for name, queue_turns in turns.items():
             if queue_turns is None:  # version 1: no limits, so the lanes with a candidate, in order
                 self._refresh_all_turns(self._queues[name])
             else:
                 self._queues[name].turns = dict.fromkeys(queue_turns)
+
+    def _restore_idempotency(self, rows: Sequence[tuple]) -> None:
+        """Indexes the snapshot's (queue, key, job id, expires_at_ms) rows, and batches them by
+        (expiry, queue) in that order (the batches of the Submits that brought them may have
+        been split or merged; the keys expire at the same instants all the same).
+
+        Raises:
+            ValueError, TypeError: a key twice, or a row of the wrong shape; `restore_from` rolls back.
+        """
+        index = self._idempotency
+        for queue, key, job_id, _ in rows:
+            held = index.get(queue)
+            if held is None:
+                held = index[queue] = {}
+            if key in held:
+                raise ValueError(f"idempotency key {key!r} of queue {queue!r} appears twice")
+            held[key] = job_id
+        by_expiry = _sorted_in_runs([(expires_at, queue, key, job_id) for queue, key, job_id, expires_at in rows])
+        fifo = self._idempotency_fifo
+        for (expires_at, queue), batch in groupby(by_expiry, key=_expiry_and_queue):
+            pairs = [(key, job_id) for _, _, key, job_id in batch]
+            fifo.append((expires_at, queue, tuple(map(_FIRST, pairs)), tuple(map(_SECOND, pairs))))
 
     def _restore_jobs(self, jobs: list[Job]) -> None:
         """Indexes restored records into every derived structure, in the order the live machine had.
@@ -1477,9 +1531,18 @@ class QueueStateMachine:
         # An extend back to an earlier expiry can leave two equal live entries; they count once.
         live_leases = {(e[0], e[1]) for e in self._leases if _lease_entry_live(e)}
         assert len(live_leases) == len(tokens), f"{len(live_leases)} live lease entries for {len(tokens)} leases"
-        pending_expiries = set(self._idempotency_fifo)
-        for key, (_, expires_at) in self._idempotency.items():
-            assert (expires_at, key) in pending_expiries, f"idempotency key {key} never expires"
+        batched: dict[tuple[str, str], str] = {}
+        last_expiry = None
+        for expires_at, queue, keys, ids in self._idempotency_fifo:
+            assert last_expiry is None or last_expiry <= expires_at, f"idempotency batches out of order at {expires_at}"
+            last_expiry = expires_at
+            assert len(keys) == len(ids) > 0, f"idempotency batch of {len(keys)} keys and {len(ids)} ids"
+            for key, job_id in zip(keys, ids):
+                assert (queue, key) not in batched, f"idempotency key {key!r} of {queue} in two batches"
+                batched[(queue, key)] = job_id
+        indexed = {(queue, key): job_id for queue, held in self._idempotency.items() for key, job_id in held.items()}
+        assert all(self._idempotency.values()), "an empty idempotency dict kept"
+        assert indexed == batched, f"idempotency index {len(indexed)} keys, batches {len(batched)}: they differ"
 
 
     def _check_flow_invariants(self, queue: _Queue) -> None:
@@ -1552,12 +1615,12 @@ def write_snapshot(
         scalars["membership"] = capture.membership
     else:
         keys = tuple(key for key in SNAPSHOT_KEYS if key != "membership")
+    idempotency = _idempotency_rows(capture.idempotency)
     # Generators: each array is sorted only when its turn comes.
     arrays: dict[str, tuple[int, Iterator[tuple]]] = {
         "idempotency": (
-            len(capture.idempotency),
-            ((queue, key, job_id, expires_at)
-             for (queue, key), (job_id, expires_at) in _sorted_by_first(capture.idempotency)),
+            len(idempotency),
+            ((queue, key, job_id, expires_at) for (queue, key), (job_id, expires_at) in _sorted_by_first(idempotency)),
         ),
         "jobs": (len(capture.jobs), _sorted_by_first(capture.jobs)),
         "queues": (len(capture.queues), _sorted_by_first(capture.queues)),
@@ -1602,6 +1665,18 @@ def _sorted_in_runs(items: list) -> Iterator:
     if len(items) <= SORT_RUN:
         return iter(sorted(items))
     return heapq.merge(*[sorted(items[start:start + SORT_RUN]) for start in range(0, len(items), SORT_RUN)])
+
+
+def _idempotency_rows(
+    batches: Iterable[tuple[int, str, tuple[str, ...], tuple[str, ...]]]
+) -> list[tuple[tuple[str, str], tuple[str, int]]]:
+    """((queue, key), (job id, expires_at_ms)) per key of the idempotency batches, in batch order."""
+    return [((queue, key), (job_id, expires_at))
+            for expires_at, queue, keys, ids in batches for key, job_id in zip(keys, ids)]
+
+
+def _expiry_and_queue(row: tuple[int, str, str, str]) -> tuple[int, str]:
+    return row[0], row[1]
 
 
 def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:

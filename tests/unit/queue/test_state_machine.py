@@ -776,10 +776,45 @@ def test_jobs_of_one_command_share_their_equal_values(m):
     m.lease(max_jobs=2, now=T0 + 5)
     a, b = m.sm._jobs["a"], m.sm._jobs["b"]
     assert not hasattr(a, "__dict__")
-    assert a.transitions[0] is b.transitions[0] and a.transitions[1] is b.transitions[1]
+    assert a.transitions is b.transitions
     assert a.lease_ms is b.lease_ms and a.backoff_cap_ms is b.backoff_cap_ms
     assert a.lease_expires_at_ms is b.lease_expires_at_ms
     assert m.sm.get_job("a")["transitions"] == [["ready", T0], ["leased", T0 + 5]]
+    m(c.Ack(T0 + 6, "w1", (c.AckItem("a", a.lease_token, None), c.AckItem("b", b.lease_token, None))))
+    assert a.transitions is b.transitions and m.sm.get_job("b")["transitions"][-1] == ["done", T0 + 6]
+
+
+def test_idempotency_keys_of_one_submit_are_one_batch(m):
+    """Memory, checked by structure: the keys one Submit brings are one batch (one expiry, two
+    tuples) and one entry each in their queue's dict; the batch leaves whole when its window is
+    over, and a Submit drops expired batches before it looks a key up."""
+    m.submit(job("a", idempotency_key="k1"), job("b", idempotency_key="k2"), job("c", idempotency_key="k1"), job("d"))
+    m.submit(job("e", idempotency_key="k3"), now=T0 + 10)
+    assert list(m.sm._idempotency_fifo) == [(T0 + 3_600_000, "q", ("k1", "k2"), ("a", "b")),
+                                            (T0 + 3_600_010, "q", ("k3",), ("e",))]
+    assert m.sm._idempotency == {"q": {"k1": "a", "k2": "b", "k3": "e"}}
+    assert m.sm.idempotency_keys() == [(("q", "k1"), ("a", T0 + 3_600_000)), (("q", "k2"), ("b", T0 + 3_600_000)),
+                                       (("q", "k3"), ("e", T0 + 3_600_010))]
+    # No Tick yet: the Submit itself drops the expired batch, then k1 maps to its new job.
+    assert m.submit(job("f", idempotency_key="k1"), now=T0 + 3_600_000).ids == ("f",)
+    assert m.sm.idempotency_keys() == [(("q", "k1"), ("f", T0 + 7_200_000)), (("q", "k3"), ("e", T0 + 3_600_010))]
+    assert m.tick(T0 + 3_600_010).keys_dropped == 1
+    assert m.sm.idempotency_key_count() == 1
+
+
+def test_a_deleted_queues_idempotency_batches_go_with_it(m):
+    m.submit(job("a", idempotency_key="k"), queue="gone")
+    m.submit(job("b", idempotency_key="k"), queue="kept")
+    m.lease_one(queues=("gone",))
+    assert m(c.DeleteQueue(T0, "gone", True)) is r.OK
+    assert [batch[1] for batch in m.sm._idempotency_fifo] == ["kept"]
+    # The same key and the same id again in a queue of that name: one batch, not two.
+    m.submit(job("a", idempotency_key="k"), queue="gone", now=T0 + 5)
+    other = Machine()
+    other.sm.restore(m.sm.snapshot())
+    other.sm.check_invariants()
+    assert other.sm.idempotency_keys() == m.sm.idempotency_keys() == [
+        (("gone", "k"), ("a", T0 + 3_600_005)), (("kept", "k"), ("b", T0 + 3_600_000))]
 
 
 def test_queries_change_nothing(m):

@@ -32,7 +32,7 @@ def reference_snapshot(sm: QueueStateMachine) -> bytes:
         "clock_ms": sm.clock_ms,
         "idempotency": [
             [queue, key, job_id, expires_at]
-            for (queue, key), (job_id, expires_at) in sorted(sm._idempotency.items())
+            for (queue, key), (job_id, expires_at) in sm.idempotency_keys()
         ],
         "jobs": [sm._jobs[job_id].to_row() for job_id in sorted(sm._jobs)],
         "last_applied": sm.last_applied,
@@ -120,7 +120,7 @@ def test_written_pieces_are_the_canonical_snapshot(rows_per_chunk):
     assert m.sm.digest() == hashlib.sha256(m.sm.snapshot()).hexdigest()
     # The map header, one piece per key (with its scalar or array header), then the rows in
     # pieces of rows_per_chunk: no msgpack call covers more.
-    arrays = (m.sm.job_count(), len(m.sm._idempotency), len(m.sm._queues), m.sm.schedule_count())
+    arrays = (m.sm.job_count(), m.sm.idempotency_key_count(), len(m.sm._queues), m.sm.schedule_count())
     keys_written = len(SNAPSHOT_KEYS) - (m.sm.membership is None)  # written once a CONFIG entry applied
     assert len(pieces) == 1 + keys_written + sum(-(-rows // rows_per_chunk) for rows in arrays)
 
