@@ -589,6 +589,7 @@ class Node:
     async def _handle_ready(self, raft: RaftNode, ready: Ready) -> None:
         """Carries out one Ready in the order `ready_handler` gives (the simulator's too)."""
         answered = False  # this Ready applied entries, which answers the requests waiting on them
+        persisted: tuple[float, int] | None = None  # (seconds, entries), observed once the Ready is done
         for action in handle_ready(ready):
             if isinstance(action, InstallSnapshot):
                 self.queue = await self.snapshotting.install(action.point)
@@ -604,7 +605,8 @@ class Node:
                     self._persist(action)  # the drive loop waits for the disk either way
                 else:
                     await asyncio.to_thread(self._persist, action)
-                self.metrics.observe_persist(time.perf_counter() - started, len(action.entries))
+                # Observed at the end: a follower's answer goes out right after its sync.
+                persisted = (time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):
                 if answered:
                     # A Send after Apply only tells followers the commit index: let the requests
@@ -625,6 +627,8 @@ class Node:
             else:
                 raft.advance(action.ready)
                 self._settle_applied_waiters()
+        if persisted is not None:
+            self.metrics.observe_persist(*persisted)
 
     def _membership_at_snapshot(self) -> Membership:
         """The membership the recovered snapshot recorded; else, for a node joining a cluster,
