@@ -14,7 +14,7 @@ from typing import Any
 
 from raftq.cluster import constants as c
 from raftq.cluster import schedules as sched
-from raftq.cluster.api.wire import ApiError, Packed, check_storable, invalid, pack_payload
+from raftq.cluster.api.wire import ApiError, Packed, check_storable, invalid, pack_payload, storable_by_bytes
 from raftq.cluster.queue import commands as cmds
 from raftq.cluster.queue import schedules as sched_records
 
@@ -137,10 +137,12 @@ def submit(body: Any, queue: str, *, now_ms: int, payload_bytes_max: int) -> cmd
     body = mapping(body)
     specs = items(body, "jobs", count_max=c.BATCH_COUNT_MAX)
     id_prefix = f"{now_ms:011x}"  # new_job_id's time part, the same for the whole batch
-    jobs = [
-        _new_job(spec, position, id_prefix=id_prefix, payload_bytes_max=payload_bytes_max)
-        for position, spec in enumerate(specs)
-    ]
+    jobs = _plain_jobs(specs, id_prefix, payload_bytes_max)
+    if jobs is None:
+        jobs = [
+            _new_job(spec, position, id_prefix=id_prefix, payload_bytes_max=payload_bytes_max)
+            for position, spec in enumerate(specs)
+        ]
     return cmds.Submit(now_ms=now_ms, queue=queue, jobs=tuple(jobs))
 
 
@@ -149,6 +151,40 @@ def submit(body: Any, queue: str, *, now_ms: int, payload_bytes_max: int) -> cmd
 #: hot case). The defaults are those `_job_fields` resolves for an absent field.
 _PLAIN_SPEC_FIELDS = frozenset({"payload", "idempotency_key"})
 _DEFAULTS_AFTER_LEASE = (c.BACKOFF_BASE_MS, c.BACKOFF_CAP_MS, None, None)  # backoff base, cap, key, group
+#: An idempotency key of at most this many characters is within its byte limit (UTF-8 takes at
+#: most 4 bytes a character) without encoding it.
+_KEY_CHARS_SURELY_SHORT = c.IDEMPOTENCY_KEY_BYTES_MAX // 4
+
+
+def _plain_jobs(specs: list, id_prefix: str, payload_bytes_max: int) -> list[cmds.NewJob] | None:
+    """The jobs of a batch in which every spec is plain (a passed-through payload and maybe an
+    idempotency key: what the client libraries send over msgpack) and plainly good, checked as a
+    batch: one loop without per-job calls, the payloads' bytes tested together
+    (`wire.storable_by_bytes`). None when any spec is not so: `_new_job` then checks each spec
+    in order and names the first that is wrong, so the answer to a bad batch does not change.
+    """
+    payloads = []
+    keys = []
+    for spec in specs:
+        if type(spec) is not dict or not spec.keys() <= _PLAIN_SPEC_FIELDS:
+            return None
+        payload = spec.get("payload")
+        key = spec.get("idempotency_key")
+        if type(payload) is not Packed or len(payload.data) > payload_bytes_max or (
+                key is not None and (type(key) is not str or (len(key) > _KEY_CHARS_SURELY_SHORT and
+                                                              len(key.encode()) > c.IDEMPOTENCY_KEY_BYTES_MAX))):
+            return None
+        payloads.append(payload.data)
+        keys.append(key)
+    if not storable_by_bytes(payloads):
+        return None
+    draw = _id_random.getrandbits
+    new_job = cmds.NewJob
+    attempts, lease_ms = c.MAX_ATTEMPTS_DEFAULT, c.LEASE_MS_DEFAULT
+    base_ms, cap_ms, flow_key, group = _DEFAULTS_AFTER_LEASE
+    return [new_job(id_prefix + f"{draw(48):012x}", payload, 0, 0, attempts, lease_ms, key, base_ms, cap_ms,
+                    flow_key, group)
+            for payload, key in zip(payloads, keys)]
 
 
 def _new_job(spec: Any, position: int, *, id_prefix: str, payload_bytes_max: int) -> cmds.NewJob:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from raftq import protocol
 from raftq.cluster.api import validation as v
-from raftq.cluster.api.wire import ApiError, Packed, decode_msgpack, decode_submit, pack_answer
+from raftq.cluster.api.wire import ApiError, Packed, decode_msgpack, decode_submit, pack_answer, storable_by_bytes
 from raftq.cluster.queue import commands as cmds
 
 NOW_MS = 1_765_000_000_000
@@ -172,8 +172,8 @@ def test_the_payload_checks_hold_for_passed_through_bytes(payload, status):
     second = {"payload": payload, "idempotency_key": "k"}
     for body in ({"jobs": [{"payload": payload}]}, {"jobs": [{"payload": 1}, second]}):
         raw = pack(body)
-        # A key neither text nor bytes sends the body to the whole decode (strict_map_key).
-        assert (type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed) == (repr(payload)[:2] not in ("{N", "{T"))
+        # A key that is not text sends the body to the whole decode (strict_map_key, _text_keys_only).
+        assert (type(decode_submit(raw)["jobs"][-1]["payload"]) is Packed) == (repr(payload)[:2] not in ("{N", "{T", "{b"))
         if status is None:
             assert submit(decode_submit(raw)).jobs[-1].payload == pack(payload)
         else:
@@ -199,6 +199,40 @@ def test_non_finite_floats_of_either_width_are_found_in_the_bytes(payload_bytes,
         with pytest.raises(ApiError) as refused:
             submit(decode_submit(raw))
         assert refused.value.status == status
+
+
+# ---------------------------------------------------------------------- the batch of plain specs
+
+plain_specs = st.lists(st.fixed_dictionaries({"payload": hostile_values},
+                                             optional={"idempotency_key": st.none() | st.text(max_size=10) | st.integers(-3, 3)
+                                                       | st.text(min_size=60, max_size=70) | st.binary(max_size=2)}),
+                       min_size=1, max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs=plain_specs)
+@example(specs=[{"payload": {"t": 1_796_000_000.25, "pad": "x"}}, {"payload": float("inf")}])
+@example(specs=[{"payload": 1, "idempotency_key": "\u00e9" * 129}])  # 129 characters, 258 bytes
+@example(specs=[{"payload": deep(101)}, {"payload": 1, "idempotency_key": 5}])
+def test_a_batch_of_plain_specs_is_checked_as_each_spec_would_be(specs):
+    """The batch path (`_plain_jobs`) builds what the spec-by-spec path builds, and refuses what
+    it refuses with the same first error: an unknown field sends every spec down that path."""
+    raw, one_by_one = pack({"jobs": specs}), pack({"jobs": [{**spec, "unknown": 1} for spec in specs]})
+    assert outcome(decode_submit(raw)) == outcome(decode_submit(one_by_one))
+
+
+@pytest.mark.parametrize("payload", [
+    {"t": 1_796_000_000.25, "pad": "x" * 70},  # a current Unix time: its float's bytes hold 0xc5 (a bin marker)
+    {"data": b"\x00\x01", "at": msgpack.Timestamp(1, 0), "ext": msgpack.ExtType(3, b"x")},
+    [1.5, -2.5e300, "\u0144"], deep(100),
+])
+def test_a_batch_of_good_payloads_passes_by_its_bytes(payload):
+    assert storable_by_bytes([pack(payload), pack(1)] * 3)
+
+
+@pytest.mark.parametrize("payload", [float("nan"), [1, float("-inf")], deep(101)])
+def test_a_batch_with_one_payload_that_is_not_storable_does_not_pass_by_its_bytes(payload):
+    assert not storable_by_bytes([pack(1), pack(payload), pack(2)])
 
 
 def test_a_payload_with_integer_keys_takes_the_whole_decode_and_is_stored():
