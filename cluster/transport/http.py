@@ -31,6 +31,16 @@ repairs with its next heartbeat or append (messages carry their term and log pos
 core tolerates loss, duplication and reordering, including between the two lanes). A lane that
 cannot connect drops what is queued for it; a full lane queue drops its oldest message.
 
+Entry-less appends wait. An append without entries tells a caught-up follower the new commit
+index (the leader sends one to every follower at each commit) or probes it. It is held up to
+`EMPTY_APPEND_HOLD_S` and dropped when a later append to the same peer is sent meanwhile: that one
+carries a commit index at least as new (and its own consistency check), so the follower learns
+the same; otherwise it goes out when the hold ends. A one-job submit after another thus costs one
+append and one answer per follower, not two of each: per commit, two fewer socket writes and two
+fewer answers to read on the leader, one wake-up, decode and answer less on each follower. Only
+the followers' apply waits (at most the hold; nothing is acknowledged on a follower's apply); a
+dropped append is a lost message, which Raft tolerates.
+
 Membership. The peers change with the membership (`set_peers`): lanes start for each new member
 and stop for each removed one; a lane reads its peer's URL at each connection (a member's URL may
 change). The upgrade request names the sender (`FROM_HEADER`) and its own URL
@@ -73,6 +83,10 @@ SEND_TIMEOUT_S = 5.0
 #: chaos suite's worst peer latency (350 ms each way), far below an election timeout's worth of
 #: silence that check-quorum would notice anyway.
 PING_INTERVAL_S = 2.0
+#: How long an append without entries waits for a later append to the same peer, which replaces
+#: it (module docstring). Above the gap between one producer's one-job submits (about 1 ms here),
+#: far below anything a follower's apply is waited for.
+EMPTY_APPEND_HOLD_S = 0.002
 #: Wait before reconnecting after a failure, doubled per failure up to the max.
 RECONNECT_DELAY_S = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
@@ -99,6 +113,8 @@ class HttpTransport:
         self._lanes: dict[tuple[str, bool], _Lane] = {}
         self._session: aiohttp.ClientSession | None = None
         self.dropped_count = 0
+        self._held: dict[str, Message] = {}  # peer -> its entry-less append, waiting (EMPTY_APPEND_HOLD_S)
+        self._held_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(ssl=self._ssl_context or True)
@@ -112,6 +128,8 @@ class HttpTransport:
             return  # start() starts them
         for key in [key for key in self._lanes if key[0] not in self._peers]:
             self._lanes.pop(key).task.cancel()
+        for peer_id in [peer_id for peer_id in self._held if peer_id not in self._peers]:
+            del self._held[peer_id]
         self._start_lanes()
 
     def _start_lanes(self) -> None:
@@ -124,6 +142,10 @@ class HttpTransport:
         return self._peers[peer_id].rstrip("/") + STREAM_PATH
 
     async def close(self) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._held.clear()
         lanes = list(self._lanes.values())
         self._lanes.clear()
         for lane in lanes:
@@ -142,12 +164,33 @@ class HttpTransport:
 
     def send(self, messages: Sequence[Message]) -> None:
         by_lane: dict[_Lane, list[Message]] = {}
+        held = self._held
         for message in messages:
+            if message.type is MessageType.APP:
+                if not message.entries:
+                    held[message.to_id] = message  # a newer one replaces an older one
+                    continue
+                held.pop(message.to_id, None)  # replaced by this append
             lane = self._lanes.get((message.to_id, is_data(message)))
             if lane is not None:
                 by_lane.setdefault(lane, []).append(message)
         for lane, batch in by_lane.items():
             lane.put(batch)
+        if not held:
+            if self._held_timer is not None:
+                self._held_timer.cancel()
+                self._held_timer = None
+        elif self._held_timer is None:
+            self._held_timer = asyncio.get_running_loop().call_later(EMPTY_APPEND_HOLD_S, self._send_held)
+
+    def _send_held(self) -> None:
+        """The hold is over: the entry-less appends no later append replaced go out now."""
+        self._held_timer = None
+        held, self._held = self._held, {}
+        for peer_id, message in held.items():
+            lane = self._lanes.get((peer_id, False))
+            if lane is not None:
+                lane.put([message])
 
 
 class _Lane:
