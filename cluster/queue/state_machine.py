@@ -290,11 +290,14 @@ class QueueStateMachine:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, entry: Entry) -> ApplyResult | None:
+    def apply(self, entry: Entry, command: cmds.Command | None = None) -> ApplyResult | None:
         """Applies one committed entry.
 
         Args:
             entry: the next committed entry; its index must be last_applied + 1.
+            command: the command `entry.data` encodes, when the caller holds it already (the
+                leader that proposed it: a decode of the encoding equals the command); else the
+                data is decoded here.
         Returns:
             None for a NOOP entry, `Rejected` for data that is not a command, else the command's
             result (see `results.py`).
@@ -308,12 +311,13 @@ class QueueStateMachine:
         if entry.kind == EntryKind.CONFIG:
             self.membership = entry.data
             return None
-        try:
-            command = decode_command(entry.data)
-        except CommandDecodeError as exc:
-            # Every replica decodes the same bytes the same way, so refusing the entry keeps them
-            # equal; raising would stop every node on the same entry at every restart.
-            return Rejected(f"entry {entry.index}: {exc}")
+        if command is None:
+            try:
+                command = decode_command(entry.data)
+            except CommandDecodeError as exc:
+                # Every replica decodes the same bytes the same way, so refusing the entry keeps
+                # them equal; raising would stop every node on the same entry at every restart.
+                return Rejected(f"entry {entry.index}: {exc}")
         if command.now_ms > self.clock_ms:
             self.clock_ms = command.now_ms
         return self._handlers[type(command)](command)

@@ -142,3 +142,46 @@ async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path
             await node.stop()
         for storage in storages.values():
             storage.close()
+
+
+async def test_a_leader_applies_its_own_submit_without_decoding_it(tmp_path, monkeypatch):
+    """The leader applies a submit from the command it proposed (the entry is its very bytes);
+    the followers decode it; all three end in the same state."""
+    from raftq.cluster.queue import state_machine
+
+    decoded_submits = []
+
+    def counting_decode(data):
+        command = cmds.decode_command(data)
+        if type(command) is cmds.Submit:
+            decoded_submits.append(command)
+        return command
+
+    monkeypatch.setattr(state_machine, "decode_command", counting_decode)
+    network = MemoryNetwork()
+    storages = {n: NodeStorage.open(str(tmp_path / n), wal_segment_bytes=1 << 20, logger=logging.getLogger("test"))
+                for n in NODE_IDS}
+    nodes = {n: Node(_config(n, tmp_path), storage=storages[n], transport=network.transport(n)) for n in NODE_IDS}
+    for node_id, node in nodes.items():
+        network.attach(node_id, node.deliver)
+    for node in nodes.values():
+        await node.start()
+    try:
+        leader = await _poll(lambda: next((node for node in nodes.values() if node.is_serving), None),
+                             "a leader that serves", lambda: {n: node.role for n, node in nodes.items()})
+        submit = _submit("j1")
+        result = await leader.propose(submit)
+        assert result.ids == ("j1",)
+        target = leader.queue.last_applied
+
+        def applied():
+            return {n: node.queue.last_applied for n, node in nodes.items()}
+
+        await _poll(lambda: all(i >= target for i in applied().values()), "every node to apply the submit", applied)
+        assert decoded_submits == [submit, submit], "each follower decodes the entry, the leader does not"
+        assert len({node.queue.digest() for node in nodes.values()}) == 1
+    finally:
+        for node in nodes.values():
+            await node.stop()
+        for storage in storages.values():
+            storage.close()
