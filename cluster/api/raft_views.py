@@ -6,9 +6,10 @@ content type) before a view runs or a byte of the body is read. Messages go to t
 loop steps them. A SNAP message arrives only through `/raft/snapshot`, once its file is stored.
 
 A stream's binary frames are decoded and delivered from the connection's own data callback
-(`_PeerStream`), in the loop turn their bytes are read, not by the view's task a turn later: every
-commit waits for one such frame on the leader (the follower's answer) and one on the follower
-(the append), so the drive loop wakes one turn sooner each way. What the inbox holds is bounded by
+(`peer_stream.py`, on the aiohttp releases it mirrors), in the loop turn their bytes are read, not
+by the view's task a turn later: every commit waits for one such frame on the leader (the
+follower's answer) and one on the follower (the append), so the drive loop wakes one turn sooner
+each way. What the inbox holds is bounded by
 its count (`Node.deliver` drops a frame beyond it) and by the leader's in-flight appends per
 follower (bytes and count, the core's flow control).
 """
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
-from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
-from aiohttp.web_ws import DEFAULT_CHUNK_SIZE
 
 from raftq.cluster.api.keys import NODE, PEER_STREAMS
+from raftq.cluster.api.peer_stream import peer_stream_response
 from raftq.cluster.api.wire import ApiError
 from raftq.cluster.config import NODE_ID_PATTERN
 from raftq.cluster.raft.codec import decode_messages
@@ -62,8 +61,8 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
     (a dropped request, as for POST /raft/messages).
     """
     node = request.app[NODE]
-    ws = _PeerStream(partial(_deliver_frame, node, request), max_msg_size=node.config.body_bytes_max,
-                     heartbeat=PING_INTERVAL_S)
+    ws = peer_stream_response(partial(_deliver_frame, node, request), max_msg_size=node.config.body_bytes_max,
+                              heartbeat=PING_INTERVAL_S)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "invalid", "/raft/stream takes a WebSocket upgrade")
     await ws.prepare(request)
@@ -78,8 +77,9 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def _receive_frames(node, request: web.Request, ws: web.WebSocketResponse, peer: str) -> None:
-    """Reads what `_PeerStream` did not deliver itself: control frames (aiohttp answers pings and
-    closes), and the first frame it refused, on which this closes the connection with the reason."""
+    """Reads what the response did not deliver itself (`peer_stream.py`): control frames (aiohttp
+    answers pings and closes), the first frame `_deliver_frame` refused, on which this closes the
+    connection with the reason, and on an aiohttp release it does not mirror, every frame."""
     async for frame in ws:
         if frame.type is not WSMsgType.BINARY:
             await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames only")
@@ -110,46 +110,6 @@ def _deliver_frame(node, request: web.Request, data: bytes) -> bool:
     _learn_sender_url(request, messages)
     node.deliver(messages)
     return True
-
-
-class _FrameQueue(WebSocketDataQueue):
-    """aiohttp's queue of received WebSocket messages, which hands each binary one to `deliver`
-    as the parser completes it; what `deliver` refuses, and everything after it, is queued for
-    the view's task as aiohttp would queue it (so nothing after a bad frame is delivered)."""
-
-    def __init__(self, protocol, limit: int, *, loop, deliver: Callable[[bytes], bool]) -> None:
-        super().__init__(protocol, limit, loop=loop)
-        self._deliver: Callable[[bytes], bool] | None = deliver
-
-    def feed_data(self, data, size: int) -> None:
-        deliver = self._deliver
-        if deliver is not None and data.type is WSMsgType.BINARY:
-            if deliver(data.data):
-                return
-            self._deliver = None
-        super().feed_data(data, size)
-
-
-class _PeerStream(web.WebSocketResponse):
-    """The server side of a peer lane: a WebSocketResponse whose binary frames go to `deliver`
-    from the parser (`_FrameQueue`). Only the queue differs from aiohttp's own `_post_start`, which
-    this mirrors (aiohttp has no hook for it); `tests/unit/api/test_peer_stream.py` fails if an
-    aiohttp release changes what this relies on."""
-
-    def __init__(self, deliver: Callable[[bytes], bool], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._deliver = deliver
-
-    def _post_start(self, request, protocol, writer) -> None:
-        self._ws_protocol = protocol
-        self._writer = writer
-        self._reset_heartbeat()
-        self._reader = _FrameQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=self._loop, deliver=self._deliver)
-        self._parser = WebSocketReader(self._reader, self._max_msg_size, compress=bool(self._compress),
-                                       decode_text=self._decode_text)
-        request.protocol.set_parser(self._parser,
-                                    data_received_cb=None if self._heartbeat is None else self._on_data_received)
-        request.protocol.keep_alive(False)
 
 
 def _learn_sender_url(request: web.Request, messages: list) -> None:
