@@ -144,17 +144,17 @@ async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path
             storage.close()
 
 
-async def test_a_leader_applies_its_own_submit_without_decoding_it(tmp_path, monkeypatch):
-    """The leader applies a submit from the command it proposed (the entry is its very bytes);
-    the followers decode it; all three end in the same state."""
+async def test_a_leader_applies_its_own_submit_and_ack_without_decoding_them(tmp_path, monkeypatch):
+    """The leader applies a submit or an ack from the command it proposed (the entry is its very
+    bytes); the followers decode it; all three end in the same state."""
     from raftq.cluster.queue import state_machine
 
-    decoded_submits = []
+    decoded = []
 
     def counting_decode(data):
         command = cmds.decode_command(data)
-        if type(command) is cmds.Submit:
-            decoded_submits.append(command)
+        if type(command) in (cmds.Submit, cmds.Ack):
+            decoded.append(command)
         return command
 
     monkeypatch.setattr(state_machine, "decode_command", counting_decode)
@@ -172,13 +172,18 @@ async def test_a_leader_applies_its_own_submit_without_decoding_it(tmp_path, mon
         submit = _submit("j1")
         result = await leader.propose(submit)
         assert result.ids == ("j1",)
+        (grant,) = (await leader.propose(cmds.Lease(now_ms=1_001, worker="w1", queues=("q",), max_jobs=1))).jobs
+        ack = cmds.Ack(now_ms=1_002, worker="w1", items=(cmds.AckItem("j1", grant.lease_token, None),))
+        await leader.propose(ack)
         target = leader.queue.last_applied
 
         def applied():
             return {n: node.queue.last_applied for n, node in nodes.items()}
 
-        await _poll(lambda: all(i >= target for i in applied().values()), "every node to apply the submit", applied)
-        assert decoded_submits == [submit, submit], "each follower decodes the entry, the leader does not"
+        await _poll(lambda: all(i >= target for i in applied().values()), "every node to apply the ack", applied)
+        assert (decoded.count(submit), decoded.count(ack), len(decoded)) == (2, 2, 4), \
+            f"each follower decodes the entries, the leader does not; decoded: {decoded}"
+        assert all(node.queue.job_state("j1") == "done" for node in nodes.values())
         assert len({node.queue.digest() for node in nodes.values()}) == 1
     finally:
         for node in nodes.values():
