@@ -1,5 +1,5 @@
 """The sending side of the peer lanes (`transport/http.py`) against the receiving side
-(`raft_views._PeerStream`), over real aiohttp WebSockets on loopback: what a follower receives
+(`peer_stream.peer_stream_response`), over real aiohttp WebSockets on loopback: what a follower receives
 when the leader sends entry-less appends (held up to `EMPTY_APPEND_HOLD_S`, replaced by a later
 append), heartbeats and appends with entries.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from raftq.cluster.api.raft_views import _PeerStream
+from raftq.cluster.api.peer_stream import peer_stream_response
 from raftq.cluster.raft.codec import decode_messages
 from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType
 from raftq.cluster.transport.http import EMPTY_APPEND_HOLD_S, STREAM_PATH, HttpTransport
@@ -30,10 +30,11 @@ class Follower:
         return True
 
     async def view(self, request: web.Request) -> web.StreamResponse:
-        ws = _PeerStream(self.deliver, max_msg_size=4 << 20, heartbeat=None)
+        ws = peer_stream_response(self.deliver, max_msg_size=4 << 20, heartbeat=None)
         await ws.prepare(request)
-        async for _ in ws:
-            pass
+        async for frame in ws:  # what the data callback left to the view (nothing on a mirrored aiohttp)
+            if frame.type is WSMsgType.BINARY:
+                self.deliver(frame.data)
         return ws
 
 
