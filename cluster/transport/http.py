@@ -188,7 +188,7 @@ class HttpTransport:
         self._held_timer = None
         held, self._held = self._held, {}
         for peer_id, message in held.items():
-            lane = self._lanes.get((peer_id, False))
+            lane = self._lanes.get((peer_id, is_data(message)))
             if lane is not None:
                 lane.put([message])
 

@@ -9,6 +9,7 @@ stops the majority nor diverges once it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -40,13 +41,10 @@ async def _poll(predicate, what: str, seen):
     raise AssertionError(f"waited {DEADLINE_S} s for {what}; seen {seen()}")
 
 
-def _submit(job_id: str) -> cmds.Submit:
-    job = cmds.NewJob(id=job_id, payload=b"\x01", priority=0, delay_ms=0, max_attempts=5, lease_ms=30_000,
-                      idempotency_key=None, backoff_base_ms=1000, backoff_cap_ms=300_000)
-    return cmds.Submit(now_ms=1_000, queue="q", jobs=(job,))
-
-
-async def test_three_nodes_on_an_in_memory_network_replicate(tmp_path):
+@contextlib.asynccontextmanager
+async def _three_nodes(tmp_path):
+    """Three started nodes joined by a MemoryNetwork: (network, nodes, storages) by node id;
+    stopped and their storage closed on the way out."""
     network = MemoryNetwork()
     storages = {n: NodeStorage.open(str(tmp_path / n), wal_segment_bytes=1 << 20, logger=logging.getLogger("test"))
                 for n in NODE_IDS}
@@ -56,6 +54,22 @@ async def test_three_nodes_on_an_in_memory_network_replicate(tmp_path):
     for node in nodes.values():
         await node.start()
     try:
+        yield network, nodes, storages
+    finally:
+        for node in nodes.values():
+            await node.stop()
+        for storage in storages.values():
+            storage.close()
+
+
+def _submit(job_id: str) -> cmds.Submit:
+    job = cmds.NewJob(id=job_id, payload=b"\x01", priority=0, delay_ms=0, max_attempts=5, lease_ms=30_000,
+                      idempotency_key=None, backoff_base_ms=1000, backoff_cap_ms=300_000)
+    return cmds.Submit(now_ms=1_000, queue="q", jobs=(job,))
+
+
+async def test_three_nodes_on_an_in_memory_network_replicate(tmp_path):
+    async with _three_nodes(tmp_path) as (network, nodes, storages):
         def roles():
             return {n: (node.role.name if node.role else None) for n, node in nodes.items()}
 
@@ -85,26 +99,13 @@ async def test_three_nodes_on_an_in_memory_network_replicate(tmp_path):
         assert len(set(digests.values())) == 1, digests
         assert all(node.queue.get_job("j2") is not None for node in nodes.values())
         assert network.delivered_count > 0
-    finally:
-        for node in nodes.values():
-            await node.stop()
-        for storage in storages.values():
-            storage.close()
 
 
 async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path):
     """`wait_for_leader` (the API holds a request on it in an election): with every node cut off
     it gives up after its timeout; started while no leader is known, it returns as soon as a
     leader that answers exists (another node, or this one once it serves)."""
-    network = MemoryNetwork()
-    storages = {n: NodeStorage.open(str(tmp_path / n), wal_segment_bytes=1 << 20, logger=logging.getLogger("test"))
-                for n in NODE_IDS}
-    nodes = {n: Node(_config(n, tmp_path), storage=storages[n], transport=network.transport(n)) for n in NODE_IDS}
-    for node_id, node in nodes.items():
-        network.attach(node_id, node.deliver)
-    for node in nodes.values():
-        await node.start()
-    try:
+    async with _three_nodes(tmp_path) as (network, nodes, storages):
         def leaders():
             return {n: node.leader_id for n, node in nodes.items()}
 
@@ -137,11 +138,6 @@ async def test_a_request_that_finds_no_leader_is_held_until_one_answers(tmp_path
         await _poll(lambda: len({a for a, _ in applied().values()} | {i for _, i in applied().values()}) == 1
                     and any(other.is_serving for other in nodes.values()), "every node to apply the same index",
                     applied)
-    finally:
-        for node in nodes.values():
-            await node.stop()
-        for storage in storages.values():
-            storage.close()
 
 
 async def test_a_leader_applies_its_own_submit_and_ack_without_decoding_them(tmp_path, monkeypatch):
@@ -158,15 +154,7 @@ async def test_a_leader_applies_its_own_submit_and_ack_without_decoding_them(tmp
         return command
 
     monkeypatch.setattr(state_machine, "decode_command", counting_decode)
-    network = MemoryNetwork()
-    storages = {n: NodeStorage.open(str(tmp_path / n), wal_segment_bytes=1 << 20, logger=logging.getLogger("test"))
-                for n in NODE_IDS}
-    nodes = {n: Node(_config(n, tmp_path), storage=storages[n], transport=network.transport(n)) for n in NODE_IDS}
-    for node_id, node in nodes.items():
-        network.attach(node_id, node.deliver)
-    for node in nodes.values():
-        await node.start()
-    try:
+    async with _three_nodes(tmp_path) as (network, nodes, storages):
         leader = await _poll(lambda: next((node for node in nodes.values() if node.is_serving), None),
                              "a leader that serves", lambda: {n: node.role for n, node in nodes.items()})
         submit = _submit("j1")
@@ -185,8 +173,3 @@ async def test_a_leader_applies_its_own_submit_and_ack_without_decoding_them(tmp
             f"each follower decodes the entries, the leader does not; decoded: {decoded}"
         assert all(node.queue.job_state("j1") == "done" for node in nodes.values())
         assert len({node.queue.digest() for node in nodes.values()}) == 1
-    finally:
-        for node in nodes.values():
-            await node.stop()
-        for storage in storages.values():
-            storage.close()
