@@ -801,7 +801,7 @@ class Node:
             if not future.done():
                 future.set_exception(error)
         self._applied_waiters.clear()
-        for _, future in self._proposals:
+        for _, future, _ in self._proposals:
             if not future.done():
                 future.set_exception(error)
         self._proposals.clear()

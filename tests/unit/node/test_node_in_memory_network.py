@@ -173,3 +173,46 @@ async def test_a_leader_applies_its_own_submit_and_ack_without_decoding_them(tmp
             f"each follower decodes the entries, the leader does not; decoded: {decoded}"
         assert all(node.queue.job_state("j1") == "done" for node in nodes.values())
         assert len({node.queue.digest() for node in nodes.values()}) == 1
+
+
+async def test_a_leader_whose_disk_refuses_fail_stops_and_fails_every_waiting_proposal(tmp_path):
+    """The WAL's sync fails (ENOSPC) while a second proposal is queued behind the one being
+    written: the node stops (its `failure` resolves with the disk's error, so the process exits)
+    and both proposals fail, the queued one included. (A real full disk: test_disk_full.py.)"""
+    import errno
+    import threading
+
+    from raftq.cluster.errors import Unavailable
+    from raftq.cluster.storage.errors import DiskWriteError
+
+    async with _three_nodes(tmp_path) as (network, nodes, storages):
+        leader = await _poll(lambda: next((node for node in nodes.values() if node.is_serving), None),
+                             "a leader that serves", lambda: {n: node.role for n, node in nodes.items()})
+        wal = leader.wal
+        second_queued = threading.Event()
+
+        def failing_sync():  # runs in the persist thread: a large Ready is written off the loop
+            second_queued.wait(DEADLINE_S)
+            raise DiskWriteError(wal.directory, OSError(errno.ENOSPC, "No space left on device"))
+
+        wal.sync = failing_sync
+        big = cmds.Submit(now_ms=1_000, queue="q", jobs=tuple(
+            cmds.NewJob(id=f"big{i}", payload=b"x" * 1024, priority=0, delay_ms=0, max_attempts=5,
+                        lease_ms=30_000, idempotency_key=None, backoff_base_ms=1000, backoff_cap_ms=300_000)
+            for i in range(100)))
+        first = asyncio.create_task(leader.propose(big))
+        await _poll(lambda: leader.pending_proposals_count == 1 and not leader._proposals,
+                    "the first proposal to be taken by the drive loop", lambda: leader.pending_proposals_count)
+        second = asyncio.create_task(leader.propose(_submit("queued")))
+        await asyncio.sleep(0)  # the second proposal is queued: it waits for the next drive-loop turn
+        second_queued.set()
+        failure = await asyncio.wait_for(leader.failure, DEADLINE_S)
+        assert isinstance(failure, DiskWriteError) and failure.errno == errno.ENOSPC, failure
+        for task in (first, second):
+            try:
+                await asyncio.wait_for(task, DEADLINE_S)
+            except Unavailable:
+                continue
+            raise AssertionError(f"a proposal waiting on a node that fail-stopped did not fail: {task}")
+        assert leader.pending_proposals_count == 0
+        del wal.sync  # the teardown closes the log, which syncs
