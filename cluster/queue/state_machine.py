@@ -67,6 +67,7 @@ records and changes nothing until the whole stream has been read and checked.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import heapq
@@ -404,7 +405,15 @@ class QueueStateMachine:
         if held is None:
             held = self._idempotency[queue] = {}
         held.update(keys)
-        self._idempotency_fifo.append((now + self.idempotency_window_ms, queue, tuple(keys), tuple(keys.values())))
+        batch = (now + self.idempotency_window_ms, queue, tuple(keys), tuple(keys.values()))
+        fifo = self._idempotency_fifo
+        if fifo and fifo[-1][0] > batch[0]:
+            # The window was shortened (a restart with a smaller --idempotency-window): keep the
+            # batches in expiry order, the order a replica restored from a snapshot has, since a
+            # Submit looks only at the first batch to drop expired keys.
+            fifo.insert(bisect.bisect_right(fifo, batch[0], key=_FIRST), batch)
+        else:
+            fifo.append(batch)
 
     # ------------------------------------------------------------------ lease
 

@@ -802,6 +802,26 @@ def test_idempotency_keys_of_one_submit_are_one_batch(m):
     assert m.sm.idempotency_key_count() == 1
 
 
+def test_a_shortened_idempotency_window_keeps_live_and_restored_replicas_equal():
+    """Nodes restarted with a smaller --idempotency-window: a key submitted after it expires
+    before the keys held from the longer window. A live replica and one restored from a snapshot
+    taken then must drop it at the same instant (a Submit looks only at the first batch)."""
+    long_window = Machine(idempotency_window_ms=100_000)
+    long_window.submit(job("a", idempotency_key="k1"))
+    live = Machine(idempotency_window_ms=10_000)
+    live.sm.restore(long_window.sm.snapshot())
+    live.index = long_window.index
+    live.submit(job("b", idempotency_key="k2"), now=T0 + 1_000)
+    restored = Machine(idempotency_window_ms=10_000)
+    restored.sm.restore(live.sm.snapshot())
+    restored.index = live.index
+    again = (job("c", idempotency_key="k2"),)
+    outcomes = [replica.submit(*again, now=T0 + 20_000) for replica in (live, restored)]
+    assert outcomes == [r.Submitted(("c",), (True,))] * 2, f"k2's window (10 s) is over on both: {outcomes}"
+    assert live.sm.digest() == restored.sm.digest()
+    assert live.sm.idempotency_keys() == [(("q", "k1"), ("a", T0 + 100_000)), (("q", "k2"), ("c", T0 + 30_000))]
+
+
 def test_a_deleted_queues_idempotency_batches_go_with_it(m):
     m.submit(job("a", idempotency_key="k"), queue="gone")
     m.submit(job("b", idempotency_key="k"), queue="kept")
