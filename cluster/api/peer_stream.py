@@ -17,11 +17,12 @@ from typing import Callable
 import aiohttp
 from aiohttp import WSMsgType, web
 
-#: Version prefixes of the aiohttp releases whose `WebSocketResponse._post_start` `_PeerStream`
-#: mirrors. Add a release only once test_peer_stream passes on it.
-MIRRORED_AIOHTTP_RELEASES = ("3.14.",)
+#: The aiohttp releases (exact versions) whose `WebSocketResponse._post_start` `_PeerStream`
+#: mirrors. Add a release only once test_peer_stream passes on it: a patch release may change
+#: the private parts mirrored, and then every peer stream would fail to open.
+MIRRORED_AIOHTTP_RELEASES = ("3.14.5",)
 
-MIRRORS_INSTALLED_AIOHTTP = aiohttp.__version__.startswith(MIRRORED_AIOHTTP_RELEASES)
+MIRRORS_INSTALLED_AIOHTTP = aiohttp.__version__ in MIRRORED_AIOHTTP_RELEASES
 
 
 def peer_stream_response(deliver: Callable[[bytes], bool], **kwargs) -> web.WebSocketResponse:

@@ -82,6 +82,8 @@ async def _receive_frames(node, request: web.Request, ws: web.WebSocketResponse,
     connection with the reason, and on an aiohttp release it does not mirror, every frame."""
     async for frame in ws:
         if frame.type is not WSMsgType.BINARY:
+            if frame.type is WSMsgType.ERROR:  # the reader failed: a frame too large, or delivering one raised
+                log.warning("closing the raft stream from %r: %s", peer, str(frame.data)[:200])
             await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"binary frames only")
             break
         try:

@@ -9,10 +9,12 @@ state digests are equal and no part file was written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import aiohttp
@@ -22,6 +24,7 @@ from raftq.cluster.raft.codec import encode_messages
 from raftq.cluster.raft.messages import Message, MessageType
 from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER
 from raftq.cluster.transport.http import SECRET_HEADER, STREAM_PATH
+from raftq.protocol import BODY_BYTES_MAX
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> int:
@@ -91,6 +94,13 @@ def test_raft_paths_refuse_requests_without_the_secret_and_nothing_moves(three_n
     assert stream == {"no secret": (401, None), "wrong secret": (403, None),
                       "web page with the secret": (403, None)}, stream
     assert open_stream(url, secret, [b"\xc1 not msgpack"]) == (101, aiohttp.WSCloseCode.INVALID_TEXT)
+    # A frame over the body limit: the node's reader fails; it closes the stream and says why.
+    with contextlib.suppress(ConnectionError):  # closed while the frame is still being sent
+        open_stream(url, secret, [b"\0" * (BODY_BYTES_MAX + 1)])
+    deadline = time.monotonic() + 10
+    while "closing the raft stream from '?': Message size" not in cluster.log_text(leader):
+        assert time.monotonic() < deadline, "the node did not log why it closed the stream"
+        time.sleep(0.05)  # polling the log with a deadline
 
     after = cluster.wait_converged()
     assert after == before, f"digests moved: {before} -> {after}"
