@@ -6,7 +6,7 @@ turns a failure to get an answer into `errors.ConnectError` / `errors.Timeout` (
 is httpx's: `transport=` can be swapped for `MockTransport(handler)` in tests, and one
 MockTransport serves both the sync `Client` and the `AsyncClient`.
 
-`HTTPTransport` (standard library `http.client`) keeps idle keep-alive connections per node. A
+`HTTPTransport` (a lean HTTP/1.1 client of its own, `_http11.py`) keeps idle keep-alive connections per node. A
 sync `Client` is shared by a worker's threads (fetcher, reporter, heartbeat), so each request
 takes an idle connection or opens one, and gives it back after reading the answer; a node
 normally has one, and more only while requests to it overlap.
@@ -15,7 +15,6 @@ normally has one, and more only while requests to it overlap.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import inspect
 import os
 import socket
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 import msgpack
 
 from raftq.client import errors
+from raftq.client._http11 import Connection, MalformedAnswer
 from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
 
 #: Idle connections kept per node. A worker overlaps at most a long-poll fetch, a report and a
@@ -185,8 +185,8 @@ def transport_error(exc: BaseException, request: Request) -> errors.TransportErr
         return errors.ConnectError(f"cannot resolve host: {exc}", node=node)
     if isinstance(exc, OSError):
         return errors.ConnectError(exc.strerror or str(exc) or type(exc).__name__, node=node)
-    if isinstance(exc, http.client.HTTPException):
-        return errors.TransportError(f"malformed HTTP answer: {type(exc).__name__}: {exc}", node=node)
+    if isinstance(exc, MalformedAnswer):
+        return errors.TransportError(f"malformed HTTP answer: {exc}", node=node)
     return None
 
 
@@ -217,13 +217,13 @@ def base_url(url: str) -> str:
 
 
 class HTTPTransport(BaseTransport):
-    """HTTP/1.1 with the standard library, keep-alive connections per node, thread-safe."""
+    """HTTP/1.1 keep-alive connections per node (`_http11.Connection`), thread-safe."""
 
     def __init__(self, *, idle_per_node_max: int = IDLE_CONNECTIONS_PER_NODE_MAX,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         """ssl_context: for https:// nodes (default `tls_context()`, made on the first https node)."""
         self._ssl_context = ssl_context
-        self._idle: dict[str, list[http.client.HTTPConnection]] = {}
+        self._idle: dict[str, list[Connection]] = {}
         self._idle_per_node_max = idle_per_node_max
         self._lock = threading.Lock()
         self._closed = False
@@ -249,45 +249,42 @@ class HTTPTransport(BaseTransport):
             for connection in connections:
                 connection.close()
 
-    def _exchange(self, node: str, connection: http.client.HTTPConnection, request: Request) -> Response:
+    def _exchange(self, node: str, connection: Connection, request: Request) -> Response:
         try:
-            connection.timeout = request.timeout_s
-            if connection.sock is not None:
-                connection.sock.settimeout(request.timeout_s)
             parts = urlsplit(request.url)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            connection.request(request.method, target, body=request.content or None, headers=dict(request.headers))
-            answer = connection.getresponse()
-            content = answer.read()
+            status, headers, content, will_close = connection.exchange(
+                request.method, target, request.headers, request.content, request.timeout_s)
         except BaseException as exc:
             connection.close()
             mapped = transport_error(exc, request)
             if mapped is None:
                 raise
             raise mapped from exc
-        response = Response(answer.status, dict(answer.getheaders()), content)
-        if answer.will_close:
+        if will_close:
             connection.close()
         else:
             self._checkin(node, connection)
-        return response
+        return Response(status, headers, content)
 
-    def _open(self, node: str) -> http.client.HTTPConnection:
+    def _open(self, node: str) -> Connection:
         parts = urlsplit(node)
+        context = None
         if parts.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = tls_context()
-            return http.client.HTTPSConnection(parts.hostname or "127.0.0.1", parts.port, context=self._ssl_context)
-        return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
+            context = self._ssl_context
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return Connection(parts.hostname or "127.0.0.1", port, parts.netloc, context)
 
-    def _checkout(self, node: str) -> http.client.HTTPConnection | None:
+    def _checkout(self, node: str) -> Connection | None:
         with self._lock:
             if self._closed:
                 raise errors.ClientClosed("the transport is closed")
             idle = self._idle.get(node)
             return idle.pop() if idle else None
 
-    def _checkin(self, node: str, connection: http.client.HTTPConnection) -> None:
+    def _checkin(self, node: str, connection: Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(node, [])
             if not self._closed and len(idle) < self._idle_per_node_max:

@@ -1,5 +1,5 @@
 """The sync Client against MockTransport nodes (retry rules, leader memory, errors), then against
-a tiny real aiohttp server, to show the http.client path works.
+a tiny real aiohttp server, to show the HTTP/1.1 transport works.
 
 Time is a FakeClock: backoff "sleeps" only move it, so no test waits for real.
 The AsyncClient twin runs the same scenarios in test_async_client.py, reusing the fakes here.

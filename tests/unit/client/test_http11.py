@@ -1,0 +1,199 @@
+"""The sync client's HTTP/1.1 connection (`client/_http11.py`) against a scripted socket server on
+loopback: what it sends, the answer shapes RFC 9112 allows (Content-Length, chunked, until close,
+1xx first, no body), and malformed answers, each refused with a clear error and the connection
+dropped. The client's behaviour over it (redirects, pooling, a stale connection) is in test_client.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from raftq import HTTPTransport, Request, errors
+from raftq.client._http11 import HEADERS_MAX, LINE_BYTES_MAX, ClosedBeforeAnswer, Connection, MalformedAnswer
+
+
+class ScriptedServer:
+    """Accepts connections one at a time; for each request read, sends the next canned answer
+    (bytes), then closes the connection when the answer is followed by None in the script."""
+
+    def __init__(self, *answers: bytes | None) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.answers:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                while self.answers:
+                    request = self._read_request(connection)
+                    if request is None:
+                        break
+                    self.requests.append(request)
+                    connection.sendall(self.answers.pop(0))
+                    if self.answers and self.answers[0] is None:
+                        self.answers.pop(0)
+                        break
+
+    @staticmethod
+    def _read_request(connection: socket.socket) -> bytes | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += connection.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def serve():
+    servers: list[ScriptedServer] = []
+
+    def start(*answers: bytes | None) -> ScriptedServer:
+        servers.append(ScriptedServer(*answers))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def connect(server: ScriptedServer) -> Connection:
+    return Connection("127.0.0.1", server.port, f"127.0.0.1:{server.port}", None)
+
+
+def test_a_request_is_one_write_of_head_and_body_and_answers_keep_the_connection(serve):
+    server = serve(b"HTTP/1.1 201 Created\r\nContent-Type: application/msgpack\r\nContent-Length: 3\r\n\r\nabc",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    connection = connect(server)
+    try:
+        assert connection.exchange("POST", "/v1/queues/q/jobs", {"Authorization": "Bearer t"}, b"\x81\xa1a\x01", 5) \
+            == (201, {"content-type": "application/msgpack", "content-length": "3"}, b"abc", False)
+        assert connection.exchange("GET", "/v1/cluster", {}, b"", 5)[:3] == (200, {"content-length": "0"}, b"")
+    finally:
+        connection.close()
+    assert server.requests == [
+        b"POST /v1/queues/q/jobs HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept-Encoding: identity\r\n"
+        b"Authorization: Bearer t\r\nContent-Length: 4\r\n\r\n\x81\xa1a\x01" % server.port,
+        b"GET /v1/cluster HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAccept-Encoding: identity\r\n\r\n" % server.port,
+    ], "both on one connection, a GET without a body has no Content-Length"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nX-Trailer: y\r\n\r\n",
+     (200, b"Wikipedia", False)),
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", False)),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", True)),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", True)),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", False)),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", (204, b"", False)),
+    (b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 0\r\n\r\n", (200, b"", False)),
+], ids=["chunked with extension and trailer", "1xx first", "connection close", "HTTP/1.0", "HTTP/1.0 keep-alive",
+        "204", "folded header"])
+def test_answer_shapes(serve, answer, expected):
+    server = serve(answer)
+    connection = connect(server)
+    try:
+        status, headers, body, will_close = connection.exchange("GET", "/", {}, b"", 5)
+    finally:
+        connection.close()
+    assert (status, body, will_close) == expected
+    if "x-folded" in headers:
+        assert headers["x-folded"] == "a b"
+
+
+def test_a_body_without_length_ends_with_the_connection(serve):
+    server = serve(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it", None)
+    connection = connect(server)
+    try:
+        assert connection.exchange("GET", "/", {}, b"", 5) == (200, {"content-type": "text/plain"}, b"all of it", True)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("answer, message", [
+    (b"HTTP/2 200\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "not a header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "is not a number"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed after 5 of 10 body bytes"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", "bad chunk size line"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", "does not end with CRLF"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * (HEADERS_MAX + 1) + b"\r\n", f"more than {HEADERS_MAX} header lines"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * LINE_BYTES_MAX + b"\r\n\r\n", f"longer than {LINE_BYTES_MAX} bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "closed inside the answer's headers"),
+])
+def test_a_malformed_answer_is_refused_by_name(serve, answer, message):
+    server = serve(answer, None)
+    connection = connect(server)
+    try:
+        with pytest.raises(MalformedAnswer, match=message):
+            connection.exchange("GET", "/", {}, b"", 5)
+    finally:
+        connection.close()
+
+
+def test_through_the_transport_a_malformed_answer_is_a_transport_error_naming_it(serve):
+    server = serve(b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", None)
+    transport = HTTPTransport()
+    try:
+        with pytest.raises(errors.TransportError, match="malformed HTTP answer: not a header line"):
+            transport.handle_request(Request("GET", server.url + "/v1/queues"))
+    finally:
+        transport.close()
+
+
+def test_a_connection_closed_before_any_answer_says_so(serve):
+    server = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", None)
+    connection = connect(server)
+    try:
+        connection.exchange("GET", "/", {}, b"", 5)
+        with pytest.raises(ClosedBeforeAnswer):  # the server closed it after its one answer
+            connection.exchange("GET", "/", {}, b"", 5)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("target, headers", [
+    ("/a b", {}), ("/a\r\nX-Injected: 1", {}), ("/", {"X-Evil": "v\r\nX-Injected: 1"}), ("/", {"X\nA": "v"}),
+])
+def test_a_request_that_would_smuggle_a_line_is_refused_before_sending(serve, target, headers):
+    server = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    connection = connect(server)
+    try:
+        with pytest.raises(ValueError):
+            connection.exchange("GET", target, headers, b"", 5)
+    finally:
+        connection.close()
+    assert server.requests == []
+
+
+def test_no_answer_in_time_is_a_timeout(serve):
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    try:
+        connection = Connection("127.0.0.1", listener.getsockname()[1], "127.0.0.1", None)
+        with pytest.raises(TimeoutError):
+            connection.exchange("GET", "/", {}, b"", 0.2)
+        connection.close()
+    finally:
+        listener.close()
