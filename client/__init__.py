@@ -36,7 +36,8 @@ from raftq.client import errors
 from raftq.client._async_client import AiohttpTransport, AsyncClient
 from raftq.client._base import BATCH_COUNT_MAX, ClientState, LeasedJob, RetryPolicy
 from raftq.client._client import Client, JobHandle
-from raftq.client._transports import AsyncBaseTransport, BaseTransport, HTTPTransport, MockTransport, Request, Response
+from raftq.client._transports import (AsyncBaseTransport, AsyncHTTPTransport, BaseTransport, HTTPTransport,
+                                      MockTransport, Request, Response)
 from raftq.client.app import App
 from raftq.client.worker import (Middleware, NonRetryable, PrometheusMiddleware, Reject, Retry, SoftTimeLimitExceeded,
                            TimeLimitExceeded, Worker)
@@ -46,6 +47,7 @@ __all__ = [
     "App",
     "AsyncBaseTransport",
     "AsyncClient",
+    "AsyncHTTPTransport",
     "BATCH_COUNT_MAX",
     "BaseTransport",
     "Client",

@@ -20,10 +20,8 @@ from raftq.client import errors
 from raftq.client._base import (Call, ClientState, LeasedJob, RetryPolicy, Send, _BaseClient, job_options, queue_settings,
                           result_of, schedule_spec, single)
 from raftq.client._client import Client
-from raftq.client._transports import AsyncBaseTransport, Request, Response, base_url, tls_context, transport_error
-
-#: Connections the aiohttp session keeps open in all (aiohttp's default is 100 as well).
-CONNECTIONS_MAX = 100
+from raftq.client._transports import (CONNECTIONS_MAX, AsyncBaseTransport, AsyncHTTPTransport, Request, Response,
+                                      base_url, tls_context, transport_error)
 
 
 class AiohttpTransport(AsyncBaseTransport):
@@ -78,14 +76,15 @@ class AsyncClient(_BaseClient):
                  transport: AsyncBaseTransport | None = None,
                  retry: RetryPolicy | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, rng: random.Random | None = None) -> None:
-        """As `Client`, except that `transport` defaults to `AiohttpTransport()` (an `AsyncBaseTransport`)
-        and `sleep` to `asyncio.sleep` (an async function).
+        """As `Client`, except that `transport` defaults to `AsyncHTTPTransport()` (an
+        `AsyncBaseTransport`; `AiohttpTransport()` is the other one) and `sleep` to `asyncio.sleep`
+        (an async function).
 
         Raises:
             ValueError: as `Client`.
         """
         super().__init__(nodes, token=token, timeout=timeout, deadline=deadline, retry=retry, clock=clock, rng=rng)
-        self._transport = transport if transport is not None else AiohttpTransport(
+        self._transport = transport if transport is not None else AsyncHTTPTransport(
             ssl_context=tls_context(ca_file, verify=verify) if ca_file or not verify else None)
         self._sleep = sleep
 

@@ -14,6 +14,7 @@ normally has one, and more only while requests to it overlap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import os
@@ -27,9 +28,12 @@ from urllib.parse import urlsplit
 import msgpack
 
 from raftq.client import errors
-from raftq.client._http11 import Connection, MalformedAnswer
+from raftq.client._http11 import AsyncConnection, Connection, MalformedAnswer
 from raftq.protocol import CONTENT_TYPE_MSGPACK as MSGPACK
 
+#: Connections an async transport has open at once, over all nodes (aiohttp's default too); more
+#: requests at once wait for one.
+CONNECTIONS_MAX = 100
 #: Idle connections kept per node. A worker overlaps at most a long-poll fetch, a report and a
 #: heartbeat, so four covers it; beyond that, connections close after use instead of piling up.
 IDLE_CONNECTIONS_PER_NODE_MAX = 4
@@ -251,31 +255,25 @@ class HTTPTransport(BaseTransport):
 
     def _exchange(self, node: str, connection: Connection, request: Request) -> Response:
         try:
-            parts = urlsplit(request.url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            status, headers, content, will_close = connection.exchange(
-                request.method, target, request.headers, request.content, request.timeout_s)
+            answer = connection.exchange(request.method, request.path or "/", request.headers, request.content,
+                                         request.timeout_s)
         except BaseException as exc:
             connection.close()
             mapped = transport_error(exc, request)
             if mapped is None:
                 raise
             raise mapped from exc
-        if will_close:
+        if answer.will_close:
             connection.close()
         else:
             self._checkin(node, connection)
-        return Response(status, headers, content)
+        return Response(answer.status, answer.headers, answer.body)
 
     def _open(self, node: str) -> Connection:
-        parts = urlsplit(node)
-        context = None
-        if parts.scheme == "https":
-            if self._ssl_context is None:
-                self._ssl_context = tls_context()
-            context = self._ssl_context
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return Connection(parts.hostname or "127.0.0.1", port, parts.netloc, context)
+        host, port, netloc, https = _endpoint(node)
+        if https and self._ssl_context is None:
+            self._ssl_context = tls_context()
+        return Connection(host, port, netloc, self._ssl_context if https else None)
 
     def _checkout(self, node: str) -> Connection | None:
         with self._lock:
@@ -291,3 +289,68 @@ class HTTPTransport(BaseTransport):
                 idle.append(connection)
                 return
         connection.close()
+
+
+class AsyncHTTPTransport(AsyncBaseTransport):
+    """The asyncio twin of `HTTPTransport`: keep-alive connections per node
+    (`_http11.AsyncConnection`), at most `connections_max` open at once."""
+
+    def __init__(self, *, connections_max: int = CONNECTIONS_MAX, idle_per_node_max: int = IDLE_CONNECTIONS_PER_NODE_MAX,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """ssl_context: for https:// nodes (default `tls_context()`, made on the first https node)."""
+        self._ssl_context = ssl_context
+        self._slots = asyncio.Semaphore(connections_max)
+        self._idle: dict[str, list[AsyncConnection]] = {}
+        self._idle_per_node_max = idle_per_node_max
+        self._closed = False
+
+    async def handle_async_request(self, request: Request) -> Response:
+        node = base_url(request.url)
+        async with self._slots:
+            if self._closed:
+                raise errors.ClientClosed("the transport is closed")
+            idle = self._idle.get(node)
+            if idle:
+                try:
+                    return await self._exchange(node, idle.pop(), request)
+                except errors.ConnectError:
+                    pass  # a stale keep-alive connection, as in HTTPTransport.handle_request
+            return await self._exchange(node, self._open(node), request)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    async def _exchange(self, node: str, connection: AsyncConnection, request: Request) -> Response:
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                answer = await connection.exchange(request.method, request.path or "/", request.headers,
+                                                   request.content)
+        except BaseException as exc:  # cancelled too: the answer may be half read
+            connection.close()
+            mapped = transport_error(exc, request)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        idle = self._idle.setdefault(node, [])
+        if answer.will_close or self._closed or len(idle) >= self._idle_per_node_max:
+            connection.close()
+        else:
+            idle.append(connection)
+        return Response(answer.status, answer.headers, answer.body)
+
+    def _open(self, node: str) -> AsyncConnection:
+        host, port, netloc, https = _endpoint(node)
+        if https and self._ssl_context is None:
+            self._ssl_context = tls_context()
+        return AsyncConnection(host, port, netloc, self._ssl_context if https else None)
+
+
+def _endpoint(node: str) -> tuple[str, int, str, bool]:
+    """(host, port, Host header, https) of a node's base URL."""
+    parts = urlsplit(node)
+    https = parts.scheme == "https"
+    return parts.hostname or "127.0.0.1", parts.port or (443 if https else 80), parts.netloc, https

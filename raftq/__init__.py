@@ -23,6 +23,7 @@ __all__ = [
     "App",
     "AsyncBaseTransport",
     "AsyncClient",
+    "AsyncHTTPTransport",
     "BaseTransport",
     "Client",
     "HTTPTransport",
@@ -44,7 +45,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from raftq.client import (AiohttpTransport, App, AsyncBaseTransport, AsyncClient, BaseTransport, Client,
+    from raftq.client import (AiohttpTransport, App, AsyncBaseTransport, AsyncClient, AsyncHTTPTransport,
+                              BaseTransport, Client,
                               HTTPTransport, JobHandle, LeasedJob, Middleware, MockTransport, NonRetryable,
                               PrometheusMiddleware, Reject, Request, Response, Retry, RetryPolicy,
                               SoftTimeLimitExceeded, TimeLimitExceeded, Worker, errors)

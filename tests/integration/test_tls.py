@@ -8,6 +8,7 @@ request, and so is plain HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import ssl
@@ -17,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from raftq import Client, errors
+from raftq import AsyncClient, Client, errors
 from raftq.cluster.localcluster import LocalCluster, http_json
 from raftq.cluster.transport.http import SECRET_HEADER
 
@@ -59,6 +60,20 @@ def test_a_client_trusting_another_ca_is_refused(tls_cluster, tmp_path):
             client.submit("tls", {"n": 1})
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         http_json(tls_cluster.urls[0] + "/v1/cluster", context=ssl.create_default_context())  # system CAs
+
+
+def test_the_async_client_speaks_tls_and_refuses_another_ca(tls_cluster, tmp_path):
+    other = make_certs(str(tmp_path / "other"))
+
+    async def run() -> None:
+        async with AsyncClient(tls_cluster.urls, ca_file=tls_cluster.ca_file, timeout=10, deadline=30) as client:
+            job_id = await client.submit("tls-async", {"over": "tls"})
+            assert (await client.get(job_id))["state"] == "ready"
+        async with AsyncClient(tls_cluster.urls, ca_file=os.path.join(other, "ca.pem"), timeout=2, deadline=3) as client:
+            with pytest.raises(errors.ConnectError, match="certificate is not trusted"):
+                await client.submit("tls-async", {"n": 1})
+
+    asyncio.run(run())
 
 
 def test_plain_http_to_a_tls_node_gets_no_answer(tls_cluster):

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from raftq.client import AsyncClient, ClientState, LeasedJob, MockTransport, Request, Response, errors
+from raftq.client import (AiohttpTransport, AsyncClient, AsyncHTTPTransport, ClientState, LeasedJob, MockTransport,
+                          Request, Response, errors)
 from tests.unit.client.fakes import A, B, C, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer
 from tests.unit.client.test_client import ERROR_CASES, batch_answer
 
@@ -138,20 +139,27 @@ def test_a_sync_client_refuses_an_async_handler(clock):
         client.queues()
 
 
-async def test_real_http_redirect_failover_and_msgpack():
+@pytest.mark.parametrize("transport", [None, AiohttpTransport], ids=["default AsyncHTTPTransport", "AiohttpTransport"])
+async def test_real_http_redirect_failover_and_msgpack(transport):
     nodes = RealNodes()
     await nodes.start()
     try:
         async with AsyncClient([closed_port_url(), nodes.follower_url], token="t0ken", timeout=5.0,
-                               deadline=10.0) as client:
+                               deadline=10.0, transport=transport() if transport else None) as client:
             assert await client.submit("emails", {"to": "a"}) == "id0"
             assert (client.leader_url, client.leader) == (nodes.leader_url, "n1")
             (job,) = await client.fetch("w1", ["emails"], wait_s=0.1)
             assert job.payload == {"blob": b"\x00\xff", "text": "é"}
             with pytest.raises(errors.JobNotFound, match="no job nope"):
                 await client.get("nope")
-            session = client._transport._session
-        assert session is not None and session.closed, "aclose closes the aiohttp session"
+            used = client._transport
+            assert isinstance(used, transport or AsyncHTTPTransport)
+            kept = used._session if transport else [c for idle in used._idle.values() for c in idle]
+            assert kept, "a connection (aiohttp: a session) is kept for the next call"
+        if transport:
+            assert kept.closed, "aclose closes the aiohttp session"
+        else:
+            assert used._idle == {} and all(c._writer is None for c in kept), "aclose closes the idle connections"
     finally:
         await nodes.stop()
     assert nodes.seen == [("follower", "POST", "/v1/queues/emails/jobs"), ("follower", "GET", "/v1/cluster"),

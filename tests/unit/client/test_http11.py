@@ -6,13 +6,17 @@ dropped. The client's behaviour over it (redirects, pooling, a stale connection)
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+import time
 
 import pytest
 
-from raftq import HTTPTransport, Request, errors
-from raftq.client._http11 import HEADERS_MAX, LINE_BYTES_MAX, ClosedBeforeAnswer, Connection, MalformedAnswer
+from raftq import AsyncHTTPTransport, HTTPTransport, Request, errors
+from tests.unit.client.fakes import closed_port_url
+from raftq.client._http11 import (HEADERS_MAX, LINE_BYTES_MAX, AsyncConnection, ClosedBeforeAnswer, Connection,
+                                  MalformedAnswer)
 
 
 class ScriptedServer:
@@ -77,14 +81,45 @@ def serve():
         server.close()
 
 
-def connect(server: ScriptedServer) -> Connection:
-    return Connection("127.0.0.1", server.port, f"127.0.0.1:{server.port}", None)
+class Side:
+    """One connection of either driver, used the same way: the sync `Connection` on a blocking
+    socket or the `AsyncConnection` on an asyncio stream (each call in its own asyncio.run)."""
+
+    def __init__(self, kind: str, port: int, netloc: str | None = None) -> None:
+        make = Connection if kind == "sync" else AsyncConnection
+        self.kind = kind
+        self.connection = make("127.0.0.1", port, netloc or f"127.0.0.1:{port}", None)
+        self.loop = asyncio.new_event_loop() if kind == "async" else None
+
+    def exchange(self, method: str, target: str, headers: dict, body: bytes, timeout_s: float):
+        if self.loop is None:
+            return self.connection.exchange(method, target, headers, body, timeout_s)
+
+        async def run():
+            async with asyncio.timeout(timeout_s):
+                return await self.connection.exchange(method, target, headers, body)
+        return self.loop.run_until_complete(run())
+
+    def close(self) -> None:
+        self.connection.close()
+        if self.loop is not None:
+            self.loop.run_until_complete(asyncio.sleep(0))  # let the transport finish closing
+            self.loop.close()
 
 
-def test_a_request_is_one_write_of_head_and_body_and_answers_keep_the_connection(serve):
+@pytest.fixture(params=["sync", "async"])
+def side(request):
+    return request.param
+
+
+def connect(server: ScriptedServer, kind: str) -> Side:
+    return Side(kind, server.port)
+
+
+def test_a_request_is_one_write_of_head_and_body_and_answers_keep_the_connection(serve, side):
     server = serve(b"HTTP/1.1 201 Created\r\nContent-Type: application/msgpack\r\nContent-Length: 3\r\n\r\nabc",
                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         assert connection.exchange("POST", "/v1/queues/q/jobs", {"Authorization": "Bearer t"}, b"\x81\xa1a\x01", 5) \
             == (201, {"content-type": "application/msgpack", "content-length": "3"}, b"abc", False)
@@ -109,9 +144,9 @@ def test_a_request_is_one_write_of_head_and_body_and_answers_keep_the_connection
     (b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 0\r\n\r\n", (200, b"", False)),
 ], ids=["chunked with extension and trailer", "1xx first", "connection close", "HTTP/1.0", "HTTP/1.0 keep-alive",
         "204", "folded header"])
-def test_answer_shapes(serve, answer, expected):
+def test_answer_shapes(serve, side, answer, expected):
     server = serve(answer)
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         status, headers, body, will_close = connection.exchange("GET", "/", {}, b"", 5)
     finally:
@@ -121,9 +156,9 @@ def test_answer_shapes(serve, answer, expected):
         assert headers["x-folded"] == "a b"
 
 
-def test_a_body_without_length_ends_with_the_connection(serve):
+def test_a_body_without_length_ends_with_the_connection(serve, side):
     server = serve(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it", None)
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         assert connection.exchange("GET", "/", {}, b"", 5) == (200, {"content-type": "text/plain"}, b"all of it", True)
     finally:
@@ -143,9 +178,9 @@ def test_a_body_without_length_ends_with_the_connection(serve):
     (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * LINE_BYTES_MAX + b"\r\n\r\n", f"longer than {LINE_BYTES_MAX} bytes"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "closed inside the answer's headers"),
 ])
-def test_a_malformed_answer_is_refused_by_name(serve, answer, message):
+def test_a_malformed_answer_is_refused_by_name(serve, side, answer, message):
     server = serve(answer, None)
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         with pytest.raises(MalformedAnswer, match=message):
             connection.exchange("GET", "/", {}, b"", 5)
@@ -163,9 +198,9 @@ def test_through_the_transport_a_malformed_answer_is_a_transport_error_naming_it
         transport.close()
 
 
-def test_a_connection_closed_before_any_answer_says_so(serve):
+def test_a_connection_closed_before_any_answer_says_so(serve, side):
     server = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", None)
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         connection.exchange("GET", "/", {}, b"", 5)
         with pytest.raises(ClosedBeforeAnswer):  # the server closed it after its one answer
@@ -177,9 +212,9 @@ def test_a_connection_closed_before_any_answer_says_so(serve):
 @pytest.mark.parametrize("target, headers", [
     ("/a b", {}), ("/a\r\nX-Injected: 1", {}), ("/", {"X-Evil": "v\r\nX-Injected: 1"}), ("/", {"X\nA": "v"}),
 ])
-def test_a_request_that_would_smuggle_a_line_is_refused_before_sending(serve, target, headers):
+def test_a_request_that_would_smuggle_a_line_is_refused_before_sending(serve, side, target, headers):
     server = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    connection = connect(server)
+    connection = connect(server, side)
     try:
         with pytest.raises(ValueError):
             connection.exchange("GET", target, headers, b"", 5)
@@ -188,12 +223,119 @@ def test_a_request_that_would_smuggle_a_line_is_refused_before_sending(serve, ta
     assert server.requests == []
 
 
-def test_no_answer_in_time_is_a_timeout(serve):
+def test_no_answer_in_time_is_a_timeout(side):
     listener = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
     try:
-        connection = Connection("127.0.0.1", listener.getsockname()[1], "127.0.0.1", None)
+        connection = Side(side, listener.getsockname()[1])
         with pytest.raises(TimeoutError):
             connection.exchange("GET", "/", {}, b"", 0.2)
         connection.close()
     finally:
         listener.close()
+
+
+class SlowServer:
+    """Answers each request after `delay_s`, one thread per connection, counting the connections
+    open at once."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open_now = self.open_max = self.connections = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
+            self.open_now += 1
+            self.open_max = max(self.open_max, self.open_now)
+        try:
+            with connection:
+                while ScriptedServer._read_request(connection) is not None:
+                    time.sleep(self.delay_s)  # the slow node this server plays
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.open_now -= 1
+
+
+def test_the_async_transport_opens_at_most_connections_max_and_reuses_them():
+    server = SlowServer(delay_s=0.05)
+
+    async def run():
+        transport = AsyncHTTPTransport(connections_max=2)
+        try:
+            answers = await asyncio.gather(*(transport.handle_async_request(Request("GET", server.url + "/"))
+                                             for _ in range(8)))
+        finally:
+            await transport.aclose()
+        return [answer.content for answer in answers]
+
+    try:
+        assert asyncio.run(run()) == [b"ok"] * 8
+    finally:
+        server.listener.close()
+    assert (server.open_max, server.connections) == (2, 2), \
+        f"8 requests at once over at most 2 kept-alive connections: {server.open_max} at once, {server.connections} opened"
+
+
+def test_an_async_request_cancelled_mid_answer_drops_its_connection():
+    server = SlowServer(delay_s=0.5)
+
+    async def run():
+        transport = AsyncHTTPTransport()
+        try:
+            task = asyncio.create_task(transport.handle_async_request(Request("GET", server.url + "/")))
+            deadline = time.monotonic() + 10
+            while server.connections == 0:  # polling the server's count with a deadline
+                assert time.monotonic() < deadline, "the request never reached the server"
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return dict(transport._idle)
+        finally:
+            await transport.aclose()
+
+    try:
+        idle = asyncio.run(run())
+    finally:
+        server.listener.close()
+    assert all(not connections for connections in idle.values()), f"a half-read connection went back to the pool: {idle}"
+
+
+def test_the_async_transport_replaces_a_stale_pooled_connection_and_maps_errors():
+    # One answer per connection, then closed without a word: the pooled connection goes stale.
+    server = ScriptedServer(*[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", None] * 3
+                            + [b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", None])
+
+    async def run():
+        transport = AsyncHTTPTransport()
+        try:
+            contents = [(await transport.handle_async_request(Request("GET", server.url + "/"))).content
+                        for _ in range(3)]
+            with pytest.raises(errors.TransportError, match="malformed HTTP answer: not a header line"):
+                await transport.handle_async_request(Request("GET", server.url + "/"))
+            with pytest.raises(errors.ConnectError):
+                await transport.handle_async_request(Request("GET", closed_port_url() + "/"))
+            return contents
+        finally:
+            await transport.aclose()
+
+    try:
+        assert asyncio.run(run()) == [b"ok"] * 3
+    finally:
+        server.close()
+    assert len(server.requests) == 4, "each call reached the server once: a stale connection is retried, not failed"
