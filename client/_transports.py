@@ -306,16 +306,20 @@ class AsyncHTTPTransport(AsyncBaseTransport):
 
     async def handle_async_request(self, request: Request) -> Response:
         node = base_url(request.url)
-        async with self._slots:
-            if self._closed:
-                raise errors.ClientClosed("the transport is closed")
-            idle = self._idle.get(node)
-            if idle:
-                try:
-                    return await self._exchange(node, idle.pop(), request)
-                except errors.ConnectError:
-                    pass  # a stale keep-alive connection, as in HTTPTransport.handle_request
-            return await self._exchange(node, self._open(node), request)
+        try:
+            # The wait for a connection and a retry on a fresh one count against the request's time.
+            async with asyncio.timeout(request.timeout_s), self._slots:
+                if self._closed:
+                    raise errors.ClientClosed("the transport is closed")
+                idle = self._idle.get(node)
+                if idle:
+                    try:
+                        return await self._exchange(node, idle.pop(), request)
+                    except errors.ConnectError:
+                        pass  # a stale keep-alive connection, as in HTTPTransport.handle_request
+                return await self._exchange(node, self._open(node), request)
+        except TimeoutError as exc:  # out of time waiting for a connection
+            raise transport_error(exc, request) from exc
 
     async def aclose(self) -> None:
         self._closed = True
@@ -326,10 +330,8 @@ class AsyncHTTPTransport(AsyncBaseTransport):
 
     async def _exchange(self, node: str, connection: AsyncConnection, request: Request) -> Response:
         try:
-            async with asyncio.timeout(request.timeout_s):
-                answer = await connection.exchange(request.method, request.path or "/", request.headers,
-                                                   request.content)
-        except BaseException as exc:  # cancelled too: the answer may be half read
+            answer = await connection.exchange(request.method, request.path or "/", request.headers, request.content)
+        except BaseException as exc:  # cancelled and timed out too: the answer may be half read
             connection.close()
             mapped = transport_error(exc, request)
             if mapped is None:
@@ -350,7 +352,9 @@ class AsyncHTTPTransport(AsyncBaseTransport):
 
 
 def _endpoint(node: str) -> tuple[str, int, str, bool]:
-    """(host, port, Host header, https) of a node's base URL."""
+    """(host, port, Host header, https) of a node's base URL (the Host header without any user:password@)."""
     parts = urlsplit(node)
     https = parts.scheme == "https"
-    return parts.hostname or "127.0.0.1", parts.port or (443 if https else 80), parts.netloc, https
+    host = parts.hostname or "127.0.0.1"
+    host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return host, parts.port or (443 if https else 80), host_header, https

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from raftq import AsyncHTTPTransport, HTTPTransport, Request, errors
+from raftq.client._transports import _endpoint
 from tests.unit.client.fakes import closed_port_url
 from raftq.client._http11 import (HEADERS_MAX, LINE_BYTES_MAX, AsyncConnection, ClosedBeforeAnswer, Connection,
                                   MalformedAnswer, read_answer)
@@ -142,8 +143,15 @@ def test_a_request_is_one_write_of_head_and_body_and_answers_keep_the_connection
     (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok", (200, b"ok", False)),
     (b"HTTP/1.1 204 No Content\r\n\r\n", (204, b"", False)),
     (b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 0\r\n\r\n", (200, b"", False)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", (200, b"ok", False)),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", (200, b"ok", False)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", (200, b"ok", True)),
+    # A byte past the answer's end (a wrong Content-Length, a body on a 204): the connection is not kept.
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale", (200, b"ok", True)),
+    (b"HTTP/1.1 204 No Content\r\n\r\nbody", (204, b"", True)),
 ], ids=["chunked with extension and trailer", "1xx first", "connection close", "HTTP/1.0", "HTTP/1.0 keep-alive",
-        "204", "folded header"])
+        "204", "folded header", "repeated equal length", "chunked last", "length and chunked", "bytes past the end",
+        "body on a 204"])
 def test_answer_shapes(serve, side, answer, expected):
     server = serve(answer)
     connection = connect(server, side)
@@ -170,7 +178,14 @@ def test_a_body_without_length_ends_with_the_connection(serve, side):
     (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
     (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.x status line"),
     (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "not a header line"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "is not a number"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "is not one number of bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "is not one number of bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n", "is not one number of bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 7\r\n\r\nokHTTP/", "is not one number of bytes"),
+    (b"HTTP/1.1 \xb200 OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n", "longer than 1073741824 bytes"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", "101 Switching Protocols"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\n\r\n", "more than 10 informational"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed after 5 of 10 body bytes"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", "bad chunk size line"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", "does not end with CRLF"),
@@ -346,6 +361,78 @@ def test_the_async_transport_replaces_a_stale_pooled_connection_and_maps_errors(
 
 def test_the_answer_reader_says_the_stream_ended_before_any_answer():
     reader = read_answer("GET")
-    assert next(reader) == ("line", 0)
+    next(reader)
     with pytest.raises(ClosedBeforeAnswer, match="closed the connection before answering"):
         reader.send(b"")
+
+
+def test_an_answer_with_bytes_past_its_end_is_not_taken_for_the_next_one(serve):
+    """A wrong Content-Length sends a second answer along with the first: the transport does not
+    keep that connection, so the next request gets its own answer, not the stale one."""
+    server = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale", None,
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+    transport = HTTPTransport()
+    try:
+        contents = [transport.handle_request(Request("GET", server.url + "/")).content for _ in range(2)]
+    finally:
+        transport.close()
+    assert contents == [b"ok", b"fresh"]
+
+
+def test_a_slow_drip_answer_is_held_to_the_whole_timeout(side):
+    """A server that sends one byte every 0.1 s: each read returns in time, the exchange does not."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            ScriptedServer._read_request(connection)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"x" * 40:
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)  # the slow peer this server plays
+
+    threading.Thread(target=drip, daemon=True).start()
+    connection = Side(side, listener.getsockname()[1])
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            connection.exchange("GET", "/", {}, b"", 0.5)
+    finally:
+        connection.close()
+        listener.close()
+    assert time.monotonic() - started < 3, "the timeout bounds the whole exchange, not each read"
+
+
+def test_an_async_request_waiting_for_a_connection_counts_the_wait_in_its_timeout():
+    server = SlowServer(delay_s=1.0)
+
+    async def run():
+        transport = AsyncHTTPTransport(connections_max=1)
+        try:
+            slow = asyncio.create_task(transport.handle_async_request(Request("GET", server.url + "/", timeout_s=10)))
+            await asyncio.sleep(0.05)  # let it take the one connection
+            started = time.monotonic()
+            with pytest.raises(errors.Timeout):
+                await transport.handle_async_request(Request("GET", server.url + "/", timeout_s=0.3))
+            waited = time.monotonic() - started
+            assert (await slow).content == b"ok"
+            return waited
+        finally:
+            await transport.aclose()
+
+    try:
+        waited = asyncio.run(run())
+    finally:
+        server.listener.close()
+    assert waited < 0.9, f"timed out after {waited:.2f} s, not 0.3 s"
+
+
+@pytest.mark.parametrize("node, host_header", [
+    ("http://127.0.0.1:7001", "127.0.0.1:7001"), ("http://user:secret@node-a:7001", "node-a:7001"),
+    ("http://[::1]:7001", "[::1]:7001"), ("https://node-a", "node-a"),
+])
+def test_the_host_header_names_host_and_port_only(node, host_header):
+    assert _endpoint(node)[2] == host_header
