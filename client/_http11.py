@@ -267,20 +267,23 @@ class Connection:
             self._connect(timeout_s)
         sock = self._sock
         assert sock is not None
+        # Each settimeout is a system call: one for the request and the answer's first read,
+        # which mostly holds the whole answer; the time left before each further read.
         sock.settimeout(_left(deadline))
         if len(body) <= ONE_WRITE_BYTES_MAX:
             sock.sendall(head + body)
         else:  # not worth copying into one buffer
             sock.sendall(head)
+            sock.settimeout(_left(deadline))
             sock.sendall(body)
         answer = read_answer(method)
         next(answer)
         while True:
-            sock.settimeout(_left(deadline))
             try:
                 answer.send(sock.recv(_SOCKET_READ_BYTES))
             except StopIteration as done:
                 return done.value
+            sock.settimeout(_left(deadline))
 
     def close(self) -> None:
         if self._sock is not None:
