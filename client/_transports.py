@@ -220,7 +220,24 @@ def base_url(url: str) -> str:
 # ---------------------------------------------------------------------------- http.client
 
 
-class HTTPTransport(BaseTransport):
+class _Endpoints:
+    """Where the connections of a transport go: a node's address, Host header and TLS context."""
+
+    _ssl_context: ssl.SSLContext | None
+
+    def _endpoint(self, node: str) -> tuple[str, int, str, ssl.SSLContext | None]:
+        """(host, port, Host header without any user:password@, TLS context or None) of a node's
+        base URL; the context is `tls_context()` unless one was given, made on the first https node."""
+        parts = urlsplit(node)
+        https = parts.scheme == "https"
+        if https and self._ssl_context is None:
+            self._ssl_context = tls_context()
+        host = parts.hostname or "127.0.0.1"
+        host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        return host, parts.port or (443 if https else 80), host_header, self._ssl_context if https else None
+
+
+class HTTPTransport(BaseTransport, _Endpoints):
     """HTTP/1.1 keep-alive connections per node (`_http11.Connection`), thread-safe."""
 
     def __init__(self, *, idle_per_node_max: int = IDLE_CONNECTIONS_PER_NODE_MAX,
@@ -270,10 +287,7 @@ class HTTPTransport(BaseTransport):
         return Response(answer.status, answer.headers, answer.body)
 
     def _open(self, node: str) -> Connection:
-        host, port, netloc, https = _endpoint(node)
-        if https and self._ssl_context is None:
-            self._ssl_context = tls_context()
-        return Connection(host, port, netloc, self._ssl_context if https else None)
+        return Connection(*self._endpoint(node))
 
     def _checkout(self, node: str) -> Connection | None:
         with self._lock:
@@ -291,7 +305,7 @@ class HTTPTransport(BaseTransport):
         connection.close()
 
 
-class AsyncHTTPTransport(AsyncBaseTransport):
+class AsyncHTTPTransport(AsyncBaseTransport, _Endpoints):
     """The asyncio twin of `HTTPTransport`: keep-alive connections per node
     (`_http11.AsyncConnection`), at most `connections_max` open at once."""
 
@@ -345,16 +359,5 @@ class AsyncHTTPTransport(AsyncBaseTransport):
         return Response(answer.status, answer.headers, answer.body)
 
     def _open(self, node: str) -> AsyncConnection:
-        host, port, netloc, https = _endpoint(node)
-        if https and self._ssl_context is None:
-            self._ssl_context = tls_context()
-        return AsyncConnection(host, port, netloc, self._ssl_context if https else None)
+        return AsyncConnection(*self._endpoint(node))
 
-
-def _endpoint(node: str) -> tuple[str, int, str, bool]:
-    """(host, port, Host header, https) of a node's base URL (the Host header without any user:password@)."""
-    parts = urlsplit(node)
-    https = parts.scheme == "https"
-    host = parts.hostname or "127.0.0.1"
-    host_header = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
-    return host, parts.port or (443 if https else 80), host_header, https

@@ -14,7 +14,6 @@ import time
 import pytest
 
 from raftq import AsyncHTTPTransport, HTTPTransport, Request, errors
-from raftq.client._transports import _endpoint
 from tests.unit.client.fakes import closed_port_url
 from raftq.client._http11 import (HEADERS_MAX, LINE_BYTES_MAX, AsyncConnection, ClosedBeforeAnswer, Connection,
                                   MalformedAnswer, read_answer)
@@ -435,4 +434,4 @@ def test_an_async_request_waiting_for_a_connection_counts_the_wait_in_its_timeou
     ("http://[::1]:7001", "[::1]:7001"), ("https://node-a", "node-a"),
 ])
 def test_the_host_header_names_host_and_port_only(node, host_header):
-    assert _endpoint(node)[2] == host_header
+    assert HTTPTransport()._endpoint(node)[2] == host_header
