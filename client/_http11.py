@@ -50,6 +50,7 @@ _UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _UNSAFE_IN_HEADER = re.compile(r"[\r\n\x00]")
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _DIGITS = re.compile(r"[0-9]{1,19}")
+_STATUS_CODE = re.compile(r"[1-5][0-9][0-9]")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
@@ -193,7 +194,7 @@ def read_answer(method: str) -> AnswerReader:
 def _status_line(line: bytes) -> tuple[str, int]:
     """("HTTP/1.1", 201) from b"HTTP/1.1 201 Created\\r\\n"."""
     parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not re.fullmatch(r"[1-5][0-9][0-9]", parts[1]):
+    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not _STATUS_CODE.fullmatch(parts[1]):
         raise MalformedAnswer(f"not an HTTP/1.x status line: {line[:80]!r}")
     return parts[0], int(parts[1])
 

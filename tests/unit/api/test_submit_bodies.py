@@ -10,6 +10,7 @@ to the same value a decode and encode would give.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -252,12 +253,21 @@ def test_a_submit_the_edge_builds_decodes_from_the_log_as_the_same_value(specs, 
         command = submit(body)
     except ApiError:
         assume(False)  # a refused body builds nothing (an infinity in a payload)
+    assert_logged_as_built(command, "jobs", cmds.NewJob)
+
+
+def assert_logged_as_built(command, parts: str, part_type: type) -> None:
+    """The command decodes from its log encoding as the same value, field types included, down to
+    each of its `parts` (a tuple of `part_type`)."""
     decoded = cmds.decode_command(cmds.encode_command(command))
     assert decoded == command
-    assert type(decoded.jobs) is type(command.jobs) is tuple
-    for built, logged in zip(command.jobs, decoded.jobs):
-        assert type(logged) is type(built) is cmds.NewJob
-        assert [type(field) for field in logged] == [type(field) for field in built]
+    built_parts, logged_parts = getattr(command, parts), getattr(decoded, parts)
+    assert type(logged_parts) is type(built_parts) is tuple
+    names = [field.name for field in dataclasses.fields(part_type)] if dataclasses.is_dataclass(part_type) \
+        else list(part_type._fields)
+    for built, logged in zip(built_parts, logged_parts):
+        assert type(logged) is type(built) is part_type
+        assert [type(getattr(logged, n)) for n in names] == [type(getattr(built, n)) for n in names]
 
 
 ack_items = st.fixed_dictionaries({"id": st.text("0123456789abcdef", min_size=23, max_size=23),
@@ -274,13 +284,7 @@ def test_an_ack_the_edge_builds_decodes_from_the_log_as_the_same_value(items, wi
         command = v.ack(body, now_ms=NOW_MS)
     except ApiError:
         assume(False)  # a refused body builds nothing (an infinity in a result)
-    decoded = cmds.decode_command(cmds.encode_command(command))
-    assert decoded == command
-    assert type(decoded.items) is type(command.items) is tuple
-    for built, logged in zip(command.items, decoded.items):
-        assert type(logged) is type(built) is cmds.AckItem
-        assert [type(getattr(logged, f)) for f in ("id", "lease_token", "result")] == \
-            [type(getattr(built, f)) for f in ("id", "lease_token", "result")]
+    assert_logged_as_built(command, "items", cmds.AckItem)
 
 
 def test_a_payload_with_integer_keys_takes_the_whole_decode_and_is_stored():
