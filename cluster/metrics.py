@@ -75,6 +75,10 @@ class NodeMetrics:
         )
         self.connections_open = Gauge("raftq_connections_open", "Client and peer connections open now.",
                                       registry=self.registry)
+        self.log_entries_read_back_total = Counter(
+            "raftq_log_entries_read_back_total", "Log entries read back from the WAL for followers that fell "
+            "behind the entries the node keeps in memory (raft/log.py, cold entries).", registry=self.registry,
+        )
         self.job_latency_seconds = Histogram(
             "raftq_job_latency_seconds", "Job end-to-end latency, submit to ack, by queue.",
             labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,

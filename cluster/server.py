@@ -212,7 +212,7 @@ class Node:
         )
         self.raft = RaftNode(
             raft_config, hard_state=self.wal.hard_state, entries=entries, rng=random.Random(), snapshot=snapshot,
-            membership=self._membership_at_snapshot(),
+            membership=self._membership_at_snapshot(), load_entries=self._stored_entries,
         )
         membership = self.raft.membership
         if self.config.peers and set(self.config.peers) | {self.config.node_id} != set(membership.ids):
@@ -710,6 +710,15 @@ class Node:
         if persist.entries:
             wal.append(persist.entries)
             wal.sync()
+
+    def _stored_entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries lo..hi read back from the WAL: the core's cold entries, which a follower that
+        fell behind needs (raft/log.py, "Cold entries"). On the loop, like the small syncs: the
+        drive loop is the WAL's only user, and these are recent records, in the page cache."""
+        assert self.wal is not None
+        entries = self.wal.entries(lo, hi + 1)
+        self.metrics.log_entries_read_back_total.inc(len(entries))
+        return entries
 
     def _apply(self, entries: Sequence[Entry]) -> None:
         changed = False

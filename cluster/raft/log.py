@@ -19,20 +19,46 @@ snapshot. The term of `offset` itself is known only when it is the snapshot poin
 - `handed_index`: highest index handed out in a Ready for persisting.
 
 Invariants (asserted by check_invariants): offset <= snapshot.index <= applied <= applying <=
-commit <= last, applying <= persisted <= handed <= last. A committed entry is never truncated
-(assert: that would be a safety violation, etcd panics there too). Committed entries are handed
-out only up to `persisted_index`, so nothing is applied before it is durable locally.
+commit <= last, applying <= persisted <= handed <= last, cold <= applied. A committed entry is
+never truncated (assert: that would be a safety violation, etcd panics there too). Committed
+entries are handed out only up to `persisted_index`, so nothing is applied before it is durable
+locally.
+
+Cold entries. Given a `load` function (the shell's stored log), the log keeps the data of only
+the newest `warm_bytes` of applied entries: older applied entries become `ColdEntry`s (index,
+term, kind and size, no data), and `slice()` reads their data back through `load` when a follower
+needs them. Until a snapshot lets them be compacted, applied entries are only ever needed again
+for a follower that fell behind, while their data stayed in memory for up to a whole snapshot
+interval (etcd keeps its unstable entries in memory and reads older ones back from its Storage
+the same way). Only applied, hence persisted, entries go cold, so the stored log always has them
+(it is compacted no further than this log). Without `load` everything stays in memory.
 """
 
 from __future__ import annotations
 
 import bisect
 import operator
-from typing import Sequence
+from typing import Callable, Sequence
 
-from raftq.cluster.raft.messages import Entry, SnapshotPoint
+from raftq.cluster.raft.messages import Entry, EntryKind, SnapshotPoint
 
 _entry_term = operator.attrgetter("term")
+
+#: Reads the stored entries lo..hi (both included) back, in order.
+LoadEntries = Callable[[int, int], Sequence[Entry]]
+
+
+class ColdEntry:
+    """An applied entry whose data was dropped from memory: read it back with the log's `load`.
+    It has no `data`, so code that would use the data of a cold entry fails at once."""
+
+    __slots__ = ("index", "term", "kind", "data_bytes")
+
+    def __init__(self, entry: Entry) -> None:
+        self.index = entry.index
+        self.term = entry.term
+        self.kind: EntryKind = entry.kind
+        self.data_bytes = len(entry.data)
 
 
 class Compacted(Exception):
@@ -42,13 +68,16 @@ class Compacted(Exception):
 class RaftLog:
     """See the module docstring."""
 
-    def __init__(self, entries: Sequence[Entry], snapshot: SnapshotPoint = SnapshotPoint()) -> None:
+    def __init__(self, entries: Sequence[Entry], snapshot: SnapshotPoint = SnapshotPoint(), *,
+                 load: LoadEntries | None = None, warm_bytes: int = 0) -> None:
         """Start from a durable snapshot point and the entries recovered from storage.
 
         Args:
             entries: the persisted log after some offset, consecutive; the first one is at most
                 snapshot.index + 1 (entries at or before the snapshot may be kept).
             snapshot: the newest durable snapshot's point; SnapshotPoint() when there is none.
+            load: reads stored entries back (see "Cold entries"); None keeps every entry's data.
+            warm_bytes: applied entries' bytes (entry_size_bytes) kept in memory with `load`.
         """
         offset = entries[0].index - 1 if entries else snapshot.index
         assert offset <= snapshot.index, f"log starts at {offset + 1}, after the snapshot at {snapshot.index}"
@@ -64,6 +93,11 @@ class RaftLog:
         self.applying_index = snapshot.index
         self.persisted_index = self.last_index
         self.handed_index = self.last_index
+        self._load = load
+        self._warm_bytes_max = warm_bytes
+        self.cold_index = offset  # entries up to here are ColdEntry (or compacted)
+        self._warm_applied_bytes = 0  # entry_size_bytes of the entries in (cold_index, applied_index]
+        self._count_warm_applied()
 
     # ------------------------------------------------------------------ reading
 
@@ -105,7 +139,8 @@ class RaftLog:
         return index > self._offset or (index == self._offset and self.has_term(index))
 
     def entry(self, index: int) -> Entry:
-        assert index > self._offset, f"entry {index} is compacted"
+        """A held entry past the applied index (an applied one may be cold: use slice())."""
+        assert index > self.cold_index, f"entry {index} is compacted or cold (cold up to {self.cold_index})"
         return self._entries[index - self._offset - 1]
 
     def matches(self, index: int, term: int) -> bool:
@@ -124,7 +159,7 @@ class RaftLog:
     def slice(self, lo: int, count_max: int, size_bytes_max: int) -> tuple[Entry, ...]:
         """Entries from lo on, at most count_max of them and about size_bytes_max (at least one)."""
         assert lo > self._offset, f"slice from compacted index {lo}"
-        result: list[Entry] = []
+        result: list = []
         size_bytes = 0
         start = lo - self._offset - 1
         for entry in self._entries[start : start + count_max]:
@@ -132,7 +167,19 @@ class RaftLog:
             if result and size_bytes > size_bytes_max:
                 break
             result.append(entry)
+        if result and type(result[0]) is ColdEntry:
+            cold_count = min(len(result), self.cold_index - lo + 1)
+            result[:cold_count] = self._loaded(lo, lo + cold_count - 1)
         return tuple(result)
+
+    def _loaded(self, lo: int, hi: int) -> list[Entry]:
+        """The cold entries lo..hi with their data, read back through `load` (and checked)."""
+        assert self._load is not None and self._offset < lo <= hi <= self.cold_index, (lo, hi, self.cold_index)
+        entries = list(self._load(lo, hi))
+        held = self._entries[lo - self._offset - 1 : hi - self._offset]
+        assert [(e.index, e.term, e.kind) for e in entries] == [(e.index, e.term, e.kind) for e in held], (
+            f"stored entries {lo}..{hi} differ from the log's")
+        return entries
 
     def first_index_of_term_at(self, index: int) -> int:
         """First index of the run of held entries that has the same term as the entry at index
@@ -226,7 +273,33 @@ class RaftLog:
 
     def applied_to(self, index: int) -> None:
         assert index <= self.applying_index, f"applied {index} but only {self.applying_index} handed out"
-        self.applied_index = max(self.applied_index, index)
+        if index <= self.applied_index:
+            return
+        if self._load is not None:
+            for entry in self._entries[self.applied_index - self._offset : index - self._offset]:
+                self._warm_applied_bytes += entry_size_bytes(entry)
+        self.applied_index = index
+        self._cool()
+
+    def _cool(self) -> None:
+        """Drops the data of the oldest warm applied entries past warm_bytes (see "Cold entries")."""
+        if self._load is None:
+            return
+        entries, offset = self._entries, self._offset
+        while self._warm_applied_bytes > self._warm_bytes_max and self.cold_index < self.applied_index:
+            position = self.cold_index - offset  # the entry at cold_index + 1
+            entry = entries[position]
+            self._warm_applied_bytes -= entry_size_bytes(entry)
+            entries[position] = ColdEntry(entry)
+            self.cold_index += 1
+
+    def _count_warm_applied(self) -> None:
+        self.cold_index = max(self.cold_index, self._offset)
+        self._warm_applied_bytes = 0
+        if self._load is not None:
+            for entry in self._entries[self.cold_index - self._offset : self.applied_index - self._offset]:
+                self._warm_applied_bytes += entry_size_bytes(entry)
+            self._cool()
 
     # ------------------------------------------------------------------ snapshots and compaction
 
@@ -248,6 +321,7 @@ class RaftLog:
         dropped = upto_index - self._offset
         del self._entries[:dropped]
         self._offset = upto_index
+        self._count_warm_applied()
         return dropped
 
     def trailing_start(self, index: int, size_bytes_max: int) -> int:
@@ -256,7 +330,7 @@ class RaftLog:
         size_bytes = 0
         position = min(index, self.last_index) - self._offset - 1
         while position >= 0:
-            size_bytes += len(self._entries[position].data)
+            size_bytes += data_bytes(self._entries[position])
             if size_bytes > size_bytes_max:
                 return self._offset + position + 1
             position -= 1
@@ -275,19 +349,27 @@ class RaftLog:
         self.snapshot = snapshot
         self.commit_index = self.applied_index = self.applying_index = snapshot.index
         self.persisted_index = self.handed_index = snapshot.index
+        self.cold_index = snapshot.index
+        self._warm_applied_bytes = 0
 
     def check_invariants(self) -> None:
         assert self._offset <= self.snapshot.index <= self.applied_index, (
             self._offset, self.snapshot.index, self.applied_index)
+        assert self._offset <= self.cold_index <= self.applied_index, (self._offset, self.cold_index, self.applied_index)
         assert 0 <= self.applied_index <= self.applying_index <= self.commit_index <= self.last_index, (
             self.applied_index, self.applying_index, self.commit_index, self.last_index)
         assert self.applying_index <= self.persisted_index <= self.handed_index <= self.last_index, (
             self.applying_index, self.persisted_index, self.handed_index, self.last_index)
 
 
-def entry_size_bytes(entry: Entry) -> int:
+def data_bytes(entry: Entry | ColdEntry) -> int:
+    """Bytes of the entry's data, whether it is held or cold."""
+    return entry.data_bytes if type(entry) is ColdEntry else len(entry.data)
+
+
+def entry_size_bytes(entry: Entry | ColdEntry) -> int:
     """Approximate encoded size of an entry: its data plus a fixed allowance for the framing."""
-    return len(entry.data) + 16
+    return data_bytes(entry) + 16
 
 
 def entry_payload_bytes(entries: Sequence[Entry]) -> int:

@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from raftq.cluster.raft.errors import ChangeRefused, RaftConfigError, NotLeader, ProposalDropped, StepRejected
-from raftq.cluster.raft.log import RaftLog, entry_payload_bytes, entry_size_bytes
+from raftq.cluster.raft.log import LoadEntries, RaftLog, entry_payload_bytes, entry_size_bytes
 from raftq.cluster.raft.membership import Member, Membership, MembershipDecodeError, quorum_size
 from raftq.cluster.raft.messages import (
     TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint,
@@ -155,6 +155,10 @@ class RaftConfig:
     #: The leader promotes a learner to voter once the learner has matched its log (REPLICATE)
     #: and is at most this many entries behind the leader's last index (thesis §4.2.1's bound).
     learner_catch_up_entries: int = 64
+    #: With `load_entries` (RaftNode): data bytes of applied entries kept in memory; the data of
+    #: older ones is read back from the stored log when a follower needs them (log.py, "Cold
+    #: entries"). Far more than a follower that keeps up ever lags behind the applied index.
+    warm_log_bytes: int = 256 << 10
 
     def validate(self) -> None:
         """Check the configuration.
@@ -181,6 +185,8 @@ class RaftConfig:
             raise RaftConfigError("max_inflight_bytes must not be negative (0 = no bound)")
         if self.max_uncommitted_bytes < 0:
             raise RaftConfigError("max_uncommitted_bytes must not be negative (0 = no bound)")
+        if self.warm_log_bytes < 0:
+            raise RaftConfigError("warm_log_bytes must not be negative")
 
 
 @dataclass(frozen=True)
@@ -240,7 +246,7 @@ class RaftNode:
 
     def __init__(self, config: RaftConfig, *, hard_state: HardState, entries: list[Entry],
                  rng: RandomSource, snapshot: SnapshotPoint = SnapshotPoint(),
-                 membership: Membership | None = None) -> None:
+                 membership: Membership | None = None, load_entries: LoadEntries | None = None) -> None:
         """Restart as a follower from persisted state.
 
         Args:
@@ -256,6 +262,9 @@ class RaftNode:
                 A node that joins an existing cluster passes Membership() (it is nobody's
                 voter, so it never campaigns) and learns the real one from the leader.
                 CONFIG entries in `entries` take effect on top of it.
+            load_entries: reads persisted entries lo..hi back from storage; with it, applied
+                entries past config.warm_log_bytes keep only their index and term in memory.
+                It raises what storage raises, out of ready() (the shell's fail-stop).
 
         Raises:
             RaftConfigError: the configuration is invalid.
@@ -263,7 +272,7 @@ class RaftNode:
         config.validate()
         self._config = config
         self._rng = rng
-        self._log = RaftLog(entries, snapshot)
+        self._log = RaftLog(entries, snapshot, load=load_entries, warm_bytes=config.warm_log_bytes)
         self._bootstrap_membership = Membership(
             tuple(Member(node_id, "", True) for node_id in sorted((config.node_id, *config.peer_ids))))
         # (index, term, membership) of the snapshot's membership, then of each CONFIG entry held;

@@ -9,8 +9,9 @@ segment files `wal-<first index:020d>.log`; a new segment starts once the active
 `segment_bytes_max`. Indexes are strictly consecutive across all segments, and terms never go
 down (Raft §5.3), both on disk and in memory.
 
-**Memory.** Only each entry's term is kept (the entries live in the Raft core's memory, which is
-compacted sooner), and each segment keeps the byte offset of each of its records, so a conflict
+**Memory.** Only each entry's term is kept (the Raft core holds the entries, and of the applied
+ones only the newest: `entries()` reads the others back when a follower needs them, raft/log.py
+"Cold entries"), and each segment keeps the byte offset of each of its records, so a conflict
 can cut a file at the right byte, `compact()` can drop a whole-segment prefix without reading
 anything back, and `entries()` reads exactly the records asked for.
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -138,3 +140,32 @@ def test_kill_the_leader_ten_times_under_load(three_nodes):
 def _p(values: list[float], pct: int) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def _metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert match, f"no {name} in {url}/metrics"
+    return float(match.group(1))
+
+
+def test_a_follower_far_behind_catches_up_from_entries_read_back_from_the_wal(three_nodes):
+    """The leader keeps only the newest applied entries' data in memory (raft/log.py, cold
+    entries): a follower that missed more than that gets the older ones read back from the WAL,
+    in appends, not a snapshot (the log is far below the snapshot thresholds)."""
+    leader = three_nodes.wait_for_leader()
+    follower = next(n for n in three_nodes.nodes if n != leader)
+    three_nodes.kill(follower)
+    payload = {"pad": "x" * 400}
+    with Client(three_nodes.urls) as client:
+        ids = [job_id for _ in range(30) for job_id in client.submit_many("q", [payload] * 100)]  # ~1.5 MB of log
+    leader_url = three_nodes.nodes[leader].url
+    assert _metric(leader_url, "raftq_log_entries_read_back_total") == 0
+    three_nodes.start_node(follower)
+    three_nodes.wait_converged(timeout_s=60)
+    assert _metric(leader_url, "raftq_log_entries_read_back_total") >= 20, "the catch-up read no entry back"
+    assert _metric(three_nodes.nodes[follower].url, "raftq_snapshots_installed_total") == 0
+    # The caught-up follower can lead with the same jobs.
+    three_nodes.move_leader_to(follower)
+    with Client(three_nodes.urls) as client:
+        assert {client.get(job_id)["state"] for job_id in ids[::300]} == {"ready"}

@@ -119,6 +119,10 @@ class SimConfig:
     spare_nodes: int = 0
     #: With spare nodes: per tick, the leader tries a membership change or a transfer.
     membership_change_probability: float | None = None
+    #: Applied entries' bytes each core keeps in memory; older ones are read back from the node's
+    #: stored log when a follower needs them (raft/log.py, "Cold entries"). Not drawn, so seeds
+    #: run as they did; 0 makes every applied entry cold, so every catch-up reads storage.
+    warm_log_bytes: int = 0
 
     def defaults_changed(self) -> dict[str, Any]:
         base = SimConfig()
@@ -284,6 +288,7 @@ class Simulation:
                 pre_vote=knobs.pre_vote, check_quorum=knobs.check_quorum,
                 max_entries_per_append=knobs.max_entries_per_append,
                 max_inflight_appends=knobs.max_inflight_appends, max_uncommitted_bytes=knobs.max_uncommitted_bytes,
+                warm_log_bytes=config.warm_log_bytes,
             )
             self.nodes[node_id] = SimNode(node_id, raft_config)
         self.network = SimNetwork(rng, self.node_ids, knobs.network, trace=log, on_drop=self._on_drop)
@@ -350,8 +355,10 @@ class Simulation:
             self.stats["snapshot_restarts"] += 1
         # Founders bootstrap from the core's peer ids (the simulator has no URLs).
         membership = recovery.membership_at_start(sm.membership, joining=node_id not in self.founders, founders=None)
+        storage = node.storage
         node.raft = RaftNode(node.raft_config, hard_state=hard_state, entries=entries,
-                             rng=random.Random(self.rng.getrandbits(64)), snapshot=point, membership=membership)
+                             rng=random.Random(self.rng.getrandbits(64)), snapshot=point, membership=membership,
+                             load_entries=lambda lo, hi: [storage.view.entry(i) for i in range(lo, hi + 1)])
         node.sm = sm
         node.applied_term = point.term
         node.last_commit = 0

@@ -74,10 +74,8 @@ def forget_vote_on_restart() -> Iterator[None]:
     """A restarted node forgets whom it voted for (PySyncObj issue #84)."""
     original = RaftNode.__init__
 
-    def init(self: RaftNode, config, *, hard_state: HardState, entries, rng,  # type: ignore[no-untyped-def]
-             snapshot: SnapshotPoint = SnapshotPoint(), membership=None) -> None:
-        original(self, config, hard_state=HardState(hard_state.term, None), entries=entries, rng=rng,
-                 snapshot=snapshot, membership=membership)
+    def init(self: RaftNode, config, *, hard_state: HardState, **rest) -> None:  # type: ignore[no-untyped-def]
+        original(self, config, hard_state=HardState(hard_state.term, None), **rest)
 
     with mock.patch.object(RaftNode, "__init__", init):
         yield

@@ -26,9 +26,10 @@ def entries_of(*terms: int) -> list[Entry]:
 
 def make(node_id: str = "n1", peers: tuple[str, ...] = ("n2", "n3"), *, hard_state: HardState = HardState(),
          entries: list[Entry] | None = None, seed: int = 1, snapshot: SnapshotPoint = SnapshotPoint(),
-         **options) -> RaftNode:
+         load_entries=None, **options) -> RaftNode:
     config = RaftConfig(node_id=node_id, peer_ids=peers, **options)
-    return RaftNode(config, hard_state=hard_state, entries=entries or [], rng=random.Random(seed), snapshot=snapshot)
+    return RaftNode(config, hard_state=hard_state, entries=entries or [], rng=random.Random(seed), snapshot=snapshot,
+                    load_entries=load_entries)
 
 
 def drain(node: RaftNode) -> Ready:
@@ -70,6 +71,7 @@ def accept(node: RaftNode, peer: str, index: int) -> None:
     (dict(max_inflight_bytes=-1), "max_inflight_bytes"),
     (dict(max_entries_per_append=0), "max_entries_per_append"),
     (dict(max_uncommitted_bytes=-1), "max_uncommitted_bytes"),
+    (dict(warm_log_bytes=-1), "warm_log_bytes"),
     (dict(peer_ids=("n2", "n2")), "repeat"),
     (dict(peer_ids=("n1", "n2")), "other than node_id"),
     (dict(node_id=""), "node_id"),
