@@ -81,8 +81,9 @@ SNAPSHOT_EVERY_BYTES = 16 << 20
 #: records and keys leave the state through a few Tick entries, and without a new snapshot the
 #: burst's large snapshot would stay on disk until the next 8,192 entries.
 SNAPSHOT_INTERVAL_S = 300.0
-#: Entries kept in memory behind the newest snapshot, so a follower that is only a little behind
-#: gets appends rather than a whole snapshot (etcd keeps 5,000, hashicorp/raft 10,240; ours are
+#: Entries kept behind the newest snapshot (their data read back from the WAL when needed:
+#: raft/log.py, cold entries), so a follower that is only a little behind gets appends rather
+#: than a whole snapshot (etcd keeps 5,000, hashicorp/raft 10,240; ours are
 #: batches of up to a thousand jobs, so fewer entries cover as much work).
 COMPACT_KEEP_ENTRIES = 1024
 #: ... and at most this many bytes of them (1,024 entries of 1,000-job batches would be 80 MB).
