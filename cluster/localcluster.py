@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -57,6 +58,15 @@ def http_json(url: str, *, method: str = "GET", body: object = None, timeout: fl
             return exc.code, json.loads(raw) if raw else {}
         except ValueError:
             return exc.code, {"raw": raw.decode(errors="replace")}
+
+
+def metric_value(url: str, name: str) -> float:
+    """One unlabelled series from a node's /metrics (`name`, or `name_total` for a counter)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.MULTILINE)
+    assert match, f"no {name} in {url}/metrics"
+    return float(match.group(1))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

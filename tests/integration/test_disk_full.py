@@ -23,7 +23,7 @@ import time
 import pytest
 
 from raftq import Client
-from raftq.cluster.localcluster import LocalCluster, wait_until
+from raftq.cluster.localcluster import LocalCluster, metric_value, wait_until
 
 TMPFS_BYTES = 8 << 20
 #: room left on the leader's disk once the filler is written: some batches fit, then one does not
@@ -225,16 +225,6 @@ def _run(cluster: LocalCluster, mount_point: str, n1_dir: str) -> None:
     assert len(set(digests.values())) == 1 and len(digests) == 3, digests
 
 
-def _metric(url: str, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", text, re.MULTILINE)
-    assert match, f"no {name} in /metrics"
-    return float(match.group(1))
-
-
 def test_snapshot_that_cannot_be_written_warns_and_is_tried_again(tmp_path, small_tmpfs):
     """A snapshot is an optimisation: on a full disk the node warns, counts it, keeps serving
     from its log, and writes the snapshot once there is room again."""
@@ -247,7 +237,7 @@ def test_snapshot_that_cannot_be_written_warns_and_is_tried_again(tmp_path, smal
         filler = _fill(small_tmpfs, 300 << 10)
         for n in range(20):  # small entries past --snapshot-every: the snapshot is due and cannot fit
             client.submit("small", {"n": n})
-        wait_until(lambda: _metric(url, "raftq_snapshot_failures") >= 1, timeout_s=30,
+        wait_until(lambda: metric_value(url, "raftq_snapshot_failures") >= 1, timeout_s=30,
                    what="a failed snapshot counted", seen=lambda: cluster.log_text("n1")[-800:])
         assert cluster.nodes["n1"].alive
         log_text = cluster.log_text("n1")
@@ -255,10 +245,10 @@ def test_snapshot_that_cannot_be_written_warns_and_is_tried_again(tmp_path, smal
         warning = next(line for line in log_text.splitlines() if "WARNING" in line and "snapshot at" in line)
         assert "No space left on device" in warning and small_tmpfs in warning, warning
         assert client.submit("small", {"after": "failure"})  # still serving from its log
-        assert _metric(url, "raftq_snapshots_taken") == 0
+        assert metric_value(url, "raftq_snapshots_taken") == 0
 
         os.unlink(filler)
-        wait_until(lambda: _metric(url, "raftq_snapshots_taken") >= 1, timeout_s=60,
+        wait_until(lambda: metric_value(url, "raftq_snapshots_taken") >= 1, timeout_s=60,
                    what="the snapshot written once there is room", seen=lambda: cluster.log_text("n1")[-800:])
         assert client.queues()["big"]["ready"] == 40 * BATCH
 

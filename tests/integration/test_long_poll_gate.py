@@ -5,22 +5,13 @@ as it did before the fetch gate of cluster/long_poll.py)."""
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import aiohttp
 
 from raftq import Client
-from raftq.cluster.localcluster import LocalCluster, wait_until
+from raftq.cluster.localcluster import LocalCluster, metric_value, wait_until
 
 WAITERS = 200
-
-
-def _metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_one_ready_job_wakes_one_of_two_hundred_waiting_fetches(tmp_path):
@@ -43,14 +34,14 @@ def _check(urls: list[str]) -> None:
         # One connection per waiter (the client library would share a bounded pool).
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             fetches = [asyncio.create_task(fetch(session, f"w{n}")) for n in range(WAITERS)]
-            await asyncio.to_thread(wait_until, lambda: _metric(url, "raftq_fetches_waiting") == WAITERS,
+            await asyncio.to_thread(wait_until, lambda: metric_value(url, "raftq_fetches_waiting") == WAITERS,
                                     timeout_s=30, what=f"{WAITERS} fetches waiting",
-                                    seen=lambda: _metric(url, "raftq_fetches_waiting"))
-            before = _metric(url, "raftq_raft_last_index")
+                                    seen=lambda: metric_value(url, "raftq_fetches_waiting"))
+            before = metric_value(url, "raftq_raft_last_index")
             with Client(urls) as client:
                 await asyncio.to_thread(client.submit, "gate", {"n": 1})
             await asyncio.wait(fetches, return_when=asyncio.FIRST_COMPLETED, timeout=30)
-            after = _metric(url, "raftq_raft_last_index")
+            after = metric_value(url, "raftq_raft_last_index")
             results = await asyncio.gather(*fetches)
             return results, before, after
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import re
-import statistics
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from raftq import Client, errors
-from raftq.cluster.localcluster import http_json, wait_until
+from raftq.cluster.localcluster import http_json, metric_value, wait_until
 
 
 def test_a_follower_redirects_to_the_leader(three_nodes):
@@ -142,13 +139,6 @@ def _p(values: list[float], pct: int) -> float:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))] if ordered else 0.0
 
 
-def _metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, f"no {name} in {url}/metrics"
-    return float(match.group(1))
-
-
 def test_a_follower_far_behind_catches_up_from_entries_read_back_from_the_wal(three_nodes):
     """The leader keeps only the newest applied entries' data in memory (raft/log.py, cold
     entries): a follower that missed more than that gets the older ones read back from the WAL,
@@ -160,11 +150,11 @@ def test_a_follower_far_behind_catches_up_from_entries_read_back_from_the_wal(th
     with Client(three_nodes.urls) as client:
         ids = [job_id for _ in range(30) for job_id in client.submit_many("q", [payload] * 100)]  # ~1.5 MB of log
     leader_url = three_nodes.nodes[leader].url
-    assert _metric(leader_url, "raftq_log_entries_read_back_total") == 0
+    assert metric_value(leader_url, "raftq_log_entries_read_back_total") == 0
     three_nodes.start_node(follower)
     three_nodes.wait_converged(timeout_s=60)
-    assert _metric(leader_url, "raftq_log_entries_read_back_total") >= 20, "the catch-up read no entry back"
-    assert _metric(three_nodes.nodes[follower].url, "raftq_snapshots_installed_total") == 0
+    assert metric_value(leader_url, "raftq_log_entries_read_back_total") >= 20, "the catch-up read no entry back"
+    assert metric_value(three_nodes.nodes[follower].url, "raftq_snapshots_installed") == 0
     # The caught-up follower can lead with the same jobs.
     three_nodes.move_leader_to(follower)
     with Client(three_nodes.urls) as client:
