@@ -159,7 +159,7 @@ class RaftLog:
     def slice(self, lo: int, count_max: int, size_bytes_max: int) -> tuple[Entry, ...]:
         """Entries from lo on, at most count_max of them and about size_bytes_max (at least one)."""
         assert lo > self._offset, f"slice from compacted index {lo}"
-        result: list = []
+        result: list[Entry | ColdEntry] = []
         size_bytes = 0
         start = lo - self._offset - 1
         for entry in self._entries[start : start + count_max]:
@@ -294,6 +294,8 @@ class RaftLog:
             self.cold_index += 1
 
     def _count_warm_applied(self) -> None:
+        """After the log's start moved (a start from storage, a compaction): counts the warm
+        applied bytes again from the first held entry, and cools what is past the bound."""
         self.cold_index = max(self.cold_index, self._offset)
         self._warm_applied_bytes = 0
         if self._load is not None:
