@@ -118,6 +118,11 @@ PRIORITY_LEVELS = cmds.PRIORITY_MAX + 1
 #: Stale entries tolerated in a heap or a queue's FIFOs beyond the number of live ones before
 #: they are swept out: the sweep is O(size), so letting this many pile up keeps it amortised O(1).
 COMPACT_SLACK = 4096
+#: Stale lease-heap entries tolerated beyond twice the live leases of the last sweep, checked at
+#: every push: a lease ended by an ack leaves its entry behind until its expiry time (30 s by
+#: default), so a burst of short jobs otherwise keeps one dead entry (72 bytes) per job for that
+#: long. Each sweep frees at least half the heap, so the pushes pay for it (amortised O(1)).
+LEASE_HEAP_SLACK = 256
 #: Distinct values `_shared` keeps before it starts afresh (a memory bound, not a behaviour).
 SHARED_VALUES_MAX = 4096
 #: Keys of the snapshot map, in the sorted order the canonical encoding writes them.
@@ -269,6 +274,7 @@ class QueueStateMachine:
         self._queues: dict[str, _Queue] = {}
         self._delayed: list[tuple[int, int, Job]] = []
         self._leases: list[tuple[int, int, Job]] = []
+        self._leases_live_at_sweep = 0  # entries left by the last sweep of _leases (all live then)
         self._worker_jobs: dict[str, dict[str, Job]] = {}
         # Per key: one entry in its queue's dict and two pointers in its batch (about 60 bytes),
         # not a (queue, key) tuple, a (job id, expiry) tuple and a FIFO tuple (about 240).
@@ -536,7 +542,7 @@ class QueueStateMachine:
         job.lease_expires_at_ms = expires_at
         job.worker = worker
         self._move(queue, job, LEASED, now)
-        heapq.heappush(self._leases, (expires_at, token, job))
+        self._push_lease(expires_at, token, job)
         held = self._worker_jobs.get(worker)
         if held is None:
             held = self._worker_jobs[worker] = {}
@@ -605,7 +611,7 @@ class QueueStateMachine:
             expires_at = now + item.lease_ms
             job.lease_expires_at_ms = expires_at
             # The old heap entry goes stale (its expiry no longer matches the job's).
-            heapq.heappush(self._leases, (expires_at, job.lease_token, job))
+            self._push_lease(expires_at, job.lease_token, job)
             outcomes.append(Extended(expires_at))
         return ItemOutcomes(tuple(outcomes))
 
@@ -691,7 +697,7 @@ class QueueStateMachine:
                 target = now + job.lease_ms
                 if target > job.lease_expires_at_ms:
                     job.lease_expires_at_ms = target
-                    heapq.heappush(self._leases, (target, job.lease_token, job))
+                    self._push_lease(target, job.lease_token, job)
                     renewed += 1
         return Renewed(renewed)
 
@@ -1109,11 +1115,21 @@ class QueueStateMachine:
             leased += queue.counts[LEASED]
             delayed += queue.counts[SCHEDULED] + queue.counts[RETRY_WAIT]
         if len(self._leases) > 2 * leased + COMPACT_SLACK:
-            self._leases = [e for e in self._leases if _lease_entry_live(e)]
-            heapq.heapify(self._leases)
+            self._sweep_leases()
         if len(self._delayed) > 2 * delayed + COMPACT_SLACK:
             self._delayed = [e for e in self._delayed if _delayed_entry_live(e)]
             heapq.heapify(self._delayed)
+
+    def _push_lease(self, expires_at: int, token: int, job: Job) -> None:
+        """Adds a lease's expiry to the heap, sweeping out stale entries past LEASE_HEAP_SLACK."""
+        heapq.heappush(self._leases, (expires_at, token, job))
+        if len(self._leases) > 2 * self._leases_live_at_sweep + LEASE_HEAP_SLACK:
+            self._sweep_leases()
+
+    def _sweep_leases(self) -> None:
+        self._leases = [e for e in self._leases if _lease_entry_live(e)]
+        heapq.heapify(self._leases)
+        self._leases_live_at_sweep = len(self._leases)
 
     @staticmethod
     def _compact_ready(queue: _Queue) -> None:
@@ -1490,6 +1506,7 @@ class QueueStateMachine:
                 running = self._queues[job.queue].running
                 running[job.key] = running.get(job.key, 0) + 1
         heapq.heapify(self._leases)
+        self._leases_live_at_sweep = len(self._leases)
         for job in jobs:
             if job.group is not None and job.state not in _OUT_OF_GROUP:
                 queue = self._queues[job.queue]

@@ -12,7 +12,7 @@ import pytest
 from raftq.cluster.queue import commands as c
 from raftq.cluster.queue import results as r
 from raftq.cluster.queue.jobs import TRANSITIONS_MAX, backoff_delay_ms
-from raftq.cluster.queue.state_machine import EVENTS, QueueStateMachine
+from raftq.cluster.queue.state_machine import EVENTS, LEASE_HEAP_SLACK, QueueStateMachine
 from raftq.cluster.raft.messages import Entry, EntryKind
 
 T0 = 1_000_000  # an arbitrary start of the replicated clock, in ms
@@ -672,6 +672,20 @@ def test_many_cancels_are_compacted_out_of_the_ready_fifo(m):
     m.sm.check_invariants()
     assert m.sm._queues["q"].ready_entries_count() < 5_000
     assert m.lease_one().id == "05999"
+
+
+def test_acked_leases_leave_the_lease_heap_long_before_they_would_have_expired(m):
+    """A burst of short jobs: each ack leaves its lease's heap entry stale until its expiry time
+    (30 s away); the heap is swept as it grows, so it stays near the live leases, not the burst."""
+    m.submit(*(job(f"{i:05d}") for i in range(1_500)))
+    for _ in range(1_500):
+        leased = m.lease_one()
+        assert m.ack(leased.id, leased.lease_token) == r.OK
+    assert len(m.sm._leases) <= 2 * 1 + LEASE_HEAP_SLACK + 1, len(m.sm._leases)
+    # Leases that stay live are kept through the sweeps, and still expire when their time comes.
+    m.submit(*(job(f"late{i}") for i in range(600)))
+    assert len(m.lease(max_jobs=600)) == 600
+    assert m.tick(T0 + LEASE_MS).expired == 600
 
 
 # ---------------------------------------------------------------------- redrive, purge, config
