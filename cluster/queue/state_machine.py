@@ -121,7 +121,8 @@ COMPACT_SLACK = 4096
 #: Stale lease-heap entries tolerated beyond twice the live leases of the last sweep, checked at
 #: every push: a lease ended by an ack leaves its entry behind until its expiry time (30 s by
 #: default), so a burst of short jobs otherwise keeps one dead entry (72 bytes) per job for that
-#: long. Each sweep frees at least half the heap, so the pushes pay for it (amortised O(1)).
+#: long. After a sweep the heap holds only live entries, and the next waits until it has doubled:
+#: each sweep is paid for by as many pushes as it reads (amortised O(1) a push).
 LEASE_HEAP_SLACK = 256
 #: Distinct values `_shared` keeps before it starts afresh (a memory bound, not a behaviour).
 SHARED_VALUES_MAX = 4096
