@@ -177,6 +177,9 @@ class Node:
         self._jobs_changed: asyncio.Future | None = None
         self.fetch_gate = long_poll.FetchGate()  # Lease proposals in flight: one ready job wakes one fetch
         self._tasks: list[asyncio.Task] = []
+        # A persist running in a worker thread: cancelling the drive loop does not stop the thread,
+        # so stop() waits for it before the storage is closed under it.
+        self._persisting: asyncio.Future | None = None
         self._stopping = False
         #: Set at SIGTERM (`drain`): long polls answer at once with what they have.
         self.draining = False
@@ -254,6 +257,8 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._persisting is not None:
+            await asyncio.gather(self._persisting, return_exceptions=True)
         self._fail_waiters(Unavailable("node is shutting down"))
         await self.snapshotting.close()
         if self.snapshot_sender is not None:
@@ -615,7 +620,8 @@ class Node:
                         sum(len(entry.data) for entry in action.entries) <= constants.PERSIST_INLINE_BYTES_MAX:
                     self._persist(action)  # the drive loop waits for the disk either way
                 else:
-                    await asyncio.to_thread(self._persist, action)
+                    self._persisting = asyncio.get_running_loop().run_in_executor(None, self._persist, action)
+                    await self._persisting
                 # Observed at the end: a follower's answer goes out right after its sync.
                 persisted = (time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):
