@@ -241,6 +241,7 @@ class Topology:
                 data_disks.mount(node.data_dir, os.path.join(self.base_dir, f"{node_id}-disk.img"))
                 self._mounted.append(node.data_dir)
         self.cluster.start(wait=False)
+        self.cluster.wait_answering(timeout_s)
         return self.cluster.wait_for_leader(timeout_s)
 
     def stop(self) -> None:

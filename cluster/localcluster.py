@@ -24,18 +24,60 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out; good enough on loopback for tests (a tiny reuse race)."""
-    sockets = []
+#: Where free_ports looks, when nothing narrows it: from here up to the kernel's ephemeral range.
+PORT_BAND_START = 10_000
+#: "LO-HI": the ports free_ports may hand out in this process tree. A parallel test runner gives
+#: each of its workers a band of its own (tests/conftest.py), so no two can pick the same port.
+PORT_RANGE_ENV = "RAFTQ_PORT_RANGE"
+
+
+def _ephemeral_start() -> int:
     try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def port_band() -> range:
+    """The ports free_ports may hand out (PORT_RANGE_ENV, else below the ephemeral range)."""
+    configured = os.environ.get(PORT_RANGE_ENV)
+    if configured:
+        low, _, high = configured.partition("-")
+        return range(int(low), int(high) + 1)
+    return range(PORT_BAND_START, max(_ephemeral_start(), PORT_BAND_START + 1_000))
+
+
+_port_cursor: dict[range, int] = {}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, for nodes and proxies to listen on.
+
+    They come from below the kernel's ephemeral range: a port handed out by bind(0) can be taken
+    by the source port of any outgoing connection between this call and the node's bind (or
+    while a killed node is down, before its restart), and on a busy test machine that happened.
+    Each process walks its band from a random start and never hands out a port twice until it
+    wraps; a port something listens on (or has connections on) fails the test bind and is skipped.
+    """
+    band = port_band()
+    cursor = _port_cursor.get(band)
+    if cursor is None:
+        cursor = secrets.randbelow(len(band))
+    ports: list[int] = []
+    for _ in range(len(band)):
+        port = band[cursor]
+        cursor = (cursor + 1) % len(band)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            _port_cursor[band] = cursor
+            return ports
+    raise RuntimeError(f"fewer than {count} free ports in {band.start}-{band.stop - 1}")
 
 
 def http_json(url: str, *, method: str = "GET", body: object = None, timeout: float = 2.0,
@@ -192,7 +234,23 @@ class LocalCluster:
         for node_id in self.nodes:
             self.start_node(node_id)
         if wait:
+            self.wait_answering()
             self.wait_for_leader()
+
+    def wait_answering(self, timeout_s: float = 30.0) -> None:
+        """Waits until every started node answers; a node that exited meanwhile (a port taken, a
+        bad flag) fails the wait at once with the end of its log, rather than leaving a cluster
+        one node short for whatever runs next."""
+        def answering() -> bool:
+            for node_id, node in self.nodes.items():
+                if node.process is not None and node.process.poll() is not None:
+                    tail = "".join(self.log_text(node_id).splitlines(keepends=True)[-15:])
+                    raise RuntimeError(f"{node_id} exited with {node.process.returncode} while starting; "
+                                       f"the end of its log:\n{tail}")
+            return all(self.status(node_id) is not None for node_id, node in self.nodes.items()
+                       if node.process is not None)
+
+        wait_until(answering, timeout_s=timeout_s, what="every started node to answer", seen=self._roles)
 
     def start_node(self, node_id: str) -> None:
         node = self.nodes[node_id]
