@@ -73,6 +73,7 @@ from raftq.cluster.snapshotting import Snapshotting, StartupError
 from raftq.cluster.storage.errors import DiskWriteError, StorageError, storage_failure_line
 from raftq.cluster.storage.node_storage import NodeStorage
 from raftq.cluster.storage.snapshots import SnapshotMeta, SnapshotStore
+from raftq.cluster.storage_threads import StorageThreads
 from raftq.cluster.transport.interfaces import Transport
 from raftq.cluster.storage.wal import WriteAheadLog
 
@@ -173,13 +174,11 @@ class Node:
         #: stepped down without knowing a new leader, and heard of none since (see wait_for_leader)
         self._deposed_alone = False
         self._wakeup = asyncio.Event()
-        self.snapshotting = Snapshotting(config, self._wakeup)
+        self._storage_threads = StorageThreads()
+        self.snapshotting = Snapshotting(config, self._wakeup, self._storage_threads)
         self._jobs_changed: asyncio.Future | None = None
         self.fetch_gate = long_poll.FetchGate()  # Lease proposals in flight: one ready job wakes one fetch
         self._tasks: list[asyncio.Task] = []
-        # A persist running in a worker thread: cancelling the drive loop does not stop the thread,
-        # so stop() waits for it before the storage is closed under it.
-        self._persisting: asyncio.Future | None = None
         self._stopping = False
         #: Set at SIGTERM (`drain`): long polls answer at once with what they have.
         self.draining = False
@@ -257,8 +256,7 @@ class Node:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._persisting is not None:
-            await asyncio.gather(self._persisting, return_exceptions=True)
+        await self._storage_threads.idle()
         self._fail_waiters(Unavailable("node is shutting down"))
         await self.snapshotting.close()
         if self.snapshot_sender is not None:
@@ -620,8 +618,7 @@ class Node:
                         sum(len(entry.data) for entry in action.entries) <= constants.PERSIST_INLINE_BYTES_MAX:
                     self._persist(action)  # the drive loop waits for the disk either way
                 else:
-                    self._persisting = asyncio.get_running_loop().run_in_executor(None, self._persist, action)
-                    await self._persisting
+                    await self._storage_threads.run(self._persist, action)
                 # Observed at the end: a follower's answer goes out right after its sync.
                 persisted = (time.perf_counter() - started, len(action.entries))
             elif isinstance(action, Send):

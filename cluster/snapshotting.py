@@ -40,6 +40,7 @@ from raftq.cluster.raft.node import RaftNode
 from raftq.cluster.storage.errors import CompactedError, DiskWriteError, SnapshotCorruptionError, StorageError
 from raftq.cluster.storage.snapshots import SnapshotMeta, SnapshotStore
 from raftq.cluster.storage.wal import WriteAheadLog
+from raftq.cluster.storage_threads import StorageThreads
 
 log = logging.getLogger("raftq.node")
 
@@ -84,9 +85,10 @@ class _Wakeup(Protocol):
 class Snapshotting:
     """The snapshot side of one node; the drive loop calls it, and it reads the figures metrics export."""
 
-    def __init__(self, config: NodeConfig, wakeup: _Wakeup) -> None:
+    def __init__(self, config: NodeConfig, wakeup: _Wakeup, storage_threads: StorageThreads) -> None:
         self.config = config
         self._wakeup = wakeup
+        self._storage_threads = storage_threads  # the node's stop waits for them before closing the WAL
         self.store: SnapshotStore | None = None  # set by the node's start
         self.wal: WriteAheadLog | None = None
         self.applied_term = 0  # term of the entry at queue.last_applied (a snapshot's point needs it)
@@ -324,7 +326,7 @@ class Snapshotting:
             if wal_compact_to > self._wal_compacted_to:
                 assert self.wal is not None
                 # Here, between Readys, nothing else touches the WAL (it is not thread-safe).
-                await asyncio.to_thread(self.wal.compact, min(wal_compact_to, self.wal.last_index))
+                await self._storage_threads.run(self.wal.compact, min(wal_compact_to, self.wal.last_index))
                 self._wal_compacted_to = wal_compact_to
 
     # ------------------------------------------------------------------ installing one
@@ -350,7 +352,7 @@ class Snapshotting:
         # Installed state is long-lived, like the state recovered at start: frozen like it.
         gc.disable()
         try:
-            await asyncio.to_thread(install)
+            await self._storage_threads.run(install)
         finally:
             gc.enable()
         gc.freeze()

@@ -22,6 +22,7 @@ from raftq.cluster.raft.messages import HardState
 from raftq.cluster.snapshotting import Snapshotting
 from raftq.cluster.storage.errors import DiskWriteError
 from raftq.cluster.storage.snapshots import SnapshotStore
+from raftq.cluster.storage_threads import StorageThreads
 from tests.unit.queue.test_state_machine_snapshot import busy_machine, reference_snapshot, some_commands
 
 pytestmark = pytest.mark.skipif(not snapshot_child.available(), reason="snapshots are forked on Linux only")
@@ -90,7 +91,7 @@ class _Wakeup:
 def _snapshotting(tmp_path, name: str, writer: str) -> Snapshotting:
     config = NodeConfig(node_id="n1", data_dir=str(tmp_path / name), snapshot_every_entries=1,
                         snapshot_writer=writer)
-    taking = Snapshotting(config, _Wakeup())
+    taking = Snapshotting(config, _Wakeup(), StorageThreads())
     taking.store = SnapshotStore.open(tmp_path / name / "snapshots")
     taking.applied_term = 2
     return taking
