@@ -7,12 +7,15 @@ the leader knows (workers alive) is exported by the leader alone: absent, not ze
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections import deque
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from raftq.cluster.node_view import NodeView
 from raftq.cluster.transport.http import LANE_QUEUE_COUNT_MAX
@@ -79,13 +82,13 @@ class NodeMetrics:
             "raftq_log_entries_read_back_total", "Log entries read back from the WAL for followers that fell "
             "behind the entries the node keeps in memory (raft/log.py, cold entries).", registry=self.registry,
         )
-        self.job_latency_seconds = Histogram(
+        self.job_latency_seconds = QueueHistogram(
             "raftq_job_latency_seconds", "Job end-to-end latency, submit to ack, by queue.",
-            labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,
+            buckets=_JOB_BUCKETS, registry=self.registry,
         )
-        self.job_queue_wait_seconds = Histogram(
+        self.job_queue_wait_seconds = QueueHistogram(
             "raftq_job_queue_wait_seconds", "Time from submit to first lease, by queue.",
-            labelnames=["queue"], buckets=_JOB_BUCKETS, registry=self.registry,
+            buckets=_JOB_BUCKETS, registry=self.registry,
         )
         self.event_loop_lag_seconds = Gauge(
             "raftq_event_loop_lag_seconds",
@@ -111,16 +114,58 @@ class NodeMetrics:
 
     def observe_samples(self, samples: list[tuple[str, str, int]]) -> None:
         """Latency samples the state machine collected while applying (milliseconds)."""
+        latency, wait = self.job_latency_seconds.observe, self.job_queue_wait_seconds.observe
         for kind, queue, ms in samples:
-            if kind not in ("job_latency", "queue_wait"):
-                continue
-            histogram = self.job_latency_seconds if kind == "job_latency" else self.job_queue_wait_seconds
-            histogram.labels(queue).observe(max(ms, 0) / 1000)
+            if kind == "job_latency":
+                latency(queue, max(ms, 0) / 1000)
+            elif kind == "queue_wait":
+                wait(queue, max(ms, 0) / 1000)
 
     def observe_persist(self, seconds: float, entry_count: int) -> None:
         self.wal_fsync_seconds.observe(seconds)
         if entry_count:
             self.wal_entries_per_fsync.observe(entry_count)
+
+
+class QueueHistogram(Collector):
+    """A histogram by queue, fed by the event loop with a value per job.
+
+    prometheus-client's Histogram takes a lock and walks its buckets for each value, after a
+    `labels()` lookup that takes another: twice per job (first lease, ack) on every node, that
+    was 17 % of a follower's CPU and 7 % of the leader's with jobs flowing through. Here a queue's
+    counts are plain lists that only the event loop touches (the scrape runs on it too), a value
+    finds its bucket by bisection, and a scrape yields the samples prometheus-client's Histogram
+    would (`_bucket` with `le`, `_count`, `_sum`, `_created`, in its order and number format).
+    """
+
+    def __init__(self, name: str, documentation: str, *, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = tuple(float(bound) for bound in buckets)
+        self._le = [floatToGoString(bound) for bound in self._bounds] + ["+Inf"]
+        #: queue -> [counts per bucket (the last is above every bound), sum, created (Unix time)]
+        self._series: dict[str, list] = {}
+        registry.register(self)
+
+    def observe(self, queue: str, value: float) -> None:
+        series = self._series.get(queue)
+        if series is None:
+            series = self._series[queue] = [[0] * len(self._le), 0.0, time.time()]
+        series[0][bisect_left(self._bounds, value)] += 1  # le is inclusive: value <= bound
+        series[1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, "histogram")
+        for queue, (counts, total, created) in self._series.items():
+            cumulative = 0
+            for le, count in zip(self._le, counts):
+                cumulative += count
+                family.add_sample(f"{self.name}_bucket", {"queue": queue, "le": le}, float(cumulative))
+            family.add_sample(f"{self.name}_count", {"queue": queue}, float(cumulative))
+            family.add_sample(f"{self.name}_sum", {"queue": queue}, total)
+            family.add_sample(f"{self.name}_created", {"queue": queue}, created)
+        yield family
 
 
 class WindowMax:
