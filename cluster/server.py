@@ -243,7 +243,6 @@ class Node:
             self.config.node_id, peers, self.snapshots, secret=self.config.cluster_secret,
             current_term=lambda: self.raft.term if self.raft is not None else 0,
             report=self.snapshotting.transfer_reported, ssl_context=peer_tls)
-        self._jobs_changed = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._drive(), name="raft-drive"))
         self._tasks.append(asyncio.create_task(self.housekeeping.run(lambda: self._stopping),
                                                name="leader-housekeeping"))
@@ -448,7 +447,8 @@ class Node:
 
     def jobs_changed(self) -> asyncio.Future:
         """A future resolved the next time jobs may have become leasable (long-poll wakeup)."""
-        assert self._jobs_changed is not None
+        if self._jobs_changed is None:  # made when someone waits: most applies have no one to wake
+            self._jobs_changed = asyncio.get_running_loop().create_future()
         return self._jobs_changed
 
     def touch_worker(self, worker: str) -> None:
@@ -526,28 +526,39 @@ class Node:
     async def _drive_loop(self) -> None:
         raft = self.raft
         assert raft is not None
+        loop = asyncio.get_running_loop()
         tick_interval = self.config.tick_interval_s
         next_tick = time.monotonic() + tick_interval
-        while not self._stopping:
-            timeout = max(0.0, next_tick - time.monotonic())
-            if not self._wakeup.is_set():
-                # A context timeout, not wait_for (which wraps the wait in a task of its own): a
-                # wakeup then resumes this loop in one task switch; every commit passes here.
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
-            self._wakeup.clear()
-            self._drive_inputs(raft)
-            await self.snapshotting.handle_events(raft)
-            if time.monotonic() >= next_tick:
-                raft.tick()
-                next_tick = time.monotonic() + tick_interval
-                self.snapshotting.maybe_start(raft, self.queue)  # the interval trigger needs a clock
-            while raft.has_ready():
-                await self._handle_ready(raft, raft.ready())
-            self._observe_role(raft)
+        # One timer per tick wakes the loop for it, not a timeout per turn: every commit passes
+        # here, and a turn a message or a proposal started needs no timer of its own.
+        tick_timer: asyncio.TimerHandle | None = None
+
+        def tick_due() -> None:
+            nonlocal tick_timer
+            tick_timer = None
+            self._wakeup.set()
+
+        try:
+            while not self._stopping:
+                if tick_timer is None:  # fired (maybe a little early: then it is set again) or a tick passed
+                    tick_timer = loop.call_later(max(0.0, next_tick - time.monotonic()), tick_due)
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                self._drive_inputs(raft)
+                await self.snapshotting.handle_events(raft)
+                if time.monotonic() >= next_tick:
+                    raft.tick()
+                    next_tick = time.monotonic() + tick_interval
+                    if tick_timer is not None:
+                        tick_timer.cancel()
+                        tick_timer = None
+                    self.snapshotting.maybe_start(raft, self.queue)  # the interval trigger needs a clock
+                while raft.has_ready():
+                    await self._handle_ready(raft, raft.ready())
+                self._observe_role(raft)
+        finally:
+            if tick_timer is not None:
+                tick_timer.cancel()
 
     def _drive_inputs(self, raft: RaftNode) -> None:
         inbox, self._inbox = self._inbox, []
@@ -751,9 +762,9 @@ class Node:
             self._notify_jobs_changed()
 
     def _notify_jobs_changed(self) -> None:
-        if self._jobs_changed is not None and not self._jobs_changed.done():
-            self._jobs_changed.set_result(None)
-            self._jobs_changed = asyncio.get_running_loop().create_future()
+        changed, self._jobs_changed = self._jobs_changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
 
     @staticmethod
     def _log_housekeeping(entry: Entry, result: Any) -> None:

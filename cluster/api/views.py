@@ -58,10 +58,11 @@ async def fetch(request: web.Request) -> web.Response:
     node.require_leader()
     node.touch_worker(worker)
     jobs = await long_poll.fetch(node, worker, queues, max_jobs=max_jobs, wait_s=wait_s)
-    return respond(request, {"jobs": [_leased_job(node, job) for job in jobs]})
+    now_ms = node.now_ms()  # one reading for the whole answer: its jobs were leased by one entry
+    return respond(request, {"jobs": [_leased_job(job, now_ms) for job in jobs]})
 
 
-def _leased_job(node: Any, job: Any) -> dict:
+def _leased_job(job: Any, now_ms: int) -> dict:
     return {
         "id": job.id,
         "queue": job.queue,
@@ -69,17 +70,17 @@ def _leased_job(node: Any, job: Any) -> dict:
         "attempt": job.attempt,
         "lease": job.lease_token,
         "lease_s": job.lease_ms / 1000,
-        **_lease_end(node, job.lease_expires_at_ms),
+        **_lease_end(job.lease_expires_at_ms, now_ms),
         "priority": job.priority,
     }
 
 
-def _lease_end(node: Any, expires_at_ms: int) -> dict:
+def _lease_end(expires_at_ms: int, now_ms: int) -> dict:
     """When a lease ends: `lease_expires_at` on the cluster's clock (the clock that decides it),
     and `lease_expires_in_s` from this answer, which is what a worker should plan with: no wall
     clock, ours or its own, has to agree with the cluster's."""
     return {"lease_expires_at": expires_at_ms / 1000,
-            "lease_expires_in_s": max(0, expires_at_ms - node.now_ms()) / 1000}
+            "lease_expires_in_s": max(0, expires_at_ms - now_ms) / 1000}
 
 
 async def ack(request: web.Request) -> web.Response:
@@ -127,7 +128,7 @@ def _outcome(node: Any, outcome: Any) -> Any:
     if isinstance(outcome, results.ItemError):
         return {"error": {"code": outcome.code, "message": outcome.message}}
     if isinstance(outcome, results.Extended):
-        return {"ok": True, **_lease_end(node, outcome.expires_at_ms)}
+        return {"ok": True, **_lease_end(outcome.expires_at_ms, node.now_ms())}
     return "ok"
 
 

@@ -328,29 +328,32 @@ def _opt_strings(value: Any, where: str) -> tuple[str, ...] | None:
     return None if value is None else _strings(value, where)
 
 
-def _new_job(values: tuple, where: str) -> NewJob:
+def _new_job(values: tuple, where: str, index: int) -> NewJob:
     # The common case in one step: an array of the current shape whose field types are one of
     # the accepted combinations (see _NEW_JOB_TYPES); anything else takes the field-by-field path.
     if type(values) is tuple and tuple(map(type, values)) in _NEW_JOB_TYPES and \
             PRIORITY_MIN <= values[2] <= PRIORITY_MAX:
         return tuple.__new__(NewJob, values)
+    where = f"{where}[{index}]"
     job = _build(NewJob, _NEW_JOB_SCHEMA, values, where)
     if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
         raise CommandDecodeError(f"{where}: priority {job.priority} out of range")
     return job
 
 
-def _items_of(builder: Callable[[tuple, str], Any]) -> Callable[[Any, str], tuple]:
+def _items_of(builder: Callable[[tuple, str, int], Any]) -> Callable[[Any, str], tuple]:
+    """A decoder of an array of items; builder(item, where, index) names the item's place
+    (`where[index]`) only when it has to, off the path every well-formed item takes."""
     def decode_items(value: Any, where: str) -> tuple:
         if type(value) is not tuple:
             raise CommandDecodeError(f"{where}: expected an array of items")
-        return tuple(builder(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return tuple(builder(item, where, i) for i, item in enumerate(value))
 
     return decode_items
 
 
-def _item(cls: type, schema: _Schema) -> Callable[[tuple, str], Any]:
-    return lambda values, where: _build(cls, schema, values, where)
+def _item(cls: type, schema: _Schema) -> Callable[[tuple, str, int], Any]:
+    return lambda values, where, index: _build(cls, schema, values, f"{where}[{index}]")
 
 
 _NEW_JOB_SCHEMA: _Schema = (_STR, _BYTES, _INT, _INT, _INT, _INT, _OPT_STR, _INT, _INT, _OPT_STR, _OPT_STR)
@@ -361,7 +364,18 @@ _NEW_JOB_TYPES = frozenset(
     (str, bytes, int, int, int, int, idempotency_key, int, int, key, group)
     for idempotency_key in (str, type(None)) for key in (str, type(None)) for group in (str, type(None))
 )
-_ACK_ITEM = _item(AckItem, (_STR, _INT, _OPT_BYTES))
+_ACK_ITEM_SCHEMA: _Schema = (_STR, _INT, _OPT_BYTES)
+#: The exact field types of an AckItem array taken as they are (a bool token goes the slow path).
+_ACK_ITEM_TYPES = frozenset(((str, int, bytes), (str, int, type(None))))
+
+
+def _ack_item(values: tuple, where: str, index: int) -> AckItem:
+    # Every job acked is one of these on every follower: the common shape in one step, as _new_job.
+    if type(values) is tuple and tuple(map(type, values)) in _ACK_ITEM_TYPES:
+        return AckItem(*values)
+    return _build(AckItem, _ACK_ITEM_SCHEMA, values, f"{where}[{index}]")
+
+
 _FAIL_ITEM = _item(FailItem, (_STR, _INT, _STR, _BOOL, _OPT_INT))
 _EXTEND_ITEM = _item(ExtendItem, (_STR, _INT, _INT))
 _RELEASE_ITEM = _item(ReleaseItem, (_STR, _INT))
@@ -370,7 +384,7 @@ _RELEASE_ITEM = _item(ReleaseItem, (_STR, _INT))
 _COMMAND_SCHEMAS: dict[int, tuple[type, _Schema]] = {
     Submit.TAG: (Submit, (_INT, _STR, _items_of(_new_job))),
     Lease.TAG: (Lease, (_INT, _STR, _strings, _INT)),
-    Ack.TAG: (Ack, (_INT, _STR, _items_of(_ACK_ITEM))),
+    Ack.TAG: (Ack, (_INT, _STR, _items_of(_ack_item))),
     Fail.TAG: (Fail, (_INT, _STR, _INT, _items_of(_FAIL_ITEM))),
     Extend.TAG: (Extend, (_INT, _STR, _items_of(_EXTEND_ITEM))),
     Tick.TAG: (Tick, (_INT, _INT)),

@@ -92,7 +92,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, Final, Iterator, Sequence
+from typing import BinaryIO, Final, Sequence
 
 import msgpack
 
@@ -306,6 +306,7 @@ class WriteAheadLog:
         self._entries_per_sync = 0
         self._packer = msgpack.Packer(use_bin_type=True)
         self._busy = threading.Lock()  # only to detect concurrent use, never to wait
+        self._exclusive_use = _Exclusive(self)
         self._failure: BaseException | None = None
         self._closed = False
         self._io_path = directory  # the file the current call touches: what a DiskWriteError names
@@ -750,24 +751,40 @@ class WriteAheadLog:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self) -> "_Exclusive":
         """Asserts single-threaded use, and fails the log for good when an OS call fails inside."""
-        acquired = self._busy.acquire(blocking=False)
+        return self._exclusive_use
+
+
+class _Exclusive:
+    """`WriteAheadLog._exclusive`: one per log, entered by every public call (twice per persist),
+    so a class rather than a generator-based context manager, which costs a few µs a call."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, log: WriteAheadLog) -> None:
+        self._log = log
+
+    def __enter__(self) -> None:
+        log = self._log
+        acquired = log._busy.acquire(blocking=False)
         assert acquired, "WriteAheadLog used by two threads at once"
         try:
-            assert not self._closed, "WriteAheadLog used after close()"
-            if self._failure is not None:
-                raise WalFailedError(f"{self.directory}: an earlier write or fsync failed ({self._failure}); "
-                                     "restart to recover from what is on disk") from self._failure
-            self._io_path = self.directory
-            try:
-                yield
-            except OSError as exc:
-                self._failure = exc
-                raise DiskWriteError(exc.filename or self._io_path, exc) from exc
-        finally:
-            self._busy.release()
+            assert not log._closed, "WriteAheadLog used after close()"
+            if log._failure is not None:
+                raise WalFailedError(f"{log.directory}: an earlier write or fsync failed ({log._failure}); "
+                                     "restart to recover from what is on disk") from log._failure
+        except BaseException:
+            log._busy.release()
+            raise
+        log._io_path = log.directory
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, traceback: object) -> None:
+        log = self._log
+        log._busy.release()
+        if isinstance(exc, OSError):
+            log._failure = exc
+            raise DiskWriteError(exc.filename or log._io_path, exc) from exc
 
 
 def _segment_files(directory: str) -> list[tuple[int, str]]:
