@@ -454,26 +454,31 @@ class WriteAheadLog:
         hi = self.last_index + 1 if hi is None else min(hi, self.last_index + 1)
         if lo <= self._base_index and lo < hi:
             raise CompactedError(f"index {lo} is compacted (the log starts at {self._base_index + 1})")
-        if self._file is not None:
-            self._file.flush()  # written but buffered bytes must be readable (not a sync)
         result: list[Entry] = []
-        for segment in self._segments:
-            first, end_index = max(lo, segment.first_index), min(hi, segment.next_index)
-            if first >= end_index:
-                continue
-            start = segment.offsets[first - segment.first_index]
-            stop = segment.offsets[end_index - segment.first_index] if end_index < segment.next_index \
-                else segment.size_bytes
-            with open(segment.path, "rb") as f:
-                f.seek(start)
-                data = f.read(stop - start)
-            offset = 0
-            while offset < len(data):
-                decoded = decode_record(data, offset)
-                if not isinstance(decoded, tuple):
-                    raise WalCorruptionError(segment.path, start + offset, f"written record reads back as {decoded}")
-                entry, offset = decoded
-                result.append(entry)
+        # Guarded like a write: it flushes the buffered writer, and a node reads entries back
+        # (cold ones, for a follower behind) while it runs, where a write in a thread would race it.
+        with self._exclusive():
+            if self._file is not None:
+                self._file.flush()  # written but buffered bytes must be readable (not a sync)
+            for segment in self._segments:
+                first, end_index = max(lo, segment.first_index), min(hi, segment.next_index)
+                if first >= end_index:
+                    continue
+                start = segment.offsets[first - segment.first_index]
+                stop = segment.offsets[end_index - segment.first_index] if end_index < segment.next_index \
+                    else segment.size_bytes
+                self._io_path = segment.path
+                with open(segment.path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(stop - start)
+                offset = 0
+                while offset < len(data):
+                    decoded = decode_record(data, offset)
+                    if not isinstance(decoded, tuple):
+                        raise WalCorruptionError(segment.path, start + offset,
+                                                 f"written record reads back as {decoded}")
+                    entry, offset = decoded
+                    result.append(entry)
         return result
 
     @property

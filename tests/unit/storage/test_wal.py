@@ -502,6 +502,15 @@ def test_two_threads_at_once_is_a_programmer_error(tmp_path):
                 wal.append(entries(1, 1))
 
 
+def test_reading_entries_back_while_another_thread_writes_is_a_programmer_error(tmp_path):
+    with open_wal(tmp_path) as wal:
+        wal.append(entries(1, 2))
+        with wal._exclusive():  # as if a persist were running in a worker thread
+            with pytest.raises(AssertionError, match="two threads"):
+                wal.entries(1, 3)
+        assert wal.entries(1, 3) == entries(1, 2)
+
+
 def test_implements_the_storage_protocol(tmp_path):
     with open_wal(tmp_path) as wal:
         assert isinstance(wal, DurableLog)
