@@ -306,7 +306,9 @@ class WriteAheadLog:
         self._entries_per_sync = 0
         self._packer = msgpack.Packer(use_bin_type=True)
         self._busy = threading.Lock()  # only to detect concurrent use, never to wait
-        self._exclusive_use = _Exclusive(self)
+        #: Entered by every public call: asserts single-threaded use, and fails the log for good
+        #: when an OS call fails inside.
+        self._exclusive = _Exclusive(self)
         self._failure: BaseException | None = None
         self._closed = False
         self._io_path = directory  # the file the current call touches: what a DiskWriteError names
@@ -457,7 +459,7 @@ class WriteAheadLog:
         result: list[Entry] = []
         # Guarded like a write: it flushes the buffered writer, and a node reads entries back
         # (cold ones, for a follower behind) while it runs, where a write in a thread would race it.
-        with self._exclusive():
+        with self._exclusive:
             if self._file is not None:
                 self._file.flush()  # written but buffered bytes must be readable (not a sync)
             for segment in self._segments:
@@ -527,7 +529,7 @@ class WriteAheadLog:
         first = entries[0].index
         assert self._base_index < first <= self.last_index + 1, \
             f"appending index {first} to a log holding {self._base_index + 1}..{self.last_index}"
-        with self._exclusive():
+        with self._exclusive:
             if first <= self.last_index:
                 self._truncate_from(first)
             self._write(entries)
@@ -666,7 +668,7 @@ class WriteAheadLog:
             WalFailedError: an earlier write or fsync failed.
             DiskWriteError: the fsync failed; names the file (the log is then failed, see WalFailedError).
         """
-        with self._exclusive():
+        with self._exclusive:
             if not self._file_dirty and not self._directory_dirty:
                 return
             started = time.perf_counter()
@@ -692,7 +694,7 @@ class WriteAheadLog:
             WalFailedError: an earlier write or fsync failed.
             DiskWriteError: the disk refused; names the file (the old hard state is still in place on disk).
         """
-        with self._exclusive():
+        with self._exclusive:
             self._io_path = os.path.join(self.directory, hard_state_file.HARD_STATE_FILE_NAME)
             hard_state_file.save_hard_state(self.directory, hard_state)
             self._hard_state = hard_state
@@ -707,7 +709,7 @@ class WriteAheadLog:
             How many entries were dropped; first_index moves past them.
         """
         assert 0 <= upto_index <= self.last_index
-        with self._exclusive():
+        with self._exclusive:
             dropped = 0
             while len(self._segments) > 1 and self._segments[1].first_index <= upto_index + 1:
                 segment = self._segments.pop(0)
@@ -729,7 +731,7 @@ class WriteAheadLog:
         the next append starts a new segment at index + 1.
         """
         assert index >= 0 and term >= 0
-        with self._exclusive():
+        with self._exclusive:
             self._close_file()
             while self._segments:
                 self._unlink_segment(self._segments.pop())
@@ -755,10 +757,6 @@ class WriteAheadLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _exclusive(self) -> "_Exclusive":
-        """Asserts single-threaded use, and fails the log for good when an OS call fails inside."""
-        return self._exclusive_use
 
 
 class _Exclusive:

@@ -497,7 +497,7 @@ def test_a_failed_fsync_fails_the_log_for_good(tmp_path, monkeypatch):
 
 def test_two_threads_at_once_is_a_programmer_error(tmp_path):
     with open_wal(tmp_path) as wal:
-        with wal._exclusive():  # as if another thread were inside append()
+        with wal._exclusive:  # as if another thread were inside append()
             with pytest.raises(AssertionError, match="two threads"):
                 wal.append(entries(1, 1))
 
@@ -505,7 +505,7 @@ def test_two_threads_at_once_is_a_programmer_error(tmp_path):
 def test_reading_entries_back_while_another_thread_writes_is_a_programmer_error(tmp_path):
     with open_wal(tmp_path) as wal:
         wal.append(entries(1, 2))
-        with wal._exclusive():  # as if a persist were running in a worker thread
+        with wal._exclusive:  # as if a persist were running in a worker thread
             with pytest.raises(AssertionError, match="two threads"):
                 wal.entries(1, 3)
         assert wal.entries(1, 3) == entries(1, 2)
