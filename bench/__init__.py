@@ -6,6 +6,8 @@
     raftq bench nats --figure submit1 --jobs 1000    the same figure on NATS JetStream (bench/nats_peer.py)
     raftq bench snapshot                             a million live jobs: each node's loop pause while it
                                                      snapshots them (bench/snapshot_pause.py)
+    raftq bench floor                                the fixed stack without raftq: one-job submits and
+                                                     memory a raftq figure cannot go below (bench/stack_floor.py)
 
 Theory of operation
 -------------------
@@ -38,6 +40,6 @@ The fsync policy is not a knob: every 2xx is on disk on a majority of nodes.
 Modules: `main` (the command line, the scenarios and the runs), `roles` (the producer and worker
 processes), `measure` (metrics, /proc and machine facts), `report` (tables, JSON, the chart),
 `nats_peer` (the comparison figures on a NATS JetStream cluster), `snapshot_pause` (the loop pause
-of a snapshot of a million live jobs). The
-benchmark imports the client and `cluster.localcluster`; nothing imports the benchmark.
+of a snapshot of a million live jobs), `stack_floor` (the same hops and fsyncs as a one-job submit
+on the fixed stack, with none of raftq's work). The benchmark imports the client and `cluster.localcluster`; nothing imports the benchmark.
 """

@@ -255,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["snapshot"]:  # a snapshot of a million live jobs: how long it pauses the nodes' loops
         from raftq.bench import snapshot_pause
         return snapshot_pause.main(argv[1:])
+    if argv[:1] == ["floor"]:  # the fixed stack without raftq: one-job submits and memory it cannot go below
+        from raftq.bench import stack_floor
+        return stack_floor.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
