@@ -77,8 +77,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     resource = request.match_info.route.resource
     # The route template, never the raw path: labels stay bounded whatever clients send.
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[NODE].metrics.http_request_seconds.labels(route, request.method, str(response.status)).observe(
-        time.perf_counter() - started)
+    request.app[NODE].metrics.http_request_seconds.observe(time.perf_counter() - started,
+                                                           (route, request.method, str(response.status)))
     return response
 
 

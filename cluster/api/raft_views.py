@@ -17,6 +17,7 @@ follower (bytes and count, the core's flow control).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -47,7 +48,7 @@ async def raft_messages(request: web.Request) -> web.Response:
     if any(m.type is MessageType.SNAP for m in messages):
         # A SNAP message is only true once its file is on our disk: it comes from /raft/snapshot.
         raise ApiError(400, "invalid", "snapshots travel through /raft/snapshot, not as messages")
-    _learn_sender_url(request, messages)
+    _learn_sender_url(node, _SenderUrl.of(request), messages)
     if not node.deliver(messages):
         raise ApiError(503, "overloaded", "inbox full", headers={"Retry-After": "1"})
     return web.Response(status=204)
@@ -61,7 +62,8 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
     (a dropped request, as for POST /raft/messages).
     """
     node = request.app[NODE]
-    ws = peer_stream_response(partial(_deliver_frame, node, request), max_msg_size=node.config.body_bytes_max,
+    sender_url = _SenderUrl.of(request)  # the same for every frame of the connection
+    ws = peer_stream_response(partial(_deliver_frame, node, sender_url), max_msg_size=node.config.body_bytes_max,
                               heartbeat=PING_INTERVAL_S)
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "invalid", "/raft/stream takes a WebSocket upgrade")
@@ -70,13 +72,13 @@ async def raft_stream(request: web.Request) -> web.StreamResponse:
     streams = request.app[PEER_STREAMS]
     streams.add(ws)
     try:
-        await _receive_frames(node, request, ws, peer)
+        await _receive_frames(node, sender_url, ws, peer)
     finally:
         streams.discard(ws)
     return ws
 
 
-async def _receive_frames(node, request: web.Request, ws: web.WebSocketResponse, peer: str) -> None:
+async def _receive_frames(node, sender_url: _SenderUrl, ws: web.WebSocketResponse, peer: str) -> None:
     """Reads what the response did not deliver itself (`peer_stream.py`): control frames (aiohttp
     answers pings and closes), the first frame `_deliver_frame` refused, on which this closes the
     connection with the reason, and on an aiohttp release it does not mirror, every frame."""
@@ -95,11 +97,11 @@ async def _receive_frames(node, request: web.Request, ws: web.WebSocketResponse,
         if any(m.type is MessageType.SNAP for m in messages):
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"snapshots travel through /raft/snapshot")
             break
-        _learn_sender_url(request, messages)
+        _learn_sender_url(node, sender_url, messages)
         node.deliver(messages)
 
 
-def _deliver_frame(node, request: web.Request, data: bytes) -> bool:
+def _deliver_frame(node, sender_url: _SenderUrl, data: bytes) -> bool:
     """A stream's binary frame, in the connection's data callback: True once its messages are in
     the node's inbox (or dropped there, the inbox being full); False for a frame to refuse, which
     `_receive_frames` then decodes again to close the connection with the reason."""
@@ -109,16 +111,28 @@ def _deliver_frame(node, request: web.Request, data: bytes) -> bool:
         return False
     if any(m.type is MessageType.SNAP for m in messages):
         return False
-    _learn_sender_url(request, messages)
+    _learn_sender_url(node, sender_url, messages)
     node.deliver(messages)
     return True
 
 
-def _learn_sender_url(request: web.Request, messages: list) -> None:
+@dataclass(frozen=True, slots=True)
+class _SenderUrl:
+    """The sender and its URL a peer request names (headers), when both are there and the URL fits."""
+
+    sender: str
+    url: str
+
+    @classmethod
+    def of(cls, request: web.Request) -> _SenderUrl | None:
+        sender, url = request.headers.get(FROM_HEADER, ""), request.headers.get(FROM_URL_HEADER, "")
+        return cls(sender, url) if sender and url and len(url) <= URL_CHARS_MAX else None
+
+
+def _learn_sender_url(node, sender_url: _SenderUrl | None, messages: list) -> None:
     """A node not yet told the membership answers a leader through the URL the leader names."""
-    sender, url = request.headers.get(FROM_HEADER, ""), request.headers.get(FROM_URL_HEADER, "")
-    if sender and url and len(url) <= URL_CHARS_MAX and all(m.from_id == sender for m in messages):
-        request.app[NODE].learn_peer_url(sender, url)
+    if sender_url is not None and all(m.from_id == sender_url.sender for m in messages):
+        node.learn_peer_url(sender_url.sender, sender_url.url)
 
 
 async def raft_snapshot(request: web.Request) -> web.Response:

@@ -43,7 +43,7 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_body(request, node.config.body_bytes_max, submit=True)
     node.require_leader()
     _check_queue_limit(node, queue)
-    command = v.submit(body, queue, now_ms=_now_ms(request), payload_bytes_max=node.config.payload_bytes_max)
+    command = v.submit(body, queue, now_ms=node.now_ms(), payload_bytes_max=node.config.payload_bytes_max)
     result = await node.propose(command)
     if isinstance(result, results.QueueFull):
         raise ApiError(429, "queue_full", f"queue {queue} is full ({result.max_depth} jobs)",

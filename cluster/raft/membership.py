@@ -14,7 +14,7 @@ wiped box rejoins under a new name and an old box with stale data cannot pass fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -48,15 +48,16 @@ class Membership:
 
     members: tuple[Member, ...] = ()
     removed: tuple[str, ...] = ()
+    #: The voters' ids, worked out once: the leader reads them for every commit it counts.
+    voters: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "voters", tuple(m.node_id for m in self.members if m.voter))
 
     @classmethod
     def of_voters(cls, urls: dict[str, str]) -> Membership:
         """All voters: {node id: url} (a cluster bootstrapped from its peer list)."""
         return cls(tuple(Member(node_id, url, True) for node_id, url in sorted(urls.items())))
-
-    @property
-    def voters(self) -> tuple[str, ...]:
-        return tuple(m.node_id for m in self.members if m.voter)
 
     @property
     def learners(self) -> tuple[str, ...]:

@@ -706,11 +706,13 @@ class RaftNode:
             True when there is state to persist, messages to send (or appends ready() would
             build), entries to apply or reads to serve.
         """
+        handed = self._handed_hard_state
+        membership = self._configs[-1][2]
         return bool(
-            self._outbox or self._read_states or self._hard_state() != self._handed_hard_state
+            self._outbox or self._read_states or self._term != handed.term or self._voted_for != handed.voted_for
             or self._log.has_unstable_entries() or self._log.has_committed_entries()
             or self._snapshot_to_install is not None or self._replication_due()
-            or self.membership != self._handed_membership
+            or (membership is not self._handed_membership and membership != self._handed_membership)
         )
 
     def ready_to_serve(self, applied_index: int) -> bool:
@@ -729,13 +731,14 @@ class RaftNode:
             The Ready; its entries and messages count as handed out. Pass it to advance() once done.
         """
         self._flush_replication()
-        hard_state = self._hard_state()
-        changed = hard_state if hard_state != self._handed_hard_state else None
-        self._handed_hard_state = hard_state
+        handed = self._handed_hard_state
+        changed = None
+        if self._term != handed.term or self._voted_for != handed.voted_for:
+            changed = self._handed_hard_state = self._hard_state()
         entries = self._log.take_unstable_entries()
         snapshot, self._snapshot_to_install = self._snapshot_to_install, None
-        membership = self.membership
-        membership_changed = membership != self._handed_membership
+        membership = self._configs[-1][2]
+        membership_changed = membership is not self._handed_membership and membership != self._handed_membership
         self._handed_membership = membership
         ready = Ready(
             hard_state=changed,
@@ -1117,12 +1120,13 @@ class RaftNode:
 
     def _maybe_commit(self) -> bool:
         """Commit the highest index held by a majority, if it is of this term (Raft §5.4.2)."""
-        voters = self.membership.voters
+        voters = self._configs[-1][2].voters
         if not voters:
             return False
-        matches = sorted((self._log.persisted_index if voter == self.node_id else self._progress[voter].match_index
-                          for voter in voters), reverse=True)
-        index = matches[self._quorum() - 1]
+        node_id, progress, persisted = self._config.node_id, self._progress, self._log.persisted_index
+        matches = sorted([persisted if voter == node_id else progress[voter].match_index for voter in voters],
+                         reverse=True)
+        index = matches[quorum_size(len(voters)) - 1]
         if index <= self._log.commit_index or self._log.term(index) != self._term:
             return False
         old_commit = self._log.commit_index
@@ -1235,7 +1239,7 @@ class RaftNode:
               index: int = 0, entries: tuple[Entry, ...] = (), commit: int = 0, reject: bool = False,
               reject_hint: int = 0, hint_term: int = 0, context: int | None = None) -> None:
         self._outbox.append(Message(
-            type=message_type, from_id=self.node_id, to_id=to_id, term=self._term if term is None else term,
+            type=message_type, from_id=self._config.node_id, to_id=to_id, term=self._term if term is None else term,
             log_term=log_term, index=index, entries=entries, commit=commit, reject=reject,
             reject_hint=reject_hint, hint_term=hint_term, context=context,
         ))
