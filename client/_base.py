@@ -213,11 +213,18 @@ class _Attempts:
     retry_after_s: float = 0.0
     failed_round: set[str] = field(default_factory=set)
     reasons: dict[str, str] = field(default_factory=dict)  # node -> its last failure, in first-failure order
+    failures: dict[str, errors.RaftqError] = field(default_factory=dict)  # node -> its last failure
     last_error: errors.RaftqError | None = None
     last_server_error: errors.RaftqError | None = None
 
-    def fail(self, node: str, error: errors.RaftqError) -> None:
+    def fail(self, node: str, error: errors.RaftqError, *, cut_short: bool = False) -> None:
+        """Notes a failed attempt at `node`. `cut_short`: it timed out with less than the call's
+        timeout, the rest of the deadline; that says nothing new about a node that failed before
+        in this call (a TLS refusal, a refused connection), so its earlier failure stands."""
         self.failed_round.add(node)
+        if cut_short and node in self.failures:
+            error = self.failures[node]
+        self.failures[node] = error
         self.reasons[node] = error.message
         self.last_error = error
         if not isinstance(error, errors.TransportError):
@@ -323,7 +330,8 @@ class _BaseClient:
         non-retryable error."""
         node = base_url(request.url)
         if isinstance(reply, errors.TransportError):
-            return self._after_failure(call, attempts, node, reply, rotate=True)
+            cut_short = isinstance(reply, errors.Timeout) and request.timeout_s < call.timeout_s
+            return self._after_failure(call, attempts, node, reply, rotate=True, cut_short=cut_short)
         assert isinstance(reply, Response), f"a plan step got {reply!r}"
         if reply.status in (307, 308):
             return self._after_redirect(call, attempts, request, reply)
@@ -382,9 +390,9 @@ class _BaseClient:
         return self._after_failure(call, attempts, verify.node, error, rotate=True)
 
     def _after_failure(self, call: Call, attempts: _Attempts, node: str, error: errors.RaftqError, *,
-                       rotate: bool) -> _Next:
+                       rotate: bool, cut_short: bool = False) -> _Next:
         """Where and when to try next after a retryable failure at `node`."""
-        attempts.fail(node, error)
+        attempts.fail(node, error, cut_short=cut_short)
         if rotate:
             self._forget_leader(node)
         following = self._next_node(node, attempts.failed_round) if rotate else None

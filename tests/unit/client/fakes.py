@@ -347,8 +347,12 @@ class FakeNodes:
     """MockTransport handler playing nodes by base URL.
 
     Roles: "leader" (answers through `serve`), "follower" (307 to the leader), "down" (connection
-    refused), "slow" (times out after the request's timeout), "no_leader" (503 + Retry-After).
+    refused), "slow" (times out after the request's timeout), "untrusted" (a TLS handshake that
+    fails after HANDSHAKE_S, or times out first when the request's timeout is shorter), "no_leader"
+    (503 + Retry-After).
     """
+
+    HANDSHAKE_S = 0.3
 
     def __init__(self, clock: FakeClock, roles: dict[str, str], *, leader: str = B, leader_id: str = "n2") -> None:
         self.clock = clock
@@ -365,9 +369,12 @@ class FakeNodes:
         role = self.roles[request.url.split("/v1/")[0]]
         if role == "down":
             raise errors.ConnectError("connection refused")
-        if role == "slow":
+        if role == "slow" or (role == "untrusted" and request.timeout_s < self.HANDSHAKE_S):
             self.clock.now_s += request.timeout_s
             raise TimeoutError("timed out")  # MockTransport turns it into errors.Timeout
+        if role == "untrusted":
+            self.clock.now_s += self.HANDSHAKE_S
+            raise errors.ConnectError("TLS: the node's certificate is not trusted")
         if request.path == "/v1/cluster" and role == "follower":
             listed = self.listed if self.listed is not None else list(self.roles)
             return Response.msgpack({"node": role, "leader_url": None, "nodes": [{"url": url} for url in listed]})

@@ -179,6 +179,18 @@ def test_deadline_names_each_node_when_reasons_differ(clock):
                     r"\(deadline 2.5 s, \d+ attempts\)$", str(caught.value)), str(caught.value)
 
 
+@pytest.mark.parametrize("deadline_s", [2.0, 2.5, 3.0, 3.5, 4.0, 5.0])
+def test_a_last_attempt_the_deadline_cut_short_does_not_hide_why_the_nodes_failed(clock, deadline_s):
+    # Every node refuses the client's TLS after a while; the attempt the deadline leaves too
+    # little time for times out instead: that says nothing new about its node.
+    nodes = FakeNodes(clock, {A: "untrusted", B: "untrusted"})
+    with make_client(nodes, timeout=1.0, deadline=deadline_s) as client, pytest.raises(errors.ConnectError) as caught:
+        client.submit("q", 1)
+    assert re.match(rf"no raftq node answered at {A}, {B}: TLS: the node's certificate is not trusted "
+                    rf"\(deadline {deadline_s:.1f} s, \d+ attempts\)$", str(caught.value)), str(caught.value)
+    assert any(r.timeout_s < FakeNodes.HANDSHAKE_S for r in nodes.requests), "some attempt was cut short"
+
+
 def test_deadline_with_503_everywhere_raises_no_leader_with_retry_after(clock):
     nodes = FakeNodes(clock, {A: "no_leader", B: "no_leader"})
     with make_client(nodes, deadline=5.0) as client, pytest.raises(errors.NoLeader) as caught:
