@@ -125,6 +125,18 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
+def stop_processes(processes: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """Terminates the processes (servers a bench started), then kills any that outlives `timeout_s`."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout_s)
+
+
 # ---------------------------------------------------------------------------- the machine
 
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-from raftq.bench.measure import reset_peak_rss
+from raftq.bench.measure import reset_peak_rss, stop_processes
 from raftq.bench.roles import peak_rss_kib
 from raftq.cluster.localcluster import free_ports
 
@@ -99,14 +99,7 @@ class NatsCluster:
             self.processes.append(subprocess.Popen([self.binary, "-c", config], stdout=log, stderr=subprocess.STDOUT))
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes)
 
     def reset_peak_rss(self) -> None:
         for process in self.processes:

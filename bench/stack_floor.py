@@ -25,7 +25,9 @@ submit --batch 1 --producers 1`. Nothing else is checked or kept: no term, no in
 record framing, no state. It is not a queue and must not be mistaken for one.
 
 It prints, per run and as medians: one-job submits/s with p50 / p99 latency, and the three
-processes' RSS (now and peak), which is the footprint of the stack with nothing held.
+processes' RSS (now and peak), which is the footprint of the stack with nothing held. So that
+the servers' memory is the stack's, they import only it: what the parent alone uses (raftq's
+client, the bench's helpers) is imported where it is used.
 """
 
 from __future__ import annotations
@@ -196,14 +198,9 @@ class _Chain:
         log.close()
 
     def __exit__(self, *exc_info) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        from raftq.bench.measure import stop_processes
+
+        stop_processes(self.processes)
 
     @property
     def url(self) -> str:
