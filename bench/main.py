@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raftq bench",
         description="Measure jobs/s, latency and memory of a raftq cluster. With no --scenario, runs the "
                     "default set (see --list). Starts its own 3-node cluster unless --nodes is given.",
+        epilog="Other measurements, each with its own --help: 'raftq bench nats' (the same figures on NATS "
+               "JetStream), 'raftq bench snapshot' (how long a snapshot of a million live jobs pauses each "
+               "node), 'raftq bench floor' (the fixed stack without raftq: one-job submits and memory).",
     )
     p.add_argument("--nodes", help="benchmark this cluster (URLs, comma-separated) instead of starting one; "
                                    "its jobs stay in queues named bench-*")
