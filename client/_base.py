@@ -212,8 +212,7 @@ class _Attempts:
     redirects: int = 0
     retry_after_s: float = 0.0
     failed_round: set[str] = field(default_factory=set)
-    reasons: dict[str, str] = field(default_factory=dict)  # node -> its last failure, in first-failure order
-    failures: dict[str, errors.RaftqError] = field(default_factory=dict)  # node -> its last failure
+    failures: dict[str, errors.RaftqError] = field(default_factory=dict)  # node -> its last failure, in first-failure order
     last_error: errors.RaftqError | None = None
     last_server_error: errors.RaftqError | None = None
 
@@ -225,11 +224,15 @@ class _Attempts:
         if cut_short and node in self.failures:
             error = self.failures[node]
         self.failures[node] = error
-        self.reasons[node] = error.message
         self.last_error = error
         if not isinstance(error, errors.TransportError):
             self.last_server_error = error
         self.retry_after_s = max(self.retry_after_s, error.retry_after or 0.0)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """node -> the message of its last failure, in first-failure order."""
+        return {node: error.message for node, error in self.failures.items()}
 
     def new_round(self) -> None:
         self.rounds += 1

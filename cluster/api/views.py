@@ -112,7 +112,9 @@ async def _lease_items(request: web.Request, command: LeaseItems) -> web.Respons
     node = request.app[NODE]
     node.require_leader()
     node.touch_worker(command.worker)
-    return respond(request, {"results": [_outcome(node, o) for o in await _settle_items(node, command)]})
+    outcomes = await _settle_items(node, command)
+    now_ms = node.now_ms()  # one reading for the whole answer, as for a lease answer
+    return respond(request, {"results": [_outcome(o, now_ms) for o in outcomes]})
 
 
 async def _settle_items(node: Any, command: LeaseItems) -> Sequence[Any]:
@@ -124,11 +126,11 @@ async def _settle_items(node: Any, command: LeaseItems) -> Sequence[Any]:
     return result.outcomes
 
 
-def _outcome(node: Any, outcome: Any) -> Any:
+def _outcome(outcome: Any, now_ms: int) -> Any:
     if isinstance(outcome, results.ItemError):
         return {"error": {"code": outcome.code, "message": outcome.message}}
     if isinstance(outcome, results.Extended):
-        return {"ok": True, **_lease_end(outcome.expires_at_ms, node.now_ms())}
+        return {"ok": True, **_lease_end(outcome.expires_at_ms, now_ms)}
     return "ok"
 
 
