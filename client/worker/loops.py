@@ -97,6 +97,11 @@ def fetch_loop(w: Worker, deliver: Callable[[list[Any]], bool]) -> Loop:
             if w._stopping.is_set():
                 return
             size, generation, buffered = w._fetch_size(), w._generation, w._buffered
+        if size < 1:
+            # The room the wait saw is gone: between the wait and the lock, a slot finished a job
+            # and its run time shrank the paced buffer's bound below what is buffered. Wait again
+            # (asking for max_jobs < 1 would be refused, and a refusal stops the worker).
+            continue
         wait_s = 0.0 if w.burst or buffered else w.wait_s  # a long poll only with nothing buffered
         w._hooks("before_fetch")
         started = time.monotonic()

@@ -22,6 +22,7 @@ import msgpack
 from aiohttp import web
 
 from raftq import Client, LeasedJob, MockTransport, Request, Response, errors
+from raftq.protocol import FETCH_COUNT_MAX
 
 #: Node URLs of the scripted clusters (FakeNodes).
 A, B, C, D = "http://a:7001", "http://b:7002", "http://c:7003", "http://d:7004"
@@ -97,6 +98,8 @@ class FakeCluster:
     # -- the client calls the worker makes
 
     def fetch(self, worker, queues, *, max_jobs=1, wait_s=0.0):
+        if not 1 <= max_jobs <= FETCH_COUNT_MAX:  # as the server refuses it (400), changing nothing
+            raise errors.InvalidRequest(f"field 'max_jobs' = {max_jobs} is out of range [1, {FETCH_COUNT_MAX}]")
         with self.lock:
             if self.fetch_errors:
                 raise self.fetch_errors.pop(0)

@@ -21,6 +21,8 @@ from raftq import AsyncClient, Client, LeasedJob, errors
 from raftq.client.worker import (ERROR_TEXT_BYTES_MAX, LEASE_START_MARGIN_S, PREFETCH_BYTES_MAX, PREFETCH_DEFAULT_MAX,
                            Middleware,
                            NonRetryable, PrometheusMiddleware, Reject, Retry, Worker, error_text, outcome_of)
+from raftq.client.worker import loops
+from raftq.client.worker.core import Outcome
 from tests.unit.client.fakes import DEADLINE_S, AsyncFake, FakeCluster, wait_until
 
 #: The error a job still running past the grace period is failed with (its attempt counts).
@@ -675,6 +677,29 @@ def test_auto_prefetch_buffers_little_of_long_jobs():
     assert Worker(cluster, {"q": handler}, concurrency=1, prefetch=0).prefetch == 0  # off on request; the bound...
     # ... paced to one: running + buffered <= 2 (plus as many whose ack may be on its way).
     assert all(max_jobs <= 2 and max_jobs + held <= 4 for max_jobs, held in cluster.fetches), cluster.fetches
+
+
+def test_a_fetch_whose_room_is_gone_by_the_time_it_is_sized_waits_again():
+    """The paced buffer's bound shrinks when a slot reports a long run time. Between the fetcher's
+    wait (room for jobs) and its sizing under the lock a slot may do just that, so that the
+    buffer holds more than the new bound: the fetcher must wait again, not ask for max_jobs < 1
+    (the server refuses it, and a refusal stops the worker: seen in `raftq bench`, 16 threads
+    of CPU jobs)."""
+    worker = make_worker(FakeCluster(), {"q": square}, concurrency=4, prefetch="auto")
+    core = worker.core
+    (fast,) = worker._take([LeasedJob("j0", "q", {"n": 0}, 1, 0, time.time() + 30)])
+    with worker._lock:  # 1 ms jobs: a big buffer
+        assert core.start(fast, 0.0) and core.finish(fast, Outcome("ok"), 0.001)
+    worker._take([LeasedJob(f"b{n}", "q", {"n": n}, 1, 100 + n, time.time() + 30) for n in range(20)])
+    steps = loops.fetch_loop(worker, deliver=lambda jobs: pytest.fail(f"fetched {jobs}"))
+    assert isinstance(next(steps), loops.Sleep)
+    wait = steps.send(None)
+    assert isinstance(wait, loops.WaitFor) and wait.predicate(), "room for more, as the wait sees it"
+    core.run_s_average = 5.0  # meanwhile a slot finished a 5 s job: the bound drops to nothing
+    assert core.fetch_size() < 1
+    after = steps.send(None)
+    assert not isinstance(after, loops.Call), f"expected the fetcher to wait again, it sent {after}"
+    assert isinstance(after, loops.Sleep) and isinstance(steps.send(None), loops.WaitFor)
 
 
 def test_auto_prefetch_is_bounded_in_bytes():
