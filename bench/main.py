@@ -22,7 +22,7 @@ from raftq.bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, f
                            machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
                            wal_figures)
 from raftq.bench.report import format_header, format_tables, plot_results, plot_unavailable_reason
-from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib, rss_kib,
+from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, Flag, RoleConfig, calibrate_cpu_loops, padding, peak_rss_kib, rss_kib,
                          producer_main, worker_main)
 from raftq import Client
 from raftq.client._progress import ProgressBar
@@ -564,7 +564,7 @@ def _run_roles(scenario: Scenario, settings: Settings, urls: list[str], token: s
                label: str) -> tuple[float, dict[tuple[str, int], dict]]:
     """Starts the producers and workers, the clock once all are ready, and collects their reports."""
     context = multiprocessing.get_context("spawn")
-    channels = Channels(context.Event(), context.Event(), context.Value("q", 0), context.Value("q", 0),
+    channels = Channels(Flag(context), Flag(context), context.Value("q", 0), context.Value("q", 0),
                         context.Queue())
     producers = 0 if scenario.scenario == "drain" else scenario.producers
     workers = 0 if scenario.scenario == "submit" else scenario.workers

@@ -78,6 +78,10 @@ KINDS = ("noop", "io", "cpu", "echo")
 BENCH_POOLS = ("single", "threads", "processes", "asyncio", "cli")
 #: pool "cli": how often the worker role counts the queue's done jobs.
 CLI_POLL_S = 0.02
+#: How often a role waiting on a `Flag` looks at it: a run's roles start within this of each other.
+FLAG_POLL_S = 0.001
+#: ... and how often a thread that waits for a whole run looks at `stop` (its wake-ups cost the run's CPU).
+STOP_POLL_S = 0.02
 #: pool "cli": how long `raftq worker` may take to stop after SIGTERM before it is killed.
 CLI_STOP_S = 30.0
 #: The environment of a `raftq worker` started by the bench (read by raftq.bench.cli_worker),
@@ -114,12 +118,40 @@ class RoleConfig:
         return kind(list(self.nodes), token=self.token, timeout=REQUEST_TIMEOUT_S, deadline=CALL_DEADLINE_S)
 
 
+class Flag:
+    """A yes/no that the bench's processes share: `multiprocessing.Event`'s calls, without its hang.
+
+    `Event.set()` waits until every process counted as waiting on the event has woken, so a role
+    that exited while one of its threads waited (a Worker stopped by an error, its conductor
+    thread still in `stop.wait()`) left the parent in `set()` for good, the run never reported.
+    This one is a byte in shared memory (no lock: one writer sets it once), and a wait polls it.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._value = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return self._value.value == 1
+
+    def wait(self, timeout_s: float | None = None, *, poll_s: float = FLAG_POLL_S) -> bool:
+        """True once set; False when `timeout_s` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._value.value != 1:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)  # polling a shared byte, with the caller's deadline
+        return True
+
+
 @dataclass(frozen=True)
 class Channels:
     """The shared objects of one run (made by the parent from a spawn context)."""
 
-    start: Any
-    stop: Any
+    start: Flag
+    stop: Flag
     submitted: Any
     acked: Any
     results: Any
@@ -626,7 +658,7 @@ def _runtime_worker(index: int, config: RoleConfig, channels: Channels) -> dict:
                 client.submit(warmup_queue, {"t": time.time(), "pad": ""})
                 _await_warmup(timed)
                 channels.results.put(("ready", "worker", index))
-                channels.stop.wait()
+                channels.stop.wait(poll_s=STOP_POLL_S)
                 children_rss.append(_children_peak_rss_kib())  # a process pool's children end with the Worker
             except BaseException:
                 channels.results.put(("error", "worker", index, traceback.format_exc()))
@@ -660,7 +692,7 @@ async def _async_runtime_worker(index: int, config: RoleConfig, channels: Channe
                                                  loop).result(CALL_DEADLINE_S)
                 _await_warmup(timed)
                 channels.results.put(("ready", "worker", index))
-                channels.stop.wait()
+                channels.stop.wait(poll_s=STOP_POLL_S)
             except BaseException:
                 channels.results.put(("error", "worker", index, traceback.format_exc()))
             finally:
