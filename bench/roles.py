@@ -139,7 +139,7 @@ class Flag:
     def wait(self, timeout_s: float | None = None, *, poll_s: float = FLAG_POLL_S) -> bool:
         """True once set; False when `timeout_s` passed first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._value.value != 1:
+        while not self.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(poll_s)  # polling a shared byte, with the caller's deadline
