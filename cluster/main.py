@@ -21,7 +21,11 @@ import sys
 import time
 from typing import Sequence
 
-from aiohttp import web
+from raftq.cluster.lean_aiohttp import import_aiohttp
+
+import_aiohttp()  # before anything imports aiohttp: see lean_aiohttp
+
+from aiohttp import web  # noqa: E402
 
 from raftq.cluster import constants as c
 from raftq.cluster.config import SNAPSHOT_WRITERS, NodeConfig

@@ -21,8 +21,6 @@ import importlib
 import sys
 from typing import Callable, Sequence
 
-from raftq.client import cli as client_cli
-
 #: Commands owned by another package: (module, what `raftq --help` says of it).
 DELEGATED = {
     "node": ("raftq.cluster.main", "run a broker node"),
@@ -42,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = split_delegated(argv)
     if delegated is None:
+        # Imported here, not above: `raftq node` must import the broker before anything imports
+        # aiohttp (raftq.cluster.lean_aiohttp), and the client imports it.
+        from raftq.client import cli as client_cli
+
         return client_cli.main(argv, other_commands={name: help_text for name, (_, help_text) in DELEGATED.items()})
     name, rest = delegated
     package_main = _package_main(name)

@@ -173,7 +173,7 @@ def test_bench_without_its_module_is_a_clear_error(monkeypatch, capsys):
 
 def test_client_commands_go_to_the_client_and_help_lists_the_others(monkeypatch):
     seen = []
-    monkeypatch.setattr(command.client_cli, "main", lambda argv, other_commands: seen.append((argv, other_commands)) or 3)
+    monkeypatch.setattr(cli, "main", lambda argv, other_commands: seen.append((argv, other_commands)) or 3)
     assert command.main(["--nodes", "http://a:1", "status"]) == 3
     (argv, others), = seen
     assert argv == ["--nodes", "http://a:1", "status"] and sorted(others) == ["admin", "bench", "chaos", "node"]
