@@ -16,7 +16,7 @@ import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from raftq.bench.measure import (FSYNC_POLICY, WalSample, combine_percentiles, filesystem_of, find_leader,
                            machine_info, median, memory_filesystem, percentiles, reset_peak_rss, scrape_wal,
@@ -44,6 +44,8 @@ REAP_S_MAX = 15.0
 #: request they send (a drain of one-job fetches need not be queued one job at a time).
 PREFILL_THREADS = 4
 PREFILL_BATCH_MIN = 100
+#: The states of a job not yet finished, as GET /v1/queues names them (DEAD counts: not done).
+_UNFINISHED = ("scheduled", "ready", "leased", "retry_wait", "dead")
 #: With --retention: how long past the retention a drain run waits for its records to be dropped
 #: (the leader's Tick that drops them comes at most a few ticks late).
 RECORDS_DROPPED_WAIT_S = 30.0
@@ -508,7 +510,7 @@ def _measure_run(scenario: Scenario, settings: Settings, target: _Target, queue:
     if leader_changed:
         wal_per_job = entries_per_fsync = None  # another node's log: the deltas would mean nothing
     figures = _run_figures(scenario, reports, started_at, urls, target.token, queue, leader_id, node_rss,
-                           wal_per_job, entries_per_fsync)
+                           wal_per_job, entries_per_fsync, records_dropped=settings.retention_s is not None)
     figures["leader_changed"] = leader_changed
     figures["leader_memory_mib"] = leader_memory
     return figures
@@ -699,7 +701,10 @@ def _reap(roles: dict[tuple[str, int], Any], timeout_s: float = REAP_S_MAX) -> N
 
 def _run_figures(scenario: Scenario, reports: dict[tuple[str, int], dict], started_at: float, urls: list[str],
                  token: str | None, queue: str, leader_id: str, node_rss: dict | None,
-                 wal_per_job: float | None, entries_per_fsync: float | None) -> dict:
+                 wal_per_job: float | None, entries_per_fsync: float | None, *, records_dropped: bool) -> dict:
+    """records_dropped: the nodes run with a --retention that may have dropped the finished
+    records (and, emptied, the queue) by now: the jobs are then accounted for when every ack was
+    answered 2xx (final, SPEC guarantee 3) and the queue holds no job that is not finished."""
     producers = [report for (role, _), report in reports.items() if role == "producer"]
     workers = [report for (role, _), report in reports.items() if role == "worker"]
     if scenario.scenario == "submit":
@@ -709,11 +714,17 @@ def _run_figures(scenario: Scenario, reports: dict[tuple[str, int], dict], start
     elapsed_s = max(ended_at - started_at, 1e-9)
     submitted = sum(report["submitted"] for report in producers) if producers else scenario.jobs
     acked = sum(report["acked"] for report in workers)
-    depth = _queue_depth(urls, token, queue, "ready" if scenario.scenario == "submit" else "done", scenario.jobs)
+    expected_acks = 0 if scenario.scenario == "submit" else scenario.jobs
+    if expected_acks and records_dropped:
+        depth = _queue_depth(urls, token, queue, lambda depth: not any(depth.get(state) for state in _UNFINISHED))
+        all_done = not any(depth.get(state) for state in _UNFINISHED)
+    else:
+        state = "done" if expected_acks else "ready"
+        depth = _queue_depth(urls, token, queue, lambda depth: depth.get(state) == scenario.jobs)
+        all_done = depth.get(state) == scenario.jobs
     submit_latencies = _unpack([report["submit_latencies_ms"] for report in producers])
     e2e_latencies = _unpack([report["e2e_latencies_ms"] for report in workers]) if scenario.scenario == "e2e" else []
     worker_rss = [(r["rss_peak_kib"] or 0) + (r["children_rss_peak_kib"] or 0) for r in workers]
-    expected_acks = 0 if scenario.scenario == "submit" else scenario.jobs
     return {
         "jobs_per_s": scenario.jobs / elapsed_s,
         "elapsed_s": elapsed_s,
@@ -723,8 +734,7 @@ def _run_figures(scenario: Scenario, reports: dict[tuple[str, int], dict], start
         "role_warnings": sum(report["warnings"] for report in reports.values()),
         "role_warning_samples": [line for report in reports.values() for line in report["warning_samples"]][:5],
         "queue_depth": depth,
-        "accounted": submitted == scenario.jobs and acked == expected_acks
-                     and depth.get("done" if expected_acks else "ready") == scenario.jobs,
+        "accounted": submitted == scenario.jobs and acked == expected_acks and all_done,
         "submit_latency_ms": percentiles(submit_latencies),
         "e2e_latency_ms": percentiles(e2e_latencies),
         "leader": leader_id,
@@ -752,13 +762,14 @@ def _unpack(chunks: list[bytes]) -> array:
     return values
 
 
-def _queue_depth(urls: list[str], token: str | None, queue: str, state: str, expected: int) -> dict:
-    """The queue's depth by state, once `state` shows `expected` jobs (a node may apply a moment later)."""
+def _queue_depth(urls: list[str], token: str | None, queue: str, settled: Callable[[dict], bool]) -> dict:
+    """The queue's depth by state, once `settled(depth)` holds (a node may apply a moment later),
+    else as it is after a few seconds."""
     deadline = time.monotonic() + 5.0
     with Client(urls, token=token, timeout=10.0, deadline=30.0) as client:
         while True:
             depth = client.queues().get(queue, {})
-            if depth.get(state) == expected or time.monotonic() > deadline:
+            if settled(depth) or time.monotonic() > deadline:
                 return depth
             time.sleep(0.1)  # polling the cluster's view with a deadline, not waiting for a condition in a test
 

@@ -51,6 +51,21 @@ def test_tiny_e2e_scenario_writes_a_complete_json_report(tmp_path, capsys):
     assert "fsync on majority before every 2xx" in printed.out  # the header
 
 
+def test_a_run_whose_records_the_retention_drops_still_accounts_for_every_job(tmp_path):
+    """--retention 0: the records are gone by the time the run is counted, so the done depth is
+    not the jobs' count; every ack answered 2xx and nothing is left unfinished, so all are seen."""
+    report_path = tmp_path / "bench.json"
+    exit_code = bench.main([
+        "--scenario", "e2e", "--jobs", "200", "--batch", "50", "--runs", "1", "--retention", "0", "--no-progress",
+        "--json", str(report_path), "--data-dir", str(tmp_path / "data"),
+    ])
+    assert exit_code == 0
+    (scenario,) = json.loads(report_path.read_text())["scenarios"]
+    (run,) = scenario["runs"]
+    assert run["acked"] == 200 and run["queue_depth"].get("done", 0) < 200, run["queue_depth"]
+    assert scenario["accounted"] is True
+
+
 def test_cli_pool_runs_raftq_worker_as_a_process_and_counts_every_job(tmp_path, capsys):
     """--pool cli: `raftq worker` with its default flags, jobs of one loopback request each."""
     report_path = tmp_path / "bench.json"
