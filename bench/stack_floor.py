@@ -153,6 +153,9 @@ async def _leader(port: int, path: str, follower_ports: Sequence[int]) -> None:
 
 
 def _serve_role(argv: Sequence[str]) -> None:
+    from raftq.cluster.lean_aiohttp import import_aiohttp
+
+    import_aiohttp()  # as a node imports it (without the tables no node reads)
     import prometheus_client  # noqa: F401 (every node loads it: its memory is part of the floor)
 
     try:
