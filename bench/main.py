@@ -716,12 +716,15 @@ def _run_figures(scenario: Scenario, reports: dict[tuple[str, int], dict], start
     acked = sum(report["acked"] for report in workers)
     expected_acks = 0 if scenario.scenario == "submit" else scenario.jobs
     if expected_acks and records_dropped:
-        depth = _queue_depth(urls, token, queue, lambda depth: not any(depth.get(state) for state in _UNFINISHED))
-        all_done = not any(depth.get(state) for state in _UNFINISHED)
+        def settled(depth: dict) -> bool:
+            return not any(depth.get(state) for state in _UNFINISHED)
     else:
-        state = "done" if expected_acks else "ready"
-        depth = _queue_depth(urls, token, queue, lambda depth: depth.get(state) == scenario.jobs)
-        all_done = depth.get(state) == scenario.jobs
+        counted = "done" if expected_acks else "ready"
+
+        def settled(depth: dict) -> bool:
+            return depth.get(counted) == scenario.jobs
+    depth = _queue_depth(urls, token, queue, settled)
+    all_done = settled(depth)
     submit_latencies = _unpack([report["submit_latencies_ms"] for report in producers])
     e2e_latencies = _unpack([report["e2e_latencies_ms"] for report in workers]) if scenario.scenario == "e2e" else []
     worker_rss = [(r["rss_peak_kib"] or 0) + (r["children_rss_peak_kib"] or 0) for r in workers]
