@@ -3,6 +3,7 @@
     raftq bench nats --figure submit1 --jobs 1000 --runs 3     one producer, each publish waited for
     raftq bench nats --figure batched --jobs 10000 --runs 3    256 publishes in flight
     raftq bench nats --figure through --jobs 10000 --runs 3    publish, then pull and ack: peak RSS
+    raftq bench nats --figure through --jobs 10000 --msg-id    the same, each message with a Nats-Msg-Id
 
 Theory of operation
 -------------------
@@ -19,6 +20,12 @@ drives it from this process with the `nats-py` client on asyncio:
               the figure is the sum of the three servers' peak RSS (VmHWM) from the moment the
               stream is ready to the last ack, measured as raftq bench's RSS columns are (the peak
               is reset once the cluster is up; raftq: `--scenario e2e`, column RSS 3 NODES).
+
+With `--msg-id` every publish carries a `Nats-Msg-Id` header of 32 random hex digits and the
+stream's duplicate window is raftq's idempotency window (1 h): JetStream's counterpart of the
+idempotency key raftq's client sets on every submit (SPEC guarantee 5), which raftq's figures always
+include. Before measuring, the bench publishes one id twice and checks that the stream answers the
+second as a duplicate.
 
 `nats-server` (2.10 or later, for `sync_interval`) and `nats-py` are benchmark-only: neither is a
 dependency of raftq. The server is taken from beside this Python (where the PyPI package
@@ -47,6 +54,8 @@ FIGURES = ("submit1", "batched", "through")
 INFLIGHT_MAX = 256
 #: Messages per pull in `through`.
 PULL_BATCH = 100
+#: `--msg-id`: the stream's duplicate window, raftq's default idempotency window.
+DUPLICATE_WINDOW_S = 3600.0
 #: Waiting for the cluster to elect its meta leader and take the stream.
 READY_TIMEOUT_S = 60.0
 
@@ -113,7 +122,7 @@ async def _quiet(error: Exception) -> None:
     """nats-py logs every refused connection while the cluster forms; the retry loop says enough."""
 
 
-async def _stream_ready(urls: list[str]):
+async def _stream_ready(urls: list[str], msg_id: bool):
     """Connects and creates the R3 work-queue stream, retrying while the cluster forms."""
     import nats
     from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -124,17 +133,30 @@ async def _stream_ready(urls: list[str]):
             nc = await nats.connect(urls, connect_timeout=2, max_reconnect_attempts=2, error_cb=_quiet)
             js = nc.jetstream(timeout=10, publish_async_max_pending=INFLIGHT_MAX)
             await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.jobs"], num_replicas=3,
-                                             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE))
-            await js.publish("bench.jobs", b"warm-up")  # the stream answers: its leader is elected
-            return nc, js
+                                             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                                             duplicate_window=DUPLICATE_WINDOW_S if msg_id else 0))
+            # The stream answers: its leader is elected.
+            warm_up = {"Nats-Msg-Id": "warm-up"} if msg_id else None
+            await js.publish("bench.jobs", b"warm-up", headers=warm_up)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)  # the cluster is still forming; pacing, not a test wait
+            continue
+        if msg_id and not (await js.publish("bench.jobs", b"warm-up", headers=warm_up)).duplicate:
+            await nc.close()
+            raise RuntimeError("the stream did not answer a repeated Nats-Msg-Id as a duplicate")
+        return nc, js
 
 
-async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, on_ready: Callable[[], None]) -> dict:
-    nc, js = await _stream_ready(urls)
+def _publish_headers(msg_id: bool) -> dict[str, str] | None:
+    """A fresh Nats-Msg-Id of 32 random hex digits (as raftq's `fresh_keys`), or no headers."""
+    return {"Nats-Msg-Id": os.urandom(16).hex()} if msg_id else None
+
+
+async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, on_ready: Callable[[], None],
+                      msg_id: bool) -> dict:
+    nc, js = await _stream_ready(urls, msg_id)
     on_ready()
     try:
         latencies: list[float] = []
@@ -142,11 +164,11 @@ async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, o
         if figure == "submit1":
             for _ in range(jobs):
                 sent = time.perf_counter()
-                await js.publish("bench.jobs", payload)
+                await js.publish("bench.jobs", payload, headers=_publish_headers(msg_id))
                 latencies.append(time.perf_counter() - sent)
         else:
             for _ in range(jobs):
-                await js.publish_async("bench.jobs", payload)
+                await js.publish_async("bench.jobs", payload, headers=_publish_headers(msg_id))
             await js.publish_async_completed()
         elapsed = time.perf_counter() - started
         result = {"jobs_per_s": jobs / elapsed}
@@ -167,12 +189,13 @@ async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, o
         await nc.close()
 
 
-def run_once(binary: str, figure: str, jobs: int, payload_bytes: int) -> dict:
+def run_once(binary: str, figure: str, jobs: int, payload_bytes: int, msg_id: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="raftq-bench-nats-") as base_dir:
         cluster = NatsCluster(binary, base_dir)
         cluster.start()
         try:
-            result = asyncio.run(_run_figure(figure, cluster.urls, jobs, b"x" * payload_bytes, cluster.reset_peak_rss))
+            result = asyncio.run(_run_figure(figure, cluster.urls, jobs, b"x" * payload_bytes, cluster.reset_peak_rss,
+                                             msg_id))
             result["rss_mib_all_nodes"] = cluster.rss_peak_mib()
             return result
         finally:
@@ -186,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1000, help="messages per run (default 1000)")
     p.add_argument("--payload-bytes", type=int, default=100, help="message size (default 100)")
     p.add_argument("--runs", type=int, default=3, help="runs; the report gives the median (default 3)")
+    p.add_argument("--msg-id", action="store_true",
+                   help="a Nats-Msg-Id on every publish, deduplicated for 1 h (raftq's idempotency key and window)")
     return p
 
 
@@ -198,11 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     assert binary is not None
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"NATS JetStream ({version}), 3 servers on 127.0.0.1, stream R3 on file storage, sync_interval: always; "
+    dedupe = f"; Nats-Msg-Id on every publish, duplicate window {DUPLICATE_WINDOW_S / 3600:g} h" if args.msg_id else ""
+    print(f"NATS JetStream ({version}), 3 servers on 127.0.0.1, stream R3 on file storage, sync_interval: always{dedupe}; "
           f"{args.payload_bytes}-byte messages, {args.jobs} per run, a fresh cluster per run", flush=True)
     runs = []
     for number in range(1, args.runs + 1):
-        result = run_once(binary, args.figure, args.jobs, args.payload_bytes)
+        result = run_once(binary, args.figure, args.jobs, args.payload_bytes, args.msg_id)
         runs.append(result)
         latency = (f"  publish ms p50/p90/p99 {result['p50_ms']:.1f}/{result['p90_ms']:.1f}/{result['p99_ms']:.1f}"
                    if "p50_ms" in result else "")
