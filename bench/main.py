@@ -26,6 +26,7 @@ from raftq.bench.roles import (KINDS, BENCH_POOLS, Channels, Flag, RoleConfig, c
                          producer_main, worker_main)
 from raftq import Client
 from raftq.client._progress import ProgressBar
+from raftq.cluster.queue.jobs import ACTIVE_STATES, DEAD
 
 SCENARIOS = ("submit", "drain", "e2e")
 #: The server takes at most 1000 jobs per submit and per ack request.
@@ -45,7 +46,7 @@ REAP_S_MAX = 15.0
 PREFILL_THREADS = 4
 PREFILL_BATCH_MIN = 100
 #: The states of a job not yet finished, as GET /v1/queues names them (DEAD counts: not done).
-_UNFINISHED = ("scheduled", "ready", "leased", "retry_wait", "dead")
+_UNFINISHED = (*ACTIVE_STATES, DEAD)
 #: With --retention: how long past the retention a drain run waits for its records to be dropped
 #: (the leader's Tick that drops them comes at most a few ticks late).
 RECORDS_DROPPED_WAIT_S = 30.0
