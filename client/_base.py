@@ -56,6 +56,7 @@ import functools
 import json
 import os
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
@@ -78,6 +79,8 @@ FINAL_STATES = ("done", "dead", "cancelled")
 BODY_QUOTE_CHARS_MAX = 200
 
 USER_AGENT = "raftq-client/0.1"
+#: Characters `quote` never escapes (RFC 3986 unreserved).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")
 
 
 class ClientState(enum.Enum):
@@ -674,7 +677,10 @@ def parse_nodes(nodes: str | Sequence[str]) -> list[str]:
 
 def segment(value: str) -> str:
     """One URL path segment, escaped (job ids are free text)."""
-    return quote(str(value), safe="")
+    value = str(value)
+    if _UNRESERVED.fullmatch(value):  # nothing to escape: most queue names and every server-made id
+        return value
+    return quote(value, safe="")
 
 
 def fresh_keys(count: int) -> list[str]:

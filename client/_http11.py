@@ -83,11 +83,11 @@ def request_head(method: str, target: str, host: str, headers: Mapping[str, str]
     """
     if _UNSAFE_IN_TARGET.search(target):
         raise ValueError(f"the request target {target[:80]!r} holds a space or control character")
+    if _UNSAFE_IN_HEADER.search("".join(headers) + "".join(headers.values())):
+        name = next(name for name, value in headers.items() if _UNSAFE_IN_HEADER.search(name + value))
+        raise ValueError(f"header {name[:40]!r} holds a line break or NUL")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
-    for name, value in headers.items():
-        if _UNSAFE_IN_HEADER.search(name) or _UNSAFE_IN_HEADER.search(value):
-            raise ValueError(f"header {name[:40]!r} holds a line break or NUL")
-        lines.append(f"{name}: {value}")
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
     if body or method in _BODY_METHODS:
         lines.append(f"Content-Length: {len(body)}")
     lines.append("\r\n")
@@ -158,21 +158,15 @@ def read_answer(method: str) -> AnswerReader:
         MalformedAnswer: the answer is not HTTP/1.x, or is cut short, or exceeds a limit.
     """
     received = _Received()
-    line = yield from received.line()
-    if not line:
-        raise ClosedBeforeAnswer("the node closed the connection before answering")
-    for _ in range(INFORMATIONAL_MAX + 1):
-        version, status = _status_line(line)
-        headers, lengths = yield from _header_lines(received)
-        if status >= 200:
-            break
-        if status == 101:
-            raise MalformedAnswer("101 Switching Protocols to a request that asked for no upgrade")
-        line = yield from received.line()  # 1xx: informational, the answer follows
+    yield from received.more()
+    head = _whole_head(received)
+    if head is not None:  # mostly: a node's answer head comes in the first read, whole
+        version, status, headers, lengths = head
     else:
-        raise MalformedAnswer(f"more than {INFORMATIONAL_MAX} informational answers")
-    connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
-    will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+        version, status, headers, lengths = yield from _head_line_by_line(received)
+    connection = headers.get("connection")
+    tokens = {token.strip() for token in connection.lower().split(",")} if connection else set()
+    will_close = "close" in tokens or (version == "HTTP/1.0" and "keep-alive" not in tokens)
     if method == "HEAD" or status in (204, 304):
         body = b""
     elif "transfer-encoding" in headers:
@@ -189,6 +183,53 @@ def read_answer(method: str) -> AnswerReader:
     else:
         body, will_close = (yield from received.to_end()), True  # the body ends with the connection
     return Answer(status, headers, body, will_close or bool(received.data))
+
+
+_Head = tuple[str, int, dict[str, str], list[str]]  # version, status, headers, Content-Length values
+
+
+def _head_line_by_line(received: _Received) -> Generator[None, bytes, _Head]:
+    """The final answer's head, read a line at a time (1xx answers before it skipped)."""
+    line = yield from received.line()
+    if not line:
+        raise ClosedBeforeAnswer("the node closed the connection before answering")
+    for _ in range(INFORMATIONAL_MAX + 1):
+        version, status = _status_line(line)
+        headers, lengths = yield from _header_lines(received)
+        if status >= 200:
+            return version, status, headers, lengths
+        if status == 101:
+            raise MalformedAnswer("101 Switching Protocols to a request that asked for no upgrade")
+        line = yield from received.line()  # 1xx: informational, the answer follows
+    raise MalformedAnswer(f"more than {INFORMATIONAL_MAX} informational answers")
+
+
+def _whole_head(received: _Received) -> _Head | None:
+    """The head in one pass when all of it is already received and it holds nothing that
+    `_head_line_by_line` treats apart (an informational answer, a stray CR or LF, a blank line,
+    a line or a count at a limit); else None, with nothing taken. Each line is read as
+    `_head_line_by_line` reads it, so the two give the same head or the same error."""
+    data = received.data
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 1 >= LINE_BYTES_MAX:  # so is every line in it
+        return None
+    text = data[:end].decode("latin-1")
+    lines = text.split("\r\n")
+    breaks = len(lines) - 1
+    if breaks > HEADERS_MAX or text.count("\r") != breaks or text.count("\n") != breaks:
+        return None
+    version, status = _status_line(lines[0].encode("latin-1") + b"\r\n")
+    if status < 200:
+        return None
+    headers: dict[str, str] = {}
+    lengths: list[str] = []
+    last = None
+    for line in lines[1:]:
+        if not line.strip():  # the line-by-line reader ends the head here
+            return None
+        last = _header_line(line, headers, lengths, last)
+    del data[:end + 4]
+    return version, status, headers, lengths
 
 
 def _status_line(line: bytes) -> tuple[str, int]:
@@ -211,17 +252,24 @@ def _header_lines(received: _Received) -> Generator[None, bytes, tuple[dict[str,
         text = line.decode("latin-1").rstrip("\r\n")
         if not text.strip():
             return headers, lengths
-        if text[0] in " \t" and last is not None:  # obsolete line folding: continues the last value
-            headers[last] += " " + text.strip()
-            continue
-        name, colon, value = text.partition(":")
-        if not colon or not name or name != name.strip():
-            raise MalformedAnswer(f"not a header line: {text[:80]!r}")
-        last = name.lower()
-        headers[last] = value.strip()
-        if last == "content-length":
-            lengths.extend(part.strip() for part in value.split(","))
+        last = _header_line(text, headers, lengths, last)
     raise MalformedAnswer(f"more than {HEADERS_MAX} header lines")
+
+
+def _header_line(text: str, headers: dict[str, str], lengths: list[str], last: str | None) -> str | None:
+    """Adds one header line (without its line end) to `headers` and `lengths`; returns the name
+    an obsolete folded line after it continues."""
+    if text[:1] in (" ", "\t") and last is not None:  # obsolete line folding: continues the last value
+        headers[last] += " " + text.strip()
+        return last
+    name, colon, value = text.partition(":")
+    if not colon or not name or name != name.strip():
+        raise MalformedAnswer(f"not a header line: {text[:80]!r}")
+    name = name.lower()
+    headers[name] = value.strip()
+    if name == "content-length":
+        lengths.extend(part.strip() for part in value.split(","))
+    return name
 
 
 def _chunked_body(received: _Received) -> Generator[None, bytes, bytes]:

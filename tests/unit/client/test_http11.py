@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raftq import AsyncHTTPTransport, HTTPTransport, Request, errors
 from tests.unit.client.fakes import closed_port_url
@@ -435,3 +437,41 @@ def test_an_async_request_waiting_for_a_connection_counts_the_wait_in_its_timeou
 ])
 def test_the_host_header_names_host_and_port_only(node, host_header):
     assert HTTPTransport()._endpoint(node)[2] == host_header
+
+
+def _outcome(reader_feed: list[bytes], method: str = "GET"):
+    """What `read_answer` makes of these reads, in order (b"" ends the stream): the Answer, or
+    the error's class and message."""
+    reader = read_answer(method)
+    next(reader)
+    try:
+        for chunk in reader_feed:
+            reader.send(chunk)
+    except StopIteration as done:
+        return done.value
+    except (MalformedAnswer, ClosedBeforeAnswer) as exc:
+        return type(exc).__name__, str(exc)
+    return "wants more"
+
+
+_HEAD_PARTS = st.sampled_from([
+    "HTTP/1.1 200 OK", "HTTP/1.1 201 Created", "HTTP/1.0 200 OK", "HTTP/1.1 103 Early Hints", "HTTP/1.1 204 No Content",
+    "HTTP/2 200", "HTTP/1.1 2000 X", "Content-Length: 2", "Content-Length: 3", "Content-Length: 2, 2", "Content-Length: x",
+    "Connection: close", "Connection: keep-alive", "Transfer-Encoding: chunked", "X-A: 1", " folded", "\tfolded",
+    "no colon", "no colon\r", "X-E: 1\r", " X-B: 1", "", " ", "\xa0", "\r", "X-C: a\rb", "X-D: a\nb",
+    "Date: Mon, 07 Dec 2026 20:59:19 GMT",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(status=st.sampled_from(["HTTP/1.1 200 OK", "HTTP/1.1 100 Continue", "HTTP/1.0 304 Not Modified", "HTTP/1.1 20 X"]),
+       lines=st.lists(_HEAD_PARTS, max_size=8), body=st.sampled_from([b"", b"ok", b"okHTTP/1.1", b"2\r\nok\r\n0\r\n\r\n"]),
+       method=st.sampled_from(["GET", "HEAD"]))
+def test_a_head_read_whole_and_a_head_read_line_by_line_are_read_alike(status, lines, body, method):
+    """The reader takes a head that came whole in the first read in one pass (`_whole_head`), and
+    any other line by line: both give the same answer, or the same error, for any head. (The
+    second way gets one byte first, then the rest: so both end with the same bytes received.)"""
+    answer = "\r\n".join([status, *lines, "", ""]).encode("latin-1") + body
+    whole = _outcome([answer, b""], method)
+    line_by_line = _outcome([answer[:1], answer[1:], b""], method)
+    assert whole == line_by_line, f"{answer!r}: read whole {whole!r}, line by line {line_by_line!r}"
