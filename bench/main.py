@@ -257,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["nats"]:  # the same figures on NATS JetStream, for a side-by-side table
         from raftq.bench import nats_peer
-        return nats_peer.main(argv[1:])
+        try:
+            return nats_peer.main(argv[1:], raftq_run_once=run_nats_figure_once)
+        except RunError as exc:  # a raftq run of --pairs
+            print(f"raftq bench nats: a raftq run failed: {exc}", file=sys.stderr)
+            return 1
     if argv[:1] == ["snapshot"]:  # a snapshot of a million live jobs: how long it pauses the nodes' loops
         from raftq.bench import snapshot_pause
         return snapshot_pause.main(argv[1:])
@@ -305,6 +309,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if interrupted:
         return 130
     return 1 if any(result.get("error") for result in results) else 0
+
+
+#: `raftq bench nats --pairs`: this benchmark's scenario for each NATS figure (its fields besides
+#: the job count), as bench/nats_peer.py's docstring pairs them.
+NATS_FIGURE_SCENARIOS = {
+    "submit1": {"scenario": "submit", "batch": 1, "producers": 1},
+    "batched": {"scenario": "submit", "batch": 100, "producers": 1},
+    "through": {"scenario": "e2e", "batch": 100, "producers": 1, "workers": 1, "concurrency": 4},
+}
+
+
+def run_nats_figure_once(figure: str, jobs: int, payload_bytes: int) -> dict:
+    """One run of the scenario matching a `raftq bench nats` figure, on a fresh local cluster with
+    default settings (`--pairs`).
+
+    Raises:
+        RunError: the run failed, or not every job was accounted for.
+    """
+    scenario = Scenario(jobs=jobs, **NATS_FIGURE_SCENARIOS[figure])
+    with tempfile.TemporaryDirectory(prefix="raftq-bench-pairs-") as data_dir:
+        settings = Settings(nodes=None, token=None, runs=1, payload_bytes=payload_bytes, cpu_loops=0,
+                            data_dir=data_dir, keep_data=False, progress=False)
+        result = run_once(scenario, settings, scenario.label)
+    if not result["accounted"]:
+        raise RunError(f"{scenario.label}: not every job was accounted for: {result['queue_depth']}")
+    return result
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@
     raftq bench nats --figure batched --jobs 10000 --runs 3    256 publishes in flight
     raftq bench nats --figure through --jobs 10000 --runs 3    publish, then pull and ack: peak RSS
     raftq bench nats --figure through --jobs 10000 --msg-id    the same, each message with a Nats-Msg-Id
+    raftq bench nats --figure submit1 --pairs 8                raftq and NATS in turn: each pair's ratio
 
 Theory of operation
 -------------------
@@ -26,6 +27,12 @@ stream's duplicate window is raftq's idempotency window (1 h): JetStream's count
 idempotency key raftq's client sets on every submit (SPEC guarantee 5), which raftq's figures always
 include. Before measuring, the bench publishes one id twice and checks that the stream answers the
 second as a duplicate.
+
+With `--pairs N` the bench runs the figure N times on each side, raftq (its `raftq bench`
+scenario above, default settings, a fresh cluster per run) and NATS in turn, the first of each pair
+alternating, and reports every pair's ratio and their median. On a machine whose speed drifts
+within minutes, a ratio taken inside a pair, seconds apart, says more than two medians taken
+minutes apart.
 
 `nats-server` (2.10 or later, for `sync_interval`) and `nats-py` are benchmark-only: neither is a
 dependency of raftq. The server is taken from beside this Python (where the PyPI package
@@ -211,11 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="runs; the report gives the median (default 3)")
     p.add_argument("--msg-id", action="store_true",
                    help="a Nats-Msg-Id on every publish, deduplicated for 1 h (raftq's idempotency key and window)")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="instead of --runs: this many pairs of runs, raftq and NATS in turn; reports each ratio")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: `--pairs`: runs raftq bench's scenario matching a figure once: (figure, jobs, payload bytes) -> its
+#: figures (`raftq bench`'s run_once). `raftq bench nats` is handed it by raftq bench's own command.
+RaftqRunOnce = Callable[[str, int, int], dict]
+
+
+def main(argv: Sequence[str] | None = None, raftq_run_once: RaftqRunOnce | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.pairs > 0 and raftq_run_once is None:
+        print("raftq bench nats: --pairs runs from `raftq bench nats`, which brings the raftq side", file=sys.stderr)
+        return 2
     binary = server_binary()
     reason = unavailable_reason(binary)
     if reason is not None:
@@ -226,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dedupe = f"; Nats-Msg-Id on every publish, duplicate window {DUPLICATE_WINDOW_S / 3600:g} h" if args.msg_id else ""
     print(f"NATS JetStream ({version}), 3 servers on 127.0.0.1, stream R3 on file storage, sync_interval: always{dedupe}; "
           f"{args.payload_bytes}-byte messages, {args.jobs} per run, a fresh cluster per run", flush=True)
+    if args.pairs > 0:
+        assert raftq_run_once is not None
+        return _run_pairs(binary, args, raftq_run_once)
     runs = []
     for number in range(1, args.runs + 1):
         result = run_once(binary, args.figure, args.jobs, args.payload_bytes, args.msg_id)
@@ -237,6 +257,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     figures = ", ".join(f"{key} {value:,.1f}" for key, value in median.items())
     print(f"median of {len(runs)}: {figures}")
+    return 0
+
+
+#: `--pairs`: the figures a pair compares, and whether more of it is better.
+HIGHER_IS_BETTER = {"per s": True, "p99 ms": False, "RSS MiB": False}
+
+
+def _pair_figures(figure: str, raftq: dict, nats: dict) -> list[tuple[str, float, float]]:
+    """(what, raftq's figure, NATS's figure) for one pair; `what` is a key of HIGHER_IS_BETTER."""
+    figures = [("per s", raftq["jobs_per_s"], nats["jobs_per_s"])]
+    if figure == "submit1":
+        figures.append(("p99 ms", raftq["submit_latency_ms"]["p99"], nats["p99_ms"]))
+    if figure == "through":
+        figures.append(("RSS MiB", raftq["node_rss_peak_mib"]["all_nodes"], nats["rss_mib_all_nodes"]))
+    return figures
+
+
+def _run_pairs(binary: str, args: argparse.Namespace, raftq_run_once: RaftqRunOnce) -> int:
+    print(f"raftq (raftq bench's matching scenario, {args.jobs} jobs, default settings, a fresh cluster per run) "
+          f"and NATS in turn, {args.pairs} pairs; the first of each pair alternates", flush=True)
+    ratios: dict[str, list[float]] = {}
+    sides: dict[str, dict[str, list[float]]] = {}
+    for number in range(1, args.pairs + 1):
+        order = ("raftq", "NATS") if number % 2 else ("NATS", "raftq")
+        results = {}
+        for side in order:
+            if side == "raftq":
+                results[side] = raftq_run_once(args.figure, args.jobs, args.payload_bytes)
+            else:
+                results[side] = run_once(binary, args.figure, args.jobs, args.payload_bytes, args.msg_id)
+        parts = []
+        for what, ours, theirs in _pair_figures(args.figure, results["raftq"], results["NATS"]):
+            ratios.setdefault(what, []).append(ours / theirs)
+            sides.setdefault(what, {"raftq": [], "NATS": []})
+            sides[what]["raftq"].append(ours)
+            sides[what]["NATS"].append(theirs)
+            parts.append(f"{what} raftq {ours:,.1f}, NATS {theirs:,.1f}: {ours / theirs:.2f}x")
+        print(f"[pair {number}/{args.pairs}, {order[0]} first] {args.figure}: " + "; ".join(parts), flush=True)
+    for what, values in ratios.items():
+        better = "higher" if HIGHER_IS_BETTER[what] else "lower"
+        print(f"raftq / NATS, {what} ({better} is better), over {len(values)} pairs: median {statistics.median(values):.2f}x, "
+              f"range {min(values):.2f}-{max(values):.2f}x (medians: raftq {statistics.median(sides[what]['raftq']):,.1f}, "
+              f"NATS {statistics.median(sides[what]['NATS']):,.1f})")
     return 0
 
 
