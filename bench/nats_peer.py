@@ -229,7 +229,10 @@ RaftqRunOnce = Callable[[str, int, int], dict]
 
 
 def main(argv: Sequence[str] | None = None, raftq_run_once: RaftqRunOnce | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.pairs < 0 or args.runs < 1 or args.jobs < 1:
+        parser.error("--pairs must be 0 or more, --runs and --jobs 1 or more")
     if args.pairs > 0 and raftq_run_once is None:
         print("raftq bench nats: --pairs runs from `raftq bench nats`, which brings the raftq side", file=sys.stderr)
         return 2
@@ -265,20 +268,20 @@ HIGHER_IS_BETTER = {"per s": True, "p99 ms": False, "RSS MiB": False}
 
 
 def _pair_figures(figure: str, raftq: dict, nats: dict) -> list[tuple[str, float, float]]:
-    """(what, raftq's figure, NATS's figure) for one pair; `what` is a key of HIGHER_IS_BETTER."""
+    """(what, raftq's figure, NATS's figure) for one pair; `what` is a key of HIGHER_IS_BETTER.
+    A figure a side could not measure (a node's RSS unreadable) is left out of that pair."""
     figures = [("per s", raftq["jobs_per_s"], nats["jobs_per_s"])]
     if figure == "submit1":
-        figures.append(("p99 ms", raftq["submit_latency_ms"]["p99"], nats["p99_ms"]))
+        figures.append(("p99 ms", (raftq["submit_latency_ms"] or {}).get("p99"), nats.get("p99_ms")))
     if figure == "through":
-        figures.append(("RSS MiB", raftq["node_rss_peak_mib"]["all_nodes"], nats["rss_mib_all_nodes"]))
-    return figures
+        figures.append(("RSS MiB", (raftq["node_rss_peak_mib"] or {}).get("all_nodes"), nats["rss_mib_all_nodes"]))
+    return [(what, ours, theirs) for what, ours, theirs in figures if ours and theirs]
 
 
 def _run_pairs(binary: str, args: argparse.Namespace, raftq_run_once: RaftqRunOnce) -> int:
     print(f"raftq (raftq bench's matching scenario, {args.jobs} jobs, default settings, a fresh cluster per run) "
           f"and NATS in turn, {args.pairs} pairs; the first of each pair alternates", flush=True)
-    ratios: dict[str, list[float]] = {}
-    sides: dict[str, dict[str, list[float]]] = {}
+    measured: dict[str, list[tuple[float, float]]] = {}  # what -> (raftq's, NATS's) per pair
     for number in range(1, args.pairs + 1):
         order = ("raftq", "NATS") if number % 2 else ("NATS", "raftq")
         results = {}
@@ -289,17 +292,15 @@ def _run_pairs(binary: str, args: argparse.Namespace, raftq_run_once: RaftqRunOn
                 results[side] = run_once(binary, args.figure, args.jobs, args.payload_bytes, args.msg_id)
         parts = []
         for what, ours, theirs in _pair_figures(args.figure, results["raftq"], results["NATS"]):
-            ratios.setdefault(what, []).append(ours / theirs)
-            sides.setdefault(what, {"raftq": [], "NATS": []})
-            sides[what]["raftq"].append(ours)
-            sides[what]["NATS"].append(theirs)
+            measured.setdefault(what, []).append((ours, theirs))
             parts.append(f"{what} raftq {ours:,.1f}, NATS {theirs:,.1f}: {ours / theirs:.2f}x")
         print(f"[pair {number}/{args.pairs}, {order[0]} first] {args.figure}: " + "; ".join(parts), flush=True)
-    for what, values in ratios.items():
+    for what, pairs in measured.items():
+        ratios = [ours / theirs for ours, theirs in pairs]
         better = "higher" if HIGHER_IS_BETTER[what] else "lower"
-        print(f"raftq / NATS, {what} ({better} is better), over {len(values)} pairs: median {statistics.median(values):.2f}x, "
-              f"range {min(values):.2f}-{max(values):.2f}x (medians: raftq {statistics.median(sides[what]['raftq']):,.1f}, "
-              f"NATS {statistics.median(sides[what]['NATS']):,.1f})")
+        print(f"raftq / NATS, {what} ({better} is better), over {len(pairs)} pairs: median {statistics.median(ratios):.2f}x, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}x (medians: raftq {statistics.median(p[0] for p in pairs):,.1f}, "
+              f"NATS {statistics.median(p[1] for p in pairs):,.1f})")
     return 0
 
 
