@@ -90,6 +90,8 @@ class Job:
             ((state, created_at_ms),) if transitions is None else transitions)
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
         # and lets restore() rebuild both structures in the order the live machine holds them.
+        # 0 from the lease on: a job re-enters either structure with a fresh one, and a finished
+        # record kept for the retention hour need not hold an int of its own (32 bytes a job).
         self.seq = 0
         # Flow control (see commands.NewJob): at most one of key and group is set.
         self.key = key

@@ -542,6 +542,7 @@ class QueueStateMachine:
         job.leased_at_ms = now
         job.lease_expires_at_ms = expires_at
         job.worker = worker
+        job.seq = 0  # out of the ready FIFO: see Job.seq
         self._move(queue, job, LEASED, now)
         self._push_lease(expires_at, token, job)
         held = self._worker_jobs.get(worker)
