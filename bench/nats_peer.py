@@ -22,7 +22,7 @@ drives it from this process with the `nats-py` client on asyncio:
               stream is ready to the last ack, measured as raftq bench's RSS columns are (the peak
               is reset once the cluster is up; raftq: `--scenario e2e`, column RSS 3 NODES).
 
-With `--msg-id` every publish carries a `Nats-Msg-Id` header of 32 random hex digits and the
+With `--msg-id` every publish carries a `Nats-Msg-Id` header made as raftq's idempotency keys and the
 stream's duplicate window is raftq's idempotency window (1 h): JetStream's counterpart of the
 idempotency key raftq's client sets on every submit (SPEC guarantee 5), which raftq's figures always
 include. Before measuring, the bench publishes one id twice and checks that the stream answers the
@@ -53,6 +53,7 @@ import time
 from typing import Callable, Sequence
 
 from raftq.bench.measure import reset_peak_rss, stop_processes
+from raftq.client._base import fresh_keys
 from raftq.bench.roles import peak_rss_kib
 from raftq.cluster.localcluster import free_ports
 
@@ -157,8 +158,8 @@ async def _stream_ready(urls: list[str], msg_id: bool):
 
 
 def _publish_headers(msg_id: bool) -> dict[str, str] | None:
-    """A fresh Nats-Msg-Id of 32 random hex digits (as raftq's `fresh_keys`), or no headers."""
-    return {"Nats-Msg-Id": os.urandom(16).hex()} if msg_id else None
+    """A fresh Nats-Msg-Id made as raftq's client makes an idempotency key, or no headers."""
+    return {"Nats-Msg-Id": fresh_keys(1)[0]} if msg_id else None
 
 
 async def _run_figure(figure: str, urls: list[str], jobs: int, payload: bytes, on_ready: Callable[[], None],

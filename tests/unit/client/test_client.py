@@ -8,6 +8,7 @@ The AsyncClient twin runs the same scenarios in test_async_client.py, reusing th
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import threading
@@ -17,7 +18,7 @@ import msgpack
 import pytest
 
 from raftq import Client, LeasedJob, MockTransport, Request, Response, RetryPolicy, errors
-from raftq.client._base import BATCH_COUNT_MAX
+from raftq.client._base import BATCH_COUNT_MAX, fresh_keys
 from tests.unit.client.fakes import (A, B, C, D, FakeClock, FakeNodes, RealNodes, closed_port_url, default_answer,
                                       leased, make_client)
 
@@ -246,8 +247,16 @@ def test_idempotency_key_is_kept_across_retries_and_fresh_per_submit(clock):
     sent_to_leader = [body["jobs"][0]["idempotency_key"] for request, body in zip(nodes.requests, nodes.bodies())
                       if request.url.startswith(A)]
     assert len(keys) == 5 and keys[0] == keys[1] == keys[2], "one submit's retries share its key"
-    assert keys[3] != keys[0] and len(keys[0]) == 32 and int(keys[0], 16) >= 0
+    assert keys[3] != keys[0] and re.fullmatch(r"[A-Za-z0-9_-]{24}", keys[0]), keys[0]
     assert keys[4] == "welcome-42" and sent_to_leader[-1] == "welcome-42"
+
+
+def test_fresh_keys_are_24_url_safe_characters_of_18_random_bytes_each():
+    keys = fresh_keys(1000)
+    assert len(set(keys)) == 1000, "keys repeat"
+    for key in keys:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{24}", key), f"not 24 URL-safe base64 characters: {key!r}"
+        assert len(base64.urlsafe_b64decode(key)) == 18, key
 
 
 def test_submit_many_chunks_with_a_key_per_job(clock):
