@@ -107,7 +107,7 @@ class Client(_BaseClient):
             max_attempts: deliveries before it is dead-lettered (None: the server's default, 5).
             lease_s: how long a worker holds it before it is redelivered (None: 30 s).
             idempotency_key: a repeat with the same key within the window returns the first job's
-                id and creates nothing. None: 32 fresh random hex digits, reused by this call's retries.
+                id and creates nothing. None: a fresh random key (`fresh_keys`), reused by this call's retries.
             backoff_base_s, backoff_cap_s: the job's retry backoff (None: 1 s and 300 s).
             key: counts against the queue's max_running_per_key (a tenant, an API account).
             group: in a fifo queue, the jobs of a group run one at a time in submit order.
@@ -134,7 +134,7 @@ class Client(_BaseClient):
                     group: str | None = None) -> list[str]:
         """Submits many jobs, one request per chunk of up to 1000 (each chunk is one log entry).
 
-        Every job gets its own idempotency key (32 fresh random hex digits unless given), reused
+        Every job gets its own idempotency key (a fresh random one unless given), reused
         when a chunk is retried. Chunks go one after another, each with its own deadline; when one
         fails, the earlier chunks are already submitted.
 
