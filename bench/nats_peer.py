@@ -53,8 +53,8 @@ import time
 from typing import Callable, Sequence
 
 from raftq.bench.measure import reset_peak_rss, stop_processes
-from raftq.client._base import fresh_keys
 from raftq.bench.roles import peak_rss_kib
+from raftq.client._base import fresh_keys
 from raftq.cluster.localcluster import free_ports
 
 FIGURES = ("submit1", "batched", "through")

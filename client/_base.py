@@ -41,12 +41,13 @@ not name is never contacted, and counts as a failure of the node that named it. 
 compromised, misconfigured, or impersonated on a plain-HTTP path cannot collect the token by
 answering 307 with a Location of its choosing.
 
-Retrying is safe for every call: submit carries an idempotency key per job (24 random URL-safe base64
-characters unless given), made once per call and sent unchanged on every attempt, so a submit whose answer was lost
-is not applied twice (SPEC guarantee 5); a repeated ack with the same lease is accepted; extend
-and heartbeat only restate; a repeated release is refused (409) once the first went through, and
-changes nothing; GETs change nothing. One consequence to know: a fetch whose answer was
-lost leaves its jobs leased until their leases run out; then they are delivered again.
+Retrying is safe for every call: submit carries an idempotency key per job (24 random URL-safe
+base64 characters unless given), made once per call and sent unchanged on every attempt, so a
+submit whose answer was lost is not applied twice (SPEC guarantee 5); a repeated ack with the
+same lease is accepted; extend and heartbeat only restate; a repeated release is refused (409)
+once the first went through, and changes nothing; GETs change nothing. One consequence to know:
+a fetch whose answer was lost leaves its jobs leased until their leases run out; then they are
+delivered again.
 """
 
 from __future__ import annotations

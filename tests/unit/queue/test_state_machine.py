@@ -373,6 +373,18 @@ def test_release_requeues_without_counting_the_attempt(m):
     assert again["attempts"] == 1 and again["worker"] == "w2"  # max_attempts=1: still one attempt left to use
 
 
+def test_a_leased_job_holds_no_ready_order_number_and_returns_with_a_fresh_one(m):
+    m.submit(job("a"), job("b"))
+    first = m.lease_one(now=T0)
+    assert first.id == "a" and m.sm._jobs["a"].seq == 0, "a leased job keeps an int it no longer needs"
+    assert m.release("a", first.lease_token, now=T0 + 5) is r.OK
+    assert m.sm._jobs["a"].seq > m.sm._jobs["b"].seq > 0, "a released job rejoins the FIFO behind b"
+    assert [j.id for j in m.lease(max_jobs=2, worker="w2", now=T0 + 10)] == ["b", "a"]
+    again = m.sm._jobs["a"]
+    assert m.ack("a", again.lease_token, worker="w2", now=T0 + 11) is r.OK
+    assert (again.state, again.seq) == ("done", 0)
+
+
 def test_released_job_on_its_last_attempt_is_not_dead_lettered(m):
     m.submit(job("a", max_attempts=1))
     for round_ in range(3):
