@@ -62,9 +62,10 @@ class Lane:
         self.ready: list[deque[Job] | None] = [None] * levels
 
     def push(self, job: Job) -> None:
-        fifo = self.ready[job.priority]
+        priority = job.policy.priority  # not Job.priority: a property, a Python call per job
+        fifo = self.ready[priority]
         if fifo is None:
-            fifo = self.ready[job.priority] = deque()
+            fifo = self.ready[priority] = deque()
         fifo.append(job)
 
     def peek(self) -> Job | None:
@@ -82,7 +83,7 @@ class Lane:
     def take(self, job: Job) -> None:
         """Removes `job` (READY, in this lane). O(1) at the front; a FIFO group's head may sit
         behind successors that became ready before its retry, which costs a scan."""
-        fifo = self.ready[job.priority]
+        fifo = self.ready[job.policy.priority]
         assert fifo, f"job {job.id} taken from lane {self.id!r} that does not hold it"
         if fifo[0] is job:
             fifo.popleft()

@@ -16,7 +16,7 @@ shared list would reach into every capture that holds it.
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 SCHEDULED = "scheduled"  #: submitted with a delay; ready_at_ms in the future
 READY = "ready"  #: waiting in its queue's priority FIFO
@@ -46,48 +46,56 @@ _INTERNED_STATES = {state: state for state in (*STATES, PURGED)}
 _MASK64 = (1 << 64) - 1
 
 
+class Policy(NamedTuple):
+    """A job's settings, fixed at submit: one tuple that the jobs of a batch share (the state
+    machine hands every job the one object equal to its settings), where five slots of their own
+    cost each job 40 bytes."""
+
+    priority: int
+    max_attempts: int
+    lease_ms: int
+    backoff_base_ms: int
+    backoff_cap_ms: int
+
+
 class Job:
-    """One job. Times are integer milliseconds of the replicated clock."""
+    """One job. Times are integer milliseconds of the replicated clock.
+
+    Small on purpose: a node holds every unfinished job and every finished one for the retention
+    hour, so each slot is 8 bytes times millions. What is fixed at submit is in `policy`, shared;
+    what the transitions already say (when the job was created, last leased, finished) is read
+    from them, not stored twice.
+    """
 
     __slots__ = (
-        "id", "queue", "state", "payload", "priority", "attempts", "max_attempts", "lease_ms",
-        "backoff_base_ms", "backoff_cap_ms", "idempotency_key", "created_at_ms", "ready_at_ms",
-        "leased_at_ms", "lease_token", "lease_expires_at_ms", "worker", "finished_at_ms", "last_error",
-        "result", "transitions", "seq", "key", "group", "order",
+        "id", "queue", "state", "payload", "policy", "attempts", "idempotency_key", "ready_at_ms",
+        "lease_token", "lease_expires_at_ms", "worker", "last_error", "result", "transitions", "seq", "key",
+        "group", "order",
     )
 
     def __init__(
-        self, id: str, queue: str, state: str, payload: bytes, priority: int, max_attempts: int,
-        lease_ms: int, backoff_base_ms: int, backoff_cap_ms: int, idempotency_key: str | None,
-        created_at_ms: int, ready_at_ms: int, key: str | None = None, group: str | None = None,
-        transitions: tuple[tuple[str, int], ...] | None = None,
+        self, id: str, queue: str, state: str, payload: bytes, policy: Policy, idempotency_key: str | None,
+        transitions: tuple[tuple[str, int], ...], ready_at_ms: int, key: str | None = None,
+        group: str | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
         self.state = state
         self.payload = payload
-        self.priority = priority
+        self.policy = policy
         self.attempts = 0  # leases granted so far (reset by redrive)
-        self.max_attempts = max_attempts
-        self.lease_ms = lease_ms
-        self.backoff_base_ms = backoff_base_ms
-        self.backoff_cap_ms = backoff_cap_ms
         self.idempotency_key = idempotency_key
-        self.created_at_ms = created_at_ms
         self.ready_at_ms = ready_at_ms
         # The current lease, or the most recent one once it ended: an ack repeated with the token
-        # of the lease that completed the job is answered OK again.
-        self.leased_at_ms: int | None = None
+        # of the lease that completed the job is answered OK again. None until the first lease.
         self.lease_token: int | None = None
         self.lease_expires_at_ms: int | None = None
         self.worker: str | None = None
-        self.finished_at_ms: int | None = None
         self.last_error: str | None = None
         self.result: bytes | None = None
-        # (state, at_ms) pairs, oldest first; replaced (by `extended_history`), never mutated, so
-        # the jobs of one command may share one: the caller may pass ((state, created_at_ms),).
-        self.transitions: tuple[tuple[str, int], ...] = (
-            ((state, created_at_ms),) if transitions is None else transitions)
+        # (state, at_ms) pairs, oldest first, starting with the submission (always kept); replaced
+        # (by `extended_history`), never mutated, so the jobs of one command may share one.
+        self.transitions = transitions
         # Order of entry into the ready FIFO or the delay heap; unique, so it breaks every tie
         # and lets restore() rebuild both structures in the order the live machine holds them.
         # 0 from the lease on: a job re-enters either structure with a fresh one, and a finished
@@ -99,6 +107,40 @@ class Job:
         # Place in its group's line: a fresh sequence number at submit and at redrive (a
         # redriven job rejoins the end of its group's line). 0 for jobs without a group.
         self.order = 0
+
+    @property
+    def priority(self) -> int:
+        return self.policy.priority
+
+    @property
+    def max_attempts(self) -> int:
+        return self.policy.max_attempts
+
+    @property
+    def lease_ms(self) -> int:
+        return self.policy.lease_ms
+
+    @property
+    def backoff_base_ms(self) -> int:
+        return self.policy.backoff_base_ms
+
+    @property
+    def backoff_cap_ms(self) -> int:
+        return self.policy.backoff_cap_ms
+
+    @property
+    def created_at_ms(self) -> int:
+        return self.transitions[0][1]  # the submission, which extended_history always keeps
+
+    @property
+    def leased_at_ms(self) -> int | None:
+        """When the current or most recent lease began; None before the first."""
+        return None if self.lease_token is None else _last_leased_at(self.transitions)
+
+    @property
+    def finished_at_ms(self) -> int | None:
+        """When the job was acked or cancelled; None while it is not."""
+        return _finished_at(self.transitions)
 
     def record(self) -> dict:
         """The job as a plain dict with wire-friendly names (times in ms, payload bytes)."""
@@ -129,29 +171,53 @@ class Job:
         }
 
     def to_row(self) -> tuple:
-        """Every field, in __slots__ order, for the canonical snapshot (msgpack packs the
-        transitions' tuples as arrays). Immutable all the way down: see the module docstring."""
-        return job_row(self)
+        """The job's snapshot row (`snapshot_row`): the fields in SNAPSHOT_ROW_FIELDS order, immutable
+        all the way down (msgpack packs the transitions' tuples as arrays)."""
+        return snapshot_row(job_row(self))
 
     @classmethod
-    def from_row(cls, row: tuple | list) -> "Job":
+    def from_row(cls, row: tuple | list, policies: dict[Policy, Policy] | None = None) -> "Job":
         """The inverse of `to_row`, after a msgpack round trip (which may give lists for tuples).
 
         The state strings come back as this module's objects (`_INTERNED_STATES`); an unknown
-        state is kept as it is, for the caller to refuse.
+        state is kept as it is, for the caller to refuse. Equal policies come back as one object
+        when `policies` is given (a dict the caller keeps for the whole restore). The row's
+        created, leased and finished times are not kept: the transitions say them.
         """
         assert len(row) == ROW_FIELD_COUNT, "snapshot job row has the wrong number of fields"
         job = cls.__new__(cls)
         (
-            job.id, job.queue, state, job.payload, job.priority, job.attempts, job.max_attempts, job.lease_ms,
-            job.backoff_base_ms, job.backoff_cap_ms, job.idempotency_key, job.created_at_ms, job.ready_at_ms,
-            job.leased_at_ms, job.lease_token, job.lease_expires_at_ms, job.worker, job.finished_at_ms, job.last_error,
+            job.id, job.queue, state, job.payload, priority, job.attempts, max_attempts, lease_ms,
+            backoff_base_ms, backoff_cap_ms, job.idempotency_key, _created_at_ms, job.ready_at_ms,
+            _leased_at_ms, job.lease_token, job.lease_expires_at_ms, job.worker, _finished_at_ms, job.last_error,
             job.result, transitions, job.seq, job.key, job.group, job.order,
         ) = row
+        policy = Policy(priority, max_attempts, lease_ms, backoff_base_ms, backoff_cap_ms)
+        job.policy = policy if policies is None else policies.setdefault(policy, policy)
         interned = _INTERNED_STATES
         job.state = interned.get(state, state)
         job.transitions = tuple([(interned.get(s, s), at_ms) for s, at_ms in transitions])
+        if not job.transitions:
+            raise ValueError("a job row without transitions")
         return job
+
+
+def _last_leased_at(transitions: tuple[tuple[str, int], ...]) -> int | None:
+    """The time of the last LEASED transition. After a lease at most three transitions come
+    before the next lease or the end (to retry_wait, ready, cancelled; or dead, redriven,
+    cancelled), so the truncated history always holds it."""
+    for state, at_ms in reversed(transitions):
+        if state is LEASED:
+            return at_ms
+    return None
+
+
+def _finished_at(transitions: tuple[tuple[str, int], ...]) -> int | None:
+    """The time of the last transition when it finished the job. It is read from the transition,
+    not the state, so that a finished job purged since (state PURGED, no transition of its own)
+    keeps its time for the finished FIFO that may still hold it."""
+    state, at_ms = transitions[-1]
+    return at_ms if state is DONE or state is CANCELLED else None
 
 
 def extended_history(
@@ -165,13 +231,38 @@ def extended_history(
     return (transitions[0], *transitions[2:], transition)
 
 
-#: A job's row (`Job.to_row`) as one C-level call: `map(job_row, jobs)` takes a million rows
-#: without running a line of Python per job, which keeps a snapshot's capture short.
+#: A job's slots as one tuple, in one C-level call: `map(job_row, jobs)` takes a million of them
+#: without running a line of Python per job, which keeps a snapshot's capture short. The
+#: snapshot's row is made from it later, off the event loop (`snapshot_row`).
 job_row: Callable[[Job], tuple] = attrgetter(*Job.__slots__)
+
+#: The fields of a job's row in a snapshot, in order: the layout every version of raftq wrote
+#: since version 2, which keeps snapshots and digests the same whatever a Job holds in memory.
+SNAPSHOT_ROW_FIELDS: tuple[str, ...] = (
+    "id", "queue", "state", "payload", "priority", "attempts", "max_attempts", "lease_ms", "backoff_base_ms",
+    "backoff_cap_ms", "idempotency_key", "created_at_ms", "ready_at_ms", "leased_at_ms", "lease_token",
+    "lease_expires_at_ms", "worker", "finished_at_ms", "last_error", "result", "transitions", "seq", "key",
+    "group", "order",
+)
 #: Fields in a row.
-ROW_FIELD_COUNT = len(Job.__slots__)
+ROW_FIELD_COUNT = len(SNAPSHOT_ROW_FIELDS)
 #: Fields in a row of a version-1 snapshot, written before jobs had key, group and order.
 ROW_FIELD_COUNT_V1 = ROW_FIELD_COUNT - 3
+
+
+def snapshot_row(slots: tuple) -> tuple:
+    """The snapshot row (SNAPSHOT_ROW_FIELDS) of a job whose slots `job_row` took."""
+    (
+        id, queue, state, payload, policy, attempts, idempotency_key, ready_at_ms, lease_token,
+        lease_expires_at_ms, worker, last_error, result, transitions, seq, key, group, order,
+    ) = slots
+    priority, max_attempts, lease_ms, backoff_base_ms, backoff_cap_ms = policy
+    return (
+        id, queue, state, payload, priority, attempts, max_attempts, lease_ms, backoff_base_ms, backoff_cap_ms,
+        idempotency_key, transitions[0][1], ready_at_ms,
+        None if lease_token is None else _last_leased_at(transitions), lease_token, lease_expires_at_ms, worker,
+        _finished_at(transitions), last_error, result, transitions, seq, key, group, order,
+    )
 
 
 def splitmix64(x: int) -> int:

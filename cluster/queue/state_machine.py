@@ -58,8 +58,9 @@ from one asyncio event loop. `capture()` runs on the loop between two applies: o
 that copies each job's fields into a tuple (`job_row`), plus the scalars, the idempotency batches
 and one row per queue. It is cheap because it shares instead of copying deeply: every field of
 a job holds an immutable value (`jobs.py`), so the rows need no protection from later applies.
-`write_snapshot(capture, write)` then runs anywhere, typically a worker thread: it sorts and
-encodes in bounded steps (a few thousand rows per msgpack call), so the GIL returns to the loop
+`write_snapshot(capture, write)` then runs anywhere, typically a worker thread: it sorts, makes
+each job's snapshot row from its slots (`snapshot_row`: the settings unpacked, the times the
+transitions hold written out), and encodes in bounded steps (a few thousand rows per msgpack call), so the GIL returns to the loop
 between steps. `snapshot()` and `digest()` are the same two calls, so there is one encoder and
 the bytes stay canonical. `restore_from(stream)` decodes a snapshot file row by row into job
 records and changes nothing until the whole stream has been read and checked.
@@ -84,7 +85,8 @@ from raftq.cluster.queue.commands import CommandDecodeError, decode_command
 from raftq.cluster.queue.flow import POOL, UNITS_PER_LEASE, Lane, bucket_level, bucket_wait_ms, lane_of
 from raftq.cluster.queue.jobs import (
     ACTIVE_STATES, CANCELLED, DEAD, DONE, FINISHED_STATES, LEASED, PURGED, READY, RETRY_WAIT, SCHEDULED,
-    ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, backoff_delay_ms, extended_history, job_row,
+    ROW_FIELD_COUNT, ROW_FIELD_COUNT_V1, STATES, TRANSITIONS_MAX, Job, Policy, backoff_delay_ms, extended_history,
+    job_row, snapshot_row,
 )
 from raftq.cluster.queue.results import (  # re-exported: the API maps these to HTTP
     CONFLICT, LEASE_EXPIRED, LEASE_MISMATCH, NOT_FOUND, OK, ApplyResult, Extended, ItemError, ItemOutcomes,
@@ -389,12 +391,11 @@ class QueueStateMachine:
     def _create_job(self, queue: _Queue, new: cmds.NewJob, now: int) -> None:
         delayed = new.delay_ms > 0
         state = SCHEDULED if delayed else READY
-        shared = self._shared
+        policy = self._shared(Policy(new.priority, new.max_attempts, new.lease_ms, new.backoff_base_ms,
+                                     new.backoff_cap_ms))
         job = Job(
-            new.id, queue.name, state, new.payload, new.priority, new.max_attempts, shared(new.lease_ms),
-            shared(new.backoff_base_ms), shared(new.backoff_cap_ms), new.idempotency_key, now,
+            new.id, queue.name, state, new.payload, policy, new.idempotency_key, self._transition(state, now)[1],
             self._at_now(now, now + new.delay_ms) if delayed else now, new.key, new.group,
-            self._transition(state, now)[1],
         )
         self._jobs[job.id] = job
         queue.counts[job.state] += 1
@@ -534,12 +535,12 @@ class QueueStateMachine:
         """Leases `job`, already taken out of its lane, to `worker`."""
         self._lease_counter += 1
         token = self._lease_counter
-        expires_at = self._at_now(now, now + job.lease_ms)
+        policy = job.policy  # its fields directly: Job's properties cost a Python call each
+        expires_at = self._at_now(now, now + policy.lease_ms)
         job.attempts += 1
         if job.attempts == 1:
-            self.metric_samples.append(("queue_wait", job.queue, now - job.created_at_ms))
+            self.metric_samples.append(("queue_wait", job.queue, now - job.transitions[0][1]))  # created_at_ms
         job.lease_token = token
-        job.leased_at_ms = now
         job.lease_expires_at_ms = expires_at
         job.worker = worker
         job.seq = 0  # out of the ready FIFO: see Job.seq
@@ -553,7 +554,8 @@ class QueueStateMachine:
         if job.key is not None:
             queue.running[job.key] = queue.running.get(job.key, 0) + 1
         self._refresh_turn(queue, lane_of(job))
-        return JobGrant(job.id, job.queue, job.payload, job.attempts, token, expires_at, job.priority, job.lease_ms)
+        return JobGrant(job.id, job.queue, job.payload, job.attempts, token, expires_at, policy.priority,
+                        policy.lease_ms)
 
     # ------------------------------------------------------------------ ack, fail, extend
 
@@ -577,7 +579,7 @@ class QueueStateMachine:
             if job.key is not None or job.group is not None:
                 self._refresh_turn(queue, lane_of(job))  # a key slot freed, or the group's next
             queue.events["acked"] += 1
-            self.metric_samples.append(("job_latency", job.queue, now - job.created_at_ms))
+            self.metric_samples.append(("job_latency", job.queue, now - job.transitions[0][1]))  # created_at_ms
             outcomes.append(OK)
         return ItemOutcomes(tuple(outcomes))
 
@@ -1050,16 +1052,15 @@ class QueueStateMachine:
         return True
 
     def _finish(self, queue: _Queue, job: Job, state: str, now: int) -> None:
-        job.finished_at_ms = now
-        self._move(queue, job, state, now)
+        self._move(queue, job, state, now)  # the transition is its finished_at_ms
         self._finished.append(job)  # finished is final: its finished_at_ms never changes again
 
     # ------------------------------------------------------------------ shared values (memory only)
 
     def _shared(self, value: Any) -> Any:
-        """A job setting (lease and backoff times), as the one object equal to it that this
-        machine already holds, when it has one: the jobs of a batch carry the same settings, and
-        without this each would hold its own ints (32 bytes each; a queued job is about 500).
+        """A job's settings (its `Policy`), as the one object equal to them that this machine
+        already holds, when it has one: the jobs of a batch carry the same settings, and without
+        this each would hold its own tuple (80 bytes; a queued job is about 550).
         Identity never decides anything, so this changes memory only. The table is bounded: it
         starts afresh past SHARED_VALUES_MAX."""
         table = self._shared_values
@@ -1654,7 +1655,7 @@ def write_snapshot(
             len(idempotency),
             ((queue, key, job_id, expires_at) for (queue, key), (job_id, expires_at) in _sorted_by_first(idempotency)),
         ),
-        "jobs": (len(capture.jobs), _sorted_by_first(capture.jobs)),
+        "jobs": (len(capture.jobs), map(snapshot_row, _sorted_by_first(capture.jobs))),
         "queues": (len(capture.queues), _sorted_by_first(capture.queues)),
         "schedules": (len(capture.schedules), _sorted_by_first(capture.schedules)),
     }
@@ -1722,6 +1723,7 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
     unpacker = msgpack.Unpacker(stream, read_size=RESTORE_READ_BYTES, raw=False, use_list=False)
     unpack = unpacker.unpack
     from_row = Job.from_row
+    policies: dict[Policy, Policy] = {}  # equal settings, one object: see Policy
     fields: dict[str, Any] = {}
     jobs: list[Job] = []
     row_lengths: set[int] = set()
@@ -1745,7 +1747,7 @@ def _decode_snapshot(stream: BinaryIO) -> tuple[dict[str, Any], list[Job]]:
                     if len(row) == ROW_FIELD_COUNT_V1:
                         row = row + (None, None, 0)  # key, group, order: version 1 had none
                     try:
-                        jobs.append(from_row(row))
+                        jobs.append(from_row(row, policies))
                     except (TypeError, ValueError) as exc:  # transitions of the wrong shape
                         problem = f"job row {position}: {exc}"
             else:

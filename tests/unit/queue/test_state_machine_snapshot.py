@@ -21,7 +21,7 @@ from raftq.cluster.queue.schedules import schedule_row
 from raftq.cluster.queue.state_machine import (
     EVENTS, SNAPSHOT_KEYS, SNAPSHOT_VERSION, QueueStateMachine, SnapshotCapture, write_snapshot,
 )
-from tests.unit.queue.test_state_machine import T0, Machine, _dead, _to_state, job
+from tests.unit.queue.test_state_machine import LEASE_MS, T0, Machine, _dead, _to_state, job
 
 EVERY_STATE = ("scheduled", "ready", "leased", "retry_wait", "done", "dead", "cancelled")
 
@@ -168,6 +168,49 @@ def test_row_taken_before_a_transition_keeps_its_history():
     m.lease_one()
     assert row[2] == "ready" and row[20] == (("ready", T0),)
     assert m.sm._jobs["a"].transitions == (("ready", T0), ("leased", T0))
+
+
+def test_a_jobs_snapshot_row_keeps_its_layout_with_the_times_its_transitions_hold():
+    """A Job keeps its settings in one shared Policy and its created, leased and finished times
+    only in its transitions; its snapshot row must still be the 25 fields every version wrote."""
+    m = Machine()
+    m.submit(job("a", idempotency_key="key-a", priority=3))
+    first = m.lease_one(now=T0 + 10)
+    m.fail("a", first.lease_token, "boom", delay_ms=0, now=T0 + 20)
+    second = m.lease_one(now=T0 + 30)
+    m.ack("a", second.lease_token, now=T0 + 40, result=b"\x01")
+    history = (("ready", T0), ("leased", T0 + 10), ("ready", T0 + 20), ("leased", T0 + 30), ("done", T0 + 40))
+    expected = (
+        "a", "q", "done", b"\x91\x01", 3, 2, 3, LEASE_MS, 1_000, 300_000, "key-a", T0, T0 + 20, T0 + 30,
+        second.lease_token, T0 + 30 + LEASE_MS, "w1", T0 + 40, "boom", b"\x01", history, 0, None, None, 0,
+    )
+    assert m.sm._jobs["a"].to_row() == expected
+    restored = QueueStateMachine()
+    restored.restore(m.sm.snapshot())
+    assert restored._jobs["a"].to_row() == expected
+    assert restored.get_job("a") == m.sm.get_job("a")
+    assert m.sm.get_job("a")["leased_at_ms"] == T0 + 30 and m.sm.get_job("a")["finished_at_ms"] == T0 + 40
+
+
+def test_a_job_never_leased_nor_finished_has_no_such_times_in_its_row():
+    m = Machine()
+    m.submit(job("a", delay_ms=5_000))
+    row = m.sm._jobs["a"].to_row()
+    assert (row[11], row[12], row[13], row[17]) == (T0, T0 + 5_000, None, None)
+
+
+def test_jobs_with_equal_settings_share_one_policy_object_live_and_restored():
+    m = Machine()
+    m.submit(job("a"), job("b"), job("c", priority=9))
+    m.submit(job("d"), now=T0 + 1)  # another command, the same settings
+    jobs = m.sm._jobs
+    assert jobs["a"].policy is jobs["b"].policy is jobs["d"].policy
+    assert jobs["c"].policy == (9, 3, LEASE_MS, 1_000, 300_000) and jobs["c"].policy is not jobs["a"].policy
+    restored = QueueStateMachine()
+    restored.restore(m.sm.snapshot())
+    again = restored._jobs
+    assert again["a"].policy is again["b"].policy is again["d"].policy
+    assert again["c"].policy == jobs["c"].policy
 
 
 # ---------------------------------------------------------------------- restore_from
