@@ -39,32 +39,32 @@ Ready's entries as persisted or applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Union
 
 from raftq.cluster.raft.membership import Membership
 from raftq.cluster.raft.messages import Entry, HardState, Message, SnapshotPoint
 from raftq.cluster.raft.node import Ready
+from raftq.cluster.records import record
 
 __all__ = ["Action", "Advance", "Apply", "InstallSnapshot", "Persist", "Send", "ServeReads", "UseMembership",
            "handle_ready"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InstallSnapshot:
     """Restore the state machine from the stored snapshot at `point`; reset the log to empty after it."""
 
     point: SnapshotPoint
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UseMembership:
     """The membership in effect changed: reach its members at their URLs from now on."""
 
     membership: Membership
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Persist:
     """Write the hard state (if any) and append the entries; fsync before returning when `sync`."""
 
@@ -73,28 +73,28 @@ class Persist:
     sync: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Send:
     """Hand the messages to the transport (never waits for a peer)."""
 
     messages: tuple[Message, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Apply:
     """Apply the committed entries to the state machine, in order."""
 
     entries: tuple[Entry, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServeReads:
     """Release each read `(context, read_index)` once the state machine has applied read_index."""
 
     read_states: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Advance:
     """Everything above is done: call `raft.advance(ready)`."""
 

@@ -17,7 +17,6 @@ follower (bytes and count, the core's flow control).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -28,6 +27,7 @@ from raftq.cluster.api.wire import ApiError
 from raftq.cluster.config import NODE_ID_PATTERN
 from raftq.cluster.raft.codec import decode_messages
 from raftq.cluster.raft.messages import MessageType
+from raftq.cluster.records import record
 from raftq.cluster.snapshot_transfer import FROM_HEADER, OFFSET_HEADER, SNAPSHOT_HEADER, TERM_HEADER, SnapshotOffer
 from raftq.cluster.transport.http import FROM_URL_HEADER, PING_INTERVAL_S
 from raftq.cluster.storage.errors import SnapshotCorruptionError
@@ -116,7 +116,7 @@ def _deliver_frame(node, sender_url: _SenderUrl, data: bytes) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _SenderUrl:
     """The sender and its URL a peer request names (headers), when both are there and the URL fits."""
 

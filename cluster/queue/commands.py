@@ -20,11 +20,13 @@ A tag, once used, keeps its meaning forever: entries written by older nodes stay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from operator import attrgetter
 from typing import Any, Callable, ClassVar, NamedTuple, Union
 
 import msgpack
+
+from raftq.cluster.records import record
 
 # Job priorities run 0 (lowest, the default) to 9 (runs first); the state machine keeps one FIFO
 # per level, so a priority outside the range would index past its array. The wire's bounds.
@@ -63,14 +65,14 @@ class NewJob(NamedTuple):
     group: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AckItem:
     id: str
     lease_token: int  # the fencing token the lease answer gave
     result: bytes | None  # msgpack encoding of the job's result, if any
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FailItem:
     id: str
     lease_token: int
@@ -79,13 +81,13 @@ class FailItem:
     delay_ms: int | None  # None: exponential backoff with full jitter
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReleaseItem:
     id: str
     lease_token: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExtendItem:
     id: str
     lease_token: int
@@ -95,7 +97,7 @@ class ExtendItem:
 # ---------------------------------------------------------------------- commands
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Submit:
     TAG: ClassVar[int] = 1
     now_ms: int
@@ -103,7 +105,7 @@ class Submit:
     jobs: tuple[NewJob, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Lease:
     TAG: ClassVar[int] = 2
     now_ms: int
@@ -112,7 +114,7 @@ class Lease:
     max_jobs: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ack:
     TAG: ClassVar[int] = 3
     now_ms: int
@@ -120,7 +122,7 @@ class Ack:
     items: tuple[AckItem, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Fail:
     TAG: ClassVar[int] = 4
     now_ms: int
@@ -129,7 +131,7 @@ class Fail:
     items: tuple[FailItem, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Extend:
     TAG: ClassVar[int] = 5
     now_ms: int
@@ -137,7 +139,7 @@ class Extend:
     items: tuple[ExtendItem, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Tick:
     """Expire leases, promote due jobs, drop records and idempotency keys past their time."""
 
@@ -146,7 +148,7 @@ class Tick:
     entropy: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerLost:
     """Requeue every job leased by `worker` (each counts as an attempt)."""
 
@@ -156,7 +158,7 @@ class WorkerLost:
     entropy: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RenewLeases:
     """A new leader's first act: no live lease ends before now + its lease_ms."""
 
@@ -164,14 +166,14 @@ class RenewLeases:
     now_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Cancel:
     TAG: ClassVar[int] = 9
     now_ms: int
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Redrive:
     """DEAD -> READY with attempts reset; ids=None redrives every dead job of the queue."""
 
@@ -181,7 +183,7 @@ class Redrive:
     ids: tuple[str, ...] | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Purge:
     """Delete every job of the queue in `state` ("dead" or "ready")."""
 
@@ -191,7 +193,7 @@ class Purge:
     state: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetQueueConfig:
     """Replaces the queue's settings (a field left None is unlimited / off)."""
 
@@ -207,7 +209,7 @@ class SetQueueConfig:
     fifo: bool = False  # the jobs of one group are leased one at a time, in submit order
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PutSchedule:
     """Creates or replaces a schedule; the leader computed `next_fire_ms` from the spec at `now_ms`.
 
@@ -233,14 +235,14 @@ class PutSchedule:
     next_fire_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteSchedule:
     TAG: ClassVar[int] = 14
     now_ms: int
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PauseSchedule:
     """paused=True stops fires; paused=False resumes from `next_fire_ms` (fires missed while
     paused are skipped: the leader computed the next one after now)."""
@@ -252,7 +254,7 @@ class PauseSchedule:
     next_fire_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FireSchedule:
     """The leader's decision about one due fire time of a schedule.
 
@@ -272,7 +274,7 @@ class FireSchedule:
     job_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Release:
     """LEASED -> READY without counting the attempt: a worker hands back jobs it did not start."""
 
@@ -282,7 +284,7 @@ class Release:
     items: tuple[ReleaseItem, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeleteQueue:
     """Removes a queue, its settings, counters and finished records; refused (CONFLICT) while it
     holds unfinished jobs unless `force`, which cancels them first."""

@@ -20,8 +20,9 @@ API edge maps it to HTTP.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Union
+
+from raftq.cluster.records import record
 
 #: Item error codes (the API's wire codes; all but not_found answer 409).
 NOT_FOUND = "not_found"
@@ -30,7 +31,7 @@ LEASE_EXPIRED = "lease_expired"
 CONFLICT = "conflict"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ok:
     """The item or command took effect (or had already, for a repeated ack)."""
 
@@ -39,13 +40,13 @@ class Ok:
 OK = Ok()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ItemError:
     code: str  # NOT_FOUND, LEASE_MISMATCH, LEASE_EXPIRED or CONFLICT
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Extended:
     """An Extend item's success: the lease now ends at expires_at_ms."""
 
@@ -55,18 +56,18 @@ class Extended:
 Outcome = Union[Ok, Extended, ItemError]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ItemOutcomes:
     outcomes: tuple[Outcome, ...]  # one per item, in order
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Submitted:
     ids: tuple[str, ...]  # in the order submitted
     created: tuple[bool, ...]  # False: idempotent duplicate (id is the first job's) or known id
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class QueueFull:
     """The whole batch was refused; nothing changed."""
 
@@ -74,7 +75,7 @@ class QueueFull:
     max_depth: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class JobGrant:
     """One job a Lease command handed to a worker (the client's `LeasedJob` is what it receives)."""
 
@@ -88,12 +89,12 @@ class JobGrant:
     lease_ms: int  # the job's own lease length: what each extension renews it by
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Leased:
     jobs: tuple[JobGrant, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ticked:
     expired: int  # leases that ran out (job requeued or dead-lettered)
     promoted: int  # scheduled / retry_wait jobs that became ready
@@ -101,7 +102,7 @@ class Ticked:
     keys_dropped: int  # idempotency keys past their window
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Released:
     """WorkerLost: the worker's jobs, requeued or (attempts exhausted) dead-lettered."""
 
@@ -109,22 +110,22 @@ class Released:
     dead_lettered: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Renewed:
     count: int  # leases whose expiry moved later
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Redriven:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Purged:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ScheduleFired:
     """What a FireSchedule did: outcome is one of schedules.FIRE_OUTCOMES or STALE (nothing
     changed); job_id is set when a job was created."""
@@ -135,7 +136,7 @@ class ScheduleFired:
     job_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rejected:
     """The entry's data is not a command this version understands; it changed nothing."""
 

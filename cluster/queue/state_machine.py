@@ -69,7 +69,6 @@ records and changes nothing until the whole stream has been read and checked.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import heapq
 import io
@@ -97,6 +96,7 @@ from raftq.cluster.queue.schedules import (
     CREATED, SKIPPED_CATCH_UP, SKIPPED_FULL, SKIPPED_OVERLAP, STALE, Schedule, schedule_row,
 )
 from raftq.cluster.raft.messages import Entry, EntryKind
+from raftq.cluster.records import record
 
 __all__ = [
     "QueueStateMachine", "SnapshotCapture", "write_snapshot", "EVENTS", "SNAPSHOT_VERSION",
@@ -196,7 +196,7 @@ class _Queue:
         return bucket_level(self.bucket_level, self.bucket_at_ms, now, self.rate_per_ks, self.burst)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@record
 class SnapshotCapture:
     """The whole state at one applied index, as immutable values (`QueueStateMachine.capture`).
 

@@ -14,9 +14,11 @@ wiped box rejoins under a new name and an old box with stale data cannot pass fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import msgpack
+
+from raftq.cluster.records import record
 
 __all__ = ["Member", "Membership", "MembershipDecodeError", "quorum_size"]
 
@@ -33,7 +35,7 @@ def quorum_size(voters_count: int) -> int:
     return voters_count // 2 + 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Member:
     """One member: its id, the base URL its peers and clients use, and whether it votes."""
 
@@ -42,7 +44,7 @@ class Member:
     voter: bool
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Membership:
     """The members, sorted by id, and the ids removed for good."""
 

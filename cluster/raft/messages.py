@@ -8,7 +8,8 @@ carries; cluster/raft/codec.py turns them into bytes. Everything here is a froze
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from raftq.cluster.records import record
 
 
 class EntryKind(enum.IntEnum):
@@ -20,7 +21,7 @@ class EntryKind(enum.IntEnum):
     CONFIG = 2
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Entry:
     """One log entry. Indexes start at 1; index 0 / term 0 is the empty log."""
 
@@ -30,7 +31,7 @@ class Entry:
     data: bytes  # encoded queue command; b"" for NOOP
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HardState:
     """What a node must persist before it answers a vote or an append (Raft §5.1, Figure 2)."""
 
@@ -59,7 +60,7 @@ class MessageType(enum.IntEnum):
     TIMEOUT_NOW = 10
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnapshotPoint:
     """Where a snapshot of the applied state ends: the index and term of its last entry.
 
@@ -70,7 +71,7 @@ class SnapshotPoint:
     term: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Message:
     """One peer message. Unused fields keep their zero defaults.
 

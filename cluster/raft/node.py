@@ -103,6 +103,7 @@ from raftq.cluster.raft.messages import (
     TRANSFER_CONTEXT, Entry, EntryKind, HardState, Message, MessageType, SnapshotPoint,
 )
 from raftq.cluster.raft.progress import Progress, ProgressState, ProgressView
+from raftq.cluster.records import record
 
 __all__ = ["Compaction", "RaftConfig", "RaftNode", "Ready", "Role", "RandomSource"]
 
@@ -221,7 +222,7 @@ class Ready:
     membership: Membership | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Compaction:
     """What compact_after_snapshot() dropped: entries up to `upto_index` are gone from memory
     (`dropped_count` of them), and the stored log may drop them too."""

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import collections
 import enum
-from dataclasses import dataclass
+
+from raftq.cluster.records import record
 
 
 class ProgressState(enum.Enum):
@@ -31,7 +32,7 @@ class ProgressState(enum.Enum):
     SNAPSHOT = "snapshot"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ProgressView:
     """Read-only copy of a follower's progress (for metrics, status pages and tests)."""
 

@@ -49,9 +49,9 @@ import logging
 import os
 import re
 import struct
-from dataclasses import dataclass
 from typing import BinaryIO, Final
 
+from raftq.cluster.records import record
 from raftq.cluster.storage.errors import SnapshotCorruptionError, StorageError
 from raftq.cluster.storage.hard_state import fsync_directory
 
@@ -78,7 +78,7 @@ def snapshot_file_name(index: int, term: int) -> str:
     return f"snap-{index:020d}-{term:020d}.snap"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SnapshotMeta:
     """One snapshot file, as named on disk (not verified: see SnapshotStore.verify())."""
 

@@ -97,6 +97,7 @@ from typing import BinaryIO, Final, Sequence
 import msgpack
 
 from raftq.cluster.raft.messages import Entry, EntryKind, HardState
+from raftq.cluster.records import record
 from raftq.cluster.storage import hard_state as hard_state_file
 from raftq.cluster.storage.errors import CompactedError, DiskWriteError, WalCorruptionError, WalFailedError
 
@@ -184,7 +185,7 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BadRecord:
     """A record that can never become valid, however many bytes follow."""
 
@@ -248,7 +249,7 @@ class RecordDecoder:
 # ---------------------------------------------------------------------- the log
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WalStats:
     """A snapshot of the WAL's counters for the metrics layer."""
 
