@@ -74,7 +74,7 @@ import heapq
 import io
 from collections import deque
 from itertools import groupby, islice
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import msgpack
@@ -126,8 +126,11 @@ COMPACT_SLACK = 4096
 #: long. After a sweep the heap holds only live entries, and the next waits until it has doubled:
 #: each sweep is paid for by as many pushes as it reads (amortised O(1) a push).
 LEASE_HEAP_SLACK = 256
-#: Distinct values `_shared` keeps before it starts afresh (a memory bound, not a behaviour).
-SHARED_VALUES_MAX = 4096
+#: Distinct job settings `_policy_of` keeps before it starts afresh (a memory bound, not a behaviour).
+POLICIES_MAX = 4096
+#: A NewJob's settings as a plain tuple, in Policy's field order: one C-level call, and a tuple
+#: equal (and hashing equal) to the Policy of the same values, so it finds that Policy in a dict.
+_settings_of: Callable[[cmds.NewJob], tuple] = attrgetter(*Policy._fields)
 #: Keys of the snapshot map, in the sorted order the canonical encoding writes them.
 SNAPSHOT_KEYS: tuple[str, ...] = (
     "clock_ms", "idempotency", "jobs", "last_applied", "lease_counter", "membership", "queues", "rotation",
@@ -292,9 +295,9 @@ class QueueStateMachine:
         #: "queue_wait" (submit -> first lease, ms), "dead_lettered" (attempts made). Not state: excluded from snapshots and digests;
         #: the node drains it after every applied batch.
         self.metric_samples: list[tuple[str, str, int]] = []
-        #: Memory only, not state: the values many jobs hold alike, one object each (see _shared
-        #: and _at_now).
-        self._shared_values: dict[Any, Any] = {}
+        #: Memory only, not state: the values many jobs hold alike, one object each (see
+        #: _policy_of and _at_now).
+        self._policies: dict[tuple, Policy] = {}
         self._now_values_at_ms = -1
         self._now_values: dict[Any, Any] = {}
 
@@ -391,8 +394,10 @@ class QueueStateMachine:
     def _create_job(self, queue: _Queue, new: cmds.NewJob, now: int) -> None:
         delayed = new.delay_ms > 0
         state = SCHEDULED if delayed else READY
-        policy = self._shared(Policy(new.priority, new.max_attempts, new.lease_ms, new.backoff_base_ms,
-                                     new.backoff_cap_ms))
+        settings = _settings_of(new)
+        policy = self._policies.get(settings)
+        if policy is None:
+            policy = self._policy_of(settings)
         job = Job(
             new.id, queue.name, state, new.payload, policy, new.idempotency_key, self._transition(state, now)[1],
             self._at_now(now, now + new.delay_ms) if delayed else now, new.key, new.group,
@@ -1057,18 +1062,18 @@ class QueueStateMachine:
 
     # ------------------------------------------------------------------ shared values (memory only)
 
-    def _shared(self, value: Any) -> Any:
-        """A job's settings (its `Policy`), as the one object equal to them that this machine
-        already holds, when it has one: the jobs of a batch carry the same settings, and without
-        this each would hold its own tuple (80 bytes; a queued job is about 550).
-        Identity never decides anything, so this changes memory only. The table is bounded: it
-        starts afresh past SHARED_VALUES_MAX."""
-        table = self._shared_values
-        found = table.get(value)
+    def _policy_of(self, settings: tuple) -> Policy:
+        """The Policy of a job's settings (`_settings_of`), as the one object equal to them that
+        this machine holds: the jobs of a batch carry the same settings, and without this each
+        would hold a tuple of its own (80 bytes; a queued job is about 550). Identity never
+        decides anything, so this changes memory only. `_create_job` looks the table up itself
+        first (no call for a batch's second job on); the table starts afresh past POLICIES_MAX."""
+        table = self._policies
+        found = table.get(settings)
         if found is None:
-            if len(table) >= SHARED_VALUES_MAX:
+            if len(table) >= POLICIES_MAX:
                 table.clear()
-            found = table[value] = value
+            found = table[settings] = Policy(*settings)
         return found
 
     def _values_at(self, now: int) -> dict[Any, Any]:
