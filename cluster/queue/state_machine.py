@@ -60,10 +60,11 @@ and one row per queue. It is cheap because it shares instead of copying deeply: 
 a job holds an immutable value (`jobs.py`), so the rows need no protection from later applies.
 `write_snapshot(capture, write)` then runs anywhere, typically a worker thread: it sorts, makes
 each job's snapshot row from its slots (`snapshot_row`: the settings unpacked, the times the
-transitions hold written out), and encodes in bounded steps (a few thousand rows per msgpack call), so the GIL returns to the loop
-between steps. `snapshot()` and `digest()` are the same two calls, so there is one encoder and
-the bytes stay canonical. `restore_from(stream)` decodes a snapshot file row by row into job
-records and changes nothing until the whole stream has been read and checked.
+transitions hold written out), and encodes in bounded steps (a few thousand rows per msgpack
+call), so the GIL returns to the loop between steps. `snapshot()` and `digest()` are the same
+two calls, so there is one encoder and the bytes stay canonical. `restore_from(stream)` decodes
+a snapshot file row by row into job records and changes nothing until the whole stream has been
+read and checked.
 """
 
 from __future__ import annotations
