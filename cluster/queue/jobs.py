@@ -135,7 +135,7 @@ class Job:
     @property
     def leased_at_ms(self) -> int | None:
         """When the current or most recent lease began; None before the first."""
-        return None if self.lease_token is None else _last_leased_at(self.transitions)
+        return _leased_at(self.lease_token, self.transitions)
 
     @property
     def finished_at_ms(self) -> int | None:
@@ -171,18 +171,18 @@ class Job:
         }
 
     def to_row(self) -> tuple:
-        """The job's snapshot row (`snapshot_row`): the fields in SNAPSHOT_ROW_FIELDS order, immutable
-        all the way down (msgpack packs the transitions' tuples as arrays)."""
+        """The job's snapshot row (`snapshot_row`): the fields in SNAPSHOT_ROW_FIELDS order,
+        immutable all the way down (msgpack packs the transitions' tuples as arrays)."""
         return snapshot_row(job_row(self))
 
     @classmethod
-    def from_row(cls, row: tuple | list, policies: dict[Policy, Policy] | None = None) -> "Job":
+    def from_row(cls, row: tuple | list, policies: dict[Policy, Policy]) -> "Job":
         """The inverse of `to_row`, after a msgpack round trip (which may give lists for tuples).
 
         The state strings come back as this module's objects (`_INTERNED_STATES`); an unknown
-        state is kept as it is, for the caller to refuse. Equal policies come back as one object
-        when `policies` is given (a dict the caller keeps for the whole restore). The row's
-        created, leased and finished times are not kept: the transitions say them.
+        state is kept as it is, for the caller to refuse. Equal policies come back as one object:
+        `policies` is a dict the caller keeps for the whole restore. The row's created, leased and
+        finished times are not kept: the transitions say them.
         """
         assert len(row) == ROW_FIELD_COUNT, "snapshot job row has the wrong number of fields"
         job = cls.__new__(cls)
@@ -193,7 +193,7 @@ class Job:
             job.result, transitions, job.seq, job.key, job.group, job.order,
         ) = row
         policy = Policy(priority, max_attempts, lease_ms, backoff_base_ms, backoff_cap_ms)
-        job.policy = policy if policies is None else policies.setdefault(policy, policy)
+        job.policy = policies.setdefault(policy, policy)
         interned = _INTERNED_STATES
         job.state = interned.get(state, state)
         job.transitions = tuple([(interned.get(s, s), at_ms) for s, at_ms in transitions])
@@ -202,10 +202,13 @@ class Job:
         return job
 
 
-def _last_leased_at(transitions: tuple[tuple[str, int], ...]) -> int | None:
-    """The time of the last LEASED transition. After a lease at most three transitions come
-    before the next lease or the end (to retry_wait, ready, cancelled; or dead, redriven,
-    cancelled), so the truncated history always holds it."""
+def _leased_at(lease_token: int | None, transitions: tuple[tuple[str, int], ...]) -> int | None:
+    """When the job's latest lease began (None before its first, when it has no token): the time
+    of its last LEASED transition. After a lease at most three transitions come before the next
+    lease or the end (to retry_wait, ready, cancelled; or dead, redriven, cancelled), so the
+    truncated history always holds it."""
+    if lease_token is None:
+        return None
     for state, at_ms in reversed(transitions):
         if state is LEASED:
             return at_ms
@@ -260,7 +263,7 @@ def snapshot_row(slots: tuple) -> tuple:
     return (
         id, queue, state, payload, priority, attempts, max_attempts, lease_ms, backoff_base_ms, backoff_cap_ms,
         idempotency_key, transitions[0][1], ready_at_ms,
-        None if lease_token is None else _last_leased_at(transitions), lease_token, lease_expires_at_ms, worker,
+        _leased_at(lease_token, transitions), lease_token, lease_expires_at_ms, worker,
         _finished_at(transitions), last_error, result, transitions, seq, key, group, order,
     )
 

@@ -127,7 +127,7 @@ COMPACT_SLACK = 4096
 #: long. After a sweep the heap holds only live entries, and the next waits until it has doubled:
 #: each sweep is paid for by as many pushes as it reads (amortised O(1) a push).
 LEASE_HEAP_SLACK = 256
-#: Distinct job settings `_policy_of` keeps before it starts afresh (a memory bound, not a behaviour).
+#: Distinct job settings `_new_policy` keeps before it starts afresh (a memory bound, not a behaviour).
 POLICIES_MAX = 4096
 #: A NewJob's settings as a plain tuple, in Policy's field order: one C-level call, and a tuple
 #: equal (and hashing equal) to the Policy of the same values, so it finds that Policy in a dict.
@@ -297,7 +297,7 @@ class QueueStateMachine:
         #: the node drains it after every applied batch.
         self.metric_samples: list[tuple[str, str, int]] = []
         #: Memory only, not state: the values many jobs hold alike, one object each (see
-        #: _policy_of and _at_now).
+        #: _new_policy and _at_now).
         self._policies: dict[tuple, Policy] = {}
         self._now_values_at_ms = -1
         self._now_values: dict[Any, Any] = {}
@@ -398,7 +398,7 @@ class QueueStateMachine:
         settings = _settings_of(new)
         policy = self._policies.get(settings)
         if policy is None:
-            policy = self._policy_of(settings)
+            policy = self._new_policy(settings)
         job = Job(
             new.id, queue.name, state, new.payload, policy, new.idempotency_key, self._transition(state, now)[1],
             self._at_now(now, now + new.delay_ms) if delayed else now, new.key, new.group,
@@ -1063,19 +1063,17 @@ class QueueStateMachine:
 
     # ------------------------------------------------------------------ shared values (memory only)
 
-    def _policy_of(self, settings: tuple) -> Policy:
-        """The Policy of a job's settings (`_settings_of`), as the one object equal to them that
-        this machine holds: the jobs of a batch carry the same settings, and without this each
-        would hold a tuple of its own (80 bytes; a queued job is about 550). Identity never
-        decides anything, so this changes memory only. `_create_job` looks the table up itself
-        first (no call for a batch's second job on); the table starts afresh past POLICIES_MAX."""
+    def _new_policy(self, settings: tuple) -> Policy:
+        """The Policy of settings (`_settings_of`) this machine holds none for yet, kept so that
+        every later job with equal settings gets this one object (`_create_job` looks it up):
+        the jobs of a batch carry the same settings, and without this each would hold a tuple of
+        its own (80 bytes; a queued job is about 550). Identity never decides anything, so this
+        changes memory only. The table starts afresh past POLICIES_MAX."""
         table = self._policies
-        found = table.get(settings)
-        if found is None:
-            if len(table) >= POLICIES_MAX:
-                table.clear()
-            found = table[settings] = Policy(*settings)
-        return found
+        if len(table) >= POLICIES_MAX:
+            table.clear()
+        policy = table[settings] = Policy(*settings)
+        return policy
 
     def _values_at(self, now: int) -> dict[Any, Any]:
         """The values built at the clock's `now` for the command being applied: a table emptied
