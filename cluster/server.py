@@ -704,7 +704,8 @@ class Node:
             for message in snapshot_requests:
                 self.snapshot_sender.request(message.to_id)
             messages = [m for m in messages if m.type is not MessageType.SNAP]
-        self.transport.send(messages)
+        raft = self.raft
+        self.transport.send(messages, raft.appends_may_wait() if raft is not None else ())
 
     # ------------------------------------------------------------------ applying
 

@@ -48,7 +48,9 @@ Replication. The leader keeps a Progress per follower (progress.py: PROBE / REPL
 rejected append carries the follower's hint (its last index, or the conflicting term and the
 first index of that term), so a divergent tail is skipped a term at a time. Appends are batched
 (max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends and
-max_inflight_bytes per follower).
+max_inflight_bytes per follower). appends_may_wait() names the followers beyond the quorum's need,
+whose appends the shell may hold back briefly and send in batches (transport/http.py, "Quorum
+first"); the choice is made once a tick, by match index.
 Proposals only mark followers as needing an append; the appends are built when the shell next
 calls ready(), so every proposal made between two Readys travels in one append (has_ready() only
 checks whether ready() would build one).
@@ -284,6 +286,8 @@ class RaftNode:
         self._handed_membership = self.membership
         self._transfer_target: str | None = None
         self._transfer_elapsed = 0
+        #: Leader: the followers its appends go to at once (appends_may_wait), chosen each tick.
+        self._quorum_first: tuple[str, ...] = ()
         self._snapshot_to_install: SnapshotPoint | None = None
         self._term = hard_state.term
         self._voted_for = hard_state.voted_for
@@ -374,6 +378,39 @@ class RaftNode:
     def progress_details(self) -> dict[str, ProgressView]:
         """Leader: a read-only view of each follower's replication state; empty on other roles."""
         return {peer: pr.view() for peer, pr in self._progress.items()}
+
+    def appends_may_wait(self) -> frozenset[str]:
+        """Leader: the voters whose appends with entries may wait a little before they go (the
+        shell's hold, transport/http.py "Quorum first"): those beyond the quorum's need.
+
+        A commit needs the leader's own write and quorum - 1 followers: the *quorum-first*
+        followers, which replicate at once, while the others may be sent to a few appends at a
+        time. Never waiting: a follower probing or taking a snapshot (its next append depends on
+        an answer), a learner (its catch-up decides its promotion) and a transfer target.
+        """
+        if self._role is not Role.LEADER:
+            return frozenset()
+        progress, first = self._progress, self._quorum_first
+        return frozenset(peer for peer in self._configs[-1][2].voters
+                         if peer in progress and peer not in first and peer != self._transfer_target
+                         and progress[peer].state is ProgressState.REPLICATE)
+
+    def _rank_followers(self, voters: tuple[str, ...]) -> list[str]:
+        """The voting followers, the quorum-first ones first: those taking appends pipelined
+        (REPLICATE), by match index, and on a tie the ones already first (so the choice changes
+        only when one falls behind), then by id."""
+        progress, first = self._progress, self._quorum_first
+        return sorted((voter for voter in voters if voter in progress),
+                      key=lambda peer: (progress[peer].state is not ProgressState.REPLICATE,
+                                        -progress[peer].match_index, peer not in first, peer))
+
+    def _choose_quorum_first(self) -> None:
+        """Once a tick (not at every answer, so that the choice does not swing to and fro while
+        appends travel): a follower that stopped answering, or answers slowly, has fallen behind
+        one that gets its appends a few at a time, and the two trade places."""
+        voters = self._configs[-1][2].voters
+        needed = quorum_size(len(voters)) - (1 if self.node_id in voters else 0)
+        self._quorum_first = tuple(self._rank_followers(voters)[:needed])
 
     @property
     def election_ticks_remaining(self) -> int:
@@ -591,6 +628,7 @@ class RaftNode:
             self._replicate_pending.pop(node_id, None)
         if self._transfer_target is not None and not membership.is_voter(self._transfer_target):
             self._transfer_target = None
+        self._choose_quorum_first()
         if self._maybe_commit():  # a removed voter no longer holds back the majority
             self._want_replicate_all(send_if_empty=True)
 
@@ -791,6 +829,7 @@ class RaftNode:
         self._reads_before_commit = []
         self._uncommitted_bytes = 0
         self._transfer_target = None
+        self._quorum_first = ()
 
     def _become_follower(self, term: int, leader_id: str | None) -> None:
         self._reset(term)
@@ -834,6 +873,7 @@ class RaftNode:
         # commit index) without counting replicas of older terms.
         self._log.append([Entry(index=next_index, term=self._term, kind=EntryKind.NOOP, data=b"")])
         self._term_start_index = next_index
+        self._choose_quorum_first()
         self._want_replicate_all(send_if_empty=False)
 
     def _campaign(self) -> None:
@@ -891,6 +931,7 @@ class RaftNode:
             self._campaign()
 
     def _tick_leader(self) -> None:
+        self._choose_quorum_first()
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
         if self._transfer_target is not None:

@@ -1,7 +1,8 @@
 """The sending side of the peer lanes (`transport/http.py`) against the receiving side
 (`peer_stream.peer_stream_response`), over real aiohttp WebSockets on loopback: what a follower receives
 when the leader sends entry-less appends (held up to `EMPTY_APPEND_HOLD_S`, replaced by a later
-append), heartbeats and appends with entries.
+append), heartbeats, appends with entries, and appends to a follower a commit does not need first
+(waiting up to `DATA_APPEND_HOLD_S`, then one frame).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from raftq.cluster.api.peer_stream import peer_stream_response
 from raftq.cluster.raft.codec import decode_messages
 from raftq.cluster.raft.messages import Entry, EntryKind, Message, MessageType
-from raftq.cluster.transport.http import EMPTY_APPEND_HOLD_S, STREAM_PATH, HttpTransport
+from raftq.cluster.transport.http import DATA_APPEND_HOLD_S, EMPTY_APPEND_HOLD_S, STREAM_PATH, HttpTransport
 
 
 class Follower:
@@ -23,10 +24,13 @@ class Follower:
 
     def __init__(self) -> None:
         self.received: list[tuple[Message, float]] = []
+        self.frames: list[list[Message]] = []
 
     def deliver(self, data: bytes) -> bool:
         now = time.monotonic()
-        self.received.extend((message, now) for message in decode_messages(data))
+        messages = decode_messages(data)
+        self.frames.append(messages)
+        self.received.extend((message, now) for message in messages)
         return True
 
     async def view(self, request: web.Request) -> web.StreamResponse:
@@ -61,6 +65,7 @@ async def connected_leader(follower: Follower) -> tuple[HttpTransport, TestServe
     transport.send([Message(MessageType.HEARTBEAT, "n1", "n2", 3), append(0, index=0, entries=1)])
     await until(lambda: len(follower.received) == 2, "the two lanes to connect")
     follower.received.clear()
+    follower.frames.clear()
     return transport, server
 
 
@@ -106,6 +111,59 @@ async def test_heartbeats_and_answers_are_not_held():
         await until(lambda: len(follower.received) == 3, "heartbeat, answer, then the held append")
         assert [m.type for m, _ in follower.received] == [
             MessageType.HEARTBEAT, MessageType.APP_RESP, MessageType.APP]
+    finally:
+        await transport.close()
+        await server.close()
+
+
+def shape(frames: list[list[Message]]) -> list[list[tuple[int, int]]]:
+    """Each frame's messages as (index, entries)."""
+    return [[(m.index, len(m.entries)) for m in frame] for frame in frames]
+
+
+async def test_appends_to_a_follower_that_may_wait_go_together_after_the_hold():
+    follower = Follower()
+    transport, server = await connected_leader(follower)
+    try:
+        sent_at = time.monotonic()
+        for index in (1, 2, 3):
+            transport.send([append(index - 1, index=index, entries=1)], may_wait={"n2"})
+        assert transport.queued_counts() == {"n2": 3}
+        await until(lambda: len(follower.received) == 3, "the three appends")
+        assert shape(follower.frames) == [[(1, 1), (2, 1), (3, 1)]]  # one frame, in order
+        assert follower.received[0][1] - sent_at >= DATA_APPEND_HOLD_S
+        assert transport.queued_counts() == {"n2": 0}
+    finally:
+        await transport.close()
+        await server.close()
+
+
+async def test_an_append_that_does_not_wait_never_overtakes_the_waiting_ones():
+    follower = Follower()
+    transport, server = await connected_leader(follower)
+    try:
+        transport.send([append(0, index=1, entries=1)], may_wait={"n2"})
+        transport.send([append(1, index=2)], may_wait={"n2"})  # entry-less: behind the waiting append
+        transport.send([append(1, index=2, entries=1)], may_wait=())  # n2 is needed first now
+        await until(lambda: len(follower.received) == 2, "both appends")
+        await asyncio.sleep(DATA_APPEND_HOLD_S * 3)
+        # The entry-less append is replaced by the later one; the waiting append goes first.
+        assert [(m.index, len(m.entries)) for m, _ in follower.received] == [(1, 1), (2, 1)]
+    finally:
+        await transport.close()
+        await server.close()
+
+
+async def test_an_entry_less_append_behind_waiting_ones_goes_after_them_newest_only():
+    follower = Follower()
+    transport, server = await connected_leader(follower)
+    try:
+        transport.send([append(0, index=1, entries=1)], may_wait={"n2"})
+        transport.send([append(1, index=2)], may_wait={"n2"})
+        transport.send([append(2, index=2)], may_wait={"n2"})  # replaces the one before
+        await until(lambda: len(follower.received) == 2, "the append and the newest commit")
+        await asyncio.sleep(DATA_APPEND_HOLD_S * 3)
+        assert [(m.index, len(m.entries), m.commit) for m, _ in follower.received] == [(1, 1, 0), (2, 0, 2)]
     finally:
         await transport.close()
         await server.close()

@@ -421,6 +421,39 @@ def test_appends_respect_the_byte_bound_but_carry_at_least_one_entry() -> None:
     assert sizes == [[40, 40], [40], [300]]
 
 
+def test_appends_may_wait_only_for_followers_beyond_the_quorums_need() -> None:
+    leader = make_leader()
+    assert leader.appends_may_wait() == frozenset()  # both probing: each append waits for an answer
+    accept(leader, "n2", 1)
+    accept(leader, "n3", 1)
+    assert leader.appends_may_wait() == {"n3"}  # a tie: the one chosen first (by id) stays first
+    for data in (b"a", b"b", b"c"):
+        leader.propose(data)
+    sent(leader)
+    accept(leader, "n3", 4)  # n2 stops answering: n3 is ahead, but the choice waits for a tick
+    assert leader.appends_may_wait() == {"n3"}
+    leader.tick()
+    assert leader.appends_may_wait() == {"n2"}
+    accept(leader, "n2", 4)  # a tie again: no swing back
+    leader.tick()
+    assert leader.appends_may_wait() == {"n2"}
+    assert make(pre_vote=False).appends_may_wait() == frozenset()  # only a leader holds anything
+
+
+def test_appends_may_wait_for_two_of_five_never_for_a_transfer_target() -> None:
+    leader = make(peers=("n2", "n3", "n4", "n5"), pre_vote=False)
+    while leader.role is not Role.CANDIDATE:
+        leader.tick()
+    leader.step(msg(T.VOTE_RESP, "n2", term=leader.term))
+    leader.step(msg(T.VOTE_RESP, "n3", term=leader.term))
+    drain(leader)
+    for peer in ("n2", "n3", "n4", "n5"):
+        accept(leader, peer, 1)
+    assert leader.appends_may_wait() == {"n4", "n5"}  # the leader and two followers are a quorum
+    leader.transfer_leadership("n5")
+    assert leader.appends_may_wait() == {"n4"}
+
+
 def test_heartbeat_commit_is_clamped_to_the_followers_match() -> None:
     leader = make_leader()
     accept(leader, "n2", 1)
