@@ -50,7 +50,8 @@ first index of that term), so a divergent tail is skipped a term at a time. Appe
 (max_entries_per_append, max_append_bytes) and pipelined (max_inflight_appends and
 max_inflight_bytes per follower). appends_may_wait() names the followers beyond the quorum's need,
 whose appends the shell may hold back briefly and send in batches (transport/http.py, "Quorum
-first"); the choice is made once a tick, by match index.
+first"); the choice is made once a tick, by match index. A follower answers appends that arrive
+together once, for the last.
 Proposals only mark followers as needing an append; the appends are built when the shell next
 calls ready(), so every proposal made between two Readys travels in one append (has_ready() only
 checks whether ready() would build one).
@@ -1106,6 +1107,14 @@ class RaftNode:
                        reject_hint=hint_index, hint_term=hint_term)
             return
         self._log.commit_to(min(m.commit, last_new_index))
+        outbox = self._outbox
+        if outbox:
+            # Appends that arrived together are answered once, for the last: its answer covers the
+            # others (the leader's match index and in-flight count go by the highest index answered).
+            last = outbox[-1]
+            if last.type is MessageType.APP_RESP and last.to_id == m.from_id and last.term == self._term \
+                    and not last.reject and last.index <= last_new_index:
+                outbox.pop()
         self._send(MessageType.APP_RESP, m.from_id, index=last_new_index, commit=self._log.commit_index)
 
     def _handle_snapshot(self, m: Message) -> None:

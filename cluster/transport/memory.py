@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from raftq.cluster.raft.messages import Message
 
@@ -48,7 +48,7 @@ class MemoryTransport:
         self._network = network
         self._node_id = node_id
 
-    def send(self, messages: Sequence[Message]) -> None:
+    def send(self, messages: Sequence[Message], may_wait: Collection[str] = ()) -> None:
         by_peer: dict[str, list[Message]] = defaultdict(list)
         for message in messages:
             by_peer[message.to_id].append(message)

@@ -345,7 +345,8 @@ def test_duplicate_and_reordered_appends_never_truncate_matching_entries() -> No
     follower.step(newer)
     follower.step(old)  # a late duplicate
     answers = [(m.index, m.reject, m.reject_hint, m.hint_term) for m in sent(follower)]
-    assert answers == [(1, True, 0, 0), (1, False, 0, 0), (3, False, 0, 0), (1, False, 0, 0)]
+    # The answer to `old` (index 1) is folded into the one to `newer` (index 3) that follows it.
+    assert answers == [(1, True, 0, 0), (3, False, 0, 0), (1, False, 0, 0)]
     assert follower.last_index == 3
 
 
@@ -452,6 +453,19 @@ def test_appends_may_wait_for_two_of_five_never_for_a_transfer_target() -> None:
     assert leader.appends_may_wait() == {"n4", "n5"}  # the leader and two followers are a quorum
     leader.transfer_leadership("n5")
     assert leader.appends_may_wait() == {"n4"}
+
+
+def test_appends_that_arrive_together_are_answered_once_for_the_last() -> None:
+    follower = make("n2", ("n1", "n3"))
+    for index in (0, 1, 2):  # three appends of one frame, stepped before the follower's next Ready
+        follower.step(msg(T.APP, "n1", "n2", term=1, index=index, log_term=1 if index else 0,
+                          entries=tuple(entries_of(1, 1, 1)[index:index + 1]), commit=index))
+    answers = [(m.index, m.reject) for m in sent(follower)]
+    assert answers == [(3, False)]
+    follower.step(msg(T.APP, "n1", "n2", term=1, index=7, log_term=1, entries=(), commit=3))  # a gap
+    follower.step(msg(T.APP, "n1", "n2", term=1, index=3, log_term=1, entries=(), commit=3))
+    answers = [(m.index, m.reject) for m in sent(follower)]
+    assert answers == [(7, True), (3, False)]  # a rejection is never folded into an answer
 
 
 def test_heartbeat_commit_is_clamped_to_the_followers_match() -> None:
