@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from raftq.cluster.node_view import NodeView
-from raftq.cluster.transport.http import LANE_QUEUE_COUNT_MAX
+from raftq.cluster.transport.http import DATA_APPEND_HOLD_S, LANE_QUEUE_COUNT_MAX
 
 #: The loop-lag metric's timer: a pause longer than this is seen, short by at most this much. A
 #: snapshot capture must pause the loop less than 50 ms, so the sampler must see that; 50 wakeups
@@ -298,6 +298,15 @@ def _leader_families(node: NodeView) -> Iterator:
         if peer != node.config.node_id:
             lag.add_metric([peer], max(0, raft.last_index - match_index))
     yield lag
+    batched = GaugeMetricFamily(
+        "raftq_raft_follower_batched",
+        f"1 for a follower whose appends wait up to {DATA_APPEND_HOLD_S * 1000:g} ms and go in batches: "
+        f"a commit does not need it first (leader only).", labels=["peer"])
+    may_wait = raft.appends_may_wait()
+    for peer in sorted(raft.progress):
+        if peer != node.config.node_id:
+            batched.add_metric([peer], 1 if peer in may_wait else 0)
+    yield batched
 
 
 def _raft_families(node: NodeView) -> Iterator:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -59,6 +61,42 @@ def test_all_nodes_kill_9_at_once(three_nodes):
     assert all(terms_after[k] >= terms_before[k] for k in terms_before), (terms_before, terms_after)
     digests = three_nodes.wait_converged(timeout_s=60)
     assert len(set(digests.values())) == 1
+
+
+def _batched_followers(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {peer: float(value) for peer, value in
+            re.findall(r'^raftq_raft_follower_batched\{peer="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_a_stalled_quorum_first_follower_hands_its_place_to_the_batched_one(three_nodes):
+    """Quorum first (transport/http.py): the leader sends at once to one follower and in batches to
+    the other. The one sent to at once stops (SIGSTOP: its connections stay open, nothing
+    answers); within a tick or two the batched one takes its place, and submits go on."""
+    leader = three_nodes.wait_for_leader()
+    leader_url = three_nodes.nodes[leader].url
+    with Client(three_nodes.urls) as client:
+        for n in range(20):
+            client.submit("q", {"n": n})
+        batched = wait_until(lambda: (lambda seen: seen if sorted(seen.values()) == [0.0, 1.0] else None)(
+            _batched_followers(leader_url)), timeout_s=30, what="one follower batched, one not",
+            seen=lambda: _batched_followers(leader_url))
+        first = next(peer for peer, value in batched.items() if value == 0)
+        other = next(peer for peer, value in batched.items() if value == 1)
+        three_nodes.pause(first)
+        try:
+            def switched() -> bool:
+                client.submit("q", {"after": True})  # keeps the batched follower's match index moving
+                return _batched_followers(leader_url) == {first: 1.0, other: 0.0}
+
+            wait_until(switched, timeout_s=30, what=f"{other} sent to at once, {first} batched",
+                       seen=lambda: _batched_followers(leader_url))
+            ids = [client.submit("q", {"n": n}) for n in range(50)]
+            assert {client.get(job_id)["state"] for job_id in ids} == {"ready"}
+        finally:
+            three_nodes.resume(first)
+    three_nodes.wait_converged(timeout_s=60)
 
 
 def test_kill_the_leader_ten_times_under_load(three_nodes):
