@@ -74,6 +74,7 @@ import aiohttp
 
 from raftq.cluster.raft.codec import encode_messages
 from raftq.cluster.raft.messages import Message, MessageType
+from raftq.cluster.raft.node import RaftConfig
 
 log = logging.getLogger("raftq.transport")
 
@@ -106,9 +107,9 @@ EMPTY_APPEND_HOLD_S = 0.002
 #: docstring, "Quorum first"). About ten one-job submits' worth here; also the most a commit waits
 #: extra when the follower it needed stops answering, until the waiting one overtakes it.
 DATA_APPEND_HOLD_S = 0.010
-#: Entry bytes in one frame of appends; a lone larger append still goes whole (its size is bounded
-#: by the core's `max_append_bytes`, which is this).
-FRAME_ENTRY_BYTES_MAX = 1 << 20
+#: Entry bytes in one frame of appends: as many as one append carries at most (the core's
+#: `max_append_bytes`), so that a frame of several fits wherever one full append does.
+FRAME_ENTRY_BYTES_MAX = RaftConfig.max_append_bytes
 #: Wait before reconnecting after a failure, doubled per failure up to the max.
 RECONNECT_DELAY_S = 0.05
 RECONNECT_DELAY_S_MAX = 1.0
