@@ -8,7 +8,9 @@ append), heartbeats, appends with entries, and appends to a follower a commit do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import AsyncIterator
 
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
@@ -54,25 +56,30 @@ def append(commit: int, *, index: int, entries: int = 0, to_id: str = "n2") -> M
                    entries=tuple(Entry(index + k + 1, 3, EntryKind.NORMAL, b"job") for k in range(entries)))
 
 
-async def connected_leader(follower: Follower) -> tuple[HttpTransport, TestServer]:
+@contextlib.asynccontextmanager
+async def connected_leader(follower: Follower) -> AsyncIterator[HttpTransport]:
+    """A leader's transport whose two lanes to the follower are open; closed with its server after."""
     app = web.Application()
     app.router.add_get(STREAM_PATH, follower.view)
     server = TestServer(app)
     await server.start_server()
     transport = HttpTransport("n1", {"n2": str(server.make_url("/"))}, secret=None)
-    await transport.start()
-    # Both lanes connect on first use: a heartbeat and an append with an entry open them.
-    transport.send([Message(MessageType.HEARTBEAT, "n1", "n2", 3), append(0, index=0, entries=1)])
-    await until(lambda: len(follower.received) == 2, "the two lanes to connect")
-    follower.received.clear()
-    follower.frames.clear()
-    return transport, server
+    try:
+        await transport.start()
+        # Both lanes connect on first use: a heartbeat and an append with an entry open them.
+        transport.send([Message(MessageType.HEARTBEAT, "n1", "n2", 3), append(0, index=0, entries=1)])
+        await until(lambda: len(follower.received) == 2, "the two lanes to connect")
+        follower.received.clear()
+        follower.frames.clear()
+        yield transport
+    finally:
+        await transport.close()
+        await server.close()
 
 
 async def test_an_entry_less_append_is_replaced_by_the_next_append_to_the_same_peer():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         transport.send([append(1, index=1)])  # tells the commit index only
         transport.send([append(1, index=1, entries=1)])  # carries it too, with an entry
         transport.send([Message(MessageType.HEARTBEAT, "n1", "n2", 3, commit=1)])
@@ -80,15 +87,11 @@ async def test_an_entry_less_append_is_replaced_by_the_next_append_to_the_same_p
         await asyncio.sleep(EMPTY_APPEND_HOLD_S * 5)
         assert [(m.type, len(m.entries)) for m, _ in follower.received] == [
             (MessageType.APP, 1), (MessageType.HEARTBEAT, 0)], follower.received
-    finally:
-        await transport.close()
-        await server.close()
 
 
 async def test_an_entry_less_append_nothing_replaces_goes_out_after_the_hold_newest_only():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         sent_at = time.monotonic()
         transport.send([append(1, index=2)])
         transport.send([append(2, index=2)])  # a newer commit index replaces the older message
@@ -96,24 +99,17 @@ async def test_an_entry_less_append_nothing_replaces_goes_out_after_the_hold_new
         await asyncio.sleep(EMPTY_APPEND_HOLD_S * 5)
         assert [(m.type, m.commit) for m, _ in follower.received] == [(MessageType.APP, 2)]
         assert follower.received[0][1] - sent_at >= EMPTY_APPEND_HOLD_S
-    finally:
-        await transport.close()
-        await server.close()
 
 
 async def test_heartbeats_and_answers_are_not_held():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         transport.send([append(1, index=2)])  # held
         transport.send([Message(MessageType.HEARTBEAT, "n1", "n2", 3, commit=1),
                         Message(MessageType.APP_RESP, "n1", "n2", 3, index=2)])
         await until(lambda: len(follower.received) == 3, "heartbeat, answer, then the held append")
         assert [m.type for m, _ in follower.received] == [
             MessageType.HEARTBEAT, MessageType.APP_RESP, MessageType.APP]
-    finally:
-        await transport.close()
-        await server.close()
 
 
 def shape(frames: list[list[Message]]) -> list[list[tuple[int, int]]]:
@@ -123,8 +119,7 @@ def shape(frames: list[list[Message]]) -> list[list[tuple[int, int]]]:
 
 async def test_appends_to_a_follower_that_may_wait_go_together_after_the_hold():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         sent_at = time.monotonic()
         for index in (1, 2, 3):
             transport.send([append(index - 1, index=index, entries=1)], may_wait={"n2"})
@@ -133,15 +128,11 @@ async def test_appends_to_a_follower_that_may_wait_go_together_after_the_hold():
         assert shape(follower.frames) == [[(1, 1), (2, 1), (3, 1)]]  # one frame, in order
         assert follower.received[0][1] - sent_at >= DATA_APPEND_HOLD_S
         assert transport.queued_counts() == {"n2": 0}
-    finally:
-        await transport.close()
-        await server.close()
 
 
 async def test_an_append_that_does_not_wait_never_overtakes_the_waiting_ones():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         transport.send([append(0, index=1, entries=1)], may_wait={"n2"})
         transport.send([append(1, index=2)], may_wait={"n2"})  # entry-less: behind the waiting append
         transport.send([append(1, index=2, entries=1)], may_wait=())  # n2 is needed first now
@@ -149,21 +140,14 @@ async def test_an_append_that_does_not_wait_never_overtakes_the_waiting_ones():
         await asyncio.sleep(DATA_APPEND_HOLD_S * 3)
         # The entry-less append is replaced by the later one; the waiting append goes first.
         assert [(m.index, len(m.entries)) for m, _ in follower.received] == [(1, 1), (2, 1)]
-    finally:
-        await transport.close()
-        await server.close()
 
 
 async def test_an_entry_less_append_behind_waiting_ones_goes_after_them_newest_only():
     follower = Follower()
-    transport, server = await connected_leader(follower)
-    try:
+    async with connected_leader(follower) as transport:
         transport.send([append(0, index=1, entries=1)], may_wait={"n2"})
         transport.send([append(1, index=2)], may_wait={"n2"})
         transport.send([append(2, index=2)], may_wait={"n2"})  # replaces the one before
         await until(lambda: len(follower.received) == 2, "the append and the newest commit")
         await asyncio.sleep(DATA_APPEND_HOLD_S * 3)
         assert [(m.index, len(m.entries), m.commit) for m, _ in follower.received] == [(1, 1, 0), (2, 0, 2)]
-    finally:
-        await transport.close()
-        await server.close()
